@@ -1,0 +1,122 @@
+"""The generation loop shared by every mode: in-process split, networked split, unsplit reference."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lambdasplit.generation.sampling import SamplingParams, TokenChooser
+from lambdasplit.generation.session import Decoder, Traffic
+from lambdasplit.generation.text import TextStream
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it adds (``""`` while text is held back).
+
+    The last event of a generation may carry ``token_id=None``: text held back until the end.
+    """
+
+    token_id: int | None
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the new tokens only
+    prompt_tokens: int
+    finish_reason: FinishReason
+    seconds: float  # prefill + decode, wall clock
+    prefill_seconds: float
+    traffic: Traffic = field(default_factory=Traffic)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(new_tokens=self.new_tokens, tokens_per_second=round(self.tokens_per_second, 3))
+        return d
+
+
+class Generation:
+    """Iterate for ``TokenEvent``s as tokens are generated; ``result`` is set once iteration ends.
+
+    Stops at ``max_new_tokens``, at any EOS id (unless ``ignore_eos``), or at a stop string
+    (needs a tokenizer). The decoder is closed at the end, also when the caller stops iterating early.
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        device: torch.device | None = None,
+    ) -> None:
+        self.decoder, self.prompt_ids, self.params = decoder, list(prompt_ids), params
+        self.eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+        self.stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
+        if params.stop and self.stream is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.chooser = TokenChooser(params, device or torch.device("cpu"))
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        new: list[int] = []
+        reason: FinishReason = "length"
+        start = time.perf_counter()
+        try:
+            logits = self.decoder.prefill(torch.tensor([self.prompt_ids]))
+            prefill_seconds = time.perf_counter() - start
+            while True:
+                token = self.chooser(logits, self.prompt_ids + new)
+                if token in self.eos:
+                    reason = "eos"
+                    break
+                new.append(token)
+                delta = self.stream.push(new) if self.stream is not None else ""
+                yield TokenEvent(token, delta)
+                if self.stream is not None and self.stream.stopped:
+                    reason = "stop"
+                    break
+                if len(new) >= self.params.max_new_tokens:
+                    break
+                logits = self.decoder.step(token)
+            if self.stream is not None and reason != "stop":
+                tail = self.stream.finish(new)
+                if tail:
+                    yield TokenEvent(None, tail)
+        finally:
+            self.decoder.close()
+        self.result = GenerationResult(
+            text=self.stream.text if self.stream is not None else "",
+            token_ids=new,
+            prompt_tokens=len(self.prompt_ids),
+            finish_reason=reason,
+            seconds=time.perf_counter() - start,
+            prefill_seconds=prefill_seconds,
+            traffic=self.decoder.traffic,
+        )
+
+    def run(self) -> GenerationResult:
+        """Generate to the end and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result

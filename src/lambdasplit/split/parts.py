@@ -1,0 +1,83 @@
+"""Head, body and tail: thin wrappers around a *shorter copy of the model's own Hugging Face classes*.
+
+Each part holds an HF base model whose config says ``num_hidden_layers = (its layer count)``, with the
+part's layers in it (layer ``i`` of the body is global layer ``X + i``; see ``build.py``). Calling
+that model's own ``forward`` gives rotary embeddings, causal (and sliding-window) masks and KV-cache
+updates exactly as in the unsplit model, so nothing of HF's forward code is copied here.
+
+Shapes: ``B`` batch, ``T`` new positions this call, ``D`` hidden size, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+
+class _Part(nn.Module):
+    """Common plumbing: one HF model, its layer range, and a fresh KV cache per session."""
+
+    def __init__(self, model: PreTrainedModel | None, start: int, stop: int) -> None:
+        super().__init__()
+        self.model = model
+        self.start, self.stop = start, stop
+
+    @property
+    def num_layers(self) -> int:
+        return self.stop - self.start
+
+    def new_cache(self) -> Cache | None:
+        """A per-session KV cache for this part's layers (``None`` when it has no layers to cache)."""
+        if self.model is None or self.num_layers == 0:
+            return None
+        return DynamicCache(config=self.model.config)
+
+    def extra_repr(self) -> str:
+        return f"layers=[{self.start}, {self.stop})"
+
+
+class Head(_Part):
+    """Device side, first: token ids (B, T) -> hidden states (B, T, D) after global layers [0, X)."""
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        assert self.model is not None
+        # With no layers, positions and masks are unused; skipping the cache keeps it empty.
+        use_cache = cache is not None and self.num_layers > 0
+        out = self.model(input_ids=input_ids, past_key_values=cache if use_cache else None, use_cache=use_cache)
+        return out.last_hidden_state
+
+
+class Body(_Part):
+    """Cloud side: hidden states (B, T, D) after layer X -> hidden states (B, T, D) after layer Y-1.
+
+    An empty body (X == Y) is the identity and holds no model at all.
+    """
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        if self.model is None:
+            return hidden
+        out = self.model(inputs_embeds=hidden, past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+
+class Tail(_Part):
+    """Device side, last: hidden states (B, T, D) after layer Y-1 -> logits (B, K, V) of the last K positions.
+
+    Runs global layers [Y, N), the final norm and the LM head through the model's own ``ForCausalLM``
+    forward (so family details such as logit soft-capping or scaling are kept).
+    """
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 1) -> torch.Tensor:
+        assert self.model is not None
+        use_cache = cache is not None and self.num_layers > 0
+        out = self.model(
+            inputs_embeds=hidden,
+            past_key_values=cache if use_cache else None,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits
