@@ -49,10 +49,7 @@ def test_partial_stop_string_is_held_back_then_released(tok) -> None:
 def test_chat_template_is_the_tokenizers_own(tok) -> None:
     ids = encode_prompt(tok, "hello", chat=True, system="be brief")
     assert tok.decode(ids) == "<|system|>be brief</s><|user|>hello</s><|assistant|>"
-    assert (
-        encode_prompt(tok, [{"role": "user", "content": "hi"}])
-        == tok("<|user|>hi</s><|assistant|>").input_ids
-    )
+    assert encode_prompt(tok, [{"role": "user", "content": "hi"}]) == tok("<|user|>hi</s><|assistant|>").input_ids
 
 
 def test_sampling_params_are_validated() -> None:

@@ -45,9 +45,7 @@ def test_every_verified_family_is_tested() -> None:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("points", SPLITS, ids=lambda p: f"{p[0]}:{p[1]}")
-def test_prefill_and_decode_logits_match_unsplit(
-    tiny_checkpoint, family: str, points: tuple[int, int]
-) -> None:
+def test_prefill_and_decode_logits_match_unsplit(tiny_checkpoint, family: str, points: tuple[int, int]) -> None:
     path, ref = tiny_checkpoint(family)
     expected, tokens = reference_step_logits(ref, PROMPT, STEPS)
     split = load_split(path, points, device="cpu", dtype="float32")
@@ -123,9 +121,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny_checkpoint) -> None:
     assert a != c
     # top_k=1 leaves only the argmax: sampling collapses to greedy.
     greedy = generate(split, PROMPT, max_new_tokens=12, ignore_eos=True).token_ids
-    assert generate(
-        split, PROMPT, seed=3, temperature=1.0, top_k=1, max_new_tokens=12, ignore_eos=True
-    ).token_ids == (greedy)
+    assert generate(split, PROMPT, seed=3, temperature=1.0, top_k=1, max_new_tokens=12, ignore_eos=True).token_ids == (
+        greedy
+    )
 
 
 def test_split_at_bfloat16_runs_and_mostly_agrees(tiny_checkpoint) -> None:

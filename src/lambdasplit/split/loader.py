@@ -107,9 +107,7 @@ def load_split(
     loaded: dict[str, torch.Tensor] = {}  # shared so head and tail keep one tied embedding matrix
     for role in _ROLES:
         if role in roles:
-            part = build_part(
-                role, checkpoint, points, runtime, attn_implementation=attn_implementation, loaded=loaded
-            )
+            part = build_part(role, checkpoint, points, runtime, attn_implementation=attn_implementation, loaded=loaded)
             setattr(split, role, part)
     if ("head" in roles or "tail" in roles) and any((path / f).is_file() for f in _TOKENIZER_FILES):
         split.tokenizer = AutoTokenizer.from_pretrained(path)
