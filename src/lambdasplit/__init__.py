@@ -1,5 +1,120 @@
-"""lambdasplit: privacy-preserving split inference of generative AI (Λ-Split)."""
+"""lambdasplit: privacy-preserving split inference of generative AI (Λ-Split).
+
+    >>> import lambdasplit
+    >>> split = lambdasplit.load_split("smollm2-135m-instruct", layers="2:28")
+    >>> lambdasplit.generate(split, "Why is the sky blue?", chat=True, max_new_tokens=64).text
+
+The names below are the public API; they are imported on first use, so ``import lambdasplit`` is cheap
+and does nothing else.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # split engine
+    "load_split": "lambdasplit.split",
+    "SplitModel": "lambdasplit.split",
+    "Head": "lambdasplit.split",
+    "Body": "lambdasplit.split",
+    "Tail": "lambdasplit.split",
+    "verify_split": "lambdasplit.split.verify",
+    # configuration
+    "SplitPoints": "lambdasplit.config",
+    "Runtime": "lambdasplit.config",
+    # generation
+    "generate": "lambdasplit.generation",
+    "stream": "lambdasplit.generation",
+    "SamplingParams": "lambdasplit.generation",
+    "GenerationResult": "lambdasplit.generation",
+    "TokenEvent": "lambdasplit.generation",
+    "BodyLink": "lambdasplit.generation",
+    "LocalBodyLink": "lambdasplit.generation",
+    "Traffic": "lambdasplit.generation",
+    # models
+    "DEFAULT_MODEL": "lambdasplit.models",
+    "resolve_checkpoint": "lambdasplit.models",
+    # errors
+    "LambdaSplitError": "lambdasplit.errors",
+    "ConfigError": "lambdasplit.errors",
+    "SplitPointError": "lambdasplit.errors",
+    "ModelLoadError": "lambdasplit.errors",
+    "UnsupportedModelError": "lambdasplit.errors",
+    "SessionError": "lambdasplit.errors",
+    "WireError": "lambdasplit.errors",
+    "FrameError": "lambdasplit.errors",
+    "RemoteError": "lambdasplit.errors",
+}
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Body",
+    "BodyLink",
+    "ConfigError",
+    "FrameError",
+    "GenerationResult",
+    "Head",
+    "LambdaSplitError",
+    "LocalBodyLink",
+    "ModelLoadError",
+    "RemoteError",
+    "Runtime",
+    "SamplingParams",
+    "SessionError",
+    "SplitModel",
+    "SplitPointError",
+    "SplitPoints",
+    "Tail",
+    "TokenEvent",
+    "Traffic",
+    "UnsupportedModelError",
+    "WireError",
+    "generate",
+    "load_split",
+    "resolve_checkpoint",
+    "stream",
+    "verify_split",
+]
+
+if TYPE_CHECKING:
+    from lambdasplit.config import Runtime, SplitPoints
+    from lambdasplit.errors import (
+        ConfigError,
+        FrameError,
+        LambdaSplitError,
+        ModelLoadError,
+        RemoteError,
+        SessionError,
+        SplitPointError,
+        UnsupportedModelError,
+        WireError,
+    )
+    from lambdasplit.generation import (
+        BodyLink,
+        GenerationResult,
+        LocalBodyLink,
+        SamplingParams,
+        TokenEvent,
+        Traffic,
+        generate,
+        stream,
+    )
+    from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
+    from lambdasplit.split import Body, Head, SplitModel, Tail, load_split
+    from lambdasplit.split.verify import verify_split
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lambdasplit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -132,7 +132,9 @@ def build_part(
     missing = sorted({k for k in wanted.values() if k not in loaded})
     for key, tensor in checkpoint.load(missing).items():
         target = runtime.dtype if tensor.is_floating_point() else tensor.dtype
-        loaded[key] = tensor.to(device=runtime.device, dtype=target)
+        # copy=True: safetensors tensors are memory-mapped; without a copy a same-dtype CPU load would page
+        # the weights in lazily during the first forward (seconds on a cold cache) instead of at load time.
+        loaded[key] = tensor.to(device=runtime.device, dtype=target, copy=True)
     module.load_state_dict({name: loaded[key] for name, key in wanted.items()}, strict=True, assign=True)
     module.to(runtime.device)  # non-persistent buffers (rotary inv_freq) keep their float32 dtype
     module.eval().requires_grad_(False)

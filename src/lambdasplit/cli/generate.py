@@ -1,0 +1,117 @@
+"""``lambdasplit generate``: split generation in one process (or the unsplit model, for comparison)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
+from lambdasplit.config import Runtime
+from lambdasplit.generation import Generation, GenerationResult, ModelDecoder, SamplingParams, prompt_ids, stream
+from lambdasplit.split import SplitModel, load_split
+
+_err = Console(stderr=True)
+# --unsplit still loads head and tail: they bring the tokenizer and configs, and cost little.
+_PARTS = {False: ("head", "body", "tail"), True: ("head", "tail")}
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt (with --chat: the user's message).")],
+    model: Model = DEFAULTS["model"],
+    layers: Layers = DEFAULTS["layers"],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")] = 128,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Argmax decoding (default unless --temperature).")] = True,
+    temperature: Annotated[float | None, typer.Option(help="Sample at this temperature (> 0).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample only from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling: smallest set with this mass.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise repeated tokens (> 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling (reproducible output).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
+    unsplit: Annotated[bool, typer.Option("--unsplit", help="Run the plain, unsplit model instead.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Paper's baseline: resend the whole sequence every step.")
+    ] = False,
+    device: Device = None,
+    dtype: Dtype = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+) -> None:
+    """Generate text with the model split in three parts, all in this process.
+
+    The networked version (device here, body on a server) is `lambdasplit generate --cloud URL`.
+    """
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature if temperature is not None else (0.0 if greedy else 1.0),
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
+    with _err.status(f"loading {model} ({'unsplit' if unsplit else f'layers {layers}'})"):
+        # The tokenizer and configs come from the split loader; --unsplit adds the plain HF model.
+        split = load_split(model, layers, device=device, dtype=dtype, parts=_PARTS[unsplit])
+    if unsplit:
+        run = _unsplit(split, prompt, params, chat=chat, system=system)
+    else:
+        run = stream(split, prompt, chat=chat, system=system, use_cache=not no_cache, params=params)
+    for event in run:
+        if not as_json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    result = run.result
+    assert result is not None
+    mode = "unsplit" if unsplit else ("split-no-cache" if no_cache else "split")
+    if as_json:
+        print(json.dumps(_json(result, split, mode)))
+    else:
+        print()
+        _summary(result, split, mode)
+
+
+def _unsplit(split: SplitModel, prompt: str, params: SamplingParams, *, chat: bool, system: str | None) -> Generation:
+    from transformers import AutoModelForCausalLM
+
+    rt: Runtime = split.runtime
+    with _err.status("loading the unsplit model"):
+        model = AutoModelForCausalLM.from_pretrained(split.path, dtype=rt.dtype).to(rt.device).eval()
+    ids = prompt_ids(split, prompt, chat=chat, system=system)
+    return Generation(
+        ModelDecoder(model),
+        ids,
+        params,
+        tokenizer=split.tokenizer,
+        eos_token_ids=split.eos_token_ids(),
+        device=rt.device,
+    )
+
+
+def _json(result: GenerationResult, split: SplitModel, mode: str) -> dict[str, object]:
+    out = result.to_dict()
+    p = split.points
+    out.update(
+        mode=mode,
+        model=split.name,
+        layers={"head": [0, p.head_layers], "body": [p.head_layers, p.body_end], "tail": [p.body_end, p.num_layers]},
+        device=str(split.runtime.device),
+        dtype=str(split.runtime.dtype).removeprefix("torch."),
+    )
+    if mode == "unsplit":
+        out["layers"] = {"all": [0, p.num_layers]}
+    return out
+
+
+def _summary(result: GenerationResult, split: SplitModel, mode: str) -> None:
+    t = result.traffic
+    where = "unsplit" if mode == "unsplit" else f"layers {split.points} of {split.points.num_layers}"
+    _err.print(
+        f"[dim]{mode} · {where} · {result.new_tokens} tokens in {result.seconds:.2f} s "
+        f"({result.tokens_per_second:.1f} tok/s, prefill {result.prefill_seconds * 1000:.0f} ms) · "
+        f"hidden states up {t.up_bytes:,} B / down {t.down_bytes:,} B · {result.finish_reason}[/]"
+    )

@@ -1,0 +1,31 @@
+"""Options shared by several commands, so they read the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lambdasplit.models import DEFAULT_MODEL
+from lambdasplit.split import DEFAULT_LAYERS
+
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Embedded model name, checkpoint folder, .gguf file or hub id.", show_default=True
+    ),
+]
+Layers = Annotated[
+    str,
+    typer.Option(
+        "--layers",
+        "-l",
+        help="Split points X:Y: head = layers [0,X), body = [X,Y), tail = [Y,N). Negative counts from the end.",
+    ),
+]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
+Dtype = Annotated[
+    str | None, typer.Option(help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA).")
+]
+
+DEFAULTS = {"model": DEFAULT_MODEL, "layers": DEFAULT_LAYERS}

@@ -1,0 +1,61 @@
+"""The `lambdasplit` command line, run as users run it (the installed console script)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["lambdasplit", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    path, _ = tiny_checkpoint("llama")
+    return str(path)
+
+
+def test_generate_json_has_the_promised_fields_and_equals_unsplit(tiny) -> None:
+    common = ["generate", "hello world", "--model", tiny, "-n", "12", "--json"]
+    split = run(*common, "--layers", "1:4")
+    assert split.returncode == 0, split.stderr
+    out = json.loads(split.stdout)
+    for key in ("text", "token_ids", "new_tokens", "seconds", "tokens_per_second", "layers"):
+        assert key in out, key
+    assert out["layers"] == {"head": [0, 1], "body": [1, 4], "tail": [4, 5]}
+    assert out["new_tokens"] == len(out["token_ids"]) > 0
+    assert out["traffic"]["up_bytes"] > 0
+    unsplit = json.loads(run(*common, "--unsplit").stdout)
+    assert unsplit["token_ids"] == out["token_ids"]
+    assert unsplit["traffic"]["up_bytes"] == 0
+
+
+def test_generate_streams_text_and_prints_a_summary(tiny) -> None:
+    res = run("generate", "hello", "--model", tiny, "-n", "5", "--chat", "--layers", "2:3")
+    assert res.returncode == 0, res.stderr
+    assert "layers 2:3 of 5" in res.stderr and "tok/s" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layers", "4:2"], "0 <= X <= Y <= N"),
+        (["--model", "/nonexistent/model"], "not found"),
+        (["--dtype", "int3"], "float32, float16, bfloat16"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(tiny, args: list[str], message: str) -> None:
+    res = run("generate", "hi", "--model", tiny, *args)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_verify_reports_exact(tiny) -> None:
+    res = run("verify", "--model", tiny, "--layers", "1:3", "--steps", "5")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "exact within tolerance" in res.stdout
