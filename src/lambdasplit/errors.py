@@ -39,7 +39,14 @@ class UnsupportedModelError(ModelLoadError):
 
 
 class SessionError(LambdaSplitError):
-    """Misuse of a generation session: closed, unknown, or past its context limit."""
+    """Misuse of a generation session: closed, unknown, or past its context limit.
+
+    ``code`` is stable and travels in error frames (``unknown_session``, ``context_full``, ...).
+    """
+
+    def __init__(self, message: str, code: str = "bad_session") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class WireError(LambdaSplitError):

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from lambdasplit.cli import generate, verify
+from lambdasplit.cli import generate, serve, verify
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.command("generate")(generate.generate)
 app.command("verify")(verify.verify)
+app.command("serve")(serve.serve_command)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -10,9 +11,12 @@ import typer
 from rich.console import Console
 
 from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
+from lambdasplit.client import connect_device
 from lambdasplit.config import Runtime
+from lambdasplit.errors import ConfigError
 from lambdasplit.generation import Generation, GenerationResult, ModelDecoder, SamplingParams, prompt_ids, stream
 from lambdasplit.split import SplitModel, load_split
+from lambdasplit.wire import WireDtype
 
 _err = Console(stderr=True)
 # --unsplit still loads head and tail: they bring the tokenizer and configs, and cost little.
@@ -37,13 +41,21 @@ def generate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Paper's baseline: resend the whole sequence every step.")
     ] = False,
+    cloud: Annotated[
+        str | None, typer.Option(help="Body server URL (ws://HOST:PORT/v1/split); layers come from the server.")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
+    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8.")] = (
+        "float16"
+    ),
     device: Device = None,
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
 ) -> None:
-    """Generate text with the model split in three parts, all in this process.
+    """Generate text with the model split in three parts.
 
-    The networked version (device here, body on a server) is `lambdasplit generate --cloud URL`.
+    Without --cloud all three parts run in this process. With --cloud URL this process is the device: it runs
+    head and tail, and only hidden states travel to the body server (`lambdasplit serve`).
     """
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -54,13 +66,25 @@ def generate(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    with _err.status(f"loading {model} ({'unsplit' if unsplit else f'layers {layers}'})"):
-        # The tokenizer and configs come from the split loader; --unsplit adds the plain HF model.
-        split = load_split(model, layers, device=device, dtype=dtype, parts=_PARTS[unsplit])
+    client = None
+    if cloud is not None:
+        if unsplit:
+            raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")
+        with _err.status(f"connecting to {cloud} and loading the head and tail of {model}"):
+            split, client = connect_device(
+                cloud, model, token=token or os.environ.get("LAMBDASPLIT_TOKEN"), device=device, dtype=dtype
+            )
+        link = client.open_session(WireDtype.parse(wire_dtype))
+    else:
+        with _err.status(f"loading {model} ({'unsplit' if unsplit else f'layers {layers}'})"):
+            # The tokenizer and configs come from the split loader; --unsplit adds the plain HF model.
+            split = load_split(model, layers, device=device, dtype=dtype, parts=_PARTS[unsplit])
+        link = None
     if unsplit:
         run = _unsplit(split, prompt, params, chat=chat, system=system)
     else:
-        run = stream(split, prompt, chat=chat, system=system, use_cache=not no_cache, params=params)
+        run = stream(split, prompt, chat=chat, system=system, use_cache=not no_cache, params=params, link=link)
+    before = client.socket_bytes() if client is not None else None
     for event in run:
         if not as_json:
             sys.stdout.write(event.text)
@@ -68,8 +92,21 @@ def generate(
     result = run.result
     assert result is not None
     mode = "unsplit" if unsplit else ("split-no-cache" if no_cache else "split")
+    if client is not None:
+        mode += "-network"
+        after = client.socket_bytes()
+        socket_bytes = after - before if after is not None and before is not None else None
+        client.close()
+    else:
+        socket_bytes = None
     if as_json:
-        print(json.dumps(_json(result, split, mode)))
+        out = _json(result, split, mode)
+        if client is not None:
+            out.update(cloud=cloud, wire_dtype=WireDtype.parse(wire_dtype).name.lower())
+            out["socket"] = (
+                None if socket_bytes is None else {"sent": socket_bytes.sent, "received": socket_bytes.received}
+            )
+        print(json.dumps(out))
     else:
         print()
         _summary(result, split, mode)

@@ -24,22 +24,34 @@ from lambdasplit.split.parts import Body
 
 @dataclass
 class Traffic:
-    """Hidden-state payload that crossed the device/cloud boundary, in bytes (no framing)."""
+    """What crossed the device/cloud boundary, counted by the link that carried it.
+
+    ``*_bytes`` are whole messages as sent (for a network link: wire frames, header included);
+    ``*_payload_bytes`` are the hidden-state tensors alone. In process, both are the tensor bytes.
+    """
 
     up_bytes: int = 0
     down_bytes: int = 0
-    up_messages: int = 0
-    down_messages: int = 0
+    up_payload_bytes: int = 0
+    down_payload_bytes: int = 0
+    messages: int = 0  # round trips
 
-    def add(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        self.up_bytes += up.numel() * up.element_size()
-        self.down_bytes += down.numel() * down.element_size()
-        self.up_messages += 1
-        self.down_messages += 1
+    def add(self, up: int, down: int, up_payload: int | None = None, down_payload: int | None = None) -> None:
+        self.up_bytes += up
+        self.down_bytes += down
+        self.up_payload_bytes += up if up_payload is None else up_payload
+        self.down_payload_bytes += down if down_payload is None else down_payload
+        self.messages += 1
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class BodyLink(Protocol):
-    """How the device reaches the body. One link serves one generation session."""
+    """How the device reaches the body. One link serves one generation session and counts its traffic."""
+
+    traffic: Traffic
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
         """Run the body on ``hidden`` (1, T, D) whose first row is at absolute ``position``.
@@ -57,6 +69,7 @@ class LocalBodyLink:
     def __init__(self, body: Body) -> None:
         self.body = body
         self.cache: Cache | None = body.new_cache()
+        self.traffic = Traffic()
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
         if reset:
@@ -64,7 +77,9 @@ class LocalBodyLink:
         cached = self.cache.get_seq_length() if self.cache is not None else position
         if position != cached and not reset:
             raise SessionError(f"body got position {position} but its cache holds {cached} positions")
-        return self.body(hidden, self.cache)
+        out = self.body(hidden, self.cache)
+        self.traffic.add(tensor_bytes(hidden), tensor_bytes(out))
+        return out
 
     def close(self) -> None:
         self.cache = None
@@ -92,7 +107,10 @@ class SplitDecoder:
         self.head_cache = split.head.new_cache() if use_cache else None
         self.tail_cache = split.tail.new_cache() if use_cache else None
         self.ids: list[int] = []  # every token fed so far (the no-cache baseline re-runs all of them)
-        self.traffic = Traffic()
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.link.traffic
 
     def _run(self, new_ids: list[int]) -> torch.Tensor:
         assert self.split.head is not None and self.split.tail is not None
@@ -109,7 +127,6 @@ class SplitDecoder:
             hidden = self.split.head(x)  # (1, T_all, D): the whole sequence crosses again
             out = self.link.forward(hidden, 0, reset=True)
             logits = self.split.tail(out)
-        self.traffic.add(hidden, out)
         return logits[0, -1]
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:

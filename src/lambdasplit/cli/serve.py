@@ -1,0 +1,66 @@
+"""``lambdasplit serve``: the cloud body server. Loads only the body's weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
+from lambdasplit.server import READY, ServerSettings, serve
+from lambdasplit.split import load_split
+
+_err = Console(stderr=True)
+_d = ServerSettings()
+
+
+def serve_command(
+    model: Model = DEFAULTS["model"],
+    layers: Layers = DEFAULTS["layers"],
+    host: Annotated[
+        str, typer.Option(help="Address to bind. Keep 127.0.0.1 unless TLS and a token are set.")
+    ] = _d.host,
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one; the ready line names it).")] = _d.port,
+    token: Annotated[
+        list[str] | None,
+        typer.Option(help="Accepted bearer token (repeatable). Also read from $LAMBDASPLIT_TOKEN.", show_default=False),
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM); serves wss://.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    max_sessions: Annotated[int, typer.Option(help="Sessions held at once; more are refused.")] = _d.max_sessions,
+    max_context: Annotated[int, typer.Option(help="Positions per session's KV cache.")] = _d.max_context,
+    idle_ttl: Annotated[float, typer.Option(help="Seconds before an unused session is freed.")] = _d.idle_ttl,
+    max_frame_bytes: Annotated[int, typer.Option(help="Largest frame accepted.")] = _d.max_frame_bytes,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Serve the body (layers X..Y-1) of a model to devices over WebSocket.
+
+    Devices connect with `lambdasplit generate --cloud ws://HOST:PORT/v1/split` (or `chat`); the split points
+    come from this server. GET /health is public; GET /metrics needs the token when one is set.
+    """
+    tokens = tuple(token or ()) + ((os.environ["LAMBDASPLIT_TOKEN"],) if os.environ.get("LAMBDASPLIT_TOKEN") else ())
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        tokens=tokens,
+        max_sessions=max_sessions,
+        max_context=max_context,
+        idle_ttl=idle_ttl,
+        max_frame_bytes=max_frame_bytes,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not (tokens and tls_cert):
+        _err.print("[yellow]warning[/]: serving beyond loopback without TLS and a token exposes hidden states")
+    with _err.status(f"loading the body of {model} (layers {layers})"):
+        split = load_split(model, layers, parts=["body"], device=device, dtype=dtype)
+    p, rt = split.points, split.runtime
+    _err.print(
+        f"body: layers [{p.head_layers}, {p.body_end}) of {p.num_layers} · {split.parameter_count('body'):,} parameters"
+        f" · {rt.device} {str(rt.dtype).removeprefix('torch.')} · fingerprint {split.fingerprint}"
+    )
+    serve(split, settings, on_ready=lambda url: print(f"{READY} {url}", flush=True))

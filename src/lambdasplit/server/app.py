@@ -1,0 +1,292 @@
+"""The cloud body server: a Starlette app with one WebSocket endpoint that runs the body for many sessions.
+
+Protocol (frames in docs/wire-format.md, conversation in docs/protocol.md):
+
+    client                         server
+    HELLO {fingerprint}     ->
+                            <-     WELCOME {model, layers [X, Y], hidden_size, limits}
+    OPEN {}                 ->
+                            <-     OPENED (header: session)
+    FORWARD (T, D) @ pos    ->     body forward with the session's KV cache (off the event loop)
+                            <-     RESULT (T, D) @ pos, same wire dtype
+    CLOSE                   ->
+                            <-     CLOSED
+
+Every refusal is an ERROR frame ``{"code", "message"}`` with a stable code; the connection keeps
+serving afterwards, except after ``unauthorized`` (refused at the handshake) and ``model_mismatch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from lambdasplit import __version__
+from lambdasplit.errors import ConfigError, FrameError, SessionError
+from lambdasplit.server.sessions import BodySession, SessionStore
+from lambdasplit.server.settings import ServerSettings
+from lambdasplit.split.loader import SplitModel
+from lambdasplit.wire import (
+    Frame,
+    FrameFlags,
+    FrameLimits,
+    MessageType,
+    decode_frame,
+    encode_frame,
+    frame_tensor,
+    tensor_frame,
+)
+
+PROTOCOL = 1
+PATH = "/v1/split"
+_log = logging.getLogger(__name__)
+
+
+class Refusal(Exception):
+    """A request the server refuses; becomes an ERROR frame."""
+
+    def __init__(self, code: str, message: str, session: int = 0, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.session, self.fatal = code, session, fatal
+
+
+class BodyServer:
+    """Holds the body part, the sessions and the counters; ``app`` is the ASGI application."""
+
+    def __init__(self, split: SplitModel, settings: ServerSettings) -> None:
+        if split.body is None:
+            raise ConfigError("the body server needs a SplitModel loaded with parts=['body']")
+        self.split, self.settings, self.body = split, settings, split.body
+        self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
+        self.limits = FrameLimits(max_frame_bytes=settings.max_frame_bytes)
+        # One compute thread: torch already uses every core per forward; two at once would only thrash.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
+        self._conn_ids = itertools.count(1)
+        self.started = time.time()
+        self.counters: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.app = Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/metrics", self.metrics),
+                WebSocketRoute(PATH, self.websocket),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    def welcome(self) -> dict[str, Any]:
+        p = self.split.points
+        return {
+            "protocol": PROTOCOL,
+            "server": f"lambdasplit/{__version__}",
+            "model": self.split.name,
+            "fingerprint": self.split.fingerprint,
+            "num_layers": p.num_layers,
+            "layers": [p.head_layers, p.body_end],
+            "hidden_size": self.split.hidden_size,
+            "wire_dtypes": [d.name.lower() for d in self.settings.wire_dtypes],
+            "limits": {
+                "max_sessions": self.settings.max_sessions,
+                "max_context": self.settings.max_context,
+                "idle_ttl": self.settings.idle_ttl,
+                "max_frame_bytes": self.settings.max_frame_bytes,
+            },
+        }
+
+    async def health(self, request: Request) -> JSONResponse:
+        p = self.split.points
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.split.name,
+                "layers": [p.head_layers, p.body_end],
+                "sessions": len(self.store),
+            }
+        )
+
+    async def metrics(self, request: Request) -> JSONResponse:
+        if not self._authorized(request.headers.get("authorization")):
+            return JSONResponse({"error": {"code": "unauthorized", "message": "bad or missing token"}}, 401)
+        return JSONResponse(
+            {
+                "sessions": len(self.store),
+                "sessions_evicted": self.store.evicted,
+                **dict(self.counters),
+                "errors": dict(self.errors),
+                "uptime_s": round(time.time() - self.started, 3),
+            }
+        )
+
+    # --- WebSocket --------------------------------------------------------------------------------
+    def _authorized(self, header: str | None) -> bool:
+        if not self.settings.tokens:
+            return True
+        given = (header or "").removeprefix("Bearer ").encode()
+        # compare_digest against every token, without short-circuiting, so timing says nothing.
+        return sum(hmac.compare_digest(given, t.encode()) for t in self.settings.tokens) > 0
+
+    async def websocket(self, ws: WebSocket) -> None:
+        if not self._authorized(ws.headers.get("authorization")):
+            self.errors["unauthorized"] += 1
+            await ws.close(code=1008, reason="unauthorized: bad or missing bearer token")  # HTTP 403 pre-accept
+            return
+        await ws.accept()
+        conn = next(self._conn_ids)
+        self.counters["connections"] += 1
+        greeted = False
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("bytes")
+                if data is None:
+                    reply: Frame = self._error(Refusal("text_message", "send binary frames, not text"))
+                    fatal = False
+                else:
+                    self.counters["bytes_in"] += len(data)
+                    try:
+                        frame = decode_frame(data, self.limits)
+                        if frame.type is not MessageType.HELLO and not greeted:
+                            raise Refusal("hello_first", "send HELLO before anything else")
+                        reply = await self._dispatch(conn, frame)
+                        greeted = True
+                        fatal = False
+                    except Refusal as r:
+                        reply, fatal = self._error(r), r.fatal
+                    except (FrameError, SessionError) as e:
+                        reply, fatal = self._error(Refusal(e.code, str(e))), False
+                out = encode_frame(reply)
+                self.counters["bytes_out"] += len(out)
+                await ws.send_bytes(out)
+                if fatal:
+                    await ws.close(code=1008, reason=reply.json_body()["code"])
+                    break
+        except WebSocketDisconnect:
+            pass
+        finally:
+            freed = self.store.close_owner(conn)
+            if freed:
+                _log.info("connection %d went away; freed %d session(s)", conn, freed)
+
+    def _error(self, r: Refusal) -> Frame:
+        self.errors[r.code] += 1
+        return Frame.json(MessageType.ERROR, {"code": r.code, "message": str(r)}, session=r.session)
+
+    async def _dispatch(self, conn: int, frame: Frame) -> Frame:
+        t = frame.type
+        if t is MessageType.HELLO:
+            return self._hello(frame)
+        if t is MessageType.OPEN:
+            session = self.store.open(conn)
+            self.counters["sessions_opened"] += 1
+            return Frame.json(
+                MessageType.OPENED, {"session": session.handle, "id": session.token}, session=session.handle
+            )
+        if t is MessageType.FORWARD:
+            return await self._forward(self.store.get(conn, frame.session), frame)
+        if t is MessageType.CLOSE:
+            self.store.close(conn, frame.session)
+            return Frame.json(MessageType.CLOSED, {}, session=frame.session)
+        if t is MessageType.PING:
+            return Frame(MessageType.PONG)
+        raise Refusal("unexpected_type", f"a client does not send {t.name} frames", frame.session)
+
+    def _hello(self, frame: Frame) -> Frame:
+        body = frame.json_body()
+        if body.get("protocol", PROTOCOL) != PROTOCOL:
+            raise Refusal(
+                "bad_protocol",
+                f"protocol {body.get('protocol')!r} not supported; this server speaks {PROTOCOL}",
+                fatal=True,
+            )
+        theirs = body.get("fingerprint")
+        if theirs is not None and theirs != self.split.fingerprint:
+            raise Refusal(
+                "model_mismatch",
+                f"this server runs {self.split.name} with fingerprint {self.split.fingerprint}; the client's model has "
+                f"fingerprint {theirs}. Both sides must load the same checkpoint.",
+                fatal=True,
+            )
+        return Frame.json(MessageType.WELCOME, self.welcome())
+
+    async def _forward(self, s: BodySession, frame: Frame) -> Frame:
+        sid, d = frame.session, self.split.hidden_size
+        if frame.dtype not in self.settings.wire_dtypes:
+            allowed = ", ".join(x.name.lower() for x in self.settings.wire_dtypes)
+            raise Refusal(
+                "bad_dtype", f"FORWARD carries {frame.dtype.name.lower()}; this server accepts {allowed}", sid
+            )
+        if len(frame.shape) != 2 or frame.shape[1] != d or frame.shape[0] < 1:
+            raise Refusal(
+                "bad_shape", f"FORWARD must carry a (positions, {d}) hidden state, got {list(frame.shape)}", sid
+            )
+        rows, pos = frame.shape[0], frame.position
+        if frame.flags & FrameFlags.RESET:
+            if pos != 0:
+                raise Refusal("bad_position", f"a RESET frame starts at position 0, not {pos}", sid)
+        elif pos > s.length:
+            raise Refusal("bad_position", f"position {pos} skips ahead: session {sid} holds {s.length} positions", sid)
+        if pos + rows > self.settings.max_context:
+            raise Refusal(
+                "context_full",
+                f"{pos} + {rows} positions exceed this server's max context {self.settings.max_context}",
+                sid,
+            )
+        rt = self.split.runtime
+        hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
+        reset = bool(frame.flags & FrameFlags.RESET)
+        out = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, s, hidden, pos, reset)
+        self.counters["forward_frames"] += 1
+        self.counters["positions"] += rows
+        return tensor_frame(MessageType.RESULT, out, frame.dtype, sid, pos)
+
+    def _run(self, s: BodySession, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
+        """On the compute thread: align the session's cache to ``position``, then run the body. (T, D) -> (T, D)."""
+        if reset:
+            s.cache = self.body.new_cache()
+        elif position < s.length and s.cache is not None:
+            s.cache.crop(position)  # the client rolled back (e.g. rejected draft tokens)
+        out = self.body(hidden.unsqueeze(0), s.cache)[0]
+        s.length = position + hidden.shape[0]
+        s.steps += 1
+        return out
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # One throw-away forward before the first client: the first call pays for allocator and kernel set-up.
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
+        task = asyncio.create_task(self._evict_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _warm_up(self) -> None:
+        rt = self.split.runtime
+        self.body(torch.zeros(1, 4, self.split.hidden_size, dtype=rt.dtype, device=rt.device), self.body.new_cache())
+
+    async def _evict_forever(self) -> None:
+        period = min(self.settings.idle_ttl / 4, 5.0)
+        while True:
+            await asyncio.sleep(period)
+            if n := self.store.evict_idle():
+                _log.info("evicted %d idle session(s)", n)

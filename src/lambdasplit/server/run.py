@@ -1,0 +1,51 @@
+"""Run a BodyServer under uvicorn, announcing the bound address once it listens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import uvicorn
+
+from lambdasplit.server.app import PATH, BodyServer
+from lambdasplit.server.settings import ServerSettings
+from lambdasplit.split.loader import SplitModel
+
+READY = "lambdasplit-serve: listening on"
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn.Server that reports the real port after binding, so ``--port 0`` is race-free for callers."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str], None]) -> None:
+        super().__init__(config)
+        self._on_ready = on_ready
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        await super().startup(sockets)
+        if self.should_exit:  # bind failed; uvicorn has said why
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        scheme = "wss" if self.config.ssl_certfile else "ws"
+        host = f"[{host}]" if ":" in host else host
+        self._on_ready(f"{scheme}://{host}:{port}{PATH}")
+
+
+def serve(split: SplitModel, settings: ServerSettings, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM). ``on_ready(url)`` is called once the socket listens."""
+    body_server = BodyServer(split, settings)
+    config = uvicorn.Config(
+        body_server.app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        # Frames up to max_frame_bytes are parsed and refused with an error frame; far larger messages are
+        # cut off by the WebSocket layer itself (close code 1009) before they are buffered.
+        ws_max_size=settings.max_frame_bytes + 65536,
+        ws_per_message_deflate=False,  # hidden states do not compress; deflate would only add latency
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    _AnnouncingServer(config, on_ready or (lambda url: print(f"{READY} {url}", flush=True))).run()

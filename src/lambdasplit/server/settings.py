@@ -1,0 +1,48 @@
+"""Body server settings: typed, frozen, validated; every limit has a default (see `lambdasplit serve --help`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lambdasplit.errors import ConfigError
+from lambdasplit.wire import WireDtype
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    #: Accepted bearer tokens; empty means no authentication (fine on loopback, not on a network).
+    tokens: tuple[str, ...] = ()
+    max_sessions: int = 64
+    #: Positions one session may hold in its KV cache (prompt + generated tokens).
+    max_context: int = 8192
+    #: Seconds a session may sit unused before its KV cache is freed.
+    idle_ttl: float = 300.0
+    max_frame_bytes: int = 64 << 20
+    wire_dtypes: tuple[WireDtype, ...] = field(
+        default_factory=lambda: (WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16, WireDtype.QINT8)
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "port": (self.port, 0 <= self.port <= 65535, "0..65535 (0 picks a free port)"),
+            "max_sessions": (self.max_sessions, self.max_sessions >= 1, ">= 1"),
+            "max_context": (self.max_context, self.max_context >= 1, ">= 1"),
+            "idle_ttl": (self.idle_ttl, self.idle_ttl > 0, "> 0 seconds"),
+            "max_frame_bytes": (self.max_frame_bytes, self.max_frame_bytes >= 1024, ">= 1024"),
+        }
+        for name, (value, ok, allowed) in checks.items():
+            if not ok:
+                raise ConfigError(f"{name}={value!r} is invalid: must be {allowed}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if any(not t for t in self.tokens):
+            raise ConfigError("an empty token would let anyone in; pass a non-empty secret")
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.tls_cert else "ws"
