@@ -103,6 +103,7 @@ class CloudClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
+            # __enter__ opens the connection without the context-manager block (closed in self.close()).
             return connect(
                 url,
                 sock=sock,
@@ -115,7 +116,7 @@ class CloudClient:
                 open_timeout=timeout,
                 ping_interval=None,  # liveness is the request timeout; no background traffic
                 max_size=self.limits.max_frame_bytes,
-            )
+            ).__enter__()
         except InvalidStatus as exc:
             sock.close()
             status = exc.response.status_code

@@ -44,7 +44,6 @@ from lambdasplit.split.loader import SplitModel
 from lambdasplit.wire import (
     Frame,
     FrameFlags,
-    FrameLimits,
     MessageType,
     decode_frame,
     encode_frame,
@@ -73,12 +72,13 @@ class BodyServer:
             raise ConfigError("the body server needs a SplitModel loaded with parts=['body']")
         self.split, self.settings, self.body = split, settings, split.body
         self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
-        self.limits = FrameLimits(max_frame_bytes=settings.max_frame_bytes)
+        self.limits = settings.frame_limits
         # One compute thread: torch already uses every core per forward; two at once would only thrash.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
         self._conn_ids = itertools.count(1)
         self.started = time.time()
-        self.counters: Counter[str] = Counter()
+        counted = ("connections", "sessions_opened", "forward_frames", "positions", "bytes_in", "bytes_out")
+        self.counters: Counter[str] = Counter(dict.fromkeys(counted, 0))
         self.errors: Counter[str] = Counter()
         self.app = Starlette(
             routes=[

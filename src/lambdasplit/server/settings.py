@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lambdasplit.errors import ConfigError
-from lambdasplit.wire import WireDtype
+from lambdasplit.wire import FrameLimits, WireDtype
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ class ServerSettings:
             raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
         if any(not t for t in self.tokens):
             raise ConfigError("an empty token would let anyone in; pass a non-empty secret")
+        self.frame_limits  # noqa: B018 - validates the derived limits now, before any model is loaded
+
+    @property
+    def frame_limits(self) -> FrameLimits:
+        return FrameLimits(max_frame_bytes=self.max_frame_bytes, max_json_bytes=min(64 << 10, self.max_frame_bytes))
 
     @property
     def scheme(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import threading
 from typing import Literal
 
 import torch
@@ -32,6 +33,7 @@ from lambdasplit.split.parts import Body, Head, Tail
 
 Role = Literal["head", "body", "tail"]
 _log = logging.getLogger(__name__)
+_BUILD_LOCK = threading.Lock()
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -111,6 +113,22 @@ def build_part(
     if role == "body" and start == stop:
         return Body(None, start, stop)
 
+    # init_empty_weights patches nn.Module.register_parameter process-wide, which would also send another
+    # thread's parameter assignment to meta: concurrent builds take turns for skeleton and assignment.
+    with _BUILD_LOCK:
+        return _build_locked(role, checkpoint, start, stop, runtime, attn_implementation, loaded)
+
+
+def _build_locked(
+    role: Role,
+    checkpoint: Checkpoint,
+    start: int,
+    stop: int,
+    runtime: Runtime,
+    attn_implementation: str | None,
+    loaded: dict[str, torch.Tensor] | None,
+) -> Head | Body | Tail:
+    config = checkpoint.config
     model = _skeleton(part_config(config, start, stop), attn_implementation)
     base = model.base_model
     if role != "head":

@@ -1,0 +1,179 @@
+"""Split inference over a real connection: `lambdasplit serve` subprocess on loopback, client in this process."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import pytest
+import torch
+from websockets.sync.client import connect
+
+from lambdasplit.client import CloudClient, connect_device
+from lambdasplit.errors import RemoteError
+from lambdasplit.generation import generate
+from lambdasplit.split import load_split
+from lambdasplit.wire import Frame, FrameFlags, MessageType, decode_frame, encode_frame, tensor_frame
+from servers import body_server, http_url
+from tiny_models import NUM_LAYERS
+
+PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 31, 64, 12, 5, 9], [1, 3, 3, 3], [1, 200, 100, 50, 25, 12]]
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen2")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with body_server("--model", str(tiny), "--layers", f"1:{NUM_LAYERS - 1}", "--token", TOKEN) as url:
+        yield url
+
+
+def metrics(url: str) -> dict:
+    req = urllib.request.Request(http_url(url, "/metrics"), headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_float32_wire_output_equals_unsplit_and_byte_counts_agree(tiny, server) -> None:
+    local = load_split(tiny, f"1:{NUM_LAYERS - 1}")
+    expected = [generate(local, p, max_new_tokens=16, ignore_eos=True).token_ids for p in PROMPTS[:2]]
+    before = metrics(server)
+    split, client = connect_device(server, tiny, token=TOKEN)
+    with client:
+        assert split.points == local.points  # the split points came from the server's handshake
+        assert split.body is None
+        results = [
+            generate(split, p, max_new_tokens=16, ignore_eos=True, link=client.open_session("float32"))
+            for p in PROMPTS[:2]
+        ]
+        after = metrics(server)
+        assert [r.token_ids for r in results] == expected
+        # The client's frame bytes equal the server's: every byte the client counted, the server counted.
+        assert after["bytes_in"] - before["bytes_in"] == client.bytes_sent
+        assert after["bytes_out"] - before["bytes_out"] == client.bytes_received
+        # One round trip for the prompt, one per further token; header 24 bytes per frame.
+        r = results[0]
+        assert r.traffic.messages == 16
+        assert r.traffic.up_bytes - r.traffic.up_payload_bytes == 24 * 16
+        assert r.traffic.up_payload_bytes == 4 * split.hidden_size * (len(PROMPTS[0]) + 15)
+        sock = client.socket_bytes()
+        assert sock is not None and sock.sent >= client.bytes_sent and sock.received >= client.bytes_received
+
+
+def test_four_concurrent_clients_get_independent_correct_outputs(tiny, server) -> None:
+    local = load_split(tiny, f"1:{NUM_LAYERS - 1}")
+    expected = [generate(local, p, max_new_tokens=24, ignore_eos=True).token_ids for p in PROMPTS]
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            split, client = connect_device(server, tiny, token=TOKEN, quiet=True)
+            with client:
+                link = client.open_session("float32")
+                got[i] = generate(split, PROMPTS[i], max_new_tokens=24, ignore_eos=True, link=link).token_ids
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert [got[i] for i in range(len(PROMPTS))] == expected
+
+
+def test_wrong_token_and_wrong_model_are_refused(tiny, server, tiny_checkpoint) -> None:
+    with pytest.raises(RemoteError) as info:
+        CloudClient(server, token="wrong")
+    assert info.value.code == "unauthorized"
+    other, _ = tiny_checkpoint("llama")
+    with pytest.raises(RemoteError) as info:
+        connect_device(server, other, token=TOKEN)
+    assert info.value.code == "model_mismatch"
+    assert "fingerprint" in str(info.value)
+
+
+def _raw(server: str):
+    ws = connect(
+        server, additional_headers={"Authorization": f"Bearer {TOKEN}"}, compression=None, proxy=None
+    ).__enter__()
+    ws.send(encode_frame(Frame.json(MessageType.HELLO, {"protocol": 1})))
+    assert decode_frame(ws.recv(timeout=10)).type is MessageType.WELCOME
+    return ws
+
+
+def _ask(ws, data: bytes) -> Frame:
+    ws.send(data)
+    return decode_frame(ws.recv(timeout=30))
+
+
+def _code(frame: Frame) -> str:
+    assert frame.type is MessageType.ERROR, frame.type
+    return frame.json_body()["code"]
+
+
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server) -> None:
+    hidden = 64
+    with _raw(server) as ws:
+        session = _ask(ws, encode_frame(Frame.json(MessageType.OPEN, {}))).session
+        good = encode_frame(tensor_frame(MessageType.FORWARD, torch.randn(3, hidden), "float32", session, 0))
+        cases = {
+            "unknown_session": encode_frame(
+                tensor_frame(MessageType.FORWARD, torch.randn(1, hidden), "float32", 999, 0)
+            ),
+            "bad_shape": encode_frame(
+                tensor_frame(MessageType.FORWARD, torch.randn(1, hidden + 1), "float32", session, 0)
+            ),
+            "size_mismatch": good[:-7],  # truncated frame
+            "bad_dtype": good[:4] + bytes([0x77]) + good[5:],  # unknown dtype code
+            "bad_magic": b"GET / HTTP/1.1\r\n\r\n",
+            "bad_position": encode_frame(
+                tensor_frame(MessageType.FORWARD, torch.randn(1, hidden), "float32", session, 5)
+            ),
+            "non_finite": encode_frame(
+                tensor_frame(MessageType.FORWARD, torch.ones(1, hidden), "float32", session, 0)
+            ).replace(torch.ones(1).numpy().tobytes(), torch.tensor([float("nan")]).numpy().tobytes(), 1),
+            "hello_first": None,  # checked on a fresh connection below
+        }
+        for code, data in cases.items():
+            if data is not None:
+                assert _code(_ask(ws, data)) == code, code
+        ws.send("a text message")
+        assert _code(decode_frame(ws.recv(timeout=10))) == "text_message"
+        # The same connection and session still work.
+        reply = _ask(ws, good)
+        assert reply.type is MessageType.RESULT and reply.shape == (3, hidden) and reply.position == 0
+        reply = _ask(ws, encode_frame(tensor_frame(MessageType.FORWARD, torch.randn(1, hidden), "float32", session, 3)))
+        assert reply.type is MessageType.RESULT and reply.position == 3
+        # A RESET frame restarts the session's cache at 0 (the no-cache baseline).
+        flags = FrameFlags.RESET
+        reset = tensor_frame(MessageType.FORWARD, torch.randn(2, hidden), "float16", session, 0, flags=flags)
+        assert _ask(ws, encode_frame(reset)).type is MessageType.RESULT
+    with connect(server, additional_headers={"Authorization": f"Bearer {TOKEN}"}, proxy=None) as ws:
+        assert _code(_ask(ws, encode_frame(Frame.json(MessageType.OPEN, {})))) == "hello_first"
+    errors = metrics(server)["errors"]
+    assert errors["bad_shape"] >= 1 and errors["unknown_session"] >= 1
+
+
+def test_oversized_frame_is_refused(tiny) -> None:
+    with body_server("--model", str(tiny), "--layers", "1:4", "--max-frame-bytes", "4096") as url:
+        ws = connect(url, compression=None, proxy=None, max_size=None).__enter__()
+        ws.send(encode_frame(Frame.json(MessageType.HELLO, {})))
+        decode_frame(ws.recv(timeout=10))
+        session = _ask(ws, encode_frame(Frame.json(MessageType.OPEN, {}))).session
+        big = encode_frame(tensor_frame(MessageType.FORWARD, torch.randn(20, 64), "float32", session, 0))  # 5144 B
+        assert _code(_ask(ws, big)) == "too_large"
+        small = encode_frame(tensor_frame(MessageType.FORWARD, torch.randn(2, 64), "float32", session, 0))
+        assert _ask(ws, small).type is MessageType.RESULT
+        ws.close()
+        # Still serving new connections.
+        with CloudClient(url) as client:
+            client.ping()
