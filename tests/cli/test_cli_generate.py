@@ -59,3 +59,28 @@ def test_verify_reports_exact(tiny) -> None:
     res = run("verify", "--model", tiny, "--layers", "1:3", "--steps", "5")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "exact within tolerance" in res.stdout
+
+
+def test_chat_keeps_history_and_resets(tiny) -> None:
+    res = subprocess.run(
+        ["lambdasplit", "chat", "--model", tiny, "--layers", "1:4", "-n", "6"],
+        input="hello world\nthe quick brown fox\n/reset\nhi\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("model:") == 3
+    assert "conversation forgotten" in res.stdout
+    assert "tok/s" in res.stdout
+
+
+@pytest.mark.smollm2
+def test_demo_runs_the_main_job_over_loopback() -> None:
+    res = run("demo", "-n", "8")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "listening on ws://127.0.0.1:" in out
+    assert "Λ-Split over a real loopback connection" in out
+    assert "1,176 B per token" in out  # float16 decode step: 24-byte header + 576 x 2 bytes
+    assert "ce 9b 01 05" in out  # the frame an eavesdropper sees: magic, version, FORWARD

@@ -177,3 +177,30 @@ def test_oversized_frame_is_refused(tiny) -> None:
         # Still serving new connections.
         with CloudClient(url) as client:
             client.ping()
+
+
+def test_prompt_text_and_token_ids_never_cross_the_wire(tiny, server) -> None:
+    split, client = connect_device(server, tiny, token=TOKEN)
+    sent: list[bytes] = []
+    roundtrip = client.roundtrip
+
+    def recording(data: bytes) -> bytes:
+        sent.append(data)
+        reply = roundtrip(data)
+        sent.append(reply)
+        return reply
+
+    client.roundtrip = recording  # type: ignore[method-assign]
+    prompt = "the quick brown fox jumps over the lazy dog"
+    assert split.tokenizer is not None
+    ids = split.tokenizer(prompt).input_ids
+    with client:
+        result = generate(split, prompt, max_new_tokens=12, ignore_eos=True, link=client.open_session("float16"))
+    wire = b"".join(sent)
+    assert len(wire) > 12 * 64  # hidden states did travel
+    assert prompt.encode() not in wire and b"quick brown" not in wire
+    for width in (4, 8):  # token ids as int32 / int64, in either byte order
+        for order in ("little", "big"):
+            encoded = b"".join(i.to_bytes(width, order) for i in ids[:4])
+            assert encoded not in wire
+    assert result.text and result.text.encode() not in wire

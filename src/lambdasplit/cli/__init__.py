@@ -1,32 +1,19 @@
-"""The ``lambdasplit`` command line. Each command lives in its own module."""
+"""The ``lambdasplit`` command line. ``main`` is the console-script entry point."""
 
 from __future__ import annotations
 
-import logging
-import sys
-
-import typer
-
-from lambdasplit.cli import generate, serve, verify
-from lambdasplit.errors import LambdaSplitError
-
-app = typer.Typer(
-    name="lambdasplit",
-    help="Split inference of generative models: head and tail on your device, the body in the cloud.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.command("generate")(generate.generate)
-app.command("verify")(verify.verify)
-app.command("serve")(serve.serve_command)
+import os
 
 
 def main() -> None:
-    """Entry point: our own errors print as one clear line (exit 2), not a traceback."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()
-    except LambdaSplitError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    """Set process-wide defaults that must precede ``import torch``, then run the Typer app.
+
+    OMP_WAIT_POLICY=PASSIVE: by default libgomp's idle threads spin after every parallel region. A device
+    and a body server sharing cores (and any two processes taking turns, as split inference does) then
+    steal each other's CPU: measured on 2 cores with SmolLM2 at 2:28, the body's forward took 48.7 ms
+    instead of 42.8 ms. A value the user set is kept.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lambdasplit.cli.app import run
+
+    run()

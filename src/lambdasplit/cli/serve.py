@@ -63,4 +63,4 @@ def serve_command(
         f"body: layers [{p.head_layers}, {p.body_end}) of {p.num_layers} · {split.parameter_count('body'):,} parameters"
         f" · {rt.device} {str(rt.dtype).removeprefix('torch.')} · fingerprint {split.fingerprint}"
     )
-    serve(split, settings, on_ready=lambda url: print(f"{READY} {url}", flush=True))
+    serve(split, settings, on_ready=lambda url: print(f"{READY}{url}", flush=True))

@@ -197,6 +197,9 @@ class RemoteBodyLink:
         self.client, self.session, self.wire_dtype = client, session, wire_dtype
         self.traffic = Traffic()
         self.closed = False
+        # The last frames as they crossed the wire, for showing what an eavesdropper sees.
+        self.last_sent: bytes = b""
+        self.last_received: bytes = b""
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
         """(1, T, D) at ``position`` -> (1, T, D), through the server's body and its KV cache for this session."""
@@ -212,6 +215,7 @@ class RemoteBodyLink:
             )
         out = frame_tensor(reply, dtype=hidden.dtype, device=hidden.device)
         self.traffic.add(len(data), len(raw), len(frame.payload), len(reply.payload))
+        self.last_sent, self.last_received = data, raw
         return out.unsqueeze(0)
 
     def close(self) -> None:

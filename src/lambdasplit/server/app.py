@@ -77,6 +77,7 @@ class BodyServer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
         self._conn_ids = itertools.count(1)
         self.started = time.time()
+        self.compute_seconds = 0.0  # time in body forwards, for the latency breakdown
         counted = ("connections", "sessions_opened", "forward_frames", "positions", "bytes_in", "bytes_out")
         self.counters: Counter[str] = Counter(dict.fromkeys(counted, 0))
         self.errors: Counter[str] = Counter()
@@ -128,6 +129,7 @@ class BodyServer:
                 "sessions": len(self.store),
                 "sessions_evicted": self.store.evicted,
                 **dict(self.counters),
+                "compute_seconds": round(self.compute_seconds, 6),
                 "errors": dict(self.errors),
                 "uptime_s": round(time.time() - self.started, 3),
             }
@@ -263,7 +265,9 @@ class BodyServer:
             s.cache = self.body.new_cache()
         elif position < s.length and s.cache is not None:
             s.cache.crop(position)  # the client rolled back (e.g. rejected draft tokens)
+        start = time.perf_counter()
         out = self.body(hidden.unsqueeze(0), s.cache)[0]
+        self.compute_seconds += time.perf_counter() - start
         s.length = position + hidden.shape[0]
         s.steps += 1
         return out

@@ -10,7 +10,7 @@ from lambdasplit.server.app import PATH, BodyServer
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
 
-READY = "lambdasplit-serve: listening on"
+READY = "lambdasplit-serve: listening on "
 
 
 class _AnnouncingServer(uvicorn.Server):
@@ -48,4 +48,4 @@ def serve(split: SplitModel, settings: ServerSettings, on_ready: Callable[[str],
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
-    _AnnouncingServer(config, on_ready or (lambda url: print(f"{READY} {url}", flush=True))).run()
+    _AnnouncingServer(config, on_ready or (lambda url: print(f"{READY}{url}", flush=True))).run()

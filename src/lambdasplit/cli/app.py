@@ -1,0 +1,34 @@
+"""The ``lambdasplit`` Typer application: one module per command, registered here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from lambdasplit.cli import chat, demo, generate, serve, verify
+from lambdasplit.errors import LambdaSplitError
+
+app = typer.Typer(
+    name="lambdasplit",
+    help="Split inference of generative models: head and tail on your device, the body in the cloud.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("demo")(demo.demo)
+app.command("generate")(generate.generate)
+app.command("verify")(verify.verify)
+app.command("chat")(chat.chat)
+app.command("serve")(serve.serve_command)
+
+
+def run() -> None:
+    """Run the app; our own errors print as one clear line (exit 2), not a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except LambdaSplitError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

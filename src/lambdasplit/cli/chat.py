@@ -1,0 +1,75 @@
+"""``lambdasplit chat``: an interactive conversation, split in process or with the body on a server."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
+from lambdasplit.client import CloudClient, connect_device
+from lambdasplit.generation import SamplingParams, stream
+from lambdasplit.generation.text import Message
+from lambdasplit.split import load_split
+from lambdasplit.wire import WireDtype
+
+_out = Console(highlight=False)
+HELP = "Type a message. /reset forgets the conversation, /exit (or Ctrl-D) quits."
+
+
+def chat(
+    model: Model = DEFAULTS["model"],
+    layers: Layers = DEFAULTS["layers"],
+    cloud: Annotated[str | None, typer.Option(help="Body server URL; without it, all parts run here.")] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
+    wire_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float16",
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Chat with the model. Each answer streams as it is generated; the history is kept until /reset."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    client: CloudClient | None = None
+    with _out.status(f"loading {model}" + (f" and connecting to {cloud}" if cloud else "")):
+        if cloud:
+            split, client = connect_device(
+                cloud, model, token=token or os.environ.get("LAMBDASPLIT_TOKEN"), device=device, dtype=dtype
+            )
+        else:
+            split = load_split(model, layers, device=device, dtype=dtype)
+    where = f"body on {cloud}" if cloud else "all parts in this process"
+    _out.print(f"[dim]{split.name} · layers {split.points} of {split.points.num_layers} · {where}[/]\n{HELP}")
+    history: list[Message] = []
+    try:
+        while True:
+            try:
+                text = _out.input("[bold]you[/]: ").strip()
+            except EOFError:
+                break
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                history.clear()
+                _out.print("[dim](conversation forgotten)[/]")
+                continue
+            if not text:
+                continue
+            history.append({"role": "user", "content": text})
+            link = client.open_session(WireDtype.parse(wire_dtype)) if client is not None else None
+            run = stream(split, history, system=system, link=link, params=params)
+            _out.print("[bold]model[/]: ", end="")
+            for event in run:
+                _out.print(event.text, end="", soft_wrap=True)
+            result = run.result
+            assert result is not None
+            _out.print(f"\n[dim]{result.new_tokens} tokens · {result.tokens_per_second:.1f} tok/s[/]")
+            history.append({"role": "assistant", "content": result.text})
+    finally:
+        if client is not None:
+            client.close()

@@ -1,0 +1,65 @@
+"""Run `lambdasplit serve` as a child process and wait for its ready line (the demo, `up --cloud local`, tests)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from lambdasplit.errors import LambdaSplitError
+from lambdasplit.server.run import READY
+
+
+@contextmanager
+def body_server_process(
+    args: Sequence[str], *, token: str | None = None, timeout: float = 180.0, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Yield the URL of ``lambdasplit serve --port 0 ARGS`` once it listens; stop it (SIGINT, then kill) after.
+
+    The token travels in the child's environment, not its command line, where `ps` would show it.
+    """
+    child_env = {**os.environ, **(env or {})}
+    if token is not None:
+        child_env["LAMBDASPLIT_TOKEN"] = token
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from lambdasplit.cli import main; main()", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=child_env,
+    )
+    stderr: list[str] = []
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True).start()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
+    try:
+        yield _wait_ready(proc, lines, timeout, stderr)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[str], lines: queue.Queue[str], timeout: float, stderr: list[str]) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if line.startswith(READY):
+            return line[len(READY) :].strip()
+    proc.kill()
+    tail = "".join(stderr)[-3000:]
+    raise LambdaSplitError(f"the body server did not start within {timeout:.0f} s (exit {proc.poll()}):\n{tail}")
