@@ -45,6 +45,8 @@ CONTROL_DTYPES = {
     MessageType.CLOSED: [WireDtype.NONE, WireDtype.JSON],
     MessageType.PING: [WireDtype.NONE],
     MessageType.PONG: [WireDtype.NONE],
+    MessageType.GENERATE: [WireDtype.JSON],
+    MessageType.TEXT: [WireDtype.JSON],
     MessageType.ERROR: [WireDtype.JSON],
 }
 TENSOR_DTYPES = [WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16, WireDtype.QINT8]
@@ -152,7 +154,8 @@ def test_header_layout_matches_the_spec_table():
 def test_codes_are_the_documented_ones():
     assert {t.name: t.value for t in MessageType} == {
         "HELLO": 1, "WELCOME": 2, "OPEN": 3, "OPENED": 4, "FORWARD": 5, "RESULT": 6,
-        "CLOSE": 7, "CLOSED": 8, "PING": 9, "PONG": 10, "ERROR": 127,
+        "CLOSE": 7, "CLOSED": 8, "PING": 9, "PONG": 10,
+        "GENERATE": 11, "TEXT": 12, "ERROR": 127,
     }  # fmt: skip
     assert {d.name: d.value for d in WireDtype} == {
         "NONE": 0, "FLOAT32": 1, "FLOAT16": 2, "BFLOAT16": 3, "QINT8": 0x10, "JSON": 0x20,
@@ -277,7 +280,7 @@ CRAFTED = [
     ("bad_version", raw_frame(version=2)),
     ("bad_version", raw_frame(version=0)),
     ("unknown_type", raw_frame(mtype=0)),
-    ("unknown_type", raw_frame(mtype=11)),
+    ("unknown_type", raw_frame(mtype=13)),
     ("bad_dtype", raw_frame(dtype=0x07)),
     ("bad_dtype", raw_frame(dtype=0x12)),  # reserved for packed INT4
     ("bad_dtype", json_frame(5, {"a": 1})),  # FORWARD must carry a tensor

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from lambdasplit.cli import chat, demo, generate, serve, verify
+from lambdasplit.cli import bench, chat, demo, generate, serve, verify
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("generate")(generate.generate)
 app.command("verify")(verify.verify)
 app.command("chat")(chat.chat)
 app.command("serve")(serve.serve_command)
+app.add_typer(bench.app, name="bench")
 
 
 def run() -> None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 
@@ -34,6 +35,17 @@ def serve_command(
     max_context: Annotated[int, typer.Option(help="Positions per session's KV cache.")] = _d.max_context,
     idle_ttl: Annotated[float, typer.Option(help="Seconds before an unused session is freed.")] = _d.idle_ttl,
     max_frame_bytes: Annotated[int, typer.Option(help="Largest frame accepted.")] = _d.max_frame_bytes,
+    cloud_only: Annotated[
+        bool,
+        typer.Option(
+            "--cloud-only",
+            help="Baseline mode: hold the whole model and answer prompts sent as text (the server sees them). "
+            "--layers is ignored; split clients are refused.",
+        ),
+    ] = False,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for compute (default: torch's, one per core).")
+    ] = None,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -53,14 +65,25 @@ def serve_command(
         max_frame_bytes=max_frame_bytes,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        cloud_only=cloud_only,
     )
+    if threads is not None:
+        torch.set_num_threads(threads)
     if host not in ("127.0.0.1", "localhost", "::1") and not (tokens and tls_cert):
         _err.print("[yellow]warning[/]: serving beyond loopback without TLS and a token exposes hidden states")
-    with _err.status(f"loading the body of {model} (layers {layers})"):
-        split = load_split(model, layers, parts=["body"], device=device, dtype=dtype)
-    p, rt = split.points, split.runtime
+    if cloud_only:
+        with _err.status(f"loading all of {model} (cloud-only: prompts arrive as text)"):
+            split = load_split(model, "0:", device=device, dtype=dtype)
+        what = f"whole model, {sum(split.parameter_count(r) for r in ('head', 'body', 'tail')):,} parameters"
+    else:
+        with _err.status(f"loading the body of {model} (layers {layers})"):
+            split = load_split(model, layers, parts=["body"], device=device, dtype=dtype)
+        p = split.points
+        what = f"body: layers [{p.head_layers}, {p.body_end}) of {p.num_layers}"
+        what += f" · {split.parameter_count('body'):,} parameters"
+    rt = split.runtime
     _err.print(
-        f"body: layers [{p.head_layers}, {p.body_end}) of {p.num_layers} · {split.parameter_count('body'):,} parameters"
-        f" · {rt.device} {str(rt.dtype).removeprefix('torch.')} · fingerprint {split.fingerprint}"
+        f"{what} · {rt.device} {str(rt.dtype).removeprefix('torch.')} · {torch.get_num_threads()} threads"
+        f" · fingerprint {split.fingerprint}"
     )
     serve(split, settings, on_ready=lambda url: print(f"{READY}{url}", flush=True))

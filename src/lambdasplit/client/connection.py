@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -49,6 +50,16 @@ class SocketBytes:
 
     def __sub__(self, other: SocketBytes) -> SocketBytes:
         return SocketBytes(self.sent - other.sent, self.received - other.received)
+
+
+@dataclass(frozen=True)
+class CloudText:
+    """A cloud-only server's answer to GENERATE."""
+
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    finish_reason: str
 
 
 class CloudClient:
@@ -154,6 +165,26 @@ class CloudClient:
         opened = self.request(Frame.json(MessageType.OPEN, {}))
         return RemoteBodyLink(self, opened.session, WireDtype.parse(wire_dtype))
 
+    def generate_text(
+        self, prompt: str | list[dict[str, str]], *, chat: bool = False, system: str | None = None, **sampling: Any
+    ) -> CloudText:
+        """Cloud-only baseline (``serve --cloud-only``): send the prompt as text, get the generated text back.
+
+        ``sampling`` are ``SamplingParams`` fields. Here the server sees the prompt and the answer in full.
+        """
+        if "stop" in sampling:
+            sampling["stop"] = list(sampling["stop"] or ())
+        body = {"prompt": prompt, "chat": chat, "system": system, **sampling}
+        reply = self.request(Frame.json(MessageType.GENERATE, body)).json_body()
+        return CloudText(
+            str(reply["text"]), int(reply["new_tokens"]), int(reply["prompt_tokens"]), str(reply["finish_reason"])
+        )
+
+    @property
+    def mode(self) -> str:
+        """``"split"`` (a body server) or ``"cloud-only"`` (a whole-model server answering GENERATE)."""
+        return str(self.welcome.get("mode", "split"))
+
     def ping(self) -> None:
         self.request(Frame(MessageType.PING))
 
@@ -204,6 +235,7 @@ class RemoteBodyLink:
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
         """(1, T, D) at ``position`` -> (1, T, D), through the server's body and its KV cache for this session."""
         flags = FrameFlags.RESET if reset else FrameFlags(0)
+        start = time.perf_counter()
         frame = tensor_frame(MessageType.FORWARD, hidden[0], self.wire_dtype, self.session, position, flags=flags)
         data = encode_frame(frame)
         raw = self.client.roundtrip(data)
@@ -214,7 +246,8 @@ class RemoteBodyLink:
                 f"got {reply.type.name} for session {reply.session} at {reply.position}"
             )
         out = frame_tensor(reply, dtype=hidden.dtype, device=hidden.device)
-        self.traffic.add(len(data), len(raw), len(frame.payload), len(reply.payload))
+        seconds = time.perf_counter() - start  # encoding, the round trip and decoding: all of it the link's cost
+        self.traffic.add(len(data), len(raw), len(frame.payload), len(reply.payload), seconds)
         self.last_sent, self.last_received = data, raw
         return out.unsqueeze(0)
 

@@ -7,6 +7,7 @@ import os
 import torch
 
 from lambdasplit.client.connection import CloudClient
+from lambdasplit.errors import ConfigError
 from lambdasplit.models.checkpoint import Checkpoint
 from lambdasplit.models.registry import DEFAULT_MODEL
 from lambdasplit.models.resolve import resolve_checkpoint
@@ -32,6 +33,11 @@ def connect_device(
     fingerprint = Checkpoint(resolve_checkpoint(model, quiet=quiet)).fingerprint()
     client = CloudClient(url, token=token, fingerprint=fingerprint, timeout=timeout, ca_file=ca_file)
     try:
+        if client.mode != "split":
+            raise ConfigError(
+                f"{url} is a {client.mode} server: it takes text (GENERATE), not hidden states; "
+                "start it without --cloud-only for split inference"
+            )
         split = load_split(model, client.layers, parts=["head", "tail"], device=device, dtype=dtype, quiet=quiet)
     except BaseException:
         client.close()

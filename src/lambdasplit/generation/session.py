@@ -11,6 +11,7 @@ baseline: every step re-runs and resends the whole sequence, O(L^2*D).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,8 +36,12 @@ class Traffic:
     up_payload_bytes: int = 0
     down_payload_bytes: int = 0
     messages: int = 0  # round trips
+    seconds: float = 0.0  # wall time waiting on the body: its compute plus, over a network, the transfer
 
-    def add(self, up: int, down: int, up_payload: int | None = None, down_payload: int | None = None) -> None:
+    def add(
+        self, up: int, down: int, up_payload: int | None = None, down_payload: int | None = None, seconds: float = 0.0
+    ) -> None:
+        self.seconds += seconds
         self.up_bytes += up
         self.down_bytes += down
         self.up_payload_bytes += up if up_payload is None else up_payload
@@ -77,8 +82,9 @@ class LocalBodyLink:
         cached = self.cache.get_seq_length() if self.cache is not None else position
         if position != cached and not reset:
             raise SessionError(f"body got position {position} but its cache holds {cached} positions")
+        start = time.perf_counter()
         out = self.body(hidden, self.cache)
-        self.traffic.add(tensor_bytes(hidden), tensor_bytes(out))
+        self.traffic.add(tensor_bytes(hidden), tensor_bytes(out), seconds=time.perf_counter() - start)
         return out
 
     def close(self) -> None:

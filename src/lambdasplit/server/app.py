@@ -12,6 +12,9 @@ Protocol (frames in docs/wire-format.md, conversation in docs/protocol.md):
     CLOSE                   ->
                             <-     CLOSED
 
+A cloud-only server (``serve --cloud-only``, the baseline of the benchmarks) holds the whole model and
+answers ``GENERATE {prompt, sampling}`` with ``TEXT {text, ...}`` instead of opening body sessions.
+
 Every refusal is an ERROR frame ``{"code", "message"}`` with a stable code; the connection keeps
 serving afterwards, except after ``unauthorized`` (refused at the handshake) and ``model_mismatch``.
 """
@@ -25,7 +28,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +40,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError, FrameError, SessionError
+from lambdasplit.errors import ConfigError, FrameError, LambdaSplitError, SessionError
+from lambdasplit.generation import SamplingParams, TokenEvent, stream
 from lambdasplit.server.sessions import BodySession, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
@@ -70,6 +74,8 @@ class BodyServer:
     def __init__(self, split: SplitModel, settings: ServerSettings) -> None:
         if split.body is None:
             raise ConfigError("the body server needs a SplitModel loaded with parts=['body']")
+        if settings.cloud_only and (split.head is None or split.tail is None or split.tokenizer is None):
+            raise ConfigError("a cloud-only server needs all three parts and the tokenizer (load_split(model, '0:'))")
         self.split, self.settings, self.body = split, settings, split.body
         self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
         self.limits = settings.frame_limits
@@ -79,6 +85,7 @@ class BodyServer:
         self.started = time.time()
         self.compute_seconds = 0.0  # time in body forwards, for the latency breakdown
         counted = ("connections", "sessions_opened", "forward_frames", "positions", "bytes_in", "bytes_out")
+        counted += ("generations", "generated_tokens") if settings.cloud_only else ()
         self.counters: Counter[str] = Counter(dict.fromkeys(counted, 0))
         self.errors: Counter[str] = Counter()
         self.app = Starlette(
@@ -96,6 +103,7 @@ class BodyServer:
         return {
             "protocol": PROTOCOL,
             "server": f"lambdasplit/{__version__}",
+            "mode": "cloud-only" if self.settings.cloud_only else "split",
             "model": self.split.name,
             "fingerprint": self.split.fingerprint,
             "num_layers": p.num_layers,
@@ -195,7 +203,11 @@ class BodyServer:
         t = frame.type
         if t is MessageType.HELLO:
             return self._hello(frame)
+        if t is MessageType.GENERATE:
+            return await self._generate(frame)
         if t is MessageType.OPEN:
+            if self.settings.cloud_only:
+                raise Refusal("wrong_mode", "this is a cloud-only server: send GENERATE with text, not body sessions")
             session = self.store.open(conn)
             self.counters["sessions_opened"] += 1
             return Frame.json(
@@ -258,6 +270,46 @@ class BodyServer:
         self.counters["forward_frames"] += 1
         self.counters["positions"] += rows
         return tensor_frame(MessageType.RESULT, out, frame.dtype, sid, pos)
+
+    async def _generate(self, frame: Frame) -> Frame:
+        """The cloud-only baseline: the prompt arrives as text, the whole model runs here, text goes back."""
+        if not self.settings.cloud_only:
+            raise Refusal("wrong_mode", "this server runs a body for split clients; GENERATE needs --cloud-only")
+        request = frame.json_body()
+        prompt = request.pop("prompt", None)
+        chat, system = request.pop("chat", False), request.pop("system", None)
+        valid_prompt = isinstance(prompt, str) or (
+            isinstance(prompt, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt)
+        )
+        if not valid_prompt or not isinstance(chat, bool) or not isinstance(system, str | None):
+            raise Refusal("bad_request", "GENERATE needs a text or chat-message 'prompt', a boolean 'chat', a 'system'")
+        try:
+            params = SamplingParams(**request)
+            run = stream(self.split, prompt, chat=chat, system=system, params=params)
+        except (TypeError, ValueError, LambdaSplitError) as exc:
+            raise Refusal("bad_request", f"bad GENERATE request: {exc}") from exc
+        if len(run.prompt_ids) + params.max_new_tokens > self.settings.max_context:
+            raise Refusal(
+                "context_full",
+                f"{len(run.prompt_ids)} prompt + {params.max_new_tokens} new tokens exceed max context "
+                f"{self.settings.max_context}",
+            )
+        # One token per executor call, so body sessions of other clients interleave with a long generation.
+        tokens, loop = iter(run), asyncio.get_running_loop()
+        while await loop.run_in_executor(self.executor, self._timed_next, tokens):
+            pass
+        assert run.result is not None
+        self.counters["generations"] += 1
+        self.counters["generated_tokens"] += run.result.new_tokens
+        r = run.result
+        answer = {"text": r.text, "new_tokens": r.new_tokens, "prompt_tokens": r.prompt_tokens}
+        return Frame.json(MessageType.TEXT, answer | {"finish_reason": r.finish_reason})
+
+    def _timed_next(self, tokens: Iterator[TokenEvent]) -> bool:
+        start = time.perf_counter()
+        more = next(tokens, None) is not None
+        self.compute_seconds += time.perf_counter() - start
+        return more
 
     def _run(self, s: BodySession, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
         """On the compute thread: align the session's cache to ``position``, then run the body. (T, D) -> (T, D)."""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from lambdasplit.errors import LambdaSplitError
@@ -18,17 +18,24 @@ from lambdasplit.server.run import READY
 
 @contextmanager
 def body_server_process(
-    args: Sequence[str], *, token: str | None = None, timeout: float = 180.0, env: dict[str, str] | None = None
+    args: Sequence[str],
+    *,
+    token: str | None = None,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> Iterator[str]:
     """Yield the URL of ``lambdasplit serve --port 0 ARGS`` once it listens; stop it (SIGINT, then kill) after.
 
+    ``wrap`` rewrites the command line, e.g. to run it in another network namespace (the benchmark's links).
     The token travels in the child's environment, not its command line, where `ps` would show it.
     """
     child_env = {**os.environ, **(env or {})}
     if token is not None:
         child_env["LAMBDASPLIT_TOKEN"] = token
+    command = [sys.executable, "-c", "from lambdasplit.cli import main; main()", "serve", "--port", "0", *args]
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from lambdasplit.cli import main; main()", "serve", "--port", "0", *args],
+        wrap(command) if wrap else command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

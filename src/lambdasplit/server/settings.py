@@ -26,6 +26,9 @@ class ServerSettings:
     )
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Serve whole generations from text (GENERATE) instead of body sessions: the cloud-only baseline,
+    #: where the server sees the prompt and the answer. Split clients are refused by such a server.
+    cloud_only: bool = False
 
     def __post_init__(self) -> None:
         checks = {

@@ -63,6 +63,8 @@ class MessageType(IntEnum):
     CLOSED = 8  # server -> client, no payload or JSON
     PING = 9  # either way, no payload
     PONG = 10  # either way, no payload
+    GENERATE = 11  # client -> server, JSON: a whole generation from text (cloud-only servers; the baseline)
+    TEXT = 12  # server -> client, JSON: the generated text, answer to GENERATE
     ERROR = 127  # server -> client, JSON {"code": str, "message": str}
 
 
@@ -90,6 +92,8 @@ _ALLOWED_DTYPES = {
     MessageType.CLOSED: _NONE_OR_JSON,
     MessageType.PING: frozenset({WireDtype.NONE}),
     MessageType.PONG: frozenset({WireDtype.NONE}),
+    MessageType.GENERATE: _JSON,
+    MessageType.TEXT: _JSON,
     MessageType.ERROR: _JSON,
 }
 

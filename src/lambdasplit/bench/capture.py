@@ -1,0 +1,160 @@
+"""Traffic counted outside the program: the server's socket (``ss``) and packets on the wire (tcpdump).
+
+The device's own socket is read with ``TCP_INFO`` by the client (``CloudClient.socket_bytes``). Here:
+
+- ``server_socket_bytes``: the same kernel counters for the server's end of the connection, read with
+  ``ss`` from outside the server process (inside its network namespace when it has one);
+- ``capture`` + ``pcap_bytes``: a tcpdump capture on the device's interface, the paper's method, summed
+  as IP-level bytes (IP and TCP headers, pure ACKs and retransmissions included, link-layer header not).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lambdasplit.errors import ConfigError
+
+
+def _in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
+def server_socket_bytes(port: int, netns: str | None = None) -> tuple[int, int] | None:
+    """(sent, received) TCP payload bytes of established sockets whose local port is ``port``.
+
+    ``sent`` counts acknowledged bytes, like the client's count (for the passive side, the kernel's
+    ``bytes_acked`` does not include the SYN). None if ``ss`` is missing or shows no such socket.
+    """
+    if shutil.which("ss") is None:
+        return None
+    argv = _in_netns(netns, ["ss", "-tinH", "state", "established", f"( sport = :{port} )"])
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+    acked = [int(x) for x in re.findall(r"\bbytes_acked:(\d+)", out)]
+    received = [int(x) for x in re.findall(r"\bbytes_received:(\d+)", out)]
+    if not acked and not received:
+        return None
+    return sum(acked), sum(received)
+
+
+def capture_unavailable() -> str | None:
+    """Why a capture cannot run here, or None."""
+    if shutil.which("tcpdump") is None:
+        return "tcpdump is not installed (Debian: apt-get install tcpdump)"
+    if os.geteuid() != 0:
+        return "capturing packets needs root"
+    return None
+
+
+@contextmanager
+def capture(iface: str, port: int, path: Path) -> Iterator[Path]:
+    """Record TCP packets to or from ``port`` on ``iface`` into the pcap file ``path`` while the block runs."""
+    if reason := capture_unavailable():
+        raise ConfigError(reason)
+    argv = ["tcpdump", "-i", iface, "-w", str(path), "-U", "-n", "-s", "128", "--immediate-mode", f"tcp port {port}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    listening = threading.Event()
+    lines: list[str] = []
+
+    def read_stderr() -> None:
+        for line in proc.stderr or ():
+            lines.append(line)
+            if "listening on" in line:
+                listening.set()
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    if not listening.wait(15):
+        proc.kill()
+        raise ConfigError(f"tcpdump did not start on {iface}: {''.join(lines)[-500:]}")
+    try:
+        yield path
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True)
+class IpBytes:
+    """IP-level bytes and packets in a capture, by direction relative to the server's port."""
+
+    up: int  # to the server
+    down: int  # from the server
+    packets_up: int
+    packets_down: int
+
+
+_LINKTYPE_ETHERNET, _LINKTYPE_LINUX_SLL, _LINKTYPE_RAW = 1, 113, 101
+_ETHERTYPE_IPV4, _ETHERTYPE_IPV6, _ETHERTYPE_VLAN = 0x0800, 0x86DD, 0x8100
+
+
+def pcap_bytes(path: Path, server_port: int) -> IpBytes:
+    """Sum the IP packets of TCP segments to and from ``server_port`` in a classic pcap file.
+
+    Lengths come from the IP headers (the packets' own sizes), so a small snap length loses nothing.
+    """
+    data = path.read_bytes()
+    if len(data) < 24:
+        raise ConfigError(f"{path} is not a pcap file (too short)")
+    magic = data[:4]
+    endian = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">", b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}
+    if magic not in endian:
+        raise ConfigError(f"{path} is not a classic pcap file (magic {magic.hex()})")
+    e = endian[magic]
+    linktype = struct.unpack_from(f"{e}I", data, 20)[0]
+    up = down = packets_up = packets_down = 0
+    offset = 24
+    while offset + 16 <= len(data):
+        caplen = struct.unpack_from(f"{e}I", data, offset + 8)[0]
+        packet = data[offset + 16 : offset + 16 + caplen]
+        offset += 16 + caplen
+        parsed = _ip_packet(packet, linktype)
+        if parsed is None:
+            continue
+        size, sport, dport = parsed
+        if dport == server_port:
+            up, packets_up = up + size, packets_up + 1
+        elif sport == server_port:
+            down, packets_down = down + size, packets_down + 1
+    return IpBytes(up, down, packets_up, packets_down)
+
+
+def _ip_packet(packet: bytes, linktype: int) -> tuple[int, int, int] | None:
+    """(IP packet length, TCP source port, TCP destination port), or None for anything else."""
+    if linktype == _LINKTYPE_ETHERNET:
+        if len(packet) < 14:
+            return None
+        ethertype, start = struct.unpack_from("!H", packet, 12)[0], 14
+        if ethertype == _ETHERTYPE_VLAN and len(packet) >= 18:
+            ethertype, start = struct.unpack_from("!H", packet, 16)[0], 18
+    elif linktype == _LINKTYPE_LINUX_SLL:
+        if len(packet) < 16:
+            return None
+        ethertype, start = struct.unpack_from("!H", packet, 14)[0], 16
+    elif linktype == _LINKTYPE_RAW:
+        ethertype, start = (_ETHERTYPE_IPV4 if packet[:1] and packet[0] >> 4 == 4 else _ETHERTYPE_IPV6), 0
+    else:
+        raise ConfigError(f"pcap link type {linktype} is not supported (Ethernet, Linux SLL, raw IP are)")
+    ip = packet[start:]
+    if ethertype == _ETHERTYPE_IPV4 and len(ip) >= 20:
+        header, size, proto = (ip[0] & 0x0F) * 4, struct.unpack_from("!H", ip, 2)[0], ip[9]
+    elif ethertype == _ETHERTYPE_IPV6 and len(ip) >= 40:
+        header, size, proto = 40, 40 + struct.unpack_from("!H", ip, 4)[0], ip[6]
+    else:
+        return None
+    if proto != 6 or len(ip) < header + 4:  # TCP only (IPv6 extension headers are not followed)
+        return None
+    sport, dport = struct.unpack_from("!HH", ip, header)
+    return size, sport, dport

@@ -1,0 +1,109 @@
+"""``lambdasplit bench``: measured benchmarks. ``bench llm`` is the paper's Table I for your model and links."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lambdasplit.bench.links import parse_link
+from lambdasplit.bench.llm import METHODS, PAPER_PROMPT, TableConfig, run_table
+from lambdasplit.bench.report import caching_savings, markdown, plot, rich_tables, step_lines
+from lambdasplit.cli.options import DEFAULTS, Model
+from lambdasplit.errors import ConfigError
+
+app = typer.Typer(help="Measured benchmarks (traffic at the socket and on the wire, latency, tokens/s).")
+_out = Console(width=max(Console().width, 170))  # the table has the paper's 14 columns
+
+# Kept in step with lambdasplit.bench.links.LINKS by a test.
+_LINK_HELP = (
+    "Link to measure on (repeatable): loopback; gigabit (1000/1000 Mbit/s, 1 ms RTT); 5g (60 up/100 down "
+    "Mbit/s, 30 ms RTT); wireless (10/10 Mbit/s, 250 ms RTT); or UP/DOWN/RTT in Mbit/s, Mbit/s, ms "
+    "(e.g. 60/100/30). Emulated links need root (network namespaces, veth pairs, a packet delay line)."
+)
+
+
+@app.command("llm")
+def llm(
+    model: Model = DEFAULTS["model"],
+    prompt: Annotated[str, typer.Option(help="Prompt, sent as a chat message.")] = PAPER_PROMPT,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per row (EOS ignored).")] = 300,
+    link: Annotated[list[str] | None, typer.Option(help=_LINK_HELP, show_default="loopback")] = None,
+    local_layers: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Layers on the device per split row (repeatable), halved between head and tail.", show_default="2 8 16"
+        ),
+    ] = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help=f"Rows to run (repeatable): {', '.join(METHODS)}.", show_default="all")
+    ] = None,
+    wire_dtype: Annotated[str, typer.Option(help="Hidden-state dtype on the wire.")] = "float16",
+    device_threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads of the device (this process), e.g. 1 for a weak device.")
+    ] = None,
+    cloud_threads: Annotated[int | None, typer.Option(min=1, help="CPU threads of the server process.")] = None,
+    capture: Annotated[
+        Path | None, typer.Option(help="Record a pcap per row into this folder (tcpdump, root) and report IP bytes.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure to this JSON file.")] = None,
+    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write the tables as markdown.")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Draw latency and tokens/s to this PNG.")] = None,
+) -> None:
+    """The paper's Table I, measured: cloud-only, Λ-Split without and with caching, local-only.
+
+    Every split row runs against a real `lambdasplit serve` subprocess; on an emulated link that server
+    sits in its own network namespace, reached through a delay line that paces and delays every packet at the
+    link's rates and round-trip time; all of it made and removed here.
+    """
+    links = [parse_link(x) for x in (link or ["loopback"])]
+    config = TableConfig(
+        model=model,
+        prompt=prompt,
+        new_tokens=new_tokens,
+        local_layers=tuple(local_layers or (2, 8, 16)),
+        methods=tuple(method or METHODS),
+        wire_dtype=wire_dtype,
+        device_threads=device_threads,
+        cloud_threads=cloud_threads,
+        capture_dir=capture,
+    )
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("--plot needs matplotlib: pip install 'lambdasplit[bench]'") from exc
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_out, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(link_name: str, label: str, done: int, total: int) -> None:
+            key = f"{link_name} · {label}"
+            if key not in tasks:
+                tasks[key] = bar.add_task(key, total=total)
+            bar.update(tasks[key], completed=done)
+
+        result = run_table(config, links, progress)
+    for table in rich_tables(result):
+        _out.print(table)
+    for line in [*step_lines(result), *caching_savings(result)]:
+        _out.print(line)
+    for name, reason in result.skipped.items():
+        _out.print(f"[yellow]skipped link {name}[/]: {reason}")
+    m = result.machine
+    _out.print(
+        f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}; device threads {m['device_threads']}, "
+        f"cloud threads {m['cloud_threads']}; wire {config.wire_dtype}"
+    )
+    if json_path:
+        result.write_json(json_path)
+        _out.print(f"wrote {json_path}")
+    if markdown_path:
+        markdown_path.write_text(markdown(result))
+        _out.print(f"wrote {markdown_path}")
+    if plot_path:
+        plot(result, plot_path)
+        _out.print(f"wrote {plot_path}")
