@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import threading
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lambdasplit.errors import ConfigError
+from lambdasplit.server.process import stop_process
 
 
 def _in_netns(netns: str | None, argv: list[str]) -> list[str]:
@@ -78,12 +78,7 @@ def capture(iface: str, port: int, path: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # SIGINT: tcpdump flushes the file and exits
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from lambdasplit.bench.delayline import READY
 from lambdasplit.errors import ConfigError
+from lambdasplit.server.process import stop_process
 
 _PREFIX = "lsplit"
 _counter = itertools.count(1)
@@ -189,12 +191,8 @@ def open_link(link: Link, *, _probe: bool = False) -> Iterator[LinkEndpoints]:
             raise ConfigError(f"the link's delay line did not start: {err.strip()[-500:]}")
         yield LinkEndpoints(link, cloud_ip, dev, cloud_ns)
     finally:
-        if relay is not None and relay.poll() is None:
-            relay.terminate()
-            try:
-                relay.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                relay.kill()
+        if relay is not None:
+            stop_process(relay, signal.SIGTERM, timeout=5)
         for ns in (cloud_ns, relay_ns):  # deleting a namespace deletes the veth ends inside it, and their peers
             with contextlib.suppress(ConfigError, subprocess.TimeoutExpired):
                 _run("ip", "netns", "del", ns)

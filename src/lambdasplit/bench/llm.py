@@ -36,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from lambdasplit.bench.capture import IpBytes, capture, capture_unavailable, pcap_bytes, server_socket_bytes
+from lambdasplit.bench.cpulimit import CpuLimit
 from lambdasplit.bench.links import Link, LinkEndpoints, netns_unavailable, open_link
 from lambdasplit.client import CloudClient, SocketBytes, connect_device
 from lambdasplit.config import SplitPoints
@@ -72,6 +73,8 @@ class TableConfig:
     wire_dtype: str = "float16"
     #: CPU threads of this (device) process, to emulate a weaker device; None keeps torch's default.
     device_threads: int | None = None
+    #: CPU time of this (device) process while it generates, in CPUs (e.g. 0.25), via a cgroup quota.
+    device_cpus: float | None = None
     #: CPU threads of the server process; None keeps torch's default.
     cloud_threads: int | None = None
     #: Record a pcap per row here (needs tcpdump and root).
@@ -86,6 +89,8 @@ class TableConfig:
         for n in (self.device_threads, self.cloud_threads):
             if n is not None and n < 1:
                 raise ConfigError(f"thread counts must be >= 1, got {n}")
+        if self.device_cpus is not None and not self.device_cpus > 0:
+            raise ConfigError(f"device_cpus must be > 0, got {self.device_cpus}")
 
 
 @dataclass
@@ -168,6 +173,7 @@ def machine_info(config: TableConfig) -> dict[str, Any]:
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "device_threads": torch.get_num_threads(),
+        "device_cpus": config.device_cpus or "not limited",
         "cloud_threads": config.cloud_threads or "torch default",
     }
 
@@ -181,6 +187,11 @@ def run_table(config: TableConfig, links: list[Link], progress: Progress | None 
     if config.device_threads is not None:
         torch.set_num_threads(config.device_threads)
     report = progress or (lambda *_: None)
+    with CpuLimit(config.device_cpus) if config.device_cpus else nullcontext() as limit:
+        return _run_table(config, links, report, limit)
+
+
+def _run_table(config: TableConfig, links: list[Link], report: Progress, limit: CpuLimit | None) -> TableResult:
     result = TableResult(config, links, machine=machine_info(config))
     path = resolve_checkpoint(config.model, quiet=True)
     num_layers = int(Checkpoint(path).config.num_hidden_layers)
@@ -191,14 +202,14 @@ def run_table(config: TableConfig, links: list[Link], progress: Progress | None 
     local_text: str | None = None
     if "local-only" in config.methods:
         # Local-only does not depend on the link: measured once, listed under every link.
-        local_row = _local_only(config, path, tokenizer, report)
+        local_row = _local_only(config, path, tokenizer, report, limit)
         local_text = local_row.text
     for link in links:
         if link.emulated and (reason := netns_unavailable()):
             result.skipped[link.name] = reason  # said, not faked
             continue
         with open_link(link) as ends:
-            rows = _link_rows(config, ends, ratios, report)
+            rows = _link_rows(config, ends, ratios, report, limit)
         if "local-only" in config.methods:
             rows.append(Row(**{**asdict(local_row), "link": link.name}))
         for row in rows:
@@ -213,12 +224,15 @@ def _params(config: TableConfig) -> SamplingParams:
     return SamplingParams(max_new_tokens=config.new_tokens, ignore_eos=True)
 
 
-def _local_only(config: TableConfig, path: Path, tokenizer: PreTrainedTokenizerBase, report: Progress) -> Row:
+def _local_only(
+    config: TableConfig, path: Path, tokenizer: PreTrainedTokenizerBase, report: Progress, limit: CpuLimit | None
+) -> Row:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = encode_prompt(tokenizer, config.prompt, chat=True)
     row = Row("", "local-only", f"{model.config.num_hidden_layers}:0", None, _SENT["local-only"])
     run = Generation(ModelDecoder(model), ids, _params(config), tokenizer=tokenizer)
-    _drive(run, row, "all", report)
+    with limit.applied() if limit else nullcontext():
+        _drive(run, row, "all", report)
     assert run.result is not None
     row.local_s = row.total_s = run.result.seconds
     return row
@@ -239,7 +253,9 @@ def _drive(
     row.text = run.result.text
 
 
-def _link_rows(config: TableConfig, ends: LinkEndpoints, ratios: list[SplitPoints], report: Progress) -> list[Row]:
+def _link_rows(
+    config: TableConfig, ends: LinkEndpoints, ratios: list[SplitPoints], report: Progress, limit: CpuLimit | None
+) -> list[Row]:
     rows: list[Row] = []
     split_methods = [m for m in ("no-cache", "cache") if m in config.methods]
     if "cloud-only" in config.methods:
@@ -251,7 +267,7 @@ def _link_rows(config: TableConfig, ends: LinkEndpoints, ratios: list[SplitPoint
             split, client = connect_device(server.url, config.model, token=server.token, quiet=True)
             with client:
                 for method in split_methods:
-                    rows.append(_split_row(config, server, split, client, method, report))
+                    rows.append(_split_row(config, server, split, client, method, report, limit))
     return rows
 
 
@@ -298,18 +314,23 @@ class _Meter:
     server_bytes: tuple[int, int] | None = None
     compute: float = 0.0
 
+    def _settle(self) -> None:
+        time.sleep(0.25 + self.server.ends.link.rtt_ms / 1e3)  # a delayed ACK (<= 200 ms) plus its crossing
+
     def start(self) -> None:
-        time.sleep(0.25)  # the device's delayed ACK of what came before, so the server's acked count is settled
+        self._settle()  # the device's delayed ACK of what came before, so the server's acked count is settled
         self.client_bytes = self.client.socket_bytes()
         self.server_bytes = self.server.socket_bytes()
         self.compute = self.server.compute_seconds()
 
     def stop(self, row: Row) -> None:
+        # The device's delayed ACK of the last answer must arrive, so the server's acked count is final; then
+        # both ends are read back to back (uvicorn's 20 s keep-alive pings would otherwise fall in between).
+        self._settle()
         after = self.client.socket_bytes()
         if after is not None and self.client_bytes is not None:
             d = after - self.client_bytes
             row.client_up, row.client_down = d.sent, d.received
-        time.sleep(0.25)  # the device's delayed ACK of the last answer, so the server's acked count is final
         server_after = self.server.socket_bytes()
         if server_after is not None and self.server_bytes is not None:
             row.server_down = server_after[0] - self.server_bytes[0]
@@ -348,7 +369,13 @@ def _cloud_only(config: TableConfig, server: _Server, report: Progress) -> Row:
 
 
 def _split_row(
-    config: TableConfig, server: _Server, split: SplitModel, client: CloudClient, method: str, report: Progress
+    config: TableConfig,
+    server: _Server,
+    split: SplitModel,
+    client: CloudClient,
+    method: str,
+    report: Progress,
+    limit: CpuLimit | None,
 ) -> Row:
     x, y = client.layers
     n = split.points.num_layers
@@ -365,7 +392,8 @@ def _split_row(
                 step["traffic"] = (link.traffic.up_payload_bytes, link.traffic.messages)
             step["end"] = client.socket_bytes()
 
-        _drive(run, row, row.link, report, count)
+        with limit.applied() if limit else nullcontext():
+            _drive(run, row, row.link, report, count)
     assert run.result is not None
     t = run.result.traffic
     row.frame_up, row.frame_down = t.up_bytes, t.down_bytes

@@ -11,6 +11,7 @@ from lambdasplit.bench.llm import Row, TableResult
 from lambdasplit.errors import ConfigError
 
 MB = 1e6  # the paper's MB
+_SHORT = {"cloud-only": "cloud-only", "no-cache": "no cache", "cache": "cache", "local-only": "local-only"}
 
 
 def _mb(n: int | None) -> str:
@@ -100,11 +101,18 @@ def step_lines(result: TableResult) -> list[str]:
         if row.method != "cache" or row.step_payload is None or row.step_client_up is None:
             continue
         down = row.step_client_down or 0.0
-        lines.append(
+        line = (
             f"{row.link} {row.ratio}: per decode step {row.step_client_up:.0f} B up / {down:.0f} B down at the socket "
             f"for a {row.step_payload:.0f} B {result.config.wire_dtype} hidden state "
             f"(+{100 * (row.step_client_up / row.step_payload - 1):.1f}% / +{100 * (down / row.step_payload - 1):.1f}%)"
         )
+        if row.pcap_up and row.pcap_down and row.client_up and row.client_down:
+            up_pct, down_pct = 100 * (row.pcap_up / row.client_up - 1), 100 * (row.pcap_down / row.client_down - 1)
+            line += (
+                f"; in the pcap the whole request is {row.pcap_up:,} B up / {row.pcap_down:,} B down at IP level, "
+                f"+{up_pct:.1f}% / +{down_pct:.1f}% over the socket (IP and TCP headers, ACKs)"
+            )
+        lines.append(line)
     return lines
 
 
@@ -148,7 +156,7 @@ def plot(result: TableResult, path: Path) -> None:
     groups = list(_by_link(result))
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False)
     for (name, rows), (ax_lat, ax_tps) in zip(groups, axes, strict=True):
-        labels = [f"{r.label}\n{r.ratio}" for r in rows]
+        labels = [f"{_SHORT[r.method]}\n{r.ratio}" for r in rows]
         x = range(len(rows))
         bottom = [0.0] * len(rows)
         for part, color in (("communication_s", "#d62728"), ("local_s", "#1f77b4"), ("cloud_s", "#2ca02c")):

@@ -45,6 +45,10 @@ def llm(
     device_threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads of the device (this process), e.g. 1 for a weak device.")
     ] = None,
+    device_cpus: Annotated[
+        float | None,
+        typer.Option(help="Cap the device's CPU time while it generates, in CPUs (e.g. 0.25; a cgroup quota, root)."),
+    ] = None,
     cloud_threads: Annotated[int | None, typer.Option(min=1, help="CPU threads of the server process.")] = None,
     capture: Annotated[
         Path | None, typer.Option(help="Record a pcap per row into this folder (tcpdump, root) and report IP bytes.")
@@ -68,6 +72,7 @@ def llm(
         methods=tuple(method or METHODS),
         wire_dtype=wire_dtype,
         device_threads=device_threads,
+        device_cpus=device_cpus,
         cloud_threads=cloud_threads,
         capture_dir=capture,
     )
@@ -96,7 +101,7 @@ def llm(
     m = result.machine
     _out.print(
         f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}; device threads {m['device_threads']}, "
-        f"cloud threads {m['cloud_threads']}; wire {config.wire_dtype}"
+        f"device CPU quota {m['device_cpus']}, cloud threads {m['cloud_threads']}; wire {config.wire_dtype}"
     )
     if json_path:
         result.write_json(json_path)
