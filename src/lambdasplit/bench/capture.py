@@ -32,18 +32,20 @@ def _in_netns(netns: str | None, argv: list[str]) -> list[str]:
 def server_socket_bytes(port: int, netns: str | None = None) -> tuple[int, int] | None:
     """(sent, received) TCP payload bytes of established sockets whose local port is ``port``.
 
-    ``sent`` counts acknowledged bytes, like the client's count (for the passive side, the kernel's
-    ``bytes_acked`` does not include the SYN). None if ``ss`` is missing or shows no such socket.
+    ``sent`` counts acknowledged bytes, like the client's count. Only the side that opened the connection
+    has its SYN in ``bytes_acked`` (the client subtracts it); the server's SYN-ACK is not counted, so
+    nothing is subtracted here. ``ss`` leaves out counters that are zero, so a listed socket without them
+    counts (0, 0). None if ``ss`` is missing or shows no such socket.
     """
     if shutil.which("ss") is None:
         return None
     argv = _in_netns(netns, ["ss", "-tinH", "state", "established", f"( sport = :{port} )"])
     out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
-    acked = [int(x) for x in re.findall(r"\bbytes_acked:(\d+)", out)]
-    received = [int(x) for x in re.findall(r"\bbytes_received:(\d+)", out)]
-    if not acked and not received:
+    if not out.strip():
         return None
-    return sum(acked), sum(received)
+    acked = sum(int(x) for x in re.findall(r"\bbytes_acked:(\d+)", out))
+    received = sum(int(x) for x in re.findall(r"\bbytes_received:(\d+)", out))
+    return acked, received
 
 
 def capture_unavailable() -> str | None:
@@ -62,19 +64,20 @@ def capture(iface: str, port: int, path: Path) -> Iterator[Path]:
         raise ConfigError(reason)
     argv = ["tcpdump", "-i", iface, "-w", str(path), "-U", "-n", "-s", "128", "--immediate-mode", f"tcp port {port}"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    listening = threading.Event()
+    answered = threading.Event()  # tcpdump said it listens, or its stderr ended (it exited)
     lines: list[str] = []
 
     def read_stderr() -> None:
         for line in proc.stderr or ():
             lines.append(line)
             if "listening on" in line:
-                listening.set()
+                answered.set()
+        answered.set()
 
     threading.Thread(target=read_stderr, daemon=True).start()
-    if not listening.wait(15):
-        proc.kill()
-        raise ConfigError(f"tcpdump did not start on {iface}: {''.join(lines)[-500:]}")
+    if not answered.wait(15) or not any("listening on" in line for line in lines):
+        stop_process(proc, timeout=2)
+        raise ConfigError(f"tcpdump did not start on {iface}: {''.join(lines).strip()[-500:] or 'no answer in 15 s'}")
     try:
         yield path
     finally:
@@ -91,7 +94,8 @@ class IpBytes:
     packets_down: int
 
 
-_LINKTYPE_ETHERNET, _LINKTYPE_LINUX_SLL, _LINKTYPE_RAW = 1, 113, 101
+_LINKTYPE_ETHERNET, _LINKTYPE_LINUX_SLL, _LINKTYPE_RAW, _LINKTYPE_LINUX_SLL2 = 1, 113, 101, 276
+_LINKTYPES = (_LINKTYPE_ETHERNET, _LINKTYPE_LINUX_SLL, _LINKTYPE_RAW, _LINKTYPE_LINUX_SLL2)
 _ETHERTYPE_IPV4, _ETHERTYPE_IPV6, _ETHERTYPE_VLAN = 0x0800, 0x86DD, 0x8100
 
 
@@ -109,6 +113,8 @@ def pcap_bytes(path: Path, server_port: int) -> IpBytes:
         raise ConfigError(f"{path} is not a classic pcap file (magic {magic.hex()})")
     e = endian[magic]
     linktype = struct.unpack_from(f"{e}I", data, 20)[0]
+    if linktype not in _LINKTYPES:
+        raise ConfigError(f"pcap link type {linktype} is not supported (Ethernet, Linux SLL and SLL2, raw IP are)")
     up = down = packets_up = packets_down = 0
     offset = 24
     while offset + 16 <= len(data):
@@ -138,10 +144,14 @@ def _ip_packet(packet: bytes, linktype: int) -> tuple[int, int, int] | None:
         if len(packet) < 16:
             return None
         ethertype, start = struct.unpack_from("!H", packet, 14)[0], 16
+    elif linktype == _LINKTYPE_LINUX_SLL2:  # what ``tcpdump -i any`` writes
+        if len(packet) < 20:
+            return None
+        ethertype, start = struct.unpack_from("!H", packet, 0)[0], 20
     elif linktype == _LINKTYPE_RAW:
         ethertype, start = (_ETHERTYPE_IPV4 if packet[:1] and packet[0] >> 4 == 4 else _ETHERTYPE_IPV6), 0
     else:
-        raise ConfigError(f"pcap link type {linktype} is not supported (Ethernet, Linux SLL, raw IP are)")
+        return None
     ip = packet[start:]
     if ethertype == _ETHERTYPE_IPV4 and len(ip) >= 20:
         header, size, proto = (ip[0] & 0x0F) * 4, struct.unpack_from("!H", ip, 2)[0], ip[9]

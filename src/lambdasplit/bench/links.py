@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from lambdasplit.bench.delayline import READY
+from lambdasplit.bench import delayline
 from lambdasplit.errors import ConfigError
 from lambdasplit.server.process import stop_process
 
@@ -122,10 +122,38 @@ def cleanup_stale_links() -> int:
         m = re.fullmatch(rf"{_PREFIX}-(\d+)-\d+r?", name)
         if m is None or _alive(int(m[1])):
             continue
+        # Children of the dead benchmark (its server, its delay line) would keep the namespace and its
+        # interfaces alive after the name is gone.
+        with contextlib.suppress(ConfigError):
+            for pid in _run("ip", "netns", "pids", name).split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
         with contextlib.suppress(ConfigError):
             _run("ip", "netns", "del", name)
             removed += 1
     return removed
+
+
+_BLOCKS = 1 << 14  # the /30 blocks of 10.77.0.0/16
+
+
+def _free_subnet(pid: int, n: int) -> tuple[str, str]:
+    """(device, cloud) addresses of a /30 in 10.77.0.0/16 that no interface here uses yet.
+
+    Benchmarks and tests may hold links at the same time (each process counts its links from 1); two
+    interfaces with the same prefix would break both. The search starts at a point spread by pid.
+    """
+    used = {
+        (int(a) * 256 + int(b)) // 4
+        for a, b in re.findall(r"\binet 10\.77\.(\d+)\.(\d+)/", _run("ip", "-o", "-4", "addr", "show"))
+    }
+    start = (pid * 2654435761 + n) % _BLOCKS
+    for i in range(_BLOCKS):
+        block = (start + i) % _BLOCKS
+        if block not in used:
+            third, fourth = divmod(block * 4, 256)
+            return f"10.77.{third}.{fourth + 1}", f"10.77.{third}.{fourth + 2}"
+    raise ConfigError("no free /30 left in 10.77.0.0/16 for an emulated link")
 
 
 def _alive(pid: int) -> bool:
@@ -156,8 +184,7 @@ def open_link(link: Link, *, _probe: bool = False) -> Iterator[LinkEndpoints]:
     cloud_ns, relay_ns = f"{_PREFIX}-{pid}-{n}", f"{_PREFIX}-{pid}-{n}r"
     tag = f"{pid % 100000}x{n}"  # interface names are at most 15 characters
     dev, dev_peer, cloud_peer, cloud = f"lsd{tag}", f"lsdr{tag}", f"lscr{tag}", f"lsc{tag}"
-    subnet = f"10.77.{n % 250}"
-    device_ip, cloud_ip = f"{subnet}.1", f"{subnet}.2"
+    device_ip, cloud_ip = _free_subnet(pid, n)
     in_relay, in_cloud = ["ip", "netns", "exec", relay_ns], ["ip", "netns", "exec", cloud_ns]
     relay: subprocess.Popen[str] | None = None
     try:
@@ -180,12 +207,14 @@ def open_link(link: Link, *, _probe: bool = False) -> Iterator[LinkEndpoints]:
         half = link.rtt_ms / 2
         up, down = f"{link.up_mbit or 'none'}:{half:g}", f"{link.down_mbit or 'none'}:{half:g}"
         relay = subprocess.Popen(
-            [*in_relay, sys.executable, "-m", "lambdasplit.bench.delayline", dev_peer, cloud_peer,
+            # Run as a script, in isolated mode: ``-m`` would import the lambdasplit package (torch with it),
+            # seconds of start-up and hundreds of MB for a relay that needs only the standard library.
+            [*in_relay, sys.executable, "-I", delayline.__file__, dev_peer, cloud_peer,
              "--a-to-b", up, "--b-to-a", down],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         line = relay.stdout.readline() if relay.stdout else ""
-        if not line.startswith(READY):
+        if not line.startswith(delayline.READY):
             relay.kill()
             err = relay.stderr.read() if relay.stderr else ""
             raise ConfigError(f"the link's delay line did not start: {err.strip()[-500:]}")
@@ -197,5 +226,5 @@ def open_link(link: Link, *, _probe: bool = False) -> Iterator[LinkEndpoints]:
             with contextlib.suppress(ConfigError, subprocess.TimeoutExpired):
                 _run("ip", "netns", "del", ns)
         with contextlib.suppress(ConfigError, subprocess.TimeoutExpired):
-            if f" {dev}@" in _run("ip", "-o", "link", "show") or f" {dev}:" in _run("ip", "-o", "link", "show"):
+            if re.search(rf"^\d+: {dev}[@:]", _run("ip", "-o", "link", "show"), re.MULTILINE):
                 _run("ip", "link", "del", dev)
