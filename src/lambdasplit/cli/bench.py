@@ -15,7 +15,9 @@ from lambdasplit.bench.report import caching_savings, markdown, plot, rich_table
 from lambdasplit.cli.options import DEFAULTS, Model
 from lambdasplit.errors import ConfigError
 
-app = typer.Typer(help="Measured benchmarks (traffic at the socket and on the wire, latency, tokens/s).")
+app = typer.Typer(
+    help="Measured benchmarks (traffic at the socket and on the wire, latency, tokens/s).", rich_markup_mode="markdown"
+)
 _out = Console(width=max(Console().width, 170))  # the table has the paper's 14 columns
 
 # Kept in step with lambdasplit.bench.links.LINKS by a test.
@@ -43,7 +45,7 @@ def llm(
     ] = None,
     wire_dtype: Annotated[str, typer.Option(help="Hidden-state dtype on the wire.")] = "float16",
     device_threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads of the device (this process), e.g. 1 for a weak device.")
+        int | None, typer.Option(min=1, help="CPU threads of the device (this process); --device-cpus makes it weaker.")
     ] = None,
     device_cpus: Annotated[
         float | None,
@@ -59,9 +61,9 @@ def llm(
 ) -> None:
     """The paper's Table I, measured: cloud-only, Λ-Split without and with caching, local-only.
 
-    Every split row runs against a real `lambdasplit serve` subprocess; on an emulated link that server
-    sits in its own network namespace, reached through a delay line that paces and delays every packet at the
-    link's rates and round-trip time; all of it made and removed here.
+    Every split row runs against a real `lambdasplit serve` subprocess. On an emulated link the server
+    sits in its own network namespace, reached through a delay line that paces and delays every packet
+    at the link's rates and round-trip time; all of it is made and removed here.
     """
     links = [parse_link(x) for x in (link or ["loopback"])]
     config = TableConfig(
