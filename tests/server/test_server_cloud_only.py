@@ -40,6 +40,7 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(cloud_only) -> No
             ({"prompt": "x", "temperature": -1}, "bad_request"),
             ({"prompt": "x", "nonsense": 1}, "bad_request"),
             ({"prompt": [{"role": "user"}]}, "bad_request"),
+            ({"prompt": "x", "stop": [1]}, "bad_request"),
             ({"prompt": "x", "max_new_tokens": 500}, "context_full"),
         ]:
             with pytest.raises(RemoteError) as err:
@@ -49,6 +50,9 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(cloud_only) -> No
             client.open_session()
         assert err.value.code == "wrong_mode"
         assert client.generate_text("again", max_new_tokens=2, ignore_eos=True).new_tokens == 2
+        # A stop string given as a plain string is one stop string, not a list of characters.
+        reply = client.request(Frame.json(MessageType.GENERATE, {"prompt": "x", "stop": "zz", "max_new_tokens": 2}))
+        assert reply.type is MessageType.TEXT
 
 
 def test_split_clients_and_cloud_only_requests_do_not_mix(cloud_only, tiny_checkpoint) -> None:

@@ -283,8 +283,12 @@ class BodyServer:
         )
         if not valid_prompt or not isinstance(chat, bool) or not isinstance(system, str | None):
             raise Refusal("bad_request", "GENERATE needs a text or chat-message 'prompt', a boolean 'chat', a 'system'")
+        stop = request.pop("stop", None) or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, list | tuple) or not all(isinstance(x, str) for x in stop):
+            raise Refusal("bad_request", "GENERATE's 'stop' is a string or a list of strings")
         try:
-            params = SamplingParams(**request)
+            params = SamplingParams(**request, stop=tuple(stop))
             run = stream(self.split, prompt, chat=chat, system=system, params=params)
         except (TypeError, ValueError, LambdaSplitError) as exc:
             raise Refusal("bad_request", f"bad GENERATE request: {exc}") from exc
