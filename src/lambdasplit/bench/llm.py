@@ -41,7 +41,7 @@ from lambdasplit.bench.links import Link, LinkEndpoints, netns_unavailable, open
 from lambdasplit.client import CloudClient, SocketBytes, connect_device
 from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation import Generation, ModelDecoder, SamplingParams, stream
+from lambdasplit.generation import DRAFTERS, DraftLength, Generation, ModelDecoder, SamplingParams, make_drafter, stream
 from lambdasplit.generation.text import encode_prompt
 from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.models.checkpoint import Checkpoint
@@ -79,6 +79,12 @@ class TableConfig:
     cloud_threads: int | None = None
     #: Record a pcap per row here (needs tcpdump and root).
     capture_dir: Path | None = None
+    #: Drafters (``lookup``, ``self``): each adds a cached split row with speculative steps per ratio.
+    speculative: tuple[str, ...] = ()
+    #: Tokens drafted per step at first (then adapted).
+    draft_tokens: int = 4
+    #: Stop at the model's end-of-sequence token (the paper's L_out = 300 ignores it; copy tasks end by it).
+    stop_at_eos: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -91,6 +97,11 @@ class TableConfig:
                 raise ConfigError(f"thread counts must be >= 1, got {n}")
         if self.device_cpus is not None and not self.device_cpus > 0:
             raise ConfigError(f"device_cpus must be > 0, got {self.device_cpus}")
+        if bad := set(self.speculative) - set(DRAFTERS):
+            raise ConfigError(f"drafters must be among {', '.join(DRAFTERS)}; got {sorted(bad)}")
+        if self.speculative and "cache" not in self.methods:
+            raise ConfigError("speculative rows are cached split rows: keep the 'cache' method")
+        DraftLength(k=self.draft_tokens)  # validates the range
 
 
 @dataclass
@@ -125,17 +136,35 @@ class Row:
     local_s: float = 0.0
     cloud_s: float = 0.0
     total_s: float = 0.0
+    # Speculative rows: the drafter, decode steps (round trips after the prompt), drafted and accepted tokens.
+    drafter: str | None = None
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def label(self) -> str:
-        return _LABELS[self.method]
+        return _LABELS[self.method] + (f" + {self.drafter} drafts" if self.drafter else "")
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """New tokens per round trip, the prompt's included (1.0 without drafts)."""
+        return self.new_tokens / (self.steps + 1) if self.steps or self.new_tokens else None
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"label": self.label, "tokens_per_second": round(self.tokens_per_second, 3)}
+        return asdict(self) | {
+            "label": self.label,
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "acceptance_rate": self.acceptance_rate,
+        }
 
 
 @dataclass
@@ -220,8 +249,8 @@ def _run_table(config: TableConfig, links: list[Link], report: Progress, limit: 
 
 
 def _params(config: TableConfig) -> SamplingParams:
-    # Greedy and always exactly new_tokens tokens, as the paper's L_out = 300.
-    return SamplingParams(max_new_tokens=config.new_tokens, ignore_eos=True)
+    # Greedy and, unless stop_at_eos, always exactly new_tokens tokens, as the paper's L_out = 300.
+    return SamplingParams(max_new_tokens=config.new_tokens, ignore_eos=not config.stop_at_eos)
 
 
 def _local_only(
@@ -268,6 +297,8 @@ def _link_rows(
             with client:
                 for method in split_methods:
                     rows.append(_split_row(config, server, split, client, method, report, limit))
+                for drafter in config.speculative:
+                    rows.append(_split_row(config, server, split, client, "cache", report, limit, drafter))
     return rows
 
 
@@ -376,14 +407,25 @@ def _split_row(
     method: str,
     report: Progress,
     limit: CpuLimit | None,
+    drafter: str | None = None,
 ) -> Row:
     x, y = client.layers
     n = split.points.num_layers
-    row = Row(server.ends.link.name, method, f"{n - (y - x)}:{y - x}", [x, y], _SENT[method])
+    sent = _SENT[method] + (" (+ drafts)" if drafter else "")
+    row = Row(server.ends.link.name, method, f"{n - (y - x)}:{y - x}", [x, y], sent, drafter=drafter)
     step: dict[str, Any] = {}
     with _measured(server, client, row):
         link = client.open_session(config.wire_dtype)
-        run = stream(split, config.prompt, chat=True, link=link, use_cache=method == "cache", params=_params(config))
+        draft = make_drafter(drafter, split, DraftLength(k=config.draft_tokens)) if drafter else None
+        run = stream(
+            split,
+            config.prompt,
+            chat=True,
+            link=link,
+            use_cache=method == "cache",
+            params=_params(config),
+            drafter=draft,
+        )
 
         def count(n: int) -> None:
             # After the first token only the prompt has crossed; after the last, every step (and no CLOSE yet).
@@ -396,6 +438,7 @@ def _split_row(
             _drive(run, row, row.link, report, count)
     assert run.result is not None
     t = run.result.traffic
+    row.steps, row.drafted, row.accepted = run.result.steps, run.result.drafted_tokens, run.result.accepted_tokens
     row.frame_up, row.frame_down = t.up_bytes, t.down_bytes
     row.payload_up, row.payload_down = t.up_payload_bytes, t.down_payload_bytes
     row.total_s = run.result.seconds

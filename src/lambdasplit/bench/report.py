@@ -56,8 +56,16 @@ COLUMNS = (
     "Cloud s",
     "Total s",
     "tok/s",
+    "Drafts accepted",
     "= local text",
 )
+
+
+def _drafts(row: Row) -> str:
+    if row.drafter is None or row.tokens_per_step is None:
+        return "-"
+    rate = "-" if row.acceptance_rate is None else f"{100 * row.acceptance_rate:.0f}%"
+    return f"{rate}, {row.tokens_per_step:.2f} tok/step"
 
 
 def _cells(row: Row) -> list[str]:
@@ -75,6 +83,7 @@ def _cells(row: Row) -> list[str]:
         f"{row.cloud_s:.2f}",
         f"{row.total_s:.2f}",
         f"{row.tokens_per_second:.2f}",
+        _drafts(row),
         _same(row),
     ]
 
@@ -83,7 +92,8 @@ def rich_tables(result: TableResult) -> list[Table]:
     tables = []
     c = result.config
     for name, rows in _by_link(result):
-        title = f"{c.model}: {c.new_tokens} new tokens, {result.prompt_tokens}-token prompt"
+        tokens = f"up to {c.new_tokens} new tokens (stops at EOS)" if c.stop_at_eos else f"{c.new_tokens} new tokens"
+        title = f"{c.model}: {tokens}, {result.prompt_tokens}-token prompt"
         title += f" — {_link_title(result, name)}"
         table = Table(title=title, title_justify="left")
         for col in COLUMNS:
@@ -98,7 +108,7 @@ def step_lines(result: TableResult) -> list[str]:
     """Per decode step traffic of the cached rows against their tensor payload (the 3% framing budget)."""
     lines = []
     for row in result.rows:
-        if row.method != "cache" or row.step_payload is None or row.step_client_up is None:
+        if row.method != "cache" or row.drafter or row.step_payload is None or row.step_client_up is None:
             continue
         down = row.step_client_down or 0.0
         line = (
@@ -120,7 +130,7 @@ def caching_savings(result: TableResult) -> list[str]:
     """How much traffic caching removes against no caching, per link and ratio (measured at the socket)."""
     lines = []
     for row in result.rows:
-        if row.method != "cache":
+        if row.method != "cache" or row.drafter:
             continue
         base = next(
             (r for r in result.rows if r.link == row.link and r.method == "no-cache" and r.ratio == row.ratio), None
@@ -129,6 +139,29 @@ def caching_savings(result: TableResult) -> list[str]:
             continue
         cut = 1 - (row.client_up + row.client_down) / (base.client_up + base.client_down)
         lines.append(f"{row.link} {row.ratio}: caching cuts traffic by {100 * cut:.2f}%")
+    return lines
+
+
+def speculative_lines(result: TableResult) -> list[str]:
+    """Each speculative row against the plain cached row of the same link and ratio: speed-up and acceptance."""
+    lines = []
+    for row in result.rows:
+        if row.drafter is None:
+            continue
+        base = next(
+            (
+                r
+                for r in result.rows
+                if r.link == row.link and r.method == "cache" and r.drafter is None and r.ratio == row.ratio
+            ),
+            None,
+        )
+        line = f"{row.link} {row.ratio} {row.drafter} drafts: {row.tokens_per_second:.2f} tok/s"
+        if base is not None and base.tokens_per_second > 0:
+            line += f" vs {base.tokens_per_second:.2f} plain ({row.tokens_per_second / base.tokens_per_second:.2f}x)"
+            line += ", same text" if row.text == base.text else ", TEXT DIFFERS from the plain split"
+        line += f"; {row.steps} decode steps, {_drafts(row)}"
+        lines.append(line)
     return lines
 
 
@@ -156,7 +189,7 @@ def plot(result: TableResult, path: Path) -> None:
     groups = list(_by_link(result))
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False)
     for (name, rows), (ax_lat, ax_tps) in zip(groups, axes, strict=True):
-        labels = [f"{_SHORT[r.method]}\n{r.ratio}" for r in rows]
+        labels = [f"{_SHORT[r.method]}{'+' + r.drafter if r.drafter else ''}\n{r.ratio}" for r in rows]
         x = range(len(rows))
         bottom = [0.0] * len(rows)
         for part, color in (("communication_s", "#d62728"), ("local_s", "#1f77b4"), ("cloud_s", "#2ca02c")):

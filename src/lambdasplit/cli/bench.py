@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lambdasplit.bench.links import parse_link
 from lambdasplit.bench.llm import METHODS, PAPER_PROMPT, TableConfig, run_table
-from lambdasplit.bench.report import caching_savings, markdown, plot, rich_tables, step_lines
-from lambdasplit.cli.options import DEFAULTS, Model
+from lambdasplit.bench.report import caching_savings, markdown, plot, rich_tables, speculative_lines, step_lines
+from lambdasplit.cli.options import DEFAULTS, DraftTokens, Model
 from lambdasplit.errors import ConfigError
 
 app = typer.Typer(
@@ -32,6 +32,9 @@ _LINK_HELP = (
 def llm(
     model: Model = DEFAULTS["model"],
     prompt: Annotated[str, typer.Option(help="Prompt, sent as a chat message.")] = PAPER_PROMPT,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the prompt from this file instead (e.g. benchmarks/prompts/*.txt).")
+    ] = None,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per row (EOS ignored).")] = 300,
     link: Annotated[list[str] | None, typer.Option(help=_LINK_HELP, show_default="loopback")] = None,
     local_layers: Annotated[
@@ -52,6 +55,18 @@ def llm(
         typer.Option(help="Cap the device's CPU time while it generates, in CPUs (e.g. 0.25; a cgroup quota, root)."),
     ] = None,
     cloud_threads: Annotated[int | None, typer.Option(min=1, help="CPU threads of the server process.")] = None,
+    speculative: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Add a cached split row with speculative steps per drafter (repeatable): lookup (prompt n-grams) "
+            "or self (head and tail without the body). Output must equal the plain row's."
+        ),
+    ] = None,
+    draft_tokens: DraftTokens = 4,
+    stop_at_eos: Annotated[
+        bool,
+        typer.Option(help="Stop at the end-of-sequence token (default: always generate --new-tokens, as the paper)."),
+    ] = False,
     capture: Annotated[
         Path | None, typer.Option(help="Record a pcap per row into this folder (tcpdump, root) and report IP bytes.")
     ] = None,
@@ -66,6 +81,11 @@ def llm(
     at the link's rates and round-trip time; all of it is made and removed here.
     """
     links = [parse_link(x) for x in (link or ["loopback"])]
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --prompt-file {prompt_file}: {exc}") from exc
     config = TableConfig(
         model=model,
         prompt=prompt,
@@ -77,6 +97,9 @@ def llm(
         device_cpus=device_cpus,
         cloud_threads=cloud_threads,
         capture_dir=capture,
+        speculative=tuple(speculative or ()),
+        draft_tokens=draft_tokens,
+        stop_at_eos=stop_at_eos,
     )
     if plot_path is not None:
         try:
@@ -96,7 +119,7 @@ def llm(
         result = run_table(config, links, progress)
     for table in rich_tables(result):
         _out.print(table)
-    for line in [*step_lines(result), *caching_savings(result)]:
+    for line in [*step_lines(result), *caching_savings(result), *speculative_lines(result)]:
         _out.print(line)
     for name, reason in result.skipped.items():
         _out.print(f"[yellow]skipped link {name}[/]: {reason}")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
+from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, Speculative
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.generation import SamplingParams, stream
 from lambdasplit.generation.text import Message
@@ -30,6 +30,7 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    speculative: Speculative = None,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -62,7 +63,7 @@ def chat(
                 continue
             history.append({"role": "user", "content": text})
             link = client.open_session(WireDtype.parse(wire_dtype)) if client is not None else None
-            run = stream(split, history, system=system, link=link, params=params)
+            run = stream(split, history, system=system, link=link, params=params, drafter=speculative)
             _out.print("[bold]model[/]: ", end="")
             for event in run:
                 _out.print(event.text, end="", soft_wrap=True)

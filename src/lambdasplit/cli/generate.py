@@ -10,11 +10,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
+from lambdasplit.cli.options import DEFAULTS, Device, DraftTokens, Dtype, Layers, Model, Speculative
 from lambdasplit.client import connect_device
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation import Generation, GenerationResult, ModelDecoder, SamplingParams, prompt_ids, stream
+from lambdasplit.generation import (
+    Drafter,
+    DraftLength,
+    Generation,
+    GenerationResult,
+    ModelDecoder,
+    SamplingParams,
+    make_drafter,
+    prompt_ids,
+    stream,
+)
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.wire import WireDtype
 
@@ -48,6 +58,8 @@ def generate(
     wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8.")] = (
         "float16"
     ),
+    speculative: Speculative = None,
+    draft_tokens: DraftTokens = 4,
     device: Device = None,
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
@@ -80,10 +92,15 @@ def generate(
             # The tokenizer and configs come from the split loader; --unsplit adds the plain HF model.
             split = load_split(model, layers, device=device, dtype=dtype, parts=_PARTS[unsplit])
         link = None
+    if speculative is not None and no_cache:
+        raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")
+    drafter = make_drafter(speculative, split, DraftLength(k=draft_tokens)) if speculative else None
     if unsplit:
-        run = _unsplit(split, prompt, params, chat=chat, system=system)
+        run = _unsplit(split, prompt, params, chat=chat, system=system, drafter=drafter)
     else:
-        run = stream(split, prompt, chat=chat, system=system, use_cache=not no_cache, params=params, link=link)
+        run = stream(
+            split, prompt, chat=chat, system=system, use_cache=not no_cache, params=params, link=link, drafter=drafter
+        )
     before = client.socket_bytes() if client is not None else None
     for event in run:
         if not as_json:
@@ -112,7 +129,9 @@ def generate(
         _summary(result, split, mode)
 
 
-def _unsplit(split: SplitModel, prompt: str, params: SamplingParams, *, chat: bool, system: str | None) -> Generation:
+def _unsplit(
+    split: SplitModel, prompt: str, params: SamplingParams, *, chat: bool, system: str | None, drafter: Drafter | None
+) -> Generation:
     from transformers import AutoModelForCausalLM
 
     rt: Runtime = split.runtime
@@ -126,6 +145,7 @@ def _unsplit(split: SplitModel, prompt: str, params: SamplingParams, *, chat: bo
         tokenizer=split.tokenizer,
         eos_token_ids=split.eos_token_ids(),
         device=rt.device,
+        drafter=drafter,
     )
 
 
@@ -152,3 +172,8 @@ def _summary(result: GenerationResult, split: SplitModel, mode: str) -> None:
         f"({result.tokens_per_second:.1f} tok/s, prefill {result.prefill_seconds * 1000:.0f} ms) · "
         f"hidden states up {t.up_bytes:,} B / down {t.down_bytes:,} B · {result.finish_reason}[/]"
     )
+    if result.acceptance_rate is not None:
+        _err.print(
+            f"[dim]speculative: {result.accepted_tokens}/{result.drafted_tokens} drafted tokens accepted "
+            f"({100 * result.acceptance_rate:.0f}%), {result.new_tokens / (result.steps + 1):.2f} tokens per step[/]"
+        )

@@ -29,3 +29,11 @@ Dtype = Annotated[
 ]
 
 DEFAULTS = {"model": DEFAULT_MODEL, "layers": DEFAULT_LAYERS}
+Speculative = Annotated[
+    str | None,
+    typer.Option(
+        help="Draft tokens and verify several per round trip, output unchanged: lookup (n-grams of the prompt and "
+        "text so far) or self (head and tail without the body).",
+    ),
+]
+DraftTokens = Annotated[int, typer.Option(min=1, max=16, help="Tokens drafted per step at first (then adapted).")]

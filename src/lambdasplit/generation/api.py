@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lambdasplit.errors import ConfigError
+from lambdasplit.generation.drafting import Drafter, make_drafter
 from lambdasplit.generation.generate import Generation, GenerationResult
 from lambdasplit.generation.sampling import SamplingParams
 from lambdasplit.generation.session import BodyLink, LocalBodyLink, SplitDecoder
@@ -33,12 +34,15 @@ def stream(
     link: BodyLink | None = None,
     use_cache: bool = True,
     params: SamplingParams | None = None,
+    drafter: Drafter | str | None = None,
     **sampling: Any,
 ) -> Generation:
     """Start a generation; iterate it for streamed ``TokenEvent``s, then read ``.result``.
 
     ``link`` reaches the body (default: this process's body). ``sampling`` are ``SamplingParams`` fields
     (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop``).
+    ``drafter`` turns on speculative steps: a ``Drafter`` or a name from ``DRAFTERS`` (``lookup``, ``self``);
+    the output is unchanged (greedy: token for token; sampling: in distribution), the round trips fewer.
     """
     if params is None:
         if "stop" in sampling:
@@ -51,6 +55,8 @@ def stream(
             raise ConfigError("this SplitModel holds no body; pass a link to a body server")
         link = LocalBodyLink(split.body)
     decoder = SplitDecoder(split, link, use_cache=use_cache)
+    if isinstance(drafter, str):
+        drafter = make_drafter(drafter, split)
     return Generation(
         decoder,
         prompt_ids(split, prompt, chat=chat, system=system),
@@ -58,6 +64,7 @@ def stream(
         tokenizer=split.tokenizer,
         eos_token_ids=split.eos_token_ids(),
         device=split.runtime.device,
+        drafter=drafter,
     )
 
 

@@ -10,8 +10,10 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lambdasplit.generation.drafting import Drafter
 from lambdasplit.generation.sampling import SamplingParams, TokenChooser
 from lambdasplit.generation.session import Decoder, Traffic
+from lambdasplit.generation.speculative import verify
 from lambdasplit.generation.text import TextStream
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -37,10 +39,18 @@ class GenerationResult:
     seconds: float  # prefill + decode, wall clock
     prefill_seconds: float
     traffic: Traffic = field(default_factory=Traffic)
+    steps: int = 0  # decode steps (one round trip each when split), prefill not counted
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed by the drafter
+    accepted_tokens: int = 0  # ... and accepted by the model
 
     @property
     def new_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens; None when nothing was drafted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
     @property
     def tokens_per_second(self) -> float:
@@ -49,6 +59,7 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(new_tokens=self.new_tokens, tokens_per_second=round(self.tokens_per_second, 3))
+        d.update(acceptance_rate=self.acceptance_rate)
         return d
 
 
@@ -57,6 +68,10 @@ class Generation:
 
     Stops at ``max_new_tokens``, at any EOS id (unless ``ignore_eos``), or at a stop string
     (needs a tokenizer). The decoder is closed at the end, also when the caller stops iterating early.
+
+    With a ``drafter``, each step feeds the last token plus the drafter's guesses and keeps the longest
+    prefix the model agrees with (``speculative.verify``): the same tokens as without it when greedy,
+    the same distribution when sampling, in fewer round trips when the guesses are good.
     """
 
     def __init__(
@@ -68,8 +83,10 @@ class Generation:
         tokenizer: PreTrainedTokenizerBase | None = None,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         device: torch.device | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         self.decoder, self.prompt_ids, self.params = decoder, list(prompt_ids), params
+        self.drafter = drafter
         self.eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
         self.stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
         if params.stop and self.stream is None:
@@ -79,31 +96,52 @@ class Generation:
 
     def __iter__(self) -> Iterator[TokenEvent]:
         new: list[int] = []
-        reason: FinishReason = "length"
+        reason: FinishReason | None = None
         start = time.perf_counter()
+        steps = drafted = accepted = 0
         try:
             logits = self.decoder.prefill(torch.tensor([self.prompt_ids]))
             prefill_seconds = time.perf_counter() - start
+            pending = [self.chooser(logits, self.prompt_ids)]
             while True:
-                token = self.chooser(logits, self.prompt_ids + new)
-                if token in self.eos:
-                    reason = "eos"
+                for token in pending:
+                    if token in self.eos:
+                        reason = "eos"
+                        break
+                    new.append(token)
+                    delta = self.stream.push(new) if self.stream is not None else ""
+                    yield TokenEvent(token, delta)
+                    if self.stream is not None and self.stream.stopped:
+                        reason = "stop"
+                        break
+                    if len(new) >= self.params.max_new_tokens:
+                        reason = "length"
+                        break
+                if reason is not None:
                     break
-                new.append(token)
-                delta = self.stream.push(new) if self.stream is not None else ""
-                yield TokenEvent(token, delta)
-                if self.stream is not None and self.stream.stopped:
-                    reason = "stop"
-                    break
-                if len(new) >= self.params.max_new_tokens:
-                    break
-                logits = self.decoder.step(token)
+                # The decoder holds the prompt and new[:-1]; this step feeds new[-1] and the draft.
+                context = self.prompt_ids + new
+                budget = self.params.max_new_tokens - len(new) - 1  # the step's own token is one more
+                draft = self.drafter.draft(context, budget) if self.drafter is not None else []
+                rows = self.decoder.extend([new[-1], *draft])
+                pending = verify(self.chooser, rows, context, draft)
+                steps += 1
+                if draft:
+                    kept = len(pending) - 1
+                    drafted, accepted = drafted + len(draft), accepted + kept
+                    if kept < len(draft):
+                        self.decoder.truncate(len(context) + kept)  # rejected drafts leave every cache
+                    assert self.drafter is not None
+                    self.drafter.update(kept, len(draft))
             if self.stream is not None and reason != "stop":
                 tail = self.stream.finish(new)
                 if tail:
                     yield TokenEvent(None, tail)
         finally:
             self.decoder.close()
+            if self.drafter is not None:
+                self.drafter.close()
+        assert reason is not None
         self.result = GenerationResult(
             text=self.stream.text if self.stream is not None else "",
             token_ids=new,
@@ -112,6 +150,9 @@ class Generation:
             seconds=time.perf_counter() - start,
             prefill_seconds=prefill_seconds,
             traffic=self.decoder.traffic,
+            steps=steps,
+            drafted_tokens=drafted,
+            accepted_tokens=accepted,
         )
 
     def run(self) -> GenerationResult:

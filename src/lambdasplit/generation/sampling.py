@@ -71,12 +71,32 @@ class TokenChooser:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, ids_so_far: list[int]) -> int:
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
+    def scores(self, logits: torch.Tensor, ids_so_far: list[int]) -> torch.Tensor:
+        """(V,) logits after the processors (penalty, temperature, top-k, top-p) for this context."""
         scores = logits.float().unsqueeze(0)  # (1, V)
         if self.processors:
             ids = torch.tensor([ids_so_far], device=scores.device)
             scores = self.processors(ids, scores)
-        if self.generator is None:
-            return int(scores.argmax(dim=-1))
-        probs = torch.softmax(scores, dim=-1)
+        return scores[0]
+
+    def probs(self, logits: torch.Tensor, ids_so_far: list[int]) -> torch.Tensor:
+        """(V,) the distribution the next token is drawn from."""
+        return torch.softmax(self.scores(logits, ids_so_far), dim=-1)
+
+    def sample(self, probs: torch.Tensor) -> int:
+        """One token from ``probs`` (need not be normalised), with this chooser's generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """A draw from U[0, 1) with this chooser's generator (speculative acceptance)."""
+        return float(torch.rand((), generator=self.generator, device=self.generator.device if self.generator else None))
+
+    def __call__(self, logits: torch.Tensor, ids_so_far: list[int]) -> int:
+        scores = self.scores(logits, ids_so_far)
+        if self.generator is None:
+            return int(scores.argmax())
+        return self.sample(torch.softmax(scores, dim=-1))

@@ -12,6 +12,7 @@ baseline: every step re-runs and resends the whole sequence, O(L^2*D).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +21,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from lambdasplit.errors import SessionError
 from lambdasplit.split.loader import SplitModel
-from lambdasplit.split.parts import Body
+from lambdasplit.split.parts import Body, rewind
 
 
 @dataclass
@@ -74,16 +75,18 @@ class LocalBodyLink:
     def __init__(self, body: Body) -> None:
         self.body = body
         self.cache: Cache | None = body.new_cache()
+        self.length = 0  # positions the body's cache holds
         self.traffic = Traffic()
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
         if reset:
-            self.cache = self.body.new_cache()
-        cached = self.cache.get_seq_length() if self.cache is not None else position
-        if position != cached and not reset:
-            raise SessionError(f"body got position {position} but its cache holds {cached} positions")
+            self.cache, self.length = self.body.new_cache(), 0
+        if position > self.length or (reset and position != 0):
+            raise SessionError(f"body got position {position} but its cache holds {self.length} positions")
+        rewind(self.cache, position)  # position < length: a rollback (rejected draft tokens)
         start = time.perf_counter()
         out = self.body(hidden, self.cache)
+        self.length = position + hidden.shape[1]
         self.traffic.add(tensor_bytes(hidden), tensor_bytes(out), seconds=time.perf_counter() - start)
         return out
 
@@ -92,86 +95,129 @@ class LocalBodyLink:
 
 
 class Decoder(Protocol):
-    """One generation session: ``prefill`` the prompt, then ``step`` one token at a time. Logits (V,)."""
+    """One generation session over a growing sequence of token ids.
+
+    ``prefill`` the prompt, then ``step`` one token at a time (logits (V,) of the next position), or
+    ``extend`` by several tokens at once (logits (T, V), one row per token fed: how drafted tokens are
+    verified in one round trip). ``truncate`` drops positions from the end, e.g. rejected drafts.
+    """
 
     traffic: Traffic
+    ids: list[int]  # every token fed so far
+
+    @property
+    def length(self) -> int: ...
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
     def step(self, token_id: int) -> torch.Tensor: ...
 
+    def extend(self, token_ids: Sequence[int]) -> torch.Tensor: ...
+
+    def truncate(self, length: int) -> None: ...
+
     def close(self) -> None: ...
 
 
-class SplitDecoder:
-    """Head and tail here, the body behind ``link``; logits only for the last position."""
+class _Sequence:
+    """The token ids a decoder has fed, with the prefill/step/extend/truncate rules every decoder shares."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def _run(self, new_ids: list[int], keep: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.ids:
+            raise SessionError("prefill must come first in a session")
+        ids = [int(t) for t in input_ids.reshape(-1).tolist()]
+        if not ids:
+            raise SessionError("the prompt is empty: at least one token is needed")
+        return self._run(ids, 1)[-1]
+
+    def step(self, token_id: int) -> torch.Tensor:
+        return self.extend([token_id])[-1]
+
+    def extend(self, token_ids: Sequence[int]) -> torch.Tensor:
+        if not self.ids:
+            raise SessionError("step before prefill")
+        if not token_ids:
+            raise SessionError("extend needs at least one token")
+        return self._run([int(t) for t in token_ids], len(token_ids))
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions; the caches follow at the next forward (no extra round trip)."""
+        if not 1 <= length <= len(self.ids):
+            raise SessionError(f"cannot truncate a {len(self.ids)}-position session to {length}")
+        del self.ids[length:]
+
+
+class SplitDecoder(_Sequence):
+    """Head and tail here, the body behind ``link``; logits for the positions asked for only."""
 
     def __init__(self, split: SplitModel, link: BodyLink, *, use_cache: bool = True) -> None:
         if split.head is None or split.tail is None:
             raise SessionError("a split decoder needs the head and the tail in this process")
+        super().__init__()
         self.split, self.link, self.use_cache = split, link, use_cache
         self.head_cache = split.head.new_cache() if use_cache else None
         self.tail_cache = split.tail.new_cache() if use_cache else None
-        self.ids: list[int] = []  # every token fed so far (the no-cache baseline re-runs all of them)
 
     @property
     def traffic(self) -> Traffic:
         return self.link.traffic
 
-    def _run(self, new_ids: list[int]) -> torch.Tensor:
+    def _run(self, new_ids: list[int], keep: int) -> torch.Tensor:
         assert self.split.head is not None and self.split.tail is not None
         device = self.split.runtime.device
         position = len(self.ids)
         self.ids.extend(new_ids)
         if self.use_cache:
+            rewind(self.head_cache, position)
+            rewind(self.tail_cache, position)
             x = torch.tensor([new_ids], device=device)
             hidden = self.split.head(x, self.head_cache)  # (1, T_new, D)
-            out = self.link.forward(hidden, position)
-            logits = self.split.tail(out, self.tail_cache)
+            out = self.link.forward(hidden, position)  # the body rewinds to `position` too
+            logits = self.split.tail(out, self.tail_cache, logits_to_keep=keep)
         else:
             x = torch.tensor([self.ids], device=device)
             hidden = self.split.head(x)  # (1, T_all, D): the whole sequence crosses again
             out = self.link.forward(hidden, 0, reset=True)
-            logits = self.split.tail(out)
-        return logits[0, -1]
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.ids:
-            raise SessionError("prefill must come first in a session")
-        ids = input_ids.reshape(-1).tolist()
-        if not ids:
-            raise SessionError("the prompt is empty: at least one token is needed")
-        return self._run(ids)
-
-    def step(self, token_id: int) -> torch.Tensor:
-        if not self.ids:
-            raise SessionError("step before prefill")
-        return self._run([int(token_id)])
+            logits = self.split.tail(out, logits_to_keep=keep)
+        return logits[0]  # (keep, V)
 
     def close(self) -> None:
         self.link.close()
         self.head_cache = self.tail_cache = None
 
 
-class ModelDecoder:
+class ModelDecoder(_Sequence):
     """The unsplit HF causal LM with one DynamicCache: the reference and the ``--unsplit`` mode."""
 
     def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
         self.model = model
-        self.cache: Cache = DynamicCache(config=model.config)
+        self.cache: Cache = self._new_cache()
         self.traffic = Traffic()
         self._device = next(model.parameters()).device
 
+    def _new_cache(self) -> Cache:
+        cache = DynamicCache(config=self.model.config)
+        cache.activate_past_recording()  # sliding windows can be rolled back (see split.parts.rewind)
+        return cache
+
     @torch.inference_mode()
-    def _run(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids.to(self._device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1]
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._run(input_ids.reshape(1, -1))
-
-    def step(self, token_id: int) -> torch.Tensor:
-        return self._run(torch.tensor([[int(token_id)]]))
+    def _run(self, new_ids: list[int], keep: int) -> torch.Tensor:
+        rewind(self.cache, len(self.ids))
+        self.ids.extend(new_ids)
+        ids = torch.tensor([new_ids], device=self._device)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        return out.logits[0]
 
     def close(self) -> None:
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = self._new_cache()

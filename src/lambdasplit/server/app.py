@@ -45,6 +45,7 @@ from lambdasplit.generation import SamplingParams, TokenEvent, stream
 from lambdasplit.server.sessions import BodySession, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
+from lambdasplit.split.parts import rewind
 from lambdasplit.wire import (
     Frame,
     FrameFlags,
@@ -319,8 +320,8 @@ class BodyServer:
         """On the compute thread: align the session's cache to ``position``, then run the body. (T, D) -> (T, D)."""
         if reset:
             s.cache = self.body.new_cache()
-        elif position < s.length and s.cache is not None:
-            s.cache.crop(position)  # the client rolled back (e.g. rejected draft tokens)
+        else:
+            rewind(s.cache, position)  # position < length: the client rolled back (rejected draft tokens)
         start = time.perf_counter()
         out = self.body(hidden.unsqueeze(0), s.cache)[0]
         self.compute_seconds += time.perf_counter() - start

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from lambdasplit.errors import SessionError
+
 
 class _Part(nn.Module):
     """Common plumbing: one HF model, its layer range, and a fresh KV cache per session."""
@@ -28,13 +30,36 @@ class _Part(nn.Module):
         return self.stop - self.start
 
     def new_cache(self) -> Cache | None:
-        """A per-session KV cache for this part's layers (``None`` when it has no layers to cache)."""
+        """A per-session KV cache for this part's layers (``None`` when it has no layers to cache).
+
+        Sliding-window layers record their past, so positions can be rolled back (``rewind``) even
+        once the window is full.
+        """
         if self.model is None or self.num_layers == 0:
             return None
-        return DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        cache.activate_past_recording()
+        return cache
 
     def extra_repr(self) -> str:
         return f"layers=[{self.start}, {self.stop})"
+
+
+def rewind(cache: Cache | None, length: int) -> None:
+    """Make ``cache`` hold exactly its first ``length`` positions, before a forward that starts at ``length``.
+
+    Positions past ``length`` are dropped: a rollback (rejected draft tokens). Sliding-window layers record
+    their past (``new_cache``), so a rollback works once the window is full; each rollback also trims them
+    back to the window. Between rollbacks they grow like full-attention layers (memory, not compute:
+    attention still sees only the window), because a drafter may roll back over several forwards.
+    """
+    if cache is None:
+        return
+    held = cache.get_seq_length()
+    if length > held:
+        raise SessionError(f"cannot rewind to position {length}: the cache holds {held} positions")
+    if length < held:
+        cache.crop(length - held)  # transformers >= 5: a negative count of positions to remove
 
 
 class Head(_Part):

@@ -1,0 +1,199 @@
+"""Drafters: guess the next few tokens cheaply on the device, so one round trip can verify several.
+
+With one round trip per token, split decoding cannot beat 1 / (round-trip time + compute). A drafter
+proposes k tokens; the device sends their k hidden states in one frame, the body runs them in one
+forward, and the tail accepts the longest correct prefix plus one token (``speculative.verify``). The
+output does not depend on the drafter: a bad drafter only costs speed.
+
+Every drafter here is deterministic given the ids so far (a point-mass draft), which is what lets the
+acceptance rule keep the sampling distribution unchanged without the drafter's probabilities.
+
+- ``PromptLookupDrafter``: n-gram lookup in the prompt and the text so far (Saxena 2023, "prompt lookup
+  decoding"; in transformers as ``prompt_lookup_num_tokens``). No model; strong when the answer copies
+  from the prompt (summaries, rewrites, code edits, retrieval-augmented answers).
+- ``ModelDrafter``: greedy tokens from a small causal model on the device: a separately loaded model with
+  the same tokenizer (``ModelDecoder``), or the split's own head and tail with the body skipped
+  (``self_drafter``), which costs no extra weights.
+
+``DraftLength`` adapts k as transformers' assisted generation does: +2 after a fully accepted draft,
+-1 after a rejection.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lambdasplit.errors import ConfigError
+from lambdasplit.generation.session import Decoder, SplitDecoder, Traffic
+from lambdasplit.split.loader import SplitModel
+
+
+@dataclass
+class DraftLength:
+    """How many tokens to draft next: ``k`` adapted between ``k_min`` and ``k_max`` unless fixed."""
+
+    k: int = 4
+    k_min: int = 1
+    k_max: int = 16
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_min <= self.k <= self.k_max:
+            raise ConfigError(f"draft length needs 1 <= k_min <= k <= k_max, got {self.k_min}, {self.k}, {self.k_max}")
+
+    #: Steps to skip drafting after a draft was wholly rejected; doubles on each such miss (up to
+    #: ``max_backoff``), back to 0 once a token is accepted. A wasted draft costs compute (a forward over
+    #: k + 1 positions is slower than over 1 on a CPU), so drafting that keeps missing is tried less often.
+    backoff: int = 0
+    max_backoff: int = 16
+    _skip: int = 0
+
+    def next(self, limit: int) -> int:
+        """Tokens to draft in this step (0: skip drafting), at most ``limit``."""
+        if self._skip > 0:
+            self._skip -= 1
+            return 0
+        return max(0, min(self.k, limit))
+
+    def update(self, accepted: int, drafted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        if accepted == drafted:
+            self.k = min(self.k + 2, self.k_max)
+        else:
+            self.k = max(self.k - 1, self.k_min)
+        if accepted == 0:
+            self.backoff = min(max(1, 2 * self.backoff), self.max_backoff)
+            self._skip = self.backoff
+        else:
+            self.backoff = 0
+
+
+class Drafter(ABC):
+    """Proposes up to k next tokens for a sequence; ``length`` says how many to try."""
+
+    name = "drafter"
+
+    def __init__(self, length: DraftLength | None = None) -> None:
+        self.length = length or DraftLength()
+
+    def draft(self, ids: Sequence[int], limit: int) -> list[int]:
+        """Up to ``min(k, limit)`` tokens that may follow ``ids`` (fewer, or none, when it has no guess)."""
+        k = self.length.next(limit)
+        return self.propose(ids, k)[:k] if k > 0 else []
+
+    def update(self, accepted: int, drafted: int) -> None:
+        """Told after each verification how many of its ``drafted`` tokens were accepted."""
+        self.length.update(accepted, drafted)
+
+    @abstractmethod
+    def propose(self, ids: Sequence[int], k: int) -> list[int]: ...
+
+    def close(self) -> None:  # noqa: B027 (a no-op unless the drafter holds a session)
+        pass
+
+
+class PromptLookupDrafter(Drafter):
+    """Finds the latest earlier occurrence of the last n tokens (n from ``max_ngram`` down to ``min_ngram``)
+    and proposes the tokens that followed it."""
+
+    name = "lookup"
+
+    def __init__(self, length: DraftLength | None = None, *, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        super().__init__(length)
+        if not 1 <= min_ngram <= max_ngram:
+            raise ConfigError(f"n-gram sizes need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, ids: Sequence[int], k: int) -> list[int]:
+        ids = list(ids)
+        end = len(ids)
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
+            pattern = ids[end - n :]
+            # Latest match first; the match must end before the suffix itself so something follows it.
+            for start in range(end - n - 1, -1, -1):
+                if ids[start : start + n] == pattern:
+                    return ids[start + n : start + n + k]
+        return []
+
+
+class ModelDrafter(Drafter):
+    """Greedy drafts from a small causal model kept in step with the sequence through its own KV cache."""
+
+    name = "model"
+
+    def __init__(self, decoder: Decoder, length: DraftLength | None = None, *, name: str | None = None) -> None:
+        super().__init__(length)
+        self.decoder = decoder
+        self.name = name or self.name
+        self._logits: torch.Tensor | None = None  # next-token logits after everything the decoder holds
+
+    def _sync(self, ids: list[int]) -> torch.Tensor:
+        """Make the decoder hold exactly ``ids``; return the logits of the position after them."""
+        d = self.decoder
+        if d.length == 0:
+            return d.prefill(torch.tensor([ids]))
+        common = 0
+        for a, b in zip(d.ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(ids) == d.length and self._logits is not None:
+            return self._logits
+        common = min(common, len(ids) - 1)  # at least one token to feed, for fresh logits
+        d.truncate(common)
+        return d.extend(ids[common:])[-1]
+
+    def propose(self, ids: Sequence[int], k: int) -> list[int]:
+        logits = self._sync(list(ids))
+        out: list[int] = []
+        while True:
+            token = int(logits.argmax())
+            out.append(token)
+            if len(out) >= k:
+                break
+            logits = self.decoder.step(token)
+        self._logits = None  # the decoder now holds drafts the next call may not keep
+        return out
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+class _SkippedBody:
+    """A ``BodyLink`` that returns its input: the head's output goes straight into the tail."""
+
+    def __init__(self) -> None:
+        self.traffic = Traffic()
+
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
+        return hidden
+
+    def close(self) -> None:
+        pass
+
+
+def self_drafter(split: SplitModel, length: DraftLength | None = None) -> ModelDrafter:
+    """Drafts with the device's own head and tail, the body skipped (layer skipping; no extra weights).
+
+    It has its own KV caches, so it never disturbs the real session's.
+    """
+    if split.head is None or split.tail is None:
+        raise ConfigError("the self drafter needs the head and the tail in this process")
+    return ModelDrafter(SplitDecoder(split, _SkippedBody()), length, name="self")
+
+
+DRAFTERS = ("lookup", "self")
+
+
+def make_drafter(kind: str, split: SplitModel, length: DraftLength | None = None) -> Drafter:
+    """A drafter by name: ``lookup`` (prompt n-grams) or ``self`` (head and tail without the body)."""
+    if kind == "lookup":
+        return PromptLookupDrafter(length)
+    if kind == "self":
+        return self_drafter(split, length)
+    raise ConfigError(f"unknown drafter {kind!r}; choose from {', '.join(DRAFTERS)}")

@@ -1,0 +1,231 @@
+"""Speculative steps: several drafted tokens verified per round trip, output unchanged.
+
+Greedy: token for token the plain output, for every drafter and split point, also when drafts are
+rejected (every cache rolled back). Sampling: the distribution of the output is the plain one
+(a chi-square test against the exact probabilities of a tiny model).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from lambdasplit.errors import ConfigError, SessionError
+from lambdasplit.generation import (
+    Drafter,
+    DraftLength,
+    Generation,
+    LocalBodyLink,
+    ModelDecoder,
+    ModelDrafter,
+    PromptLookupDrafter,
+    SamplingParams,
+    SplitDecoder,
+    generate,
+    make_drafter,
+    self_drafter,
+)
+from lambdasplit.split import load_split
+from tiny_models import NUM_LAYERS
+
+N = NUM_LAYERS
+# Longer than the sliding windows (8) of the mistral and qwen2 tiny models, so rollbacks cross a full window.
+PROMPTS = [
+    [1, 17, 42, 99, 7, 250, 31, 64, 12, 17, 42, 99, 7, 5],
+    [1, 200, 201, 202, 203, 204, 205, 206, 207, 208, 200, 201, 202],
+]
+NEW = 40
+
+
+class ScriptedDrafter(Drafter):
+    """Drafts the true greedy continuation with every third drafted token wrong: accepted and rejected drafts mix."""
+
+    name = "scripted"
+
+    def __init__(self, truth: list[int], prompt_len: int, vocab: int) -> None:
+        super().__init__(DraftLength(k=3, k_min=3, k_max=3, adaptive=False))
+        self.truth, self.prompt_len, self.vocab, self.calls = truth, prompt_len, vocab, 0
+
+    def propose(self, ids: Sequence[int], k: int) -> list[int]:
+        done = len(ids) - self.prompt_len
+        draft = list(self.truth[done : done + k])
+        self.calls += 1
+        if draft and self.calls % 2:
+            i = min(2, len(draft) - 1)
+            draft[i] = (draft[i] + 1) % self.vocab  # a wrong guess: rejected, caches roll back
+        return draft
+
+
+def plain(split, prompt: list[int]) -> list[int]:
+    return generate(split, prompt, max_new_tokens=NEW, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("points", [(1, N - 1), (0, N), (2, 2)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_greedy_speculative_equals_greedy_plain(tiny_checkpoint, family: str, points: tuple[int, int]) -> None:
+    path, ref = tiny_checkpoint(family)
+    split = load_split(path, points, device="cpu", dtype="float32")
+    for prompt in PROMPTS:
+        expected = plain(split, prompt)
+        # The unsplit model agrees (the split engine's own spec), so this compares against the real model too.
+        ref_out = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
+        assert ref_out[0, len(prompt) :].tolist() == expected
+        scripted = ScriptedDrafter(expected, len(prompt), ref.config.vocab_size)
+        for drafter in [PromptLookupDrafter(), self_drafter(split), scripted]:
+            r = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
+            assert r.token_ids == expected, drafter.name
+            assert r.drafted_tokens >= r.accepted_tokens >= 0
+        # The scripted drafter had drafts both accepted and rejected, and saved round trips.
+        assert 0 < r.accepted_tokens < r.drafted_tokens
+        assert r.steps < NEW - 1 and r.traffic.messages == r.steps + 1
+
+
+def test_rollback_leaves_every_cache_as_a_fresh_run_would(tiny_checkpoint) -> None:
+    path, _ = tiny_checkpoint("mistral")  # sliding window 8 on every layer: the hardest cache to roll back
+    split = load_split(path, (1, N - 1), device="cpu", dtype="float32")
+    prompt = PROMPTS[0]
+    rolled = SplitDecoder(split, LocalBodyLink(split.body))
+    rolled.prefill(torch.tensor([prompt]))
+    rolled.extend([5, 6, 7, 8])  # four positions fed ...
+    rolled.truncate(len(prompt) + 2)  # ... two of them rejected
+    got = rolled.extend([9, 10, 11])
+    fresh = SplitDecoder(split, LocalBodyLink(split.body))
+    fresh.prefill(torch.tensor([prompt]))
+    want = fresh.extend([5, 6, 9, 10, 11])[-3:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert rolled.ids == fresh.ids
+    link_r, link_f = rolled.link, fresh.link
+    assert isinstance(link_r, LocalBodyLink) and isinstance(link_f, LocalBodyLink)
+    for a, b in [
+        (rolled.head_cache, fresh.head_cache),
+        (rolled.tail_cache, fresh.tail_cache),
+        (link_r.cache, link_f.cache),
+    ]:
+        assert a is not None and b is not None
+        assert a.get_seq_length() == b.get_seq_length() == len(prompt) + 5
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            # A rollback trims a sliding window to its size; what both hold must be the same states.
+            n = min(la.keys.shape[-2], lb.keys.shape[-2])
+            assert n >= min(8 - 1, len(prompt) + 5)
+            torch.testing.assert_close(la.keys[..., -n:, :], lb.keys[..., -n:, :], atol=1e-5, rtol=0)
+            torch.testing.assert_close(la.values[..., -n:, :], lb.values[..., -n:, :], atol=1e-5, rtol=0)
+
+
+def test_truncate_and_extend_refuse_what_a_session_cannot_do(tiny_checkpoint) -> None:
+    path, _ = tiny_checkpoint("llama")
+    split = load_split(path, (1, N - 1), device="cpu", dtype="float32")
+    decoder = SplitDecoder(split, LocalBodyLink(split.body))
+    with pytest.raises(SessionError):
+        decoder.extend([3])  # before prefill
+    decoder.prefill(torch.tensor([PROMPTS[0]]))
+    with pytest.raises(SessionError):
+        decoder.truncate(len(PROMPTS[0]) + 1)  # longer than the session
+    with pytest.raises(SessionError):
+        decoder.truncate(0)
+    with pytest.raises(SessionError):
+        decoder.extend([])
+    link = LocalBodyLink(split.body)
+    with pytest.raises(SessionError):
+        link.forward(torch.zeros(1, 1, 64), 3)  # skips ahead of an empty cache
+
+
+def test_unsplit_model_decoder_speculates_too(tiny_checkpoint) -> None:
+    _, ref = tiny_checkpoint("qwen2")
+    prompt = PROMPTS[1]
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    expected = Generation(ModelDecoder(ref), prompt, params).run().token_ids
+    drafted = Generation(ModelDecoder(ref), prompt, params, drafter=ModelDrafter(ModelDecoder(ref))).run()
+    assert drafted.token_ids == expected
+    # The model drafting for itself is always right: every draft accepted.
+    assert drafted.accepted_tokens == drafted.drafted_tokens > 0
+    assert drafted.steps < NEW // 2
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:
+    d = PromptLookupDrafter(max_ngram=3, min_ngram=1)
+    assert d.propose([1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 7, 2, 3], 3) == [4, 6, 7]  # latest "2 3" is followed by 4 6 7
+    assert d.propose([1, 2, 3, 4, 2, 3], 5) == [4, 2, 3]  # shorter when the text runs out
+    assert d.propose([5, 6, 7, 8], 4) == []  # nothing repeats
+    assert PromptLookupDrafter(min_ngram=2).propose([1, 2, 3, 1, 4, 5, 1], 2) == []  # a 1-gram is not enough
+    with pytest.raises(ConfigError):
+        PromptLookupDrafter(max_ngram=1, min_ngram=2)
+
+
+def test_draft_length_grows_on_success_shrinks_and_backs_off_on_misses() -> None:
+    n = DraftLength(k=4, k_min=1, k_max=8)
+    n.update(4, 4)
+    assert n.k == 6
+    n.update(6, 6)
+    n.update(8, 8)
+    assert n.k == 8  # capped
+    n.update(3, 8)
+    assert n.k == 7 and n.backoff == 0  # a partial acceptance is still a gain: no back-off
+    n.update(0, 7)
+    assert n.k == 6 and n.backoff == 1
+    assert n.next(10) == 0 and n.next(10) == 6  # one step skipped, then drafting again
+    n.update(0, 6)
+    assert n.backoff == 2 and [n.next(10) for _ in range(3)] == [0, 0, 5]
+    assert n.next(2) == 2  # never beyond what generation still needs
+    fixed = DraftLength(k=3, adaptive=False)
+    fixed.update(0, 3)
+    assert fixed.k == 3 and fixed.next(9) == 3
+    with pytest.raises(ConfigError):
+        DraftLength(k=0)
+    with pytest.raises(ConfigError):
+        make_drafter("oracle", None)  # type: ignore[arg-type]
+
+
+def test_speculative_sampling_keeps_the_distribution(tiny_checkpoint) -> None:
+    """3 sampled tokens (top-k 3): the joint distribution with drafts equals the model's exact one.
+
+    After the likeliest first token the drafter proposes the likeliest second one (accepted with its
+    probability); after any other it proposes a token outside the top 3 (always rejected, so the token
+    comes from the residual distribution). A chi-square test against the exact joint probabilities.
+    """
+    _, ref = tiny_checkpoint("llama")
+    prompt, k, samples = PROMPTS[0], 3, 3000
+
+    @torch.no_grad()
+    def topk_probs(ids: list[int]) -> dict[int, float]:
+        logits = ref(torch.tensor([ids])).logits[0, -1]
+        values, index = torch.topk(logits, k)
+        return dict(zip(index.tolist(), torch.softmax(values, -1).tolist(), strict=True))
+
+    exact: dict[tuple[int, ...], float] = {}
+    for a, pa in topk_probs(prompt).items():
+        for b, pb in topk_probs([*prompt, a]).items():
+            for c, pc in topk_probs([*prompt, a, b]).items():
+                exact[(a, b, c)] = pa * pb * pc
+    first = max(topk_probs(prompt).items(), key=lambda kv: kv[1])[0]
+    likely = max(topk_probs([*prompt, first]).items(), key=lambda kv: kv[1])[0]
+
+    class Fixed(Drafter):
+        def propose(self, ids: Sequence[int], n: int) -> list[int]:
+            if ids[-1] == first:
+                return [likely]
+            outside = next(t for t in range(3, 300) if t not in topk_probs(list(ids)))
+            return [outside]
+
+    counts: Counter[tuple[int, ...]] = Counter()
+    drafted = accepted = 0
+    for seed in range(samples):
+        params = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=k, seed=seed, ignore_eos=True)
+        drafter = Fixed(DraftLength(k=2, adaptive=False))
+        result = Generation(ModelDecoder(ref), prompt, params, drafter=drafter).run()
+        counts[tuple(result.token_ids)] += 1
+        drafted, accepted = drafted + result.drafted_tokens, accepted + result.accepted_tokens
+    assert 0 < accepted < drafted  # both branches taken, many times
+    assert set(counts) <= set(exact)
+    keys = sorted(exact, key=exact.__getitem__)
+    observed = [float(counts[key]) for key in keys]
+    expected = [exact[key] * samples for key in keys]
+    while len(expected) > 1 and expected[0] < 5:  # pool the rarest bins so the chi-square approximation holds
+        observed[1] += observed.pop(0)
+        expected[1] += expected.pop(0)
+    statistic = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+    dof = len(expected) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(statistic / 2)))  # chi2 survival
+    assert p_value > 1e-3, (p_value, statistic, dof)
