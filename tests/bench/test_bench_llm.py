@@ -130,6 +130,16 @@ def test_cli_bench_llm_writes_json_and_refuses_bad_options(tiny_checkpoint, tmp_
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())["rows"]
     assert [x["method"] for x in rows] == ["cache", "local-only"]
+    spec = ["--method", "cache", "--speculative", "lookup", "--speculative", "self", "--stop-at-eos"]
+    r = CliRunner().invoke(app, [*args, *spec, "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["method"], x["drafter"]) for x in rows] == [("cache", None), ("cache", "lookup"), ("cache", "self")]
+    assert rows[1]["text"] == rows[2]["text"] == rows[0]["text"]  # speculative rows: output unchanged
+    assert rows[1]["steps"] + 1 == rows[1]["new_tokens"] or rows[1]["drafted"] > 0
+    assert "lookup drafts:" in r.output and "same text" in r.output
+    r = CliRunner().invoke(app, [*args, "--speculative", "oracle"])
+    assert r.exit_code != 0 and "unknown drafter" in str(r.exception or r.output)
     r = CliRunner().invoke(app, [*args, "--link", "nowhere"])
     assert r.exit_code != 0 and "nowhere" in str(r.exception or r.output)
     with pytest.raises(ConfigError, match="methods"):

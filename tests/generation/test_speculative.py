@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from drafters import ScriptedDrafter
 from lambdasplit.errors import ConfigError, SessionError
 from lambdasplit.generation import (
     Drafter,
@@ -38,25 +39,6 @@ PROMPTS = [
     [1, 200, 201, 202, 203, 204, 205, 206, 207, 208, 200, 201, 202],
 ]
 NEW = 40
-
-
-class ScriptedDrafter(Drafter):
-    """Drafts the true greedy continuation with every third drafted token wrong: accepted and rejected drafts mix."""
-
-    name = "scripted"
-
-    def __init__(self, truth: list[int], prompt_len: int, vocab: int) -> None:
-        super().__init__(DraftLength(k=3, k_min=3, k_max=3, adaptive=False))
-        self.truth, self.prompt_len, self.vocab, self.calls = truth, prompt_len, vocab, 0
-
-    def propose(self, ids: Sequence[int], k: int) -> list[int]:
-        done = len(ids) - self.prompt_len
-        draft = list(self.truth[done : done + k])
-        self.calls += 1
-        if draft and self.calls % 2:
-            i = min(2, len(draft) - 1)
-            draft[i] = (draft[i] + 1) % self.vocab  # a wrong guess: rejected, caches roll back
-        return draft
 
 
 def plain(split, prompt: list[int]) -> list[int]:
@@ -142,6 +124,18 @@ def test_unsplit_model_decoder_speculates_too(tiny_checkpoint) -> None:
     # The model drafting for itself is always right: every draft accepted.
     assert drafted.accepted_tokens == drafted.drafted_tokens > 0
     assert drafted.steps < NEW // 2
+
+
+def test_a_separately_loaded_model_drafts_through_make_drafter(tiny_checkpoint) -> None:
+    path, _ = tiny_checkpoint("llama")
+    split = load_split(path, (1, N - 1), device="cpu", dtype="float32")
+    drafter = make_drafter(f"model:{path}", split)
+    assert drafter.name == f"model:{path}"
+    r = generate(split, PROMPTS[0], max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
+    assert r.token_ids == plain(split, PROMPTS[0])
+    assert r.accepted_tokens == r.drafted_tokens > 0  # the same weights: every draft holds
+    with pytest.raises(ConfigError, match="unknown drafter"):
+        make_drafter("model:", split)
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from websockets.sync.client import connect
 
+from drafters import ScriptedDrafter
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.errors import RemoteError
 from lambdasplit.generation import generate
@@ -88,6 +89,31 @@ def test_four_concurrent_clients_get_independent_correct_outputs(tiny, server) -
         t.join(timeout=120)
     assert not errors, errors
     assert [got[i] for i in range(len(PROMPTS))] == expected
+
+
+def test_speculative_steps_over_the_network_equal_plain_and_roll_back_the_body(tiny, server) -> None:
+    """Drafts cross in one FORWARD; rejected ones are rolled back on the server (sliding-window layers too)."""
+    split, client = connect_device(server, tiny, token=TOKEN)
+    new = 30
+    with client:
+        for prompt in PROMPTS[:2]:
+            plain = generate(split, prompt, max_new_tokens=new, ignore_eos=True, link=client.open_session("float32"))
+            drafter = ScriptedDrafter(plain.token_ids, len(prompt), int(split.config.vocab_size))
+            link = client.open_session("float32")
+            spec = generate(split, prompt, max_new_tokens=new, ignore_eos=True, link=link, drafter=drafter)
+            assert spec.token_ids == plain.token_ids
+            assert 0 < spec.accepted_tokens < spec.drafted_tokens
+            # Fewer round trips, and every drafted position crossed the wire once as a hidden state.
+            assert spec.traffic.messages == spec.steps + 1 < plain.traffic.messages
+            fed = len(prompt) + spec.steps + spec.drafted_tokens
+            assert spec.traffic.up_payload_bytes == 4 * split.hidden_size * fed
+            lookup = generate(
+                split, prompt, max_new_tokens=new, ignore_eos=True, link=client.open_session(), drafter="lookup"
+            )
+            assert (
+                lookup.token_ids
+                == generate(split, prompt, max_new_tokens=new, ignore_eos=True, link=client.open_session()).token_ids
+            )
 
 
 def test_wrong_token_and_wrong_model_are_refused(tiny, server, tiny_checkpoint) -> None:

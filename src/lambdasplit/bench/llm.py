@@ -41,7 +41,8 @@ from lambdasplit.bench.links import Link, LinkEndpoints, netns_unavailable, open
 from lambdasplit.client import CloudClient, SocketBytes, connect_device
 from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation import DRAFTERS, DraftLength, Generation, ModelDecoder, SamplingParams, make_drafter, stream
+from lambdasplit.generation import DraftLength, Generation, ModelDecoder, SamplingParams, make_drafter, stream
+from lambdasplit.generation.drafting import check_drafter_name
 from lambdasplit.generation.text import encode_prompt
 from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.models.checkpoint import Checkpoint
@@ -97,8 +98,8 @@ class TableConfig:
                 raise ConfigError(f"thread counts must be >= 1, got {n}")
         if self.device_cpus is not None and not self.device_cpus > 0:
             raise ConfigError(f"device_cpus must be > 0, got {self.device_cpus}")
-        if bad := set(self.speculative) - set(DRAFTERS):
-            raise ConfigError(f"drafters must be among {', '.join(DRAFTERS)}; got {sorted(bad)}")
+        for drafter in self.speculative:
+            check_drafter_name(drafter)
         if self.speculative and "cache" not in self.methods:
             raise ConfigError("speculative rows are cached split rows: keep the 'cache' method")
         DraftLength(k=self.draft_tokens)  # validates the range

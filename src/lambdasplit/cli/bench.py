@@ -58,8 +58,8 @@ def llm(
     speculative: Annotated[
         list[str] | None,
         typer.Option(
-            help="Add a cached split row with speculative steps per drafter (repeatable): lookup (prompt n-grams) "
-            "or self (head and tail without the body). Output must equal the plain row's."
+            help="Add a cached split row with speculative steps per drafter (repeatable): lookup (prompt n-grams), "
+            "self (head and tail without the body) or model:PATH. Output must equal the plain row's."
         ),
     ] = None,
     draft_tokens: DraftTokens = 4,

@@ -33,7 +33,7 @@ Speculative = Annotated[
     str | None,
     typer.Option(
         help="Draft tokens and verify several per round trip, output unchanged: lookup (n-grams of the prompt and "
-        "text so far) or self (head and tail without the body).",
+        "text so far), self (head and tail without the body) or model:PATH (a small model, same tokenizer).",
     ),
 ]
 DraftTokens = Annotated[int, typer.Option(min=1, max=16, help="Tokens drafted per step at first (then adapted).")]

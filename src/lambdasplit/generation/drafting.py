@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation.session import Decoder, SplitDecoder, Traffic
+from lambdasplit.generation.session import Decoder, ModelDecoder, SplitDecoder, Traffic
 from lambdasplit.split.loader import SplitModel
 
 
@@ -187,13 +187,42 @@ def self_drafter(split: SplitModel, length: DraftLength | None = None) -> ModelD
     return ModelDrafter(SplitDecoder(split, _SkippedBody()), length, name="self")
 
 
-DRAFTERS = ("lookup", "self")
+DRAFTERS = ("lookup", "self", "model:PATH")
+
+
+def model_drafter(model: str, split: SplitModel, length: DraftLength | None = None) -> ModelDrafter:
+    """Drafts with a separately loaded small causal LM (a name, folder, .gguf or hub id) on the device.
+
+    It must share the split model's tokenizer: its vocabulary size is checked.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lambdasplit.models.resolve import resolve_checkpoint
+
+    path = resolve_checkpoint(model, quiet=True)
+    rt = split.runtime
+    draft = AutoModelForCausalLM.from_pretrained(path, dtype=rt.dtype).to(rt.device).eval()
+    if int(draft.config.vocab_size) != int(split.config.vocab_size):
+        raise ConfigError(
+            f"the draft model {model} has a vocabulary of {draft.config.vocab_size} tokens, the split model "
+            f"{split.config.vocab_size}: a drafter must use the same tokenizer"
+        )
+    return ModelDrafter(ModelDecoder(draft), length, name=f"model:{model}")
 
 
 def make_drafter(kind: str, split: SplitModel, length: DraftLength | None = None) -> Drafter:
-    """A drafter by name: ``lookup`` (prompt n-grams) or ``self`` (head and tail without the body)."""
+    """A drafter by name: ``lookup`` (prompt n-grams), ``self`` (head and tail without the body) or
+    ``model:PATH`` (a small model with the same tokenizer)."""
     if kind == "lookup":
         return PromptLookupDrafter(length)
     if kind == "self":
         return self_drafter(split, length)
+    if kind.startswith("model:") and len(kind) > len("model:"):
+        return model_drafter(kind.removeprefix("model:"), split, length)
     raise ConfigError(f"unknown drafter {kind!r}; choose from {', '.join(DRAFTERS)}")
+
+
+def check_drafter_name(kind: str) -> None:
+    """Refuse a drafter name ``make_drafter`` would refuse, before anything is loaded."""
+    if kind not in ("lookup", "self") and not (kind.startswith("model:") and len(kind) > len("model:")):
+        raise ConfigError(f"unknown drafter {kind!r}; choose from {', '.join(DRAFTERS)}")
