@@ -33,6 +33,23 @@ def test_generate_json_has_the_promised_fields_and_equals_unsplit(tiny) -> None:
     assert unsplit["traffic"]["up_bytes"] == 0
 
 
+def test_generate_speculative_gives_the_same_tokens_in_fewer_steps(tiny) -> None:
+    # A prompt that repeats itself, so prompt lookup finds drafts on this random tiny model.
+    common = ["generate", "the quick brown fox " * 6, "--model", tiny, "-n", "24", "--json", "--layers", "1:4"]
+    plain = json.loads(run(*common).stdout)
+    for drafter in ("lookup", "self", f"model:{tiny}"):
+        res = run(*common, "--speculative", drafter, "--draft-tokens", "3")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["token_ids"] == plain["token_ids"], drafter
+        assert out["steps"] <= plain["steps"]
+    assert out["acceptance_rate"] == 1.0 and out["steps"] < plain["steps"]  # the model drafting for itself
+    res = run(*common, "--speculative", "lookup", "--no-cache")
+    assert res.returncode == 2 and "--no-cache" in res.stderr
+    res = run(*common, "--speculative", "psychic")
+    assert res.returncode == 2 and "unknown drafter" in res.stderr
+
+
 def test_generate_streams_text_and_prints_a_summary(tiny) -> None:
     res = run("generate", "hello", "--model", tiny, "-n", "5", "--chat", "--layers", "2:3")
     assert res.returncode == 0, res.stderr
