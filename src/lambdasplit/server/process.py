@@ -1,4 +1,4 @@
-"""Run `lambdasplit serve` as a child process and wait for its ready line (the demo, `up --cloud local`, tests)."""
+"""Run `lambdasplit serve` (or `up`) as a child process; wait for its ready line (demo, `up --cloud local`, tests)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,27 @@ def body_server_process(
     ``wrap`` rewrites the command line, e.g. to run it in another network namespace (the benchmark's links).
     The token travels in the child's environment, not its command line, where `ps` would show it.
     """
+    with lambdasplit_process(
+        ["serve", "--port", "0", *args], READY, token=token, timeout=timeout, env=env, wrap=wrap
+    ) as url:
+        yield url
+
+
+@contextmanager
+def lambdasplit_process(
+    argv: Sequence[str],
+    ready: str,
+    *,
+    token: str | None = None,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+) -> Iterator[str]:
+    """Run ``lambdasplit ARGV``; yield what follows ``ready`` on the line that starts with it; stop it after."""
     child_env = {**os.environ, **(env or {})}
     if token is not None:
         child_env["LAMBDASPLIT_TOKEN"] = token
-    command = [sys.executable, "-c", "from lambdasplit.cli import main; main()", "serve", "--port", "0", *args]
+    command = [sys.executable, "-c", "from lambdasplit.cli import main; main()", *argv]
     proc = subprocess.Popen(
         wrap(command) if wrap else command,
         stdout=subprocess.PIPE,
@@ -47,7 +64,7 @@ def body_server_process(
     threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True).start()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
     try:
-        yield _wait_ready(proc, lines, timeout, stderr)
+        yield _wait_ready(proc, lines, ready, timeout, stderr, argv[0])
     finally:
         stop_process(proc)
 
@@ -64,15 +81,17 @@ def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGINT, timeout:
         proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen[str], lines: queue.Queue[str], timeout: float, stderr: list[str]) -> str:
+def _wait_ready(
+    proc: subprocess.Popen[str], lines: queue.Queue[str], ready: str, timeout: float, stderr: list[str], name: str
+) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             line = lines.get(timeout=0.2)
         except queue.Empty:
             continue
-        if line.startswith(READY):
-            return line[len(READY) :].strip()
+        if line.startswith(ready):
+            return line[len(ready) :].strip()
     proc.kill()
     tail = "".join(stderr)[-3000:]
-    raise LambdaSplitError(f"the body server did not start within {timeout:.0f} s (exit {proc.poll()}):\n{tail}")
+    raise LambdaSplitError(f"`lambdasplit {name}` did not start within {timeout:.0f} s (exit {proc.poll()}):\n{tail}")

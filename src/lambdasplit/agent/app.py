@@ -1,0 +1,340 @@
+"""The device agent: an OpenAI-compatible endpoint on 127.0.0.1 whose model runs split with a cloud body.
+
+Apps written against the OpenAI API point their base URL here. The agent holds the head and tail,
+keeps one connection to the body server, and opens one body session per request; only hidden states
+go to the cloud. Routes:
+
+    GET  /                          the web UI (chat + "What the network sees")
+    GET  /v1/models                 the one model this agent serves
+    POST /v1/chat/completions       chat, non-streaming or ``stream: true`` (server-sent events)
+    POST /v1/completions            plain text completion, same options
+    GET  /v1/lambdasplit/info       split points, wire dtype, cloud URL, totals (for the UI)
+    GET  /v1/lambdasplit/network    server-sent events: every step's frame sizes and transmitted state
+    GET  /health
+
+Generation runs on a thread pool (``max_parallel`` requests at once; more wait their turn), so several
+requests are served at once, each with its own body session on the shared connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from lambdasplit import __version__
+from lambdasplit.agent.feed import NetworkFeed, ObservedLink
+from lambdasplit.agent.schema import ApiError, ChatCompletionRequest, CompletionRequest, parse
+from lambdasplit.client.connection import CloudClient
+from lambdasplit.errors import LambdaSplitError, RemoteError, WireError
+from lambdasplit.generation import Generation, GenerationResult, SamplingParams, prompt_ids, stream
+from lambdasplit.split.loader import SplitModel
+from lambdasplit.wire import WireDtype
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+_END = object()  # marks the end of a streamed generation on its queue
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    wire_dtype: WireDtype = WireDtype.FLOAT16
+    max_parallel: int = 4  # generations at once
+    default_max_tokens: int = 512  # when a request names none
+    speculative: str | None = None  # drafter name for every request (None: plain steps)
+    cloud_label: str = ""  # how the UI names the cloud (its URL, or "local body server")
+
+
+class DeviceAgent:
+    """Holds the device's parts and the cloud connection; ``app`` is the ASGI application."""
+
+    def __init__(self, split: SplitModel, client: CloudClient, settings: AgentSettings | None = None) -> None:
+        if split.head is None or split.tail is None or split.tokenizer is None:
+            raise LambdaSplitError("the device agent needs the head, the tail and the tokenizer")
+        self.split, self.client = split, client
+        self.settings = settings or AgentSettings()
+        self.feed = NetworkFeed()
+        self.executor = ThreadPoolExecutor(self.settings.max_parallel, thread_name_prefix="lambdasplit-agent")
+        self.created = int(time.time())
+        limits = client.welcome.get("limits", {})
+        positions = getattr(split.config, "max_position_embeddings", None) or 1 << 30
+        self.max_context = min(int(limits.get("max_context", positions)), int(positions))
+        self.app = Starlette(
+            routes=[
+                Route("/", self.index),
+                Route("/health", self.health),
+                Route("/v1/models", self.models),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/lambdasplit/info", self.info),
+                Route("/v1/lambdasplit/network", self.network),
+            ],
+            exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed},
+            lifespan=self._lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        yield
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def model_id(self) -> str:
+        return self.split.name
+
+    # --- plain routes -------------------------------------------------------------------------------
+    async def index(self, request: Request) -> HTMLResponse:
+        page = resources.files("lambdasplit.agent").joinpath("ui/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
+
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": self.model_id})
+
+    async def models(self, request: Request) -> JSONResponse:
+        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lambdasplit"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def info(self, request: Request) -> JSONResponse:
+        p = self.split.points
+        return JSONResponse(
+            {
+                "model": self.model_id,
+                "version": __version__,
+                "layers": {
+                    "head": [0, p.head_layers],
+                    "body": [p.head_layers, p.body_end],
+                    "tail": [p.body_end, p.num_layers],
+                },
+                "hidden_size": self.split.hidden_size,
+                "wire_dtype": self.settings.wire_dtype.name.lower(),
+                "cloud": self.settings.cloud_label or self.client.url,
+                "speculative": self.settings.speculative,
+                "totals": self.feed.totals(),
+            }
+        )
+
+    async def network(self, request: Request) -> StreamingResponse:
+        queue = self.feed.subscribe()
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield _sse({"type": "hello", "totals": self.feed.totals()})
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), timeout=15)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield _sse(event)
+            finally:
+                self.feed.unsubscribe(queue)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    # --- OpenAI routes ------------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse(ChatCompletionRequest, await _json(request))
+        self._check_model(body.model)
+        messages = body.chat()
+        return await self._complete(body, messages, chat=True, kind="chat", prompt_view=messages)
+
+    async def completions(self, request: Request) -> Response:
+        body = parse(CompletionRequest, await _json(request))
+        self._check_model(body.model)
+        text = body.text()
+        return await self._complete(body, text, chat=False, kind="text", prompt_view=text)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_id:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist here; this agent serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def _complete(self, body: Any, prompt: Any, *, chat: bool, kind: str, prompt_view: Any) -> Response:
+        params = body.sampling(self.settings.default_max_tokens)
+        ids = prompt_ids(self.split, prompt, chat=chat)
+        if len(ids) + params.max_new_tokens > self.max_context:
+            raise ApiError(
+                400,
+                f"{len(ids)} prompt tokens + max_tokens {params.max_new_tokens} exceed the context of "
+                f"{self.max_context} positions",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        request_id = self.feed.new_request(prompt_view, kind)
+        reply = _Reply(kind, self.model_id, self.split.fingerprint)
+        if not body.stream:
+            result = await self._run(lambda: self._generation(ids, params, request_id).run())
+            return JSONResponse(reply.whole(result))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await self._stream(ids, params, request_id, reply, include_usage)
+
+    def _generation(self, ids: list[int], params: SamplingParams, request_id: str) -> Generation:
+        """A generation on a fresh body session (on a generation thread)."""
+        try:
+            link = ObservedLink(self.client.open_session(self.settings.wire_dtype), self.feed, request_id)
+        except (WireError, RemoteError) as exc:
+            raise _cloud_error(exc) from exc
+        return stream(self.split, ids, link=link, params=params, drafter=self.settings.speculative)
+
+    async def _run(self, work: Callable[[], GenerationResult]) -> GenerationResult:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        except (WireError, RemoteError) as exc:
+            raise _cloud_error(exc) from exc
+
+    async def _stream(
+        self, ids: list[int], params: SamplingParams, request_id: str, reply: _Reply, include_usage: bool
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def produce() -> None:
+            try:
+                run = self._generation(ids, params, request_id)
+                for event in run:
+                    if cancelled.is_set():
+                        break  # the client went away: closing the generation closes its body session
+                    loop.call_soon_threadsafe(queue.put_nowait, event.text)
+                loop.call_soon_threadsafe(queue.put_nowait, run.result)
+            except BaseException as exc:  # surfaced to the client as an error event
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        self.executor.submit(produce)
+        first = await queue.get()  # errors before the first token are a plain error response
+        if isinstance(first, BaseException):
+            await queue.get()
+            raise _cloud_error(first) if isinstance(first, WireError | RemoteError) else first
+
+        async def chunks() -> AsyncIterator[str]:
+            item = first
+            yield _sse(reply.chunk(role=True))
+            try:
+                while item is not _END:
+                    if isinstance(item, str):
+                        if item:
+                            yield _sse(reply.chunk(text=item))
+                    elif isinstance(item, GenerationResult):
+                        yield _sse(reply.chunk(finish=_FINISH[item.finish_reason], usage_null=include_usage))
+                        if include_usage:
+                            yield _sse(reply.usage_chunk(item))
+                    elif isinstance(item, BaseException):
+                        error = _cloud_error(item) if isinstance(item, WireError | RemoteError) else item
+                        body = error.body() if isinstance(error, ApiError) else ApiError(500, str(item)).body()
+                        yield _sse(body)
+                    item = await queue.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                cancelled.set()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+class _Reply:
+    """OpenAI response objects for one request (chat or text completion)."""
+
+    def __init__(self, kind: str, model: str, fingerprint: str) -> None:
+        self.kind, self.model = kind, model
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.fingerprint = f"lambdasplit-{fingerprint[:12]}"
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+        }
+
+    @staticmethod
+    def usage(result: GenerationResult) -> dict[str, int]:
+        return {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.new_tokens,
+            "total_tokens": result.prompt_tokens + result.new_tokens,
+        }
+
+    def whole(self, result: GenerationResult) -> dict[str, Any]:
+        finish = _FINISH[result.finish_reason]
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None}
+            out = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None}
+            out = self._head("text_completion")
+        return out | {"choices": [choice | {"finish_reason": finish}], "usage": self.usage(result)}
+
+    def chunk(
+        self, *, text: str = "", role: bool = False, finish: str | None = None, usage_null: bool = False
+    ) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            )
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            out = self._head("chat.completion.chunk")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            out = self._head("text_completion")
+        out["choices"] = [choice]
+        if usage_null:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._head(obj) | {"choices": [], "usage": self.usage(result)}
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def _cloud_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, RemoteError) and exc.code == "context_full":
+        return ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, RemoteError) and exc.code == "too_many_sessions":
+        return ApiError(503, f"the body server is full: {exc}", type="server_error", code="cloud_busy")
+    return ApiError(502, f"the body server failed: {exc}", type="server_error", code="cloud_unavailable")
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    error = ApiError(404, f"no route {request.method} {request.url.path}", code="unknown_url")
+    return JSONResponse(error.body(), status_code=404)
+
+
+async def _not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    error = ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    return JSONResponse(error.body(), status_code=405)

@@ -1,0 +1,77 @@
+"""``lambdasplit up``: the device agent. An OpenAI-compatible API and a web UI on 127.0.0.1, the body in the cloud."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lambdasplit.agent import AgentSettings, DeviceAgent
+from lambdasplit.agent.run import run_agent
+from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Model, Speculative
+from lambdasplit.client import connect_device
+from lambdasplit.errors import ConfigError
+from lambdasplit.generation.drafting import check_drafter_name
+from lambdasplit.server.process import body_server_process
+from lambdasplit.wire import WireDtype
+
+_err = Console(stderr=True)
+
+
+def up(
+    cloud: Annotated[
+        str,
+        typer.Option(help="Body server URL (ws://HOST:PORT/v1/split or wss://...), or 'local' to start one here."),
+    ],
+    model: Model = DEFAULTS["model"],
+    layers: Annotated[str, typer.Option("--layers", "-l", help="Split points X:Y for --cloud local.")] = "2:28",
+    host: Annotated[str, typer.Option(help="Address to serve on. Keep 127.0.0.1: the API has no auth.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one; the ready line names it).")] = 8000,
+    token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
+    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8.")] = (
+        "float16"
+    ),
+    max_parallel: Annotated[int, typer.Option(min=1, help="Generations served at once; more wait.")] = 4,
+    speculative: Speculative = None,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a web UI.
+
+    Point any OpenAI client at http://127.0.0.1:8000/v1. Head and tail run in this process; each request
+    gets its own session on the body server, and only hidden states cross the network. The UI at / shows
+    what the network sees, step by step.
+    """
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        _err.print(f"[yellow]warning[/]: serving on {host}: anyone who can reach it can use your model and cloud")
+    wire = WireDtype.parse(wire_dtype)
+    if speculative is not None:
+        check_drafter_name(speculative)
+    with contextlib.ExitStack() as stack:
+        if cloud == "local":
+            token = secrets.token_urlsafe(16)
+            with _err.status(f"starting a local body server (layers {layers} of {model})"):
+                url = stack.enter_context(body_server_process(["--model", str(model), "--layers", layers], token=token))
+            label = f"local body server {url}"
+        elif cloud.startswith(("ws://", "wss://")):
+            url, label = cloud, cloud
+            token = token or os.environ.get("LAMBDASPLIT_TOKEN")
+        else:
+            raise ConfigError(f"--cloud takes ws://HOST:PORT/v1/split, wss://... or 'local', got {cloud!r}")
+        with _err.status(f"loading the head and tail of {model}, handshake with {url}"):
+            split, client = connect_device(url, model, token=token, device=device, dtype=dtype, quiet=True)
+        stack.enter_context(client)
+        settings = AgentSettings(wire_dtype=wire, max_parallel=max_parallel, speculative=speculative, cloud_label=label)
+        agent = DeviceAgent(split, client, settings)
+        p = split.points
+        _err.print(
+            f"{split.name}: head [0, {p.head_layers}) and tail [{p.body_end}, {p.num_layers}) here, "
+            f"body [{p.head_layers}, {p.body_end}) on {label}; wire {wire.name.lower()}"
+        )
+        run_agent(agent, host=host, port=port)
