@@ -166,8 +166,9 @@ class DeviceAgent:
             )
 
     async def _complete(self, body: Any, prompt: Any, *, chat: bool, kind: str, prompt_view: Any) -> Response:
-        params = body.sampling(self.settings.default_max_tokens)
         ids = prompt_ids(self.split, prompt, chat=chat)
+        # Without max_tokens, an answer may use the rest of the context, up to default_max_tokens.
+        params = body.sampling(max(1, min(self.settings.default_max_tokens, self.max_context - len(ids))))
         if len(ids) + params.max_new_tokens > self.max_context:
             raise ApiError(
                 400,
