@@ -81,7 +81,7 @@ def agent(*args: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def stack(tiny_checkpoint):
-    """(agent base URL, relay, checkpoint path, unsplit reference model)."""
+    """(agent base URL, relay, checkpoint path, unsplit reference model, body server URL)."""
     path, ref = tiny_checkpoint("llama")
     with body_server("--model", str(path), "--layers", MODEL_LAYERS, "--token", TOKEN) as server:
         parts = urlsplit(server)
@@ -89,7 +89,7 @@ def stack(tiny_checkpoint):
         cloud = f"ws://127.0.0.1:{relay.port}/v1/split"
         try:
             with agent("--cloud", cloud, "--model", str(path), "--wire-dtype", "float32") as url:
-                yield url, relay, path, ref
+                yield url, relay, path, ref, server
         finally:
             relay.close()
 
@@ -106,7 +106,7 @@ def model_name(stack) -> str:
 
 def unsplit_answer(stack, messages: list[dict[str, str]] | str, max_tokens: int) -> tuple[str, int]:
     """The plain unsplit HF model's greedy answer, decoded the same way."""
-    _, _, path, ref = stack
+    _, _, path, ref, _ = stack
     split = load_split(path, MODEL_LAYERS, parts=["head", "tail"])
     assert split.tokenizer is not None
     ids = encode_prompt(split.tokenizer, messages, chat=not isinstance(messages, str))
@@ -320,6 +320,35 @@ def test_info_and_network_feed_report_the_split_and_the_bytes(stack, client) -> 
     assert step["up_bytes"] == 24 + 4 * 64 and step["down_bytes"] == 24 + 4 * 64  # one float32 row + header
     assert len(step["last_row"]) == 64 and any(v != 0 for v in step["last_row"])
     assert step["totals"]["up_bytes"] >= step["up_bytes"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_body_session(stack, client) -> None:
+    server = stack[4]
+    request = urllib.request.Request(
+        f"{stack[0]}/v1/chat/completions",
+        data=json.dumps(
+            {"model": model_name(stack), "messages": MESSAGES, "max_tokens": 200, "stream": True, "temperature": 0}
+        ).encode(),
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        for _ in range(4):  # a few chunks, then hang up
+            r.readline()
+        assert sessions(server) == 1
+    for _ in range(100):
+        if sessions(server) == 0:
+            break
+        threading.Event().wait(0.1)
+    assert sessions(server) == 0
+    # The agent still serves.
+    reply = client.chat.completions.create(model=model_name(stack), messages=MESSAGES, temperature=0, max_tokens=3)
+    assert reply.usage is not None and reply.usage.completion_tokens == 3
+
+
+def sessions(server: str) -> int:
+    url = server.replace("ws://", "http://").removesuffix("/v1/split") + "/metrics"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return int(json.loads(r.read())["sessions"])
 
 
 def test_agent_refuses_a_bad_cloud_url(tiny_checkpoint) -> None:
