@@ -22,7 +22,9 @@ HELP = "Type a message. /reset forgets the conversation, /exit (or Ctrl-D) quits
 def chat(
     model: Model = DEFAULTS["model"],
     layers: Layers = DEFAULTS["layers"],
-    cloud: Annotated[str | None, typer.Option(help="Body server URL; without it, all parts run here.")] = None,
+    cloud: Annotated[
+        str | None, typer.Option(help="Body server URL(s), comma-separated; without it, all parts run here.")
+    ] = None,
     token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
     wire_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float16",
     system: Annotated[str | None, typer.Option(help="System message.")] = None,

@@ -52,7 +52,11 @@ def generate(
         bool, typer.Option("--no-cache", help="Paper's baseline: resend the whole sequence every step.")
     ] = False,
     cloud: Annotated[
-        str | None, typer.Option(help="Body server URL (ws://HOST:PORT/v1/split); layers come from the server.")
+        str | None,
+        typer.Option(
+            help="Body server URL (ws://HOST:PORT/v1/split; several, comma-separated, to fail over); layers come "
+            "from the server."
+        ),
     ] = None,
     token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
     wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8.")] = (

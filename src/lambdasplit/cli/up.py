@@ -25,7 +25,10 @@ _err = Console(stderr=True)
 def up(
     cloud: Annotated[
         str,
-        typer.Option(help="Body server URL (ws://HOST:PORT/v1/split or wss://...), or 'local' to start one here."),
+        typer.Option(
+            help="Body server URL (ws://HOST:PORT/v1/split or wss://...; several, comma-separated, to fail over), "
+            "or 'local' to start one here."
+        ),
     ],
     model: Model = DEFAULTS["model"],
     layers: Annotated[str, typer.Option("--layers", "-l", help="Split points X:Y for --cloud local.")] = "2:28",
@@ -59,7 +62,7 @@ def up(
             with _err.status(f"starting a local body server (layers {layers} of {model})"):
                 url = stack.enter_context(body_server_process(["--model", str(model), "--layers", layers], token=token))
             label = f"local body server {url}"
-        elif cloud.startswith(("ws://", "wss://")):
+        elif all(u.strip().startswith(("ws://", "wss://")) for u in cloud.split(",")):
             url, label = cloud, cloud
             token = token or os.environ.get("LAMBDASPLIT_TOKEN")
         else:

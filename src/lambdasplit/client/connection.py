@@ -13,6 +13,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError, RemoteError, WireError
+from lambdasplit.errors import ConfigError, LambdaSplitError, RemoteError, WireError
 from lambdasplit.generation.session import Traffic
 from lambdasplit.wire import (
     Frame,
@@ -68,36 +69,98 @@ class CloudClient:
     ``welcome`` holds what the server announced: model, fingerprint, split ``layers``, hidden size,
     limits. With ``fingerprint`` given, a server running another model refuses the connection.
     Requests are serialised by a lock, so several threads may share one client.
+
+    ``url`` may be a list: the first that answers is used, and ``reconnect`` (called by sessions whose
+    connection was lost) tries them all, in order, for up to ``reconnect_deadline`` seconds. A request
+    with no answer within ``timeout`` seconds counts as a lost connection.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         fingerprint: str | None = None,
         timeout: float = 60.0,
         ca_file: str | None = None,
         limits: FrameLimits | None = None,
+        reconnect_deadline: float = 60.0,
     ) -> None:
-        self.url, self.timeout = url, timeout
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ConfigError("at least one body server URL is needed")
+        self.url, self.timeout, self.reconnect_deadline = self.urls[0], timeout, reconnect_deadline
         self.limits = limits or FrameLimits()
+        self._token, self._fingerprint, self._ca_file = token, fingerprint, ca_file
         self._lock = threading.Lock()
+        self._reconnect_lock = threading.Lock()
+        self.epoch = 0  # +1 per (re)connection; sessions of an older epoch are gone
+        self.reconnects = 0
         self.frames_sent = self.frames_received = self.bytes_sent = self.bytes_received = 0
-        self._ws = self._connect(url, token, timeout, ca_file)
-        self._sock: socket.socket = self._ws.socket
+        errors: list[LambdaSplitError] = []
+        for candidate in self.urls:
+            try:
+                self.welcome: dict[str, Any] = self._open(candidate)
+                break
+            except RemoteError:
+                raise  # refused (token, model): another URL of the same deployment would refuse too
+            except WireError as exc:
+                errors.append(exc)
+        else:
+            raise errors[-1] if len(errors) == 1 else WireError("; ".join(str(e) for e in errors))
+
+    def _open(self, url: str) -> dict[str, Any]:
+        """Connect to ``url`` and shake hands; only then does it become the client's connection."""
+        ws = self._connect(url, self._token, self.timeout, self._ca_file)
+        hello = {"protocol": PROTOCOL, "client": f"lambdasplit/{__version__}"}
+        if self._fingerprint:
+            hello["fingerprint"] = self._fingerprint
         try:
-            welcome = self.request(
-                Frame.json(
-                    MessageType.HELLO,
-                    {"protocol": PROTOCOL, "client": f"lambdasplit/{__version__}"}
-                    | ({"fingerprint": fingerprint} if fingerprint else {}),
-                )
-            )
+            raw = self._exchange(ws, encode_frame(Frame.json(MessageType.HELLO, hello)))
+            welcome = _check(decode_frame(raw, self.limits)).json_body()
         except BaseException:
-            self.close()
+            ws.close()
             raise
-        self.welcome: dict[str, Any] = welcome.json_body()
+        with self._lock:
+            self._ws, self._sock, self.url = ws, ws.socket, url
+            self.epoch += 1
+        return welcome
+
+    def reconnect(self, seen_epoch: int) -> float:
+        """Connect again (to any of the URLs) after the connection of ``seen_epoch`` was lost.
+
+        Several sessions may call this at once: the first reconnects, the others find the epoch moved
+        on and return. Retries with back-off until ``reconnect_deadline``; the new server must run the
+        same model and split. Returns the seconds it took.
+        """
+        start = time.monotonic()
+        with self._reconnect_lock:
+            if self.epoch != seen_epoch:
+                return time.monotonic() - start
+            with contextlib.suppress(Exception):
+                self._ws.close()
+            layers, delay, last = self.welcome.get("layers"), 0.1, None
+            while True:
+                for url in self.urls:
+                    try:
+                        welcome = self._open(url)
+                    except RemoteError:
+                        raise  # the server answered and refused (token, model): retrying will not help
+                    except WireError as exc:
+                        last = exc
+                        continue
+                    if welcome.get("layers") != layers:
+                        self.close()
+                        raise WireError(f"{url} now splits at {welcome.get('layers')}, not {layers}: cannot resume")
+                    self.welcome = welcome
+                    self.reconnects += 1
+                    return time.monotonic() - start
+                if time.monotonic() - start + delay > self.reconnect_deadline:
+                    raise WireError(
+                        f"lost the body server and could not reconnect within {self.reconnect_deadline:.0f} s: {last}"
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _connect(self, url: str, token: str | None, timeout: float, ca_file: str | None) -> ClientConnection:
         parts = urlsplit(url)
@@ -142,13 +205,16 @@ class CloudClient:
     def roundtrip(self, data: bytes) -> bytes:
         """Send one encoded frame, return the raw reply."""
         with self._lock:
-            try:
-                self._ws.send(data)
-                reply = self._ws.recv(timeout=self.timeout)
-            except TimeoutError as exc:
-                raise WireError(f"no answer from {self.url} within {self.timeout:.0f} s") from exc
-            except ConnectionClosed as exc:
-                raise WireError(f"connection to {self.url} lost: {exc}") from exc
+            return self._exchange(self._ws, data)
+
+    def _exchange(self, ws: ClientConnection, data: bytes) -> bytes:
+        try:
+            ws.send(data)
+            reply = ws.recv(timeout=self.timeout)
+        except TimeoutError as exc:
+            raise WireError(f"no answer from {self.url} within {self.timeout:.0f} s") from exc
+        except (ConnectionClosed, OSError) as exc:
+            raise WireError(f"connection to {self.url} lost: {exc}") from exc
         if isinstance(reply, str):
             raise WireError("the server sent a text message; expected binary frames")
         self.frames_sent += 1
@@ -162,8 +228,11 @@ class CloudClient:
         return _check(decode_frame(self.roundtrip(encode_frame(frame)), self.limits))
 
     def open_session(self, wire_dtype: WireDtype | str = WireDtype.FLOAT16) -> RemoteBodyLink:
-        opened = self.request(Frame.json(MessageType.OPEN, {}))
-        return RemoteBodyLink(self, opened.session, WireDtype.parse(wire_dtype))
+        """A new body session. It survives a lost connection: see ``RemoteBodyLink``."""
+        return RemoteBodyLink(self, self._open_handle(), WireDtype.parse(wire_dtype))
+
+    def _open_handle(self) -> int:
+        return self.request(Frame.json(MessageType.OPEN, {})).session
 
     def generate_text(
         self, prompt: str | list[dict[str, str]], *, chat: bool = False, system: str | None = None, **sampling: Any
@@ -221,19 +290,64 @@ def _check(frame: Frame) -> Frame:
     return frame
 
 
-class RemoteBodyLink:
-    """A ``BodyLink`` to one session on a body server. Counts the frames it sends and receives."""
+@dataclass(frozen=True)
+class Recovery:
+    """One session rebuilt after its connection or session was lost."""
 
-    def __init__(self, client: CloudClient, session: int, wire_dtype: WireDtype) -> None:
-        self.client, self.session, self.wire_dtype = client, session, wire_dtype
+    reason: str
+    seconds: float  # from the failed request to the replay done
+    replayed_positions: int
+
+
+class RemoteBodyLink:
+    """A ``BodyLink`` to one session on a body server. Counts the frames it sends and receives.
+
+    It keeps the hidden states it has sent in this session (a few KB per token). If the connection is
+    lost (the server died, restarted, or stopped answering within the client's timeout) or the server
+    no longer knows the session (evicted after idle), it reconnects through the client, opens a new
+    session and replays that history, so the body's cache is rebuilt and the generation goes on with
+    the same tokens. ``recoveries`` records each time it did; ``resume=False`` raises instead.
+    """
+
+    def __init__(self, client: CloudClient, session: int, wire_dtype: WireDtype, *, resume: bool = True) -> None:
+        self.client, self.session, self.wire_dtype, self.resume = client, session, wire_dtype, resume
+        self.epoch = client.epoch
         self.traffic = Traffic()
         self.closed = False
+        self.history: list[torch.Tensor] = []  # (rows, D) blocks sent, in order, covering positions [0, length)
+        self.length = 0
+        self.recoveries: list[Recovery] = []
         # The last frames as they crossed the wire, for showing what an eavesdropper sees.
         self.last_sent: bytes = b""
         self.last_received: bytes = b""
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
         """(1, T, D) at ``position`` -> (1, T, D), through the server's body and its KV cache for this session."""
+        failed_at: float | None = None
+        reason = ""
+        for attempt in range(3):
+            try:
+                if self.epoch != self.client.epoch or failed_at is not None:
+                    reason = reason or "the connection was re-established for another session"
+                    self._rebuild(position if not reset else 0)
+                    self.recoveries.append(
+                        Recovery(reason, time.monotonic() - (failed_at or time.monotonic()), 0 if reset else position)
+                    )
+                out = self._forward_once(hidden, position, reset)
+                break
+            except RemoteError as exc:  # the server answered, with an error (RemoteError is a WireError)
+                if exc.code != "unknown_session" or not self.resume or attempt == 2:
+                    raise
+                reason, failed_at = "session unknown to the server (evicted or restarted)", time.monotonic()
+            except WireError as exc:  # the connection is gone
+                if not self.resume or attempt == 2:
+                    raise
+                reason, failed_at = f"connection lost: {exc}", time.monotonic()
+                self.client.reconnect(self.epoch)
+        self._remember(hidden, position, reset)
+        return out
+
+    def _forward_once(self, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
         flags = FrameFlags.RESET if reset else FrameFlags(0)
         start = time.perf_counter()
         frame = tensor_frame(MessageType.FORWARD, hidden[0], self.wire_dtype, self.session, position, flags=flags)
@@ -251,10 +365,46 @@ class RemoteBodyLink:
         self.last_sent, self.last_received = data, raw
         return out.unsqueeze(0)
 
+    def _remember(self, hidden: torch.Tensor, position: int, reset: bool) -> None:
+        """Keep what the body now holds: positions [0, position) of the history, then these rows."""
+        if reset:
+            self.history, self.length = [], 0
+            return  # a no-cache step resends everything anyway
+        self._truncate(position)
+        self.history.append(hidden[0].detach().to("cpu", copy=True))
+        self.length = position + hidden.shape[1]
+
+    def _truncate(self, length: int) -> None:
+        kept, total = [], 0
+        for block in self.history:
+            if total >= length:
+                break
+            take = min(block.shape[0], length - total)
+            kept.append(block[:take])
+            total += take
+        self.history, self.length = kept, total
+
+    def _rebuild(self, position: int) -> None:
+        """A new session on the (new) connection, fed the first ``position`` positions sent so far."""
+        self.epoch = self.client.epoch
+        self.session = self.client._open_handle()
+        self._truncate(position)
+        if not self.history:
+            return
+        states = torch.cat(self.history)  # (position, D)
+        row_bytes = states.shape[1] * 4 + 64
+        rows = max(1, (self.client.limits.max_frame_bytes - 1024) // row_bytes)
+        for start in range(0, states.shape[0], rows):
+            chunk = states[start : start + rows].unsqueeze(0)
+            self._forward_once(chunk, start, False)  # the body's output for these is already in the tail's cache
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.history = []
+        if self.epoch != self.client.epoch:
+            return  # that session went with its connection
         # If the connection is gone, the server frees that connection's sessions by itself.
-        with contextlib.suppress(WireError):
+        with contextlib.suppress(WireError, RemoteError):
             self.client.request(Frame.json(MessageType.CLOSE, {}, session=self.session))

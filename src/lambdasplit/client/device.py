@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -15,7 +16,7 @@ from lambdasplit.split.loader import SplitModel, load_split
 
 
 def connect_device(
-    url: str,
+    url: str | Sequence[str],
     model: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     token: str | None = None,
@@ -24,14 +25,24 @@ def connect_device(
     timeout: float = 60.0,
     ca_file: str | None = None,
     quiet: bool = False,
+    reconnect_deadline: float = 60.0,
 ) -> tuple[SplitModel, CloudClient]:
     """Connect to the body server at ``url`` and load this device's head and tail for its split points.
 
     The handshake carries this checkpoint's fingerprint; a server running another model refuses it
-    (``RemoteError`` with code ``model_mismatch``).
+    (``RemoteError`` with code ``model_mismatch``). ``url`` may be a list (or a comma-separated string)
+    of servers of the same deployment: the client fails over between them (``CloudClient``).
     """
+    urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
     fingerprint = Checkpoint(resolve_checkpoint(model, quiet=quiet)).fingerprint()
-    client = CloudClient(url, token=token, fingerprint=fingerprint, timeout=timeout, ca_file=ca_file)
+    client = CloudClient(
+        urls,
+        token=token,
+        fingerprint=fingerprint,
+        timeout=timeout,
+        ca_file=ca_file,
+        reconnect_deadline=reconnect_deadline,
+    )
     try:
         if client.mode != "split":
             raise ConfigError(
