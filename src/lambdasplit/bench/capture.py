@@ -58,11 +58,16 @@ def capture_unavailable() -> str | None:
 
 
 @contextmanager
-def capture(iface: str, port: int, path: Path) -> Iterator[Path]:
-    """Record TCP packets to or from ``port`` on ``iface`` into the pcap file ``path`` while the block runs."""
+def capture(iface: str, port: int, path: Path, snaplen: int = 128) -> Iterator[Path]:
+    """Record TCP packets to or from ``port`` on ``iface`` into the pcap file ``path`` while the block runs.
+
+    ``snaplen`` bytes of each packet are kept: the default holds the headers (byte counts come from them);
+    0 keeps whole packets, for looking at payloads (``pcap_payloads``).
+    """
     if reason := capture_unavailable():
         raise ConfigError(reason)
-    argv = ["tcpdump", "-i", iface, "-w", str(path), "-U", "-n", "-s", "128", "--immediate-mode", f"tcp port {port}"]
+    argv = ["tcpdump", "-i", iface, "-w", str(path), "-U", "-n", "-s", str(snaplen), "--immediate-mode"]
+    argv.append(f"tcp port {port}")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     answered = threading.Event()  # tcpdump said it listens, or its stderr ended (it exited)
     lines: list[str] = []
@@ -104,6 +109,30 @@ def pcap_bytes(path: Path, server_port: int) -> IpBytes:
 
     Lengths come from the IP headers (the packets' own sizes), so a small snap length loses nothing.
     """
+    up = down = packets_up = packets_down = 0
+    for size, sport, dport, _ in _tcp_packets(path):
+        if dport == server_port:
+            up, packets_up = up + size, packets_up + 1
+        elif sport == server_port:
+            down, packets_down = down + size, packets_down + 1
+    return IpBytes(up, down, packets_up, packets_down)
+
+
+def pcap_payloads(path: Path, server_port: int) -> tuple[bytes, bytes]:
+    """TCP payload bytes (as captured) to and from ``server_port``, each direction concatenated in order.
+
+    Needs a capture with whole packets (``capture(..., snaplen=0)``); meant for searching what crossed.
+    """
+    up, down = bytearray(), bytearray()
+    for _, sport, dport, payload in _tcp_packets(path):
+        if dport == server_port:
+            up += payload
+        elif sport == server_port:
+            down += payload
+    return bytes(up), bytes(down)
+
+
+def _tcp_packets(path: Path) -> Iterator[tuple[int, int, int, bytes]]:
     data = path.read_bytes()
     if len(data) < 24:
         raise ConfigError(f"{path} is not a pcap file (too short)")
@@ -115,25 +144,18 @@ def pcap_bytes(path: Path, server_port: int) -> IpBytes:
     linktype = struct.unpack_from(f"{e}I", data, 20)[0]
     if linktype not in _LINKTYPES:
         raise ConfigError(f"pcap link type {linktype} is not supported (Ethernet, Linux SLL and SLL2, raw IP are)")
-    up = down = packets_up = packets_down = 0
     offset = 24
     while offset + 16 <= len(data):
         caplen = struct.unpack_from(f"{e}I", data, offset + 8)[0]
         packet = data[offset + 16 : offset + 16 + caplen]
         offset += 16 + caplen
         parsed = _ip_packet(packet, linktype)
-        if parsed is None:
-            continue
-        size, sport, dport = parsed
-        if dport == server_port:
-            up, packets_up = up + size, packets_up + 1
-        elif sport == server_port:
-            down, packets_down = down + size, packets_down + 1
-    return IpBytes(up, down, packets_up, packets_down)
+        if parsed is not None:
+            yield parsed
 
 
-def _ip_packet(packet: bytes, linktype: int) -> tuple[int, int, int] | None:
-    """(IP packet length, TCP source port, TCP destination port), or None for anything else."""
+def _ip_packet(packet: bytes, linktype: int) -> tuple[int, int, int, bytes] | None:
+    """(IP packet length, TCP source port, TCP destination port, captured TCP payload), or None otherwise."""
     if linktype == _LINKTYPE_ETHERNET:
         if len(packet) < 14:
             return None
@@ -162,4 +184,5 @@ def _ip_packet(packet: bytes, linktype: int) -> tuple[int, int, int] | None:
     if proto != 6 or len(ip) < header + 4:  # TCP only (IPv6 extension headers are not followed)
         return None
     sport, dport = struct.unpack_from("!HH", ip, header)
-    return size, sport, dport
+    tcp_header = (ip[header + 12] >> 4) * 4 if len(ip) > header + 12 else 20
+    return size, sport, dport, ip[header + tcp_header : size]
