@@ -189,6 +189,39 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server) -> No
     assert errors["bad_shape"] >= 1 and errors["unknown_session"] >= 1
 
 
+def test_kv_memory_budget_refuses_clearly_and_frees_with_the_session(tiny) -> None:
+    # Tiny qwen2 body, layers 1..3: 2 (K, V) x 3 layers x 2 KV heads x 16 dims x 4 bytes = 768 B per position.
+    with body_server("--model", str(tiny), "--layers", "1:4", "--kv-budget-mb", "1") as url:
+        ws = connect(url, compression=None, proxy=None, max_size=None).__enter__()
+        ws.send(encode_frame(Frame.json(MessageType.HELLO, {})))
+        assert decode_frame(ws.recv(timeout=10)).json_body()["limits"]["kv_budget_bytes"] == 1 << 20
+        a = _ask(ws, encode_frame(Frame.json(MessageType.OPEN, {}))).session
+        b = _ask(ws, encode_frame(Frame.json(MessageType.OPEN, {}))).session
+        rows = lambda n: torch.randn(n, 64)  # noqa: E731
+        assert _ask(ws, encode_frame(tensor_frame(MessageType.FORWARD, rows(1000), "float16", a, 0))).type is (
+            MessageType.RESULT
+        )  # 750 KiB of cache
+        refused = _ask(ws, encode_frame(tensor_frame(MessageType.FORWARD, rows(500), "float16", b, 0)))
+        assert _code(refused) == "memory_full" and "MiB" in refused.json_body()["message"]
+        assert _ask(ws, encode_frame(Frame.json(MessageType.CLOSE, {}, session=a))).type is MessageType.CLOSED
+        reply = _ask(ws, encode_frame(tensor_frame(MessageType.FORWARD, rows(500), "float16", b, 0)))
+        assert reply.type is MessageType.RESULT  # the budget freed with the closed session
+        ws.close()
+
+
+def test_one_connection_cannot_step_or_close_another_connections_session(server) -> None:
+    with _raw(server) as owner, _raw(server) as other:
+        session = _ask(owner, encode_frame(Frame.json(MessageType.OPEN, {}))).session
+        step = encode_frame(tensor_frame(MessageType.FORWARD, torch.randn(2, 64), "float32", session, 0))
+        assert _code(_ask(other, step)) == "unknown_session"  # same handle, other connection: not found
+        assert _code(_ask(other, encode_frame(Frame.json(MessageType.CLOSE, {}, session=session)))) == (
+            "unknown_session"
+        )
+        assert _ask(owner, step).type is MessageType.RESULT  # untouched for its owner
+        opened = _ask(owner, encode_frame(Frame.json(MessageType.OPEN, {}))).json_body()
+        assert len(opened["id"]) == 32  # the session id is 128 random bits (for logs; never an access key)
+
+
 def test_oversized_frame_is_refused(tiny) -> None:
     with body_server("--model", str(tiny), "--layers", "1:4", "--max-frame-bytes", "4096") as url:
         ws = connect(url, compression=None, proxy=None, max_size=None).__enter__()

@@ -35,6 +35,9 @@ def serve_command(
     max_context: Annotated[int, typer.Option(help="Positions per session's KV cache.")] = _d.max_context,
     idle_ttl: Annotated[float, typer.Option(help="Seconds before an unused session is freed.")] = _d.idle_ttl,
     max_frame_bytes: Annotated[int, typer.Option(help="Largest frame accepted.")] = _d.max_frame_bytes,
+    kv_budget_mb: Annotated[
+        float, typer.Option(help="MiB all sessions' KV caches may hold together; more is refused (memory_full).")
+    ] = _d.kv_budget_bytes / (1 << 20),
     cloud_only: Annotated[
         bool,
         typer.Option(
@@ -63,6 +66,7 @@ def serve_command(
         max_context=max_context,
         idle_ttl=idle_ttl,
         max_frame_bytes=max_frame_bytes,
+        kv_budget_bytes=int(kv_budget_mb * (1 << 20)),
         tls_cert=tls_cert,
         tls_key=tls_key,
         cloud_only=cloud_only,

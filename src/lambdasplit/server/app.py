@@ -61,6 +61,16 @@ PATH = "/v1/split"
 _log = logging.getLogger(__name__)
 
 
+def kv_bytes_per_position(split: SplitModel) -> int:
+    """Bytes one position adds to a session's body KV cache: keys and values of every body layer."""
+    c, body = split.config, split.body
+    if body is None or body.num_layers == 0:
+        return 0
+    heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    return 2 * body.num_layers * heads * head_dim * torch.empty((), dtype=split.runtime.dtype).element_size()
+
+
 class Refusal(Exception):
     """A request the server refuses; becomes an ERROR frame."""
 
@@ -79,6 +89,7 @@ class BodyServer:
             raise ConfigError("a cloud-only server needs all three parts and the tokenizer (load_split(model, '0:'))")
         self.split, self.settings, self.body = split, settings, split.body
         self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
+        self.kv_bytes_per_position = kv_bytes_per_position(split)
         self.limits = settings.frame_limits
         # One compute thread: torch already uses every core per forward; two at once would only thrash.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
@@ -116,6 +127,7 @@ class BodyServer:
                 "max_context": self.settings.max_context,
                 "idle_ttl": self.settings.idle_ttl,
                 "max_frame_bytes": self.settings.max_frame_bytes,
+                "kv_budget_bytes": self.settings.kv_budget_bytes,
             },
         }
 
@@ -137,6 +149,7 @@ class BodyServer:
             {
                 "sessions": len(self.store),
                 "sessions_evicted": self.store.evicted,
+                "kv_bytes": self.store.positions() * self.kv_bytes_per_position,
                 **dict(self.counters),
                 "compute_seconds": round(self.compute_seconds, 6),
                 "errors": dict(self.errors),
@@ -262,6 +275,15 @@ class BodyServer:
             raise Refusal(
                 "context_full",
                 f"{pos} + {rows} positions exceed this server's max context {self.settings.max_context}",
+                sid,
+            )
+        start = 0 if frame.flags & FrameFlags.RESET else pos
+        held = self.store.positions() - s.length + start + rows  # every session's positions after this step
+        if held * self.kv_bytes_per_position > self.settings.kv_budget_bytes:
+            raise Refusal(
+                "memory_full",
+                f"the KV caches of all sessions would need {held * self.kv_bytes_per_position / 2**20:.1f} MiB, over "
+                f"this server's budget of {self.settings.kv_budget_bytes / 2**20:.1f} MiB; retry later or shorten",
                 sid,
             )
         rt = self.split.runtime

@@ -35,6 +35,10 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def positions(self) -> int:
+        """Positions held by all sessions' KV caches together."""
+        return sum(s.length for s in self._sessions.values())
+
     def open(self, owner: int) -> BodySession:
         if len(self._sessions) >= self.max_sessions:
             raise SessionError(
