@@ -38,6 +38,9 @@ def serve_command(
     kv_budget_mb: Annotated[
         float, typer.Option(help="MiB all sessions' KV caches may hold together; more is refused (memory_full).")
     ] = _d.kv_budget_bytes / (1 << 20),
+    max_batch: Annotated[
+        int, typer.Option(help="Most decode steps of different sessions batched into one forward (1: no batching).")
+    ] = _d.max_batch,
     cloud_only: Annotated[
         bool,
         typer.Option(
@@ -67,6 +70,7 @@ def serve_command(
         idle_ttl=idle_ttl,
         max_frame_bytes=max_frame_bytes,
         kv_budget_bytes=int(kv_budget_mb * (1 << 20)),
+        max_batch=max_batch,
         tls_cert=tls_cert,
         tls_key=tls_key,
         cloud_only=cloud_only,

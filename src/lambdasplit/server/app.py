@@ -42,6 +42,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from lambdasplit import __version__
 from lambdasplit.errors import ConfigError, FrameError, LambdaSplitError, SessionError
 from lambdasplit.generation import SamplingParams, TokenEvent, stream
+from lambdasplit.server.batching import Batcher
 from lambdasplit.server.sessions import BodySession, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
@@ -90,6 +91,12 @@ class BodyServer:
         self.split, self.settings, self.body = split, settings, split.body
         self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
         self.kv_bytes_per_position = kv_bytes_per_position(split)
+        self.batcher = Batcher(
+            split.body,
+            self._run,
+            lambda work: asyncio.get_running_loop().run_in_executor(self.executor, work),
+            settings.max_batch,
+        )
         self.limits = settings.frame_limits
         # One compute thread: torch already uses every core per forward; two at once would only thrash.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
@@ -151,7 +158,9 @@ class BodyServer:
                 "sessions_evicted": self.store.evicted,
                 "kv_bytes": self.store.positions() * self.kv_bytes_per_position,
                 **dict(self.counters),
-                "compute_seconds": round(self.compute_seconds, 6),
+                "compute_seconds": round(self.compute_seconds + self.batcher.compute_seconds, 6),
+                "batches": self.batcher.batches,
+                "batched_steps": self.batcher.batched_steps,
                 "errors": dict(self.errors),
                 "uptime_s": round(time.time() - self.started, 3),
             }
@@ -289,7 +298,7 @@ class BodyServer:
         rt = self.split.runtime
         hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
         reset = bool(frame.flags & FrameFlags.RESET)
-        out = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, s, hidden, pos, reset)
+        out = await self.batcher.submit(s, hidden, pos, reset)  # batched with other sessions' steps when it can
         self.counters["forward_frames"] += 1
         self.counters["positions"] += rows
         return tensor_frame(MessageType.RESULT, out, frame.dtype, sid, pos)

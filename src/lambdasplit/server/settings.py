@@ -23,6 +23,8 @@ class ServerSettings:
     #: Bytes all sessions' KV caches may hold together; a FORWARD that would go past it is refused
     #: (``memory_full``) instead of the process running out of memory.
     kv_budget_bytes: int = 4 << 30
+    #: Most decode steps of different sessions run as one batched forward (1 turns batching off).
+    max_batch: int = 16
     max_frame_bytes: int = 64 << 20
     wire_dtypes: tuple[WireDtype, ...] = field(
         default_factory=lambda: (WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16, WireDtype.QINT8)
@@ -40,6 +42,7 @@ class ServerSettings:
             "max_context": (self.max_context, self.max_context >= 1, ">= 1"),
             "idle_ttl": (self.idle_ttl, self.idle_ttl > 0, "> 0 seconds"),
             "kv_budget_bytes": (self.kv_budget_bytes, self.kv_budget_bytes >= 1 << 20, ">= 1 MiB"),
+            "max_batch": (self.max_batch, self.max_batch >= 1, ">= 1 (1: no batching)"),
             "max_frame_bytes": (self.max_frame_bytes, self.max_frame_bytes >= 1024, ">= 1024"),
         }
         for name, (value, ok, allowed) in checks.items():

@@ -81,10 +81,25 @@ class Body(_Part):
     """
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: Cache | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``attention_mask`` (B, past + T) and ``position_ids`` (B, T) are for batches of sessions whose
+        caches were left-padded to one length (the server's continuous batching); one session needs neither."""
         if self.model is None:
             return hidden
-        out = self.model(inputs_embeds=hidden, past_key_values=cache, use_cache=cache is not None)
+        out = self.model(
+            inputs_embeds=hidden,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+        )
         return out.last_hidden_state
 
 

@@ -1,0 +1,171 @@
+"""Load test: N concurrent devices on loopback, each generating M tokens through one body server.
+
+    python benchmarks/load_test.py --clients 1 --clients 8 --clients 32 --new-tokens 64 [--max-batch 16]
+        [--json artifacts/load.json]
+
+Starts `lambdasplit serve` (SmolLM2-135M-Instruct by default), then for each N: N threads, each with its
+own connection and session, start together and generate greedily with a float32 wire. Reports aggregate
+tokens/s, per-token latency p50/p99 (time between a client's consecutive tokens), errors, and whether every
+output equals the same prompt's single-client run (measured first, one client at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from lambdasplit.client import connect_device
+from lambdasplit.generation import stream
+from lambdasplit.models import DEFAULT_MODEL
+from lambdasplit.server.process import body_server_process
+from lambdasplit.split import SplitModel
+
+TOPICS = [
+    "the ocean", "volcanoes", "bread", "the moon", "bees", "trains", "rain", "chess", "coffee", "glaciers",
+    "owls", "bicycles", "the desert", "music", "paper", "lighthouses", "salt", "clocks", "whales", "tea",
+    "mountains", "bridges", "honey", "snow", "rivers", "maps", "candles", "forests", "kites", "stars",
+    "gardens", "libraries",
+]  # fmt: skip
+
+
+def prompt(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Tell me three facts about {TOPICS[i % len(TOPICS)]}."}]
+
+
+def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new: int) -> dict:
+    """One client per prompt index, all at once; returns outputs by index, latencies, errors, wall time."""
+    n = len(prompts)
+    outputs: dict[int, list[int]] = {}
+    gaps: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(n + 1)
+
+    def client(i: int) -> None:
+        try:
+            _, conn = connect_device(url, model, quiet=True)
+        except Exception as exc:
+            errors.append(repr(exc))
+            barrier.abort()
+            return
+        with conn:
+            try:
+                link = conn.open_session("float32")
+                run = stream(split, prompt(i), chat=True, link=link, max_new_tokens=new, ignore_eos=True)
+                barrier.wait(timeout=120)
+                last, mine = time.perf_counter(), []
+                for _ in run:
+                    now = time.perf_counter()
+                    mine.append(now - last)
+                    last = now
+                assert run.result is not None
+                with lock:
+                    outputs[i] = run.result.token_ids
+                    gaps.extend(mine[1:])  # the first gap includes the prompt
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in prompts]
+    for t in threads:
+        t.start()
+    barrier.wait(timeout=300)
+    start = time.perf_counter()
+    for t in threads:
+        t.join(timeout=1800)
+    wall = time.perf_counter() - start
+    return {"outputs": outputs, "gaps": gaps, "errors": errors, "wall": wall}
+
+
+def server_metrics(url: str) -> dict:
+    with urllib.request.urlopen(url.replace("ws://", "http://").removesuffix("/v1/split") + "/metrics") as r:
+        return json.loads(r.read())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--layers", default="2:28")
+    ap.add_argument("--clients", type=int, action="append", help="concurrent clients per round (repeatable)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch (1: no batching)")
+    ap.add_argument("--device-threads", type=int, default=1, help="torch threads of this (device) process")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="server on CPU 0 (one thread), the devices on CPU 1: the cloud and the devices stop competing for cores",
+    )
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    counts = args.clients or [1, 8, 32]
+    torch.set_num_threads(args.device_threads)
+    rows = []
+    serve = ["--model", args.model, "--layers", args.layers, "--max-batch", str(args.max_batch)]
+    serve += ["--max-sessions", "256"]
+    wrap = None
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+        serve += ["--threads", "1"]
+        wrap = lambda command: ["taskset", "-c", "0", *command]  # noqa: E731
+    with body_server_process(serve, env={"OMP_WAIT_POLICY": "PASSIVE"}, wrap=wrap) as url:
+        split, conn = connect_device(url, args.model, quiet=True)
+        conn.close()
+        print(f"server {url}, {args.model} layers {args.layers}, max batch {args.max_batch}", flush=True)
+        reference: dict[int, list[int]] = {}
+        single_rates = []
+        for i in range(max(counts)):  # the single-client runs every output is checked against
+            r = run_clients(url, args.model, split, [i], args.new_tokens)
+            if r["errors"]:
+                raise SystemExit(f"single-client run {i} failed: {r['errors']}")
+            reference[i] = r["outputs"][i]
+            single_rates.append(args.new_tokens / r["wall"])
+            print(f"  single-client reference {i + 1}/{max(counts)}: {single_rates[-1]:.2f} tok/s", flush=True)
+        single = statistics.median(single_rates)
+        for n in counts:
+            before = server_metrics(url)
+            r = run_clients(url, args.model, split, list(range(n)), args.new_tokens)
+            after = server_metrics(url)
+            correct = sum(r["outputs"].get(i) == reference[i] for i in range(n))
+            gaps = sorted(r["gaps"]) or [0.0]
+            tokens = sum(len(v) for v in r["outputs"].values())
+            row = {
+                "clients": n,
+                "tokens": tokens,
+                "wall_s": round(r["wall"], 3),
+                "aggregate_tok_s": round(tokens / r["wall"], 2),
+                "vs_single": round(tokens / r["wall"] / single, 2),
+                "p50_ms": round(1000 * gaps[len(gaps) // 2], 1),
+                "p99_ms": round(1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 1),
+                "errors": len(r["errors"]),
+                # The server's own compute per generated token: its capacity, whatever the devices cost here.
+                "server_ms_per_token": round(1000 * (after["compute_seconds"] - before["compute_seconds"]) / tokens, 2),
+                "batched_steps": after["batched_steps"] - before["batched_steps"],
+                "correct": f"{correct}/{n}",
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\nsingle client (median of {len(single_rates)}): {single:.2f} tok/s")
+    print("| clients | tokens | wall s | aggregate tok/s | x single | p50 ms/token | p99 ms/token | errors | equal "
+          "| server compute ms/token | steps batched |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['clients']} | {r['tokens']} | {r['wall_s']} | {r['aggregate_tok_s']} | {r['vs_single']}x "
+            f"| {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['correct']} | {r['server_ms_per_token']} "
+            f"| {r['batched_steps']} |"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "single": single, "rows": rows},
+                                        indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

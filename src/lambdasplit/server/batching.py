@@ -1,0 +1,153 @@
+"""Continuous batching: decode steps of different sessions that wait together run as one body forward.
+
+The server queues every FORWARD; whenever the compute thread is free it takes everything queued (up to
+``max_batch``). Single-position steps of sessions with a cache run as one batch: each session's keys and
+values are left-padded to the longest, an attention mask hides the padding, and ``position_ids`` give
+each row its own position, all through the model's own forward (nothing of HF's attention is copied).
+The new position's keys and values are then appended to each session's own cache, so sessions stay
+independent. Prompts, no-cache steps and multi-position (speculative) steps run one by one.
+
+On a CPU, one forward over B rows reads the weights once instead of B times: that is the gain.
+Only bodies whose layers are all full attention are batched (padding a sliding-window cache would need
+the window's own bookkeeping); others run one step at a time, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from lambdasplit.server.sessions import BodySession
+from lambdasplit.split.parts import Body, rewind
+
+
+@dataclass
+class Job:
+    """One FORWARD waiting for the compute thread."""
+
+    session: BodySession
+    hidden: torch.Tensor  # (T, D)
+    position: int
+    reset: bool
+    future: asyncio.Future[torch.Tensor] = field(repr=False)
+
+    @property
+    def batchable(self) -> bool:
+        return not self.reset and self.hidden.shape[0] == 1 and self.position > 0 and self.session.cache is not None
+
+
+def full_attention_only(body: Body) -> bool:
+    """Whether every layer of the body's cache is a plain full-attention layer (batchable)."""
+    cache = body.new_cache()
+    return cache is not None and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
+    """One body forward for single-position steps of several sessions; returns each session's (1, D)."""
+    for job in jobs:
+        rewind(job.session.cache, job.position)  # a session may have rolled back (rejected drafts)
+    lengths = [job.position for job in jobs]
+    longest = max(lengths)
+    assert body.model is not None
+    batch_cache = DynamicCache(config=body.model.config)
+    for layer in range(body.num_layers):
+        keys, values = [], []
+        for job in jobs:
+            held = job.session.cache.layers[layer]  # type: ignore[union-attr]
+            pad = (0, 0, longest - held.keys.shape[-2], 0)  # left-pad the position axis
+            keys.append(F.pad(held.keys, pad))
+            values.append(F.pad(held.values, pad))
+        batch_cache.update(torch.cat(keys), torch.cat(values), layer)
+    device = jobs[0].hidden.device
+    mask = torch.zeros(len(jobs), longest + 1, dtype=torch.long, device=device)
+    for i, length in enumerate(lengths):
+        mask[i, longest - length :] = 1
+    positions = torch.tensor(lengths, device=device).unsqueeze(1)
+    hidden = torch.stack([job.hidden for job in jobs])  # (B, 1, D)
+    out = body(hidden, batch_cache, attention_mask=mask, position_ids=positions)
+    for layer in range(body.num_layers):
+        new_keys = batch_cache.layers[layer].keys[:, :, -1:, :]
+        new_values = batch_cache.layers[layer].values[:, :, -1:, :]
+        for i, job in enumerate(jobs):
+            job.session.cache.update(new_keys[i : i + 1], new_values[i : i + 1], layer)  # type: ignore[union-attr]
+    for job in jobs:
+        job.session.length = job.position + 1
+        job.session.steps += 1
+    return [out[i] for i in range(len(jobs))]
+
+
+class Batcher:
+    """Queues jobs and runs them on ``executor`` in batches, as soon as the compute thread is free."""
+
+    def __init__(
+        self,
+        body: Body,
+        run_one: Callable[[BodySession, torch.Tensor, int, bool], torch.Tensor],
+        run_in_executor: Callable[[Callable[[], list[torch.Tensor | BaseException]]], asyncio.Future],
+        max_batch: int,
+    ) -> None:
+        self.body, self.run_one, self.run_in_executor, self.max_batch = body, run_one, run_in_executor, max_batch
+        self.enabled = max_batch > 1 and full_attention_only(body)
+        self._queue: list[Job] = []
+        self._draining = False
+        self.batches = 0  # batched forwards run
+        self.batched_steps = 0  # steps that ran inside them
+        self.compute_seconds = 0.0  # time in batched forwards
+
+    async def submit(self, session: BodySession, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
+        job = Job(session, hidden, position, reset, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await job.future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                jobs, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                try:
+                    results = await self.run_in_executor(lambda jobs=jobs: self._run(jobs))
+                except BaseException as exc:  # the executor itself failed: every job learns it
+                    results = [exc] * len(jobs)
+                for job, result in zip(jobs, results, strict=True):
+                    if job.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
+        finally:
+            self._draining = False
+
+    def _run(self, jobs: list[Job]) -> list[torch.Tensor | BaseException]:
+        """On the compute thread: the batchable jobs together, the others one by one."""
+        together = [j for j in jobs if j.batchable] if self.enabled else []
+        if len(together) < 2:
+            together = []
+        results: dict[int, torch.Tensor | BaseException] = {}
+        if together:
+            try:
+                start = time.perf_counter()
+                outs = run_batched(self.body, together)
+                self.compute_seconds += time.perf_counter() - start
+                for job, out in zip(together, outs, strict=True):
+                    results[id(job)] = out
+                self.batches += 1
+                self.batched_steps += len(together)
+            except Exception as exc:
+                results.update((id(j), exc) for j in together)
+        for job in jobs:
+            if id(job) not in results:
+                try:
+                    results[id(job)] = self.run_one(job.session, job.hidden, job.position, job.reset)
+                except Exception as exc:
+                    results[id(job)] = exc
+        return [results[id(j)] for j in jobs]
