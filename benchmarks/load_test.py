@@ -12,13 +12,16 @@ output equals the same prompt's single-client run (measured first, one client at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +87,56 @@ def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new
     return {"outputs": outputs, "gaps": gaps, "errors": errors, "wall": wall}
 
 
+def _device_process(url: str, model: str, i: int, new: int, threads: int, barrier: Any, results: Any) -> None:
+    """One device in its own process (no shared interpreter lock with the other devices)."""
+    torch.set_num_threads(threads)
+    try:
+        split, conn = connect_device(url, model, quiet=True)
+        with conn:
+            run = stream(split, prompt(i), chat=True, link=conn.open_session("float32"), max_new_tokens=new,
+                         ignore_eos=True)  # fmt: skip
+            barrier.wait(timeout=600)
+            last, gaps = time.perf_counter(), []
+            for _ in run:
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+            assert run.result is not None
+            results.put((i, run.result.token_ids, gaps[1:], None))
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            barrier.abort()
+        results.put((i, None, [], repr(exc)))
+
+
+def run_processes(url: str, model: str, prompts: list[int], new: int, threads: int) -> dict:
+    """Like ``run_clients``, one process per device."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(prompts) + 1), ctx.Queue()
+    procs = [ctx.Process(target=_device_process, args=(url, model, i, new, threads, barrier, results)) for i in prompts]
+    for proc in procs:
+        proc.start()
+    outputs: dict[int, list[int]] = {}
+    gaps: list[float] = []
+    errors: list[str] = []
+    try:
+        barrier.wait(timeout=900)
+    except threading.BrokenBarrierError:
+        errors.append("a device failed to start")
+    start = time.perf_counter()
+    for _ in prompts:
+        i, tokens, mine, error = results.get(timeout=1800)
+        if error:
+            errors.append(error)
+        else:
+            outputs[i] = tokens
+            gaps.extend(mine)
+    wall = time.perf_counter() - start
+    for proc in procs:
+        proc.join(timeout=60)
+    return {"outputs": outputs, "gaps": gaps, "errors": errors, "wall": wall}
+
+
 def server_metrics(url: str) -> dict:
     with urllib.request.urlopen(url.replace("ws://", "http://").removesuffix("/v1/split") + "/metrics") as r:
         return json.loads(r.read())
@@ -102,6 +155,7 @@ def main() -> None:
         action="store_true",
         help="server on CPU 0 (one thread), the devices on CPU 1: the cloud and the devices stop competing for cores",
     )
+    ap.add_argument("--processes", action="store_true", help="each device in its own process instead of a thread")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     counts = args.clients or [1, 8, 32]
@@ -130,7 +184,10 @@ def main() -> None:
         single = statistics.median(single_rates)
         for n in counts:
             before = server_metrics(url)
-            r = run_clients(url, args.model, split, list(range(n)), args.new_tokens)
+            if args.processes:
+                r = run_processes(url, args.model, list(range(n)), args.new_tokens, args.device_threads)
+            else:
+                r = run_clients(url, args.model, split, list(range(n)), args.new_tokens)
             after = server_metrics(url)
             correct = sum(r["outputs"].get(i) == reference[i] for i in range(n))
             gaps = sorted(r["gaps"]) or [0.0]

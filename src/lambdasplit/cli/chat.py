@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, Speculative
+from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Layers, Model, ReconnectDeadline, Speculative
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.generation import SamplingParams, stream
 from lambdasplit.generation.text import Message
@@ -33,6 +33,8 @@ def chat(
     top_p: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     speculative: Speculative = None,
+    cloud_timeout: CloudTimeout = 60.0,
+    reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -42,7 +44,13 @@ def chat(
     with _out.status(f"loading {model}" + (f" and connecting to {cloud}" if cloud else "")):
         if cloud:
             split, client = connect_device(
-                cloud, model, token=token or os.environ.get("LAMBDASPLIT_TOKEN"), device=device, dtype=dtype
+                cloud,
+                model,
+                token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+                device=device,
+                dtype=dtype,
+                timeout=cloud_timeout,
+                reconnect_deadline=reconnect_deadline,
             )
         else:
             split = load_split(model, layers, device=device, dtype=dtype)

@@ -10,7 +10,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.options import DEFAULTS, Device, DraftTokens, Dtype, Layers, Model, Speculative
+from lambdasplit.cli.options import (
+    DEFAULTS,
+    CloudTimeout,
+    Device,
+    DraftTokens,
+    Dtype,
+    Layers,
+    Model,
+    ReconnectDeadline,
+    Speculative,
+)
 from lambdasplit.client import connect_device
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
@@ -64,6 +74,8 @@ def generate(
     ),
     speculative: Speculative = None,
     draft_tokens: DraftTokens = 4,
+    cloud_timeout: CloudTimeout = 60.0,
+    reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
@@ -88,7 +100,13 @@ def generate(
             raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")
         with _err.status(f"connecting to {cloud} and loading the head and tail of {model}"):
             split, client = connect_device(
-                cloud, model, token=token or os.environ.get("LAMBDASPLIT_TOKEN"), device=device, dtype=dtype
+                cloud,
+                model,
+                token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+                device=device,
+                dtype=dtype,
+                timeout=cloud_timeout,
+                reconnect_deadline=reconnect_deadline,
             )
         link = client.open_session(WireDtype.parse(wire_dtype))
     else:

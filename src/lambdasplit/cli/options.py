@@ -37,3 +37,14 @@ Speculative = Annotated[
     ),
 ]
 DraftTokens = Annotated[int, typer.Option(min=1, max=16, help="Tokens drafted per step at first (then adapted).")]
+CloudTimeout = Annotated[
+    float,
+    typer.Option(
+        min=0.1,
+        help="Seconds without an answer from the body server before the connection counts as lost; the device "
+        "then reconnects and replays its session (for up to --reconnect-deadline seconds).",
+    ),
+]
+ReconnectDeadline = Annotated[
+    float, typer.Option(min=0, help="Seconds to keep trying to reach a lost body server (0: one immediate attempt).")
+]

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from lambdasplit.agent import AgentSettings, DeviceAgent
 from lambdasplit.agent.run import run_agent
-from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Model, Speculative
+from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Model, ReconnectDeadline, Speculative
 from lambdasplit.client import connect_device
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
@@ -42,6 +42,8 @@ def up(
     ),
     max_parallel: Annotated[int, typer.Option(min=1, help="Generations served at once; more wait.")] = 4,
     speculative: Speculative = None,
+    cloud_timeout: CloudTimeout = 60.0,
+    reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -68,7 +70,16 @@ def up(
         else:
             raise ConfigError(f"--cloud takes ws://HOST:PORT/v1/split, wss://... or 'local', got {cloud!r}")
         with _err.status(f"loading the head and tail of {model}, handshake with {url}"):
-            split, client = connect_device(url, model, token=token, device=device, dtype=dtype, quiet=True)
+            split, client = connect_device(
+                url,
+                model,
+                token=token,
+                device=device,
+                dtype=dtype,
+                timeout=cloud_timeout,
+                reconnect_deadline=reconnect_deadline,
+                quiet=True,
+            )
         stack.enter_context(client)
         settings = AgentSettings(wire_dtype=wire, max_parallel=max_parallel, speculative=speculative, cloud_label=label)
         agent = DeviceAgent(split, client, settings)
