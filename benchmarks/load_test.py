@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lambdasplit.client import connect_device
-from lambdasplit.generation import stream
+from lambdasplit.generation import Generation, stream
 from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.server.process import body_server_process
 from lambdasplit.split import SplitModel
@@ -41,6 +41,17 @@ TOPICS = [
 
 def prompt(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Tell me three facts about {TOPICS[i % len(TOPICS)]}."}]
+
+
+def token_gaps(run: Generation) -> tuple[list[int], list[float]]:
+    """Generate to the end; (the tokens, seconds between consecutive tokens after the first)."""
+    last, gaps = time.perf_counter(), []
+    for _ in run:
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    assert run.result is not None
+    return run.result.token_ids, gaps[1:]  # the first gap includes the prompt
 
 
 def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new: int) -> dict:
@@ -64,15 +75,10 @@ def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new
                 link = conn.open_session("float32")
                 run = stream(split, prompt(i), chat=True, link=link, max_new_tokens=new, ignore_eos=True)
                 barrier.wait(timeout=120)
-                last, mine = time.perf_counter(), []
-                for _ in run:
-                    now = time.perf_counter()
-                    mine.append(now - last)
-                    last = now
-                assert run.result is not None
+                mine = token_gaps(run)
                 with lock:
-                    outputs[i] = run.result.token_ids
-                    gaps.extend(mine[1:])  # the first gap includes the prompt
+                    outputs[i] = mine[0]
+                    gaps.extend(mine[1])
             except Exception as exc:
                 errors.append(repr(exc))
 
@@ -96,13 +102,8 @@ def _device_process(url: str, model: str, i: int, new: int, threads: int, barrie
             run = stream(split, prompt(i), chat=True, link=conn.open_session("float32"), max_new_tokens=new,
                          ignore_eos=True)  # fmt: skip
             barrier.wait(timeout=600)
-            last, gaps = time.perf_counter(), []
-            for _ in run:
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-            assert run.result is not None
-            results.put((i, run.result.token_ids, gaps[1:], None))
+            tokens, gaps = token_gaps(run)
+            results.put((i, tokens, gaps, None))
     except Exception as exc:
         with contextlib.suppress(Exception):
             barrier.abort()
