@@ -78,6 +78,11 @@ def test_server_killed_and_restarted_mid_generation_gives_the_same_tokens(tiny_c
         recovery = link.recoveries[0]
         assert "connection lost" in recovery.reason and recovery.replayed_positions >= len(PROMPT) + 11
         print(f"detected and recovered in {recovery.seconds:.2f} s (server restart included)")
+        # Between requests too: the server dies again, and the next session opens on a new connection.
+        proc_kill(port)
+        restart()
+        again = generate(split, PROMPT, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
+        assert again.token_ids == tokens and client.reconnects == 2
 
 
 def proc_kill(port: int) -> None:

@@ -228,8 +228,19 @@ class CloudClient:
         return _check(decode_frame(self.roundtrip(encode_frame(frame)), self.limits))
 
     def open_session(self, wire_dtype: WireDtype | str = WireDtype.FLOAT16) -> RemoteBodyLink:
-        """A new body session. It survives a lost connection: see ``RemoteBodyLink``."""
-        return RemoteBodyLink(self, self._open_handle(), WireDtype.parse(wire_dtype))
+        """A new body session. It survives a lost connection: see ``RemoteBodyLink``.
+
+        If the connection was lost since the last request, it reconnects first (within the deadline).
+        """
+        epoch = self.epoch
+        try:
+            handle = self._open_handle()
+        except RemoteError:
+            raise
+        except WireError:
+            self.reconnect(epoch)
+            handle = self._open_handle()
+        return RemoteBodyLink(self, handle, WireDtype.parse(wire_dtype))
 
     def _open_handle(self) -> int:
         return self.request(Frame.json(MessageType.OPEN, {})).session
