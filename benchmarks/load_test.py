@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lambdasplit.client import connect_device
+from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.generation import Generation, stream
 from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.server.process import body_server_process
@@ -138,6 +138,43 @@ def run_processes(url: str, model: str, prompts: list[int], new: int, threads: i
     return {"outputs": outputs, "gaps": gaps, "errors": errors, "wall": wall}
 
 
+def run_synthetic(url: str, hidden_size: int, clients: int, prompt_len: int, new: int) -> dict:
+    """Server capacity alone: each client sends the body random hidden states (a prompt, then one row per
+    step) with no head or tail to run, so the devices cost (almost) nothing on this machine."""
+    gaps: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        try:
+            with CloudClient(url) as conn:
+                link = conn.open_session("float16")
+                gen = torch.Generator().manual_seed(i)
+                link.forward(torch.randn(1, prompt_len, hidden_size, generator=gen), 0)
+                barrier.wait(timeout=120)
+                last, mine = time.perf_counter(), []
+                for step in range(new):
+                    link.forward(torch.randn(1, 1, hidden_size, generator=gen), prompt_len + step)
+                    now = time.perf_counter()
+                    mine.append(now - last)
+                    last = now
+                with lock:
+                    gaps.extend(mine)
+        except Exception as exc:
+            errors.append(repr(exc))
+            barrier.abort()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait(timeout=300)
+    start = time.perf_counter()
+    for t in threads:
+        t.join(timeout=1800)
+    return {"gaps": gaps, "errors": errors, "wall": time.perf_counter() - start, "steps": clients * new}
+
+
 def server_metrics(url: str) -> dict:
     with urllib.request.urlopen(url.replace("ws://", "http://").removesuffix("/v1/split") + "/metrics") as r:
         return json.loads(r.read())
@@ -151,12 +188,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch (1: no batching)")
     ap.add_argument("--device-threads", type=int, default=1, help="torch threads of this (device) process")
+    ap.add_argument("--server-threads", type=int, help="serve --threads (default: torch's, one per core)")
     ap.add_argument(
         "--pin",
         action="store_true",
         help="server on CPU 0 (one thread), the devices on CPU 1: the cloud and the devices stop competing for cores",
     )
     ap.add_argument("--processes", action="store_true", help="each device in its own process instead of a thread")
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="also measure the server alone: clients send random hidden states, no head or tail (no output check)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     counts = args.clients or [1, 8, 32]
@@ -164,6 +207,8 @@ def main() -> None:
     rows = []
     serve = ["--model", args.model, "--layers", args.layers, "--max-batch", str(args.max_batch)]
     serve += ["--max-sessions", "256"]
+    if args.server_threads:
+        serve += ["--threads", str(args.server_threads)]
     wrap = None
     if args.pin:
         os.sched_setaffinity(0, {1})
@@ -209,6 +254,23 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+        synthetic = []
+        for n in counts if args.synthetic else []:
+            before = server_metrics(url)
+            r = run_synthetic(url, split.hidden_size, n, 40, args.new_tokens)
+            after = server_metrics(url)
+            gaps = sorted(r["gaps"]) or [0.0]
+            synthetic.append(
+                {
+                    "clients": n,
+                    "steps_per_s": round(r["steps"] / r["wall"], 2),
+                    "p50_ms": round(1000 * gaps[len(gaps) // 2], 1),
+                    "errors": len(r["errors"]),
+                    "batched_steps": after["batched_steps"] - before["batched_steps"],
+                    "batches": after["batches"] - before["batches"],
+                }
+            )
+            print(json.dumps(synthetic[-1]), flush=True)
     print(f"\nsingle client (median of {len(single_rates)}): {single:.2f} tok/s")
     print("| clients | tokens | wall s | aggregate tok/s | x single | p50 ms/token | p99 ms/token | errors | equal "
           "| server compute ms/token | steps batched |")  # fmt: skip
@@ -219,9 +281,19 @@ def main() -> None:
             f"| {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['correct']} | {r['server_ms_per_token']} "
             f"| {r['batched_steps']} |"
         )
+    if synthetic:
+        base = synthetic[0]["steps_per_s"]
+        print("\nserver alone (random hidden states, no device compute):")
+        print("| clients | body steps/s | x 1 client | p50 ms/step | errors | mean batch |")
+        print("|---|---|---|---|---|---|")
+        for r in synthetic:
+            mean = r["batched_steps"] / r["batches"] if r["batches"] else 1.0
+            print(f"| {r['clients']} | {r['steps_per_s']} | {r['steps_per_s'] / base:.2f}x | {r['p50_ms']} "
+                  f"| {r['errors']} | {mean:.1f} |")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "single": single, "rows": rows},
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "single": single, "rows": rows,
+                                                    "synthetic": synthetic},
                                         indent=2) + "\n")  # fmt: skip
 
 
