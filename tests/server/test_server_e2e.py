@@ -243,9 +243,9 @@ def test_prompt_text_and_token_ids_never_cross_the_wire(tiny, server) -> None:
     sent: list[bytes] = []
     roundtrip = client.roundtrip
 
-    def recording(data: bytes) -> bytes:
+    def recording(data: bytes, epoch: int | None = None) -> bytes:
         sent.append(data)
-        reply = roundtrip(data)
+        reply = roundtrip(data, epoch)
         sent.append(reply)
         return reply
 

@@ -148,13 +148,13 @@ class DeviceAgent:
         body = parse(ChatCompletionRequest, await _json(request))
         self._check_model(body.model)
         messages = body.chat()
-        return await self._complete(body, messages, chat=True, kind="chat", prompt_view=messages)
+        return await self._complete(request, body, messages, chat=True, kind="chat", prompt_view=messages)
 
     async def completions(self, request: Request) -> Response:
         body = parse(CompletionRequest, await _json(request))
         self._check_model(body.model)
         text = body.text()
-        return await self._complete(body, text, chat=False, kind="text", prompt_view=text)
+        return await self._complete(request, body, text, chat=False, kind="text", prompt_view=text)
 
     def _check_model(self, model: str) -> None:
         if model != self.model_id:
@@ -165,7 +165,9 @@ class DeviceAgent:
                 code="model_not_found",
             )
 
-    async def _complete(self, body: Any, prompt: Any, *, chat: bool, kind: str, prompt_view: Any) -> Response:
+    async def _complete(
+        self, request: Request, body: Any, prompt: Any, *, chat: bool, kind: str, prompt_view: Any
+    ) -> Response:
         ids = prompt_ids(self.split, prompt, chat=chat)
         # Without max_tokens, an answer may use the rest of the context, up to default_max_tokens.
         params = body.sampling(max(1, min(self.settings.default_max_tokens, self.max_context - len(ids))))
@@ -180,10 +182,39 @@ class DeviceAgent:
         request_id = self.feed.new_request(prompt_view, kind)
         reply = _Reply(kind, self.model_id, self.split.fingerprint)
         if not body.stream:
-            result = await self._run(lambda: self._generation(ids, params, request_id).run())
-            return JSONResponse(reply.whole(result))
+            return await self._whole(request, ids, params, request_id, reply)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await self._stream(ids, params, request_id, reply, include_usage)
+
+    async def _whole(
+        self, request: Request, ids: list[int], params: SamplingParams, request_id: str, reply: _Reply
+    ) -> Response:
+        """A non-streamed answer; generation stops if the client hangs up before it is done."""
+        cancelled = threading.Event()
+
+        def work() -> GenerationResult | None:
+            run = self._generation(ids, params, request_id)
+            for _ in run:
+                if cancelled.is_set():
+                    return None  # leaving the loop closes the generation and its body session
+            return run.result
+
+        async def watch() -> None:
+            while not cancelled.is_set():
+                if await request.is_disconnected():
+                    cancelled.set()
+                    return
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            result = await self._run(work)
+        finally:
+            cancelled.set()
+            watcher.cancel()
+        if result is None:
+            return Response(status_code=499)  # the client closed the request; nobody reads this
+        return JSONResponse(reply.whole(result))
 
     def _generation(self, ids: list[int], params: SamplingParams, request_id: str) -> Generation:
         """A generation on a fresh body session (on a generation thread)."""
@@ -193,7 +224,7 @@ class DeviceAgent:
             raise _cloud_error(exc) from exc
         return stream(self.split, ids, link=link, params=params, drafter=self.settings.speculative)
 
-    async def _run(self, work: Callable[[], GenerationResult]) -> GenerationResult:
+    async def _run(self, work: Callable[[], GenerationResult | None]) -> GenerationResult | None:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, work)
         except (WireError, RemoteError) as exc:
@@ -246,7 +277,25 @@ class DeviceAgent:
             finally:
                 cancelled.set()
 
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return _WatchedStream(
+            cancelled, chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+
+class _WatchedStream(StreamingResponse):
+    """A streaming response that tells its producer when it ends, however it ends (a client hanging up
+    can cancel the response before its body generator ever starts, so the generator's own cleanup is
+    not enough)."""
+
+    def __init__(self, done: threading.Event, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.done = done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.done.set()
 
 
 class _Reply:

@@ -202,19 +202,32 @@ class CloudClient:
             raise WireError(f"WebSocket handshake with {url} failed: {exc}") from exc
 
     # --- requests ---------------------------------------------------------------------------------
-    def roundtrip(self, data: bytes) -> bytes:
-        """Send one encoded frame, return the raw reply."""
+    def roundtrip(self, data: bytes, epoch: int | None = None) -> bytes:
+        """Send one encoded frame, return the raw reply.
+
+        With ``epoch``, the frame goes out only on that connection: a session handle is only valid on the
+        connection that opened it (after a reconnect, numbering starts again and the same number may name
+        another session), so a request made for an older connection raises ``StaleConnection`` instead.
+        """
         with self._lock:
+            if epoch is not None and epoch != self.epoch:
+                raise StaleConnection(f"the connection of epoch {epoch} was replaced (now {self.epoch})")
             return self._exchange(self._ws, data)
 
     def _exchange(self, ws: ClientConnection, data: bytes) -> bytes:
         try:
             ws.send(data)
             reply = ws.recv(timeout=self.timeout)
-        except TimeoutError as exc:
-            raise WireError(f"no answer from {self.url} within {self.timeout:.0f} s") from exc
-        except (ConnectionClosed, OSError) as exc:
-            raise WireError(f"connection to {self.url} lost: {exc}") from exc
+        except BaseException as exc:
+            # A late reply would otherwise be read as the answer to the next request: the connection is
+            # no longer usable, so close it; the next request reconnects.
+            with contextlib.suppress(Exception):
+                ws.close()
+            if isinstance(exc, TimeoutError):
+                raise WireError(f"no answer from {self.url} within {self.timeout:g} s") from exc
+            if isinstance(exc, ConnectionClosed | OSError):
+                raise WireError(f"connection to {self.url} lost: {exc}") from exc
+            raise
         if isinstance(reply, str):
             raise WireError("the server sent a text message; expected binary frames")
         self.frames_sent += 1
@@ -223,9 +236,9 @@ class CloudClient:
         self.bytes_received += len(reply)
         return reply
 
-    def request(self, frame: Frame) -> Frame:
+    def request(self, frame: Frame, epoch: int | None = None) -> Frame:
         """Send ``frame``, return the decoded reply; an ERROR reply raises ``RemoteError``."""
-        return _check(decode_frame(self.roundtrip(encode_frame(frame)), self.limits))
+        return _check(decode_frame(self.roundtrip(encode_frame(frame), epoch), self.limits))
 
     def open_session(self, wire_dtype: WireDtype | str = WireDtype.FLOAT16) -> RemoteBodyLink:
         """A new body session. It survives a lost connection: see ``RemoteBodyLink``.
@@ -234,16 +247,22 @@ class CloudClient:
         """
         epoch = self.epoch
         try:
-            handle = self._open_handle()
+            handle = self._open_handle(epoch)
         except RemoteError:
             raise
         except WireError:
             self.reconnect(epoch)
-            handle = self._open_handle()
-        return RemoteBodyLink(self, handle, WireDtype.parse(wire_dtype))
+            epoch = self.epoch
+            handle = self._open_handle(epoch)
+        return RemoteBodyLink(self, handle, WireDtype.parse(wire_dtype), epoch=epoch)
 
-    def _open_handle(self) -> int:
-        return self.request(Frame.json(MessageType.OPEN, {})).session
+    def _open_handle(self, epoch: int) -> int:
+        return self.request(Frame.json(MessageType.OPEN, {}), epoch).session
+
+    def max_frame_bytes(self) -> int:
+        """The largest frame both ends accept."""
+        theirs = self.welcome.get("limits", {}).get("max_frame_bytes", self.limits.max_frame_bytes)
+        return min(int(theirs), self.limits.max_frame_bytes)
 
     def generate_text(
         self, prompt: str | list[dict[str, str]], *, chat: bool = False, system: str | None = None, **sampling: Any
@@ -294,6 +313,10 @@ class CloudClient:
         self.close()
 
 
+class StaleConnection(WireError):
+    """A request was made for a connection that has since been replaced by a reconnect."""
+
+
 def _check(frame: Frame) -> Frame:
     if frame.type is MessageType.ERROR:
         body = frame.json_body()
@@ -320,9 +343,11 @@ class RemoteBodyLink:
     the same tokens. ``recoveries`` records each time it did; ``resume=False`` raises instead.
     """
 
-    def __init__(self, client: CloudClient, session: int, wire_dtype: WireDtype, *, resume: bool = True) -> None:
+    def __init__(
+        self, client: CloudClient, session: int, wire_dtype: WireDtype, *, resume: bool = True, epoch: int | None = None
+    ) -> None:
         self.client, self.session, self.wire_dtype, self.resume = client, session, wire_dtype, resume
-        self.epoch = client.epoch
+        self.epoch = client.epoch if epoch is None else epoch  # the connection the session lives on
         self.traffic = Traffic()
         self.closed = False
         self.history: list[torch.Tensor] = []  # (rows, D) blocks sent, in order, covering positions [0, length)
@@ -350,10 +375,12 @@ class RemoteBodyLink:
                 if exc.code != "unknown_session" or not self.resume or attempt == 2:
                     raise
                 reason, failed_at = "session unknown to the server (evicted or restarted)", time.monotonic()
-            except WireError as exc:  # the connection is gone
+            except WireError as exc:  # the connection is gone (or was replaced: StaleConnection)
                 if not self.resume or attempt == 2:
                     raise
                 reason, failed_at = f"connection lost: {exc}", time.monotonic()
+                if isinstance(exc, StaleConnection):
+                    reason = "the connection was re-established for another session"
                 self.client.reconnect(self.epoch)
         self._remember(hidden, position, reset)
         return out
@@ -363,7 +390,7 @@ class RemoteBodyLink:
         start = time.perf_counter()
         frame = tensor_frame(MessageType.FORWARD, hidden[0], self.wire_dtype, self.session, position, flags=flags)
         data = encode_frame(frame)
-        raw = self.client.roundtrip(data)
+        raw = self.client.roundtrip(data, self.epoch)
         reply = _check(decode_frame(raw, self.client.limits))
         if reply.type is not MessageType.RESULT or reply.session != self.session or reply.position != position:
             raise WireError(
@@ -378,9 +405,9 @@ class RemoteBodyLink:
 
     def _remember(self, hidden: torch.Tensor, position: int, reset: bool) -> None:
         """Keep what the body now holds: positions [0, position) of the history, then these rows."""
-        if reset:
+        if reset or not self.resume:
             self.history, self.length = [], 0
-            return  # a no-cache step resends everything anyway
+            return  # a no-cache step resends everything anyway; without resume nothing is replayed
         self._truncate(position)
         self.history.append(hidden[0].detach().to("cpu", copy=True))
         self.length = position + hidden.shape[1]
@@ -397,14 +424,15 @@ class RemoteBodyLink:
 
     def _rebuild(self, position: int) -> None:
         """A new session on the (new) connection, fed the first ``position`` positions sent so far."""
-        self.epoch = self.client.epoch
-        self.session = self.client._open_handle()
+        epoch = self.client.epoch
+        self.session = self.client._open_handle(epoch)  # raises StaleConnection if it changed meanwhile
+        self.epoch = epoch
         self._truncate(position)
         if not self.history:
             return
         states = torch.cat(self.history)  # (position, D)
-        row_bytes = states.shape[1] * 4 + 64
-        rows = max(1, (self.client.limits.max_frame_bytes - 1024) // row_bytes)
+        row_bytes = states.shape[1] * 4 + 64  # float32 is the widest wire dtype
+        rows = max(1, (self.client.max_frame_bytes() - 1024) // row_bytes)
         for start in range(0, states.shape[0], rows):
             chunk = states[start : start + rows].unsqueeze(0)
             self._forward_once(chunk, start, False)  # the body's output for these is already in the tail's cache
@@ -418,4 +446,4 @@ class RemoteBodyLink:
             return  # that session went with its connection
         # If the connection is gone, the server frees that connection's sessions by itself.
         with contextlib.suppress(WireError, RemoteError):
-            self.client.request(Frame.json(MessageType.CLOSE, {}, session=self.session))
+            self.client.request(Frame.json(MessageType.CLOSE, {}, session=self.session), self.epoch)

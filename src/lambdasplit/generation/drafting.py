@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation.session import Decoder, ModelDecoder, SplitDecoder, Traffic
+from lambdasplit.generation.session import ModelDecoder, SplitDecoder, Traffic
 from lambdasplit.split.loader import SplitModel
 
 
@@ -126,11 +126,12 @@ class ModelDrafter(Drafter):
 
     name = "model"
 
-    def __init__(self, decoder: Decoder, length: DraftLength | None = None, *, name: str | None = None) -> None:
+    def __init__(
+        self, decoder: ModelDecoder | SplitDecoder, length: DraftLength | None = None, *, name: str | None = None
+    ) -> None:
         super().__init__(length)
         self.decoder = decoder
         self.name = name or self.name
-        self._logits: torch.Tensor | None = None  # next-token logits after everything the decoder holds
 
     def _sync(self, ids: list[int]) -> torch.Tensor:
         """Make the decoder hold exactly ``ids``; return the logits of the position after them."""
@@ -142,8 +143,6 @@ class ModelDrafter(Drafter):
             if a != b:
                 break
             common += 1
-        if common == len(ids) == d.length and self._logits is not None:
-            return self._logits
         common = min(common, len(ids) - 1)  # at least one token to feed, for fresh logits
         d.truncate(common)
         return d.extend(ids[common:])[-1]
@@ -157,11 +156,11 @@ class ModelDrafter(Drafter):
             if len(out) >= k:
                 break
             logits = self.decoder.step(token)
-        self._logits = None  # the decoder now holds drafts the next call may not keep
         return out
 
     def close(self) -> None:
-        self.decoder.close()
+        """End of a generation: forget the sequence, so the drafter can serve the next one."""
+        self.decoder.reset()
 
 
 class _SkippedBody:

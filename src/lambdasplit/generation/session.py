@@ -191,6 +191,13 @@ class SplitDecoder(_Sequence):
             logits = self.split.tail(out, logits_to_keep=keep)
         return logits[0]  # (keep, V)
 
+    def reset(self) -> None:
+        """Forget the sequence (new head and tail caches); the link is kept, so only for stateless links."""
+        assert self.split.head is not None and self.split.tail is not None
+        self.ids = []
+        self.head_cache = self.split.head.new_cache() if self.use_cache else None
+        self.tail_cache = self.split.tail.new_cache() if self.use_cache else None
+
     def close(self) -> None:
         self.link.close()
         self.head_cache = self.tail_cache = None
@@ -219,5 +226,10 @@ class ModelDecoder(_Sequence):
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         return out.logits[0]
 
-    def close(self) -> None:
+    def reset(self) -> None:
+        """Forget the sequence: the decoder can start again with ``prefill``."""
+        self.ids = []
         self.cache = self._new_cache()
+
+    def close(self) -> None:
+        self.reset()

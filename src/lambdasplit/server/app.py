@@ -91,6 +91,7 @@ class BodyServer:
         self.split, self.settings, self.body = split, settings, split.body
         self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
         self.kv_bytes_per_position = kv_bytes_per_position(split)
+        self._reserved = 0  # positions of FORWARDs queued for the compute thread, counted against the budget
         self.batcher = Batcher(
             split.body,
             self._run,
@@ -287,7 +288,9 @@ class BodyServer:
                 sid,
             )
         start = 0 if frame.flags & FrameFlags.RESET else pos
-        held = self.store.positions() - s.length + start + rows  # every session's positions after this step
+        growth = start + rows - s.length  # positions this step adds to the session (negative: a rollback)
+        # Every session's positions after this step, steps queued but not yet run included.
+        held = self.store.positions() + self._reserved + growth
         if held * self.kv_bytes_per_position > self.settings.kv_budget_bytes:
             raise Refusal(
                 "memory_full",
@@ -298,7 +301,11 @@ class BodyServer:
         rt = self.split.runtime
         hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
         reset = bool(frame.flags & FrameFlags.RESET)
-        out = await self.batcher.submit(s, hidden, pos, reset)  # batched with other sessions' steps when it can
+        self._reserved += max(growth, 0)
+        try:
+            out = await self.batcher.submit(s, hidden, pos, reset)  # batched with other sessions' steps when it can
+        finally:
+            self._reserved -= max(growth, 0)
         self.counters["forward_frames"] += 1
         self.counters["positions"] += rows
         return tensor_frame(MessageType.RESULT, out, frame.dtype, sid, pos)
