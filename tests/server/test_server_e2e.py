@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -220,6 +221,40 @@ def test_one_connection_cannot_step_or_close_another_connections_session(server)
         assert _ask(owner, step).type is MessageType.RESULT  # untouched for its owner
         opened = _ask(owner, encode_frame(Frame.json(MessageType.OPEN, {}))).json_body()
         assert len(opened["id"]) == 32  # the session id is 128 random bits (for logs; never an access key)
+
+
+def test_a_device_that_goes_silent_is_dropped_and_its_sessions_freed(tiny) -> None:
+    """A client that stops answering WebSocket pings (vanished without closing) loses its sessions."""
+    import base64
+    import os
+    import socket
+
+    with body_server("--model", str(tiny), "--layers", "1:4", "--ws-ping-interval", "0.5") as url:
+        host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET /v1/split HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        assert b" 101 " in sock.recv(4096)
+
+        def send(frame: Frame) -> None:  # one masked binary WebSocket message, written by hand
+            data, mask = encode_frame(frame), os.urandom(4)
+            header = bytes([0x82, 0x80 | len(data)]) if len(data) < 126 else bytes([0x82, 0xFE]) + len(data).to_bytes(2)
+            sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+        send(Frame.json(MessageType.HELLO, {}))
+        send(Frame.json(MessageType.OPEN, {}))
+        deadline = time.monotonic() + 10
+        while metrics(url)["sessions"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics(url)["sessions"] == 1
+        # Now silent: no pongs (this socket never reads again). Ping every 0.5 s, 0.5 s to answer.
+        while metrics(url)["sessions"] == 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metrics(url)["sessions"] == 0
+        sock.close()
 
 
 def test_oversized_frame_is_refused(tiny) -> None:

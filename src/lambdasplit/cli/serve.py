@@ -41,6 +41,12 @@ def serve_command(
     max_batch: Annotated[
         int, typer.Option(help="Most decode steps of different sessions batched into one forward (1: no batching).")
     ] = _d.max_batch,
+    ws_ping_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between pings to each client; one silent as long again is dropped, its sessions freed."
+        ),
+    ] = _d.ws_ping_interval,
     cloud_only: Annotated[
         bool,
         typer.Option(
@@ -71,6 +77,7 @@ def serve_command(
         max_frame_bytes=max_frame_bytes,
         kv_budget_bytes=int(kv_budget_mb * (1 << 20)),
         max_batch=max_batch,
+        ws_ping_interval=ws_ping_interval,
         tls_cert=tls_cert,
         tls_key=tls_key,
         cloud_only=cloud_only,

@@ -42,6 +42,8 @@ def serve(split: SplitModel, settings: ServerSettings, on_ready: Callable[[str],
         # cut off by the WebSocket layer itself (close code 1009) before they are buffered.
         ws_max_size=settings.max_frame_bytes + 65536,
         ws_per_message_deflate=False,  # hidden states do not compress; deflate would only add latency
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_interval,
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         log_level="warning",

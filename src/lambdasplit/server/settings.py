@@ -25,6 +25,9 @@ class ServerSettings:
     kv_budget_bytes: int = 4 << 30
     #: Most decode steps of different sessions run as one batched forward (1 turns batching off).
     max_batch: int = 16
+    #: Seconds between WebSocket pings to each client; a client that has not answered one within as many
+    #: seconds again is dropped and its sessions freed (a device that vanished without closing).
+    ws_ping_interval: float = 20.0
     max_frame_bytes: int = 64 << 20
     wire_dtypes: tuple[WireDtype, ...] = field(
         default_factory=lambda: (WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16, WireDtype.QINT8)
@@ -43,6 +46,7 @@ class ServerSettings:
             "idle_ttl": (self.idle_ttl, self.idle_ttl > 0, "> 0 seconds"),
             "kv_budget_bytes": (self.kv_budget_bytes, self.kv_budget_bytes >= 1 << 20, ">= 1 MiB"),
             "max_batch": (self.max_batch, self.max_batch >= 1, ">= 1 (1: no batching)"),
+            "ws_ping_interval": (self.ws_ping_interval, self.ws_ping_interval > 0, "> 0 seconds"),
             "max_frame_bytes": (self.max_frame_bytes, self.max_frame_bytes >= 1024, ">= 1024"),
         }
         for name, (value, ok, allowed) in checks.items():
