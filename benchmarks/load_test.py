@@ -20,6 +20,7 @@ import statistics
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,42 +55,44 @@ def token_gaps(run: Generation) -> tuple[list[int], list[float]]:
     return run.result.token_ids, gaps[1:]  # the first gap includes the prompt
 
 
+def together(clients: list[int], client: Callable[[int, threading.Barrier], None]) -> float:
+    """Run ``client(i, barrier)`` in a thread per i; each waits on the barrier once ready, then all start at
+    once. Returns the wall time from that start to the last client's end."""
+    barrier = threading.Barrier(len(clients) + 1)
+    threads = [threading.Thread(target=client, args=(i, barrier)) for i in clients]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait(timeout=300)
+    start = time.perf_counter()
+    for t in threads:
+        t.join(timeout=1800)
+    return time.perf_counter() - start
+
+
 def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new: int) -> dict:
     """One client per prompt index, all at once; returns outputs by index, latencies, errors, wall time."""
-    n = len(prompts)
     outputs: dict[int, list[int]] = {}
     gaps: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(n + 1)
 
-    def client(i: int) -> None:
+    def client(i: int, barrier: threading.Barrier) -> None:
         try:
             _, conn = connect_device(url, model, quiet=True)
-        except Exception as exc:
-            errors.append(repr(exc))
-            barrier.abort()
-            return
-        with conn:
-            try:
+            with conn:
                 link = conn.open_session("float32")
                 run = stream(split, prompt(i), chat=True, link=link, max_new_tokens=new, ignore_eos=True)
                 barrier.wait(timeout=120)
-                mine = token_gaps(run)
+                tokens, mine = token_gaps(run)
                 with lock:
-                    outputs[i] = mine[0]
-                    gaps.extend(mine[1])
-            except Exception as exc:
-                errors.append(repr(exc))
+                    outputs[i] = tokens
+                    gaps.extend(mine)
+        except Exception as exc:
+            errors.append(repr(exc))
+            barrier.abort()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in prompts]
-    for t in threads:
-        t.start()
-    barrier.wait(timeout=300)
-    start = time.perf_counter()
-    for t in threads:
-        t.join(timeout=1800)
-    wall = time.perf_counter() - start
+    wall = together(prompts, client)
     return {"outputs": outputs, "gaps": gaps, "errors": errors, "wall": wall}
 
 
@@ -144,9 +147,8 @@ def run_synthetic(url: str, hidden_size: int, clients: int, prompt_len: int, new
     gaps: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(clients + 1)
 
-    def client(i: int) -> None:
+    def client(i: int, barrier: threading.Barrier) -> None:
         try:
             with CloudClient(url) as conn:
                 link = conn.open_session("float16")
@@ -165,14 +167,8 @@ def run_synthetic(url: str, hidden_size: int, clients: int, prompt_len: int, new
             errors.append(repr(exc))
             barrier.abort()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait(timeout=300)
-    start = time.perf_counter()
-    for t in threads:
-        t.join(timeout=1800)
-    return {"gaps": gaps, "errors": errors, "wall": time.perf_counter() - start, "steps": clients * new}
+    wall = together(list(range(clients)), client)
+    return {"gaps": gaps, "errors": errors, "wall": wall, "steps": clients * new}
 
 
 def server_metrics(url: str) -> dict:

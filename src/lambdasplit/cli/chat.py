@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from lambdasplit.cli.cloud import connect_cloud
 from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Layers, Model, ReconnectDeadline, Speculative
-from lambdasplit.client import CloudClient, connect_device
+from lambdasplit.client import CloudClient
 from lambdasplit.generation import SamplingParams, stream
 from lambdasplit.generation.text import Message
 from lambdasplit.split import load_split
@@ -43,10 +43,10 @@ def chat(
     client: CloudClient | None = None
     with _out.status(f"loading {model}" + (f" and connecting to {cloud}" if cloud else "")):
         if cloud:
-            split, client = connect_device(
+            split, client = connect_cloud(
                 cloud,
                 model,
-                token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+                token=token,
                 device=device,
                 dtype=dtype,
                 timeout=cloud_timeout,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from lambdasplit.cli.cloud import connect_cloud
 from lambdasplit.cli.options import (
     DEFAULTS,
     CloudTimeout,
@@ -21,7 +21,6 @@ from lambdasplit.cli.options import (
     ReconnectDeadline,
     Speculative,
 )
-from lambdasplit.client import connect_device
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation import (
@@ -99,10 +98,10 @@ def generate(
         if unsplit:
             raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")
         with _err.status(f"connecting to {cloud} and loading the head and tail of {model}"):
-            split, client = connect_device(
+            split, client = connect_cloud(
                 cloud,
                 model,
-                token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+                token=token,
                 device=device,
                 dtype=dtype,
                 timeout=cloud_timeout,

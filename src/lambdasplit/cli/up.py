@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from typing import Annotated
 
@@ -12,8 +11,8 @@ from rich.console import Console
 
 from lambdasplit.agent import AgentSettings, DeviceAgent
 from lambdasplit.agent.run import run_agent
+from lambdasplit.cli.cloud import connect_cloud
 from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Model, ReconnectDeadline, Speculative
-from lambdasplit.client import connect_device
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
 from lambdasplit.server.process import body_server_process
@@ -66,11 +65,10 @@ def up(
             label = f"local body server {url}"
         elif all(u.strip().startswith(("ws://", "wss://")) for u in cloud.split(",")):
             url, label = cloud, cloud
-            token = token or os.environ.get("LAMBDASPLIT_TOKEN")
         else:
             raise ConfigError(f"--cloud takes ws://HOST:PORT/v1/split, wss://... or 'local', got {cloud!r}")
         with _err.status(f"loading the head and tail of {model}, handshake with {url}"):
-            split, client = connect_device(
+            split, client = connect_cloud(
                 url,
                 model,
                 token=token,
