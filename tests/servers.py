@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from lambdasplit.server.process import body_server_process
 
@@ -12,6 +14,30 @@ from lambdasplit.server.process import body_server_process
 def body_server(*args: str, token: str | None = None) -> Iterator[str]:
     with body_server_process(args, token=token, timeout=120) as url:
         yield url
+
+
+T = TypeVar("T")
+
+
+def in_threads(work: Callable[[int], T], n: int, timeout: float = 180) -> list[T]:
+    """``work(i)`` for i in range(n), each in its own thread, all at once; results in order. Errors re-raise."""
+    results: dict[int, T] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = work(i)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(n)]
 
 
 def http_url(ws_url: str, path: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 from lambdasplit.client import connect_device
 from lambdasplit.generation import generate
 from lambdasplit.split import load_split
-from servers import body_server, http_url
+from servers import body_server, http_url, in_threads
 from tiny_models import NUM_LAYERS
 
 LAYERS = f"1:{NUM_LAYERS - 1}"
@@ -32,29 +32,19 @@ def test_concurrent_sessions_are_batched_and_each_output_equals_its_single_run(t
     local = load_split(path, LAYERS)
     expected = [generate(local, p, max_new_tokens=NEW, ignore_eos=True).token_ids for p in PROMPTS]
     with body_server("--model", str(path), "--layers", LAYERS) as url:
-        got: dict[int, list[int]] = {}
-        errors: list[BaseException] = []
         start = threading.Barrier(len(PROMPTS))
 
-        def client(i: int) -> None:
-            try:
-                split, conn = connect_device(url, path)
-                with conn:
-                    start.wait(timeout=60)
-                    drafter = "lookup" if i == len(PROMPTS) - 1 else None  # multi-position steps, rollbacks too
-                    link = conn.open_session("float32")
-                    run = generate(split, PROMPTS[i], max_new_tokens=NEW, ignore_eos=True, link=link, drafter=drafter)
-                    got[i] = run.token_ids
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
+        def client(i: int) -> list[int]:
+            split, conn = connect_device(url, path)
+            with conn:
+                start.wait(timeout=60)
+                drafter = "lookup" if i == len(PROMPTS) - 1 else None  # multi-position steps, rollbacks too
+                link = conn.open_session("float32")
+                return generate(
+                    split, PROMPTS[i], max_new_tokens=NEW, ignore_eos=True, link=link, drafter=drafter
+                ).token_ids
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=180)
-        assert not errors, errors
-        assert [got[i] for i in range(len(PROMPTS))] == expected
+        assert in_threads(client, len(PROMPTS)) == expected
         m = metrics(url)
         assert m["batches"] > 0 and m["batched_steps"] >= 2 * m["batches"]  # steps really ran together
 

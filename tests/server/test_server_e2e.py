@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 
@@ -17,7 +16,7 @@ from lambdasplit.errors import RemoteError
 from lambdasplit.generation import generate
 from lambdasplit.split import load_split
 from lambdasplit.wire import Frame, FrameFlags, MessageType, decode_frame, encode_frame, tensor_frame
-from servers import body_server, http_url
+from servers import body_server, http_url, in_threads
 from tiny_models import NUM_LAYERS
 
 PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 31, 64, 12, 5, 9], [1, 3, 3, 3], [1, 200, 100, 50, 25, 12]]
@@ -71,25 +70,14 @@ def test_float32_wire_output_equals_unsplit_and_byte_counts_agree(tiny, server) 
 def test_four_concurrent_clients_get_independent_correct_outputs(tiny, server) -> None:
     local = load_split(tiny, f"1:{NUM_LAYERS - 1}")
     expected = [generate(local, p, max_new_tokens=24, ignore_eos=True).token_ids for p in PROMPTS]
-    got: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
 
-    def worker(i: int) -> None:
-        try:
-            split, client = connect_device(server, tiny, token=TOKEN, quiet=True)
-            with client:
-                link = client.open_session("float32")
-                got[i] = generate(split, PROMPTS[i], max_new_tokens=24, ignore_eos=True, link=link).token_ids
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+    def worker(i: int) -> list[int]:
+        split, client = connect_device(server, tiny, token=TOKEN, quiet=True)
+        with client:
+            link = client.open_session("float32")
+            return generate(split, PROMPTS[i], max_new_tokens=24, ignore_eos=True, link=link).token_ids
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    assert [got[i] for i in range(len(PROMPTS))] == expected
+    assert in_threads(worker, len(PROMPTS)) == expected
 
 
 def test_speculative_steps_over_the_network_equal_plain_and_roll_back_the_body(tiny, server) -> None:
