@@ -181,15 +181,23 @@ class SplitDecoder(_Sequence):
             rewind(self.head_cache, position)
             rewind(self.tail_cache, position)
             x = torch.tensor([new_ids], device=device)
-            hidden = self.split.head(x, self.head_cache)  # (1, T_new, D)
-            out = self.link.forward(hidden, position)  # the body rewinds to `position` too
+            hidden = self._encode(self.split.head(x, self.head_cache))  # (1, T_new, D)
+            out = self._decode(self.link.forward(hidden, position))  # the body rewinds to `position` too
             logits = self.split.tail(out, self.tail_cache, logits_to_keep=keep)
         else:
             x = torch.tensor([self.ids], device=device)
-            hidden = self.split.head(x)  # (1, T_all, D): the whole sequence crosses again
-            out = self.link.forward(hidden, 0, reset=True)
+            hidden = self._encode(self.split.head(x))  # (1, T_all, D): the whole sequence crosses again
+            out = self._decode(self.link.forward(hidden, 0, reset=True))
             logits = self.split.tail(out, logits_to_keep=keep)
         return logits[0]  # (keep, V)
+
+    def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
+        transform = self.split.wire_transform
+        return hidden if transform is None else transform.encode(hidden)
+
+    def _decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        transform = self.split.wire_transform
+        return hidden if transform is None else transform.decode(hidden)
 
     def reset(self) -> None:
         """Forget the sequence (new head and tail caches); the link is kept, so only for stateless links."""

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
@@ -22,6 +23,18 @@ DEFAULT_LAYERS = "2:-2"
 _ROLES: tuple[Role, ...] = ("head", "body", "tail")
 # A checkpoint without these files loads for token-id use only (tests, or a caller's own tokenizer).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class WireTransform(Protocol):
+    """A device-side transform of what crosses the link (a secret permutation or rotation, noise).
+
+    ``encode`` maps the head's output (B, T, D) to what is sent; ``decode`` maps what the body returns to
+    what the tail runs on. A body served for such a transform has weights to match (``privacy.obfuscate``).
+    """
+
+    def encode(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -44,6 +57,7 @@ class SplitModel:
     tail: Tail | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
     generation_config: GenerationConfig | None = field(default=None, repr=False)
+    wire_transform: WireTransform | None = field(default=None, repr=False)
 
     @property
     def hidden_size(self) -> int:
