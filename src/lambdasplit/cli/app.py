@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from lambdasplit.cli import bench, chat, demo, generate, serve, up, verify
+from lambdasplit.cli import bench, chat, demo, generate, obfuscate, serve, up, verify
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.command("verify")(verify.verify)
 app.command("chat")(chat.chat)
 app.command("serve")(serve.serve_command)
 app.command("up")(up.up)
+app.command("obfuscate")(obfuscate.obfuscate)
 app.add_typer(bench.app, name="bench")
 
 

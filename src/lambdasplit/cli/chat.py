@@ -7,12 +7,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.cloud import connect_cloud
-from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Layers, Model, ReconnectDeadline, Speculative
+from lambdasplit.cli.cloud import connect_cloud, load_local
+from lambdasplit.cli.options import (
+    DEFAULTS,
+    CloudTimeout,
+    Device,
+    Dtype,
+    Key,
+    Layers,
+    Model,
+    ReconnectDeadline,
+    Speculative,
+)
 from lambdasplit.client import CloudClient
 from lambdasplit.generation import SamplingParams, stream
 from lambdasplit.generation.text import Message
-from lambdasplit.split import load_split
 from lambdasplit.wire import WireDtype
 
 _out = Console(highlight=False)
@@ -33,6 +42,7 @@ def chat(
     top_p: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     speculative: Speculative = None,
+    key: Key = None,
     cloud_timeout: CloudTimeout = 60.0,
     reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
@@ -51,9 +61,10 @@ def chat(
                 dtype=dtype,
                 timeout=cloud_timeout,
                 reconnect_deadline=reconnect_deadline,
+                key=key,
             )
         else:
-            split = load_split(model, layers, device=device, dtype=dtype)
+            split = load_local(model, layers, device=device, dtype=dtype, key=key)
     where = f"body on {cloud}" if cloud else "all parts in this process"
     _out.print(f"[dim]{split.name} · layers {split.points} of {split.points.num_layers} · {where}[/]\n{HELP}")
     history: list[Message] = []

@@ -16,6 +16,7 @@ from lambdasplit.cli.options import (
     Device,
     DraftTokens,
     Dtype,
+    Key,
     Layers,
     Model,
     ReconnectDeadline,
@@ -34,6 +35,8 @@ from lambdasplit.generation import (
     prompt_ids,
     stream,
 )
+from lambdasplit.privacy.keys import ObfuscationKey
+from lambdasplit.privacy.obfuscate import protect
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.wire import WireDtype
 
@@ -73,6 +76,7 @@ def generate(
     ),
     speculative: Speculative = None,
     draft_tokens: DraftTokens = 4,
+    key: Key = None,
     cloud_timeout: CloudTimeout = 60.0,
     reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
@@ -106,12 +110,17 @@ def generate(
                 dtype=dtype,
                 timeout=cloud_timeout,
                 reconnect_deadline=reconnect_deadline,
+                key=key,
             )
         link = client.open_session(WireDtype.parse(wire_dtype))
     else:
         with _err.status(f"loading {model} ({'unsplit' if unsplit else f'layers {layers}'})"):
             # The tokenizer and configs come from the split loader; --unsplit adds the plain HF model.
             split = load_split(model, layers, device=device, dtype=dtype, parts=_PARTS[unsplit])
+            if key is not None:
+                if unsplit:
+                    raise ConfigError("--key obfuscates the split's body; the unsplit model has none")
+                protect(split, ObfuscationKey.load(key))
         link = None
     if speculative is not None and no_cache:
         raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")

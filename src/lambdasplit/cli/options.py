@@ -48,3 +48,11 @@ CloudTimeout = Annotated[
 ReconnectDeadline = Annotated[
     float, typer.Option(min=0, help="Seconds to keep trying to reach a lost body server (0: one immediate attempt).")
 ]
+Key = Annotated[
+    str | None,
+    typer.Option(
+        help="Obfuscation key file from `lambdasplit obfuscate`: the device sends permuted/rotated hidden states and "
+        "the body server must run the body obfuscated with the same key. What it hides is measured by "
+        "`lambdasplit audit` (docs/threat-model.md).",
+    ),
+]

@@ -12,7 +12,7 @@ from rich.console import Console
 from lambdasplit.agent import AgentSettings, DeviceAgent
 from lambdasplit.agent.run import run_agent
 from lambdasplit.cli.cloud import connect_cloud
-from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Model, ReconnectDeadline, Speculative
+from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Key, Model, ReconnectDeadline, Speculative
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
 from lambdasplit.server.process import body_server_process
@@ -41,6 +41,7 @@ def up(
     ),
     max_parallel: Annotated[int, typer.Option(min=1, help="Generations served at once; more wait.")] = 4,
     speculative: Speculative = None,
+    key: Key = None,
     cloud_timeout: CloudTimeout = 60.0,
     reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
@@ -58,6 +59,11 @@ def up(
     if speculative is not None:
         check_drafter_name(speculative)
     with contextlib.ExitStack() as stack:
+        if cloud == "local" and key is not None:
+            raise ConfigError(
+                "--key needs a body server running the body obfuscated with it (`lambdasplit obfuscate`, then "
+                "`lambdasplit serve --model BODY_DIR`); --cloud local serves the plain body"
+            )
         if cloud == "local":
             token = secrets.token_urlsafe(16)
             with _err.status(f"starting a local body server (layers {layers} of {model})"):
@@ -76,6 +82,7 @@ def up(
                 dtype=dtype,
                 timeout=cloud_timeout,
                 reconnect_deadline=reconnect_deadline,
+                key=key,
                 quiet=True,
             )
         stack.enter_context(client)

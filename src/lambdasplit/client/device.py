@@ -12,6 +12,8 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.models.checkpoint import Checkpoint
 from lambdasplit.models.registry import DEFAULT_MODEL
 from lambdasplit.models.resolve import resolve_checkpoint
+from lambdasplit.privacy.keys import ObfuscationKey
+from lambdasplit.privacy.obfuscate import protect
 from lambdasplit.split.loader import SplitModel, load_split
 
 
@@ -26,15 +28,24 @@ def connect_device(
     ca_file: str | None = None,
     quiet: bool = False,
     reconnect_deadline: float = 60.0,
+    key: ObfuscationKey | str | os.PathLike[str] | None = None,
 ) -> tuple[SplitModel, CloudClient]:
     """Connect to the body server at ``url`` and load this device's head and tail for its split points.
 
     The handshake carries this checkpoint's fingerprint; a server running another model refuses it
     (``RemoteError`` with code ``model_mismatch``). ``url`` may be a list (or a comma-separated string)
     of servers of the same deployment: the client fails over between them (``CloudClient``).
+
+    With ``key`` (an ``ObfuscationKey`` or its file), the server must run the body obfuscated with that key
+    (``lambdasplit obfuscate``); the device then sends ``key.encode(h)`` and decodes what comes back.
     """
     urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
     fingerprint = Checkpoint(resolve_checkpoint(model, quiet=quiet)).fingerprint()
+    if key is not None and not isinstance(key, ObfuscationKey):
+        key = ObfuscationKey.load(key)
+    if key is not None:
+        key.check(fingerprint, key.points)  # the model; the split points are checked against the server's below
+        fingerprint = key.body_fingerprint()
     client = CloudClient(
         urls,
         token=token,
@@ -50,6 +61,8 @@ def connect_device(
                 "start it without --cloud-only for split inference"
             )
         split = load_split(model, client.layers, parts=["head", "tail"], device=device, dtype=dtype, quiet=quiet)
+        if key is not None:
+            protect(split, key)
     except BaseException:
         client.close()
         raise

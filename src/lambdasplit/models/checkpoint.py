@@ -15,6 +15,8 @@ from lambdasplit.errors import ModelLoadError
 
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Written beside an obfuscated body (``lambdasplit obfuscate``): its split points and the fingerprint to pair on.
+OBFUSCATED_MARKER = "lambdasplit-obfuscated.json"
 
 
 class Checkpoint:
@@ -31,6 +33,9 @@ class Checkpoint:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot read the config of {self.path}: {exc}") from exc
         self._files = self._index()
+        marker = self.path / OBFUSCATED_MARKER
+        #: For an obfuscated body: {"points", "kind", "fingerprint", "inner"}; None for a plain checkpoint.
+        self.obfuscation: dict[str, object] | None = json.loads(marker.read_text()) if marker.is_file() else None
 
     def _index(self) -> dict[str, Path]:
         for name in _INDEX_FILES:
@@ -80,8 +85,12 @@ class Checkpoint:
 
         It covers the config, every tensor's name, and the bytes at the start and end of each weight file
         (which hold the safetensors header with every shape, dtype and offset). Reading a few KiB keeps it
-        cheap on multi-GB checkpoints while any re-export or different model changes it.
+        cheap on multi-GB checkpoints while any re-export or different model changes it. An obfuscated body
+        has the fingerprint its key gives (``ObfuscationKey.body_fingerprint``), so only a device holding
+        that key pairs with it.
         """
+        if self.obfuscation is not None:
+            return str(self.obfuscation["fingerprint"])
         h = hashlib.sha256()
         config = self.config.to_dict()
         for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):

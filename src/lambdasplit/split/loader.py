@@ -109,6 +109,13 @@ def load_split(
     if not isinstance(num_layers, int):
         raise ModelLoadError(f"{path}: config has no integer num_hidden_layers; is this a causal LM?")
     points = SplitPoints.parse(layers, num_layers)
+    if checkpoint.obfuscation is not None:
+        made_for = checkpoint.obfuscation.get("points")
+        if roles != ("body",) or str(points) != made_for:
+            raise ConfigError(
+                f"{path} holds an obfuscated body for layers {made_for} only: serve it with --layers {made_for}; "
+                "a device loads the plain model and the key (--key)"
+            )
 
     split = SplitModel(
         name=str(model),
