@@ -20,6 +20,7 @@ from lambdasplit.generation.api import prompt_ids as encode_ids
 from lambdasplit.generation.api import stream
 from lambdasplit.generation.session import BodyLink, LocalBodyLink, Traffic
 from lambdasplit.split.loader import SplitModel
+from lambdasplit.wire.tensors import WireDtype, decode_tensor, encode_tensor
 
 
 @dataclass
@@ -47,10 +48,15 @@ class Intercept:
 
 
 class RecordingLink:
-    """A ``BodyLink`` that keeps a copy of every tensor it carries, in position order (rollbacks honoured)."""
+    """A ``BodyLink`` that keeps a copy of every tensor it carries, in position order (rollbacks honoured).
 
-    def __init__(self, inner: BodyLink) -> None:
-        self.inner = inner
+    With a ``wire_dtype`` other than float32, both directions go through the wire codec first, as over a
+    network: in-process generation would otherwise hand the attacks float32 states, while a deployment
+    sends float16 (the CLI's default) or int8.
+    """
+
+    def __init__(self, inner: BodyLink, wire_dtype: WireDtype | str = WireDtype.FLOAT32) -> None:
+        self.inner, self.wire_dtype = inner, WireDtype.parse(wire_dtype)
         self.up: list[torch.Tensor] = []  # one (D,) row per position
         self.down: list[torch.Tensor] = []
 
@@ -58,8 +64,15 @@ class RecordingLink:
     def traffic(self) -> Traffic:
         return self.inner.traffic
 
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        if self.wire_dtype is WireDtype.FLOAT32:
+            return t
+        payload, shape = encode_tensor(t, self.wire_dtype)
+        return decode_tensor(payload, self.wire_dtype, shape, dtype=t.dtype, device=t.device)
+
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
-        out = self.inner.forward(hidden, position, reset)
+        hidden = self._wire(hidden)
+        out = self._wire(self.inner.forward(hidden, position, reset))
         del self.up[position:], self.down[position:]
         self.up.extend(hidden[0].detach().float().cpu())
         self.down.extend(out[0].detach().float().cpu())
@@ -75,14 +88,19 @@ def intercept(
     *,
     chat: bool = False,
     link: BodyLink | None = None,
+    wire_dtype: WireDtype | str = "float32",
     max_new_tokens: int = 32,
     **sampling: Any,
 ) -> Intercept:
-    """Generate from ``prompt`` on ``split`` (greedy unless ``sampling`` says otherwise) and record the link."""
+    """Generate from ``prompt`` on ``split`` (greedy unless ``sampling`` says otherwise) and record the link.
+
+    Without ``link`` the body runs here; either way the tensors pass the wire codec for ``wire_dtype`` (what a
+    frame carries; give float32 with a network link, which already went through its own).
+    """
     if link is None:
         assert split.body is not None, "pass a link when the split holds no body"
         link = LocalBodyLink(split.body)
-    recorder = RecordingLink(link)
+    recorder = RecordingLink(link, wire_dtype)
     ids = encode_ids(split, prompt, chat=chat)
     result = stream(split, ids, link=recorder, max_new_tokens=max_new_tokens, **sampling).run()
     empty = torch.empty(0, split.hidden_size)
