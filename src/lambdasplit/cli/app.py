@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from lambdasplit.cli import bench, chat, demo, generate, obfuscate, serve, up, verify
+from lambdasplit.cli import audit, bench, chat, demo, generate, obfuscate, serve, up, verify
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.command("chat")(chat.chat)
 app.command("serve")(serve.serve_command)
 app.command("up")(up.up)
 app.command("obfuscate")(obfuscate.obfuscate)
+app.command("audit")(audit.audit)
 app.add_typer(bench.app, name="bench")
 
 

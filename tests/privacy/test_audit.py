@@ -1,0 +1,114 @@
+"""`lambdasplit audit` end to end on a tiny model: every defence, both attackers, reports written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedModel
+from typer.testing import CliRunner
+
+from lambdasplit.cli.app import app
+from lambdasplit.errors import ConfigError
+from lambdasplit.privacy.audit import AuditReport, AuditRow, AuditSettings, Defence, run_audit
+from lambdasplit.privacy.audit_report import markdown
+from lambdasplit.privacy.prompts import AuditPrompt, load_prompts
+
+PROMPTS = (
+    AuditPrompt("hello world, my password is fox", "fox"),
+    AuditPrompt("the quick brown dog jumps over the lazy cloud"),
+)
+
+
+def _find(rows: list[AuditRow], **want: object) -> AuditRow:
+    found = [r for r in rows if all(getattr(r, k) == v for k, v in want.items())]
+    assert len(found) == 1, (want, [(r.defence, r.attacker, r.side, r.attack) for r in rows])
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_checkpoint: Callable[[str], tuple[Path, PreTrainedModel]]) -> AuditReport:
+    path, _ = tiny_checkpoint("llama")
+    settings = AuditSettings(
+        model=str(path),
+        head_layers=(1,),
+        tail_layers=(2,),
+        defences=("none", "permutation+inner", "rotation", "noise:0.5", "tls"),
+        prompts=PROMPTS,
+        max_new_tokens=6,
+        inverter_tokens=0,
+        utility_tokens=256,
+        wire_dtype="float32",
+    )
+    stages: list[str] = []
+    report = run_audit(settings, lambda stage, done, total: stages.append(stage))
+    assert stages, "the audit reports progress"
+    return report
+
+
+@pytest.fixture(scope="module")
+def report_rows(report: AuditReport) -> list[AuditRow]:
+    return report.rows
+
+
+def test_no_defence_the_public_weights_read_everything(report_rows: list[AuditRow]) -> None:
+    a1 = _find(report_rows, defence="none", side="prompt", attack="A1 exact matching")
+    assert a1.attacker == "eavesdropper = cloud" and a1.token_accuracy == 1.0 and a1.exact_rate == 1.0
+    assert a1.secret_rate == 1.0  # the planted secret is in the decoded recovery
+    assert _find(report_rows, defence="none", side="output", attack="B1 tail replay").token_accuracy == 1.0
+    assert a1.perplexity_ratio == pytest.approx(1.0) and a1.greedy_agreement == 1.0
+
+
+def test_a_key_stops_the_plain_attacks_until_a4_recovers_it(report_rows: list[AuditRow]) -> None:
+    for defence in ("permutation+inner", "rotation"):
+        blind = _find(report_rows, defence=defence, side="prompt", attack="A1 without recovering the key")
+        assert blind.token_accuracy is not None and blind.token_accuracy < 0.5
+        cloud = [r for r in report_rows if r.defence == defence and r.attacker == "cloud"]
+        assert cloud and all(r.key_accuracy is not None for r in cloud)
+        a1 = next(r for r in cloud if r.side == "prompt" and r.attack.endswith("A1 exact matching"))
+        assert a1.key_accuracy == 1.0 and a1.token_accuracy == 1.0  # the cloud fits the key from its weights
+        assert a1.perplexity_ratio == pytest.approx(1.0, abs=1e-3)  # exact defences cost nothing
+
+
+def test_noise_costs_utility_and_tls_rows_name_their_evidence(report: AuditReport) -> None:
+    report_rows = report.rows
+    a2 = _find(report_rows, defence="noise:0.5", side="prompt", attack="A2 nearest neighbour")
+    assert a2.perplexity_ratio is not None and a2.perplexity_ratio > 1.0
+    tls = [r for r in report_rows if r.defence == "tls"]
+    assert {r.attacker for r in tls} == {"eavesdropper", "cloud"} and all(r.note for r in tls)
+    text = markdown(report)
+    assert "A4 weight matching" in text and "| X=1 | none |" in text
+
+
+def test_defence_specs_and_prompt_files(tmp_path: Path) -> None:
+    assert Defence.parse("noise:0.25").sigma == 0.25
+    assert Defence.parse("rotation+inner").inner
+    for bad in ("noise:x", "noise:-1", "shuffle", "permutation+outer"):
+        with pytest.raises(ConfigError):
+            Defence.parse(bad)
+    f = tmp_path / "p.jsonl"
+    f.write_text('plain line\n{"prompt": "code 1234 here", "secret": "1234"}\n\n')
+    assert load_prompts(f) == [AuditPrompt("plain line"), AuditPrompt("code 1234 here", "1234")]
+    f.write_text('{"prompt": "no secret here", "secret": "9999"}\n')
+    with pytest.raises(ConfigError, match="not in the prompt"):
+        load_prompts(f)
+
+
+def test_cli_writes_json_and_markdown(
+    tiny_checkpoint: Callable[[str], tuple[Path, PreTrainedModel]], tmp_path: Path
+) -> None:
+    path, _ = tiny_checkpoint("qwen2")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n")
+    out_json, out_md = tmp_path / "a.json", tmp_path / "a.md"
+    args = ["audit", "--model", str(path), "--head-layers", "0", "--tail-layers", "", "--defence", "none"]
+    args += ["--prompts", str(prompts), "-n", "3", "--inverter-tokens", "0", "--json", str(out_json)]
+    result = CliRunner().invoke(app, [*args, "--markdown", str(out_md)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out_json.read_text())["rows"]
+    assert any(r["attack"] == "A1 exact matching" and r["token_accuracy"] == 1.0 for r in rows)
+    assert "| X=0 | none |" in out_md.read_text()
+    bad = CliRunner().invoke(app, ["audit", "--model", str(path), "--defence", "shuffle"])
+    assert bad.exit_code != 0
