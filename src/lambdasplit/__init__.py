@@ -40,6 +40,14 @@ _EXPORTS: dict[str, str] = {
     "DraftLength": "lambdasplit.generation",
     "PromptLookupDrafter": "lambdasplit.generation",
     "ModelDrafter": "lambdasplit.generation",
+    # privacy: what the link carries, keys, the audit
+    "intercept": "lambdasplit.privacy",
+    "Intercept": "lambdasplit.privacy",
+    "ObfuscationKey": "lambdasplit.privacy",
+    "make_key": "lambdasplit.privacy",
+    "protect": "lambdasplit.privacy",
+    "AuditSettings": "lambdasplit.privacy",
+    "run_audit": "lambdasplit.privacy",
     # models
     "DEFAULT_MODEL": "lambdasplit.models",
     "resolve_checkpoint": "lambdasplit.models",
@@ -57,6 +65,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "DEFAULT_MODEL",
+    "AuditSettings",
     "Body",
     "BodyLink",
     "ConfigError",
@@ -65,10 +74,12 @@ __all__ = [
     "FrameError",
     "GenerationResult",
     "Head",
+    "Intercept",
     "LambdaSplitError",
     "LocalBodyLink",
     "ModelDrafter",
     "ModelLoadError",
+    "ObfuscationKey",
     "PromptLookupDrafter",
     "RemoteError",
     "Runtime",
@@ -83,8 +94,12 @@ __all__ = [
     "UnsupportedModelError",
     "WireError",
     "generate",
+    "intercept",
     "load_split",
+    "make_key",
+    "protect",
     "resolve_checkpoint",
+    "run_audit",
     "stream",
     "verify_split",
 ]
@@ -117,6 +132,7 @@ if TYPE_CHECKING:
         stream,
     )
     from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
+    from lambdasplit.privacy import AuditSettings, Intercept, ObfuscationKey, intercept, make_key, protect, run_audit
     from lambdasplit.split import Body, Head, SplitModel, Tail, load_split
     from lambdasplit.split.verify import verify_split
 
