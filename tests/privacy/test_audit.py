@@ -62,14 +62,19 @@ def test_no_defence_the_public_weights_read_everything(report_rows: list[AuditRo
 
 
 def test_a_key_stops_the_plain_attacks_until_a4_recovers_it(report_rows: list[AuditRow]) -> None:
+    blind = _find(report_rows, defence="rotation", side="prompt", attack="A1 without recovering the key")
+    assert blind.token_accuracy is not None and blind.token_accuracy < 0.5
+    # ... but norms and inner products survive the rotation: the eavesdropper needs no key at all.
+    invariant = _find(report_rows, defence="rotation", side="prompt", attack="A4 invariant matching (no key needed)")
+    assert invariant.token_accuracy == 1.0
     for defence in ("permutation+inner", "rotation"):
-        blind = _find(report_rows, defence=defence, side="prompt", attack="A1 without recovering the key")
-        assert blind.token_accuracy is not None and blind.token_accuracy < 0.5
         cloud = [r for r in report_rows if r.defence == defence and r.attacker == "cloud"]
         assert cloud and all(r.key_accuracy is not None for r in cloud)
         a1 = next(r for r in cloud if r.side == "prompt" and r.attack.endswith("A1 exact matching"))
         assert a1.key_accuracy == 1.0 and a1.token_accuracy == 1.0  # the cloud fits the key from its weights
         assert a1.perplexity_ratio == pytest.approx(1.0, abs=1e-3)  # exact defences cost nothing
+    # Inner secrets change only the cloud's weights, so only the cloud is measured for them.
+    assert not [r for r in report_rows if r.defence == "permutation+inner" and r.attacker == "eavesdropper"]
 
 
 def test_noise_costs_utility_and_tls_rows_name_their_evidence(report: AuditReport) -> None:

@@ -85,7 +85,7 @@ def audit(
         def progress(stage: str, done: int, total: int) -> None:
             bar.update(task, description=stage, completed=done, total=max(total, 1))
 
-        report = run_audit(settings, progress)
+        report = run_audit(settings, progress, on_config=lambda partial: write(partial, json_out, markdown_out))
     for table in rich_tables(report):
         Console().print(table)
     write(report, json_out, markdown_out)

@@ -310,8 +310,16 @@ def tls_rows(config: _Config) -> list[AuditRow]:
     return out
 
 
-def run_audit(settings: AuditSettings, progress: Progress | None = None) -> AuditReport:
-    """Run every configuration of ``settings``; rows come in the order they are measured."""
+def run_audit(
+    settings: AuditSettings,
+    progress: Progress | None = None,
+    on_config: Callable[[AuditReport], None] | None = None,
+) -> AuditReport:
+    """Run every configuration of ``settings``; rows come in the order they are measured.
+
+    ``on_config`` is called with the report so far after each configuration (the CLI writes its files
+    then, so an interrupted audit keeps what it measured).
+    """
     from lambdasplit.privacy import audit_attacks
 
     if not settings.prompts:
@@ -348,5 +356,7 @@ def run_audit(settings: AuditSettings, progress: Progress | None = None) -> Audi
                 row.perplexity_ratio, row.greedy_agreement = ratio, agreement
                 row.head_layers, row.tail_layers = config.head, config.tail
                 report.rows.append(row)
-    report.seconds = time.perf_counter() - start
+        report.seconds = time.perf_counter() - start
+        if on_config is not None:
+            on_config(report)
     return report

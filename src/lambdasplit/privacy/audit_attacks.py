@@ -179,6 +179,11 @@ def _plain_rows(
 
 
 def _key_rows(ctx: Context, key: ObfuscationKey) -> Iterator[AuditRow]:
+    if key.inner:
+        # Inner secrets change only the body's weights: the link carries what it carries without them, so the
+        # eavesdropper's rows are those of the key without inner secrets, and only the cloud is measured.
+        yield from _cloud_key_rows(ctx, key)
+        return
     if "prompt" in ctx.sides:
         ctx.run.stage(f"{ctx.label}: attacks without the key")
         yield ctx.row(
@@ -192,7 +197,14 @@ def _key_rows(ctx: Context, key: ObfuscationKey) -> Iterator[AuditRow]:
         yield from _key_reuse_rows(ctx, key)
     if key.kind == "rotation":
         yield from _invariant_rows(ctx)
+    yield from _cloud_key_rows(ctx, key, eavesdropper=True)
+
+
+def _cloud_key_rows(ctx: Context, key: ObfuscationKey, *, eavesdropper: bool = False) -> Iterator[AuditRow]:
+    """A4 then the plain attacks on the decoded states, for the cloud (and the eavesdropper when asked)."""
     for attacker, name, recover in _key_attacks(ctx, key):
+        if attacker == "eavesdropper" and not eavesdropper:
+            continue
         ctx.run.stage(f"{ctx.label}: {name}")
         estimate = recover()
         decoded = [decode_with(estimate, i) for i in ctx.greedy]
@@ -234,7 +246,7 @@ def _invariant_rows(ctx: Context) -> Iterator[AuditRow]:
 
 
 #: Conversations A4's invariant matching reads (see ``_invariant_rows``).
-INVARIANT_PROMPTS = 3
+INVARIANT_PROMPTS = 2
 
 
 #: Intercepted vectors under one key for the key-reuse rows: about one session, ~15 sessions, ~130 sessions.
