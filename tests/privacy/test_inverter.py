@@ -44,8 +44,14 @@ def test_a_minute_of_training_reads_most_of_a_held_out_prompt_at_x1() -> None:
     seen = [intercept(split, chat, chat=True, max_new_tokens=3) for chat in CHATS]
     prompt = [invert(inverter, c) for c in seen]
     accuracy = pooled_accuracy(prompt)
-    # Chance is 1 / 49152; the figure in the audit (more training) is higher still.
-    assert accuracy > 0.7, f"top-1 {accuracy:.3f} after {seconds:.0f} s of training"
+    # The user's own words: drop the template tokens every prompt shares (common prefix and suffix).
+    ids = [c.prompt_ids for c in seen]
+    head = next(i for i in range(len(ids[0])) if len({p[i] for p in ids}) > 1)
+    tail = next(i for i in range(1, len(ids[0])) if len({p[-i] for p in ids}) > 1) - 1
+    user = [dataclasses.replace(r, recovered=r.recovered[head:-tail], target=r.target[head:-tail]) for r in prompt]
+    # Chance is 1 / 49152; the audit's figure (more training) is higher still.
+    message = f"top-1 {accuracy:.3f} (user text {pooled_accuracy(user):.3f}) after {seconds:.0f} s of training"
+    assert accuracy > 0.7 and pooled_accuracy(user) > 0.6, message
     output = invert(inverter, seen[0], side="output")
     assert output.side == "output" and len(output.recovered) == len(seen[0].output_ids) - 1
     assert output.details["layer"] == "1"

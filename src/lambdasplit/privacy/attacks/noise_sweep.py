@@ -10,7 +10,16 @@ measure, on the same footing:
   when the caller supplies one, a learned inverter trained through noise of the same sigma with the
   attacker's own randomness (A3, ``make_inverter(sigma)``; training takes minutes, so the caller caches).
 
-Accuracies are pooled over prompts: correct prompt tokens over all prompt tokens.
+Accuracies are pooled over prompts: correct prompt tokens over all prompt tokens. Measured on SmolLM2
+at X = 2 (8 chat prompts, 400 prompt tokens, 16 new tokens each; perplexity on 2048 held-out tokens in
+windows of 256; inverters of 48k tokens, 2 epochs): noise costs the user long before it stops the attacker.
+
+    sigma  perplexity  greedy agreement  nearest neighbour  inverter
+    0      x1.00       1.00              70%                98%
+    0.1    x1.02       0.67              70%                98%
+    0.25   x1.12       0.28              71%                98%
+    0.5    x2.05       0.04              70%                96%
+    1.0    x41.7       0.00              60%                92%
 """
 
 from __future__ import annotations
