@@ -118,24 +118,13 @@ def _plain_rows(
     seconds = extra.pop("extra_seconds", 0.0)
     stage = ctx.run.stage
     if "prompt" in ctx.sides:
-        stage(f"{ctx.label}: {prefix}A2 nearest neighbour")
-        yield ctx.row(
-            attacker,
-            "prompt",
-            prefix + "A2 nearest neighbour",
-            nearest_neighbour(ctx.public, items),
-            extra_seconds=seconds,
-            **extra,
-        )
-        stage(f"{ctx.label}: {prefix}A1 exact matching")
-        yield ctx.row(
-            attacker,
-            "prompt",
-            prefix + "A1 exact matching",
-            ctx.exact(items, hopeless=hopeless),
-            extra_seconds=seconds,
-            **extra,
-        )
+        attacks: list[tuple[str, Callable[[], list[AttackResult]]]] = [
+            ("A2 nearest neighbour", lambda: nearest_neighbour(ctx.public, items)),
+            ("A1 exact matching", lambda: ctx.exact(items, hopeless=hopeless)),
+        ]
+        for name, attack in attacks:
+            stage(f"{ctx.label}: {prefix}{name}")
+            yield ctx.row(attacker, "prompt", prefix + name, attack(), extra_seconds=seconds, **extra)
         if ctx.run.settings.inverter_tokens > 0 and not prefix:
             noise = ctx.secret if isinstance(ctx.secret, GaussianNoise) else None
             inverter = ctx.run.inverter(ctx.public, noise)
