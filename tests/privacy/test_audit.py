@@ -57,6 +57,7 @@ def test_no_defence_the_public_weights_read_everything(report_rows: list[AuditRo
     a1 = _find(report_rows, defence="none", side="prompt", attack="A1 exact matching")
     assert a1.attacker == "eavesdropper = cloud" and a1.token_accuracy == 1.0 and a1.exact_rate == 1.0
     assert a1.secret_rate == 1.0  # the planted secret is in the decoded recovery
+    assert a1.user_accuracy == 1.0
     assert _find(report_rows, defence="none", side="output", attack="B1 tail replay").token_accuracy == 1.0
     assert a1.perplexity_ratio == pytest.approx(1.0) and a1.greedy_agreement == 1.0
 

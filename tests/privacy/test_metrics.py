@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lambdasplit.privacy.attacks.result import AttackResult
-from lambdasplit.privacy.metrics import exact, rouge_l, secret_recovered, token_accuracy
+from lambdasplit.privacy.audit import score
+from lambdasplit.privacy.metrics import exact, find_span, rouge_l, secret_recovered, token_accuracy
+from lambdasplit.privacy.prompts import AuditPrompt
 
 
 def test_token_accuracy_is_position_wise_and_counts_missing_as_wrong() -> None:
@@ -47,3 +49,27 @@ def test_attack_result_scores_itself() -> None:
     assert result.token_accuracy == pytest.approx(2 / 3)
     assert result.rouge_l == pytest.approx(2 / 3)
     assert not result.exact and result.details == {}
+
+
+def test_find_span_finds_the_first_contiguous_run() -> None:
+    assert find_span([7, 1, 2, 3, 1, 2], [1, 2]) == slice(1, 3)
+    assert find_span([1, 3, 2], [1, 2]) is None  # not contiguous
+    assert find_span([1, 2], []) is None and find_span([1], [1, 2]) is None
+
+
+def test_user_accuracy_counts_only_the_users_tokens_inside_the_template() -> None:
+    """Template tokens (here 8 and 9) are the same for everyone: reading them is not reading the user."""
+    words = {"hi": [5], "there": [6]}
+
+    def encode(text: str) -> list[int]:
+        return [i for word in text.split() for i in words[word]]
+
+    prompt = AuditPrompt("hi there")
+    template_only = AttackResult("x", "prompt", recovered=[8, 9, 0, 0, 9], target=[8, 9, 5, 6, 9], seconds=0)
+    scored = score([template_only], [prompt], decode=str, encode=encode)
+    assert scored["token_accuracy"] == pytest.approx(3 / 5) and scored["user_accuracy"] == 0.0
+    half = AttackResult("x", "prompt", recovered=[0, 0, 5, 0, 0], target=[8, 9, 5, 6, 9], seconds=0)
+    assert score([half], [prompt], decode=str, encode=encode)["user_accuracy"] == 0.5
+    assert score([half], [prompt], decode=str)["user_accuracy"] is None  # no tokenizer: not claimed
+    output = AttackResult("x", "output", recovered=[1, 2, 0], target=[1, 2, 3], seconds=0)
+    assert score([output], [prompt], decode=str)["user_accuracy"] == pytest.approx(2 / 3)  # all generated tokens

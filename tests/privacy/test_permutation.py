@@ -12,7 +12,7 @@ import torch
 from attack_cases import smollm2
 
 from lambdasplit.generation import prompt_ids
-from lambdasplit.privacy import Intercept
+from lambdasplit.privacy import Intercept, intercept
 from lambdasplit.privacy.attacks.permutation import (
     KeyEstimate,
     assign,
@@ -135,6 +135,23 @@ def test_sorted_matching_at_x1_undoes_the_key_bit_for_bit() -> None:
         assert torch.equal(decoded.uplink, public.head(torch.tensor([ids]))[0])
     # Known plaintext (tokens A1 recovers from the decoded uplink) gives the key as well.
     assert key_from_tokens(public, [item], [ids[:3]], "permutation", truth=key).key_accuracy == 1.0
+
+
+@pytest.mark.smollm2
+def test_sorted_matching_reads_the_key_through_a_float16_wire() -> None:
+    """float16 rounding ties many values of one row; the rows read after the first tell them apart."""
+    public = smollm2("2:28")
+    key = make_key(public.config, public.points, public.fingerprint, seed=3)
+    victim = dataclasses.replace(public, wire_transform=key)
+    item = intercept(victim, [{"role": "user", "content": CHAT}], chat=True, wire_dtype="float16", max_new_tokens=2)
+    one_row = sorted_matching(public, [item], rows=1, wire_dtype=torch.float16, truth=key)
+    assert one_row.key_accuracy < 0.99  # type: ignore[operator]
+    estimate = sorted_matching(public, [item], wire_dtype=torch.float16, truth=key)
+    assert estimate.key_accuracy == 1.0, estimate.details
+    exact = estimate.details["exact_rows"]
+    assert exact >= 8 and estimate.details["tokens"][:exact] == item.prompt_ids[:exact]
+    with pytest.raises(ValueError, match="wire dtype"):  # a float32 tolerance on float16 traffic matches nothing
+        sorted_matching(public, [item], truth=key)
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from attack_cases import smollm2
 from test_permutation import CHAT, key_of, protected, sent_under, smollm2_part
 
+from lambdasplit.privacy import intercept
 from lambdasplit.privacy.attacks.permutation import decode_with, score
 from lambdasplit.privacy.attacks.rotation import (
     invariant_features,
@@ -83,3 +85,13 @@ def test_invariant_matching_reads_a_rotated_prompt_and_procrustes_fits_its_span(
     with torch.inference_mode():
         plain = public.head(torch.tensor([ids]))[0]
     assert torch.allclose(decode_with(estimate, item).uplink, plain, atol=1e-4 * plain.abs().max())
+
+
+@pytest.mark.smollm2
+def test_invariant_matching_reads_a_rotated_prompt_through_a_float16_wire() -> None:
+    public = smollm2("1:29")
+    key = make_key(public.config, public.points, public.fingerprint, kind="rotation", seed=5)
+    victim = dataclasses.replace(public, wire_transform=key)
+    item = intercept(victim, [{"role": "user", "content": CHAT}], chat=True, wire_dtype="float16", max_new_tokens=2)
+    result = invariant_matching(public, item, wire_dtype=torch.float16)
+    assert result.recovered == item.prompt_ids and not result.details["misses"]

@@ -106,6 +106,7 @@ class AuditRow:
     side: Literal["prompt", "output"]
     attack: str
     token_accuracy: float | None = None
+    user_accuracy: float | None = None  # the user's own tokens only (prompt side: without the chat template)
     rouge_l: float | None = None
     exact_rate: float | None = None  # prompts (outputs) recovered whole
     secret_rate: float | None = None  # prompts whose planted secret appears in the decoded recovery
@@ -133,11 +134,28 @@ class AuditReport:
 
 
 def score(
-    results: Sequence[AttackResult], prompts: Sequence[AuditPrompt], decode: Callable[[list[int]], str]
+    results: Sequence[AttackResult],
+    prompts: Sequence[AuditPrompt],
+    decode: Callable[[list[int]], str],
+    encode: Callable[[str], list[int]] | None = None,
 ) -> dict[str, float | None]:
-    """Pool token accuracy (all tokens of all prompts), mean ROUGE-L, exact rate and secret rate."""
+    """Pool token accuracy (all tokens of all prompts), mean ROUGE-L, exact rate and secret rate.
+
+    ``user_accuracy`` pools only the user's own tokens: on the prompt side the tokens of each prompt's text
+    (``encode``, found as a run inside the templated prompt; prompts where it is not found are left out),
+    on the output side every generated token. None without ``encode`` on the prompt side.
+    """
     total = sum(len(r.target) for r in results)
     correct = sum(metrics.token_accuracy(r.recovered, r.target) * len(r.target) for r in results)
+    user_total = user_correct = 0
+    for r, p in zip(results, prompts, strict=True):
+        if r.side == "output":
+            span: slice | None = slice(0, len(r.target))
+        else:
+            span = None if encode is None else metrics.find_span(r.target, encode(p.text))
+        if span is not None:
+            user_total += span.stop - span.start
+            user_correct += sum(a == b for a, b in zip(r.recovered[span], r.target[span], strict=False))
     secrets = [
         metrics.secret_recovered(decode(r.recovered), p.secret)
         for r, p in zip(results, prompts, strict=True)
@@ -145,6 +163,7 @@ def score(
     ]
     return {
         "token_accuracy": correct / total if total else None,
+        "user_accuracy": user_correct / user_total if user_total else None,
         "rouge_l": sum(r.rouge_l for r in results) / len(results) if results else None,
         "exact_rate": sum(r.exact for r in results) / len(results) if results else None,
         "secret_rate": sum(secrets) / len(secrets) if secrets else None,
@@ -268,12 +287,13 @@ class Run:
         return perplexity(split, self.utility_ids)
 
     def inverter(self, public: SplitModel, noise: GaussianNoise | None) -> Any:
-        """A3's inverter for ``public``'s X, trained once (cached on disk by model, X, noise, budget, seed)."""
-        from lambdasplit.privacy.attacks.inverter import Inverter, train_inverter
+        """A3's inverter for ``public``'s X, trained once (cached on disk by recipe, model, X, noise, budget, seed)."""
+        from lambdasplit.privacy.attacks.inverter import RECIPE, Inverter, train_inverter
 
         s = self.settings
         sigma = 0.0 if noise is None else noise.sigma
-        name = f"inverter-{public.fingerprint}-x{public.points.head_layers}-s{sigma:g}-t{s.inverter_tokens}-{s.seed}"
+        x = public.points.head_layers
+        name = f"inverter-r{RECIPE}-{public.fingerprint}-x{x}-s{sigma:g}-t{s.inverter_tokens}-{s.seed}"
         path = lambdasplit_home() / "audit" / f"{name}.safetensors"
         if path.is_file():
             return Inverter.load(path, public)

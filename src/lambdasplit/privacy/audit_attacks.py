@@ -63,6 +63,11 @@ class Context:
         assert self.public.tokenizer is not None
         return self.public.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def user_ids(self, text: str) -> list[int]:
+        """The token ids of a user's text alone, as they appear inside the chat template."""
+        assert self.public.tokenizer is not None
+        return list(self.public.tokenizer(text, add_special_tokens=False).input_ids)
+
     def row(
         self,
         attacker: Attacker,
@@ -81,7 +86,7 @@ class Context:
             side=side,  # type: ignore[arg-type]
             attack=attack,
             seconds=sum(r.seconds for r in results) + extra_seconds,
-            **score(results, prompts, self.text),  # type: ignore[arg-type]
+            **score(results, prompts, self.text, self.user_ids),  # type: ignore[arg-type]
             **fields,
         )
 
@@ -207,7 +212,11 @@ def _key_attacks(ctx: Context, key: ObfuscationKey) -> list[tuple[Attacker, str,
     assert body is not None
     if key.kind == "permutation":
         return [
-            ("eavesdropper", "A4 sorted matching", lambda: sorted_matching(ctx.public, ctx.greedy, truth=key)),
+            (
+                "eavesdropper",
+                "A4 sorted matching",
+                lambda: sorted_matching(ctx.public, ctx.greedy, wire_dtype=ctx.run.wire_dtype, truth=key),
+            ),
             ("cloud", "A4 weight matching", lambda: weight_matching(ctx.public, body, truth=key)),
         ]
     from lambdasplit.privacy.attacks.rotation import rotation_from_weights
@@ -228,14 +237,17 @@ def _invariant_rows(ctx: Context) -> Iterator[AuditRow]:
     note = f"first {len(items)} of {len(ctx.greedy)} prompts" if len(items) < len(ctx.greedy) else ""
     for side in ctx.sides:
         ctx.run.stage(f"{ctx.label}: A4 invariant matching ({side})")
-        found = [invariant_matching(ctx.public, item, side=side, max_candidates=4096) for item in items]  # type: ignore[arg-type]
+        found = [
+            invariant_matching(ctx.public, item, side=side, wire_dtype=ctx.run.wire_dtype, max_candidates=4096)  # type: ignore[arg-type]
+            for item in items
+        ]
         row = ctx.row("eavesdropper", side, "A4 invariant matching (no key needed)", found, prompts=prompts)
         row.note = note
         yield row
 
 
 #: Conversations A4's invariant matching reads (see ``_invariant_rows``).
-INVARIANT_PROMPTS = 2
+INVARIANT_PROMPTS = 6
 
 
 #: Intercepted vectors under one key for the key-reuse rows: about one session, ~15 sessions, ~130 sessions.

@@ -15,6 +15,7 @@ _COLUMNS = (
     "attacker",
     "attack",
     "tokens",
+    "user",
     "ROUGE-L",
     "exact",
     "secrets",
@@ -45,6 +46,7 @@ def cells(row: AuditRow) -> list[str]:
         row.attacker,
         attack + (f" [{row.note}]" if row.note else ""),
         _pct(row.token_accuracy),
+        _pct(row.user_accuracy),
         _num(row.rouge_l, ".3f"),
         _pct(row.exact_rate),
         _pct(row.secret_rate),
@@ -84,7 +86,9 @@ def markdown(report: AuditReport) -> str:
         f"tokens each (greedy; B3: sampled at T={s['sample_temperature']}), inverter trained on "
         f"{s['inverter_tokens']:,} public tokens, seed {s['seed']}; {report.seconds / 60:.1f} min on this machine.",
         "",
-        "Columns: tokens = token accuracy (pooled); ROUGE-L (token LCS F1, mean); exact = prompts (or outputs) "
+        "Columns: tokens = token accuracy (pooled); user = token accuracy over the user's own tokens (prompt side: "
+        "the user's message without the chat template and system prompt; output side: all generated tokens); "
+        "ROUGE-L (token LCS F1, mean); exact = prompts (or outputs) "
         "recovered whole; secrets = planted secrets found in the decoded recovery; key = hidden dimensions "
         "mapped right by A4; ppl x = perplexity through the split / plain split; greedy = = greedy agreement "
         "with the unsplit model; s = attack seconds.",

@@ -22,6 +22,17 @@ def token_accuracy(recovered: Sequence[int], target: Sequence[int]) -> float:
     return sum(r == t for r, t in zip(recovered, target, strict=False)) / len(target)
 
 
+def find_span(haystack: Sequence[int], needle: Sequence[int]) -> slice | None:
+    """Where ``needle`` first occurs in ``haystack`` as a contiguous run (None if it does not, or is empty)."""
+    n = len(needle)
+    if n == 0:
+        return None
+    for i in range(len(haystack) - n + 1):
+        if list(haystack[i : i + n]) == list(needle):
+            return slice(i, i + n)
+    return None
+
+
 def _lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common subsequence: the classic O(len(a) * len(b)) table, one row at a time."""
     if len(a) < len(b):

@@ -15,6 +15,10 @@ At X = 0 the head is the embedding alone, context-free, so matching is a lookup.
 The same search runs on every fed position: generated tokens are fed back through the head, so uplink
 rows P.. hold them (``side="output"``).
 
+The search compares states through a ``view`` (default: as they are). ``sorted_values`` is the view a
+secret permutation of the hidden dimension leaves unchanged, so with it the search reads a permuted
+uplink without the key (``permutation.sorted_matching``).
+
 Shapes: ``V`` vocabulary, ``D`` hidden size, ``T`` positions, ``k`` candidates in one batch.
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +36,18 @@ from lambdasplit.privacy.attacks.nearest_neighbour import context_free_tables, p
 from lambdasplit.privacy.attacks.result import AttackResult, Side
 from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.split.loader import SplitModel
+
+#: A function of states (..., D) -> (..., D) applied to candidates and intercepted rows before comparing.
+View = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sorted_values(states: torch.Tensor) -> torch.Tensor:
+    """Each state's values in increasing order: what a permutation of the hidden dimension keeps.
+
+    Rounding each value to within a relative bound moves each sorted value by no more than that bound
+    (order statistics are monotone), so ``tolerance`` of the sorted target holds for sorted candidates.
+    """
+    return states.sort(dim=-1).values
 
 
 def tolerance(
@@ -61,13 +77,22 @@ class PrefixMatcher:
     copy of it, and the matching row of that copy becomes the new prefix cache (no extra forward pass).
     """
 
-    def __init__(self, public: SplitModel, *, wire_dtype: torch.dtype = torch.float32, atol: float = 0.0) -> None:
+    def __init__(
+        self,
+        public: SplitModel,
+        *,
+        wire_dtype: torch.dtype = torch.float32,
+        atol: float = 0.0,
+        view: View | None = None,
+    ) -> None:
         self.public = public
+        self.view = view
         self.head = public_head(public)
         self.cache: Cache | None = self.head.new_cache()  # None when the head has no layers (X = 0)
         self.prefix: list[int] = []
         self.wire_dtype, self.atol = wire_dtype, atol
         self.device = public.runtime.device
+        self.last: torch.Tensor | None = None  # the public state (D,) of the prefix's last token, when known
 
     def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, Cache | None]:
         """Head output (k, D) float32 of each candidate in ``ids`` (k,) after the prefix, and the k-row cache."""
@@ -78,8 +103,9 @@ class PrefixMatcher:
         cache.batch_repeat_interleave(len(ids))
         return self.head(ids[:, None], cache)[:, 0].float(), cache
 
-    def extend(self, ids: torch.Tensor, index: int, cache: Cache | None) -> None:
-        """Make candidate ``ids[index]`` (whose run left ``cache``) the next token of the prefix."""
+    def extend(self, ids: torch.Tensor, index: int, cache: Cache | None, state: torch.Tensor | None = None) -> None:
+        """Make candidate ``ids[index]`` (whose run left ``cache`` and gave ``state`` (D,)) the next token."""
+        self.last = state
         if cache is not None:
             cache.batch_select_indices(torch.tensor([index], device=self.device))
             self.cache = cache
@@ -99,11 +125,14 @@ class PrefixMatcher:
         """
         states, cache = self.states(ids)
         target = target.to(states.device, torch.float32)
+        seen = states
+        if self.view is not None:
+            seen, target = self.view(states), self.view(target)
         bound = tolerance(target, wire_dtype=self.wire_dtype, compute_dtype=self.public.runtime.dtype, atol=self.atol)
-        distance = ((states - target).abs() / bound).amax(dim=-1)  # (k,)
+        distance = ((seen - target).abs() / bound).amax(dim=-1)  # (k,)
         closest = int(distance.argmin())
         if distance[closest] <= 1:  # the closest of the hits: a near-twin token cannot win on order alone
-            self.extend(ids, closest, cache)
+            self.extend(ids, closest, cache, states[closest])
             return closest, float(distance[closest]), closest
         return None, float(distance[closest]), closest
 
@@ -175,8 +204,8 @@ def search(
         best = min(best, (distance, int(ids[index])))
         size = min(batch_size, 8 * size)
     token = torch.tensor([best[1]])
-    _, cache = matcher.states(token)
-    matcher.extend(token, 0, cache)
+    state, cache = matcher.states(token)
+    matcher.extend(token, 0, cache, state[0])
     return best[1], False, tried
 
 
@@ -190,23 +219,36 @@ def recover(
     wire_dtype: torch.dtype = torch.float32,
     atol: float = 0.0,
     chunk: int = 128,
+    view: View | None = None,
+    language_model: bool = False,
+    stop_at_miss: bool = False,
 ) -> Recovery:
     """Recover the token at every row of ``uplink`` (T, D), left to right from position 0.
 
-    Similarities are computed ``chunk`` rows at a time: (chunk, V) per table.
+    Similarities are computed ``chunk`` rows at a time: (chunk, V) per table. ``view``: compare (and rank
+    candidates by) this function of the states instead of the states themselves. ``language_model``: rank
+    by the public model's own next-token logits after the recovered prefix as well (one body and tail
+    step per position; needs a public split holding all three parts). That is what keeps the search short
+    when the tables rank poorly, as they do for sorted values. ``stop_at_miss``: return at the first
+    position without an exact match (the rows after it rarely match once the prefix is wrong).
     """
     tables = list(context_free_tables(public).values())
-    matcher = PrefixMatcher(public, wire_dtype=wire_dtype, atol=atol)
+    if view is not None:
+        tables = [view(table) for table in tables]
+    matcher = PrefixMatcher(public, wire_dtype=wire_dtype, atol=atol, view=view)
+    predictor = _NextToken(public) if language_model else None
     found = Recovery()
     with torch.inference_mode():
         for begin in range(0, uplink.shape[0], chunk):
             rows = uplink[begin : begin + chunk]
-            scores = [similarity(table, rows) for table in tables]  # each (chunk, V)
+            viewed = rows if view is None else view(rows.float())
+            scores = [similarity(table, viewed) for table in tables]  # each (chunk, V)
             for i, row in enumerate(rows):
+                lead = [] if predictor is None or predictor.logits is None else [predictor.logits]
                 token, hit, tried = search(
                     matcher,
                     row,
-                    Ranking([s[i] for s in scores]),
+                    Ranking(lead + [s[i] for s in scores]),
                     first_batch=first_batch,
                     batch_size=batch_size,
                     max_candidates=max_candidates,
@@ -214,7 +256,28 @@ def recover(
                 found.ids.append(token)
                 found.hits.append(hit)
                 found.tried.append(tried)
+                if stop_at_miss and not hit:
+                    return found
+                if predictor is not None and matcher.last is not None:
+                    predictor.step(matcher.last)
     return found
+
+
+class _NextToken:
+    """The public model's next-token logits after the prefix, one body and tail step per token."""
+
+    def __init__(self, public: SplitModel) -> None:
+        if public.body is None or public.tail is None:
+            raise ValueError("ranking by the language model needs the public split's body and tail")
+        self.public = public
+        self.caches = (public.body.new_cache(), public.tail.new_cache())
+        self.logits: torch.Tensor | None = None  # (V,) after the prefix; None before the first token
+
+    def step(self, state: torch.Tensor) -> None:
+        """Append the prefix's newest token, given by its head ``state`` (D,)."""
+        assert self.public.body is not None and self.public.tail is not None
+        hidden = self.public.body(state[None, None].to(self.public.runtime.dtype), self.caches[0])
+        self.logits = self.public.tail(hidden, self.caches[1])[0, -1].float()
 
 
 def exact_matching(

@@ -42,6 +42,10 @@ from lambdasplit.split.loader import SplitModel, WireTransform
 Progress = Callable[[int, int], None]
 _EPS = 1e-6
 
+#: Changes whenever ``train_inverter``'s recipe (features, architecture, training) does, so an inverter saved
+#: by an older recipe is not loaded as if it were this one (the audit's cache names carry it).
+RECIPE = 1
+
 
 def rms_normalise(states: torch.Tensor) -> torch.Tensor:
     """(..., D) -> (..., D) float32, each state divided by its RMS (so noise scaled to the RMS reads alike)."""

@@ -5,9 +5,9 @@ states it sends behind a secret permutation ``h' = h[..., p] = h @ Q`` and trans
 once to match. The attacks here are ours; each takes what one attacker holds and returns a ``KeyEstimate``:
 
 - ``sorted_matching`` (eavesdropper): a permutation keeps every vector's multiset of values, so the sorted
-  values of an intercepted state equal those of the public state it came from. A context-free head
-  output (A2's table, exact at X = 0 and at the first position for any X) is found by its sorted values,
-  and the key follows from where each value went.
+  values of an intercepted state equal those of the public state it came from. A1's left-to-right search
+  compares sorted values instead of states, reads the first rows of the traffic without the key, and the
+  key follows from where each value went.
 - ``statistical_matching`` (eavesdropper): per-dimension statistics of N intercepted states matched to the
   same statistics of public-model states on public text by an optimal assignment. Its accuracy against
   N is the measured cost of reusing one key for N vectors.
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lambdasplit.privacy.attacks.nearest_neighbour import context_free_tables, public_head
+from lambdasplit.privacy.attacks.exact_matching import recover, sorted_values
+from lambdasplit.privacy.attacks.nearest_neighbour import public_head
 from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.privacy.keys import KeyKind, ObfuscationKey
 from lambdasplit.privacy.obfuscate import _OUTPUT_SIDE, _hidden_norms, _linears
@@ -163,48 +164,60 @@ def sorted_matching(
     public: SplitModel,
     intercepts: Sequence[Intercept],
     *,
-    rtol: float = 1e-4,
-    batch_size: int = 4096,
+    rows: int = 32,
+    wire_dtype: torch.dtype = torch.float32,
+    max_candidates: int = 4096,
     truth: ObfuscationKey | torch.Tensor | None = None,
 ) -> KeyEstimate:
-    """Find uplink rows that are context-free head outputs by their sorted values, and the key from them.
+    """Read the first ``rows`` uplink rows without the key by their sorted values, and fit the key to them.
 
-    Every uplink row is compared, sorted, with every sorted row of the public context-free table (V, D);
-    rows within ``rtol`` (relative L2) of one are exact: at X = 0 all of them (the embedding), at X >= 1
-    the first position of each conversation. The key is fitted on the exact rows (``fit_key``); tied
-    values (a quantized embedding) are resolved by using several. With no exact row the closest one is
-    used and ``details["exact_rows"]`` is 0. ``details["tokens"]``: the table's best token per row.
+    A1's left-to-right search (``exact_matching.recover``) with the ``sorted_values`` view: a candidate
+    token's public state, sorted, must equal the intercepted row, sorted, within the wire's rounding
+    (``wire_dtype``). At X = 0 every row is a lone-token state; at X >= 1 the recovered prefix supplies the
+    context, and candidates are ranked by the public model's next-token logits as well (sorted values rank
+    poorly on their own). The rows found exactly give (public state, intercepted row) pairs and the key
+    follows by assignment (``fit_key``); tied values (float16 rounding, a quantized embedding) are told
+    apart by using several rows. Each intercept is read from its position 0 up to its first row with no
+    match within ``max_candidates`` (SmolLM2's chat template: 12 rows, enough for the whole key over
+    float16), then the next one, until ``rows`` rows are read.
+    ``details``: ``tokens`` (recovered per row read), ``exact_rows``, ``rows``.
     """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     start = time.perf_counter()
-    table = context_free_tables(public)[public_head(public).num_layers]  # (V, D) lone-token states, depth X
-    rows = torch.cat([item.uplink for item in intercepts]).to(table.device, torch.float32)  # (T, D)
-    norms = rows.norm(dim=-1).clamp_min(1e-12)
-    ordered = (rows / norms[:, None]).sort(dim=-1).values
-    best = torch.full((len(rows),), float("inf"), device=table.device)
-    token = torch.zeros(len(rows), dtype=torch.long, device=table.device)
-    for lo in range(0, len(table), batch_size):  # (T, batch) distances between sorted unit vectors
-        unit = nn.functional.normalize(table[lo : lo + batch_size].float(), dim=-1)
-        dist = torch.cdist(ordered, unit.sort(dim=-1).values)
-        value, index = dist.min(dim=-1)
-        better = value < best
-        best[better], token[better] = value[better], index[better] + lo
-    # cdist's matrix-product form loses ~1e-4 to cancellation: re-measure each best match directly.
-    unit = nn.functional.normalize(table[token].float(), dim=-1)
-    best = (ordered - unit.sort(dim=-1).values).norm(dim=-1)
-    exact = best <= rtol
-    use = exact if exact.any() else best == best.min()
-    plain = unit[use] * norms[use, None]
-    matrix = fit_key(plain, rows[use], "permutation")
+    head = public_head(public)
+    plain, sent, tokens = [], [], []
+    left = rows
+    for item in intercepts:
+        if left <= 0:
+            break
+        uplink = item.uplink[:left].float()
+        found = recover(
+            public,
+            uplink,
+            wire_dtype=wire_dtype,
+            max_candidates=max_candidates,
+            view=sorted_values,
+            language_model=public.body is not None and public.tail is not None,
+            stop_at_miss=True,
+        )
+        left -= len(found.ids)
+        tokens += found.ids
+        hits = torch.tensor(found.hits)
+        states = head(torch.tensor([found.ids], device=public.runtime.device))[0].float().cpu()
+        plain.append(states[hits])
+        sent.append(uplink[: len(hits)][hits])
+    a, b = torch.cat(plain), torch.cat(sent)
+    if len(a) == 0:
+        raise ValueError(
+            f"no uplink row matched a candidate's sorted values within the {wire_dtype} wire dtype's rounding: "
+            "is the key a permutation, and is that the wire dtype?"
+        )
     estimate = KeyEstimate(
         "permutation",
-        matrix,
+        fit_key(a, b, "permutation"),
         time.perf_counter() - start,
-        details={
-            "rows": len(rows),
-            "exact_rows": int(exact.sum()),
-            "tokens": token.tolist(),
-            "relative_distance": [round(float(r), 6) for r in best],
-        },
+        details={"rows": len(tokens), "exact_rows": len(a), "tokens": tokens},
     )
     return _finish(estimate, truth)
 

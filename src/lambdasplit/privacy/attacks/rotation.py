@@ -193,7 +193,8 @@ def invariant_matching(
     intercept: Intercept,
     *,
     side: Side = "prompt",
-    rtol: float = 1e-5,
+    wire_dtype: torch.dtype = torch.float32,
+    rtol: float | None = None,
     beam: int = 4,
     first_batch: int = 16,
     batch_size: int = 1024,
@@ -203,7 +204,9 @@ def invariant_matching(
 
     For position t the intercepted row's squared norm and inner products with rows 0..t-1 must equal
     those of the candidate's public state with the recovered prefix's public states, within ``rtol``
-    times the product of the norms (the right token: ~1e-6 on SmolLM2; a wrong one: ~0.1 and more).
+    times the product of the norms (the right token: ~1e-6 on SmolLM2 over a float32 wire; a wrong one:
+    ~0.1 and more). Default ``rtol``: 1e-5, plus twice ``wire_dtype``'s machine epsilon for a wire that
+    rounds (each value moves by up to half an ulp, so an inner product by up to that times the norms).
     Candidates come in the order of ``_order`` (the public model's next-token logits, and the lone-token
     tables against what the invariants reveal of the row). Early positions have few invariants, so several
     tokens may match: up to ``beam`` prefixes are kept and later positions rule the wrong ones out (each
@@ -214,6 +217,8 @@ def invariant_matching(
     ``prompt_recovered`` for the output side.
     """
     start = time.perf_counter()
+    if rtol is None:
+        rtol = 1e-5 + (0.0 if wire_dtype == torch.float32 else 2 * torch.finfo(wire_dtype).eps)
     rows, target = positions(intercept, side)
     uplink = intercept.uplink[: rows.stop].double()
     tables = list(context_free_tables(public).values())  # (V, D) lone-token states; depth X last
