@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from lambdasplit.generation import LocalBodyLink, SplitDecoder, generate
 from lambdasplit.split import load_split
 from lambdasplit.split.families import VERIFIED
+from lambdasplit.split.parts import with_cache
 from tiny_models import FAMILIES, NUM_LAYERS
 
 N = NUM_LAYERS
@@ -28,13 +29,13 @@ def reference_step_logits(ref, prompt: list[int], steps: int) -> tuple[list[torc
     """Greedy decode with the unsplit model and its own DynamicCache; logits (T, V) then (V,) per step."""
     cache = DynamicCache(config=ref.config)
     with torch.no_grad():
-        out = ref(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        out = ref(torch.tensor([prompt]), use_cache=True, **with_cache(ref, cache))
         logits = [out.logits[0]]
         tokens = []
         for _ in range(steps):
             tok = int(logits[-1][-1].argmax())
             tokens.append(tok)
-            out = ref(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            out = ref(torch.tensor([[tok]]), use_cache=True, **with_cache(ref, cache))
             logits.append(out.logits[0])
     return logits, tokens
 

@@ -21,7 +21,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from lambdasplit.errors import SessionError
 from lambdasplit.split.loader import SplitModel
-from lambdasplit.split.parts import Body, rewind
+from lambdasplit.split.parts import Body, rewind, with_cache
 
 
 @dataclass
@@ -231,7 +231,7 @@ class ModelDecoder(_Sequence):
         rewind(self.cache, len(self.ids))
         self.ids.extend(new_ids)
         ids = torch.tensor([new_ids], device=self._device)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **with_cache(self.model, self.cache))
         return out.logits[0]
 
     def reset(self) -> None:

@@ -10,11 +10,25 @@ Shapes: ``B`` batch, ``T`` new positions this call, ``D`` hidden size, ``V`` voc
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from lambdasplit.errors import SessionError
+
+
+@functools.cache
+def _cache_argument(model_class: type[nn.Module]) -> str:
+    """The name ``model_class.forward`` takes the KV cache by: ``cache`` in newer transformers releases,
+    ``past_key_values`` before (still accepted after, with a deprecation warning on every call)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def with_cache(model: nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
+    return {_cache_argument(type(model)): cache}
 
 
 class _Part(nn.Module):
@@ -70,7 +84,8 @@ class Head(_Part):
         assert self.model is not None
         # With no layers, positions and masks are unused; skipping the cache keeps it empty.
         use_cache = cache is not None and self.num_layers > 0
-        out = self.model(input_ids=input_ids, past_key_values=cache if use_cache else None, use_cache=use_cache)
+        kept = cache if use_cache else None
+        out = self.model(input_ids=input_ids, use_cache=use_cache, **with_cache(self.model, kept))
         return out.last_hidden_state
 
 
@@ -95,8 +110,8 @@ class Body(_Part):
             return hidden
         out = self.model(
             inputs_embeds=hidden,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **with_cache(self.model, cache),
             attention_mask=attention_mask,
             position_ids=position_ids,
         )
@@ -116,8 +131,8 @@ class Tail(_Part):
         use_cache = cache is not None and self.num_layers > 0
         out = self.model(
             inputs_embeds=hidden,
-            past_key_values=cache if use_cache else None,
             use_cache=use_cache,
+            **with_cache(self.model, cache if use_cache else None),
             logits_to_keep=logits_to_keep,
         )
         return out.logits
