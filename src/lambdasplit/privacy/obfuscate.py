@@ -33,9 +33,9 @@ from lambdasplit.privacy.keys import LayerSecrets, ObfuscationKey, attention_sha
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import Body
 
-_INPUT_SIDE = {"q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj"}
-_OUTPUT_SIDE = {"o_proj", "down_proj"}
-_PRE_NORMS = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}  # norm -> the block it feeds
+INPUT_SIDE = {"q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj"}
+OUTPUT_SIDE = {"o_proj", "down_proj"}
+PRE_NORMS = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}  # norm -> the block it feeds
 
 
 def protect(split: SplitModel, key: ObfuscationKey) -> SplitModel:
@@ -66,12 +66,12 @@ def obfuscate_body(body: Body, key: ObfuscationKey, config: PretrainedConfig) ->
 
 
 def _check_supported(layer: nn.Module, key: ObfuscationKey, config: PretrainedConfig) -> None:
-    _linears(layer)
-    norms = _hidden_norms(layer, config.hidden_size)
-    if key.permutation is None and set(norms) != set(_PRE_NORMS):
+    linears(layer)
+    norms = hidden_norms(layer, config.hidden_size)
+    if key.permutation is None and set(norms) != set(PRE_NORMS):
         raise UnsupportedModelError(
             f"{config.model_type!r} layers have the norms {sorted(norms)}; a rotation key needs exactly the pre-norms "
-            f"{sorted(_PRE_NORMS)} (a post-norm's gain cannot be folded into a rotation). Use a permutation key."
+            f"{sorted(PRE_NORMS)} (a post-norm's gain cannot be folded into a rotation). Use a permutation key."
         )
     if "qk-planes" in key.inner:
         if hasattr(layer.self_attn, "q_norm"):
@@ -95,13 +95,13 @@ def transform_layer(
         _rotate_hidden(layer, key.matrix.double(), config)
 
 
-def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+def linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The layer's projections by their last name component; an unknown one is an unsupported layout."""
     found: dict[str, nn.Linear] = {}
     for name, module in layer.named_modules():
         if isinstance(module, nn.Linear):
             short = name.rsplit(".", 1)[-1]
-            if short not in _INPUT_SIDE | _OUTPUT_SIDE:
+            if short not in INPUT_SIDE | OUTPUT_SIDE:
                 raise UnsupportedModelError(
                     f"obfuscation does not know the projection {name!r} of {type(layer).__name__}"
                 )
@@ -109,7 +109,7 @@ def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
-def _hidden_norms(layer: nn.Module, hidden: int) -> dict[str, nn.Module]:
+def hidden_norms(layer: nn.Module, hidden: int) -> dict[str, nn.Module]:
     """Norms applied to the residual stream: the layer's direct children with a (D,) gain."""
     return {
         name: child
@@ -126,10 +126,10 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def _permute_hidden(layer: nn.Module, perm: torch.Tensor, config: PretrainedConfig) -> None:
     perm = perm.to(next(layer.parameters()).device)
-    for norm in _hidden_norms(layer, config.hidden_size).values():
+    for norm in hidden_norms(layer, config.hidden_size).values():
         _set(norm.weight, norm.weight[perm])
-    for name, lin in _linears(layer).items():
-        if name.rsplit(".", 1)[-1] in _OUTPUT_SIDE:
+    for name, lin in linears(layer).items():
+        if name.rsplit(".", 1)[-1] in OUTPUT_SIDE:
             _set(lin.weight, lin.weight[perm, :])
             if lin.bias is not None:
                 _set(lin.bias, lin.bias[perm])
@@ -137,25 +137,25 @@ def _permute_hidden(layer: nn.Module, perm: torch.Tensor, config: PretrainedConf
             _set(lin.weight, lin.weight[:, perm])
 
 
-def _norm_offset(config: PretrainedConfig) -> float:
+def norm_offset(config: PretrainedConfig) -> float:
     """Gemma's RMSNorm multiplies by ``1 + weight``; the others by ``weight``."""
     return 1.0 if str(getattr(config, "model_type", "")).startswith("gemma") else 0.0
 
 
 def _rotate_hidden(layer: nn.Module, q: torch.Tensor, config: PretrainedConfig) -> None:
-    norms = _hidden_norms(layer, config.hidden_size)
+    norms = hidden_norms(layer, config.hidden_size)
     q = q.to(next(layer.parameters()).device)
-    offset = _norm_offset(config)
-    linears = _linears(layer)
-    for norm_name, block in _PRE_NORMS.items():
+    offset = norm_offset(config)
+    projections = linears(layer)
+    for norm_name, block in PRE_NORMS.items():
         norm = norms[norm_name]
         gain = norm.weight.double() + offset
-        for name, lin in linears.items():
-            if name.startswith(block + ".") and name.rsplit(".", 1)[-1] in _INPUT_SIDE:
+        for name, lin in projections.items():
+            if name.startswith(block + ".") and name.rsplit(".", 1)[-1] in INPUT_SIDE:
                 _set(lin.weight, (lin.weight.double() * gain) @ q)
         _set(norm.weight, torch.full_like(gain, 1.0 - offset))
-    for name, lin in linears.items():
-        if name.rsplit(".", 1)[-1] in _OUTPUT_SIDE:
+    for name, lin in projections.items():
+        if name.rsplit(".", 1)[-1] in OUTPUT_SIDE:
             _set(lin.weight, q.T @ lin.weight.double())
             if lin.bias is not None:
                 _set(lin.bias, lin.bias.double() @ q)

@@ -35,7 +35,7 @@ from lambdasplit.privacy.attacks.exact_matching import recover, sorted_values
 from lambdasplit.privacy.attacks.nearest_neighbour import public_head
 from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.privacy.keys import KeyKind, ObfuscationKey
-from lambdasplit.privacy.obfuscate import _OUTPUT_SIDE, _hidden_norms, _linears
+from lambdasplit.privacy.obfuscate import OUTPUT_SIDE, hidden_norms, linears
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import Body
 
@@ -383,10 +383,10 @@ def weight_signatures(body: Body | nn.Module, hidden: int) -> torch.Tensor:
         raise ValueError("the body is empty (X == Y): there are no weights to read a key from")
     features: list[torch.Tensor] = []
     for layer in layers:
-        features += [norm.weight.detach().double().cpu() for norm in _hidden_norms(layer, hidden).values()]
-        for name, lin in _linears(layer).items():
+        features += [norm.weight.detach().double().cpu() for norm in hidden_norms(layer, hidden).values()]
+        for name, lin in linears(layer).items():
             w = lin.weight.detach().float()  # norms in float32: ~1e-7 relative, far below the gaps between dims
-            if name.rsplit(".", 1)[-1] in _OUTPUT_SIDE:  # (D, in): W[p, :], columns moved by inner secrets
+            if name.rsplit(".", 1)[-1] in OUTPUT_SIDE:  # (D, in): W[p, :], columns moved by inner secrets
                 features.append(w.norm(dim=1).double().cpu())
                 if lin.bias is not None:
                     features.append(lin.bias.detach().double().cpu())

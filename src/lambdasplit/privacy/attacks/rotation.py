@@ -35,7 +35,7 @@ from lambdasplit.privacy.attacks.permutation import KeyEstimate, _finish, key_fr
 from lambdasplit.privacy.attacks.result import AttackResult, Side
 from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.privacy.keys import ObfuscationKey
-from lambdasplit.privacy.obfuscate import _INPUT_SIDE, _PRE_NORMS, _hidden_norms, _linears, _norm_offset
+from lambdasplit.privacy.obfuscate import INPUT_SIDE, PRE_NORMS, hidden_norms, linears, norm_offset
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import Body
 
@@ -52,13 +52,13 @@ def _blocks(plain: nn.Module, obfuscated: nn.Module, hidden: int, offset: float)
     Input side: public ``A = W diag(g)`` (out, D), obfuscated ``B = R A Q``. Output side: public ``C`` (D, in),
     obfuscated ``C' = Q^T C R^T``. ``R``: the inner secrets' row transform (identity without them).
     """
-    norms = _hidden_norms(plain, hidden)
-    theirs = _linears(obfuscated)
+    norms = hidden_norms(plain, hidden)
+    theirs = linears(obfuscated)
     out = []
-    for name, lin in _linears(plain).items():
+    for name, lin in linears(plain).items():
         w, w_obf = lin.weight.detach().double().cpu(), theirs[name].weight.detach().double().cpu()
-        if name.rsplit(".", 1)[-1] in _INPUT_SIDE:
-            norm = next(n for n, block in _PRE_NORMS.items() if name.startswith(block + "."))
+        if name.rsplit(".", 1)[-1] in INPUT_SIDE:
+            norm = next(n for n, block in PRE_NORMS.items() if name.startswith(block + "."))
             out.append(("in", name, w * (norms[norm].weight.detach().double().cpu() + offset), w_obf))
         else:
             out.append(("out", name, w, w_obf))
@@ -87,7 +87,7 @@ def rotation_from_weights(
         raise ValueError(f"unknown method {method!r}; use auto, procrustes or gram")
     if public.body is None or public.body.model is None or body.model is None:
         raise ValueError("both the public split and the obfuscated body must hold the body's layers")
-    hidden, offset = int(public.config.hidden_size), _norm_offset(public.config)
+    hidden, offset = int(public.config.hidden_size), norm_offset(public.config)
     plain_layers, obf_layers = public.body.model.layers, body.model.layers
     if len(plain_layers) != len(obf_layers):
         raise ValueError(f"the public body has {len(plain_layers)} layers, the obfuscated one {len(obf_layers)}")
