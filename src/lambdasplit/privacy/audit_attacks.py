@@ -238,7 +238,7 @@ def _invariant_rows(ctx: Context) -> Iterator[AuditRow]:
     for side in ctx.sides:
         ctx.run.stage(f"{ctx.label}: A4 invariant matching ({side})")
         found = [
-            invariant_matching(ctx.public, item, side=side, wire_dtype=ctx.run.wire_dtype, max_candidates=4096)  # type: ignore[arg-type]
+            invariant_matching(ctx.public, item, side=side, wire_dtype=ctx.run.wire_dtype)  # type: ignore[arg-type]
             for item in items
         ]
         row = ctx.row("eavesdropper", side, "A4 invariant matching (no key needed)", found, prompts=prompts)
