@@ -236,7 +236,7 @@ def recover(
     if view is not None:
         tables = [view(table) for table in tables]
     matcher = PrefixMatcher(public, wire_dtype=wire_dtype, atol=atol, view=view)
-    predictor = _NextToken(public) if language_model else None
+    predictor = NextToken(public) if language_model else None
     found = Recovery()
     with torch.inference_mode():
         for begin in range(0, uplink.shape[0], chunk):
@@ -263,7 +263,7 @@ def recover(
     return found
 
 
-class _NextToken:
+class NextToken:
     """The public model's next-token logits after the prefix, one body and tail step per token."""
 
     def __init__(self, public: SplitModel) -> None:
@@ -278,6 +278,12 @@ class _NextToken:
         assert self.public.body is not None and self.public.tail is not None
         hidden = self.public.body(state[None, None].to(self.public.runtime.dtype), self.caches[0])
         self.logits = self.public.tail(hidden, self.caches[1])[0, -1].float()
+
+    def fork(self) -> NextToken:
+        """An independent copy (its own caches) sharing the public model."""
+        other = copy.copy(self)
+        other.caches = copy.deepcopy(self.caches)
+        return other
 
 
 def exact_matching(

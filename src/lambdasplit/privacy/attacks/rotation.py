@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lambdasplit.privacy.attacks.exact_matching import PrefixMatcher
+from lambdasplit.privacy.attacks.exact_matching import NextToken, PrefixMatcher
 from lambdasplit.privacy.attacks.nearest_neighbour import context_free_tables, positions
 from lambdasplit.privacy.attacks.permutation import KeyEstimate, _finish, key_from_tokens
 from lambdasplit.privacy.attacks.result import AttackResult, Side
@@ -155,31 +155,33 @@ def _global_sign(blocks: list[Block], q: torch.Tensor) -> float:
 @dataclass
 class _Hypothesis:
     """One candidate prefix: its head matcher (KV cache), its public states, the public model's next-token
-    logits after it (body and tail caches; None when the public split lacks them) and its summed distance."""
+    logits after it (None when the public split lacks the body and tail) and its summed distance."""
 
     matcher: PrefixMatcher
+    predictor: NextToken | None = None
     states: list[torch.Tensor] = field(default_factory=list)  # (D,) float64 each
-    caches: tuple[object, object] | None = None
-    logits: torch.Tensor | None = None  # (V,)
     distance: float = 0.0
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return None if self.predictor is None or self.predictor.logits is None else self.predictor.logits.cpu()
 
     def fork(self) -> _Hypothesis:
         matcher = copy.copy(self.matcher)  # shares the public model; only the cache and prefix are copied
         matcher.cache = copy.deepcopy(self.matcher.cache)
         matcher.prefix = list(self.matcher.prefix)
-        return _Hypothesis(matcher, list(self.states), copy.deepcopy(self.caches), self.logits, self.distance)
+        predictor = None if self.predictor is None else self.predictor.fork()
+        return _Hypothesis(matcher, predictor, list(self.states), self.distance)
 
-    def extend(self, public: SplitModel, token: int, distance: float) -> None:
+    def extend(self, token: int, distance: float) -> None:
         """Append ``token`` (one head pass for its cache, one body + tail pass for the next logits)."""
         ids = torch.tensor([token])
         state, cache = self.matcher.states(ids)
-        self.matcher.extend(ids, 0, cache)
+        self.matcher.extend(ids, 0, cache, state[0])
         self.states.append(state[0].double().cpu())
         self.distance += distance
-        if self.caches is not None:
-            assert public.body is not None and public.tail is not None
-            hidden = public.body(state[None].to(public.runtime.dtype), self.caches[0])
-            self.logits = public.tail(hidden, self.caches[1])[0, -1].float().cpu()
+        if self.predictor is not None:
+            self.predictor.step(state[0])
 
 
 def invariant_features(state: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
@@ -222,10 +224,8 @@ def invariant_matching(
     rows, target = positions(intercept, side)
     uplink = intercept.uplink[: rows.stop].double()
     tables = list(context_free_tables(public).values())  # (V, D) lone-token states; depth X last
-    first = _Hypothesis(PrefixMatcher(public))
-    if public.body is not None and public.tail is not None:
-        first.caches = (public.body.new_cache(), public.tail.new_cache())
-    hypotheses = [first]
+    has_model = public.body is not None and public.tail is not None
+    hypotheses = [_Hypothesis(PrefixMatcher(public), NextToken(public) if has_model else None)]
     misses, tried_at, ambiguous = [], [], []
     with torch.inference_mode():
         for t, row in enumerate(uplink):
@@ -254,7 +254,7 @@ def invariant_matching(
             hypotheses = []
             for distance, token, hyp in sorted(grown, key=lambda g: g[2].distance + g[0])[:beam]:
                 forked = hyp.fork()
-                forked.extend(public, token, distance)
+                forked.extend(token, distance)
                 hypotheses.append(forked)
     recovered = hypotheses[0].matcher.prefix
     p = rows.start
