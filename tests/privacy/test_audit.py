@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from lambdasplit.cli.app import app
 from lambdasplit.errors import ConfigError
-from lambdasplit.privacy.audit import AuditReport, AuditRow, AuditSettings, Defence, run_audit
+from lambdasplit.privacy.audit import AuditReport, AuditRow, AuditSettings, Defence, _plan, run_audit
 from lambdasplit.privacy.audit_report import markdown
 from lambdasplit.privacy.prompts import AuditPrompt, load_prompts
 
@@ -88,6 +88,20 @@ def test_noise_costs_utility_and_tls_rows_name_their_evidence(report: AuditRepor
     assert "A4 weight matching" in text and "| X=1 | none |" in text
 
 
+def test_plan_varies_x_and_the_tail_or_audits_one_deployed_split() -> None:
+    plan = _plan(AuditSettings(head_layers=(0, 2, 8), tail_layers=(1, 4)), 30)
+    assert [(c.head, c.tail, c.sides) for c in plan] == [
+        (0, 4, ("prompt",)),  # prompt side: X varies, the tail at its middle value
+        (2, 1, ("output",)),  # output side: the tail varies at X = 2
+        (2, 4, ("prompt", "output")),
+        (8, 4, ("prompt",)),
+    ]
+    one = _plan(AuditSettings(layers="3:-2"), 30)
+    assert [(c.head, c.tail, c.sides) for c in one] == [(3, 2, ("prompt", "output"))]
+    with pytest.raises(ConfigError, match="invalid"):
+        _plan(AuditSettings(layers="9:4"), 30)
+
+
 def test_defence_specs_and_prompt_files(tmp_path: Path) -> None:
     assert Defence.parse("noise:0.25").sigma == 0.25
     assert Defence.parse("rotation+inner").inner
@@ -109,12 +123,13 @@ def test_cli_writes_json_and_markdown(
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\n")
     out_json, out_md = tmp_path / "a.json", tmp_path / "a.md"
-    args = ["audit", "--model", str(path), "--head-layers", "0", "--tail-layers", "", "--defence", "none"]
+    args = ["audit", "--model", str(path), "--layers", "0:3", "--defence", "none"]
     args += ["--prompts", str(prompts), "-n", "3", "--inverter-tokens", "0", "--json", str(out_json)]
     result = CliRunner().invoke(app, [*args, "--markdown", str(out_md)])
     assert result.exit_code == 0, result.output
     rows = json.loads(out_json.read_text())["rows"]
     assert any(r["attack"] == "A1 exact matching" and r["token_accuracy"] == 1.0 for r in rows)
     assert "| X=0 | none |" in out_md.read_text()
+    assert any(r["side"] == "output" and r["tail_layers"] == 2 for r in rows)  # --layers 0:3 of 5: two tail layers
     bad = CliRunner().invoke(app, ["audit", "--model", str(path), "--defence", "shuffle"])
     assert bad.exit_code != 0

@@ -34,6 +34,10 @@ def audit(
         str, typer.Option(help="Prompt-side rows: device layers before the body (X), comma-separated.")
     ] = "0,1,2,4,8",
     tail_layers: Annotated[str, typer.Option(help="Output-side rows: device layers after the body.")] = "1,2,4",
+    layers: Annotated[
+        str | None,
+        typer.Option(help="Audit one deployed split X:Y, both sides (replaces --head-layers and --tail-layers)."),
+    ] = None,
     defence: Annotated[
         list[str] | None,
         typer.Option(
@@ -65,6 +69,7 @@ def audit(
         model=model,
         head_layers=_ints(head_layers, "--head-layers"),
         tail_layers=_ints(tail_layers, "--tail-layers"),
+        layers=layers,
         defences=tuple(d.name for d in (Defence.parse(x) for x in (defence or DEFAULT_DEFENCES))),
         prompts=tuple(load_prompts(prompts)) if prompts is not None else DEFAULT_PROMPTS,
         max_new_tokens=max_new_tokens,

@@ -29,7 +29,8 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lambdasplit.errors import ConfigError
+from lambdasplit.config import SplitPoints
+from lambdasplit.errors import ConfigError, SplitPointError
 from lambdasplit.models.registry import DEFAULT_MODEL
 from lambdasplit.models.resolve import lambdasplit_home
 from lambdasplit.privacy import metrics
@@ -86,6 +87,7 @@ class AuditSettings:
     model: str = DEFAULT_MODEL
     head_layers: tuple[int, ...] = (0, 1, 2, 4, 8)  # prompt-side rows: X device layers before the body
     tail_layers: tuple[int, ...] = (1, 2, 4)  # output-side rows: layers after the body
+    layers: str | None = None  # one deployed split "X:Y": both sides there (replaces head_layers, tail_layers)
     defences: tuple[str, ...] = DEFAULT_DEFENCES
     prompts: tuple[AuditPrompt, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 24
@@ -183,7 +185,16 @@ class _Config:
 
 
 def _plan(settings: AuditSettings, num_layers: int) -> list[_Config]:
-    """Prompt-side rows vary X with the tail at its middle value; output-side rows vary the tail with X = 2."""
+    """Prompt-side rows vary X with the tail at its middle value; output-side rows vary the tail with X = 2.
+
+    With ``settings.layers`` ("X:Y"), that one split for both sides.
+    """
+    if settings.layers is not None:
+        try:
+            points = SplitPoints.parse(settings.layers, num_layers)
+        except SplitPointError as exc:
+            raise ConfigError(str(exc)) from None
+        return [_Config(points.head_layers, num_layers - points.body_end, ("prompt", "output"))]
     tail_fixed = sorted(settings.tail_layers)[len(settings.tail_layers) // 2] if settings.tail_layers else 2
     head_fixed = 2 if 2 in settings.head_layers or not settings.head_layers else sorted(settings.head_layers)[0]
     configs: dict[tuple[int, int], set[str]] = {}
