@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
+
 import pytest
+from websockets.sync.client import connect
 
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.errors import ConfigError, RemoteError
 from lambdasplit.generation import generate
 from lambdasplit.split import load_split
-from lambdasplit.wire import Frame, MessageType
-from servers import body_server
+from lambdasplit.wire import Frame, MessageType, encode_frame
+from servers import body_server, http_url
 from tiny_models import NUM_LAYERS
 
 
@@ -64,3 +69,31 @@ def test_split_clients_and_cloud_only_requests_do_not_mix(cloud_only, tiny_check
         with pytest.raises(RemoteError) as err:
             client.generate_text("hello", max_new_tokens=2)
         assert err.value.code == "wrong_mode"
+
+
+def test_a_generation_stops_when_its_client_disconnects(tiny_checkpoint) -> None:
+    """Nobody reads the answer of a client that went away: the server stops generating it within a token."""
+    path, _ = tiny_checkpoint("qwen2")
+
+    def metrics(url: str) -> dict:
+        with urllib.request.urlopen(http_url(url, "/metrics"), timeout=10) as r:
+            return json.loads(r.read())
+
+    with body_server("--model", str(path), "--cloud-only", "--max-context", "100000") as url:
+        with connect(url, compression=None, proxy=None) as ws:
+            ws.send(encode_frame(Frame.json(MessageType.HELLO, {})))
+            ws.recv(timeout=30)
+            request = {"prompt": "hello", "max_new_tokens": 50_000, "ignore_eos": True}
+            ws.send(encode_frame(Frame.json(MessageType.GENERATE, request)))
+            deadline = time.monotonic() + 60
+            while metrics(url)["compute_seconds"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)  # the generation is running
+        deadline = time.monotonic() + 30
+        while metrics(url)["generations_abandoned"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = metrics(url)
+        assert after["generations_abandoned"] == 1 and after["generations"] == 0 and after["generated_tokens"] == 0
+        time.sleep(0.5)
+        assert metrics(url)["compute_seconds"] == after["compute_seconds"]  # nothing runs for it any more
+        with CloudClient(url) as client:  # and the server serves the next client
+            assert client.generate_text("again", max_new_tokens=2, ignore_eos=True).new_tokens == 2

@@ -105,7 +105,7 @@ class BodyServer:
         self.started = time.time()
         self.compute_seconds = 0.0  # time in body forwards, for the latency breakdown
         counted = ("connections", "sessions_opened", "forward_frames", "positions", "bytes_in", "bytes_out")
-        counted += ("generations", "generated_tokens") if settings.cloud_only else ()
+        counted += ("generations", "generated_tokens", "generations_abandoned") if settings.cloud_only else ()
         self.counters: Counter[str] = Counter(dict.fromkeys(counted, 0))
         self.errors: Counter[str] = Counter()
         self.app = Starlette(
@@ -184,9 +184,15 @@ class BodyServer:
         conn = next(self._conn_ids)
         self.counters["connections"] += 1
         greeted = False
+        # A reader task takes messages off the socket while a request runs, so a client that goes away in
+        # the middle of a long GENERATE is seen at once (``gone``) and the generation stops. Its small inbox
+        # keeps backpressure: a client that floods frames waits on TCP, not on server memory.
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=4)
+        gone = asyncio.Event()
+        reader = asyncio.create_task(self._read(ws, inbox, gone))
         try:
-            while True:
-                message = await ws.receive()
+            while not (gone.is_set() and inbox.empty()):
+                message = await inbox.get()
                 if message["type"] == "websocket.disconnect":
                     break
                 data = message.get("bytes")
@@ -199,13 +205,15 @@ class BodyServer:
                         frame = decode_frame(data, self.limits)
                         if frame.type is not MessageType.HELLO and not greeted:
                             raise Refusal("hello_first", "send HELLO before anything else")
-                        reply = await self._dispatch(conn, frame)
+                        reply = await self._dispatch(conn, frame, gone)
                         greeted = True
                         fatal = False
                     except Refusal as r:
                         reply, fatal = self._error(r), r.fatal
                     except (FrameError, SessionError) as e:
                         reply, fatal = self._error(Refusal(e.code, str(e))), False
+                if gone.is_set():
+                    break
                 out = encode_frame(reply)
                 self.counters["bytes_out"] += len(out)
                 await ws.send_bytes(out)
@@ -215,20 +223,42 @@ class BodyServer:
         except WebSocketDisconnect:
             pass
         finally:
+            reader.cancel()
             freed = self.store.close_owner(conn)
             if freed:
                 _log.info("connection %d went away; freed %d session(s)", conn, freed)
+
+    @staticmethod
+    async def _read(ws: WebSocket, inbox: asyncio.Queue[dict[str, Any]], gone: asyncio.Event) -> None:
+        """Move the socket's messages to ``inbox`` until the client disconnects, then set ``gone``.
+
+        However it ends, ``gone`` is set and a disconnect message is queued when there is room; when there is
+        none the handler drains the inbox and stops on ``gone`` (it never waits on an empty inbox after that).
+        """
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await inbox.put(message)
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: receive after the socket closed
+            return
+        finally:
+            gone.set()
+            with contextlib.suppress(asyncio.QueueFull):
+                inbox.put_nowait({"type": "websocket.disconnect"})
 
     def _error(self, r: Refusal) -> Frame:
         self.errors[r.code] += 1
         return Frame.json(MessageType.ERROR, {"code": r.code, "message": str(r)}, session=r.session)
 
-    async def _dispatch(self, conn: int, frame: Frame) -> Frame:
+    async def _dispatch(self, conn: int, frame: Frame, gone: asyncio.Event) -> Frame:
+        """The reply to one frame; ``gone`` is set when the client disconnects (a long request stops early)."""
         t = frame.type
         if t is MessageType.HELLO:
             return self._hello(frame)
         if t is MessageType.GENERATE:
-            return await self._generate(frame)
+            return await self._generate(frame, gone)
         if t is MessageType.OPEN:
             if self.settings.cloud_only:
                 raise Refusal("wrong_mode", "this is a cloud-only server: send GENERATE with text, not body sessions")
@@ -310,7 +340,7 @@ class BodyServer:
         self.counters["positions"] += rows
         return tensor_frame(MessageType.RESULT, out, frame.dtype, sid, pos)
 
-    async def _generate(self, frame: Frame) -> Frame:
+    async def _generate(self, frame: Frame, gone: asyncio.Event) -> Frame:
         """The cloud-only baseline: the prompt arrives as text, the whole model runs here, text goes back."""
         if not self.settings.cloud_only:
             raise Refusal("wrong_mode", "this server runs a body for split clients; GENERATE needs --cloud-only")
@@ -338,9 +368,12 @@ class BodyServer:
                 f"{self.settings.max_context}",
             )
         # One token per executor call, so body sessions of other clients interleave with a long generation.
+        # Between tokens it also stops when the client has gone: nobody would read the answer.
         tokens, loop = iter(run), asyncio.get_running_loop()
         while await loop.run_in_executor(self.executor, self._timed_next, tokens):
-            pass
+            if gone.is_set():
+                self.counters["generations_abandoned"] += 1
+                return Frame.json(MessageType.ERROR, {"code": "gone", "message": "the client disconnected"})
         assert run.result is not None
         self.counters["generations"] += 1
         self.counters["generated_tokens"] += run.result.new_tokens
