@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import urllib.request
 
 import pytest
+import torch
 
 from lambdasplit.client import connect_device
 from lambdasplit.generation import generate
+from lambdasplit.server.batching import Job, run_batched
+from lambdasplit.server.sessions import BodySession
 from lambdasplit.split import load_split
 from servers import body_server, http_url, in_threads
 from tiny_models import NUM_LAYERS
@@ -56,3 +60,40 @@ def test_max_batch_1_turns_batching_off(tiny_checkpoint) -> None:
         with conn:
             generate(split, PROMPTS[0], max_new_tokens=4, ignore_eos=True, link=conn.open_session())
         assert metrics(url)["batches"] == 0
+
+
+def test_a_batched_step_that_fails_midway_leaves_every_cache_as_it_was(tiny_checkpoint) -> None:
+    """A failure while the new position is appended (some layers got it, some not) is undone for every session."""
+    path, _ = tiny_checkpoint("llama")
+    split = load_split(path, LAYERS, parts=["body"])
+    body, d = split.body, split.hidden_size
+    assert body is not None
+    gen = torch.Generator().manual_seed(0)
+    sessions = []
+    for handle, prompt in enumerate([3, 5], start=1):
+        cache = body.new_cache()
+        body(torch.randn(1, prompt, d, generator=gen), cache)
+        sessions.append(BodySession(handle, "t", 1, cache, length=prompt))
+    steps = [torch.randn(1, d, generator=gen) for _ in sessions]
+    want = [body(step[None], copy.deepcopy(s.cache))[0] for s, step in zip(sessions, steps, strict=True)]
+    jobs = [Job(s, step, s.length, False, None) for s, step in zip(sessions, steps, strict=True)]  # type: ignore[arg-type]
+
+    cache = sessions[1].cache
+    assert cache is not None
+    update, calls = cache.update, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second layer's append of the second session
+            raise RuntimeError("injected")
+        return update(*args, **kwargs)
+
+    cache.update = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="injected"):
+        run_batched(body, jobs)
+    for s in sessions:  # every layer of every session holds exactly its old positions
+        assert s.cache is not None and {layer.keys.shape[-2] for layer in s.cache.layers} == {s.length}
+    cache.update = update  # type: ignore[method-assign]
+    got = run_batched(body, jobs)  # the retry (the client's replay) computes what one session alone would
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

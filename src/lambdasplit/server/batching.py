@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lambdasplit.server.sessions import BodySession
@@ -72,15 +72,30 @@ def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
     positions = torch.tensor(lengths, device=device).unsqueeze(1)
     hidden = torch.stack([job.hidden for job in jobs])  # (B, 1, D)
     out = body(hidden, batch_cache, attention_mask=mask, position_ids=positions)
-    for layer in range(body.num_layers):
-        new_keys = batch_cache.layers[layer].keys[:, :, -1:, :]
-        new_values = batch_cache.layers[layer].values[:, :, -1:, :]
-        for i, job in enumerate(jobs):
-            job.session.cache.update(new_keys[i : i + 1], new_values[i : i + 1], layer)  # type: ignore[union-attr]
+    try:
+        for layer in range(body.num_layers):
+            new_keys = batch_cache.layers[layer].keys[:, :, -1:, :]
+            new_values = batch_cache.layers[layer].values[:, :, -1:, :]
+            for i, job in enumerate(jobs):
+                job.session.cache.update(new_keys[i : i + 1], new_values[i : i + 1], layer)  # type: ignore[union-attr]
+    except BaseException:
+        # Some layers got the new position and some did not: put every session back where it was, so the
+        # step can be retried (the client's replay does) and the cache stays one length across its layers.
+        for job in jobs:
+            truncate_layers(job.session.cache, job.position)
+        raise
     for job in jobs:
         job.session.length = job.position + 1
         job.session.steps += 1
     return [out[i] for i in range(len(jobs))]
+
+
+def truncate_layers(cache: Cache | None, length: int) -> None:
+    """Crop each layer of ``cache`` to its first ``length`` positions (layers may differ after a failed step)."""
+    for layer in [] if cache is None else cache.layers:
+        extra = layer.keys.shape[-2] - length if layer.is_initialized else 0
+        if extra > 0:
+            layer.crop(-extra)
 
 
 class Batcher:
