@@ -67,6 +67,19 @@ def test_float32_wire_output_equals_unsplit_and_byte_counts_agree(tiny, server) 
         assert sock is not None and sock.sent >= client.bytes_sent and sock.received >= client.bytes_received
 
 
+@pytest.mark.parametrize(("wire", "bits"), [("int8", 8), ("int6", 6), ("int4", 4), ("int2", 2)])
+def test_quantized_wires_carry_packed_codes_both_ways(tiny, server, wire: str, bits: int) -> None:
+    """Each hidden-state row costs hidden * bits / 8 bytes of codes plus 8 of scale and offset, up and down."""
+    split, client = connect_device(server, tiny, token=TOKEN)
+    with client:
+        link = client.open_session(wire)
+        result = generate(split, PROMPTS[0], max_new_tokens=6, ignore_eos=True, link=link)
+    rows = len(PROMPTS[0]) + 5  # the prompt, then one row per fed-back token
+    per_row = split.hidden_size * bits // 8 + 8
+    assert result.traffic.up_payload_bytes == result.traffic.down_payload_bytes == rows * per_row
+    assert len(result.token_ids) == 6
+
+
 def test_four_concurrent_clients_get_independent_correct_outputs(tiny, server) -> None:
     local = load_split(tiny, f"1:{NUM_LAYERS - 1}")
     expected = [generate(local, p, max_new_tokens=24, ignore_eos=True).token_ids for p in PROMPTS]

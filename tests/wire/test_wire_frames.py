@@ -158,7 +158,8 @@ def test_codes_are_the_documented_ones():
         "GENERATE": 11, "TEXT": 12, "ERROR": 127,
     }  # fmt: skip
     assert {d.name: d.value for d in WireDtype} == {
-        "NONE": 0, "FLOAT32": 1, "FLOAT16": 2, "BFLOAT16": 3, "QINT8": 0x10, "JSON": 0x20,
+        "NONE": 0, "FLOAT32": 1, "FLOAT16": 2, "BFLOAT16": 3, "QINT8": 0x10, "QINT6": 0x11, "QINT4": 0x12,
+        "QINT2": 0x13, "JSON": 0x20,
     }  # fmt: skip
     assert FrameFlags.RESET == 1
 
@@ -282,7 +283,7 @@ CRAFTED = [
     ("unknown_type", raw_frame(mtype=0)),
     ("unknown_type", raw_frame(mtype=13)),
     ("bad_dtype", raw_frame(dtype=0x07)),
-    ("bad_dtype", raw_frame(dtype=0x12)),  # reserved for packed INT4
+    ("bad_dtype", raw_frame(dtype=0x14)),  # after the packed INT2 code: unknown
     ("bad_dtype", json_frame(5, {"a": 1})),  # FORWARD must carry a tensor
     ("bad_dtype", raw_frame(mtype=9, dtype=0x02)),  # PING carries nothing
     ("bad_dtype", raw_frame(mtype=1, dtype=0x00, dims=(), payload=b"")),  # HELLO needs JSON
@@ -333,7 +334,7 @@ def test_error_messages_name_the_bad_value_and_what_is_allowed():
     cases = [
         (raw_frame(version=7), ["7", "1"]),
         (raw_frame(mtype=42), ["42", "FORWARD=5"]),
-        (raw_frame(dtype=0x12), ["packed int4", "float16=0x02"]),
+        (raw_frame(dtype=0x14), ["20", "float16=0x02", "qint4=0x12"]),
         (raw_frame(flags=4), ["4", "RESET"]),
         (raw_frame(payload=bytes(3)), ["4-byte", "3 bytes"]),
         (raw_frame(dims=(1 << 24, 1 << 24), payload=b""), [str(LIMITS.max_frame_bytes)]),

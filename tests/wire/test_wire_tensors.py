@@ -28,7 +28,7 @@ from lambdasplit.wire import (
     frame_tensor,
     tensor_frame,
 )
-from lambdasplit.wire.tensors import swap_bytes
+from lambdasplit.wire.tensors import pack_codes, packed_size, swap_bytes, tensor_payload_size, unpack_codes
 
 ROUND = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RAW = {WireDtype.FLOAT32: torch.float32, WireDtype.FLOAT16: torch.float16, WireDtype.BFLOAT16: torch.bfloat16}
@@ -168,6 +168,59 @@ def test_qint8_frame_of_a_hidden_state():
     assert (out - hidden).abs().max() <= (hidden.max() - hidden.min()) / 255 * 0.5001
 
 
+@pytest.mark.parametrize(("bits", "per_group"), [(8, (1, 1)), (6, (4, 3)), (4, (2, 1)), (2, (4, 1))])
+@given(n=st.integers(0, 70), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_packing_round_trips_and_fills_whole_bytes(bits: int, per_group: tuple[int, int], n: int, seed: int):
+    codes = torch.randint(0, 1 << bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    packed = pack_codes(codes, bits)
+    group, nbytes = per_group
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(n, bits) == -(-n // group) * nbytes
+    assert torch.equal(unpack_codes(packed, n, bits), codes.to(torch.int32))
+
+
+def test_packed_bit_layout_is_little_endian_within_a_group():
+    # int2: codes 1, 2, 3, 0 -> 0b00_11_10_01; int4: 0xA then 0x5 -> 0x5A; int6: 4 codes in 3 bytes.
+    assert pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
+    assert pack_codes(torch.tensor([0xA, 0x5, 0x3], dtype=torch.uint8), 4).tolist() == [0x5A, 0x03]
+    value = 1 | 2 << 6 | 63 << 12 | 5 << 18
+    packed = pack_codes(torch.tensor([1, 2, 63, 5], dtype=torch.uint8), 6).tolist()
+    assert packed == [value & 0xFF, value >> 8 & 0xFF, value >> 16]
+
+
+@pytest.mark.parametrize("wire", ["qint6", "qint4", "qint2"])
+@given(tensor=qint8_tensors())
+@settings(max_examples=30, deadline=None)
+def test_packed_dtypes_are_within_half_a_step_and_send_fewer_bytes(wire: str, tensor: torch.Tensor):
+    bits = WireDtype.parse(wire).bits
+    assert bits is not None
+    payload, shape = encode_tensor(tensor, wire)
+    rows, hidden = math.prod(shape[:-1]), shape[-1]
+    size = packed_size(rows * hidden, bits) + 8 * rows
+    assert len(payload) == tensor_payload_size(WireDtype.parse(wire), shape) == size
+    out = decode_tensor(payload, wire, shape)
+    assert out.shape == tensor.shape
+    if tensor.numel() == 0:
+        return
+    x = tensor.to(torch.float32).reshape(rows, hidden)
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    step = (hi - lo) / ((1 << bits) - 1)
+    slack = 1e-6 * x.abs().amax(dim=1, keepdim=True) + 1e-30  # float32 rounding of offset + scale * q
+    assert bool(((out.reshape(rows, hidden) - x).abs() <= step[:, None] / 2 + slack).all())
+
+
+def test_a_hidden_state_row_in_each_quantized_dtype():
+    """(1, 576): 584 B at 8 bits, 440 at 6, 296 at 4, 152 at 2 (codes + 8 B of scale and offset)."""
+    hidden = torch.randn(1, 576)
+    sizes = {wire: len(encode_tensor(hidden, wire)[0]) for wire in ("int8", "int6", "int4", "int2")}
+    assert sizes == {"int8": 584, "int6": 440, "int4": 296, "int2": 152}
+    errors = []
+    for wire in ("int8", "int6", "int4", "int2"):  # coarser codes, larger errors, all within half a step
+        payload, shape = encode_tensor(hidden, wire)
+        errors.append(float((decode_tensor(payload, wire, shape) - hidden).abs().max()))
+    assert errors == sorted(errors)
+
+
 def test_qint8_needs_a_last_dim():
     with pytest.raises(FrameError) as err:
         encode_tensor(torch.tensor(1.0), "qint8")
@@ -179,7 +232,7 @@ def test_qint8_needs_a_last_dim():
 
 @ROUND
 @given(
-    st.sampled_from(["float32", "float16", "bf16", "qint8"]),
+    st.sampled_from(["float32", "float16", "bf16", "qint8", "qint6", "qint4", "qint2"]),
     st.integers(1, 700),
     st.data(),
     st.sampled_from([float("nan"), float("inf"), -float("inf")]),
@@ -229,7 +282,7 @@ def test_decoding_into_a_narrower_compute_dtype_that_overflows_raises():
 # --- shapes, sizes and arguments ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wire", ["float32", "float16", "bf16", "qint8"])
+@pytest.mark.parametrize("wire", ["float32", "float16", "bf16", "qint8", "qint6", "qint4", "qint2"])
 @pytest.mark.parametrize("shape", [(0,), (0, 576), (3, 0), (2, 0, 4)])
 def test_empty_tensors_round_trip(wire: str, shape: tuple[int, ...]):
     payload, got = encode_tensor(torch.empty(shape), wire)
@@ -250,7 +303,9 @@ def test_wire_dtype_parse():
     assert WireDtype.parse("bf16") is WireDtype.parse(torch.bfloat16) is WireDtype.BFLOAT16
     assert WireDtype.parse("int8") is WireDtype.parse("qint8") is WireDtype.QINT8
     assert WireDtype.parse(WireDtype.FLOAT32) is WireDtype.FLOAT32
-    for bad in ("int4", "json", WireDtype.JSON, WireDtype.NONE, torch.int8, None):
+    assert WireDtype.parse("int4") is WireDtype.parse("q4") is WireDtype.QINT4 and WireDtype.QINT4.bits == 4
+    assert WireDtype.parse("int6").bits == 6 and WireDtype.parse("int2").bits == 2 and WireDtype.FLOAT16.bits is None
+    for bad in ("int3", "json", WireDtype.JSON, WireDtype.NONE, torch.int8, None):
         with pytest.raises(ConfigError, match=r"allowed: .*float16") as err:
             WireDtype.parse(bad)  # type: ignore[arg-type]
         assert repr(bad) in str(err.value)

@@ -35,7 +35,7 @@ def chat(
         str | None, typer.Option(help="Body server URL(s), comma-separated; without it, all parts run here.")
     ] = None,
     token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
-    wire_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or int8.")] = "float16",
+    wire_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16, int8, int6, int4 or int2.")] = "float16",
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,

@@ -25,7 +25,9 @@ def demo(
     model: Model = DEFAULTS["model"],
     layers: Annotated[str, typer.Option("--layers", "-l", help="Split points X:Y for the server.")] = "2:28",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 96,
-    wire_dtype: Annotated[str, typer.Option(help="float32 (exact), float16, bfloat16 or int8.")] = "float16",
+    wire_dtype: Annotated[
+        str, typer.Option(help="float32 (exact), float16, bfloat16, int8, int6, int4 or int2.")
+    ] = "float16",
 ) -> None:
     """Start a cloud body server on 127.0.0.1, generate a chat answer split across it, and show the traffic."""
     token = secrets.token_urlsafe(16)  # even on loopback, the server only serves this run

@@ -71,9 +71,9 @@ def generate(
         ),
     ] = None,
     token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
-    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8.")] = (
-        "float16"
-    ),
+    wire_dtype: Annotated[
+        str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8, int6, int4, int2.")
+    ] = "float16",
     speculative: Speculative = None,
     draft_tokens: DraftTokens = 4,
     key: Key = None,

@@ -36,9 +36,9 @@ def up(
     ),
     port: Annotated[int, typer.Option(help="Port (0 picks a free one; the ready line names it).")] = 8000,
     token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
-    wire_dtype: Annotated[str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8.")] = (
-        "float16"
-    ),
+    wire_dtype: Annotated[
+        str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8, int6, int4, int2.")
+    ] = "float16",
     max_parallel: Annotated[int, typer.Option(min=1, help="Generations served at once; more wait.")] = 4,
     speculative: Speculative = None,
     key: Key = None,

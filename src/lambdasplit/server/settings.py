@@ -29,9 +29,7 @@ class ServerSettings:
     #: seconds again is dropped and its sessions freed (a device that vanished without closing).
     ws_ping_interval: float = 20.0
     max_frame_bytes: int = 64 << 20
-    wire_dtypes: tuple[WireDtype, ...] = field(
-        default_factory=lambda: (WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16, WireDtype.QINT8)
-    )
+    wire_dtypes: tuple[WireDtype, ...] = field(default_factory=lambda: tuple(d for d in WireDtype if d.is_tensor))
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: Serve whole generations from text (GENERATE) instead of body sessions: the cloud-only baseline,

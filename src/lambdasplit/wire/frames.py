@@ -33,7 +33,6 @@ import torch
 from lambdasplit.errors import ConfigError, FrameError
 from lambdasplit.wire.limits import FORMAT_MAX_NDIM, U32_MAX, FrameLimits
 from lambdasplit.wire.tensors import (
-    RESERVED_DTYPES,
     WireDtype,
     decode_tensor,
     encode_tensor,
@@ -265,10 +264,7 @@ def _wire_dtype(code: int) -> WireDtype:
     try:
         return WireDtype(code)
     except ValueError:
-        if code in RESERVED_DTYPES:
-            why = f"is reserved for {RESERVED_DTYPES[code]} and not supported by protocol version {VERSION}"
-        else:
-            why = "is unknown"
+        why = "is unknown"
         allowed = ", ".join(f"{d.name.lower()}=0x{d.value:02x}" for d in WireDtype)
         raise FrameError(f"dtype code {code!r} {why}; allowed: {allowed}", "bad_dtype") from None
 

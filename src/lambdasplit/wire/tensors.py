@@ -1,11 +1,15 @@
 """Tensor <-> payload bytes for each wire dtype (docs/wire-format.md, "Tensor payloads").
 
-Raw dtypes (float32, float16, bfloat16) are the tensor's little-endian bytes, row-major. QINT8 is
-the paper's per-token affine quantization: each row (the last dim; for a hidden state of shape
-(rows, hidden) one row per token) gets its own ``offset`` (row min) and ``scale`` ((max-min)/255):
+Raw dtypes (float32, float16, bfloat16) are the tensor's little-endian bytes, row-major. QINT8, QINT6,
+QINT4 and QINT2 are the paper's per-token affine quantization with b = 8, 6, 4 or 2 bits: each row (the
+last dim; for a hidden state of shape (rows, hidden) one row per token) gets its own ``offset`` (row
+min) and ``scale`` ((max-min)/(2^b - 1)):
 
-    payload = rows*hidden uint8 codes q | rows float32 scale | rows float32 offset
+    payload = packed codes q | rows float32 scale | rows float32 offset
     x ≈ offset + scale * q,  |x - x̂| <= scale/2 (plus float32 rounding)
+
+Codes below 8 bits are packed: groups of g codes (b=6: 4 codes in 3 bytes; b=4: 2 in 1; b=2: 4 in 1)
+form one little-endian integer, code i of the group at bit b*i; the last group is zero-padded.
 
 Everything is vectorised in torch: no Python loop ever touches an element.
 """
@@ -25,7 +29,6 @@ class WireDtype(IntEnum):
     """The header's dtype byte: what the payload is.
 
     NONE and JSON describe control payloads; the others are tensor encodings (``is_tensor``).
-    Codes 0x11..0x13 are reserved for packed INT6/INT4/INT2 and rejected by this version.
     """
 
     NONE = 0x00
@@ -33,7 +36,15 @@ class WireDtype(IntEnum):
     FLOAT16 = 0x02
     BFLOAT16 = 0x03
     QINT8 = 0x10
+    QINT6 = 0x11
+    QINT4 = 0x12
+    QINT2 = 0x13
     JSON = 0x20
+
+    @property
+    def bits(self) -> int | None:
+        """Bits per code of an affine-quantized dtype (8, 6, 4, 2), else None."""
+        return _BITS.get(self)
 
     @property
     def is_tensor(self) -> bool:
@@ -55,12 +66,16 @@ class WireDtype(IntEnum):
         raise ConfigError(f"unknown wire dtype {value!r}; allowed: {', '.join(sorted(_ALIASES))}")
 
 
-_TENSOR_DTYPES = frozenset({WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16, WireDtype.QINT8})
+_BITS = {WireDtype.QINT8: 8, WireDtype.QINT6: 6, WireDtype.QINT4: 4, WireDtype.QINT2: 2}
+_TENSOR_DTYPES = frozenset({WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16, *_BITS})
 _ALIASES = {
     **dict.fromkeys(("float32", "fp32", "f32"), WireDtype.FLOAT32),
     **dict.fromkeys(("float16", "fp16", "f16", "half"), WireDtype.FLOAT16),
     **dict.fromkeys(("bfloat16", "bf16"), WireDtype.BFLOAT16),
     **dict.fromkeys(("qint8", "int8", "q8"), WireDtype.QINT8),
+    **dict.fromkeys(("qint6", "int6", "q6"), WireDtype.QINT6),
+    **dict.fromkeys(("qint4", "int4", "q4"), WireDtype.QINT4),
+    **dict.fromkeys(("qint2", "int2", "q2"), WireDtype.QINT2),
 }
 _TORCH = {
     WireDtype.FLOAT32: torch.float32,
@@ -68,9 +83,7 @@ _TORCH = {
     WireDtype.BFLOAT16: torch.bfloat16,
 }
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
-# Reserved codes get their own message: a peer sending them speaks a newer protocol, not garbage.
-RESERVED_DTYPES = {0x11: "packed int6", 0x12: "packed int4", 0x13: "packed int2"}
-# QINT8 sends two float32 per row: scale and offset.
+# Quantized dtypes send two float32 per row: scale and offset.
 _QPARAM_BYTES = 8
 # torch tensors are in host byte order; the wire is little-endian.
 _HOST_IS_LITTLE = sys.byteorder == "little"
@@ -82,11 +95,13 @@ def tensor_payload_size(wire_dtype: WireDtype, shape: tuple[int, ...]) -> int:
     Pure integer arithmetic on the declared shape (Python ints never overflow), so the decoder can
     compare it with the received size and the limits before allocating anything.
     """
-    if wire_dtype is WireDtype.QINT8:
+    bits = wire_dtype.bits
+    if bits is not None:
         if not shape:
-            raise FrameError("a qint8 tensor needs at least 1 dim (rows are the last dim), got shape ()", "bad_shape")
+            name = wire_dtype.name.lower()
+            raise FrameError(f"a {name} tensor needs at least 1 dim (rows are the last dim), got shape ()", "bad_shape")
         rows = math.prod(shape[:-1])
-        return rows * shape[-1] + rows * _QPARAM_BYTES
+        return packed_size(rows * shape[-1], bits) + rows * _QPARAM_BYTES
     if wire_dtype in _TORCH:
         return math.prod(shape) * _TORCH[wire_dtype].itemsize
     raise FrameError(f"wire dtype {wire_dtype.name.lower()} does not carry a tensor", "bad_dtype")
@@ -104,8 +119,8 @@ def encode_tensor(tensor: torch.Tensor, wire_dtype: WireDtype | str) -> tuple[by
         raise ConfigError(f"encode_tensor needs a floating-point torch.Tensor, got {got}")
     tensor = tensor.detach()
     shape = tuple(tensor.shape)
-    if wire_dtype is WireDtype.QINT8:
-        return _encode_qint8(tensor, shape), shape
+    if wire_dtype.bits is not None:
+        return _encode_affine(tensor, shape, wire_dtype), shape
     wire = tensor.to(_TORCH[wire_dtype])
     if not _all_finite(wire):
         raise FrameError(_non_finite_message(tensor, wire, "encoding", wire_dtype), "non_finite")
@@ -122,7 +137,7 @@ def decode_tensor(
     """Decode a payload into a new tensor of ``shape`` in compute ``dtype`` on ``device``.
 
     The result never shares memory with ``payload``. Raises FrameError for a payload whose size does
-    not match the shape ("size_mismatch") and for NaN/Inf in the result or in QINT8's scale/offset
+    not match the shape ("size_mismatch") and for NaN/Inf in the result or in a quantized scale/offset
     ("non_finite"); ConfigError for a non-float compute dtype.
     """
     wire_dtype = WireDtype.parse(wire_dtype)
@@ -140,8 +155,8 @@ def decode_tensor(
             return torch.empty(shape, dtype=dtype, device=device)
         except RuntimeError as exc:  # e.g. (2**24, 2**24, 2**24, 0): torch's stride arithmetic overflows
             raise FrameError(f"empty tensor shape {shape} cannot be represented: {exc}", "bad_shape") from None
-    if wire_dtype is WireDtype.QINT8:
-        wire = _decode_qint8(payload, shape, device)
+    if wire_dtype.bits is not None:
+        wire = _decode_affine(payload, shape, device, wire_dtype)
     else:
         wire = _from_le_bytes(payload, _TORCH[wire_dtype]).reshape(shape)
     # `wire` is already a private copy (never aliasing the payload), so `.to` may return it as is.
@@ -151,10 +166,50 @@ def decode_tensor(
     return out
 
 
-def _encode_qint8(tensor: torch.Tensor, shape: tuple[int, ...]) -> bytes:
-    """QINT8 payload of ``tensor``: (rows, hidden) uint8 codes, then rows scales, then rows offsets."""
+#: Codes per packed group and bytes per group, by bits per code: a group fills whole bytes.
+_GROUPS = {8: (1, 1), 6: (4, 3), 4: (2, 1), 2: (4, 1)}
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes of ``n`` codes of ``bits`` each, packed in groups (the last one zero-padded)."""
+    codes, nbytes = _GROUPS[bits]
+    return -(-n // codes) * nbytes
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 bytes of the codes ``q`` (n,) uint8 < 2**bits: each group of codes is one little-endian
+    integer with code i at bit ``bits * i``."""
+    codes, nbytes = _GROUPS[bits]
+    if codes == 1:
+        return q
+    groups = -(-q.numel() // codes)
+    padded = torch.zeros(groups * codes, dtype=torch.int32, device=q.device)
+    padded[: q.numel()] = q
+    shifts = torch.arange(codes, dtype=torch.int32, device=q.device) * bits
+    value = (padded.reshape(groups, codes) << shifts).sum(dim=1, dtype=torch.int32)  # (groups,), < 2**24
+    out = (value[:, None] >> (torch.arange(nbytes, dtype=torch.int32, device=q.device) * 8)) & 0xFF
+    return out.to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(data: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The first ``n`` codes (int32) of packed ``data`` (uint8): the inverse of ``pack_codes``."""
+    codes, nbytes = _GROUPS[bits]
+    if codes == 1:
+        return data[:n].to(torch.int32)
+    groups = data.reshape(-1, nbytes).to(torch.int32)
+    value = (groups << (torch.arange(nbytes, dtype=torch.int32, device=data.device) * 8)).sum(dim=1, dtype=torch.int32)
+    shifts = torch.arange(codes, dtype=torch.int32, device=data.device) * bits
+    return ((value[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+
+
+def _encode_affine(tensor: torch.Tensor, shape: tuple[int, ...], wire_dtype: WireDtype) -> bytes:
+    """A quantized payload of ``tensor``: packed codes, then rows scales, then rows offsets."""
+    bits = wire_dtype.bits
+    assert bits is not None
     if not shape:
-        raise FrameError("a qint8 tensor needs at least 1 dim (rows are the last dim), got shape ()", "bad_shape")
+        name = wire_dtype.name.lower()
+        raise FrameError(f"a {name} tensor needs at least 1 dim (rows are the last dim), got shape ()", "bad_shape")
+    levels = (1 << bits) - 1
     hidden, rows = shape[-1], math.prod(shape[:-1])
     # float32 throughout: exact for float16/bfloat16 inputs, and the decoder computes in float32.
     x = tensor.to(torch.float32).reshape(rows, hidden)
@@ -162,47 +217,55 @@ def _encode_qint8(tensor: torch.Tensor, shape: tuple[int, ...]) -> bytes:
         lo = hi = torch.zeros(rows, dtype=torch.float32, device=x.device)
     else:
         lo, hi = torch.aminmax(x, dim=1)
-    scale = (hi - lo).div_(255)
+    scale = (hi - lo).div_(levels)
     # NaN/Inf anywhere in a row makes its min or max, hence its scale, non-finite: the parameter
     # check doubles as the input check without another pass over the elements.
-    if not _qparams_finite(scale, lo):
+    if not _qparams_finite(scale, lo, levels):
         if not bool(torch.isfinite(x).all()):
-            raise FrameError(_non_finite_message(tensor, x, "encoding", WireDtype.QINT8), "non_finite")
-        _raise_bad_qparams(scale, lo, "encoding")
+            raise FrameError(_non_finite_message(tensor, x, "encoding", wire_dtype), "non_finite")
+        _raise_bad_qparams(scale, lo, "encoding", wire_dtype)
     # A constant row has scale 0 and x - lo == 0: dividing by 1 there codes it as 0 (decoding to
     # the offset exactly) without a NaN from 0/0. Not a clamp to some tiny value: rows spanning
     # less than 255 * float32.tiny (3e-36) have subnormal scales and must divide by them.
     safe = torch.where(scale > 0, scale, 1.0)
-    q = (x - lo[:, None]).div_(safe[:, None]).round_().clamp_(0, 255).to(torch.uint8)
-    return _to_le_bytes(q) + _to_le_bytes(torch.cat((scale, lo)))
+    q = (x - lo[:, None]).div_(safe[:, None]).round_().clamp_(0, levels).to(torch.uint8)
+    return _to_le_bytes(pack_codes(q.reshape(-1), bits)) + _to_le_bytes(torch.cat((scale, lo)))
 
 
-def _decode_qint8(payload: bytes, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
-    """Float32 tensor of ``shape`` from a QINT8 payload (size already checked)."""
+def _decode_affine(
+    payload: bytes, shape: tuple[int, ...], device: torch.device | str, wire_dtype: WireDtype
+) -> torch.Tensor:
+    """Float32 tensor of ``shape`` from a quantized payload (size already checked)."""
+    bits = wire_dtype.bits
+    assert bits is not None
     hidden, rows = shape[-1], math.prod(shape[:-1])
     n = rows * hidden
-    # The parameters get their own small copy: at offset n they may not be 4-byte aligned.
-    params = _from_le_bytes(payload[n:], torch.float32).to(device)
+    packed = packed_size(n, bits)
+    # The parameters get their own small copy: at offset `packed` they may not be 4-byte aligned.
+    params = _from_le_bytes(payload[packed:], torch.float32).to(device)
     scale, offset = params[:rows], params[rows:]
-    if not _qparams_finite(scale, offset):
-        _raise_bad_qparams(scale, offset, "decoding")
-    q = _from_le_bytes(payload, torch.uint8)[:n].to(device).reshape(rows, hidden)
+    levels = (1 << bits) - 1
+    if not _qparams_finite(scale, offset, levels):
+        _raise_bad_qparams(scale, offset, "decoding", wire_dtype)
+    q = unpack_codes(_from_le_bytes(payload, torch.uint8)[:packed].to(device), n, bits).reshape(rows, hidden)
     return torch.addcmul(offset[:, None], q.to(torch.float32), scale[:, None]).reshape(shape)
 
 
-def _qparams_finite(scale: torch.Tensor, offset: torch.Tensor) -> bool:
+def _qparams_finite(scale: torch.Tensor, offset: torch.Tensor, levels: int) -> bool:
     """Whether every row's code range decodes to finite float32 values (shapes (rows,)).
 
-    offset + 255*scale is NaN/Inf whenever scale or offset is, so one op checks all three.
+    offset + levels*scale is NaN/Inf whenever scale or offset is, so one op checks all three.
     """
-    return _all_finite(torch.add(offset, scale, alpha=255))
+    return _all_finite(torch.add(offset, scale, alpha=levels))
 
 
-def _raise_bad_qparams(scale: torch.Tensor, offset: torch.Tensor, what: str) -> None:
-    row = int((~torch.isfinite(torch.add(offset, scale, alpha=255))).nonzero()[0, 0])
+def _raise_bad_qparams(scale: torch.Tensor, offset: torch.Tensor, what: str, wire_dtype: WireDtype) -> None:
+    levels = (1 << (wire_dtype.bits or 8)) - 1
+    row = int((~torch.isfinite(torch.add(offset, scale, alpha=levels))).nonzero()[0, 0])
     raise FrameError(
-        f"{what} qint8: row {row} has scale {float(scale[row])!r} and offset {float(offset[row])!r}; "
-        f"offset + 255*scale must be a finite float32 (rows spanning more than 3.4e38 cannot be coded)",
+        f"{what} {wire_dtype.name.lower()}: row {row} has scale {float(scale[row])!r} and offset "
+        f"{float(offset[row])!r}; offset + {levels}*scale must be a finite float32 (rows spanning more than "
+        "3.4e38 cannot be coded)",
         "non_finite",
     )
 
