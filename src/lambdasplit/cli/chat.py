@@ -20,7 +20,7 @@ from lambdasplit.cli.options import (
     Speculative,
 )
 from lambdasplit.client import CloudClient
-from lambdasplit.generation import SamplingParams, stream
+from lambdasplit.generation import LocalBodyLink, SamplingParams, SplitDecoder, stream
 from lambdasplit.generation.text import Message
 from lambdasplit.wire import WireDtype
 
@@ -68,6 +68,8 @@ def chat(
     where = f"body on {cloud}" if cloud else "all parts in this process"
     _out.print(f"[dim]{split.name} · layers {split.points} of {split.points.num_layers} · {where}[/]\n{HELP}")
     history: list[Message] = []
+    # One decoder (one body session) for the whole conversation: each turn sends only its new positions.
+    decoder: SplitDecoder | None = None
     try:
         while True:
             try:
@@ -78,13 +80,21 @@ def chat(
                 break
             if text == "/reset":
                 history.clear()
+                if decoder is not None:
+                    decoder.close()
+                    decoder = None
                 _out.print("[dim](conversation forgotten)[/]")
                 continue
             if not text:
                 continue
             history.append({"role": "user", "content": text})
-            link = client.open_session(WireDtype.parse(wire_dtype)) if client is not None else None
-            run = stream(split, history, system=system, link=link, params=params, drafter=speculative)
+            if decoder is None:
+                if client is not None:
+                    decoder = SplitDecoder(split, client.open_session(WireDtype.parse(wire_dtype)))
+                else:
+                    assert split.body is not None
+                    decoder = SplitDecoder(split, LocalBodyLink(split.body))
+            run = stream(split, history, system=system, params=params, drafter=speculative, decoder=decoder)
             _out.print("[bold]model[/]: ", end="")
             for event in run:
                 _out.print(event.text, end="", soft_wrap=True)
@@ -93,5 +103,7 @@ def chat(
             _out.print(f"\n[dim]{result.new_tokens} tokens · {result.tokens_per_second:.1f} tok/s[/]")
             history.append({"role": "assistant", "content": result.text})
     finally:
+        if decoder is not None:
+            decoder.close()
         if client is not None:
             client.close()

@@ -35,6 +35,7 @@ def stream(
     use_cache: bool = True,
     params: SamplingParams | None = None,
     drafter: Drafter | str | None = None,
+    decoder: SplitDecoder | None = None,
     **sampling: Any,
 ) -> Generation:
     """Start a generation; iterate it for streamed ``TokenEvent``s, then read ``.result``.
@@ -43,6 +44,8 @@ def stream(
     (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop``).
     ``drafter`` turns on speculative steps: a ``Drafter`` or a name from ``DRAFTERS`` (``lookup``, ``self``);
     the output is unchanged (greedy: token for token; sampling: in distribution), the round trips fewer.
+    ``decoder``: a conversation's ``SplitDecoder``, kept open across turns; the prompt then reuses the
+    positions its caches already hold (the previous turns), and ``link`` and ``use_cache`` are its own.
     """
     if params is None:
         if "stop" in sampling:
@@ -50,11 +53,15 @@ def stream(
         params = SamplingParams(**sampling)
     elif sampling:
         raise ConfigError("pass either params or sampling keywords, not both")
-    if link is None:
-        if split.body is None:
-            raise ConfigError("this SplitModel holds no body; pass a link to a body server")
-        link = LocalBodyLink(split.body)
-    decoder = SplitDecoder(split, link, use_cache=use_cache)
+    keep_open = decoder is not None
+    if decoder is None:
+        if link is None:
+            if split.body is None:
+                raise ConfigError("this SplitModel holds no body; pass a link to a body server")
+            link = LocalBodyLink(split.body)
+        decoder = SplitDecoder(split, link, use_cache=use_cache)
+    elif link is not None:
+        raise ConfigError("pass either a decoder (it has its link) or a link, not both")
     if isinstance(drafter, str):
         drafter = make_drafter(drafter, split)
     return Generation(
@@ -65,6 +72,7 @@ def stream(
         eos_token_ids=split.eos_token_ids(),
         device=split.runtime.device,
         drafter=drafter,
+        keep_open=keep_open,
     )
 
 

@@ -67,7 +67,9 @@ class Generation:
     """Iterate for ``TokenEvent``s as tokens are generated; ``result`` is set once iteration ends.
 
     Stops at ``max_new_tokens``, at any EOS id (unless ``ignore_eos``), or at a stop string
-    (needs a tokenizer). The decoder is closed at the end, also when the caller stops iterating early.
+    (needs a tokenizer). The decoder is closed at the end, also when the caller stops iterating early,
+    unless ``keep_open``: then the prompt is fed with ``resume`` (positions the decoder already holds are
+    reused) and the decoder stays open for the next turn.
 
     With a ``drafter``, each step feeds the last token plus the drafter's guesses and keeps the longest
     prefix the model agrees with (``speculative.verify``): the same tokens as without it when greedy,
@@ -84,8 +86,10 @@ class Generation:
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         device: torch.device | None = None,
         drafter: Drafter | None = None,
+        keep_open: bool = False,
     ) -> None:
         self.decoder, self.prompt_ids, self.params = decoder, list(prompt_ids), params
+        self.keep_open = keep_open
         self.drafter = drafter
         self.eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
         self.stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
@@ -100,7 +104,10 @@ class Generation:
         start = time.perf_counter()
         steps = drafted = accepted = 0
         try:
-            logits = self.decoder.prefill(torch.tensor([self.prompt_ids]))
+            if self.keep_open:  # a conversation's decoder: reuse the positions it shares with this prompt
+                logits = self.decoder.resume(self.prompt_ids)
+            else:
+                logits = self.decoder.prefill(torch.tensor([self.prompt_ids]))
             prefill_seconds = time.perf_counter() - start
             pending = [self.chooser(logits, self.prompt_ids)]
             while True:
@@ -138,7 +145,8 @@ class Generation:
                 if tail:
                     yield TokenEvent(None, tail)
         finally:
-            self.decoder.close()
+            if not self.keep_open:
+                self.decoder.close()
             if self.drafter is not None:
                 self.drafter.close()
         assert reason is not None

@@ -110,6 +110,8 @@ class Decoder(Protocol):
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
+    def resume(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor: ...
+
     def step(self, token_id: int) -> torch.Tensor: ...
 
     def extend(self, token_ids: Sequence[int]) -> torch.Tensor: ...
@@ -139,6 +141,25 @@ class _Sequence:
         if not ids:
             raise SessionError("the prompt is empty: at least one token is needed")
         return self._run(ids, 1)[-1]
+
+    def resume(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Make ``input_ids`` the whole sequence and return the next position's logits (V,).
+
+        Positions it shares with what was fed before stay in every cache (head, body, tail): only the
+        rest is computed and sent. The next turn of a conversation repeats the previous turns, so it
+        costs its new tokens, not the whole history. At least one position is always fed.
+        """
+        ids = [int(t) for t in (input_ids.reshape(-1).tolist() if isinstance(input_ids, torch.Tensor) else input_ids)]
+        if not ids:
+            raise SessionError("the prompt is empty: at least one token is needed")
+        shared = 0
+        for a, b in zip(self.ids, ids, strict=False):
+            if a != b:
+                break
+            shared += 1
+        keep = min(shared, len(ids) - 1)
+        del self.ids[keep:]
+        return self._run(ids[keep:], 1)[-1]
 
     def step(self, token_id: int) -> torch.Tensor:
         return self.extend([token_id])[-1]
