@@ -62,6 +62,18 @@ def token_stream(
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 
+def _checked_stream(
+    tokenizer: PreTrainedTokenizerBase, split: Split, length: int, count: int, what: str, *, windows: int
+) -> torch.Tensor:
+    """The token stream of ``split``, after checking the arguments and that it holds ``windows`` x ``length``."""
+    if length < 1 or count < 0:
+        raise ConfigError(f"{what} need length >= 1 and count >= 0, got length={length}, count={count}")
+    stream = token_stream(tokenizer, split=split)
+    if stream.numel() < windows * length:
+        raise ConfigError(f"the {split} corpus has {stream.numel()} tokens: too few for windows of {length}")
+    return stream
+
+
 def chunks(
     tokenizer: PreTrainedTokenizerBase, length: int, count: int, seed: int = 0, *, split: Split = "train"
 ) -> torch.Tensor:
@@ -70,11 +82,7 @@ def chunks(
     The stream is cut into non-overlapping windows from a seeded offset, shuffled; once those run out,
     another pass from a fresh offset follows (the same text in new contexts), so any ``count`` works.
     """
-    if length < 1 or count < 0:
-        raise ConfigError(f"chunks need length >= 1 and count >= 0, got length={length}, count={count}")
-    stream = token_stream(tokenizer, split=split)
-    if stream.numel() < 2 * length:
-        raise ConfigError(f"the {split} corpus has {stream.numel()} tokens: too few for windows of {length}")
+    stream = _checked_stream(tokenizer, split, length, count, "chunks", windows=2)
     gen = torch.Generator().manual_seed(seed)
     out: list[torch.Tensor] = []
     while sum(len(c) for c in out) < count:
@@ -97,11 +105,7 @@ def chat_chunks(
     """
     if not tokenizer.chat_template:
         raise ConfigError("this tokenizer has no chat template; use chunks() for plain text windows")
-    if length < 1 or count < 0:
-        raise ConfigError(f"chat_chunks need length >= 1 and count >= 0, got length={length}, count={count}")
-    stream = token_stream(tokenizer, split=split)
-    if stream.numel() < 4 * length:
-        raise ConfigError(f"the {split} corpus has {stream.numel()} tokens: too few for windows of {length}")
+    stream = _checked_stream(tokenizer, split, length, count, "chat_chunks", windows=4)
     gen = torch.Generator().manual_seed(seed)
 
     def span(n: int) -> str:
