@@ -64,6 +64,7 @@ class MessageType(IntEnum):
     PONG = 10  # either way, no payload
     GENERATE = 11  # client -> server, JSON: a whole generation from text (cloud-only servers; the baseline)
     TEXT = 12  # server -> client, JSON: the generated text, answer to GENERATE
+    STATE = 13  # server -> client, JSON: a diffusion scheduler's state handed to the device (CollaFuse policy)
     ERROR = 127  # server -> client, JSON {"code": str, "message": str}
 
 
@@ -93,6 +94,7 @@ _ALLOWED_DTYPES = {
     MessageType.PONG: frozenset({WireDtype.NONE}),
     MessageType.GENERATE: _JSON,
     MessageType.TEXT: _JSON,
+    MessageType.STATE: _JSON,
     MessageType.ERROR: _JSON,
 }
 

@@ -1,0 +1,300 @@
+"""The device's side of split text-to-image: `SplitPipeline.generate` runs head and tail, the link reaches the cloud.
+
+A link is anything with ``open``/``send``/``receive``/``close`` over frames: `LocalLink` (the cloud's sessions
+in this process, every frame still encoded and decoded, for tests and benchmarks) or
+`lambdasplit.client.RemoteDiffusionLink` (a body server over WebSocket).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from diffusers import DiffusionPipeline
+
+from lambdasplit.diffusion.cloud import DiffusionBody
+from lambdasplit.diffusion.pipeline import DeviceEnds, Generation, guide, model_input
+from lambdasplit.diffusion.protocol import Granularity, Policy, SessionOptions, layout, restore
+from lambdasplit.diffusion.schedulers import apply_state, require_deterministic
+from lambdasplit.diffusion.unet import UNetParts
+from lambdasplit.errors import ConfigError, RemoteError, SessionError, WireError
+from lambdasplit.wire import Frame, MessageType, WireDtype, decode_frame, encode_frame, frame_tensor, tensor_frame
+
+
+class Link(Protocol):
+    """A channel to a diffusion body: one session at a time."""
+
+    def open(self, options: SessionOptions) -> dict[str, Any]: ...  # OPENED's JSON: the shapes the cloud uses
+    def send(self, frame: Frame) -> None: ...
+    def receive(self) -> Frame: ...
+    def close(self) -> dict[str, Any]: ...  # CLOSED's JSON: the cloud's compute seconds for the image
+    @property
+    def handle(self) -> int: ...
+
+
+@dataclass
+class Traffic:
+    """Frames and bytes (whole encoded frames) each way, and the seconds spent waiting on the link."""
+
+    frames_up: int = 0
+    frames_down: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return Traffic(*(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)))
+
+
+@dataclass
+class SplitImage:
+    """One image made split: the picture, what crossed the link, where the time went."""
+
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    policy: Policy
+    steps: int
+    traffic: Traffic
+    device_seconds: float  # head, tail and (unet-lambda, collafuse) the device's U-Net share
+    cloud_seconds: float  # the cloud's U-Net compute, as it reports it
+    total_seconds: float
+    per_step: list[float] = field(default_factory=list)  # wall seconds of each denoising step
+
+    @property
+    def communication_seconds(self) -> float:
+        """What remains of the wall time: transfer, (de)serialisation and waiting."""
+        return max(0.0, self.total_seconds - self.device_seconds - self.cloud_seconds)
+
+    def pil(self) -> Any:
+        from PIL import Image
+
+        array = (self.image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return Image.fromarray(array)
+
+
+class LocalLink:
+    """The cloud's `DiffusionBody` in this process. Frames are encoded and decoded as on the network."""
+
+    def __init__(self, body: DiffusionBody) -> None:
+        self.body = body
+        self.traffic = Traffic()
+        self._session: Any = None
+        self._replies: list[Iterator[Frame]] = []
+
+    @property
+    def handle(self) -> int:
+        return 1
+
+    def open(self, options: SessionOptions) -> dict[str, Any]:
+        self._session = self.body.open(SessionOptions.from_json(options.to_json()), self.handle)
+        self._replies = []
+        return {"session": self.handle, "shapes": self._session.shapes()}
+
+    def send(self, frame: Frame) -> None:
+        data = encode_frame(frame)
+        self.traffic.frames_up += 1
+        self.traffic.bytes_up += len(data)
+        self._replies.append(self._session.feed(decode_frame(data)))
+
+    def receive(self) -> Frame:
+        while self._replies:
+            frame = next(self._replies[0], None)
+            if frame is not None:
+                data = encode_frame(frame)
+                self.traffic.frames_down += 1
+                self.traffic.bytes_down += len(data)
+                return decode_frame(data)
+            self._replies.pop(0)
+        raise WireError("the cloud has nothing more to send for this session")
+
+    def close(self) -> dict[str, Any]:
+        seconds = self._session.compute_seconds if self._session else 0.0
+        self._session = None
+        return {"compute_seconds": seconds}
+
+
+class SplitPipeline:
+    """A diffusers SD/SDXL pipeline on the device, generating through a link to the cloud's U-Net.
+
+    The device pipeline needs its U-Net only for ``unet-lambda`` (outer blocks) and ``collafuse`` (the last
+    steps); for ``paper`` it may be loaded without one (``unet=None``), as long as ``unet_config`` is given.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline) -> None:
+        self.pipe = pipe
+        self.ends = DeviceEnds(pipe)
+        self._parts: dict[int, UNetParts] = {}
+
+    def generate(
+        self,
+        prompt: str,
+        link: Link,
+        *,
+        policy: Policy = "paper",
+        steps: int = 20,
+        seed: int = 0,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        wire_dtype: WireDtype | str = "float16",
+        input_dtype: WireDtype | str = "float16",
+        granularity: Granularity = "channel",
+        blocks: int = 1,
+        cut: float = 0.5,
+        conditioned: bool = True,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> SplitImage:
+        """One image for ``prompt``. ``on_step(done, total)`` is called after every denoising step."""
+        started = time.perf_counter()
+        device_time = 0.0
+        gen = self.ends.start(prompt, steps=steps, seed=seed, guidance_scale=guidance_scale,
+                              negative_prompt=negative_prompt)
+        require_deterministic(gen.scheduler, f"the {policy} policy")
+        cond = gen.conditioning
+        inputs = cond.tensors() if policy != "unet-lambda" else {"prompt_embeds": cond.prompt_embeds}
+        if policy == "collafuse" and not conditioned:
+            if not cond.guided:
+                raise ConfigError("collafuse without conditioning sends the negative prompt's embedding only; "
+                                  "it needs guidance_scale > 1")
+            inputs = {k: v[:1] for k, v in inputs.items()}
+        options = SessionOptions(
+            policy=policy,
+            family=self.ends.family,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            scheduler=dict(gen.scheduler.config),
+            latent_shape=tuple(gen.latents.shape),
+            inputs={k: tuple(v.shape) for k, v in inputs.items()},
+            wire_dtype=WireDtype.parse(wire_dtype).name.lower(),
+            input_dtype=WireDtype.parse(input_dtype).name.lower(),
+            granularity=granularity,
+            blocks=blocks,
+            cut=cut,
+            conditioned=conditioned,
+        )
+        options.scheduler["_class_name"] = type(gen.scheduler).__name__
+        device_time += time.perf_counter() - started
+        before = dataclasses.replace(getattr(link, "traffic", Traffic()))
+        opened = link.open(options)
+        shapes = {k: tuple(v) for k, v in opened.get("shapes", {}).items()}
+        per_step: list[float] = []
+        try:
+            for tensor in [*inputs.values(), *([] if policy == "unet-lambda" else [gen.latents])]:
+                wire = layout(tensor, options.inputs_dtype, granularity)
+                link.send(tensor_frame(MessageType.FORWARD, wire, options.inputs_dtype, link.handle, 0))
+            run = {"paper": self._paper, "unet-lambda": self._unet_lambda, "collafuse": self._collafuse}[policy]
+            latents, device_time = run(gen, link, options, shapes, device_time, per_step, on_step)
+        finally:
+            closed = link.close()
+        start = time.perf_counter()
+        image = self.ends.decode(latents, gen.generator)
+        device_time += time.perf_counter() - start
+        return SplitImage(
+            image=image.float().cpu(),
+            policy=policy,
+            steps=steps,
+            traffic=getattr(link, "traffic", Traffic()) - before,
+            device_seconds=device_time,
+            cloud_seconds=float(closed.get("compute_seconds", 0.0)),
+            total_seconds=time.perf_counter() - started,
+            per_step=per_step,
+        )
+
+    # --- policies ----------------------------------------------------------------------------------------------
+    def _receive(self, link: Link, step: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        frame = link.receive()
+        if frame.type is MessageType.ERROR:
+            body = frame.json_body()
+            raise RemoteError(str(body.get("message", "")), str(body.get("code", "error")))
+        if frame.type is not MessageType.RESULT or frame.position != step:
+            raise WireError(f"expected {what} for step {step}, got {frame.type.name} at position {frame.position}")
+        dtype = self.ends.device_dtype
+        return restore(frame_tensor(frame, dtype=dtype, device=self.ends.device), shape, what)
+
+    def _paper(
+        self, gen: Generation, link: Link, o: SessionOptions, shapes: dict[str, tuple[int, ...]],
+        device_time: float, per_step: list[float], on_step: Callable[[int, int], None] | None,
+    ) -> tuple[torch.Tensor, float]:
+        latents = gen.latents
+        for i, t in enumerate(gen.timesteps):
+            tick = time.perf_counter()
+            noise = self._receive(link, i, tuple(latents.shape), "the noise prediction")
+            start = time.perf_counter()
+            latents = self.ends.step(gen, noise, t, latents)
+            device_time += time.perf_counter() - start
+            per_step.append(time.perf_counter() - tick)
+            if on_step:
+                on_step(i + 1, len(gen.timesteps))
+        return latents, device_time
+
+    def _unet_lambda(
+        self, gen: Generation, link: Link, o: SessionOptions, shapes: dict[str, tuple[int, ...]],
+        device_time: float, per_step: list[float], on_step: Callable[[int, int], None] | None,
+    ) -> tuple[torch.Tensor, float]:
+        parts = self.parts(o.blocks)
+        cond, latents = gen.conditioning, gen.latents
+        added = cond.added or None
+        for i, t in enumerate(gen.timesteps):
+            tick = time.perf_counter()
+            with torch.no_grad():
+                x = model_input(gen.scheduler, latents, t, cond.guided)
+                emb = parts.embed(x, t, cond.prompt_embeds, added)
+                sample, skips = parts.outer_down(x, emb, cond.prompt_embeds)
+            for tensor in (emb, sample):
+                link.send(tensor_frame(MessageType.FORWARD, layout(tensor, o.dtype, o.granularity), o.dtype,
+                                       link.handle, i))
+            device_time += time.perf_counter() - tick
+            middle = self._receive(link, i, shapes["result"], "the U-Net's middle")
+            start = time.perf_counter()
+            with torch.no_grad():
+                noise = guide(parts.outer_up(middle, skips, emb, cond.prompt_embeds), cond.guidance_scale)
+            latents = self.ends.step(gen, noise, t, latents)
+            device_time += time.perf_counter() - start
+            per_step.append(time.perf_counter() - tick)
+            if on_step:
+                on_step(i + 1, len(gen.timesteps))
+        return latents, device_time
+
+    def _collafuse(
+        self, gen: Generation, link: Link, o: SessionOptions, shapes: dict[str, tuple[int, ...]],
+        device_time: float, per_step: list[float], on_step: Callable[[int, int], None] | None,
+    ) -> tuple[torch.Tensor, float]:
+        state = link.receive()
+        if state.type is MessageType.ERROR:
+            body = state.json_body()
+            raise RemoteError(str(body.get("message", "")), str(body.get("code", "error")))
+        if state.type is not MessageType.STATE:
+            raise WireError(f"expected the scheduler STATE after the cloud's steps, got {state.type.name}")
+        body = state.json_body()
+        m = int(body["step"])
+        n = len(gen.timesteps)
+        if m != o.cloud_steps(n):
+            raise WireError(f"the cloud handed over after {m} steps, not {o.cloud_steps(n)}")
+        latents = self._receive(link, m, tuple(gen.latents.shape), "the handed-over latent")
+        tensors = [self._receive(link, m, tuple(s), "scheduler state") for s in body["tensors"]]
+        apply_state(gen.scheduler, body["state"], tensors)
+        if on_step:
+            on_step(m, n)
+        cond, unet = gen.conditioning, self.pipe.unet
+        added = cond.added or None
+        for i in range(m, n):
+            tick = t0 = time.perf_counter()
+            t = gen.timesteps[i]
+            with torch.no_grad():
+                x = model_input(gen.scheduler, latents, t, cond.guided)
+                out = unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added,
+                           return_dict=False)[0]
+            latents = self.ends.step(gen, guide(out, cond.guidance_scale), t, latents)
+            device_time += time.perf_counter() - t0
+            per_step.append(time.perf_counter() - tick)
+            if on_step:
+                on_step(i + 1, len(gen.timesteps))
+        return latents, device_time
+
+    def parts(self, blocks: int) -> UNetParts:
+        if blocks not in self._parts:
+            if getattr(self.pipe, "unet", None) is None:
+                raise SessionError("unet-lambda runs the U-Net's outer blocks on the device: load its U-Net")
+            self._parts[blocks] = UNetParts(self.pipe.unet, blocks)
+        return self._parts[blocks]

@@ -1,0 +1,123 @@
+"""What device and cloud agree on for one split image: the session options and how tensors travel.
+
+A session is one image. OPEN carries `SessionOptions` as JSON; the cloud answers OPENED with the shapes it will
+send back. Then FORWARD frames (``position`` = step index) carry, in order, the inputs the policy names
+(`inputs`), and per step what the policy exchanges; the conversation of each policy is in docs/protocol.md.
+
+Quantized wire dtypes scale each row of the tensor's last dim (docs/wire-format.md). The ``granularity`` option
+picks which rows, by the layout the tensor travels in: ``tensor`` (one scale for all), ``channel`` (one per
+sample and channel: (B, C, H*W)) or ``row`` (one per last-dim row, the LLM default). The receiver knows each
+tensor's real shape and reshapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from lambdasplit.errors import ConfigError
+from lambdasplit.wire import WireDtype
+
+Policy = Literal["paper", "unet-lambda", "collafuse"]
+POLICIES: tuple[Policy, ...] = ("paper", "unet-lambda", "collafuse")
+Granularity = Literal["tensor", "channel", "row"]
+GRANULARITIES: tuple[Granularity, ...] = ("tensor", "channel", "row")
+#: Conditioning tensors the cloud may receive, by pipeline family.
+CONDITIONING = {"sd": ("prompt_embeds",), "sdxl": ("prompt_embeds", "text_embeds", "time_ids")}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """One split image's settings, validated on both sides (the cloud trusts none of it)."""
+
+    policy: Policy
+    family: Literal["sd", "sdxl"]
+    steps: int
+    guidance_scale: float
+    scheduler: dict[str, Any]  # the device scheduler's config, "_class_name" included
+    latent_shape: tuple[int, ...]  # (1, C, h, w)
+    inputs: dict[str, tuple[int, ...]]  # conditioning tensors sent once, in this order, before the latent
+    wire_dtype: str = "float16"  # the tensors of every step
+    input_dtype: str = "float16"  # the conditioning and the initial latent, sent once
+    granularity: Granularity = "channel"
+    blocks: int = 1  # unet-lambda: outer blocks on the device
+    cut: float = 0.5  # collafuse: fraction of the steps the device runs (the last ones)
+    conditioned: bool = True  # collafuse: whether the cloud gets the prompt (else the negative prompt only)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.family not in CONDITIONING:
+            raise ConfigError(f"unknown pipeline family {self.family!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be 1..1000, got {self.steps!r}")
+        if not isinstance(self.guidance_scale, int | float) or not 0 <= self.guidance_scale <= 100:
+            raise ConfigError(f"guidance_scale must be in [0, 100], got {self.guidance_scale!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        WireDtype.parse(self.wire_dtype)
+        WireDtype.parse(self.input_dtype)
+        if not 0.0 <= self.cut <= 1.0:
+            raise ConfigError(f"the CollaFuse cut ratio is in [0, 1], got {self.cut!r}")
+        shapes = [self.latent_shape, *self.inputs.values()]
+        if len(self.latent_shape) != 4 or self.latent_shape[0] != 1:
+            raise ConfigError(f"latent_shape is (1, C, h, w), got {self.latent_shape!r}")
+        if any(not all(isinstance(d, int) and 1 <= d <= 1 << 16 for d in s) or len(s) > 4 for s in shapes):
+            raise ConfigError("every tensor shape has 1-4 dims of 1..65536")
+        allowed = CONDITIONING[self.family]
+        if [n for n in self.inputs if n not in allowed] or "prompt_embeds" not in self.inputs:
+            raise ConfigError(f"{self.family} inputs are {', '.join(allowed)} (prompt_embeds first), got "
+                              f"{list(self.inputs)}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def cloud_steps(self, timesteps: int) -> int:
+        """CollaFuse: how many of the ``timesteps`` scheduler steps (the first ones) the cloud runs."""
+        return timesteps - round(self.cut * timesteps)
+
+    @property
+    def dtype(self) -> WireDtype:
+        return WireDtype.parse(self.wire_dtype)
+
+    @property
+    def inputs_dtype(self) -> WireDtype:
+        return WireDtype.parse(self.input_dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> SessionOptions:
+        try:
+            body = dict(body)
+            body["latent_shape"] = tuple(body["latent_shape"])
+            body["inputs"] = {str(k): tuple(v) for k, v in dict(body.get("inputs", {})).items()}
+            if not isinstance(body.get("scheduler"), dict):
+                raise ConfigError("scheduler must be the scheduler's config (a JSON object)")
+            return cls(**body)
+        except (TypeError, KeyError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"bad session options: {exc}") from exc
+
+
+def layout(tensor: torch.Tensor, wire_dtype: WireDtype, granularity: Granularity) -> torch.Tensor:
+    """The view a tensor travels in: quantized dtypes get one scale per row of the last dim of this view."""
+    if wire_dtype.bits is None or granularity == "row":
+        return tensor
+    if granularity == "tensor" or tensor.ndim < 3:
+        return tensor.reshape(1, -1)
+    return tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+
+
+def restore(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A received tensor back in its real ``shape``; a ConfigError if the element counts differ."""
+    if math.prod(tensor.shape) != math.prod(shape):
+        raise ConfigError(f"{what} should hold a {tuple(shape)} tensor, got {tuple(tensor.shape)}")
+    return tensor.reshape(shape)
