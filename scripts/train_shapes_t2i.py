@@ -76,8 +76,13 @@ def components(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderK
 
 
 def progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+    )
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
@@ -159,8 +164,14 @@ def main() -> None:
     train_unet(tokenizer, text_encoder, vae, unet, scaling, args.unet_steps, args.batch)
     scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
     print(f"saved to {args.out} after {time.perf_counter() - started:.0f} s (VAE scaling factor {scaling:.4f})")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import unsplit
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
 
 from lambdasplit.diffusion import DiffusionBody, LocalLink, SplitPipeline
 from lambdasplit.errors import ConfigError
+from tiny_pipelines import unsplit
 
 PROMPT = "a red circle at the top left on a blue background"
 EXACT = {"wire_dtype": "float32", "input_dtype": "float32"}
@@ -44,8 +49,17 @@ def test_schedulers_with_state_stay_in_lockstep(tiny_sd, scheduler, policy):
 
 def test_paper_traffic_is_inputs_once_then_one_noise_per_step(tiny_sd):
     link = LocalLink(DiffusionBody(tiny_sd.unet, "tiny"))
-    out = SplitPipeline(tiny_sd).generate(PROMPT, link, policy="paper", steps=5, seed=0, guidance_scale=5.0,
-                                          wire_dtype="int8", input_dtype="float16", granularity="channel")
+    out = SplitPipeline(tiny_sd).generate(
+        PROMPT,
+        link,
+        policy="paper",
+        steps=5,
+        seed=0,
+        guidance_scale=5.0,
+        wire_dtype="int8",
+        input_dtype="float16",
+        granularity="channel",
+    )
     embeds, latent = 2 * 16 * 32 * 2, 4 * 16 * 16 * 2  # float16 prompt embeddings and initial latent
     headers = (16 + 3 * 4) + (16 + 4 * 4)  # 16 fixed bytes + 4 per dim
     assert out.traffic.frames_up == 2 and out.traffic.bytes_up == embeds + latent + headers
@@ -57,8 +71,9 @@ def test_paper_traffic_is_inputs_once_then_one_noise_per_step(tiny_sd):
 def test_quantized_noise_changes_the_image_by_a_bounded_amount(tiny_sd, dtype):
     reference = unsplit(tiny_sd, PROMPT, steps=5, seed=0, guidance=5.0)
     link = LocalLink(DiffusionBody(tiny_sd.unet, "tiny"))
-    out = SplitPipeline(tiny_sd).generate(PROMPT, link, steps=5, seed=0, guidance_scale=5.0, wire_dtype=dtype,
-                                          input_dtype="float32")
+    out = SplitPipeline(tiny_sd).generate(
+        PROMPT, link, steps=5, seed=0, guidance_scale=5.0, wire_dtype=dtype, input_dtype="float32"
+    )
     error = (out.image - reference).abs().max().item()
     assert 0 < error < {"int8": 0.02, "int4": 0.2, "int2": 1.0}[dtype]
 
@@ -66,8 +81,9 @@ def test_quantized_noise_changes_the_image_by_a_bounded_amount(tiny_sd, dtype):
 def test_collafuse_without_conditioning_sends_only_the_negative_prompt(tiny_sd):
     link = LocalLink(DiffusionBody(tiny_sd.unet, "tiny"))
     split = SplitPipeline(tiny_sd)
-    blind = split.generate(PROMPT, link, policy="collafuse", steps=6, seed=1, guidance_scale=5.0, conditioned=False,
-                           **EXACT)
+    blind = split.generate(
+        PROMPT, link, policy="collafuse", steps=6, seed=1, guidance_scale=5.0, conditioned=False, **EXACT
+    )
     told = split.generate(PROMPT, link, policy="collafuse", steps=6, seed=1, guidance_scale=5.0, **EXACT)
     assert blind.traffic.bytes_up < told.traffic.bytes_up  # one embedding row instead of two
     assert (blind.image - told.image).abs().max().item() > 1e-3
@@ -86,7 +102,8 @@ def test_ancestral_scheduler_refused_for_lockstep(tiny_sd):
 def test_progress_callback_sees_every_step(tiny_sd):
     seen: list[tuple[int, int]] = []
     link = LocalLink(DiffusionBody(tiny_sd.unet, "tiny"))
-    SplitPipeline(tiny_sd).generate(PROMPT, link, policy="collafuse", steps=4, cut=0.5,
-                                    on_step=lambda done, total: seen.append((done, total)))
+    SplitPipeline(tiny_sd).generate(
+        PROMPT, link, policy="collafuse", steps=4, cut=0.5, on_step=lambda done, total: seen.append((done, total))
+    )
     assert seen == [(2, 4), (3, 4), (4, 4)]
     assert torch.is_tensor(link.body.unet.conv_in.weight)

@@ -80,7 +80,9 @@ class DiffusionSession:
         if o.latent_shape[1] != c.in_channels:
             raise ConfigError(f"the latent has {o.latent_shape[1]} channels; this U-Net takes {c.in_channels}")
         if batch != wanted:
-            raise ConfigError(f"prompt_embeds must hold {wanted} row(s) here (guidance {o.guidance_scale}), got {batch}")
+            raise ConfigError(
+                f"prompt_embeds must hold {wanted} row(s) here (guidance {o.guidance_scale}), got {batch}"
+            )
         if o.inputs["prompt_embeds"][-1] != c.cross_attention_dim:
             raise ConfigError(f"prompt_embeds' last dim must be {c.cross_attention_dim}")
         added = "text_embeds" in o.inputs and "time_ids" in o.inputs
@@ -163,8 +165,9 @@ class DiffusionSession:
         x = model_input(self.scheduler, latents, t, guided)
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.body.unet(x, t, encoder_hidden_states=r["prompt_embeds"], added_cond_kwargs=added,
-                                 return_dict=False)[0]
+            out = self.body.unet(
+                x, t, encoder_hidden_states=r["prompt_embeds"], added_cond_kwargs=added, return_dict=False
+            )[0]
         self._timed(start)
         return guide(out, self.options.guidance_scale) if guided else out
 
@@ -194,8 +197,11 @@ class DiffusionSession:
             latents = self.scheduler.step(self._noise(latents, t, guided), t, latents, return_dict=False)[0]
         spec, tensors = state_after_steps(self.scheduler, self.fresh)
         self.done = True
-        yield Frame.json(MessageType.STATE, {"step": m, "state": spec, "tensors": [list(t.shape) for t in tensors]},
-                         session=self.handle)
+        yield Frame.json(
+            MessageType.STATE,
+            {"step": m, "state": spec, "tensors": [list(t.shape) for t in tensors]},
+            session=self.handle,
+        )
         yield self._send(latents, m)[0]
         for t in tensors:  # exact: the state steers every later step
             payload, shape = encode_tensor(t.float(), WireDtype.FLOAT32)

@@ -148,15 +148,18 @@ class SplitPipeline:
         """One image for ``prompt``. ``on_step(done, total)`` is called after every denoising step."""
         started = time.perf_counter()
         device_time = 0.0
-        gen = self.ends.start(prompt, steps=steps, seed=seed, guidance_scale=guidance_scale,
-                              negative_prompt=negative_prompt)
+        gen = self.ends.start(
+            prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, negative_prompt=negative_prompt
+        )
         require_deterministic(gen.scheduler, f"the {policy} policy")
         cond = gen.conditioning
         inputs = cond.tensors() if policy != "unet-lambda" else {"prompt_embeds": cond.prompt_embeds}
         if policy == "collafuse" and not conditioned:
             if not cond.guided:
-                raise ConfigError("collafuse without conditioning sends the negative prompt's embedding only; "
-                                  "it needs guidance_scale > 1")
+                raise ConfigError(
+                    "collafuse without conditioning sends the negative prompt's embedding only; "
+                    "it needs guidance_scale > 1"
+                )
             inputs = {k: v[:1] for k, v in inputs.items()}
         options = SessionOptions(
             policy=policy,
@@ -213,8 +216,14 @@ class SplitPipeline:
         return restore(frame_tensor(frame, dtype=dtype, device=self.ends.device), shape, what)
 
     def _paper(
-        self, gen: Generation, link: Link, o: SessionOptions, shapes: dict[str, tuple[int, ...]],
-        device_time: float, per_step: list[float], on_step: Callable[[int, int], None] | None,
+        self,
+        gen: Generation,
+        link: Link,
+        o: SessionOptions,
+        shapes: dict[str, tuple[int, ...]],
+        device_time: float,
+        per_step: list[float],
+        on_step: Callable[[int, int], None] | None,
     ) -> tuple[torch.Tensor, float]:
         latents = gen.latents
         for i, t in enumerate(gen.timesteps):
@@ -229,8 +238,14 @@ class SplitPipeline:
         return latents, device_time
 
     def _unet_lambda(
-        self, gen: Generation, link: Link, o: SessionOptions, shapes: dict[str, tuple[int, ...]],
-        device_time: float, per_step: list[float], on_step: Callable[[int, int], None] | None,
+        self,
+        gen: Generation,
+        link: Link,
+        o: SessionOptions,
+        shapes: dict[str, tuple[int, ...]],
+        device_time: float,
+        per_step: list[float],
+        on_step: Callable[[int, int], None] | None,
     ) -> tuple[torch.Tensor, float]:
         parts = self.parts(o.blocks)
         cond, latents = gen.conditioning, gen.latents
@@ -242,8 +257,9 @@ class SplitPipeline:
                 emb = parts.embed(x, t, cond.prompt_embeds, added)
                 sample, skips = parts.outer_down(x, emb, cond.prompt_embeds)
             for tensor in (emb, sample):
-                link.send(tensor_frame(MessageType.FORWARD, layout(tensor, o.dtype, o.granularity), o.dtype,
-                                       link.handle, i))
+                link.send(
+                    tensor_frame(MessageType.FORWARD, layout(tensor, o.dtype, o.granularity), o.dtype, link.handle, i)
+                )
             device_time += time.perf_counter() - tick
             middle = self._receive(link, i, shapes["result"], "the U-Net's middle")
             start = time.perf_counter()
@@ -257,8 +273,14 @@ class SplitPipeline:
         return latents, device_time
 
     def _collafuse(
-        self, gen: Generation, link: Link, o: SessionOptions, shapes: dict[str, tuple[int, ...]],
-        device_time: float, per_step: list[float], on_step: Callable[[int, int], None] | None,
+        self,
+        gen: Generation,
+        link: Link,
+        o: SessionOptions,
+        shapes: dict[str, tuple[int, ...]],
+        device_time: float,
+        per_step: list[float],
+        on_step: Callable[[int, int], None] | None,
     ) -> tuple[torch.Tensor, float]:
         state = link.receive()
         if state.type is MessageType.ERROR:
@@ -283,8 +305,9 @@ class SplitPipeline:
             t = gen.timesteps[i]
             with torch.no_grad():
                 x = model_input(gen.scheduler, latents, t, cond.guided)
-                out = unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added,
-                           return_dict=False)[0]
+                out = unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added, return_dict=False)[
+                    0
+                ]
             latents = self.ends.step(gen, guide(out, cond.guidance_scale), t, latents)
             device_time += time.perf_counter() - t0
             per_step.append(time.perf_counter() - tick)

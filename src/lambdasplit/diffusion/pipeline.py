@@ -50,7 +50,9 @@ def family_of(pipe: DiffusionPipeline) -> Family:
 
 
 def load_pipeline(
-    source: str | Path = DEFAULT_PIPELINE, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    source: str | Path = DEFAULT_PIPELINE,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> DiffusionPipeline:
     """The whole diffusers pipeline at ``source`` (folder, hub id or ``"shapes-t2i"``) on the chosen device/dtype."""
     rt = Runtime.resolve(device, dtype)
@@ -65,7 +67,9 @@ def load_pipeline(
 
 
 def load_unet(
-    source: str | Path = DEFAULT_PIPELINE, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    source: str | Path = DEFAULT_PIPELINE,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> UNet2DConditionModel:
     """Only the U-Net of the pipeline at ``source``: all the cloud loads."""
     rt = Runtime.resolve(device, dtype)
@@ -116,7 +120,9 @@ class DeviceEnds:
     def __init__(self, pipe: DiffusionPipeline) -> None:
         self.pipe, self.family = pipe, family_of(pipe)
         self.device = pipe._execution_device
-        self.device_dtype = pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else torch.float32
+        self.device_dtype = (
+            pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else torch.float32
+        )
         self.unet_config = pipe.unet.config if getattr(pipe, "unet", None) is not None else None
 
     def start(
@@ -173,12 +179,13 @@ class DeviceEnds:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         pipe = self.pipe
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
+            prompt=prompt,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt,
         )
-        projection = (
-            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-        )
+        projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         time_ids = pipe._get_add_time_ids(
             (height, width), (0, 0), (height, width), dtype=embeds.dtype, text_encoder_projection_dim=projection
         )

@@ -70,8 +70,9 @@ class SessionOptions:
             raise ConfigError("every tensor shape has 1-4 dims of 1..65536")
         allowed = CONDITIONING[self.family]
         if [n for n in self.inputs if n not in allowed] or "prompt_embeds" not in self.inputs:
-            raise ConfigError(f"{self.family} inputs are {', '.join(allowed)} (prompt_embeds first), got "
-                              f"{list(self.inputs)}")
+            raise ConfigError(
+                f"{self.family} inputs are {', '.join(allowed)} (prompt_embeds first), got {list(self.inputs)}"
+            )
 
     @property
     def guided(self) -> bool:

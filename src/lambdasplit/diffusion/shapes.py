@@ -54,11 +54,7 @@ class Scene:
 
 def all_scenes() -> list[Scene]:
     """Every scene the dataset draws from (shape colour never equals the background)."""
-    return [
-        Scene(c, s, p, b)
-        for c, s, p, b in itertools.product(COLOURS, SHAPES, POSITIONS, COLOURS)
-        if c != b
-    ]
+    return [Scene(c, s, p, b) for c, s, p, b in itertools.product(COLOURS, SHAPES, POSITIONS, COLOURS) if c != b]
 
 
 def random_scenes(n: int, seed: int) -> list[Scene]:
@@ -101,7 +97,8 @@ def detect(image: torch.Tensor) -> Scene | None:
     """Read colour, shape, position and background off one (3, H, W) image in [0, 1] (H = W = 32).
 
     Background: the palette colour nearest the border's median; foreground: pixels far from it. None when the border
-    is no palette colour or the foreground is too small or too large to be one shape. Shape: how much of its bounding box the foreground fills; position: the nearest position centre.
+    is no palette colour or the foreground is too small or too large to be one shape. Shape: how much of its
+    bounding box the foreground fills; position: the nearest position centre.
     """
     pixels = image.float().clamp(0, 1) * 255
     border = torch.cat([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1)

@@ -22,6 +22,7 @@ from diffusers import UNet2DConditionModel
 
 from lambdasplit.errors import ConfigError
 
+
 class UNetParts:
     """Runs the outer (``outer_down``/``outer_up``, device) and inner (``inner``, cloud) parts of ``unet``.
 
@@ -36,8 +37,9 @@ class UNetParts:
         if config.class_embed_type is not None or config.time_cond_proj_dim is not None or config.encoder_hid_dim_type:
             raise ConfigError("unet-lambda does not support U-Nets with class embeddings or timestep conditions")
         if config.addition_embed_type not in (None, "text_time"):
-            raise ConfigError(f"unet-lambda supports addition_embed_type None or 'text_time', not "
-                              f"{config.addition_embed_type!r}")
+            raise ConfigError(
+                f"unet-lambda supports addition_embed_type None or 'text_time', not {config.addition_embed_type!r}"
+            )
         self.unet, self.blocks = unet, blocks
         cloud_up = unet.up_blocks[: n - blocks]
         self._cloud_skips = sum(len(b.resnets) for b in cloud_up)

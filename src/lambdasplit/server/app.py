@@ -22,44 +22,24 @@ serving afterwards, except after ``unauthorized`` (refused at the handshake) and
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
-import itertools
-import logging
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError, FrameError, LambdaSplitError, SessionError
+from lambdasplit.errors import ConfigError, LambdaSplitError
 from lambdasplit.generation import SamplingParams, TokenEvent, stream
+from lambdasplit.server.base import PATH, PROTOCOL, FrameServer, Refusal
 from lambdasplit.server.batching import Batcher
 from lambdasplit.server.sessions import BodySession, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import rewind
-from lambdasplit.wire import (
-    Frame,
-    FrameFlags,
-    MessageType,
-    decode_frame,
-    encode_frame,
-    frame_tensor,
-    tensor_frame,
-)
+from lambdasplit.wire import Frame, FrameFlags, MessageType, frame_tensor, tensor_frame
 
-PROTOCOL = 1
-PATH = "/v1/split"
-_log = logging.getLogger(__name__)
+__all__ = ["PATH", "PROTOCOL", "BodyServer", "Refusal", "kv_bytes_per_position"]
 
 
 def kv_bytes_per_position(split: SplitModel) -> int:
@@ -72,15 +52,7 @@ def kv_bytes_per_position(split: SplitModel) -> int:
     return 2 * body.num_layers * heads * head_dim * torch.empty((), dtype=split.runtime.dtype).element_size()
 
 
-class Refusal(Exception):
-    """A request the server refuses; becomes an ERROR frame."""
-
-    def __init__(self, code: str, message: str, session: int = 0, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code, self.session, self.fatal = code, session, fatal
-
-
-class BodyServer:
+class BodyServer(FrameServer):
     """Holds the body part, the sessions and the counters; ``app`` is the ASGI application."""
 
     def __init__(self, split: SplitModel, settings: ServerSettings) -> None:
@@ -88,7 +60,10 @@ class BodyServer:
             raise ConfigError("the body server needs a SplitModel loaded with parts=['body']")
         if settings.cloud_only and (split.head is None or split.tail is None or split.tokenizer is None):
             raise ConfigError("a cloud-only server needs all three parts and the tokenizer (load_split(model, '0:'))")
-        self.split, self.settings, self.body = split, settings, split.body
+        counted = ("forward_frames", "positions")
+        counted += ("generations", "generated_tokens", "generations_abandoned") if settings.cloud_only else ()
+        super().__init__(settings, counted)
+        self.split, self.body = split, split.body
         self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
         self.kv_bytes_per_position = kv_bytes_per_position(split)
         self._reserved = 0  # positions of FORWARDs queued for the compute thread, counted against the budget
@@ -98,24 +73,7 @@ class BodyServer:
             lambda work: asyncio.get_running_loop().run_in_executor(self.executor, work),
             settings.max_batch,
         )
-        self.limits = settings.frame_limits
-        # One compute thread: torch already uses every core per forward; two at once would only thrash.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
-        self._conn_ids = itertools.count(1)
-        self.started = time.time()
         self.compute_seconds = 0.0  # time in body forwards, for the latency breakdown
-        counted = ("connections", "sessions_opened", "forward_frames", "positions", "bytes_in", "bytes_out")
-        counted += ("generations", "generated_tokens", "generations_abandoned") if settings.cloud_only else ()
-        self.counters: Counter[str] = Counter(dict.fromkeys(counted, 0))
-        self.errors: Counter[str] = Counter()
-        self.app = Starlette(
-            routes=[
-                Route("/health", self.health),
-                Route("/metrics", self.metrics),
-                WebSocketRoute(PATH, self.websocket),
-            ],
-            lifespan=self._lifespan,
-        )
 
     # --- HTTP -------------------------------------------------------------------------------------
     def welcome(self) -> dict[str, Any]:
@@ -139,118 +97,20 @@ class BodyServer:
             },
         }
 
-    async def health(self, request: Request) -> JSONResponse:
+    def health_body(self) -> dict[str, Any]:
         p = self.split.points
-        return JSONResponse(
-            {
-                "status": "ok",
-                "model": self.split.name,
-                "layers": [p.head_layers, p.body_end],
-                "sessions": len(self.store),
-            }
-        )
+        return {"model": self.split.name, "layers": [p.head_layers, p.body_end], "sessions": len(self.store)}
 
-    async def metrics(self, request: Request) -> JSONResponse:
-        if not self._authorized(request.headers.get("authorization")):
-            return JSONResponse({"error": {"code": "unauthorized", "message": "bad or missing token"}}, 401)
-        return JSONResponse(
-            {
-                "sessions": len(self.store),
-                "sessions_evicted": self.store.evicted,
-                "kv_bytes": self.store.positions() * self.kv_bytes_per_position,
-                **dict(self.counters),
-                "compute_seconds": round(self.compute_seconds + self.batcher.compute_seconds, 6),
-                "batches": self.batcher.batches,
-                "batched_steps": self.batcher.batched_steps,
-                "errors": dict(self.errors),
-                "uptime_s": round(time.time() - self.started, 3),
-            }
-        )
-
-    # --- WebSocket --------------------------------------------------------------------------------
-    def _authorized(self, header: str | None) -> bool:
-        if not self.settings.tokens:
-            return True
-        given = (header or "").removeprefix("Bearer ").encode()
-        # compare_digest against every token, without short-circuiting, so timing says nothing.
-        return sum(hmac.compare_digest(given, t.encode()) for t in self.settings.tokens) > 0
-
-    async def websocket(self, ws: WebSocket) -> None:
-        if not self._authorized(ws.headers.get("authorization")):
-            self.errors["unauthorized"] += 1
-            await ws.close(code=1008, reason="unauthorized: bad or missing bearer token")  # HTTP 403 pre-accept
-            return
-        await ws.accept()
-        conn = next(self._conn_ids)
-        self.counters["connections"] += 1
-        greeted = False
-        # A reader task takes messages off the socket while a request runs, so a client that goes away in
-        # the middle of a long GENERATE is seen at once (``gone``) and the generation stops. Its small inbox
-        # keeps backpressure: a client that floods frames waits on TCP, not on server memory.
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=4)
-        gone = asyncio.Event()
-        reader = asyncio.create_task(self._read(ws, inbox, gone))
-        try:
-            while not (gone.is_set() and inbox.empty()):
-                message = await inbox.get()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data = message.get("bytes")
-                if data is None:
-                    reply: Frame = self._error(Refusal("text_message", "send binary frames, not text"))
-                    fatal = False
-                else:
-                    self.counters["bytes_in"] += len(data)
-                    try:
-                        frame = decode_frame(data, self.limits)
-                        if frame.type is not MessageType.HELLO and not greeted:
-                            raise Refusal("hello_first", "send HELLO before anything else")
-                        reply = await self._dispatch(conn, frame, gone)
-                        greeted = True
-                        fatal = False
-                    except Refusal as r:
-                        reply, fatal = self._error(r), r.fatal
-                    except (FrameError, SessionError) as e:
-                        reply, fatal = self._error(Refusal(e.code, str(e))), False
-                if gone.is_set():
-                    break
-                out = encode_frame(reply)
-                self.counters["bytes_out"] += len(out)
-                await ws.send_bytes(out)
-                if fatal:
-                    await ws.close(code=1008, reason=reply.json_body()["code"])
-                    break
-        except WebSocketDisconnect:
-            pass
-        finally:
-            reader.cancel()
-            freed = self.store.close_owner(conn)
-            if freed:
-                _log.info("connection %d went away; freed %d session(s)", conn, freed)
-
-    @staticmethod
-    async def _read(ws: WebSocket, inbox: asyncio.Queue[dict[str, Any]], gone: asyncio.Event) -> None:
-        """Move the socket's messages to ``inbox`` until the client disconnects, then set ``gone``.
-
-        However it ends, ``gone`` is set and a disconnect message is queued when there is room; when there is
-        none the handler drains the inbox and stops on ``gone`` (it never waits on an empty inbox after that).
-        """
-        try:
-            while True:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                await inbox.put(message)
-        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: receive after the socket closed
-            return
-        finally:
-            gone.set()
-            with contextlib.suppress(asyncio.QueueFull):
-                inbox.put_nowait({"type": "websocket.disconnect"})
-
-    def _error(self, r: Refusal) -> Frame:
-        self.errors[r.code] += 1
-        return Frame.json(MessageType.ERROR, {"code": r.code, "message": str(r)}, session=r.session)
+    def metrics_body(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.store),
+            "sessions_evicted": self.store.evicted,
+            "kv_bytes": self.store.positions() * self.kv_bytes_per_position,
+            **dict(self.counters),
+            "compute_seconds": round(self.compute_seconds + self.batcher.compute_seconds, 6),
+            "batches": self.batcher.batches,
+            "batched_steps": self.batcher.batched_steps,
+        }
 
     async def _dispatch(self, conn: int, frame: Frame, gone: asyncio.Event) -> Frame:
         """The reply to one frame; ``gone`` is set when the client disconnects (a long request stops early)."""
@@ -400,25 +260,13 @@ class BodyServer:
         s.steps += 1
         return out
 
-    # --- lifecycle --------------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # One throw-away forward before the first client: the first call pays for allocator and kernel set-up.
-        await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
-        task = asyncio.create_task(self._evict_forever())
-        try:
-            yield
-        finally:
-            task.cancel()
-            self.executor.shutdown(wait=False, cancel_futures=True)
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def close_owner(self, conn: int) -> int:
+        return self.store.close_owner(conn)
+
+    def evict_idle(self) -> int:
+        return self.store.evict_idle()
 
     def _warm_up(self) -> None:
         rt = self.split.runtime
         self.body(torch.zeros(1, 4, self.split.hidden_size, dtype=rt.dtype, device=rt.device), self.body.new_cache())
-
-    async def _evict_forever(self) -> None:
-        period = min(self.settings.idle_ttl / 4, 5.0)
-        while True:
-            await asyncio.sleep(period)
-            if n := self.store.evict_idle():
-                _log.info("evicted %d idle session(s)", n)

@@ -1,0 +1,230 @@
+"""What every lambdasplit server shares: bearer-token auth, the WebSocket frame loop, error frames, lifecycle.
+
+A subclass says what its frames mean (``_dispatch``), what it announces (``welcome``, ``health_body``,
+``metrics_body``) and how its sessions are freed (``close_owner``, ``evict_idle``). A frame gets zero or more
+reply frames: ``_dispatch`` returns one Frame, None, or an async iterator that the loop sends as it yields (a
+paper-policy image streams its noise predictions), stopping when the client has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from lambdasplit.errors import ConfigError, FrameError, SessionError
+from lambdasplit.server.settings import ServerSettings
+from lambdasplit.wire import Frame, MessageType, decode_frame, encode_frame
+
+PROTOCOL = 1
+PATH = "/v1/split"
+_log = logging.getLogger("lambdasplit.server")
+
+Reply = Frame | AsyncIterator[Frame] | None
+
+
+class Refusal(Exception):
+    """A request the server refuses; becomes an ERROR frame."""
+
+    def __init__(self, code: str, message: str, session: int = 0, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.session, self.fatal = code, session, fatal
+
+
+class FrameServer:
+    """Auth, the frame loop and the counters; ``app`` is the ASGI application."""
+
+    def __init__(self, settings: ServerSettings, counted: tuple[str, ...]) -> None:
+        self.settings = settings
+        self.limits = settings.frame_limits
+        # One compute thread: torch already uses every core per forward; two at once would only thrash.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
+        self._conn_ids = itertools.count(1)
+        self.started = time.time()
+        base = ("connections", "sessions_opened", "bytes_in", "bytes_out")
+        self.counters: Counter[str] = Counter(dict.fromkeys(base + counted, 0))
+        self.errors: Counter[str] = Counter()
+        self.app = Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/metrics", self.metrics),
+                WebSocketRoute(PATH, self.websocket),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    # --- what a subclass provides ---------------------------------------------------------------------------------
+    def welcome(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def health_body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def metrics_body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _dispatch(self, conn: int, frame: Frame, gone: asyncio.Event) -> Reply:
+        raise NotImplementedError
+
+    def close_owner(self, conn: int) -> int:
+        """Free every session of a connection that went away; how many."""
+        raise NotImplementedError
+
+    def evict_idle(self) -> int:
+        raise NotImplementedError
+
+    def _warm_up(self) -> None:
+        """One throw-away computation before the first client (allocator and kernel set-up)."""
+
+    # --- HTTP -----------------------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", **self.health_body()})
+
+    async def metrics(self, request: Request) -> JSONResponse:
+        if not self._authorized(request.headers.get("authorization")):
+            return JSONResponse({"error": {"code": "unauthorized", "message": "bad or missing token"}}, 401)
+        return JSONResponse(
+            {**self.metrics_body(), "errors": dict(self.errors), "uptime_s": round(time.time() - self.started, 3)}
+        )
+
+    # --- WebSocket --------------------------------------------------------------------------------
+    def _authorized(self, header: str | None) -> bool:
+        if not self.settings.tokens:
+            return True
+        given = (header or "").removeprefix("Bearer ").encode()
+        # compare_digest against every token, without short-circuiting, so timing says nothing.
+        return sum(hmac.compare_digest(given, t.encode()) for t in self.settings.tokens) > 0
+
+    async def websocket(self, ws: WebSocket) -> None:
+        if not self._authorized(ws.headers.get("authorization")):
+            self.errors["unauthorized"] += 1
+            await ws.close(code=1008, reason="unauthorized: bad or missing bearer token")  # HTTP 403 pre-accept
+            return
+        await ws.accept()
+        conn = next(self._conn_ids)
+        self.counters["connections"] += 1
+        greeted = False
+        # A reader task takes messages off the socket while a request runs, so a client that goes away in
+        # the middle of a long GENERATE is seen at once (``gone``) and the generation stops. Its small inbox
+        # keeps backpressure: a client that floods frames waits on TCP, not on server memory.
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=4)
+        gone = asyncio.Event()
+        reader = asyncio.create_task(self._read(ws, inbox, gone))
+        try:
+            while not (gone.is_set() and inbox.empty()):
+                message = await inbox.get()
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("bytes")
+                reply: Reply
+                if data is None:
+                    reply = self._error(Refusal("text_message", "send binary frames, not text"))
+                else:
+                    self.counters["bytes_in"] += len(data)
+                    try:
+                        frame = decode_frame(data, self.limits)
+                        if frame.type is not MessageType.HELLO and not greeted:
+                            raise Refusal("hello_first", "send HELLO before anything else")
+                        reply = await self._dispatch(conn, frame, gone)
+                        greeted = True
+                    except (Refusal, FrameError, SessionError, ConfigError) as e:
+                        reply = self._refused(e)
+                if gone.is_set():
+                    break
+                if not await self._reply(ws, reply, gone):
+                    break
+        except WebSocketDisconnect:
+            pass
+        finally:
+            reader.cancel()
+            freed = self.close_owner(conn)
+            if freed:
+                _log.info("connection %d went away; freed %d session(s)", conn, freed)
+
+    @staticmethod
+    async def _read(ws: WebSocket, inbox: asyncio.Queue[dict[str, Any]], gone: asyncio.Event) -> None:
+        """Move the socket's messages to ``inbox`` until the client disconnects, then set ``gone``.
+
+        However it ends, ``gone`` is set and a disconnect message is queued when there is room; when there is
+        none the handler drains the inbox and stops on ``gone`` (it never waits on an empty inbox after that).
+        """
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await inbox.put(message)
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: receive after the socket closed
+            return
+        finally:
+            gone.set()
+            with contextlib.suppress(asyncio.QueueFull):
+                inbox.put_nowait({"type": "websocket.disconnect"})
+
+    async def _reply(self, ws: WebSocket, reply: Reply, gone: asyncio.Event) -> bool:
+        """Send the reply frame(s); False when the connection is done (a fatal refusal, or the client left)."""
+        if reply is None:
+            return True
+        if isinstance(reply, Frame):
+            return await self._send(ws, reply)
+        try:
+            async for frame in reply:
+                if gone.is_set() or not await self._send(ws, frame):
+                    return False
+        except (Refusal, FrameError, SessionError, ConfigError) as e:
+            return await self._send(ws, self._refused(e))
+        return True
+
+    async def _send(self, ws: WebSocket, frame: Frame) -> bool:
+        out = encode_frame(frame)
+        self.counters["bytes_out"] += len(out)
+        await ws.send_bytes(out)
+        if frame.type is MessageType.ERROR and frame.json_body().get("fatal"):
+            await ws.close(code=1008, reason=frame.json_body()["code"])
+            return False
+        return True
+
+    def _refused(self, e: Exception) -> Frame:
+        if isinstance(e, Refusal):
+            return self._error(e)
+        code = getattr(e, "code", "bad_request")
+        return self._error(Refusal(code, str(e)))
+
+    def _error(self, r: Refusal) -> Frame:
+        self.errors[r.code] += 1
+        body: dict[str, Any] = {"code": r.code, "message": str(r)}
+        if r.fatal:
+            body["fatal"] = True  # the server closes the connection after this frame
+        return Frame.json(MessageType.ERROR, body, session=r.session)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # One throw-away forward before the first client: the first call pays for allocator and kernel set-up.
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._warm_up)
+        task = asyncio.create_task(self._evict_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _evict_forever(self) -> None:
+        period = min(self.settings.idle_ttl / 4, 5.0)
+        while True:
+            await asyncio.sleep(period)
+            if n := self.evict_idle():
+                _log.info("evicted %d idle session(s)", n)
