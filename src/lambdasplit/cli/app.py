@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from lambdasplit.cli import audit, bench, chat, demo, generate, obfuscate, serve, up, verify
+from lambdasplit.cli import audit, bench, chat, demo, generate, imagine, obfuscate, serve, up, verify
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("generate")(generate.generate)
 app.command("verify")(verify.verify)
 app.command("chat")(chat.chat)
 app.command("serve")(serve.serve_command)
+app.command("imagine")(imagine.imagine)
 app.command("up")(up.up)
 app.command("obfuscate")(obfuscate.obfuscate)
 app.command("audit")(audit.audit)

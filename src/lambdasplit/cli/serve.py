@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
-from lambdasplit.server import READY, ServerSettings, serve
+from lambdasplit.diffusion import DiffusionBody, load_unet
+from lambdasplit.server import READY, DiffusionServer, ServerSettings, serve, serve_app
 from lambdasplit.split import load_split
 
 _err = Console(stderr=True)
@@ -55,6 +56,14 @@ def serve_command(
             "--layers is ignored; split clients are refused.",
         ),
     ] = False,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve the U-Net of a diffusers SD/SDXL text-to-image pipeline (folder, hub id or shapes-t2i, the "
+            "embedded default) to `lambdasplit imagine` devices instead of an LLM body. --model/--layers are ignored.",
+            show_default=False,
+        ),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for compute (default: torch's, one per core).")
     ] = None,
@@ -86,6 +95,9 @@ def serve_command(
         torch.set_num_threads(threads)
     if host not in ("127.0.0.1", "localhost", "::1") and not (tokens and tls_cert):
         _err.print("[yellow]warning[/]: serving beyond loopback without TLS and a token exposes hidden states")
+    if pipeline is not None:
+        _serve_pipeline(pipeline, settings, device, dtype)
+        return
     if cloud_only:
         with _err.status(f"loading all of {model} (cloud-only: prompts arrive as text)"):
             split = load_split(model, "0:", device=device, dtype=dtype)
@@ -102,3 +114,15 @@ def serve_command(
         f" · fingerprint {split.fingerprint}"
     )
     serve(split, settings, on_ready=lambda url: print(f"{READY}{url}", flush=True))
+
+
+def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None, dtype: str | None) -> None:
+    with _err.status(f"loading the U-Net of {pipeline}"):
+        unet = load_unet(pipeline, device=device, dtype=dtype)
+    body = DiffusionBody(unet, pipeline)
+    params = sum(p.numel() for p in unet.parameters())
+    _err.print(
+        f"diffusion body: U-Net of {pipeline} · {params:,} parameters · {unet.device} "
+        f"{str(unet.dtype).removeprefix('torch.')} · {torch.get_num_threads()} threads · fingerprint {body.fingerprint}"
+    )
+    serve_app(DiffusionServer(body, settings), settings, on_ready=lambda url: print(f"{READY}{url}", flush=True))

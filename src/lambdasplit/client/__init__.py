@@ -2,5 +2,6 @@
 
 from lambdasplit.client.connection import CloudClient, CloudText, RemoteBodyLink, SocketBytes
 from lambdasplit.client.device import connect_device
+from lambdasplit.client.diffusion import RemoteDiffusionLink
 
-__all__ = ["CloudClient", "CloudText", "RemoteBodyLink", "SocketBytes", "connect_device"]
+__all__ = ["CloudClient", "CloudText", "RemoteBodyLink", "RemoteDiffusionLink", "SocketBytes", "connect_device"]

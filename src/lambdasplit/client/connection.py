@@ -236,6 +236,32 @@ class CloudClient:
         self.bytes_received += len(reply)
         return reply
 
+    def send(self, frame: Frame) -> None:
+        """Send one frame that gets no reply of its own (a diffusion input; its answer comes later)."""
+        data = encode_frame(frame)
+        with self._lock:
+            try:
+                self._ws.send(data)
+            except (ConnectionClosed, OSError) as exc:
+                raise WireError(f"connection to {self.url} lost: {exc}") from exc
+            self.frames_sent += 1
+            self.bytes_sent += len(data)
+
+    def receive(self) -> Frame:
+        """The next frame the server sends (one of several replies, or an error about an earlier frame)."""
+        with self._lock:
+            try:
+                reply = self._ws.recv(timeout=self.timeout)
+            except TimeoutError as exc:
+                raise WireError(f"no answer from {self.url} within {self.timeout:g} s") from exc
+            except (ConnectionClosed, OSError) as exc:
+                raise WireError(f"connection to {self.url} lost: {exc}") from exc
+            if isinstance(reply, str):
+                raise WireError("the server sent a text message; expected binary frames")
+            self.frames_received += 1
+            self.bytes_received += len(reply)
+        return _check(decode_frame(reply, self.limits))
+
     def request(self, frame: Frame, epoch: int | None = None) -> Frame:
         """Send ``frame``, return the decoded reply; an ERROR reply raises ``RemoteError``."""
         return _check(decode_frame(self.roundtrip(encode_frame(frame), epoch), self.limits))

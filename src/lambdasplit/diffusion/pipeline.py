@@ -11,9 +11,12 @@ ControlNet or guidance rescale; the equivalence tests hold it to the unsplit pip
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -58,7 +61,8 @@ def load_pipeline(
     rt = Runtime.resolve(device, dtype)
     path = pipeline_path(source)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=rt.dtype)
+        with _quiet():
+            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=rt.dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a diffusers pipeline from {source!r}: {exc}") from exc
     family_of(pipe)
@@ -74,10 +78,19 @@ def load_unet(
     """Only the U-Net of the pipeline at ``source``: all the cloud loads."""
     rt = Runtime.resolve(device, dtype)
     try:
-        unet = UNet2DConditionModel.from_pretrained(pipeline_path(source), subfolder="unet", torch_dtype=rt.dtype)
+        with _quiet():
+            unet = UNet2DConditionModel.from_pretrained(pipeline_path(source), subfolder="unet", torch_dtype=rt.dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the U-Net of {source!r}: {exc}") from exc
     return unet.to(rt.device).eval()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """diffusers >= 0.40 renames ``torch_dtype`` to ``dtype`` with a FutureWarning; older ones know only the first."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
 
 
 def unet_fingerprint(unet_config: Any) -> str:
@@ -158,7 +171,10 @@ class DeviceEnds:
                 embeds = torch.cat([negative, embeds]) if guided else embeds
                 added = {}
             scheduler = pipe.scheduler
-            scheduler.set_timesteps(steps, device=self.device)
+            try:
+                scheduler.set_timesteps(steps, device=self.device)
+            except ValueError as exc:
+                raise ConfigError(f"{type(scheduler).__name__} cannot run {steps} steps: {exc}") from None
             timesteps = scheduler.timesteps
             latents = pipe.prepare_latents(
                 1, unet_config.in_channels, height, width, embeds.dtype, self.device, generator, None

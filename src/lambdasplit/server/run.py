@@ -1,4 +1,4 @@
-"""Run a BodyServer under uvicorn, announcing the bound address once it listens."""
+"""Run a server (LLM or diffusion body) under uvicorn, announcing the bound address once it listens."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 import uvicorn
 
 from lambdasplit.server.app import PATH, BodyServer
+from lambdasplit.server.base import FrameServer
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
 
@@ -32,9 +33,13 @@ class _AnnouncingServer(uvicorn.Server):
 
 def serve(split: SplitModel, settings: ServerSettings, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until interrupted (SIGINT/SIGTERM). ``on_ready(url)`` is called once the socket listens."""
-    body_server = BodyServer(split, settings)
+    serve_app(BodyServer(split, settings), settings, on_ready)
+
+
+def serve_app(server: FrameServer, settings: ServerSettings, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve any lambdasplit server (an LLM body, a diffusion body) under uvicorn until interrupted."""
     config = uvicorn.Config(
-        body_server.app,
+        server.app,
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",

@@ -1,0 +1,132 @@
+"""``lambdasplit imagine``: one image, split between this device and a diffusion body server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lambdasplit.client import CloudClient, RemoteDiffusionLink
+from lambdasplit.diffusion import DEFAULT_PIPELINE, GRANULARITIES, POLICIES, DiffusionBody, LocalLink, SplitPipeline
+from lambdasplit.diffusion.device import Link
+from lambdasplit.diffusion.pipeline import load_pipeline, unet_fingerprint
+from lambdasplit.errors import ConfigError
+
+_err = Console(stderr=True)
+
+
+def imagine(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the PNG.")],
+    pipeline: Annotated[
+        str, typer.Option(help="diffusers SD/SDXL pipeline: folder, hub id or shapes-t2i (the embedded default).")
+    ] = DEFAULT_PIPELINE,
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="paper: the cloud runs the U-Net, noise comes down each step; unet-lambda: the outer U-Net blocks "
+            "stay here; collafuse: the cloud runs the first steps, this device the rest."
+        ),
+    ] = "paper",
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="Denoising steps.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise (same seed, same image).")] = 0,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (1: none).")] = 4.0,
+    negative_prompt: Annotated[str | None, typer.Option(help="What not to draw.")] = None,
+    wire_dtype: Annotated[
+        str, typer.Option(help="Per-step tensors on the wire: float32, float16, bfloat16, int8, int6, int4, int2.")
+    ] = "float16",
+    input_dtype: Annotated[str, typer.Option(help="The prompt embeddings and initial latent, sent once.")] = "float16",
+    granularity: Annotated[str, typer.Option(help="Quantization scales: one per tensor, channel or row.")] = "channel",
+    blocks: Annotated[int, typer.Option(min=1, help="unet-lambda: U-Net blocks kept at each end on the device.")] = 1,
+    cut: Annotated[float, typer.Option(min=0, max=1, help="collafuse: fraction of the steps this device runs.")] = 0.5,
+    conditioning: Annotated[
+        bool,
+        typer.Option(
+            "--conditioning/--no-conditioning",
+            help="collafuse: send the prompt's embeddings to the cloud (exact) or only the negative prompt's.",
+        ),
+    ] = True,
+    cloud: Annotated[
+        str | None,
+        typer.Option(help="Diffusion body server (ws://HOST:PORT/v1/split). Without it the body runs in-process."),
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token for the server (or $LAMBDASPLIT_TOKEN).")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA certificate to trust for wss:// (self-signed).")] = None,
+    cloud_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server.")] = 120.0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16.")] = None,
+) -> None:
+    """Draw PROMPT with a split pipeline: text encoders, initial noise, scheduler and VAE here; the U-Net (or its
+    middle, or the first steps) on the server.
+
+    Example: `lambdasplit serve --pipeline shapes-t2i` then
+    `lambdasplit imagine "a red circle at the top left on a blue background" --cloud ws://127.0.0.1:8765/v1/split
+    --out circle.png`.
+    """
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out names a .png file, got {out}")
+    with _err.status(f"loading {pipeline}"):
+        pipe = load_pipeline(pipeline, device=device, dtype=dtype)
+    client = None
+    link: Link
+    if cloud:
+        client = CloudClient(
+            cloud,
+            token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+            fingerprint=unet_fingerprint(pipe.unet.config),
+            timeout=cloud_timeout,
+            ca_file=str(ca_file) if ca_file else None,
+        )
+        link = RemoteDiffusionLink(client)
+        where = cloud
+    else:
+        link, where = LocalLink(DiffusionBody(pipe.unet, pipeline)), "in-process body"
+    before = client.socket_bytes() if client else None
+    try:
+        with Progress(
+            TextColumn(f"[bold]{policy}[/] · {where}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=_err,
+        ) as bar:
+            task = bar.add_task("steps", total=steps)
+            result = SplitPipeline(pipe).generate(
+                prompt,
+                link,
+                policy=policy,
+                steps=steps,
+                seed=seed,
+                guidance_scale=guidance_scale,  # type: ignore[arg-type]
+                negative_prompt=negative_prompt,
+                wire_dtype=wire_dtype,
+                input_dtype=input_dtype,
+                granularity=granularity,
+                blocks=blocks,
+                cut=cut,
+                conditioned=conditioning,  # type: ignore[arg-type]
+                on_step=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        socket = client.socket_bytes() - before if client and before else None
+    finally:
+        if client:
+            client.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.pil().save(out)
+    t = result.traffic
+    line = f"wrote {out} · up {t.bytes_up:,} B in {t.frames_up} frames · down {t.bytes_down:,} B in {t.frames_down}"
+    if socket:
+        line += f" · socket {socket.sent:,} B sent / {socket.received:,} B received"
+    _err.print(line)
+    _err.print(
+        f"{result.total_seconds:.2f} s: device {result.device_seconds:.2f} s · cloud {result.cloud_seconds:.2f} s "
+        f"· communication {result.communication_seconds:.2f} s"
+    )

@@ -1,0 +1,68 @@
+"""The device's link to a diffusion body server: `SplitPipeline.generate(prompt, RemoteDiffusionLink(client))`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lambdasplit.client.connection import CloudClient
+from lambdasplit.diffusion.device import Traffic
+from lambdasplit.diffusion.protocol import SessionOptions
+from lambdasplit.errors import ConfigError, RemoteError, WireError
+from lambdasplit.wire import Frame, MessageType
+
+
+class RemoteDiffusionLink:
+    """One image session at a time on a `CloudClient` connected to ``lambdasplit serve --pipeline ...``.
+
+    ``traffic`` counts whole frames each way; ``client.socket_bytes()`` gives the TCP bytes at the socket.
+    """
+
+    def __init__(self, client: CloudClient) -> None:
+        if client.mode != "diffusion":
+            raise ConfigError(f"{client.url} serves {client.mode!r}, not a diffusion body (serve --pipeline ...)")
+        self.client = client
+        self.traffic = Traffic()
+        self._handle = 0
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+    def open(self, options: SessionOptions) -> dict[str, Any]:
+        before = (self.client.bytes_sent, self.client.bytes_received)
+        reply = self.client.request(Frame.json(MessageType.OPEN, options.to_json()))
+        self._count(before, frames_up=1, frames_down=1)
+        self._handle = reply.session
+        return reply.json_body()
+
+    def send(self, frame: Frame) -> None:
+        before = (self.client.bytes_sent, self.client.bytes_received)
+        self.client.send(frame)
+        self._count(before, frames_up=1)
+
+    def receive(self) -> Frame:
+        before = (self.client.bytes_sent, self.client.bytes_received)
+        frame = self.client.receive()
+        self._count(before, frames_down=1)
+        return frame
+
+    def close(self) -> dict[str, Any]:
+        if not self._handle:
+            return {}
+        handle, self._handle = self._handle, 0
+        try:
+            self.send(Frame(MessageType.CLOSE, session=handle))
+            # After an error on the device, frames the cloud already streamed may precede CLOSED: skip them.
+            for _ in range(100_000):
+                reply = self.receive()
+                if reply.type is MessageType.CLOSED:
+                    return reply.json_body()
+        except (WireError, RemoteError):
+            pass
+        return {}
+
+    def _count(self, before: tuple[int, int], frames_up: int = 0, frames_down: int = 0) -> None:
+        self.traffic.frames_up += frames_up
+        self.traffic.frames_down += frames_down
+        self.traffic.bytes_up += self.client.bytes_sent - before[0]
+        self.traffic.bytes_down += self.client.bytes_received - before[1]

@@ -1,0 +1,168 @@
+"""A diffusion body server in a subprocess: split images over loopback equal the unsplit pipeline; bad input is
+refused with typed errors and the connection keeps serving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lambdasplit.client import CloudClient, RemoteDiffusionLink
+from lambdasplit.diffusion import SplitPipeline, load_pipeline
+from lambdasplit.diffusion.pipeline import unet_fingerprint
+from lambdasplit.errors import ConfigError, RemoteError
+from lambdasplit.wire import Frame, MessageType, tensor_frame
+from servers import body_server
+from tiny_pipelines import tiny_sd_pipeline, unsplit
+
+PROMPT = "a yellow triangle in the center on a black background"
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline(folder / "tokenizer-src").save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+@pytest.fixture(scope="module")
+def server(pipeline_dir: Path):
+    with body_server("--pipeline", str(pipeline_dir), token="s3cret") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir: Path):
+    return load_pipeline(pipeline_dir, device="cpu", dtype="float32")
+
+
+def _client(url: str, pipe, **kw) -> CloudClient:
+    return CloudClient(url, token="s3cret", fingerprint=unet_fingerprint(pipe.unet.config), **kw)
+
+
+@pytest.mark.parametrize("policy", ["paper", "unet-lambda", "collafuse"])
+def test_split_image_over_loopback_equals_unsplit(server, pipe, policy):
+    reference = unsplit(pipe, PROMPT, steps=5, seed=7, guidance=4.0)
+    with _client(server, pipe) as client:
+        before = client.socket_bytes()
+        out = SplitPipeline(pipe).generate(
+            PROMPT,
+            RemoteDiffusionLink(client),
+            policy=policy,
+            steps=5,
+            seed=7,
+            guidance_scale=4.0,
+            wire_dtype="float32",
+            input_dtype="float32",
+        )
+        socket = client.socket_bytes() - before
+    assert (out.image - reference).abs().max().item() <= 1e-5
+    # The link counts whole frames; the socket adds WebSocket framing (2-14 bytes a message) on top.
+    assert out.traffic.bytes_up <= socket.sent <= out.traffic.bytes_up + 14 * out.traffic.frames_up
+    assert out.traffic.bytes_down <= socket.received <= out.traffic.bytes_down + 14 * out.traffic.frames_down
+    assert out.cloud_seconds > 0
+
+
+def test_quantized_paper_traffic_down_is_packed(server, pipe):
+    with _client(server, pipe) as client:
+        out = SplitPipeline(pipe).generate(
+            PROMPT, RemoteDiffusionLink(client), steps=4, wire_dtype="int4", granularity="tensor"
+        )
+    # (1, 1024) int4 noise: 512 bytes of codes + one scale and offset, 24-byte header, plus OPENED and CLOSED.
+    assert out.traffic.frames_down == 4 + 2
+    noise_frames = 4 * (24 + 512 + 8)
+    assert noise_frames < out.traffic.bytes_down < noise_frames + 400
+
+
+def test_bad_requests_get_typed_errors_and_the_connection_survives(server, pipe):
+    with _client(server, pipe) as client:
+        with pytest.raises(RemoteError) as bad:
+            client.request(Frame.json(MessageType.OPEN, {"policy": "teleport"}))
+        assert bad.value.code == "bad_options"
+        with pytest.raises(RemoteError) as unknown:
+            client.request(tensor_frame(MessageType.FORWARD, torch.zeros(1, 4), "float16", session=99, position=0))
+        assert unknown.value.code == "unknown_session"
+        options = {
+            "policy": "paper",
+            "family": "sd",
+            "steps": 4,
+            "guidance_scale": 4.0,
+            "scheduler": dict(pipe.scheduler.config),
+            "latent_shape": [1, 3, 16, 16],
+            "inputs": {"prompt_embeds": [2, 16, 32]},
+        }
+        with pytest.raises(RemoteError, match="this U-Net takes 4") as channels:
+            client.request(Frame.json(MessageType.OPEN, options))
+        assert channels.value.code == "bad_options"
+        options["latent_shape"], options["scheduler"] = [1, 4, 16, 16], {"_class_name": "os.system"}
+        with pytest.raises(RemoteError, match="not a diffusers scheduler"):
+            client.request(Frame.json(MessageType.OPEN, options))
+        link = RemoteDiffusionLink(client)
+        with pytest.raises(ConfigError, match="cannot run 2000 steps"):
+            SplitPipeline(pipe).generate(PROMPT, link, steps=2000)
+        client.ping()  # still serving
+        out = SplitPipeline(pipe).generate(PROMPT, link, steps=2)
+        assert out.image.shape == (1, 3, 32, 32)
+
+
+def test_wrong_token_and_wrong_model_are_refused(server, pipe):
+    with pytest.raises(RemoteError) as no_token:
+        CloudClient(server, token="wrong")
+    assert no_token.value.code == "unauthorized"
+    with pytest.raises(RemoteError) as mismatch:
+        CloudClient(server, token="s3cret", fingerprint="0" * 16)
+    assert mismatch.value.code == "model_mismatch"
+
+
+def test_llm_client_on_a_diffusion_server_is_told(server, pipe):
+    with _client(server, pipe) as client:
+        assert client.mode == "diffusion"
+        with pytest.raises(RemoteError) as err:
+            client.request(Frame.json(MessageType.OPEN, {}))
+        assert err.value.code == "bad_options"
+
+
+def test_imagine_cli_writes_a_png_over_the_network(server, pipeline_dir, tmp_path):
+    png = tmp_path / "out.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from lambdasplit.cli import main; main()",
+            "imagine",
+            PROMPT,
+            "--pipeline",
+            str(pipeline_dir),
+            "--cloud",
+            server,
+            "--token",
+            "s3cret",
+            "--steps",
+            "3",
+            "--policy",
+            "unet-lambda",
+            "--out",
+            str(png),
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stderr and "socket" in result.stderr
+    from PIL import Image
+
+    assert Image.open(png).size == (32, 32)
+
+
+def test_imagine_refuses_a_bad_policy(tmp_path):
+    with pytest.raises(ConfigError, match="unknown policy"):
+        from lambdasplit.cli.imagine import imagine
+
+        imagine("x", tmp_path / "x.png", policy="teleport")
+    assert torch.is_tensor(torch.zeros(1))
