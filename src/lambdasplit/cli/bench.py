@@ -1,7 +1,9 @@
-"""``lambdasplit bench``: measured benchmarks. ``bench llm`` is the paper's Table I for your model and links."""
+"""``lambdasplit bench``: measured benchmarks. ``bench llm`` is the paper's Table I for your model and links,
+``bench t2i`` its text-to-image traffic and quantization table (Fig. 5(c))."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lambdasplit.bench.links import parse_link
 from lambdasplit.bench.llm import METHODS, PAPER_PROMPT, TableConfig, run_table
 from lambdasplit.bench.report import caching_savings, markdown, plot, rich_tables, speculative_lines, step_lines
+from lambdasplit.bench.t2i import PROMPTS as T2I_PROMPTS
+from lambdasplit.bench.t2i import WIRE_DTYPES as T2I_WIRE_DTYPES
+from lambdasplit.bench.t2i import markdown as t2i_markdown
+from lambdasplit.bench.t2i import run_t2i
 from lambdasplit.cli.options import DEFAULTS, DraftTokens, Model
+from lambdasplit.diffusion import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
 from lambdasplit.errors import ConfigError
+from lambdasplit.wire import WireDtype
 
 app = typer.Typer(
     help="Measured benchmarks (traffic at the socket and on the wire, latency, tokens/s).", rich_markup_mode="markdown"
@@ -137,3 +145,72 @@ def llm(
     if plot_path:
         plot(result, plot_path)
         _out.print(f"wrote {plot_path}")
+
+
+@app.command("t2i")
+def t2i(
+    pipeline: Annotated[
+        str, typer.Option(help="diffusers SD/SDXL pipeline: folder, hub id or shapes-t2i (the embedded default).")
+    ] = DEFAULT_PIPELINE,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps per image (the paper: 50).")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of every image (the paper: 42).")] = 42,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 4.0,
+    prompts: Annotated[int, typer.Option(min=1, max=len(T2I_PROMPTS), help="Prompts averaged per wire dtype.")] = 8,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Policies measured over loopback (repeatable): {', '.join(POLICIES)}.", show_default="all"),
+    ] = None,
+    wire_dtype: Annotated[
+        list[str] | None, typer.Option(help="Noise dtypes of the quantization table (repeatable).", show_default="all")
+    ] = None,
+    granularity: Annotated[str, typer.Option(help="Quantization scales: tensor, channel or row.")] = "channel",
+    adherence: Annotated[
+        int, typer.Option(min=0, help="shapes-t2i only: captions drawn and read back by the detector (0: skip).")
+    ] = 0,
+    cloud_threads: Annotated[int | None, typer.Option(min=1, help="CPU threads of the server process.")] = None,
+    grid: Annotated[
+        Path | None, typer.Option(help="PNG of the images: unsplit FP32 first row, then one row per wire dtype.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure to this JSON file.")] = None,
+    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write the tables as markdown.")] = None,
+) -> None:
+    """Split text-to-image measured: traffic and latency per policy over a real server on loopback, and the
+    paper's quantization table (PSNR/SSIM of the final image against the FP32 unsplit pipeline per wire dtype)."""
+    policies = policy if policy is not None else list(POLICIES)
+    for p in policies:
+        if p not in POLICIES:
+            raise ConfigError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if adherence and pipeline != DEFAULT_PIPELINE:
+        raise ConfigError("--adherence reads images with the shapes detector: it needs --pipeline shapes-t2i")
+    try:
+        import skimage  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("bench t2i needs scikit-image for PSNR/SSIM: pip install 'lambdasplit[bench]'") from exc
+    dtypes = [WireDtype.parse(d).name.lower().removeprefix("q") for d in (wire_dtype or T2I_WIRE_DTYPES)]
+    with _out.status("measuring") as status:
+        result = run_t2i(
+            pipeline,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            prompts=T2I_PROMPTS[:prompts],
+            policies=policies,
+            wire_dtypes=dtypes,
+            granularity=granularity,
+            adherence_samples=adherence,
+            cloud_threads=cloud_threads,
+            on_progress=lambda what: status.update(f"measuring: {what}"),
+            grid=grid,
+        )
+    text = t2i_markdown(result)
+    _out.print(text)
+    if json_path:
+        json_path.write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        _out.print(f"wrote {json_path}")
+    if markdown_path:
+        markdown_path.write_text(text)
+        _out.print(f"wrote {markdown_path}")
+    if grid:
+        _out.print(f"wrote {grid}")
