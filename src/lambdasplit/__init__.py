@@ -48,6 +48,10 @@ _EXPORTS: dict[str, str] = {
     "protect": "lambdasplit.privacy",
     "AuditSettings": "lambdasplit.privacy",
     "run_audit": "lambdasplit.privacy",
+    # split text-to-image
+    "SplitPipeline": "lambdasplit.diffusion",
+    "DiffusionBody": "lambdasplit.diffusion",
+    "load_pipeline": "lambdasplit.diffusion",
     # models
     "DEFAULT_MODEL": "lambdasplit.models",
     "resolve_checkpoint": "lambdasplit.models",
@@ -69,6 +73,7 @@ __all__ = [
     "Body",
     "BodyLink",
     "ConfigError",
+    "DiffusionBody",
     "DraftLength",
     "Drafter",
     "FrameError",
@@ -86,6 +91,7 @@ __all__ = [
     "SamplingParams",
     "SessionError",
     "SplitModel",
+    "SplitPipeline",
     "SplitPointError",
     "SplitPoints",
     "Tail",
@@ -95,6 +101,7 @@ __all__ = [
     "WireError",
     "generate",
     "intercept",
+    "load_pipeline",
     "load_split",
     "make_key",
     "protect",
@@ -106,6 +113,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from lambdasplit.config import Runtime, SplitPoints
+    from lambdasplit.diffusion import DiffusionBody, SplitPipeline, load_pipeline
     from lambdasplit.errors import (
         ConfigError,
         FrameError,
