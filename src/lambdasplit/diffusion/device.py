@@ -17,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from lambdasplit.diffusion.cloud import DiffusionBody
-from lambdasplit.diffusion.pipeline import DeviceEnds, Generation, guide, model_input
+from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input
 from lambdasplit.diffusion.protocol import Granularity, Policy, SessionOptions, layout, restore
 from lambdasplit.diffusion.schedulers import apply_state, require_deterministic
 from lambdasplit.diffusion.unet import UNetParts
@@ -217,7 +217,7 @@ class SplitPipeline:
 
     def _paper(
         self,
-        gen: Generation,
+        gen: Denoising,
         link: Link,
         o: SessionOptions,
         shapes: dict[str, tuple[int, ...]],
@@ -239,7 +239,7 @@ class SplitPipeline:
 
     def _unet_lambda(
         self,
-        gen: Generation,
+        gen: Denoising,
         link: Link,
         o: SessionOptions,
         shapes: dict[str, tuple[int, ...]],
@@ -274,7 +274,7 @@ class SplitPipeline:
 
     def _collafuse(
         self,
-        gen: Generation,
+        gen: Denoising,
         link: Link,
         o: SessionOptions,
         shapes: dict[str, tuple[int, ...]],

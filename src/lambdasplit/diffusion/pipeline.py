@@ -116,7 +116,7 @@ class Conditioning:
 
 
 @dataclass
-class Generation:
+class Denoising:
     """One image being made on the device: its conditioning, scheduler, generator and latent."""
 
     conditioning: Conditioning
@@ -148,7 +148,7 @@ class DeviceEnds:
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
-    ) -> Generation:
+    ) -> Denoising:
         """The head: prompt embeddings (and SDXL's added conditions), timesteps, and the seeded initial latent."""
         if steps < 1:
             raise ConfigError(f"steps must be >= 1, got {steps}")
@@ -160,7 +160,6 @@ class DeviceEnds:
         width = width or unet_config.sample_size * factor
         if height % 8 or width % 8:
             raise ConfigError(f"height and width must be multiples of 8, got {height}x{width}")
-        pipe._guidance_scale = guidance_scale
         guided = guidance_scale > 1.0
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
@@ -181,7 +180,7 @@ class DeviceEnds:
             )
         if self.family == "sdxl" and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
-        return Generation(
+        return Denoising(
             Conditioning(embeds, added, guidance_scale),
             scheduler,
             generator,
@@ -211,7 +210,7 @@ class DeviceEnds:
             time_ids = torch.cat([time_ids, time_ids])
         return {"text_embeds": pooled.to(self.device), "time_ids": time_ids.to(self.device)}, embeds.to(self.device)
 
-    def step(self, gen: Generation, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def step(self, gen: Denoising, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The tail's scheduler step on the (guided) noise prediction."""
         return gen.scheduler.step(noise, t, latents, **gen.extra_step_kwargs, return_dict=False)[0]
 
