@@ -22,19 +22,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from lambdasplit.diffusion.shapes import SIZE, random_scenes, render, vocabulary_files
+from lambdasplit.diffusion.shapes import SIZE, random_scenes, render, shapes_tokenizer
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 def components(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    vocabulary_files(folder / "tokenizer")
-    tokenizer = CLIPTokenizer(
-        str(folder / "tokenizer" / "vocab.json"),
-        str(folder / "tokenizer" / "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=16,
-    )
+    tokenizer = shapes_tokenizer(folder / "tokenizer")
     vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -107,7 +101,7 @@ def train_vae(vae: AutoencoderKL, steps: int, batch: int) -> float:
             optim.zero_grad()
             loss.backward()
             optim.step()
-            bar.update(task, advance=1, loss=float(loss))
+            bar.update(task, advance=1, loss=loss.item())
     with torch.no_grad():
         latents = vae.encode(render(random_scenes(512, seed=7), seed=7)).latent_dist.mean
     return float(1.0 / latents.std())
@@ -146,7 +140,7 @@ def train_unet(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
-            bar.update(task, advance=1, loss=float(loss))
+            bar.update(task, advance=1, loss=loss.item())
 
 
 def main() -> None:

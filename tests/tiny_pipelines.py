@@ -14,16 +14,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lambdasplit.diffusion.shapes import vocabulary_files
+from lambdasplit.diffusion.shapes import shapes_tokenizer
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def _tokenizer(folder: Path) -> CLIPTokenizer:
-    vocabulary_files(folder)
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=16
-    )
 
 
 def _text_config(tokenizer: CLIPTokenizer, **extra: int) -> CLIPTextConfig:
@@ -61,7 +54,7 @@ def _scheduler() -> DDIMScheduler:
 
 def tiny_sd_pipeline(folder: Path) -> StableDiffusionPipeline:
     torch.manual_seed(0)
-    tokenizer = _tokenizer(folder)
+    tokenizer = shapes_tokenizer(folder)
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -90,7 +83,7 @@ def tiny_sd_pipeline(folder: Path) -> StableDiffusionPipeline:
 
 def tiny_sdxl_pipeline(folder: Path) -> StableDiffusionXLPipeline:
     torch.manual_seed(0)
-    tokenizer = _tokenizer(folder)
+    tokenizer = shapes_tokenizer(folder)
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,

@@ -122,6 +122,7 @@ def run_t2i(
     cloud_threads: int | None = None,
     on_progress: Callable[[str], None] = lambda _: None,
     grid: Path | None = None,
+    samples: Path | None = None,
 ) -> T2IResult:
     pipe = load_pipeline(pipeline, device="cpu", dtype="float32")
     split = SplitPipeline(pipe)
@@ -206,6 +207,14 @@ def run_t2i(
         images[dtype] = [o.image for o in outs]
     if grid is not None:
         save_grid([references, *images.values()], grid)
+    if samples is not None:
+        on_progress("sample grid")
+        link = LocalLink(body)
+        rows = [
+            [split.generate(p, link, steps=steps, seed=s, guidance_scale=guidance_scale).image for s in range(4)]
+            for p in prompts
+        ]
+        save_grid(rows, samples)
     if adherence_samples:
         on_progress(f"adherence over {adherence_samples} captions")
         result.adherence = measure_adherence(split, body, adherence_samples, steps, seed, guidance_scale)

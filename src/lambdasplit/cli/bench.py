@@ -171,6 +171,9 @@ def t2i(
     grid: Annotated[
         Path | None, typer.Option(help="PNG of the images: unsplit FP32 first row, then one row per wire dtype.")
     ] = None,
+    samples: Annotated[
+        Path | None, typer.Option(help="PNG of split samples: one row per prompt, seeds 0-3 (float16 wire).")
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure to this JSON file.")] = None,
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write the tables as markdown.")] = None,
 ) -> None:
@@ -203,6 +206,7 @@ def t2i(
             cloud_threads=cloud_threads,
             on_progress=lambda what: status.update(f"measuring: {what}"),
             grid=grid,
+            samples=samples,
         )
     text = t2i_markdown(result)
     _out.print(text)
@@ -212,5 +216,6 @@ def t2i(
     if markdown_path:
         markdown_path.write_text(text)
         _out.print(f"wrote {markdown_path}")
-    if grid:
-        _out.print(f"wrote {grid}")
+    for path in (grid, samples):
+        if path:
+            _out.print(f"wrote {path}")

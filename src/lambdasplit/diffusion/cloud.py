@@ -197,11 +197,8 @@ class DiffusionSession:
             latents = self.scheduler.step(self._noise(latents, t, guided), t, latents, return_dict=False)[0]
         spec, tensors = state_after_steps(self.scheduler, self.fresh)
         self.done = True
-        yield Frame.json(
-            MessageType.STATE,
-            {"step": m, "state": spec, "tensors": [list(t.shape) for t in tensors]},
-            session=self.handle,
-        )
+        state = {"step": m, "state": spec, "tensors": [list(t.shape) for t in tensors]}
+        yield Frame.json(MessageType.STATE, state, session=self.handle)
         yield self._send(latents, m)[0]
         for t in tensors:  # exact: the state steers every later step
             payload, shape = encode_tensor(t.float(), WireDtype.FLOAT32)

@@ -74,6 +74,18 @@ class SplitImage:
         return Image.fromarray(array)
 
 
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass
+class _Clock:
+    """Where an image's time goes, filled in as it is made."""
+
+    device: float
+    per_step: list[float]
+    on_step: Callable[[int, int], None] | None
+
+
 class LocalLink:
     """The cloud's `DiffusionBody` in this process. Frames are encoded and decoded as on the network."""
 
@@ -181,139 +193,117 @@ class SplitPipeline:
         before = dataclasses.replace(getattr(link, "traffic", Traffic()))
         opened = link.open(options)
         shapes = {k: tuple(v) for k, v in opened.get("shapes", {}).items()}
-        per_step: list[float] = []
+        clock = _Clock(device_time, [], on_step)
         try:
             for tensor in [*inputs.values(), *([] if policy == "unet-lambda" else [gen.latents])]:
                 wire = layout(tensor, options.inputs_dtype, granularity)
                 link.send(tensor_frame(MessageType.FORWARD, wire, options.inputs_dtype, link.handle, 0))
             run = {"paper": self._paper, "unet-lambda": self._unet_lambda, "collafuse": self._collafuse}[policy]
-            latents, device_time = run(gen, link, options, shapes, device_time, per_step, on_step)
+            latents = run(gen, link, options, shapes, clock)
         finally:
             closed = link.close()
         start = time.perf_counter()
         image = self.ends.decode(latents, gen.generator)
-        device_time += time.perf_counter() - start
+        clock.device += time.perf_counter() - start
         return SplitImage(
             image=image.float().cpu(),
             policy=policy,
             steps=steps,
             traffic=getattr(link, "traffic", Traffic()) - before,
-            device_seconds=device_time,
+            device_seconds=clock.device,
             cloud_seconds=float(closed.get("compute_seconds", 0.0)),
             total_seconds=time.perf_counter() - started,
-            per_step=per_step,
+            per_step=clock.per_step,
         )
 
-    # --- policies ----------------------------------------------------------------------------------------------
-    def _receive(self, link: Link, step: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    # --- policies: each predicts the guided noise of one step; `_denoise` steps the scheduler on it ---------------
+    def _denoise(
+        self,
+        gen: Denoising,
+        latents: torch.Tensor,
+        first: int,
+        predict: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
+        clock: _Clock,
+    ) -> torch.Tensor:
+        """Steps ``first``.. of the schedule; ``predict(i, t, latents)`` -> (noise, device seconds inside it)."""
+        n = len(gen.timesteps)
+        for i in range(first, n):
+            tick = time.perf_counter()
+            t = gen.timesteps[i]
+            noise, local = predict(i, t, latents)
+            start = time.perf_counter()
+            latents = self.ends.step(gen, noise, t, latents)
+            clock.device += local + time.perf_counter() - start
+            clock.per_step.append(time.perf_counter() - tick)
+            if clock.on_step:
+                clock.on_step(i + 1, n)
+        return latents
+
+    def _receive(self, link: Link, step: int, what: str, kind: MessageType) -> Frame:
         frame = link.receive()
         if frame.type is MessageType.ERROR:
             body = frame.json_body()
             raise RemoteError(str(body.get("message", "")), str(body.get("code", "error")))
-        if frame.type is not MessageType.RESULT or frame.position != step:
+        if frame.type is not kind or frame.position != step:
             raise WireError(f"expected {what} for step {step}, got {frame.type.name} at position {frame.position}")
-        dtype = self.ends.device_dtype
-        return restore(frame_tensor(frame, dtype=dtype, device=self.ends.device), shape, what)
+        return frame
 
-    def _paper(
-        self,
-        gen: Denoising,
-        link: Link,
-        o: SessionOptions,
-        shapes: dict[str, tuple[int, ...]],
-        device_time: float,
-        per_step: list[float],
-        on_step: Callable[[int, int], None] | None,
-    ) -> tuple[torch.Tensor, float]:
-        latents = gen.latents
-        for i, t in enumerate(gen.timesteps):
-            tick = time.perf_counter()
-            noise = self._receive(link, i, tuple(latents.shape), "the noise prediction")
-            start = time.perf_counter()
-            latents = self.ends.step(gen, noise, t, latents)
-            device_time += time.perf_counter() - start
-            per_step.append(time.perf_counter() - tick)
-            if on_step:
-                on_step(i + 1, len(gen.timesteps))
-        return latents, device_time
+    def _tensor(self, link: Link, step: int, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        frame = self._receive(link, step, what, MessageType.RESULT)
+        return restore(frame_tensor(frame, dtype=self.ends.device_dtype, device=self.ends.device), shape, what)
+
+    def _paper(self, gen: Denoising, link: Link, o: SessionOptions, shapes: Shapes, clock: _Clock) -> torch.Tensor:
+        """The noise arrives, streamed: the device only steps its scheduler."""
+        shape = tuple(gen.latents.shape)
+        return self._denoise(
+            gen, gen.latents, 0, lambda i, t, x: (self._tensor(link, i, shape, "the noise prediction"), 0.0), clock
+        )
 
     def _unet_lambda(
-        self,
-        gen: Denoising,
-        link: Link,
-        o: SessionOptions,
-        shapes: dict[str, tuple[int, ...]],
-        device_time: float,
-        per_step: list[float],
-        on_step: Callable[[int, int], None] | None,
-    ) -> tuple[torch.Tensor, float]:
-        parts = self.parts(o.blocks)
-        cond, latents = gen.conditioning, gen.latents
-        added = cond.added or None
-        for i, t in enumerate(gen.timesteps):
-            tick = time.perf_counter()
+        self, gen: Denoising, link: Link, o: SessionOptions, shapes: Shapes, clock: _Clock
+    ) -> torch.Tensor:
+        """Outer blocks here, the middle in the cloud, once per step."""
+        parts, cond = self.parts(o.blocks), gen.conditioning
+
+        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+            start = time.perf_counter()
             with torch.no_grad():
                 x = model_input(gen.scheduler, latents, t, cond.guided)
-                emb = parts.embed(x, t, cond.prompt_embeds, added)
+                emb = parts.embed(x, t, cond.prompt_embeds, cond.added or None)
                 sample, skips = parts.outer_down(x, emb, cond.prompt_embeds)
             for tensor in (emb, sample):
-                link.send(
-                    tensor_frame(MessageType.FORWARD, layout(tensor, o.dtype, o.granularity), o.dtype, link.handle, i)
-                )
-            device_time += time.perf_counter() - tick
-            middle = self._receive(link, i, shapes["result"], "the U-Net's middle")
+                wire = layout(tensor, o.dtype, o.granularity)
+                link.send(tensor_frame(MessageType.FORWARD, wire, o.dtype, link.handle, i))
+            local = time.perf_counter() - start
+            middle = self._tensor(link, i, shapes["result"], "the U-Net's middle")
             start = time.perf_counter()
             with torch.no_grad():
                 noise = guide(parts.outer_up(middle, skips, emb, cond.prompt_embeds), cond.guidance_scale)
-            latents = self.ends.step(gen, noise, t, latents)
-            device_time += time.perf_counter() - start
-            per_step.append(time.perf_counter() - tick)
-            if on_step:
-                on_step(i + 1, len(gen.timesteps))
-        return latents, device_time
+            return noise, local + time.perf_counter() - start
 
-    def _collafuse(
-        self,
-        gen: Denoising,
-        link: Link,
-        o: SessionOptions,
-        shapes: dict[str, tuple[int, ...]],
-        device_time: float,
-        per_step: list[float],
-        on_step: Callable[[int, int], None] | None,
-    ) -> tuple[torch.Tensor, float]:
-        state = link.receive()
-        if state.type is MessageType.ERROR:
-            body = state.json_body()
-            raise RemoteError(str(body.get("message", "")), str(body.get("code", "error")))
-        if state.type is not MessageType.STATE:
-            raise WireError(f"expected the scheduler STATE after the cloud's steps, got {state.type.name}")
-        body = state.json_body()
-        m = int(body["step"])
-        n = len(gen.timesteps)
-        if m != o.cloud_steps(n):
-            raise WireError(f"the cloud handed over after {m} steps, not {o.cloud_steps(n)}")
-        latents = self._receive(link, m, tuple(gen.latents.shape), "the handed-over latent")
-        tensors = [self._receive(link, m, tuple(s), "scheduler state") for s in body["tensors"]]
-        apply_state(gen.scheduler, body["state"], tensors)
-        if on_step:
-            on_step(m, n)
+        return self._denoise(gen, gen.latents, 0, predict, clock)
+
+    def _collafuse(self, gen: Denoising, link: Link, o: SessionOptions, shapes: Shapes, clock: _Clock) -> torch.Tensor:
+        """The cloud's first steps come back as one latent and the scheduler's state; the device runs the rest."""
+        state = self._receive(link, 0, "the scheduler STATE", MessageType.STATE).json_body()
+        m = int(state["step"])
+        if m != o.cloud_steps(len(gen.timesteps)):
+            raise WireError(f"the cloud handed over after {m} steps, not {o.cloud_steps(len(gen.timesteps))}")
+        latents = self._tensor(link, m, tuple(gen.latents.shape), "the handed-over latent")
+        tensors = [self._tensor(link, m, tuple(s), "scheduler state") for s in state["tensors"]]
+        apply_state(gen.scheduler, state["state"], tensors)
+        if clock.on_step:
+            clock.on_step(m, len(gen.timesteps))
         cond, unet = gen.conditioning, self.pipe.unet
-        added = cond.added or None
-        for i in range(m, n):
-            tick = t0 = time.perf_counter()
-            t = gen.timesteps[i]
+
+        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+            start = time.perf_counter()
             with torch.no_grad():
                 x = model_input(gen.scheduler, latents, t, cond.guided)
-                out = unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added, return_dict=False)[
-                    0
-                ]
-            latents = self.ends.step(gen, guide(out, cond.guidance_scale), t, latents)
-            device_time += time.perf_counter() - t0
-            per_step.append(time.perf_counter() - tick)
-            if on_step:
-                on_step(i + 1, len(gen.timesteps))
-        return latents, device_time
+                out = unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added or None)
+            return guide(out.sample, cond.guidance_scale), time.perf_counter() - start
+
+        return self._denoise(gen, latents, m, predict, clock)
 
     def parts(self, blocks: int) -> UNetParts:
         if blocks not in self._parts:

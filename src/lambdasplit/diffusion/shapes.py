@@ -12,8 +12,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 SIZE = 32
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -124,6 +128,16 @@ def detect(image: torch.Tensor) -> Scene | None:
 def caption_words() -> list[str]:
     words = {w for scene in all_scenes() for w in scene.caption.split()}
     return sorted(words)
+
+
+def shapes_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer (16-token context) over `vocabulary_files` written to ``folder``."""
+    from transformers import CLIPTokenizer
+
+    vocabulary_files(folder)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=16
+    )
 
 
 def vocabulary_files(folder: Path) -> None:

@@ -89,6 +89,28 @@ class FrameServer:
     def _warm_up(self) -> None:
         """One throw-away computation before the first client (allocator and kernel set-up)."""
 
+    #: What HELLO's fingerprint is checked against, and the model's name for the refusal.
+    fingerprint: str = ""
+    model_name: str = ""
+
+    def _hello(self, frame: Frame) -> Frame:
+        body = frame.json_body()
+        if body.get("protocol", PROTOCOL) != PROTOCOL:
+            raise Refusal(
+                "bad_protocol",
+                f"protocol {body.get('protocol')!r} not supported; this server speaks {PROTOCOL}",
+                fatal=True,
+            )
+        theirs = body.get("fingerprint")
+        if theirs is not None and theirs != self.fingerprint:
+            raise Refusal(
+                "model_mismatch",
+                f"this server runs {self.model_name} with fingerprint {self.fingerprint}; the client's model has "
+                f"fingerprint {theirs}. Both sides must load the same checkpoint.",
+                fatal=True,
+            )
+        return Frame.json(MessageType.WELCOME, self.welcome())
+
     # --- HTTP -----------------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", **self.health_body()})

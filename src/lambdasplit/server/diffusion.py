@@ -50,6 +50,7 @@ class DiffusionServer(FrameServer):
     def __init__(self, body: DiffusionBody, settings: ServerSettings) -> None:
         super().__init__(settings, ("images", "steps", "images_abandoned"))
         self.body = body
+        self.fingerprint, self.model_name = body.fingerprint, f"the U-Net of {body.name}"
         self.sessions: dict[tuple[int, int], _Held] = {}
         self._next_handle = 1
         self.evicted = 0
@@ -115,20 +116,6 @@ class DiffusionServer(FrameServer):
         if t is MessageType.PING:
             return Frame(MessageType.PONG)
         raise Refusal("unexpected_type", f"a client does not send {t.name} frames", frame.session)
-
-    def _hello(self, frame: Frame) -> Frame:
-        body = frame.json_body()
-        if body.get("protocol", PROTOCOL) != PROTOCOL:
-            raise Refusal("bad_protocol", f"protocol {body.get('protocol')!r} not supported", fatal=True)
-        theirs = body.get("fingerprint")
-        if theirs is not None and theirs != self.body.fingerprint:
-            raise Refusal(
-                "model_mismatch",
-                f"this server runs the U-Net of {self.body.name} (fingerprint {self.body.fingerprint}); the "
-                f"device's pipeline has fingerprint {theirs}. Both sides must load the same pipeline.",
-                fatal=True,
-            )
-        return Frame.json(MessageType.WELCOME, self.welcome())
 
     def _open(self, conn: int, frame: Frame) -> Frame:
         if len(self.sessions) >= self.settings.max_sessions:
