@@ -11,8 +11,8 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from lambdasplit.diffusion import DiffusionBody, LocalLink, SplitPipeline
-from lambdasplit.errors import ConfigError
+from lambdasplit.diffusion import DiffusionBody, LocalLink, SplitPipeline, load_pipeline, load_unet_config
+from lambdasplit.errors import ConfigError, SessionError
 from tiny_pipelines import unsplit
 
 PROMPT = "a red circle at the top left on a blue background"
@@ -107,3 +107,17 @@ def test_progress_callback_sees_every_step(tiny_sd):
     )
     assert seen == [(2, 4), (3, 4), (4, 4)]
     assert torch.is_tensor(link.body.unet.conv_in.weight)
+
+
+def test_paper_device_never_loads_the_unet_weights(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    device_pipe = load_pipeline(tmp_path / "pipe", device="cpu", dtype="float32", unet=False)
+    assert device_pipe.unet is None
+    reference = unsplit(tiny_pipe, PROMPT, steps=4, seed=5, guidance=5.0)
+    split = SplitPipeline(device_pipe, load_unet_config(tmp_path / "pipe"))
+    out = split.generate(
+        PROMPT, LocalLink(DiffusionBody(tiny_pipe.unet, "tiny")), steps=4, seed=5, guidance_scale=5.0, **EXACT
+    )
+    assert (out.image - reference).abs().max().item() <= 1e-5
+    with pytest.raises(SessionError, match="load the pipeline with it"):
+        split.generate(PROMPT, LocalLink(DiffusionBody(tiny_pipe.unet, "tiny")), policy="collafuse", steps=4)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lambdasplit.client import CloudClient, RemoteDiffusionLink
 from lambdasplit.diffusion import DEFAULT_PIPELINE, GRANULARITIES, POLICIES, DiffusionBody, LocalLink, SplitPipeline
 from lambdasplit.diffusion.device import Link
-from lambdasplit.diffusion.pipeline import load_pipeline, unet_fingerprint
+from lambdasplit.diffusion.pipeline import load_pipeline, load_unet_config, unet_fingerprint
 from lambdasplit.errors import ConfigError
 
 _err = Console(stderr=True)
@@ -73,15 +73,18 @@ def imagine(
         raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out names a .png file, got {out}")
+    # A paper-policy device never runs the U-Net: with a server, its weights stay on disk.
+    needs_unet = policy != "paper" or not cloud
     with _err.status(f"loading {pipeline}"):
-        pipe = load_pipeline(pipeline, device=device, dtype=dtype)
+        pipe = load_pipeline(pipeline, device=device, dtype=dtype, unet=needs_unet)
+    unet_config = pipe.unet.config if needs_unet else load_unet_config(pipeline)
     client = None
     link: Link
     if cloud:
         client = CloudClient(
             cloud,
             token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
-            fingerprint=unet_fingerprint(pipe.unet.config),
+            fingerprint=unet_fingerprint(unet_config),
             timeout=cloud_timeout,
             ca_file=str(ca_file) if ca_file else None,
         )
@@ -99,7 +102,7 @@ def imagine(
             console=_err,
         ) as bar:
             task = bar.add_task("steps", total=steps)
-            result = SplitPipeline(pipe).generate(
+            result = SplitPipeline(pipe, unet_config).generate(
                 prompt,
                 link,
                 policy=policy,

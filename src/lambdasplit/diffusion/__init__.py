@@ -8,7 +8,7 @@ first steps, the device the last ones). `SplitPipeline.generate` runs the device
 
 from lambdasplit.diffusion.cloud import DiffusionBody, DiffusionSession
 from lambdasplit.diffusion.device import LocalLink, SplitImage, SplitPipeline, Traffic
-from lambdasplit.diffusion.pipeline import DEFAULT_PIPELINE, load_pipeline, load_unet
+from lambdasplit.diffusion.pipeline import DEFAULT_PIPELINE, load_pipeline, load_unet, load_unet_config
 from lambdasplit.diffusion.protocol import GRANULARITIES, POLICIES, SessionOptions
 from lambdasplit.diffusion.unet import UNetParts
 
@@ -26,4 +26,5 @@ __all__ = [
     "UNetParts",
     "load_pipeline",
     "load_unet",
+    "load_unet_config",
 ]

@@ -88,6 +88,13 @@ class DiffusionSession:
         added = "text_embeds" in o.inputs and "time_ids" in o.inputs
         if o.policy != "unet-lambda" and (c.addition_embed_type == "text_time") != added:
             raise ConfigError("an SDXL U-Net needs text_embeds and time_ids, and only it takes them")
+        if o.policy != "unet-lambda" and added:
+            width = c.addition_time_embed_dim * o.inputs["time_ids"][-1] + o.inputs["text_embeds"][-1]
+            if width != self.body.unet.add_embedding.linear_1.in_features:
+                raise ConfigError(
+                    f"text_embeds and time_ids add up to {width} features; this U-Net's added embedding takes "
+                    f"{self.body.unet.add_embedding.linear_1.in_features}"
+                )
         if o.policy == "unet-lambda":
             self.body.parts(o.blocks)
             if any(side % 2**self.body.unet.num_upsamplers for side in o.latent_shape[2:]):

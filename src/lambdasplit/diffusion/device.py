@@ -131,12 +131,13 @@ class SplitPipeline:
     """A diffusers SD/SDXL pipeline on the device, generating through a link to the cloud's U-Net.
 
     The device pipeline needs its U-Net only for ``unet-lambda`` (outer blocks) and ``collafuse`` (the last
-    steps); for ``paper`` it may be loaded without one (``unet=None``), as long as ``unet_config`` is given.
+    steps); for ``paper`` load it without (``load_pipeline(..., unet=False)``) and pass ``unet_config``
+    (``load_unet_config``).
     """
 
-    def __init__(self, pipe: DiffusionPipeline) -> None:
+    def __init__(self, pipe: DiffusionPipeline, unet_config: Any = None) -> None:
         self.pipe = pipe
-        self.ends = DeviceEnds(pipe)
+        self.ends = DeviceEnds(pipe, unet_config)
         self._parts: dict[int, UNetParts] = {}
 
     def generate(
@@ -295,6 +296,8 @@ class SplitPipeline:
         if clock.on_step:
             clock.on_step(m, len(gen.timesteps))
         cond, unet = gen.conditioning, self.pipe.unet
+        if unet is None:
+            raise SessionError("collafuse runs the last steps with the device's U-Net: load the pipeline with it")
 
         def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
             start = time.perf_counter()

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import FrozenDict
 
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError, ModelLoadError
@@ -56,13 +57,19 @@ def load_pipeline(
     source: str | Path = DEFAULT_PIPELINE,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    unet: bool = True,
 ) -> DiffusionPipeline:
-    """The whole diffusers pipeline at ``source`` (folder, hub id or ``"shapes-t2i"``) on the chosen device/dtype."""
+    """The diffusers pipeline at ``source`` (folder, hub id or ``"shapes-t2i"``) on the chosen device and dtype.
+
+    ``unet=False`` leaves the U-Net's weights on disk: a paper-policy device never runs it (its config is read
+    by `load_unet_config`).
+    """
     rt = Runtime.resolve(device, dtype)
     path = pipeline_path(source)
+    skip = {} if unet else {"unet": None}
     try:
         with _quiet():
-            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=rt.dtype)
+            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=rt.dtype, **skip)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a diffusers pipeline from {source!r}: {exc}") from exc
     family_of(pipe)
@@ -91,6 +98,14 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         yield
+
+
+def load_unet_config(source: str | Path = DEFAULT_PIPELINE) -> Any:
+    """The U-Net's config alone (no weights), as a FrozenDict with attribute access."""
+    try:
+        return FrozenDict(UNet2DConditionModel.load_config(pipeline_path(source), subfolder="unet"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the U-Net config of {source!r}: {exc}") from exc
 
 
 def unet_fingerprint(unet_config: Any) -> str:
@@ -130,13 +145,15 @@ class Denoising:
 class DeviceEnds:
     """Head and tail of a diffusers SD/SDXL pipeline, for one prompt and one image at a time."""
 
-    def __init__(self, pipe: DiffusionPipeline) -> None:
+    def __init__(self, pipe: DiffusionPipeline, unet_config: Any = None) -> None:
         self.pipe, self.family = pipe, family_of(pipe)
         self.device = pipe._execution_device
         self.device_dtype = (
             pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else torch.float32
         )
-        self.unet_config = pipe.unet.config if getattr(pipe, "unet", None) is not None else None
+        if unet_config is None and getattr(pipe, "unet", None) is not None:
+            unet_config = pipe.unet.config
+        self.unet_config = unet_config
 
     def start(
         self,
@@ -154,7 +171,7 @@ class DeviceEnds:
             raise ConfigError(f"steps must be >= 1, got {steps}")
         pipe, unet_config = self.pipe, self.unet_config
         if unet_config is None:
-            raise ConfigError("the device pipeline has no U-Net config; load it with its unet folder")
+            raise ConfigError("a pipeline loaded without its U-Net needs the U-Net's config (load_unet_config)")
         factor = pipe.vae_scale_factor
         height = height or unet_config.sample_size * factor
         width = width or unet_config.sample_size * factor
@@ -200,10 +217,9 @@ class DeviceEnds:
             do_classifier_free_guidance=guided,
             negative_prompt=negative_prompt,
         )
-        projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=embeds.dtype, text_encoder_projection_dim=projection
-        )
+        # What StableDiffusionXLPipeline._get_add_time_ids returns for the defaults (original and target size =
+        # the image's, no crop), without reading the U-Net it checks against: the cloud checks the widths instead.
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype)
         if guided:
             embeds = torch.cat([negative, embeds])
             pooled = torch.cat([negative_pooled, pooled])
