@@ -125,7 +125,8 @@ def test_llm_client_on_a_diffusion_server_is_told(server, pipe):
         assert err.value.code == "bad_options"
 
 
-def test_imagine_cli_writes_a_png_over_the_network(server, pipeline_dir, tmp_path):
+@pytest.mark.parametrize("policy", ["paper", "unet-lambda"])
+def test_imagine_cli_writes_a_png_over_the_network(server, pipeline_dir, tmp_path, policy):
     png = tmp_path / "out.png"
     result = subprocess.run(
         [
@@ -143,7 +144,7 @@ def test_imagine_cli_writes_a_png_over_the_network(server, pipeline_dir, tmp_pat
             "--steps",
             "3",
             "--policy",
-            "unet-lambda",
+            policy,
             "--out",
             str(png),
             "--dtype",
