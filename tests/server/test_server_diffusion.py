@@ -3,19 +3,22 @@ refused with typed errors and the connection keeps serving."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from lambdasplit.client import CloudClient, RemoteDiffusionLink
-from lambdasplit.diffusion import SplitPipeline, load_pipeline
+from lambdasplit.diffusion import SessionOptions, SplitPipeline, load_pipeline
 from lambdasplit.diffusion.pipeline import unet_fingerprint
 from lambdasplit.errors import ConfigError, RemoteError
 from lambdasplit.wire import Frame, MessageType, tensor_frame
-from servers import body_server
+from servers import body_server, http_url
 from tiny_pipelines import tiny_sd_pipeline, unsplit
 
 PROMPT = "a yellow triangle in the center on a black background"
@@ -100,6 +103,9 @@ def test_bad_requests_get_typed_errors_and_the_connection_survives(server, pipe)
         options["latent_shape"], options["scheduler"] = [1, 4, 16, 16], {"_class_name": "os.system"}
         with pytest.raises(RemoteError, match="not a diffusers scheduler"):
             client.request(Frame.json(MessageType.OPEN, options))
+        options["scheduler"] = {**pipe.scheduler.config, "_class_name": "EulerAncestralDiscreteScheduler"}
+        with pytest.raises(RemoteError, match="draws fresh noise"):
+            client.request(Frame.json(MessageType.OPEN, options))
         link = RemoteDiffusionLink(client)
         with pytest.raises(ConfigError, match="cannot run 2000 steps"):
             SplitPipeline(pipe).generate(PROMPT, link, steps=2000)
@@ -167,3 +173,38 @@ def test_imagine_refuses_a_bad_policy(tmp_path):
 
         imagine("x", tmp_path / "x.png", policy="teleport")
     assert torch.is_tensor(torch.zeros(1))
+
+
+def _metrics(url: str) -> dict:
+    request = urllib.request.Request(http_url(url, "/metrics"), headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_device_that_leaves_mid_image_stops_its_stream(server, pipe):
+    before = _metrics(server)
+    client = _client(server, pipe)
+    link = RemoteDiffusionLink(client)
+    split = SplitPipeline(pipe)
+    gen = split.ends.start(PROMPT, steps=400, seed=0, guidance_scale=4.0)
+    cond = gen.conditioning
+    options = SessionOptions(
+        policy="paper",
+        family="sd",
+        steps=400,
+        guidance_scale=4.0,
+        scheduler={**gen.scheduler.config, "_class_name": type(gen.scheduler).__name__},
+        latent_shape=tuple(gen.latents.shape),
+        inputs={"prompt_embeds": tuple(cond.prompt_embeds.shape)},
+    )
+    link.open(options)
+    for tensor in (cond.prompt_embeds, gen.latents):
+        link.send(tensor_frame(MessageType.FORWARD, tensor, "float16", link.handle, 0))
+    assert link.receive().position == 0 and link.receive().position == 1
+    client.close()  # gone, 398 steps before the end
+    deadline = time.monotonic() + 30
+    while (after := _metrics(server))["images_abandoned"] == before["images_abandoned"]:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.2)
+    assert after["sessions"] == 0
+    assert after["steps"] - before["steps"] < 100  # the stream stopped, it did not run to step 400
