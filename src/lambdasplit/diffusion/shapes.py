@@ -115,6 +115,9 @@ def detect(image: torch.Tensor) -> Scene | None:
     if not 12 <= int(mask.sum()) <= mask.numel() // 2:
         return None
     colour = _nearest(pixels[:, mask].median(dim=1).values)
+    # Soft edges: a pixel belongs to the shape when it is nearer the shape's colour than the background's.
+    fg = torch.tensor(COLOURS[colour], dtype=torch.float32)[:, None, None]
+    mask = ((pixels - fg) ** 2).sum(0) < ((pixels - bg) ** 2).sum(0)
     rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
     box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
     fill = float(mask.sum() / box)
