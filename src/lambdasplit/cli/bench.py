@@ -158,7 +158,10 @@ def t2i(
     prompts: Annotated[int, typer.Option(min=1, max=len(T2I_PROMPTS), help="Prompts averaged per wire dtype.")] = 8,
     policy: Annotated[
         list[str] | None,
-        typer.Option(help=f"Policies measured over loopback (repeatable): {', '.join(POLICIES)}.", show_default="all"),
+        typer.Option(
+            help=f"Policies measured over loopback (repeatable): {', '.join(POLICIES)}; none skips this part.",
+            show_default="all",
+        ),
     ] = None,
     wire_dtype: Annotated[
         list[str] | None, typer.Option(help="Noise dtypes of the quantization table (repeatable).", show_default="all")
@@ -179,7 +182,7 @@ def t2i(
 ) -> None:
     """Split text-to-image measured: traffic and latency per policy over a real server on loopback, and the
     paper's quantization table (PSNR/SSIM of the final image against the FP32 unsplit pipeline per wire dtype)."""
-    policies = policy if policy is not None else list(POLICIES)
+    policies = [p for p in policy if p != "none"] if policy is not None else list(POLICIES)
     for p in policies:
         if p not in POLICIES:
             raise ConfigError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
