@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError
-from lambdasplit.generation import TokenEvent
+from lambdasplit.errors import ConfigError, LambdaSplitError
+from lambdasplit.generation import SamplingParams, TokenEvent, stream
 from lambdasplit.server.base import PATH, PROTOCOL, FrameServer, Refusal
 from lambdasplit.server.batching import Batcher
 from lambdasplit.server.sessions import BodySession, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import rewind
-from lambdasplit.wire import Frame, MessageType
+from lambdasplit.wire import Frame, FrameFlags, MessageType, frame_tensor, tensor_frame
 
 __all__ = ["PATH", "PROTOCOL", "BodyServer", "Refusal", "kv_bytes_per_position"]
 
@@ -136,6 +136,93 @@ class BodyServer(FrameServer):
         if t is MessageType.PING:
             return Frame(MessageType.PONG)
         raise Refusal("unexpected_type", f"a client does not send {t.name} frames", frame.session)
+
+    async def _forward(self, s: BodySession, frame: Frame) -> Frame:
+        sid, d = frame.session, self.split.hidden_size
+        if frame.dtype not in self.settings.wire_dtypes:
+            allowed = ", ".join(x.name.lower() for x in self.settings.wire_dtypes)
+            raise Refusal(
+                "bad_dtype", f"FORWARD carries {frame.dtype.name.lower()}; this server accepts {allowed}", sid
+            )
+        if len(frame.shape) != 2 or frame.shape[1] != d or frame.shape[0] < 1:
+            raise Refusal(
+                "bad_shape", f"FORWARD must carry a (positions, {d}) hidden state, got {list(frame.shape)}", sid
+            )
+        rows, pos = frame.shape[0], frame.position
+        if frame.flags & FrameFlags.RESET:
+            if pos != 0:
+                raise Refusal("bad_position", f"a RESET frame starts at position 0, not {pos}", sid)
+        elif pos > s.length:
+            raise Refusal("bad_position", f"position {pos} skips ahead: session {sid} holds {s.length} positions", sid)
+        if pos + rows > self.settings.max_context:
+            raise Refusal(
+                "context_full",
+                f"{pos} + {rows} positions exceed this server's max context {self.settings.max_context}",
+                sid,
+            )
+        start = 0 if frame.flags & FrameFlags.RESET else pos
+        growth = start + rows - s.length  # positions this step adds to the session (negative: a rollback)
+        # Every session's positions after this step, steps queued but not yet run included.
+        held = self.store.positions() + self._reserved + growth
+        if held * self.kv_bytes_per_position > self.settings.kv_budget_bytes:
+            raise Refusal(
+                "memory_full",
+                f"the KV caches of all sessions would need {held * self.kv_bytes_per_position / 2**20:.1f} MiB, over "
+                f"this server's budget of {self.settings.kv_budget_bytes / 2**20:.1f} MiB; retry later or shorten",
+                sid,
+            )
+        rt = self.split.runtime
+        hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
+        reset = bool(frame.flags & FrameFlags.RESET)
+        self._reserved += max(growth, 0)
+        try:
+            out = await self.batcher.submit(s, hidden, pos, reset)  # batched with other sessions' steps when it can
+        finally:
+            self._reserved -= max(growth, 0)
+        self.counters["forward_frames"] += 1
+        self.counters["positions"] += rows
+        return tensor_frame(MessageType.RESULT, out, frame.dtype, sid, pos)
+
+    async def _generate(self, frame: Frame, gone: asyncio.Event) -> Frame:
+        """The cloud-only baseline: the prompt arrives as text, the whole model runs here, text goes back."""
+        if not self.settings.cloud_only:
+            raise Refusal("wrong_mode", "this server runs a body for split clients; GENERATE needs --cloud-only")
+        request = frame.json_body()
+        prompt = request.pop("prompt", None)
+        chat, system = request.pop("chat", False), request.pop("system", None)
+        valid_prompt = isinstance(prompt, str) or (
+            isinstance(prompt, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt)
+        )
+        if not valid_prompt or not isinstance(chat, bool) or not isinstance(system, str | None):
+            raise Refusal("bad_request", "GENERATE needs a text or chat-message 'prompt', a boolean 'chat', a 'system'")
+        stop = request.pop("stop", None) or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, list | tuple) or not all(isinstance(x, str) for x in stop):
+            raise Refusal("bad_request", "GENERATE's 'stop' is a string or a list of strings")
+        try:
+            params = SamplingParams(**request, stop=tuple(stop))
+            run = stream(self.split, prompt, chat=chat, system=system, params=params)
+        except (TypeError, ValueError, LambdaSplitError) as exc:
+            raise Refusal("bad_request", f"bad GENERATE request: {exc}") from exc
+        if len(run.prompt_ids) + params.max_new_tokens > self.settings.max_context:
+            raise Refusal(
+                "context_full",
+                f"{len(run.prompt_ids)} prompt + {params.max_new_tokens} new tokens exceed max context "
+                f"{self.settings.max_context}",
+            )
+        # One token per executor call, so body sessions of other clients interleave with a long generation.
+        # Between tokens it also stops when the client has gone: nobody would read the answer.
+        tokens, loop = iter(run), asyncio.get_running_loop()
+        while await loop.run_in_executor(self.executor, self._timed_next, tokens):
+            if gone.is_set():
+                self.counters["generations_abandoned"] += 1
+                return Frame.json(MessageType.ERROR, {"code": "gone", "message": "the client disconnected"})
+        assert run.result is not None
+        self.counters["generations"] += 1
+        self.counters["generated_tokens"] += run.result.new_tokens
+        r = run.result
+        answer = {"text": r.text, "new_tokens": r.new_tokens, "prompt_tokens": r.prompt_tokens}
+        return Frame.json(MessageType.TEXT, answer | {"finish_reason": r.finish_reason})
 
     def _timed_next(self, tokens: Iterator[TokenEvent]) -> bool:
         start = time.perf_counter()
