@@ -14,12 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lambdasplit.bench.links import parse_link
 from lambdasplit.bench.llm import METHODS, PAPER_PROMPT, TableConfig, run_table
 from lambdasplit.bench.report import caching_savings, markdown, plot, rich_tables, speculative_lines, step_lines
-from lambdasplit.bench.t2i import PROMPTS as T2I_PROMPTS
-from lambdasplit.bench.t2i import WIRE_DTYPES as T2I_WIRE_DTYPES
-from lambdasplit.bench.t2i import markdown as t2i_markdown
-from lambdasplit.bench.t2i import run_t2i
-from lambdasplit.cli.options import DEFAULTS, DraftTokens, Model
-from lambdasplit.diffusion import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
+from lambdasplit.cli.options import DEFAULTS, DraftTokens, Model, quiet_pipeline_loading
+from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
 from lambdasplit.errors import ConfigError
 from lambdasplit.wire import WireDtype
 
@@ -155,7 +151,7 @@ def t2i(
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps per image (the paper: 50).")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of every image (the paper: 42).")] = 42,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 4.0,
-    prompts: Annotated[int, typer.Option(min=1, max=len(T2I_PROMPTS), help="Prompts averaged per wire dtype.")] = 8,
+    prompts: Annotated[int, typer.Option(min=1, max=8, help="Prompts averaged per wire dtype (of 8).")] = 8,
     policy: Annotated[
         list[str] | None,
         typer.Option(
@@ -182,6 +178,12 @@ def t2i(
 ) -> None:
     """Split text-to-image measured: traffic and latency per policy over a real server on loopback, and the
     paper's quantization table (PSNR/SSIM of the final image against the FP32 unsplit pipeline per wire dtype)."""
+    from lambdasplit.bench.t2i import PROMPTS as T2I_PROMPTS
+    from lambdasplit.bench.t2i import WIRE_DTYPES as T2I_WIRE_DTYPES
+    from lambdasplit.bench.t2i import markdown as t2i_markdown
+    from lambdasplit.bench.t2i import run_t2i
+
+    quiet_pipeline_loading()
     policies = [p for p in policy if p != "none"] if policy is not None else list(POLICIES)
     for p in policies:
         if p not in POLICIES:

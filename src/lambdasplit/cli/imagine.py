@@ -10,10 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lambdasplit.client import CloudClient, RemoteDiffusionLink
-from lambdasplit.diffusion import DEFAULT_PIPELINE, GRANULARITIES, POLICIES, DiffusionBody, LocalLink, SplitPipeline
-from lambdasplit.diffusion.device import Link
-from lambdasplit.diffusion.pipeline import load_pipeline, load_unet_config, unet_fingerprint
+from lambdasplit.cli.options import quiet_pipeline_loading
+from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
 from lambdasplit.errors import ConfigError
 
 _err = Console(stderr=True)
@@ -73,6 +71,12 @@ def imagine(
         raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out names a .png file, got {out}")
+    from lambdasplit.client import CloudClient, RemoteDiffusionLink
+    from lambdasplit.diffusion import DiffusionBody, LocalLink, SplitPipeline, load_pipeline, load_unet_config
+    from lambdasplit.diffusion.device import Link
+    from lambdasplit.diffusion.pipeline import unet_fingerprint
+
+    quiet_pipeline_loading()
     # A paper-policy device never runs the U-Net: with a server, its weights stay on disk.
     needs_unet = policy != "paper" or not cloud
     with _err.status(f"loading {pipeline}"):

@@ -56,3 +56,12 @@ Key = Annotated[
         "`lambdasplit audit` (docs/threat-model.md).",
     ),
 ]
+
+
+def quiet_pipeline_loading() -> None:
+    """No per-component progress bars from diffusers and transformers: the commands show their own status."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

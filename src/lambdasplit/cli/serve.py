@@ -10,9 +10,8 @@ import torch
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
-from lambdasplit.diffusion import DiffusionBody, load_unet
-from lambdasplit.server import READY, DiffusionServer, ServerSettings, serve, serve_app
+from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, quiet_pipeline_loading
+from lambdasplit.server import READY, ServerSettings, serve
 from lambdasplit.split import load_split
 
 _err = Console(stderr=True)
@@ -117,6 +116,11 @@ def serve_command(
 
 
 def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None, dtype: str | None) -> None:
+    from lambdasplit.diffusion import DiffusionBody, load_unet
+    from lambdasplit.server import DiffusionServer, serve_app
+
+    quiet_pipeline_loading()
+
     with _err.status(f"loading the U-Net of {pipeline}"):
         unet = load_unet(pipeline, device=device, dtype=dtype)
     body = DiffusionBody(unet, pipeline)

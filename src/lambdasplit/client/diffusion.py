@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lambdasplit.client.connection import CloudClient
-from lambdasplit.diffusion.device import Traffic
-from lambdasplit.diffusion.protocol import SessionOptions
+from lambdasplit.diffusion.protocol import SessionOptions, Traffic
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.wire import Frame, MessageType
 

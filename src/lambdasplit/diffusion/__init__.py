@@ -4,13 +4,29 @@ Policies (``POLICIES``): ``paper`` (Λ-Split: the cloud holds the U-Net and retu
 ``unet-lambda`` (the outer U-Net blocks and their skips stay on the device) and ``collafuse`` (the cloud runs the
 first steps, the device the last ones). `SplitPipeline.generate` runs the device's side through a link:
 `LocalLink` in-process, `lambdasplit.client.RemoteDiffusionLink` over the network.
+
+Names load on first use, so ``import lambdasplit.diffusion`` (and the CLI) does not import diffusers.
 """
 
-from lambdasplit.diffusion.cloud import DiffusionBody, DiffusionSession
-from lambdasplit.diffusion.device import LocalLink, SplitImage, SplitPipeline, Traffic
-from lambdasplit.diffusion.pipeline import DEFAULT_PIPELINE, load_pipeline, load_unet, load_unet_config
-from lambdasplit.diffusion.protocol import GRANULARITIES, POLICIES, SessionOptions
-from lambdasplit.diffusion.unet import UNetParts
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES, SessionOptions
+
+_EXPORTS = {
+    "DiffusionBody": "lambdasplit.diffusion.cloud",
+    "DiffusionSession": "lambdasplit.diffusion.cloud",
+    "LocalLink": "lambdasplit.diffusion.device",
+    "SplitImage": "lambdasplit.diffusion.device",
+    "SplitPipeline": "lambdasplit.diffusion.device",
+    "Traffic": "lambdasplit.diffusion.device",
+    "load_pipeline": "lambdasplit.diffusion.pipeline",
+    "load_unet": "lambdasplit.diffusion.pipeline",
+    "load_unet_config": "lambdasplit.diffusion.pipeline",
+    "UNetParts": "lambdasplit.diffusion.unet",
+}
 
 __all__ = [
     "DEFAULT_PIPELINE",
@@ -28,3 +44,17 @@ __all__ = [
     "load_unet",
     "load_unet_config",
 ]
+
+if TYPE_CHECKING:
+    from lambdasplit.diffusion.cloud import DiffusionBody, DiffusionSession
+    from lambdasplit.diffusion.device import LocalLink, SplitImage, SplitPipeline, Traffic
+    from lambdasplit.diffusion.pipeline import load_pipeline, load_unet, load_unet_config
+    from lambdasplit.diffusion.unet import UNetParts
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lambdasplit.diffusion' has no attribute {name!r}")

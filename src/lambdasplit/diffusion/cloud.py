@@ -212,7 +212,7 @@ class DiffusionSession:
             yield Frame(MessageType.RESULT, self.handle, m, 0, WireDtype.FLOAT32, shape, payload)
 
     def _lambda_step(self, frame: Frame) -> Iterator[Frame]:
-        o, shapes = self.options, self.shapes()
+        shapes = self.shapes()
         if frame.position != self.step:
             raise SessionError(f"step {frame.position} arrived, expected step {self.step}", "bad_position")
         if _EMB not in self.received:
@@ -220,10 +220,14 @@ class DiffusionSession:
             return iter(())
         emb = self.received.pop(_EMB)
         sample = self._tensor(frame, shapes["sample"], "the sample")
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = self.body.parts(o.blocks).inner(sample, emb, self.received["prompt_embeds"])
-        self._timed(start)
         self.step += 1
         self.done = self.step >= len(self.scheduler.timesteps)
-        return iter((self._send(out, frame.position)[0],))
+        return self._middle(sample, emb, frame.position)
+
+    def _middle(self, sample: torch.Tensor, emb: torch.Tensor, position: int) -> Iterator[Frame]:
+        """The U-Net's middle for one step, run when its answer is taken (the server's compute thread)."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.body.parts(self.options.blocks).inner(sample, emb, self.received["prompt_embeds"])
+        self._timed(start)
+        yield self._send(out, position)[0]

@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 
 from lambdasplit.diffusion.cloud import DiffusionBody
 from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input
-from lambdasplit.diffusion.protocol import Granularity, Policy, SessionOptions, layout, restore
+from lambdasplit.diffusion.protocol import Granularity, Policy, SessionOptions, Traffic, layout, restore
 from lambdasplit.diffusion.schedulers import apply_state, require_deterministic
 from lambdasplit.diffusion.unet import UNetParts
 from lambdasplit.errors import ConfigError, RemoteError, SessionError, WireError
@@ -34,19 +34,6 @@ class Link(Protocol):
     def close(self) -> dict[str, Any]: ...  # CLOSED's JSON: the cloud's compute seconds for the image
     @property
     def handle(self) -> int: ...
-
-
-@dataclass
-class Traffic:
-    """Frames and bytes (whole encoded frames) each way, and the seconds spent waiting on the link."""
-
-    frames_up: int = 0
-    frames_down: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-
-    def __sub__(self, other: Traffic) -> Traffic:
-        return Traffic(*(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
 @dataclass

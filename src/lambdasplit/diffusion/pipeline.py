@@ -23,14 +23,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.configuration_utils import FrozenDict
+from transformers.utils import logging as _hf_logging
 
 from lambdasplit.config import Runtime
+from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE
 from lambdasplit.errors import ConfigError, ModelLoadError
 
+# diffusers' SD pipelines import transformers' CLIPImageProcessor (for the safety checker, unused here), which
+# warns twice on every start when torchvision is absent; lambdasplit never uses image processors.
+_verbosity = _hf_logging.get_verbosity()
+_hf_logging.set_verbosity_error()
+try:
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+finally:
+    _hf_logging.set_verbosity(_verbosity)
+
 Family = Literal["sd", "sdxl"]
-DEFAULT_PIPELINE = "shapes-t2i"
 #: Where the embedded default model lives inside the package (trained by scripts/train_shapes_t2i.py).
 _EMBEDDED = {DEFAULT_PIPELINE: "default_model"}
 

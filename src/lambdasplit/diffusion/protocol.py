@@ -12,6 +12,7 @@ tensor's real shape and reshapes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -21,6 +22,8 @@ import torch
 from lambdasplit.errors import ConfigError
 from lambdasplit.wire import WireDtype
 
+#: The embedded default text-to-image model (lambdasplit/diffusion/default_model, scripts/train_shapes_t2i.py).
+DEFAULT_PIPELINE = "shapes-t2i"
 Policy = Literal["paper", "unet-lambda", "collafuse"]
 POLICIES: tuple[Policy, ...] = ("paper", "unet-lambda", "collafuse")
 Granularity = Literal["tensor", "channel", "row"]
@@ -106,6 +109,19 @@ class SessionOptions:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"bad session options: {exc}") from exc
+
+
+@dataclass
+class Traffic:
+    """Frames and bytes (whole encoded frames) each way, and the seconds spent waiting on the link."""
+
+    frames_up: int = 0
+    frames_down: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return Traffic(*(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
 def layout(tensor: torch.Tensor, wire_dtype: WireDtype, granularity: Granularity) -> torch.Tensor:

@@ -25,15 +25,17 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lambdasplit import __version__
-from lambdasplit.diffusion.cloud import DiffusionBody, DiffusionSession
 from lambdasplit.diffusion.protocol import POLICIES, SessionOptions
 from lambdasplit.errors import ConfigError
 from lambdasplit.server.base import PROTOCOL, FrameServer, Refusal, Reply
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.wire import Frame, MessageType
+
+if TYPE_CHECKING:
+    from lambdasplit.diffusion.cloud import DiffusionBody, DiffusionSession
 
 
 @dataclass
