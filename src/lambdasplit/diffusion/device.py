@@ -74,7 +74,8 @@ class _Clock:
 
 
 class LocalLink:
-    """The cloud's `DiffusionBody` in this process. Frames are encoded and decoded as on the network."""
+    """The cloud's `DiffusionBody` in this process. Frames are encoded and decoded as on the network; ``traffic``
+    counts the tensor and STATE frames (OPEN/OPENED and CLOSE/CLOSED do not exist in-process)."""
 
     def __init__(self, body: DiffusionBody) -> None:
         self.body = body
