@@ -83,6 +83,10 @@ class DiffusionSession:
             raise ConfigError(
                 f"prompt_embeds must hold {wanted} row(s) here (guidance {o.guidance_scale}), got {batch}"
             )
+        dims = {"prompt_embeds": 3, "text_embeds": 2, "time_ids": 2}
+        for name, shape in o.inputs.items():
+            if len(shape) != dims[name] or shape[0] != batch:
+                raise ConfigError(f"{name} must be {dims[name]}-D with {batch} row(s), got {list(shape)}")
         if o.inputs["prompt_embeds"][-1] != c.cross_attention_dim:
             raise ConfigError(f"prompt_embeds' last dim must be {c.cross_attention_dim}")
         added = "text_embeds" in o.inputs and "time_ids" in o.inputs
@@ -104,9 +108,7 @@ class DiffusionSession:
         """The shapes of the tensors the cloud sends and (unet-lambda) receives each step; goes in OPENED."""
         o, u = self.options, self.body.unet
         _, ch, h, w = o.latent_shape
-        if o.policy == "paper":
-            return {"result": [1, ch, h, w]}
-        if o.policy == "collafuse":
+        if o.policy in ("paper", "collafuse"):  # the noise, or the handed-over latent
             return {"result": [1, ch, h, w]}
         b, k = 2 if o.guided else 1, o.blocks
         n = len(u.down_blocks)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from lambdasplit import __version__
 from lambdasplit.diffusion.protocol import POLICIES, SessionOptions
-from lambdasplit.errors import ConfigError
+from lambdasplit.errors import ConfigError, LambdaSplitError
 from lambdasplit.server.base import PROTOCOL, FrameServer, Refusal, Reply
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.wire import Frame, MessageType
@@ -154,14 +154,20 @@ class DiffusionServer(FrameServer):
         loop = asyncio.get_running_loop()
 
         async def frames() -> AsyncIterator[Frame]:
-            replies: Iterator[Frame] = await loop.run_in_executor(self.executor, held.session.feed, frame)
-            while not gone.is_set():
-                reply = await loop.run_in_executor(self.executor, next, replies, None)
-                if reply is None:
-                    return
-                held.last_used = time.monotonic()
-                if reply.type is MessageType.RESULT:
-                    self.counters["steps"] += 1
-                yield reply
+            try:
+                replies: Iterator[Frame] = await loop.run_in_executor(self.executor, held.session.feed, frame)
+                while not gone.is_set():
+                    reply = await loop.run_in_executor(self.executor, next, replies, None)
+                    if reply is None:
+                        return
+                    held.last_used = time.monotonic()
+                    if reply.type is MessageType.RESULT:
+                        self.counters["steps"] += 1
+                    yield reply
+            except LambdaSplitError:
+                raise  # a refusal with its own code (the frame loop answers it)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # torch or diffusers refused the input
+                held.session.done = True
+                raise Refusal("compute_failed", f"the U-Net failed on this input: {exc}", frame.session) from exc
 
         return frames()
