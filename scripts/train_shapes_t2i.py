@@ -20,29 +20,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from lambdasplit.diffusion.shapes import SIZE, random_scenes, render, shapes_tokenizer
+from lambdasplit.diffusion.shapes import SIZE, random_scenes, render, shapes_text_config, shapes_tokenizer
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 def components(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
     tokenizer = shapes_tokenizer(folder / "tokenizer")
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    text_encoder = CLIPTextModel(shapes_text_config(tokenizer))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

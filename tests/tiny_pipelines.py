@@ -14,25 +14,13 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lambdasplit.diffusion.shapes import shapes_tokenizer
+from lambdasplit.diffusion.shapes import shapes_text_config, shapes_tokenizer
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 def _text_config(tokenizer: CLIPTokenizer, **extra: int) -> CLIPTextConfig:
-    vocab = tokenizer.get_vocab()
-    return CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        **extra,
-    )
+    return shapes_text_config(tokenizer, hidden_size=32, intermediate_size=37, **extra)
 
 
 def _vae() -> AutoencoderKL:

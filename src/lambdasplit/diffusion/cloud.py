@@ -60,6 +60,7 @@ class DiffusionSession:
     def __init__(self, body: DiffusionBody, options: SessionOptions, handle: int) -> None:
         self.body, self.options, self.handle = body, options, handle
         self._check_shapes()
+        self._shapes = self._shapes_sent()
         self.scheduler = scheduler_from_config(options.scheduler)
         require_deterministic(self.scheduler, f"the {options.policy} policy")
         self.scheduler.set_timesteps(options.steps, device=body.device)
@@ -106,6 +107,9 @@ class DiffusionSession:
 
     def shapes(self) -> dict[str, list[int]]:
         """The shapes of the tensors the cloud sends and (unet-lambda) receives each step; goes in OPENED."""
+        return self._shapes
+
+    def _shapes_sent(self) -> dict[str, list[int]]:
         o, u = self.options, self.body.unet
         _, ch, h, w = o.latent_shape
         if o.policy in ("paper", "collafuse"):  # the noise, or the handed-over latent

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
 SIZE = 32
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -140,6 +140,24 @@ def shapes_tokenizer(folder: Path) -> CLIPTokenizer:
     vocabulary_files(folder)
     return CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=16
+    )
+
+
+def shapes_text_config(tokenizer: CLIPTokenizer, **sizes: int) -> CLIPTextConfig:
+    """A 2-layer CLIP text-encoder config over ``tokenizer``'s vocabulary and 16-token context; ``sizes``
+    override hidden_size (64), intermediate_size (128), heads (4), ... ."""
+    from transformers import CLIPTextConfig
+
+    vocab = tokenizer.get_vocab()
+    end = vocab["<|endoftext|>"]
+    defaults = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        max_position_embeddings=16,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=end,
+        pad_token_id=end,
+        **(defaults | sizes),
     )
 
 
