@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import (
@@ -121,3 +123,33 @@ def test_paper_device_never_loads_the_unet_weights(tiny_pipe, tmp_path):
     assert (out.image - reference).abs().max().item() <= 1e-5
     with pytest.raises(SessionError, match="load the pipeline with it"):
         split.generate(PROMPT, LocalLink(DiffusionBody(tiny_pipe.unet, "tiny")), policy="collafuse", steps=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_cuda(tiny_sd):
+    pipe = copy.deepcopy(tiny_sd).to("cuda")
+    assert pipe.unet.device.type == "cuda" and pipe.vae.device.type == "cuda"
+    return pipe
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["paper", "unet-lambda", "collafuse"])
+def test_split_image_on_cuda_equals_unsplit_on_cuda(tiny_sd_cuda, policy):
+    reference = unsplit(tiny_sd_cuda, PROMPT, steps=6, seed=42, guidance=5.0).cpu()
+    link = LocalLink(DiffusionBody(tiny_sd_cuda.unet, "tiny"))
+    out = SplitPipeline(tiny_sd_cuda).generate(
+        PROMPT, link, policy=policy, steps=6, seed=42, guidance_scale=5.0, **EXACT
+    )
+    assert (out.image - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["paper", "unet-lambda", "collafuse"])
+def test_cloud_unet_on_cuda_with_a_cpu_device(tiny_sd, tiny_sd_cuda, policy, record_property):
+    """Cloud on the GPU, device on the CPU: the image equals the CPU-only one up to GPU rounding."""
+    reference = unsplit(tiny_sd, PROMPT, steps=6, seed=42, guidance=5.0)
+    link = LocalLink(DiffusionBody(tiny_sd_cuda.unet, "tiny"))
+    out = SplitPipeline(tiny_sd).generate(PROMPT, link, policy=policy, steps=6, seed=42, guidance_scale=5.0, **EXACT)
+    error = (out.image - reference).abs().max().item()
+    record_property("max_abs_diff_vs_cpu", error)
+    assert error <= 1e-3

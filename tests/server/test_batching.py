@@ -53,6 +53,26 @@ def test_concurrent_sessions_are_batched_and_each_output_equals_its_single_run(t
         assert m["batches"] > 0 and m["batched_steps"] >= 2 * m["batches"]  # steps really ran together
 
 
+@pytest.mark.cuda
+def test_batched_steps_on_cuda_equal_single_runs(tiny_checkpoint) -> None:
+    path, _ = tiny_checkpoint("llama")
+    local = load_split(path, LAYERS, device="cuda", dtype="float32")
+    expected = [generate(local, p, max_new_tokens=NEW, ignore_eos=True).token_ids for p in PROMPTS]
+    with body_server("--model", str(path), "--layers", LAYERS, "--device", "cuda", "--dtype", "float32") as url:
+        start = threading.Barrier(len(PROMPTS))
+
+        def client(i: int) -> list[int]:
+            split, conn = connect_device(url, path, device="cuda", dtype="float32")
+            with conn:
+                start.wait(timeout=60)
+                link = conn.open_session("float32")
+                return generate(split, PROMPTS[i], max_new_tokens=NEW, ignore_eos=True, link=link).token_ids
+
+        assert in_threads(client, len(PROMPTS)) == expected
+        m = metrics(url)
+        assert m["batches"] > 0 and m["batched_steps"] >= 2 * m["batches"]
+
+
 def test_max_batch_1_turns_batching_off(tiny_checkpoint) -> None:
     path, _ = tiny_checkpoint("llama")
     with body_server("--model", str(path), "--layers", LAYERS, "--max-batch", "1") as url:

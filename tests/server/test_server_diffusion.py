@@ -69,6 +69,21 @@ def test_split_image_over_loopback_equals_unsplit(server, pipe, policy):
     assert out.cloud_seconds > 0
 
 
+@pytest.mark.cuda
+def test_unet_served_on_cuda_to_a_cpu_device(pipeline_dir, pipe, record_property):
+    reference = unsplit(pipe, PROMPT, steps=5, seed=7, guidance=4.0)
+    with body_server("--pipeline", str(pipeline_dir), "--device", "cuda", "--dtype", "float32") as url:
+        client = CloudClient(url, fingerprint=unet_fingerprint(pipe.unet.config))
+        with client:
+            out = SplitPipeline(pipe).generate(
+                PROMPT, RemoteDiffusionLink(client), steps=5, seed=7, guidance_scale=4.0, wire_dtype="float32",
+                input_dtype="float32",
+            )  # fmt: skip
+    error = (out.image - reference).abs().max().item()
+    record_property("max_abs_diff_vs_cpu", error)
+    assert error <= 1e-3
+
+
 def test_quantized_paper_traffic_down_is_packed(server, pipe):
     with _client(server, pipe) as client:
         out = SplitPipeline(pipe).generate(

@@ -45,6 +45,19 @@ def _expected(unsplit, ids: list[int]) -> tuple[list[int], torch.Tensor]:
 def test_network_split_greedy_equals_unsplit(unsplit, device, wire: str) -> None:
     split, client = device
     assert split.points.head_layers == 4 and split.points.body_end == 26  # from the server's handshake
+    assert_greedy_equals_unsplit(unsplit, split, client, wire)
+
+
+@pytest.mark.cuda
+def test_body_on_cuda_serves_a_cpu_device(unsplit) -> None:
+    """The deployment the project is for: the body on the cloud's GPU, head and tail on a CPU device."""
+    with body_server("--layers", "4:26", "--device", "cuda", "--dtype", "float32") as url:
+        split, client = connect_device(url, DEFAULT_MODEL, device="cpu", dtype="float32", quiet=True)
+        with client:
+            assert_greedy_equals_unsplit(unsplit, split, client, "float16")
+
+
+def assert_greedy_equals_unsplit(unsplit, split, client, wire: str) -> None:
     for prompt in PROMPTS:
         ids = prompt_ids(split, prompt, chat=True)
         expected, scores = _expected(unsplit, ids)

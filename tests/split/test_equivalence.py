@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from lambdasplit.generation import LocalBodyLink, SplitDecoder, generate
-from lambdasplit.split import load_split
+from lambdasplit.split import SplitModel, load_split
 from lambdasplit.split.families import VERIFIED
 from lambdasplit.split.parts import with_cache
 from tiny_models import FAMILIES, NUM_LAYERS
@@ -29,13 +29,13 @@ def reference_step_logits(ref, prompt: list[int], steps: int) -> tuple[list[torc
     """Greedy decode with the unsplit model and its own DynamicCache; logits (T, V) then (V,) per step."""
     cache = DynamicCache(config=ref.config)
     with torch.no_grad():
-        out = ref(torch.tensor([prompt]), use_cache=True, **with_cache(ref, cache))
+        out = ref(torch.tensor([prompt], device=ref.device), use_cache=True, **with_cache(ref, cache))
         logits = [out.logits[0]]
         tokens = []
         for _ in range(steps):
             tok = int(logits[-1][-1].argmax())
             tokens.append(tok)
-            out = ref(torch.tensor([[tok]]), use_cache=True, **with_cache(ref, cache))
+            out = ref(torch.tensor([[tok]], device=ref.device), use_cache=True, **with_cache(ref, cache))
             logits.append(out.logits[0])
     return logits, tokens
 
@@ -48,8 +48,12 @@ def test_every_verified_family_is_tested() -> None:
 @pytest.mark.parametrize("points", SPLITS, ids=lambda p: f"{p[0]}:{p[1]}")
 def test_prefill_and_decode_logits_match_unsplit(tiny_checkpoint, family: str, points: tuple[int, int]) -> None:
     path, ref = tiny_checkpoint(family)
+    assert_split_steps_match(load_split(path, points, device="cpu", dtype="float32"), ref)
+
+
+def assert_split_steps_match(split: SplitModel, ref: PreTrainedModel) -> None:
+    """Prefill and STEPS greedy decode steps through head, body and tail: logits within ATOL of ``ref``'s."""
     expected, tokens = reference_step_logits(ref, PROMPT, STEPS)
-    split = load_split(path, points, device="cpu", dtype="float32")
     assert split.head is not None and split.body is not None and split.tail is not None
     head_cache, body_cache, tail_cache = (
         split.head.new_cache(),
@@ -58,13 +62,38 @@ def test_prefill_and_decode_logits_match_unsplit(tiny_checkpoint, family: str, p
     )
 
     def run(ids: list[int]) -> torch.Tensor:
-        hidden = split.body(split.head(torch.tensor([ids]), head_cache), body_cache)
+        hidden = split.body(split.head(torch.tensor([ids], device=ref.device), head_cache), body_cache)
         return split.tail(hidden, tail_cache, logits_to_keep=0)[0]  # all positions
 
     torch.testing.assert_close(run(PROMPT), expected[0], atol=ATOL, rtol=0)
     for step, tok in enumerate(tokens):
         got = run([tok])
         torch.testing.assert_close(got, expected[step + 1], atol=ATOL, rtol=0, msg=f"decode step {step}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "olmo2"])
+def test_split_on_cuda_matches_unsplit_on_cuda(tiny_checkpoint, family: str) -> None:
+    path, _ = tiny_checkpoint(family)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    split = load_split(path, (1, N - 1), device="cuda", dtype="float32")
+    assert next(split.body.parameters()).device.type == "cuda"  # type: ignore[union-attr]
+    assert_split_steps_match(split, ref)
+
+
+@pytest.mark.cuda
+def test_cuda_is_the_default_in_bfloat16_and_greedy_equals_unsplit(tiny_checkpoint) -> None:
+    path, _ = tiny_checkpoint("llama")
+    split = load_split(path, (1, N - 1))
+    weight = next(split.head.parameters())  # type: ignore[union-attr]
+    assert (weight.device.type, weight.dtype) == ("cuda", torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    with torch.no_grad():
+        expected = ref.generate(
+            torch.tensor([PROMPT], device="cuda"), max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(PROMPT) :].tolist()  # fmt: skip
+    assert generate(split, PROMPT, max_new_tokens=STEPS, ignore_eos=True).token_ids == expected
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

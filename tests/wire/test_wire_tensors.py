@@ -332,7 +332,7 @@ def test_hidden_state_codec_takes_microseconds():
     assert (time.perf_counter() - start) / 200 < 1e-3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("wire", ["float32", "float16", "bf16", "qint8"])
 def test_cuda_tensors_encode_and_decode_on_the_device(wire: str):
     hidden = torch.randn(3, 576, device="cuda")
