@@ -1,12 +1,17 @@
 """Load test: N concurrent devices on loopback, each generating M tokens through one body server.
 
     python benchmarks/load_test.py --clients 1 --clients 8 --clients 32 --new-tokens 64 [--max-batch 16]
-        [--json artifacts/load.json]
+        [--server-cpus 0-3] [--processes] [--server-device cuda] [--json artifacts/load.json]
 
 Starts `lambdasplit serve` (SmolLM2-135M-Instruct by default), then for each N: N threads, each with its
 own connection and session, start together and generate greedily with a float32 wire. Reports aggregate
 tokens/s, per-token latency p50/p99 (time between a client's consecutive tokens), errors, and whether every
 output equals the same prompt's single-client run (measured first, one client at a time).
+
+`--server-cpus` pins the server to some CPUs and the devices to the others; `--processes` runs each device in
+a process of its own (no shared interpreter lock). Together they model devices that do not take the cloud's
+cores. `benchmarks/random_checkpoint.py` makes a same-shaped model with random weights where the real one
+cannot be installed.
 """
 
 from __future__ import annotations
@@ -96,11 +101,13 @@ def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new
     return {"outputs": outputs, "gaps": gaps, "errors": errors, "wall": wall}
 
 
-def _device_process(url: str, model: str, i: int, new: int, threads: int, barrier: Any, results: Any) -> None:
+def _device_process(
+    url: str, model: str, device: str, i: int, new: int, threads: int, barrier: Any, results: Any
+) -> None:
     """One device in its own process (no shared interpreter lock with the other devices)."""
     torch.set_num_threads(threads)
     try:
-        split, conn = connect_device(url, model, quiet=True)
+        split, conn = connect_device(url, model, device=device, dtype="float32", quiet=True)
         with conn:
             run = stream(split, prompt(i), chat=True, link=conn.open_session("float32"), max_new_tokens=new,
                          ignore_eos=True)  # fmt: skip
@@ -113,11 +120,14 @@ def _device_process(url: str, model: str, i: int, new: int, threads: int, barrie
         results.put((i, None, [], repr(exc)))
 
 
-def run_processes(url: str, model: str, prompts: list[int], new: int, threads: int) -> dict:
+def run_processes(url: str, model: str, device: str, prompts: list[int], new: int, threads: int) -> dict:
     """Like ``run_clients``, one process per device."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(len(prompts) + 1), ctx.Queue()
-    procs = [ctx.Process(target=_device_process, args=(url, model, i, new, threads, barrier, results)) for i in prompts]
+    procs = [
+        ctx.Process(target=_device_process, args=(url, model, device, i, new, threads, barrier, results))
+        for i in prompts
+    ]
     for proc in procs:
         proc.start()
     outputs: dict[int, list[int]] = {}
@@ -171,6 +181,15 @@ def run_synthetic(url: str, hidden_size: int, clients: int, prompt_len: int, new
     return {"gaps": gaps, "errors": errors, "wall": wall, "steps": clients * new}
 
 
+def cpu_list(spec: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8}"""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def server_metrics(url: str) -> dict:
     with urllib.request.urlopen(url.replace("ws://", "http://").removesuffix("/v1/split") + "/metrics") as r:
         return json.loads(r.read())
@@ -186,10 +205,13 @@ def main() -> None:
     ap.add_argument("--device-threads", type=int, default=1, help="torch threads of this (device) process")
     ap.add_argument("--server-threads", type=int, help="serve --threads (default: torch's, one per core)")
     ap.add_argument(
-        "--pin",
-        action="store_true",
-        help="server on CPU 0 (one thread), the devices on CPU 1: the cloud and the devices stop competing for cores",
+        "--server-cpus",
+        help="CPUs of the server, e.g. 0-3 (its torch threads: one per CPU); the devices get the other CPUs, so the "
+        "cloud and the devices stop competing for cores",
     )
+    ap.add_argument("--server-device", help="serve --device (default: serve's own, cuda if available)")
+    ap.add_argument("--server-dtype", default="float32", help="serve --dtype")
+    ap.add_argument("--device", default="cpu", help="where the devices run their head and tail (float32)")
     ap.add_argument("--processes", action="store_true", help="each device in its own process instead of a thread")
     ap.add_argument(
         "--synthetic",
@@ -202,18 +224,26 @@ def main() -> None:
     torch.set_num_threads(args.device_threads)
     rows = []
     serve = ["--model", args.model, "--layers", args.layers, "--max-batch", str(args.max_batch)]
-    serve += ["--max-sessions", "256"]
-    if args.server_threads:
-        serve += ["--threads", str(args.server_threads)]
+    serve += ["--max-sessions", "256", "--dtype", args.server_dtype]
+    if args.server_device:
+        serve += ["--device", args.server_device]
+    threads = args.server_threads
     wrap = None
-    if args.pin:
-        os.sched_setaffinity(0, {1})
-        serve += ["--threads", "1"]
-        wrap = lambda command: ["taskset", "-c", "0", *command]  # noqa: E731
+    if args.server_cpus:
+        mine = cpu_list(args.server_cpus)
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - mine)  # this process and the devices it spawns
+        threads = threads or len(mine)
+        wrap = lambda command: ["taskset", "-c", args.server_cpus, *command]  # noqa: E731
+    if threads:
+        serve += ["--threads", str(threads)]
     with body_server_process(serve, env={"OMP_WAIT_POLICY": "PASSIVE"}, wrap=wrap) as url:
-        split, conn = connect_device(url, args.model, quiet=True)
+        split, conn = connect_device(url, args.model, device=args.device, dtype="float32", quiet=True)
         conn.close()
-        print(f"server {url}, {args.model} layers {args.layers}, max batch {args.max_batch}", flush=True)
+        print(
+            f"server {url}, {args.model} layers {args.layers}, max batch {args.max_batch}, {os.cpu_count()} CPUs"
+            f"{f' (server on {args.server_cpus})' if args.server_cpus else ''}, devices on {args.device}",
+            flush=True,
+        )
         reference: dict[int, list[int]] = {}
         single_rates = []
         for i in range(max(counts)):  # the single-client runs every output is checked against
@@ -227,7 +257,7 @@ def main() -> None:
         for n in counts:
             before = server_metrics(url)
             if args.processes:
-                r = run_processes(url, args.model, list(range(n)), args.new_tokens, args.device_threads)
+                r = run_processes(url, args.model, args.device, list(range(n)), args.new_tokens, args.device_threads)
             else:
                 r = run_clients(url, args.model, split, list(range(n)), args.new_tokens)
             after = server_metrics(url)
