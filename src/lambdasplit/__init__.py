@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     "Head": "lambdasplit.split",
     "Body": "lambdasplit.split",
     "Tail": "lambdasplit.split",
-    "verify_split": "lambdasplit.split.verify",
+    "verify_split": "lambdasplit.generation.verify",
     # configuration
     "SplitPoints": "lambdasplit.config",
     "Runtime": "lambdasplit.config",
@@ -139,10 +139,10 @@ if TYPE_CHECKING:
         generate,
         stream,
     )
+    from lambdasplit.generation.verify import verify_split
     from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
     from lambdasplit.privacy import AuditSettings, Intercept, ObfuscationKey, intercept, make_key, protect, run_audit
     from lambdasplit.split import Body, Head, SplitModel, Tail, load_split
-    from lambdasplit.split.verify import verify_split
 
 
 def __getattr__(name: str) -> Any:

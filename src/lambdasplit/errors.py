@@ -3,16 +3,20 @@
 ::
 
     LambdaSplitError
-    ├── ConfigError            a bad argument or setting: names the value and what is allowed
-    │   └── SplitPointError    layer indices outside 0 <= X <= Y <= N
-    ├── ModelLoadError         a model that cannot be found, read or converted
+    ├── ConfigError                a bad argument or setting: names the value and what is allowed
+    │   └── SplitPointError        layer indices outside 0 <= X <= Y <= N
+    ├── ModelLoadError             a model that cannot be found, read or converted
     │   └── UnsupportedModelError  an architecture the generic split cannot wrap exactly
-    ├── SessionError           misuse of a session (closed, context too long, ...)
-    └── WireError              anything that crosses the network
-        ├── FrameError         a malformed, truncated, oversized or unknown frame
-        └── RemoteError        the other side answered with an error frame
+    └── CodedError                 carries a stable ``code`` (the ``code`` of an ERROR frame)
+        ├── SessionError           misuse of a session (unknown, bad position, context full, ...)
+        ├── Refusal                a request a server refuses: becomes an ERROR frame
+        └── WireError              anything that crosses the network
+            ├── FrameError         a malformed, truncated, oversized or unknown frame
+            ├── RemoteError        the other side answered with an error frame
+            └── StaleConnection    a request made for a connection a reconnect has replaced
 
-Callers catch ``LambdaSplitError`` for everything raised on purpose by this package.
+Callers catch ``LambdaSplitError`` for everything raised on purpose by this package. Whatever a server
+answers with an ERROR frame is a ``CodedError``; its ``code`` is one of those listed in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -38,33 +42,59 @@ class UnsupportedModelError(ModelLoadError):
     """An architecture whose layers the generic split cannot wrap exactly."""
 
 
-class SessionError(LambdaSplitError):
-    """Misuse of a generation session: closed, unknown, or past its context limit.
+class CodedError(LambdaSplitError):
+    """An error with a stable ``code``: the one an ERROR frame carries when it crosses the network.
 
-    ``code`` is stable and travels in error frames (``unknown_session``, ``context_full``, ...).
+    Subclasses set a default ``code``; an instance may carry a more specific one.
     """
 
-    def __init__(self, message: str, code: str = "bad_session") -> None:
+    code: str = "error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        if code is not None:
+            self.code = code
 
 
-class WireError(LambdaSplitError):
-    """Anything that goes wrong with data crossing the network."""
+class SessionError(CodedError):
+    """Misuse of a generation session: closed, unknown, at a bad position, or past its context limit."""
+
+    code = "bad_session"
+
+
+class Refusal(CodedError):
+    """A request a server refuses. The frame loop answers it with an ERROR frame for ``session``; when
+    ``fatal``, the server closes the connection after that frame."""
+
+    code = "bad_request"
+
+    def __init__(self, code: str, message: str, session: int = 0, fatal: bool = False) -> None:
+        super().__init__(message, code)
+        self.session, self.fatal = session, fatal
+
+
+class WireError(CodedError):
+    """Anything that goes wrong with data crossing the network (a lost connection, a timeout, ...)."""
+
+    code = "wire_error"
 
 
 class FrameError(WireError):
-    """A malformed, truncated, oversized or unknown frame. Carries a stable ``code`` for error frames."""
+    """A malformed, truncated, oversized or unknown frame."""
 
-    def __init__(self, message: str, code: str = "bad_frame") -> None:
-        super().__init__(message)
-        self.code = code
+    code = "bad_frame"
 
 
 class RemoteError(WireError):
     """The other side answered with an error frame; ``code`` is its stable error code."""
 
     def __init__(self, message: str, code: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
+        super().__init__(f"{code}: {message}", code)
         self.remote_message = message
+
+
+class StaleConnection(WireError):
+    """A request was made for a connection that has since been replaced by a reconnect: session handles
+    are only valid on the connection that opened them."""
+
+    code = "stale_connection"

@@ -13,8 +13,8 @@ import torch
 from lambdasplit.client import connect_device
 from lambdasplit.generation import generate
 from lambdasplit.server.batching import Job, run_batched
-from lambdasplit.server.sessions import BodySession
 from lambdasplit.split import load_split
+from lambdasplit.split.state import BodyState
 from servers import body_server, http_url, in_threads
 from tiny_models import NUM_LAYERS
 
@@ -90,10 +90,10 @@ def test_a_batched_step_that_fails_midway_leaves_every_cache_as_it_was(tiny_chec
     assert body is not None
     gen = torch.Generator().manual_seed(0)
     sessions = []
-    for handle, prompt in enumerate([3, 5], start=1):
-        cache = body.new_cache()
-        body(torch.randn(1, prompt, d, generator=gen), cache)
-        sessions.append(BodySession(handle, "t", 1, cache, length=prompt))
+    for prompt in [3, 5]:
+        state = BodyState(body)
+        state.forward(torch.randn(1, prompt, d, generator=gen), 0)
+        sessions.append(state)
     steps = [torch.randn(1, d, generator=gen) for _ in sessions]
     want = [body(step[None], copy.deepcopy(s.cache))[0] for s, step in zip(sessions, steps, strict=True)]
     jobs = [Job(s, step, s.length, False, None) for s, step in zip(sessions, steps, strict=True)]  # type: ignore[arg-type]

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model
 from lambdasplit.generation import prompt_ids
+from lambdasplit.generation.verify import verify_split
 from lambdasplit.split import load_split
-from lambdasplit.split.verify import verify_split
 
 _out = Console()
 

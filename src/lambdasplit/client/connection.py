@@ -13,7 +13,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -24,9 +24,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError, LambdaSplitError, RemoteError, WireError
-from lambdasplit.generation.session import Traffic
+from lambdasplit.errors import ConfigError, LambdaSplitError, RemoteError, StaleConnection, WireError
+from lambdasplit.traffic import Traffic
 from lambdasplit.wire import (
+    PROTOCOL,
     Frame,
     FrameFlags,
     FrameLimits,
@@ -35,10 +36,12 @@ from lambdasplit.wire import (
     decode_frame,
     encode_frame,
     frame_tensor,
+    raise_for_error,
     tensor_frame,
 )
 
-PROTOCOL = 1
+__all__ = ["PROTOCOL", "CloudClient", "CloudText", "RemoteBodyLink", "SocketBytes", "StaleConnection"]
+
 _TCP_INFO_BYTES = struct.Struct("<QQ")  # tcpi_bytes_acked, tcpi_bytes_received at offset 120 (Linux >= 4.2)
 
 
@@ -117,7 +120,7 @@ class CloudClient:
             hello["fingerprint"] = self._fingerprint
         try:
             raw = self._exchange(ws, encode_frame(Frame.json(MessageType.HELLO, hello)))
-            welcome = _check(decode_frame(raw, self.limits)).json_body()
+            welcome = raise_for_error(decode_frame(raw, self.limits)).json_body()
         except BaseException:
             ws.close()
             raise
@@ -214,57 +217,58 @@ class CloudClient:
                 raise StaleConnection(f"the connection of epoch {epoch} was replaced (now {self.epoch})")
             return self._exchange(self._ws, data)
 
-    def _exchange(self, ws: ClientConnection, data: bytes) -> bytes:
+    @contextlib.contextmanager
+    def _socket_errors(self, ws: ClientConnection, *, close: bool = False) -> Iterator[None]:
+        """Turn what the socket raises into ``WireError`` (a timeout, a lost connection).
+
+        With ``close``, any failure also closes the connection: a request whose answer may still come would
+        otherwise have it read as the answer to the next request, so the next request reconnects instead.
+        """
         try:
-            ws.send(data)
-            reply = ws.recv(timeout=self.timeout)
+            yield
         except BaseException as exc:
-            # A late reply would otherwise be read as the answer to the next request: the connection is
-            # no longer usable, so close it; the next request reconnects.
-            with contextlib.suppress(Exception):
-                ws.close()
+            if close:
+                with contextlib.suppress(Exception):
+                    ws.close()
             if isinstance(exc, TimeoutError):
                 raise WireError(f"no answer from {self.url} within {self.timeout:g} s") from exc
             if isinstance(exc, ConnectionClosed | OSError):
                 raise WireError(f"connection to {self.url} lost: {exc}") from exc
             raise
+
+    def _recv(self, ws: ClientConnection) -> bytes:
+        reply = ws.recv(timeout=self.timeout)
         if isinstance(reply, str):
             raise WireError("the server sent a text message; expected binary frames")
-        self.frames_sent += 1
         self.frames_received += 1
-        self.bytes_sent += len(data)
         self.bytes_received += len(reply)
         return reply
+
+    def _send(self, ws: ClientConnection, data: bytes) -> None:
+        ws.send(data)
+        self.frames_sent += 1
+        self.bytes_sent += len(data)
+
+    def _exchange(self, ws: ClientConnection, data: bytes) -> bytes:
+        with self._socket_errors(ws, close=True):
+            self._send(ws, data)
+            return self._recv(ws)
 
     def send(self, frame: Frame) -> None:
         """Send one frame that gets no reply of its own (a diffusion input; its answer comes later)."""
         data = encode_frame(frame)
-        with self._lock:
-            try:
-                self._ws.send(data)
-            except (ConnectionClosed, OSError) as exc:
-                raise WireError(f"connection to {self.url} lost: {exc}") from exc
-            self.frames_sent += 1
-            self.bytes_sent += len(data)
+        with self._lock, self._socket_errors(self._ws):
+            self._send(self._ws, data)
 
     def receive(self) -> Frame:
         """The next frame the server sends (one of several replies, or an error about an earlier frame)."""
-        with self._lock:
-            try:
-                reply = self._ws.recv(timeout=self.timeout)
-            except TimeoutError as exc:
-                raise WireError(f"no answer from {self.url} within {self.timeout:g} s") from exc
-            except (ConnectionClosed, OSError) as exc:
-                raise WireError(f"connection to {self.url} lost: {exc}") from exc
-            if isinstance(reply, str):
-                raise WireError("the server sent a text message; expected binary frames")
-            self.frames_received += 1
-            self.bytes_received += len(reply)
-        return _check(decode_frame(reply, self.limits))
+        with self._lock, self._socket_errors(self._ws):
+            reply = self._recv(self._ws)
+        return raise_for_error(decode_frame(reply, self.limits))
 
     def request(self, frame: Frame, epoch: int | None = None) -> Frame:
         """Send ``frame``, return the decoded reply; an ERROR reply raises ``RemoteError``."""
-        return _check(decode_frame(self.roundtrip(encode_frame(frame), epoch), self.limits))
+        return raise_for_error(decode_frame(self.roundtrip(encode_frame(frame), epoch), self.limits))
 
     def open_session(self, wire_dtype: WireDtype | str = WireDtype.FLOAT16) -> RemoteBodyLink:
         """A new body session. It survives a lost connection: see ``RemoteBodyLink``.
@@ -339,17 +343,6 @@ class CloudClient:
         self.close()
 
 
-class StaleConnection(WireError):
-    """A request was made for a connection that has since been replaced by a reconnect."""
-
-
-def _check(frame: Frame) -> Frame:
-    if frame.type is MessageType.ERROR:
-        body = frame.json_body()
-        raise RemoteError(str(body.get("message", "")), str(body.get("code", "error")))
-    return frame
-
-
 @dataclass(frozen=True)
 class Recovery:
     """One session rebuilt after its connection or session was lost."""
@@ -417,7 +410,7 @@ class RemoteBodyLink:
         frame = tensor_frame(MessageType.FORWARD, hidden[0], self.wire_dtype, self.session, position, flags=flags)
         data = encode_frame(frame)
         raw = self.client.roundtrip(data, self.epoch)
-        reply = _check(decode_frame(raw, self.client.limits))
+        reply = raise_for_error(decode_frame(raw, self.client.limits))
         if reply.type is not MessageType.RESULT or reply.session != self.session or reply.position != position:
             raise WireError(
                 f"expected RESULT for session {self.session} at {position}, "

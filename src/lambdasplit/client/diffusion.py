@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lambdasplit.client.connection import CloudClient
-from lambdasplit.diffusion.protocol import SessionOptions, Traffic
+from lambdasplit.diffusion.protocol import FrameTraffic, SessionOptions
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.wire import Frame, MessageType
 
@@ -20,7 +20,7 @@ class RemoteDiffusionLink:
         if client.mode != "diffusion":
             raise ConfigError(f"{client.url} serves {client.mode!r}, not a diffusion body (serve --pipeline ...)")
         self.client = client
-        self.traffic = Traffic()
+        self.traffic = FrameTraffic()
         self._handle = 0
 
     @property

@@ -11,6 +11,7 @@ Names load on first use, so ``import lambdasplit.diffusion`` (and the CLI) does 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES, SessionOptions
@@ -21,7 +22,7 @@ _EXPORTS = {
     "LocalLink": "lambdasplit.diffusion.device",
     "SplitImage": "lambdasplit.diffusion.device",
     "SplitPipeline": "lambdasplit.diffusion.device",
-    "Traffic": "lambdasplit.diffusion.device",
+    "FrameTraffic": "lambdasplit.diffusion.protocol",
     "load_pipeline": "lambdasplit.diffusion.pipeline",
     "load_unet": "lambdasplit.diffusion.pipeline",
     "load_unet_config": "lambdasplit.diffusion.pipeline",
@@ -34,11 +35,11 @@ __all__ = [
     "POLICIES",
     "DiffusionBody",
     "DiffusionSession",
+    "FrameTraffic",
     "LocalLink",
     "SessionOptions",
     "SplitImage",
     "SplitPipeline",
-    "Traffic",
     "UNetParts",
     "load_pipeline",
     "load_unet",
@@ -47,12 +48,26 @@ __all__ = [
 
 if TYPE_CHECKING:
     from lambdasplit.diffusion.cloud import DiffusionBody, DiffusionSession
-    from lambdasplit.diffusion.device import LocalLink, SplitImage, SplitPipeline, Traffic
+    from lambdasplit.diffusion.device import LocalLink, SplitImage, SplitPipeline
     from lambdasplit.diffusion.pipeline import load_pipeline, load_unet, load_unet_config
+    from lambdasplit.diffusion.protocol import FrameTraffic
     from lambdasplit.diffusion.unet import UNetParts
 
 
+#: Old names kept working for a while, with a warning that gives the new one.
+_DEPRECATED = {"Traffic": "FrameTraffic"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"lambdasplit.diffusion.{name} is now lambdasplit.diffusion.{new} (the LLM side's Traffic is another "
+            "thing); the old name will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return __getattr__(new)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

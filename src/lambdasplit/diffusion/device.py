@@ -18,11 +18,20 @@ from diffusers import DiffusionPipeline
 
 from lambdasplit.diffusion.cloud import DiffusionBody
 from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input
-from lambdasplit.diffusion.protocol import Granularity, Policy, SessionOptions, Traffic, layout, restore
+from lambdasplit.diffusion.protocol import FrameTraffic, Granularity, Policy, SessionOptions, layout, restore
 from lambdasplit.diffusion.schedulers import apply_state, require_deterministic
 from lambdasplit.diffusion.unet import UNetParts
-from lambdasplit.errors import ConfigError, RemoteError, SessionError, WireError
-from lambdasplit.wire import Frame, MessageType, WireDtype, decode_frame, encode_frame, frame_tensor, tensor_frame
+from lambdasplit.errors import ConfigError, SessionError, WireError
+from lambdasplit.wire import (
+    Frame,
+    MessageType,
+    WireDtype,
+    decode_frame,
+    encode_frame,
+    frame_tensor,
+    raise_for_error,
+    tensor_frame,
+)
 
 
 class Link(Protocol):
@@ -43,7 +52,7 @@ class SplitImage:
     image: torch.Tensor  # (1, 3, H, W) in [0, 1]
     policy: Policy
     steps: int
-    traffic: Traffic
+    traffic: FrameTraffic
     device_seconds: float  # head, tail and (unet-lambda, collafuse) the device's U-Net share
     cloud_seconds: float  # the cloud's U-Net compute, as it reports it
     total_seconds: float
@@ -79,7 +88,7 @@ class LocalLink:
 
     def __init__(self, body: DiffusionBody) -> None:
         self.body = body
-        self.traffic = Traffic()
+        self.traffic = FrameTraffic()
         self._session: Any = None
         self._replies: list[Iterator[Frame]] = []
 
@@ -179,7 +188,7 @@ class SplitPipeline:
         )
         options.scheduler["_class_name"] = type(gen.scheduler).__name__
         device_time += time.perf_counter() - started
-        before = dataclasses.replace(getattr(link, "traffic", Traffic()))
+        before = dataclasses.replace(getattr(link, "traffic", FrameTraffic()))
         opened = link.open(options)
         shapes = {k: tuple(v) for k, v in opened.get("shapes", {}).items()}
         clock = _Clock(device_time, [], on_step)
@@ -198,7 +207,7 @@ class SplitPipeline:
             image=image.float().cpu(),
             policy=policy,
             steps=steps,
-            traffic=getattr(link, "traffic", Traffic()) - before,
+            traffic=getattr(link, "traffic", FrameTraffic()) - before,
             device_seconds=clock.device,
             cloud_seconds=float(closed.get("compute_seconds", 0.0)),
             total_seconds=time.perf_counter() - started,
@@ -229,10 +238,7 @@ class SplitPipeline:
         return latents
 
     def _receive(self, link: Link, step: int, what: str, kind: MessageType) -> Frame:
-        frame = link.receive()
-        if frame.type is MessageType.ERROR:
-            body = frame.json_body()
-            raise RemoteError(str(body.get("message", "")), str(body.get("code", "error")))
+        frame = raise_for_error(link.receive())
         if frame.type is not kind or frame.position != step:
             raise WireError(f"expected {what} for step {step}, got {frame.type.name} at position {frame.position}")
         return frame

@@ -112,16 +112,19 @@ class SessionOptions:
 
 
 @dataclass
-class Traffic:
-    """Frames and bytes (whole encoded frames) each way, and the seconds spent waiting on the link."""
+class FrameTraffic:
+    """Frames and bytes (whole encoded frames) each way of one image's session.
+
+    Not the LLM side's ``lambdasplit.traffic.Traffic``, which counts round trips and tensor payloads.
+    """
 
     frames_up: int = 0
     frames_down: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
 
-    def __sub__(self, other: Traffic) -> Traffic:
-        return Traffic(*(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)))
+    def __sub__(self, other: FrameTraffic) -> FrameTraffic:
+        return FrameTraffic(*(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
 def layout(tensor: torch.Tensor, wire_dtype: WireDtype, granularity: Granularity) -> torch.Tensor:

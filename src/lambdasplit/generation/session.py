@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -22,32 +21,10 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from lambdasplit.errors import SessionError
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import Body, rewind, with_cache
+from lambdasplit.split.state import BodyState
+from lambdasplit.traffic import Traffic
 
-
-@dataclass
-class Traffic:
-    """What crossed the device/cloud boundary, counted by the link that carried it.
-
-    ``*_bytes`` are whole messages as sent (for a network link: wire frames, header included);
-    ``*_payload_bytes`` are the hidden-state tensors alone. In process, both are the tensor bytes.
-    """
-
-    up_bytes: int = 0
-    down_bytes: int = 0
-    up_payload_bytes: int = 0
-    down_payload_bytes: int = 0
-    messages: int = 0  # round trips
-    seconds: float = 0.0  # wall time waiting on the body: its compute plus, over a network, the transfer
-
-    def add(
-        self, up: int, down: int, up_payload: int | None = None, down_payload: int | None = None, seconds: float = 0.0
-    ) -> None:
-        self.seconds += seconds
-        self.up_bytes += up
-        self.down_bytes += down
-        self.up_payload_bytes += up if up_payload is None else up_payload
-        self.down_payload_bytes += down if down_payload is None else down_payload
-        self.messages += 1
+__all__ = ["BodyLink", "Decoder", "LocalBodyLink", "ModelDecoder", "SplitDecoder", "Traffic", "tensor_bytes"]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -70,28 +47,30 @@ class BodyLink(Protocol):
 
 
 class LocalBodyLink:
-    """The body in this process, with its own KV cache for one session."""
+    """The body in this process, with its own KV cache for one session (a ``BodyState``)."""
 
     def __init__(self, body: Body) -> None:
         self.body = body
-        self.cache: Cache | None = body.new_cache()
-        self.length = 0  # positions the body's cache holds
+        self.state = BodyState(body)
         self.traffic = Traffic()
 
+    @property
+    def length(self) -> int:
+        """Positions the body's cache holds."""
+        return self.state.length
+
+    @property
+    def cache(self) -> Cache | None:
+        return self.state.cache
+
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
-        if reset:
-            self.cache, self.length = self.body.new_cache(), 0
-        if position > self.length or (reset and position != 0):
-            raise SessionError(f"body got position {position} but its cache holds {self.length} positions")
-        rewind(self.cache, position)  # position < length: a rollback (rejected draft tokens)
         start = time.perf_counter()
-        out = self.body(hidden, self.cache)
-        self.length = position + hidden.shape[1]
+        out = self.state.forward(hidden, position, reset)  # (1, T, D); position < length rolls back
         self.traffic.add(tensor_bytes(hidden), tensor_bytes(out), seconds=time.perf_counter() - start)
         return out
 
     def close(self) -> None:
-        self.cache = None
+        self.state.close()
 
 
 class Decoder(Protocol):

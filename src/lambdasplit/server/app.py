@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError, LambdaSplitError
+from lambdasplit.errors import ConfigError, LambdaSplitError, Refusal
 from lambdasplit.generation import SamplingParams, TokenEvent, stream
-from lambdasplit.server.base import PATH, PROTOCOL, FrameServer, Refusal
+from lambdasplit.server.base import FrameServer
 from lambdasplit.server.batching import Batcher
-from lambdasplit.server.sessions import BodySession, SessionStore
+from lambdasplit.server.sessions import Held, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
-from lambdasplit.split.parts import rewind
-from lambdasplit.wire import Frame, FrameFlags, MessageType, frame_tensor, tensor_frame
+from lambdasplit.split.state import BodyState
+from lambdasplit.wire import PATH, PROTOCOL, Frame, FrameFlags, MessageType, frame_tensor, tensor_frame
 
 __all__ = ["PATH", "PROTOCOL", "BodyServer", "Refusal", "kv_bytes_per_position"]
 
@@ -62,19 +62,15 @@ class BodyServer(FrameServer):
             raise ConfigError("a cloud-only server needs all three parts and the tokenizer (load_split(model, '0:'))")
         counted = ("forward_frames", "positions")
         counted += ("generations", "generated_tokens", "generations_abandoned") if settings.cloud_only else ()
-        super().__init__(settings, counted)
+        # The batcher owns the compute thread; cloud-only generation and the warm-up run on it too.
+        self.batcher = Batcher(split.body, settings.max_batch)
+        super().__init__(settings, counted, self.batcher.executor)
         self.split, self.body = split, split.body
         self.fingerprint, self.model_name = split.fingerprint, split.name
-        self.store = SessionStore(split.body, settings.max_sessions, settings.idle_ttl)
+        self.store: SessionStore[BodyState] = SessionStore(settings.max_sessions, settings.idle_ttl)
         self.kv_bytes_per_position = kv_bytes_per_position(split)
         self._reserved = 0  # positions of FORWARDs queued for the compute thread, counted against the budget
-        self.batcher = Batcher(
-            split.body,
-            self._run,
-            lambda work: asyncio.get_running_loop().run_in_executor(self.executor, work),
-            settings.max_batch,
-        )
-        self.compute_seconds = 0.0  # time in body forwards, for the latency breakdown
+        self.compute_seconds = 0.0  # time in cloud-only generation (body forwards: the batcher counts them)
 
     # --- HTTP -------------------------------------------------------------------------------------
     def welcome(self) -> dict[str, Any]:
@@ -106,7 +102,7 @@ class BodyServer(FrameServer):
         return {
             "sessions": len(self.store),
             "sessions_evicted": self.store.evicted,
-            "kv_bytes": self.store.positions() * self.kv_bytes_per_position,
+            "kv_bytes": self._positions() * self.kv_bytes_per_position,
             **dict(self.counters),
             "compute_seconds": round(self.compute_seconds + self.batcher.compute_seconds, 6),
             "batches": self.batcher.batches,
@@ -123,7 +119,7 @@ class BodyServer(FrameServer):
         if t is MessageType.OPEN:
             if self.settings.cloud_only:
                 raise Refusal("wrong_mode", "this is a cloud-only server: send GENERATE with text, not body sessions")
-            session = self.store.open(conn)
+            session = self.store.open(conn, lambda handle: BodyState(self.body))
             self.counters["sessions_opened"] += 1
             return Frame.json(
                 MessageType.OPENED, {"session": session.handle, "id": session.token}, session=session.handle
@@ -137,8 +133,12 @@ class BodyServer(FrameServer):
             return Frame(MessageType.PONG)
         raise Refusal("unexpected_type", f"a client does not send {t.name} frames", frame.session)
 
-    async def _forward(self, s: BodySession, frame: Frame) -> Frame:
-        sid, d = frame.session, self.split.hidden_size
+    def _positions(self) -> int:
+        """Positions held by all sessions' KV caches together."""
+        return sum(held.value.length for held in self.store)
+
+    async def _forward(self, session: Held[BodyState], frame: Frame) -> Frame:
+        state, sid, d = session.value, frame.session, self.split.hidden_size
         if frame.dtype not in self.settings.wire_dtypes:
             allowed = ", ".join(x.name.lower() for x in self.settings.wire_dtypes)
             raise Refusal(
@@ -148,22 +148,17 @@ class BodyServer(FrameServer):
             raise Refusal(
                 "bad_shape", f"FORWARD must carry a (positions, {d}) hidden state, got {list(frame.shape)}", sid
             )
-        rows, pos = frame.shape[0], frame.position
-        if frame.flags & FrameFlags.RESET:
-            if pos != 0:
-                raise Refusal("bad_position", f"a RESET frame starts at position 0, not {pos}", sid)
-        elif pos > s.length:
-            raise Refusal("bad_position", f"position {pos} skips ahead: session {sid} holds {s.length} positions", sid)
+        rows, pos, reset = frame.shape[0], frame.position, bool(frame.flags & FrameFlags.RESET)
+        state.check(pos, reset)  # before it queues: a refusal costs nothing
         if pos + rows > self.settings.max_context:
             raise Refusal(
                 "context_full",
                 f"{pos} + {rows} positions exceed this server's max context {self.settings.max_context}",
                 sid,
             )
-        start = 0 if frame.flags & FrameFlags.RESET else pos
-        growth = start + rows - s.length  # positions this step adds to the session (negative: a rollback)
+        growth = pos + rows - state.length  # positions this step adds to the session (negative: a rollback)
         # Every session's positions after this step, steps queued but not yet run included.
-        held = self.store.positions() + self._reserved + growth
+        held = self._positions() + self._reserved + growth
         if held * self.kv_bytes_per_position > self.settings.kv_budget_bytes:
             raise Refusal(
                 "memory_full",
@@ -173,10 +168,9 @@ class BodyServer(FrameServer):
             )
         rt = self.split.runtime
         hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
-        reset = bool(frame.flags & FrameFlags.RESET)
         self._reserved += max(growth, 0)
         try:
-            out = await self.batcher.submit(s, hidden, pos, reset)  # batched with other sessions' steps when it can
+            out = await self.batcher.submit(state, hidden, pos, reset)  # batched with other sessions' steps
         finally:
             self._reserved -= max(growth, 0)
         self.counters["forward_frames"] += 1
@@ -212,8 +206,8 @@ class BodyServer(FrameServer):
             )
         # One token per executor call, so body sessions of other clients interleave with a long generation.
         # Between tokens it also stops when the client has gone: nobody would read the answer.
-        tokens, loop = iter(run), asyncio.get_running_loop()
-        while await loop.run_in_executor(self.executor, self._timed_next, tokens):
+        tokens = iter(run)
+        while await self.batcher.call(lambda: self._timed_next(tokens)):
             if gone.is_set():
                 self.counters["generations_abandoned"] += 1
                 return Frame.json(MessageType.ERROR, {"code": "gone", "message": "the client disconnected"})
@@ -230,22 +224,9 @@ class BodyServer(FrameServer):
         self.compute_seconds += time.perf_counter() - start
         return more
 
-    def _run(self, s: BodySession, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
-        """On the compute thread: align the session's cache to ``position``, then run the body. (T, D) -> (T, D)."""
-        if reset:
-            s.cache = self.body.new_cache()
-        else:
-            rewind(s.cache, position)  # position < length: the client rolled back (rejected draft tokens)
-        start = time.perf_counter()
-        out = self.body(hidden.unsqueeze(0), s.cache)[0]
-        self.compute_seconds += time.perf_counter() - start
-        s.length = position + hidden.shape[0]
-        s.steps += 1
-        return out
-
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def close_owner(self, conn: int) -> int:
-        return self.store.close_owner(conn)
+        return len(self.store.close_owner(conn))
 
     def evict_idle(self) -> int:
         return self.store.evict_idle()

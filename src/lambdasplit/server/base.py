@@ -25,33 +25,26 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from lambdasplit.errors import ConfigError, FrameError, SessionError
+from lambdasplit.errors import CodedError, ConfigError, Refusal
 from lambdasplit.server.settings import ServerSettings
-from lambdasplit.wire import Frame, MessageType, decode_frame, encode_frame
+from lambdasplit.wire import PATH, PROTOCOL, Frame, MessageType, decode_frame, encode_frame
 
-PROTOCOL = 1
-PATH = "/v1/split"
 _log = logging.getLogger("lambdasplit.server")
 
 Reply = Frame | AsyncIterator[Frame] | None
 
 
-class Refusal(Exception):
-    """A request the server refuses; becomes an ERROR frame."""
-
-    def __init__(self, code: str, message: str, session: int = 0, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code, self.session, self.fatal = code, session, fatal
-
-
 class FrameServer:
-    """Auth, the frame loop and the counters; ``app`` is the ASGI application."""
+    """Auth, the frame loop and the counters; ``app`` is the ASGI application.
 
-    def __init__(self, settings: ServerSettings, counted: tuple[str, ...]) -> None:
+    ``executor`` is the subclass's one compute thread (torch already uses every core per forward; two
+    at once would only thrash): the warm-up runs on it, and it is shut down with the app.
+    """
+
+    def __init__(self, settings: ServerSettings, counted: tuple[str, ...], executor: ThreadPoolExecutor) -> None:
         self.settings = settings
         self.limits = settings.frame_limits
-        # One compute thread: torch already uses every core per forward; two at once would only thrash.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
+        self.executor = executor
         self._conn_ids = itertools.count(1)
         self.started = time.time()
         base = ("connections", "sessions_opened", "bytes_in", "bytes_out")
@@ -152,6 +145,7 @@ class FrameServer:
                     break
                 data = message.get("bytes")
                 reply: Reply
+                frame: Frame | None = None
                 if data is None:
                     reply = self._error(Refusal("text_message", "send binary frames, not text"))
                 else:
@@ -162,11 +156,11 @@ class FrameServer:
                             raise Refusal("hello_first", "send HELLO before anything else")
                         reply = await self._dispatch(conn, frame, gone)
                         greeted = True
-                    except (Refusal, FrameError, SessionError, ConfigError) as e:
-                        reply = self._refused(e)
+                    except (CodedError, ConfigError) as e:
+                        reply = self._refused(e, 0 if frame is None else frame.session)
                 if gone.is_set():
                     break
-                if not await self._reply(ws, reply, gone):
+                if not await self._reply(ws, reply, gone, 0 if frame is None else frame.session):
                     break
         except WebSocketDisconnect:
             pass
@@ -196,7 +190,7 @@ class FrameServer:
             with contextlib.suppress(asyncio.QueueFull):
                 inbox.put_nowait({"type": "websocket.disconnect"})
 
-    async def _reply(self, ws: WebSocket, reply: Reply, gone: asyncio.Event) -> bool:
+    async def _reply(self, ws: WebSocket, reply: Reply, gone: asyncio.Event, session: int) -> bool:
         """Send the reply frame(s); False when the connection is done (a fatal refusal, or the client left)."""
         if reply is None:
             return True
@@ -206,8 +200,8 @@ class FrameServer:
             async for frame in reply:
                 if gone.is_set() or not await self._send(ws, frame):
                     return False
-        except (Refusal, FrameError, SessionError, ConfigError) as e:
-            return await self._send(ws, self._refused(e))
+        except (CodedError, ConfigError) as e:
+            return await self._send(ws, self._refused(e, session))
         return True
 
     async def _send(self, ws: WebSocket, frame: Frame) -> bool:
@@ -219,11 +213,13 @@ class FrameServer:
             return False
         return True
 
-    def _refused(self, e: Exception) -> Frame:
+    def _refused(self, e: CodedError | ConfigError, session: int) -> Frame:
+        """The ERROR frame for a refused request: a ``Refusal`` as it is, any other coded error with its code,
+        answered for the session of the frame that caused it."""
         if isinstance(e, Refusal):
             return self._error(e)
-        code = getattr(e, "code", "bad_request")
-        return self._error(Refusal(code, str(e)))
+        code = e.code if isinstance(e, CodedError) else "bad_request"
+        return self._error(Refusal(code, str(e), session))
 
     def _error(self, r: Refusal) -> Frame:
         self.errors[r.code] += 1

@@ -1,15 +1,19 @@
 """Continuous batching: decode steps of different sessions that wait together run as one body forward.
 
-The server queues every FORWARD; whenever the compute thread is free it takes everything queued (up to
-``max_batch``). Single-position steps of sessions with a cache run as one batch: each session's keys and
-values are left-padded to the longest, an attention mask hides the padding, and ``position_ids`` give
-each row its own position, all through the model's own forward (nothing of HF's attention is copied).
-The new position's keys and values are then appended to each session's own cache, so sessions stay
-independent. Prompts, no-cache steps and multi-position (speculative) steps run one by one.
+The server submits every FORWARD here; whenever the compute thread is free the batcher takes everything
+queued (up to ``max_batch``). Single-position steps of sessions with a cache run as one batch: each
+session's keys and values are left-padded to the longest, an attention mask hides the padding, and
+``position_ids`` give each row its own position, all through the model's own forward (nothing of HF's
+attention is copied). The new position's keys and values are then appended to each session's own cache,
+so sessions stay independent. Prompts, no-cache steps and multi-position (speculative) steps run one by
+one, through ``BodyState.forward`` like any other body step.
 
 On a CPU, one forward over B rows reads the weights once instead of B times: that is the gain.
 Only bodies whose layers are all full attention are batched (padding a sliding-window cache would need
 the window's own bookkeeping); others run one step at a time, as before.
+
+The batcher owns the one compute thread: torch already uses every core per forward, two at once would
+only thrash. The server runs anything else that computes (warm-up, cloud-only generation) on it too.
 """
 
 from __future__ import annotations
@@ -17,22 +21,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from transformers import Cache, DynamicCache
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lambdasplit.server.sessions import BodySession
-from lambdasplit.split.parts import Body, rewind
+from lambdasplit.split.parts import Body
+from lambdasplit.split.state import BodyState
+
+T = TypeVar("T")
 
 
 @dataclass
 class Job:
     """One FORWARD waiting for the compute thread."""
 
-    session: BodySession
+    state: BodyState
     hidden: torch.Tensor  # (T, D)
     position: int
     reset: bool
@@ -40,7 +48,7 @@ class Job:
 
     @property
     def batchable(self) -> bool:
-        return not self.reset and self.hidden.shape[0] == 1 and self.position > 0 and self.session.cache is not None
+        return not self.reset and self.hidden.shape[0] == 1 and self.position > 0 and self.state.cache is not None
 
 
 def full_attention_only(body: Body) -> bool:
@@ -52,7 +60,7 @@ def full_attention_only(body: Body) -> bool:
 def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
     """One body forward for single-position steps of several sessions; returns each session's (1, D)."""
     for job in jobs:
-        rewind(job.session.cache, job.position)  # a session may have rolled back (rejected drafts)
+        job.state.align(job.position)  # a session may have rolled back (rejected drafts)
     lengths = [job.position for job in jobs]
     longest = max(lengths)
     assert body.model is not None
@@ -60,7 +68,8 @@ def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
     for layer in range(body.num_layers):
         keys, values = [], []
         for job in jobs:
-            held = job.session.cache.layers[layer]  # type: ignore[union-attr]
+            assert job.state.cache is not None  # Job.batchable
+            held = job.state.cache.layers[layer]
             pad = (0, 0, longest - held.keys.shape[-2], 0)  # left-pad the position axis
             keys.append(F.pad(held.keys, pad))
             values.append(F.pad(held.values, pad))
@@ -77,59 +86,51 @@ def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
             new_keys = batch_cache.layers[layer].keys[:, :, -1:, :]
             new_values = batch_cache.layers[layer].values[:, :, -1:, :]
             for i, job in enumerate(jobs):
-                job.session.cache.update(new_keys[i : i + 1], new_values[i : i + 1], layer)  # type: ignore[union-attr]
+                assert job.state.cache is not None
+                job.state.cache.update(new_keys[i : i + 1], new_values[i : i + 1], layer)
     except BaseException:
         # Some layers got the new position and some did not: put every session back where it was, so the
         # step can be retried (the client's replay does) and the cache stays one length across its layers.
         for job in jobs:
-            truncate_layers(job.session.cache, job.position)
+            job.state.undo(job.position)
         raise
     for job in jobs:
-        job.session.length = job.position + 1
-        job.session.steps += 1
+        job.state.advanced(1)
     return [out[i] for i in range(len(jobs))]
 
 
-def truncate_layers(cache: Cache | None, length: int) -> None:
-    """Crop each layer of ``cache`` to its first ``length`` positions (layers may differ after a failed step)."""
-    for layer in [] if cache is None else cache.layers:
-        extra = layer.keys.shape[-2] - length if layer.is_initialized else 0
-        if extra > 0:
-            layer.crop(-extra)
-
-
 class Batcher:
-    """Queues jobs and runs them on ``executor`` in batches, as soon as the compute thread is free."""
+    """Queues jobs and runs them on its compute thread in batches, as soon as that thread is free."""
 
-    def __init__(
-        self,
-        body: Body,
-        run_one: Callable[[BodySession, torch.Tensor, int, bool], torch.Tensor],
-        run_in_executor: Callable[[Callable[[], list[torch.Tensor | BaseException]]], asyncio.Future],
-        max_batch: int,
-    ) -> None:
-        self.body, self.run_one, self.run_in_executor, self.max_batch = body, run_one, run_in_executor, max_batch
+    def __init__(self, body: Body, max_batch: int) -> None:
+        self.body, self.max_batch = body, max_batch
         self.enabled = max_batch > 1 and full_attention_only(body)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
         self._queue: list[Job] = []
         self._draining = False
         self.batches = 0  # batched forwards run
         self.batched_steps = 0  # steps that ran inside them
-        self.compute_seconds = 0.0  # time in batched forwards
+        self.compute_seconds = 0.0  # time in body forwards, batched or not
 
-    async def submit(self, session: BodySession, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
-        job = Job(session, hidden, position, reset, asyncio.get_running_loop().create_future())
+    async def submit(self, state: BodyState, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
+        """The body's output (T, D) for ``hidden`` (T, D) at ``position`` of the session ``state``."""
+        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         if not self._draining:
             self._draining = True
             asyncio.get_running_loop().create_task(self._drain())
         return await job.future
 
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run other compute (warm-up, a cloud-only generation step) on the compute thread, between batches."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
     async def _drain(self) -> None:
         try:
             while self._queue:
                 jobs, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
                 try:
-                    results = await self.run_in_executor(lambda jobs=jobs: self._run(jobs))
+                    results = await self.call(lambda jobs=jobs: self._run(jobs))
                 except BaseException as exc:  # the executor itself failed: every job learns it
                     results = [exc] * len(jobs)
                 for job, result in zip(jobs, results, strict=True):
@@ -148,21 +149,20 @@ class Batcher:
         if len(together) < 2:
             together = []
         results: dict[int, torch.Tensor | BaseException] = {}
+        start = time.perf_counter()
         if together:
             try:
-                start = time.perf_counter()
                 outs = run_batched(self.body, together)
-                self.compute_seconds += time.perf_counter() - start
-                for job, out in zip(together, outs, strict=True):
-                    results[id(job)] = out
+                results.update((id(job), out) for job, out in zip(together, outs, strict=True))
                 self.batches += 1
                 self.batched_steps += len(together)
             except Exception as exc:
                 results.update((id(j), exc) for j in together)
         for job in jobs:
             if id(job) not in results:
-                try:
-                    results[id(job)] = self.run_one(job.session, job.hidden, job.position, job.reset)
+                try:  # (T, D) -> (1, T, D) -> (T, D)
+                    results[id(job)] = job.state.forward(job.hidden.unsqueeze(0), job.position, job.reset)[0]
                 except Exception as exc:
                     results[id(job)] = exc
+        self.compute_seconds += time.perf_counter() - start
         return [results[id(j)] for j in jobs]

@@ -1,80 +1,90 @@
-"""Per-session body state: one KV cache per session, bound to the connection that opened it."""
+"""The sessions of a server, whatever they hold: a body's KV cache (``BodyState``) or an image in progress.
+
+A session is bound to the connection that opened it (``owner``): its handle is a small number carried in
+every frame header, valid on that connection only, so another connection cannot name it. The store
+enforces the server's session cap and evicts sessions left idle longer than ``idle_ttl``.
+"""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-from transformers import Cache
+from typing import Generic, TypeVar
 
 from lambdasplit.errors import SessionError
-from lambdasplit.split.parts import Body
+
+S = TypeVar("S")
 
 
 @dataclass
-class BodySession:
+class Held(Generic[S]):
+    """One session: what it holds and whose it is."""
+
+    value: S
     handle: int  # connection-local number carried in every frame header
-    token: str  # unguessable id, for logs and (later) resuming after a reconnect
-    owner: int  # id of the connection that opened it; other connections cannot name it
-    cache: Cache | None
-    length: int = 0  # positions held in the cache
+    owner: int  # id of the connection that opened it
+    token: str = field(default_factory=lambda: secrets.token_hex(16))  # unguessable id, for logs
     last_used: float = field(default_factory=time.monotonic)
-    steps: int = 0
 
 
-class SessionStore:
-    """All sessions of a server, with the max-sessions limit and idle eviction."""
+class SessionStore(Generic[S]):
+    """All sessions of a server, with the max-sessions limit and idle eviction.
 
-    def __init__(self, body: Body, max_sessions: int, idle_ttl: float) -> None:
-        self.body, self.max_sessions, self.idle_ttl = body, max_sessions, idle_ttl
-        self._sessions: dict[tuple[int, int], BodySession] = {}  # (owner, handle) -> session
+    ``what`` names a session in refusals ("session", "image session").
+    """
+
+    def __init__(self, max_sessions: int, idle_ttl: float, what: str = "session") -> None:
+        self.max_sessions, self.idle_ttl, self.what = max_sessions, idle_ttl, what
+        self._held: dict[tuple[int, int], Held[S]] = {}  # (owner, handle) -> session
         self._next_handle = 1
         self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._held)
 
-    def positions(self) -> int:
-        """Positions held by all sessions' KV caches together."""
-        return sum(s.length for s in self._sessions.values())
+    def __iter__(self) -> Iterator[Held[S]]:
+        return iter(list(self._held.values()))
 
-    def open(self, owner: int) -> BodySession:
-        if len(self._sessions) >= self.max_sessions:
+    def open(self, owner: int, make: Callable[[int], S]) -> Held[S]:
+        """A new session of ``owner`` holding ``make(handle)``; refused at the cap (``too_many_sessions``)."""
+        if len(self._held) >= self.max_sessions:
             raise SessionError(
-                f"the server holds its maximum of {self.max_sessions} sessions; try again later", "too_many_sessions"
+                f"the server holds its maximum of {self.max_sessions} {self.what}s; try again later",
+                "too_many_sessions",
             )
         handle = self._next_handle
+        held = Held(make(handle), handle, owner)  # `make` may refuse: then no handle is used up
         self._next_handle = self._next_handle % 0xFFFF_FFFF + 1  # never 0: 0 means "no session"
-        session = BodySession(handle, secrets.token_hex(16), owner, self.body.new_cache())
-        self._sessions[(owner, handle)] = session
-        return session
+        self._held[(owner, handle)] = held
+        return held
 
-    def get(self, owner: int, handle: int) -> BodySession:
-        session = self._sessions.get((owner, handle))
-        if session is None:
+    def get(self, owner: int, handle: int) -> Held[S]:
+        held = self._held.get((owner, handle))
+        if held is None:
             raise SessionError(
-                f"no open session {handle} on this connection (closed, evicted after idle, or never opened)",
+                f"no open {self.what} {handle} on this connection (closed, evicted after idle, or never opened)",
                 "unknown_session",
             )
-        session.last_used = time.monotonic()
-        return session
+        held.last_used = time.monotonic()
+        return held
 
-    def close(self, owner: int, handle: int) -> None:
-        self.get(owner, handle)
-        del self._sessions[(owner, handle)]
+    def close(self, owner: int, handle: int) -> Held[S]:
+        held = self.get(owner, handle)
+        del self._held[(owner, handle)]
+        return held
 
-    def close_owner(self, owner: int) -> int:
-        """Free every session of a connection that went away. Returns how many."""
-        keys = [k for k in self._sessions if k[0] == owner]
-        for k in keys:
-            del self._sessions[k]
-        return len(keys)
+    def close_owner(self, owner: int) -> list[Held[S]]:
+        """Free every session of a connection that went away; returns them."""
+        keys = [k for k in self._held if k[0] == owner]
+        return [self._held.pop(k) for k in keys]
 
     def evict_idle(self, now: float | None = None) -> int:
+        """Free the sessions idle longer than ``idle_ttl``; how many."""
         now = time.monotonic() if now is None else now
-        stale = [k for k, s in self._sessions.items() if now - s.last_used > self.idle_ttl]
+        stale = [k for k, h in self._held.items() if now - h.last_used > self.idle_ttl]
         for k in stale:
-            del self._sessions[k]
+            del self._held[k]
         self.evicted += len(stale)
         return len(stale)

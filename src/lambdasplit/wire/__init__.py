@@ -26,12 +26,15 @@ from lambdasplit.wire.frames import (
     tensor_frame,
 )
 from lambdasplit.wire.limits import FrameLimits
+from lambdasplit.wire.protocol import PATH, PROTOCOL, raise_for_error
 from lambdasplit.wire.tensors import WireDtype, decode_tensor, encode_tensor
 
 __all__ = [
     "DEFAULT_LIMITS",
     "HEADER_BYTES_FIXED",
     "MAGIC",
+    "PATH",
+    "PROTOCOL",
     "VERSION",
     "Frame",
     "FrameFlags",
@@ -45,5 +48,6 @@ __all__ = [
     "frame_tensor",
     "header_size",
     "payload_size",
+    "raise_for_error",
     "tensor_frame",
 ]

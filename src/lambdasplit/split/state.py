@@ -1,0 +1,75 @@
+"""One session's view of the body: its KV cache, how many positions it holds, and the position rules.
+
+Every place that runs the body for a session goes through ``BodyState``: the device's in-process link
+(``generation.session.LocalBodyLink``), the server's single steps and its continuous batching
+(``server.batching``). The rules live here once:
+
+- a forward at ``position`` needs the cache to hold at least ``position`` positions: ``position < length``
+  is a rollback (rejected draft tokens; the cache is cut back first), ``position > length`` would skip
+  positions the body never saw and is refused;
+- ``reset`` (the paper's no-cache baseline) drops the cache and must start at position 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Cache
+
+from lambdasplit.errors import SessionError
+from lambdasplit.split.parts import Body, rewind
+
+
+class BodyState:
+    """The body of one session: ``cache`` holds exactly ``length`` positions after every forward."""
+
+    def __init__(self, body: Body) -> None:
+        self.body = body
+        self.cache: Cache | None = body.new_cache()
+        self.length = 0  # positions the cache holds
+        self.steps = 0  # forwards run
+
+    def check(self, position: int, reset: bool = False) -> None:
+        """Raise ``SessionError`` (code ``bad_position``) unless a forward may start at ``position``."""
+        if reset and position != 0:
+            raise SessionError(f"a reset (no-cache) forward starts at position 0, not {position}", "bad_position")
+        if not reset and position > self.length:
+            raise SessionError(
+                f"position {position} skips ahead: the session's body holds {self.length} positions", "bad_position"
+            )
+
+    def align(self, position: int, reset: bool = False) -> None:
+        """Make the cache hold exactly positions [0, position): a new cache on ``reset``, else a rollback."""
+        self.check(position, reset)
+        if reset:
+            self.cache = self.body.new_cache()
+        else:
+            rewind(self.cache, position)
+        self.length = position
+
+    def advanced(self, rows: int) -> None:
+        """Record that a forward appended ``rows`` positions to the cache (after ``align``)."""
+        self.length += rows
+        self.steps += 1
+
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
+        """Run the body on ``hidden`` (B=1, T, D) whose first row is at ``position``; returns (1, T, D)."""
+        self.align(position, reset)
+        try:
+            out = self.body(hidden, self.cache)
+        except BaseException:
+            self.undo(position)
+            raise
+        self.advanced(hidden.shape[1])
+        return out
+
+    def undo(self, position: int) -> None:
+        """Put the cache back to ``position`` after a forward that failed part-way: the first layers may hold the
+        new positions and the rest not, so each layer is cut on its own. The step can then be retried."""
+        for layer in [] if self.cache is None else self.cache.layers:
+            extra = layer.keys.shape[-2] - position if layer.is_initialized else 0
+            if extra > 0:
+                layer.crop(-extra)
+        self.length = position
+
+    def close(self) -> None:
+        self.cache, self.length = None, 0
