@@ -71,3 +71,11 @@ def test_float_wire_keeps_the_shape_and_restore_checks_sizes():
     assert layout(x, WireDtype.FLOAT16, "tensor") is x
     with pytest.raises(ConfigError, match=r"should hold a \(2, 8, 4, 5\)"):
         restore(x, (2, 8, 4, 5), "the sample")
+
+
+def test_the_old_traffic_name_still_works_with_a_warning() -> None:
+    import lambdasplit.diffusion as diffusion
+
+    with pytest.warns(DeprecationWarning, match="FrameTraffic"):
+        old = diffusion.Traffic
+    assert old is diffusion.FrameTraffic

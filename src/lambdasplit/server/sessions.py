@@ -18,6 +18,11 @@ from lambdasplit.errors import SessionError
 S = TypeVar("S")
 
 
+def _after(handle: int) -> int:
+    """The next handle: u32 in the frame header, never 0 (0 means "no session")."""
+    return handle % 0xFFFF_FFFF + 1
+
+
 @dataclass
 class Held(Generic[S]):
     """One session: what it holds and whose it is."""
@@ -55,8 +60,10 @@ class SessionStore(Generic[S]):
                 "too_many_sessions",
             )
         handle = self._next_handle
+        while (owner, handle) in self._held:  # after a wrap-around, skip what this connection still holds
+            handle = _after(handle)
         held = Held(make(handle), handle, owner)  # `make` may refuse: then no handle is used up
-        self._next_handle = self._next_handle % 0xFFFF_FFFF + 1  # never 0: 0 means "no session"
+        self._next_handle = _after(handle)
         self._held[(owner, handle)] = held
         return held
 
