@@ -60,7 +60,7 @@ class BodyServer(FrameServer):
             raise ConfigError("the body server needs a SplitModel loaded with parts=['body']")
         if settings.cloud_only and (split.head is None or split.tail is None or split.tokenizer is None):
             raise ConfigError("a cloud-only server needs all three parts and the tokenizer (load_split(model, '0:'))")
-        counted = ("forward_frames", "positions")
+        counted: tuple[str, ...] = ("forward_frames", "positions")
         counted += ("generations", "generated_tokens", "generations_abandoned") if settings.cloud_only else ()
         # The batcher owns the compute thread; cloud-only generation and the warm-up run on it too.
         self.batcher = Batcher(split.body, settings.max_batch)

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,6 +32,7 @@ from lambdasplit.wire import PATH, PROTOCOL, Frame, MessageType, decode_frame, e
 _log = logging.getLogger("lambdasplit.server")
 
 Reply = Frame | AsyncIterator[Frame] | None
+Message = MutableMapping[str, Any]  # an ASGI WebSocket event, as Starlette's receive() gives it
 
 
 class FrameServer:
@@ -135,7 +136,7 @@ class FrameServer:
         # A reader task takes messages off the socket while a request runs, so a client that goes away in
         # the middle of a long GENERATE is seen at once (``gone``) and the generation stops. Its small inbox
         # keeps backpressure: a client that floods frames waits on TCP, not on server memory.
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=4)
+        inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=4)
         gone = asyncio.Event()
         reader = asyncio.create_task(self._read(ws, inbox, gone))
         try:
@@ -171,7 +172,7 @@ class FrameServer:
                 _log.info("connection %d went away; freed %d session(s)", conn, freed)
 
     @staticmethod
-    async def _read(ws: WebSocket, inbox: asyncio.Queue[dict[str, Any]], gone: asyncio.Event) -> None:
+    async def _read(ws: WebSocket, inbox: asyncio.Queue[Message], gone: asyncio.Event) -> None:
         """Move the socket's messages to ``inbox`` until the client disconnects, then set ``gone``.
 
         However it ends, ``gone`` is set and a disconnect message is queued when there is room; when there is

@@ -19,6 +19,7 @@ only thrash. The server runs anything else that computes (warm-up, cloud-only ge
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lambdasplit.split.parts import Body
-from lambdasplit.split.state import BodyState
+from lambdasplit.split.state import BodyState, cache_layers
 
 T = TypeVar("T")
 
@@ -64,12 +65,15 @@ def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
     lengths = [job.position for job in jobs]
     longest = max(lengths)
     assert body.model is not None
+    caches = []
+    for job in jobs:
+        assert job.state.cache is not None  # Job.batchable
+        caches.append(cache_layers(job.state.cache))
     batch_cache = DynamicCache(config=body.model.config)
     for layer in range(body.num_layers):
         keys, values = [], []
-        for job in jobs:
-            assert job.state.cache is not None  # Job.batchable
-            held = job.state.cache.layers[layer]
+        for held in (cache[layer] for cache in caches):
+            assert held.keys is not None and held.values is not None  # position > 0: the prompt is in
             pad = (0, 0, longest - held.keys.shape[-2], 0)  # left-pad the position axis
             keys.append(F.pad(held.keys, pad))
             values.append(F.pad(held.values, pad))
@@ -82,9 +86,9 @@ def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
     hidden = torch.stack([job.hidden for job in jobs])  # (B, 1, D)
     out = body(hidden, batch_cache, attention_mask=mask, position_ids=positions)
     try:
-        for layer in range(body.num_layers):
-            new_keys = batch_cache.layers[layer].keys[:, :, -1:, :]
-            new_values = batch_cache.layers[layer].values[:, :, -1:, :]
+        for layer, batched in enumerate(cache_layers(batch_cache)):
+            assert batched.keys is not None and batched.values is not None
+            new_keys, new_values = batched.keys[:, :, -1:, :], batched.values[:, :, -1:, :]
             for i, job in enumerate(jobs):
                 assert job.state.cache is not None
                 job.state.cache.update(new_keys[i : i + 1], new_values[i : i + 1], layer)
@@ -129,8 +133,9 @@ class Batcher:
         try:
             while self._queue:
                 jobs, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                results: list[torch.Tensor | BaseException]
                 try:
-                    results = await self.call(lambda jobs=jobs: self._run(jobs))
+                    results = await self.call(functools.partial(self._run, jobs))
                 except BaseException as exc:  # the executor itself failed: every job learns it
                     results = [exc] * len(jobs)
                 for job, result in zip(jobs, results, strict=True):

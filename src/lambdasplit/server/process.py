@@ -62,7 +62,12 @@ def lambdasplit_process(
     stderr: list[str] = []
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True).start()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
+
+    def forward_lines() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=forward_lines, daemon=True).start()
     try:
         yield _wait_ready(proc, lines, ready, timeout, stderr, argv[0])
     finally:

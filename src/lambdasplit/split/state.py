@@ -12,11 +12,25 @@ Every place that runs the body for a session goes through ``BodyState``: the dev
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import Cache
+from transformers.cache_utils import DynamicLayer
 
 from lambdasplit.errors import SessionError
 from lambdasplit.split.parts import Body, rewind
+
+
+def cache_layers(cache: Cache) -> list[DynamicLayer]:
+    """The layers of a cache that ``Part.new_cache`` built: a DynamicCache, whose layers are ``DynamicLayer``s
+    (the sliding-window kind is a subclass). transformers types ``Cache.layers`` as any layer kind."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
+def held_positions(layer: DynamicLayer) -> int:
+    """Positions a cache layer holds (0 before its first update)."""
+    return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
 
 
 class BodyState:
@@ -65,8 +79,8 @@ class BodyState:
     def undo(self, position: int) -> None:
         """Put the cache back to ``position`` after a forward that failed part-way: the first layers may hold the
         new positions and the rest not, so each layer is cut on its own. The step can then be retried."""
-        for layer in [] if self.cache is None else self.cache.layers:
-            extra = layer.keys.shape[-2] - position if layer.is_initialized else 0
+        for layer in [] if self.cache is None else cache_layers(self.cache):
+            extra = held_positions(layer) - position
             if extra > 0:
                 layer.crop(-extra)
         self.length = position
