@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from lambdasplit.audit.report import markdown
-from lambdasplit.audit.run import AuditReport, AuditRow
+from lambdasplit.audit.rows import AuditReport, AuditRow
 
 
 def merge(parts: list[dict]) -> tuple[AuditReport, list[dict]]:

@@ -7,7 +7,7 @@ import pytest
 from lambdasplit.audit.attacks.result import AttackResult
 from lambdasplit.audit.metrics import exact, find_span, rouge_l, secret_recovered, token_accuracy
 from lambdasplit.audit.prompts import AuditPrompt
-from lambdasplit.audit.run import score
+from lambdasplit.audit.rows import score
 
 
 def test_token_accuracy_is_position_wise_and_counts_missing_as_wrong() -> None:

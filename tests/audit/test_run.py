@@ -12,9 +12,12 @@ from typer.testing import CliRunner
 
 from lambdasplit.audit.prompts import AuditPrompt, load_prompts
 from lambdasplit.audit.report import markdown
-from lambdasplit.audit.run import AuditReport, AuditRow, AuditSettings, Defence, _plan, run_audit
+from lambdasplit.audit.rows import AuditReport, AuditRow
+from lambdasplit.audit.run import _plan, run_audit
+from lambdasplit.audit.settings import AuditSettings, Defence
 from lambdasplit.cli.app import app
 from lambdasplit.errors import ConfigError
+from lambdasplit.wire import WireDtype
 
 PROMPTS = (
     AuditPrompt("hello world, my password is fox", "fox"),
@@ -100,6 +103,13 @@ def test_plan_varies_x_and_the_tail_or_audits_one_deployed_split() -> None:
     assert [(c.head, c.tail, c.sides) for c in one] == [(3, 2, ("prompt", "output"))]
     with pytest.raises(ConfigError, match="invalid"):
         _plan(AuditSettings(layers="9:4"), 30)
+
+
+def test_the_wire_dtype_is_checked_before_any_model_loads() -> None:
+    assert AuditSettings(wire_dtype="bf16").wire() is WireDtype.BFLOAT16
+    for bad in ("int8", "float64"):  # a quantized wire's rounding is not what the attacks' tolerances model
+        with pytest.raises(ConfigError, match="float32, float16 or bfloat16"):
+            run_audit(AuditSettings(model="no-such-model", prompts=PROMPTS, wire_dtype=bad))
 
 
 def test_defence_specs_and_prompt_files(tmp_path: Path) -> None:

@@ -13,7 +13,10 @@ product (``privacy``, ``split``, ``generation``, ``models``, ``wire``) but no pr
 """
 
 from lambdasplit.audit.prompts import DEFAULT_PROMPTS, AuditPrompt, load_prompts
-from lambdasplit.audit.run import DEFAULT_DEFENCES, AuditReport, AuditRow, AuditSettings, Defence, Progress, run_audit
+from lambdasplit.audit.rows import AuditReport, AuditRow
+from lambdasplit.audit.run import run_audit
+from lambdasplit.audit.settings import DEFAULT_DEFENCES, AuditSettings, Defence
+from lambdasplit.audit.state import Progress
 
 __all__ = [
     "DEFAULT_DEFENCES",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from lambdasplit.audit.run import AuditReport, AuditRow
+from lambdasplit.audit.rows import AuditReport, AuditRow
 
 _COLUMNS = (
     "split",

@@ -2,7 +2,7 @@
 
 ``rows(context)`` yields the rows of one configuration (split points + defence). The attacks live in
 ``audit.attacks``; this module only composes them (a key recovered by A4, then the ordinary attacks on
-the states decoded with it) and scores them (``audit.score``).
+the states decoded with it) and scores them (``rows.score``).
 """
 
 from __future__ import annotations
@@ -22,14 +22,19 @@ from lambdasplit.audit.attacks.nearest_neighbour import nearest_neighbour
 from lambdasplit.audit.attacks.permutation import (
     KeyEstimate,
     decode_with,
+    reference_states,
     sorted_matching,
     statistical_matching,
     weight_matching,
 )
 from lambdasplit.audit.attacks.result import AttackResult
+from lambdasplit.audit.attacks.rotation import invariant_matching, rotation_from_weights
 from lambdasplit.audit.attacks.sampled_tokens import sampled_tokens
 from lambdasplit.audit.attacks.tail_replay import tail_replay
-from lambdasplit.audit.run import Attacker, AuditRow, Defence, Run, score
+from lambdasplit.audit.corpus import chunks
+from lambdasplit.audit.rows import Attacker, AuditRow, score
+from lambdasplit.audit.settings import Defence
+from lambdasplit.audit.state import Run
 from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.noise import GaussianNoise
@@ -109,6 +114,15 @@ def rows(ctx: Context) -> Iterator[AuditRow]:
 # --- states the attacker can read directly (no key, or a key already recovered) -----------------------------
 
 
+@dataclass(frozen=True)
+class RecoveredKey:
+    """A key A4 recovered (``step``: how) and the states were decoded with: the plain attacks that follow are
+    named after the step and carry its key accuracy and time."""
+
+    step: str
+    estimate: KeyEstimate
+
+
 def _plain_rows(
     ctx: Context,
     attacker: Attacker,
@@ -116,11 +130,16 @@ def _plain_rows(
     *,
     sampled: bool,
     hopeless: bool = False,
-    prefix: str = "",
-    extra: dict[str, Any] | None = None,
+    key: RecoveredKey | None = None,
 ) -> Iterator[AuditRow]:
-    extra = extra or {}
-    seconds = extra.pop("extra_seconds", 0.0)
+    """The attacks on readable states: ``items`` as intercepted, or (``key``) decoded with a recovered key.
+
+    After A4 only A2, A1 and B1 run: they show what the recovered key is worth; A3, dCor, B2 and A1 on
+    fed-back tokens are measured once, on the states as the link carries them.
+    """
+    prefix = "" if key is None else f"{key.step} -> "
+    seconds = 0.0 if key is None else key.estimate.seconds
+    fields: dict[str, Any] = {} if key is None else {"key_accuracy": key.estimate.key_accuracy}
     stage = ctx.run.stage
     if "prompt" in ctx.sides:
         attacks: list[tuple[str, Callable[[], list[AttackResult]]]] = [
@@ -129,13 +148,13 @@ def _plain_rows(
         ]
         for name, attack in attacks:
             stage(f"{ctx.label}: {prefix}{name}")
-            yield ctx.row(attacker, "prompt", prefix + name, attack(), extra_seconds=seconds, **extra)
-        if ctx.run.settings.inverter_tokens > 0 and not prefix:
+            yield ctx.row(attacker, "prompt", prefix + name, attack(), extra_seconds=seconds, **fields)
+        if ctx.run.settings.inverter_tokens > 0 and key is None:
             noise = ctx.secret if isinstance(ctx.secret, GaussianNoise) else None
             inverter = ctx.run.inverter(ctx.public, noise)
             name = "A3 learned inverter" + (" (trained on equally noisy states)" if noise else "")
             yield ctx.row(attacker, "prompt", name, [invert(inverter, i, side="prompt") for i in items])
-        if not prefix:
+        if key is None:
             start = time.perf_counter()
             value = intercepts_dcor(ctx.public, items)
             yield AuditRow(
@@ -154,9 +173,9 @@ def _plain_rows(
             prefix + "B1 tail replay",
             tail_replay(ctx.public, items),
             extra_seconds=seconds,
-            **extra,
+            **fields,
         )
-        if not prefix:
+        if key is None:
             yield ctx.row(attacker, "output", "B2 logit lens", logit_lens(ctx.public, items))
             stage(f"{ctx.label}: A1 on fed-back tokens")
             yield ctx.row(
@@ -202,8 +221,7 @@ def _cloud_key_rows(ctx: Context, key: ObfuscationKey, *, eavesdropper: bool = F
         ctx.run.stage(f"{ctx.label}: {name}")
         estimate = recover()
         decoded = [decode_with(estimate, i) for i in ctx.greedy]
-        extra = {"key_accuracy": estimate.key_accuracy, "extra_seconds": estimate.seconds}
-        yield from _plain_rows(ctx, attacker, decoded, sampled=False, prefix=f"{name} -> ", extra=extra)
+        yield from _plain_rows(ctx, attacker, decoded, sampled=False, key=RecoveredKey(name, estimate))
 
 
 def _key_attacks(ctx: Context, key: ObfuscationKey) -> list[tuple[Attacker, str, Callable[[], KeyEstimate]]]:
@@ -219,8 +237,6 @@ def _key_attacks(ctx: Context, key: ObfuscationKey) -> list[tuple[Attacker, str,
             ),
             ("cloud", "A4 weight matching", lambda: weight_matching(ctx.public, body, truth=key)),
         ]
-    from lambdasplit.audit.attacks.rotation import rotation_from_weights
-
     return [("cloud", "A4 weight fit", lambda: rotation_from_weights(ctx.public, body, truth=key))]
 
 
@@ -230,8 +246,6 @@ def _invariant_rows(ctx: Context) -> Iterator[AuditRow]:
     It is the slowest attack (every candidate compared with the whole prefix), so it reads the first
     ``INVARIANT_PROMPTS`` conversations; the rows say so.
     """
-    from lambdasplit.audit.attacks.rotation import invariant_matching
-
     items = ctx.greedy[:INVARIANT_PROMPTS]
     prompts = ctx.run.settings.prompts[: len(items)]
     note = f"first {len(items)} of {len(ctx.greedy)} prompts" if len(items) < len(ctx.greedy) else ""
@@ -260,9 +274,6 @@ def _key_reuse_rows(ctx: Context, key: ObfuscationKey) -> Iterator[AuditRow]:
     The user's traffic is simulated by held-out public text through the user's own head and key (what the
     link would carry for those sessions); the attacker's statistics come from other public text.
     """
-    from lambdasplit.audit.attacks.permutation import reference_states
-    from lambdasplit.audit.corpus import chunks
-
     assert ctx.victim.head is not None and ctx.victim.tokenizer is not None
     windows = chunks(ctx.victim.tokenizer, 64, max(REUSE_VECTORS) // 64, seed=ctx.run.settings.seed, split="heldout")
     with torch.inference_mode():
