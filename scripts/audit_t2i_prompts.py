@@ -4,7 +4,7 @@
 
 For random captions of the default model, the positive prompt's embeddings as the device sends them (every
 policy but unconditioned collafuse sends them; ``--input-dtype`` of `lambdasplit imagine`, channel scales),
-attacked with `lambdasplit.privacy.attacks.clip_inversion` and the public text encoder. Prints per wire dtype
+attacked with `lambdasplit.audit.attacks.clip_inversion` and the public text encoder. Prints per wire dtype
 the share of captions read back exactly, token accuracy, and seconds per caption.
 """
 
@@ -15,10 +15,10 @@ import statistics
 
 import torch
 
+from lambdasplit.audit.attacks.clip_inversion import invert_prompt_embeds
 from lambdasplit.diffusion import DEFAULT_PIPELINE, load_pipeline
 from lambdasplit.diffusion.protocol import layout, restore
 from lambdasplit.diffusion.shapes import random_scenes
-from lambdasplit.privacy.attacks.clip_inversion import invert_prompt_embeds
 from lambdasplit.wire import WireDtype, decode_tensor, encode_tensor
 
 

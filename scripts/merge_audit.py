@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lambdasplit.privacy.audit import AuditReport, AuditRow
-from lambdasplit.privacy.audit_report import markdown
+from lambdasplit.audit.report import markdown
+from lambdasplit.audit.rows import AuditReport, AuditRow
 
 
 def merge(parts: list[dict]) -> tuple[AuditReport, list[dict]]:

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from lambdasplit.privacy.audit import AuditRow
+from lambdasplit.audit.rows import AuditRow
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "merge_audit.py"
 

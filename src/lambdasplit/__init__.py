@@ -40,14 +40,15 @@ _EXPORTS: dict[str, str] = {
     "DraftLength": "lambdasplit.generation",
     "PromptLookupDrafter": "lambdasplit.generation",
     "ModelDrafter": "lambdasplit.generation",
-    # privacy: what the link carries, keys, the audit
+    # privacy: what the link carries, keys
     "intercept": "lambdasplit.privacy",
     "Intercept": "lambdasplit.privacy",
     "ObfuscationKey": "lambdasplit.privacy",
     "make_key": "lambdasplit.privacy",
     "protect": "lambdasplit.privacy",
-    "AuditSettings": "lambdasplit.privacy",
-    "run_audit": "lambdasplit.privacy",
+    # the research suite that measures them (imported on first use, like every name here)
+    "AuditSettings": "lambdasplit.audit",
+    "run_audit": "lambdasplit.audit",
     # split text-to-image
     "SplitPipeline": "lambdasplit.diffusion",
     "DiffusionBody": "lambdasplit.diffusion",
@@ -112,6 +113,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lambdasplit.audit import AuditSettings, run_audit
     from lambdasplit.config import Runtime, SplitPoints
     from lambdasplit.diffusion import DiffusionBody, SplitPipeline, load_pipeline
     from lambdasplit.errors import (
@@ -141,7 +143,7 @@ if TYPE_CHECKING:
     )
     from lambdasplit.generation.verify import verify_split
     from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
-    from lambdasplit.privacy import AuditSettings, Intercept, ObfuscationKey, intercept, make_key, protect, run_audit
+    from lambdasplit.privacy import Intercept, ObfuscationKey, intercept, make_key, protect
     from lambdasplit.split import Body, Head, SplitModel, Tail, load_split
 
 

@@ -311,6 +311,16 @@ def test_wire_dtype_parse():
         assert repr(bad) in str(err.value)
 
 
+def test_raw_wire_dtypes_name_their_torch_dtype_and_no_other_does():
+    assert [w.torch_dtype for w in (WireDtype.FLOAT32, WireDtype.FLOAT16, WireDtype.BFLOAT16)] == [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    ]
+    assert all(WireDtype.parse(w.torch_dtype) is w for w in WireDtype if w.torch_dtype is not None)
+    assert WireDtype.QINT8.torch_dtype is None and WireDtype.JSON.torch_dtype is None
+
+
 def test_bad_arguments_are_config_errors():
     with pytest.raises(ConfigError, match=r"torch\.int64"):
         encode_tensor(torch.ones(2, dtype=torch.int64), "float32")

@@ -9,11 +9,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from lambdasplit.audit import DEFAULT_DEFENCES, DEFAULT_PROMPTS, AuditSettings, Defence, load_prompts, run_audit
+from lambdasplit.audit.report import rich_tables, write
 from lambdasplit.cli.options import DEFAULTS, Model
 from lambdasplit.errors import ConfigError
-from lambdasplit.privacy.audit import DEFAULT_DEFENCES, AuditSettings, Defence, run_audit
-from lambdasplit.privacy.audit_report import rich_tables, write
-from lambdasplit.privacy.prompts import DEFAULT_PROMPTS, load_prompts
 
 _err = Console(stderr=True)
 

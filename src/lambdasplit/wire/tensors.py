@@ -51,6 +51,11 @@ class WireDtype(IntEnum):
         """True for the dtypes that carry a tensor."""
         return self in _TENSOR_DTYPES
 
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype of a raw payload (float32, float16, bfloat16); None for quantized and control dtypes."""
+        return _TORCH.get(self)
+
     @classmethod
     def parse(cls, value: WireDtype | str | torch.dtype) -> WireDtype:
         """The tensor wire dtype named by ``value``: "float16", "fp16", "bf16", "int8", torch.float16, ...
