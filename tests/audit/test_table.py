@@ -11,11 +11,11 @@ from transformers import PreTrainedModel
 from lambdasplit.audit.attacks.permutation import KeyEstimate
 from lambdasplit.audit.prompts import AuditPrompt
 from lambdasplit.audit.settings import AuditSettings, Defence
-from lambdasplit.audit.state import Configuration, Run
-from lambdasplit.audit.table import Context, RecoveredKey, _plain_rows
+from lambdasplit.audit.state import AuditResources, Configuration
+from lambdasplit.audit.table import DefenceUnderTest, RecoveredKey, _plain_rows
 
 
-def _context(path: Path) -> Context:
+def _context(path: Path) -> DefenceUnderTest:
     settings = AuditSettings(
         model=str(path),
         prompts=(AuditPrompt("hello world, my password is fox", "fox"),),
@@ -23,10 +23,10 @@ def _context(path: Path) -> Context:
         inverter_tokens=0,
         wire_dtype="float32",
     )
-    run = Run(settings, None)
+    run = AuditResources(settings, None)
     config = Configuration(head=1, tail=2, sides=("prompt", "output"))
     public = run.load(config)
-    return Context(
+    return DefenceUnderTest(
         run=run,
         public=public,
         victim=public,

@@ -31,7 +31,7 @@ from dataclasses import asdict, replace
 from lambdasplit.audit import table
 from lambdasplit.audit.rows import AuditReport, AuditRow
 from lambdasplit.audit.settings import AuditSettings, Defence
-from lambdasplit.audit.state import Configuration, Progress, Run
+from lambdasplit.audit.state import AuditResources, Configuration, Progress
 from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError, SplitPointError
 
@@ -91,7 +91,7 @@ def run_audit(
         raise ConfigError("the audit needs at least one prompt")
     settings.wire()  # a bad wire dtype fails here, before any model is loaded
     defences = [Defence.parse(d) for d in settings.defences]
-    run = Run(settings, progress)
+    run = AuditResources(settings, progress)
     report = AuditReport(settings={**asdict(settings), "prompts": [asdict(p) for p in settings.prompts]})
     start = time.perf_counter()
     for config in _plan(settings, run.num_layers()):
@@ -106,7 +106,7 @@ def run_audit(
                 continue
             victim, secret = (public, None) if defence.kind == "none" else run.victim(config, defence)
             ratio, agreement = run.utility(victim, plain_ppl)
-            context = table.Context(
+            context = table.DefenceUnderTest(
                 run=run,
                 public=public,
                 victim=victim,

@@ -1,4 +1,4 @@
-"""What the configurations of one audit share (``Run``): the splits it loads, the victim under each defence,
+"""What the configurations of one audit share (``AuditResources``): the splits it loads, the victim under each defence,
 the intercepted conversations, the unsplit reference for the utility columns and the cached A3 inverters.
 
 The runner (``audit.run``) plans the configurations; the attack table (``audit.table``) reads this state.
@@ -38,8 +38,8 @@ class Configuration:
     sides: tuple[str, ...]
 
 
-class Run:
-    """State shared by the configurations of one audit: prompts, the unsplit reference, cached inverters."""
+class AuditResources:
+    """What every configuration of one audit shares: settings, progress, the unsplit reference, cached inverters."""
 
     def __init__(self, settings: AuditSettings, progress: Progress | None) -> None:
         self.settings = settings

@@ -34,7 +34,7 @@ from lambdasplit.audit.attacks.tail_replay import tail_replay
 from lambdasplit.audit.corpus import chunks
 from lambdasplit.audit.rows import Attacker, AuditRow, score
 from lambdasplit.audit.settings import Defence
-from lambdasplit.audit.state import Run
+from lambdasplit.audit.state import AuditResources
 from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.noise import GaussianNoise
@@ -46,8 +46,11 @@ HOPELESS_CANDIDATES = 64
 
 
 @dataclass
-class Context:
-    run: Run
+class DefenceUnderTest:
+    """One split of the model under one defence, as the attacks see it: the public copy, the user's victim split,
+    its secret and the conversations it carried; ``run`` is what every configuration of the audit shares."""
+
+    run: AuditResources
     public: SplitModel  # the attacker's copy of the public weights, same split points
     victim: SplitModel  # the user's split under the defence (its body is what the cloud holds)
     secret: ObfuscationKey | GaussianNoise | None
@@ -100,7 +103,7 @@ class Context:
         return exact_matching(self.public, items, side=side, wire_dtype=self.run.wire_dtype, **cap)  # type: ignore[arg-type]
 
 
-def rows(ctx: Context) -> Iterator[AuditRow]:
+def rows(ctx: DefenceUnderTest) -> Iterator[AuditRow]:
     kind = ctx.defence.kind
     if kind == "none":
         yield from _plain_rows(ctx, "eavesdropper = cloud", ctx.greedy, sampled=True)
@@ -124,7 +127,7 @@ class RecoveredKey:
 
 
 def _plain_rows(
-    ctx: Context,
+    ctx: DefenceUnderTest,
     attacker: Attacker,
     items: list[Intercept],
     *,
@@ -191,7 +194,7 @@ def _plain_rows(
 # --- a key: without it the attacks fail; A4 recovers it ----------------------------------------------------
 
 
-def _key_rows(ctx: Context, key: ObfuscationKey) -> Iterator[AuditRow]:
+def _key_rows(ctx: DefenceUnderTest, key: ObfuscationKey) -> Iterator[AuditRow]:
     if key.inner:
         # Inner secrets change only the body's weights: the link carries what it carries without them, so the
         # eavesdropper's rows are those of the key without inner secrets, and only the cloud is measured.
@@ -213,7 +216,7 @@ def _key_rows(ctx: Context, key: ObfuscationKey) -> Iterator[AuditRow]:
     yield from _cloud_key_rows(ctx, key, eavesdropper=True)
 
 
-def _cloud_key_rows(ctx: Context, key: ObfuscationKey, *, eavesdropper: bool = False) -> Iterator[AuditRow]:
+def _cloud_key_rows(ctx: DefenceUnderTest, key: ObfuscationKey, *, eavesdropper: bool = False) -> Iterator[AuditRow]:
     """A4 then the plain attacks on the decoded states, for the cloud (and the eavesdropper when asked)."""
     for attacker, name, recover in _key_attacks(ctx, key):
         if attacker == "eavesdropper" and not eavesdropper:
@@ -224,7 +227,7 @@ def _cloud_key_rows(ctx: Context, key: ObfuscationKey, *, eavesdropper: bool = F
         yield from _plain_rows(ctx, attacker, decoded, sampled=False, key=RecoveredKey(name, estimate))
 
 
-def _key_attacks(ctx: Context, key: ObfuscationKey) -> list[tuple[Attacker, str, Callable[[], KeyEstimate]]]:
+def _key_attacks(ctx: DefenceUnderTest, key: ObfuscationKey) -> list[tuple[Attacker, str, Callable[[], KeyEstimate]]]:
     """(attacker, A4 step, how it recovers the key) for the key's kind."""
     body = ctx.victim.body
     assert body is not None
@@ -240,7 +243,7 @@ def _key_attacks(ctx: Context, key: ObfuscationKey) -> list[tuple[Attacker, str,
     return [("cloud", "A4 weight fit", lambda: rotation_from_weights(ctx.public, body, truth=key))]
 
 
-def _invariant_rows(ctx: Context) -> Iterator[AuditRow]:
+def _invariant_rows(ctx: DefenceUnderTest) -> Iterator[AuditRow]:
     """Rotation or permutation: norms and inner products survive, so A1's search works without the key.
 
     It is the slowest attack (every candidate compared with the whole prefix), so it reads the first
@@ -268,7 +271,7 @@ INVARIANT_PROMPTS = 6
 REUSE_VECTORS = (64, 1024, 8192)
 
 
-def _key_reuse_rows(ctx: Context, key: ObfuscationKey) -> Iterator[AuditRow]:
+def _key_reuse_rows(ctx: DefenceUnderTest, key: ObfuscationKey) -> Iterator[AuditRow]:
     """Statistical de-permutation against the amount of traffic sent under one key: the cost of reusing it.
 
     The user's traffic is simulated by held-out public text through the user's own head and key (what the
