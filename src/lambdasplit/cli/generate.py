@@ -20,7 +20,12 @@ from lambdasplit.cli.options import (
     Layers,
     Model,
     ReconnectDeadline,
+    Seed,
     Speculative,
+    Temperature,
+    TopK,
+    TopP,
+    sampling_params,
 )
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
@@ -50,12 +55,17 @@ def generate(
     model: Model = DEFAULTS["model"],
     layers: Layers = DEFAULTS["layers"],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")] = 128,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Argmax decoding (default unless --temperature).")] = True,
-    temperature: Annotated[float | None, typer.Option(help="Sample at this temperature (> 0).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Sample only from the k most likely tokens.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling: smallest set with this mass.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise repeated tokens (> 1).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling (reproducible output).")] = None,
+    # A plain flag that defaults to False: a flag defaulting to True cannot be turned off, and click 8.1 flips it.
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="Argmax decoding, as without --temperature; refuses a --temperature > 0.")
+    ] = False,
+    temperature: Temperature = 0.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="Penalise repeated tokens (> 1); greedy or sampled.")
+    ] = None,
+    seed: Seed = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
@@ -87,14 +97,19 @@ def generate(
 
     Without --cloud all three parts run in this process. With --cloud URL this process is the device: it runs
     head and tail, and only hidden states travel to the body server (`lambdasplit serve`).
+
+    Greedy by default (--temperature 0, as `lambdasplit chat`): the output is the unsplit model's, token for
+    token. --temperature T > 0 samples, shaped by --top-k, --top-p and made reproducible by --seed; those three
+    are refused without it, and --greedy with a --temperature above 0 is refused too.
     """
-    params = SamplingParams(
+    params = sampling_params(
         max_new_tokens=max_new_tokens,
-        temperature=temperature if temperature is not None else (0.0 if greedy else 1.0),
+        temperature=temperature,
+        greedy=greedy,
         top_k=top_k,
         top_p=top_p,
-        repetition_penalty=repetition_penalty,
         seed=seed,
+        repetition_penalty=repetition_penalty,
         stop=tuple(stop or ()),
     )
     client = None
