@@ -63,6 +63,7 @@ def test_generate_streams_text_and_prints_a_summary(tiny) -> None:
         (["--model", "/nonexistent/model"], "not found"),
         (["--dtype", "int3"], "float32, float16, bfloat16"),
         (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--greedy", "--temperature", "0.8"], "--greedy means --temperature 0"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(tiny, args: list[str], message: str) -> None:

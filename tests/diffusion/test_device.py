@@ -153,3 +153,11 @@ def test_cloud_unet_on_cuda_with_a_cpu_device(tiny_sd, tiny_sd_cuda, policy, rec
     error = (out.image - reference).abs().max().item()
     record_property("max_abs_diff_vs_cpu", error)
     assert error <= 1e-3
+
+
+def test_unconditioned_collafuse_without_guidance_is_refused_before_the_head_runs(tiny_sd, monkeypatch):
+    split = SplitPipeline(tiny_sd)
+    monkeypatch.setattr(split.ends, "start", lambda *a, **k: pytest.fail("the head ran"))
+    link = LocalLink(DiffusionBody(tiny_sd.unet, "tiny"))
+    with pytest.raises(ConfigError, match="needs guidance_scale > 1"):
+        split.generate(PROMPT, link, policy="collafuse", conditioned=False, guidance_scale=1.0)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from lambdasplit.client import connect_device
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation import LocalBodyLink, SplitDecoder, generate, stream
+from lambdasplit.generation import LocalBodyLink, ModelDecoder, SplitDecoder, generate, stream
 from lambdasplit.split import load_split
 from servers import body_server
 from tiny_models import NUM_LAYERS
@@ -82,3 +83,20 @@ def test_resume_needs_tokens_and_reuses_nothing_of_a_fresh_decoder(tiny_checkpoi
     assert decoder.ids == FIRST and decoder.traffic.up_payload_bytes == (len(FIRST) + 1) * 4 * split.hidden_size
     with pytest.raises(Exception, match="empty"):
         decoder.resume([])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_stream_drives_the_unsplit_model_through_any_decoder(tiny_checkpoint, family: str) -> None:
+    # `generate --unsplit` and the benchmark's local-only row: the same loop, a ModelDecoder instead of the split.
+    path, ref = tiny_checkpoint(family)
+    split = load_split(path, LAYERS, device="cpu", dtype="float32")
+    with torch.no_grad():
+        ids = ref.generate(
+            torch.tensor([FIRST]), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    expected = ids[0, len(FIRST) :].tolist()
+    decoder = ModelDecoder(ref)
+    unsplit = stream(split, FIRST, decoder=decoder, max_new_tokens=NEW, ignore_eos=True).run()
+    assert unsplit.token_ids == expected == generate(split, FIRST, max_new_tokens=NEW, ignore_eos=True).token_ids
+    assert decoder.ids == [*FIRST, *expected[:-1]]  # left open: the caller's to reuse or close
+    decoder.close()

@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lambdasplit.bench.capture import IpBytes, capture, capture_unavailable, pcap_bytes, server_socket_bytes
 from lambdasplit.bench.cpulimit import CpuLimit
@@ -48,7 +48,7 @@ from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.models.checkpoint import Checkpoint
 from lambdasplit.models.resolve import resolve_checkpoint
 from lambdasplit.server.process import body_server_process
-from lambdasplit.split import SplitModel
+from lambdasplit.split import SplitModel, load_split
 
 #: The paper's Table I prompt (14 tokens for Llama 2).
 PAPER_PROMPT = "What is the difference between AI, ML and DL?"
@@ -232,7 +232,7 @@ def _run_table(config: TableConfig, links: list[Link], report: Progress, limit: 
     local_text: str | None = None
     if "local-only" in config.methods:
         # Local-only does not depend on the link: measured once, listed under every link.
-        local_row = _local_only(config, path, tokenizer, report, limit)
+        local_row = _local_only(config, path, report, limit)
         local_text = local_row.text
     for link in links:
         if link.emulated and (reason := netns_unavailable()):
@@ -254,15 +254,18 @@ def _params(config: TableConfig) -> SamplingParams:
     return SamplingParams(max_new_tokens=config.new_tokens, ignore_eos=not config.stop_at_eos)
 
 
-def _local_only(
-    config: TableConfig, path: Path, tokenizer: PreTrainedTokenizerBase, report: Progress, limit: CpuLimit | None
-) -> Row:
+def _local_only(config: TableConfig, path: Path, report: Progress, limit: CpuLimit | None) -> Row:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = encode_prompt(tokenizer, config.prompt, chat=True)
-    row = Row("", "local-only", f"{model.config.num_hidden_layers}:0", None, _SENT["local-only"])
-    run = Generation(ModelDecoder(model), ids, _params(config), tokenizer=tokenizer)
+    n = model.config.num_hidden_layers
+    # The split rows' loop (stream), driving the unsplit model: the ends without layers (0:N) bring the tokenizer
+    # and EOS ids the same way, for the cost of the embedding and LM head loaded twice.
+    ends = load_split(path, f"0:{n}", parts=("head", "tail"), device="cpu", dtype="float32", quiet=True)
+    row = Row("", "local-only", f"{n}:0", None, _SENT["local-only"])
+    decoder = ModelDecoder(model)
+    run = stream(ends, config.prompt, chat=True, params=_params(config), decoder=decoder)
     with limit.applied() if limit else nullcontext():
         _drive(run, row, "all", report)
+    decoder.close()
     assert run.result is not None
     row.local_s = row.total_s = run.result.seconds
     return row

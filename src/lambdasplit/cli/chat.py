@@ -17,10 +17,14 @@ from lambdasplit.cli.options import (
     Layers,
     Model,
     ReconnectDeadline,
+    Seed,
     Speculative,
+    Temperature,
+    TopP,
+    sampling_params,
 )
 from lambdasplit.client import CloudClient
-from lambdasplit.generation import LocalBodyLink, SamplingParams, SplitDecoder, stream
+from lambdasplit.generation import LocalBodyLink, SplitDecoder, stream
 from lambdasplit.generation.text import Message
 from lambdasplit.wire import WireDtype
 
@@ -38,9 +42,9 @@ def chat(
     wire_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16, int8, int6, int4 or int2.")] = "float16",
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = None,
+    seed: Seed = None,
     speculative: Speculative = None,
     key: Key = None,
     cloud_timeout: CloudTimeout = 60.0,
@@ -49,7 +53,7 @@ def chat(
     dtype: Dtype = None,
 ) -> None:
     """Chat with the model. Each answer streams as it is generated; the history is kept until /reset."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     client: CloudClient | None = None
     with _out.status(f"loading {model}" + (f" and connecting to {cloud}" if cloud else "")):
         if cloud:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 from lambdasplit.client import CloudClient, connect_device
+from lambdasplit.errors import ConfigError
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.obfuscate import protect
 from lambdasplit.split import SplitModel, load_split
+from lambdasplit.split.build import Role
 
 
 def connect_cloud(
@@ -37,9 +39,23 @@ def connect_cloud(
     )
 
 
-def load_local(model: str, layers: str, *, device: str | None, dtype: str | None, key: str | None) -> SplitModel:
-    """All three parts in this process; with ``key``, the body obfuscated and the wire transformed by it."""
-    split = load_split(model, layers, device=device, dtype=dtype)
+def load_local(
+    model: str,
+    layers: str,
+    *,
+    device: str | None,
+    dtype: str | None,
+    key: str | None,
+    parts: tuple[Role, ...] = ("head", "body", "tail"),
+) -> SplitModel:
+    """The split in this process; with ``key``, the body obfuscated and the wire transformed by it.
+
+    ``parts``: all three by default; ``("head", "tail")`` when only the tokenizer, configs and ends are wanted
+    (``generate --unsplit`` runs the whole model beside them). A key needs the body it obfuscates.
+    """
+    if key is not None and "body" not in parts:
+        raise ConfigError("--key obfuscates the split's body; without the body there is nothing to obfuscate")
+    split = load_split(model, layers, device=device, dtype=dtype, parts=parts)
     if key is not None:
         protect(split, ObfuscationKey.load(key))
     return split

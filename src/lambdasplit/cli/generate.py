@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.cloud import connect_cloud
+from lambdasplit.cli.cloud import connect_cloud, load_local
 from lambdasplit.cli.options import (
     DEFAULTS,
     CloudTimeout,
@@ -20,29 +20,23 @@ from lambdasplit.cli.options import (
     Layers,
     Model,
     ReconnectDeadline,
+    Seed,
     Speculative,
+    Temperature,
+    TopK,
+    TopP,
+    sampling_params,
 )
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation import (
-    Drafter,
-    DraftLength,
-    Generation,
-    GenerationResult,
-    ModelDecoder,
-    SamplingParams,
-    make_drafter,
-    prompt_ids,
-    stream,
-)
-from lambdasplit.privacy.keys import ObfuscationKey
-from lambdasplit.privacy.obfuscate import protect
-from lambdasplit.split import SplitModel, load_split
+from lambdasplit.generation import DraftLength, GenerationResult, ModelDecoder, make_drafter, stream
+from lambdasplit.split import SplitModel
+from lambdasplit.split.build import Role
 from lambdasplit.wire import WireDtype
 
 _err = Console(stderr=True)
 # --unsplit still loads head and tail: they bring the tokenizer and configs, and cost little.
-_PARTS = {False: ("head", "body", "tail"), True: ("head", "tail")}
+_PARTS: dict[bool, tuple[Role, ...]] = {False: ("head", "body", "tail"), True: ("head", "tail")}
 
 
 def generate(
@@ -50,12 +44,17 @@ def generate(
     model: Model = DEFAULTS["model"],
     layers: Layers = DEFAULTS["layers"],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")] = 128,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Argmax decoding (default unless --temperature).")] = True,
-    temperature: Annotated[float | None, typer.Option(help="Sample at this temperature (> 0).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Sample only from the k most likely tokens.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling: smallest set with this mass.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise repeated tokens (> 1).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling (reproducible output).")] = None,
+    # A plain flag that defaults to False: a flag defaulting to True cannot be turned off, and click 8.1 flips it.
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="Argmax decoding, as without --temperature; refuses a --temperature > 0.")
+    ] = False,
+    temperature: Temperature = 0.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="Penalise repeated tokens (> 1); greedy or sampled.")
+    ] = None,
+    seed: Seed = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
@@ -87,17 +86,25 @@ def generate(
 
     Without --cloud all three parts run in this process. With --cloud URL this process is the device: it runs
     head and tail, and only hidden states travel to the body server (`lambdasplit serve`).
+
+    Greedy by default (--temperature 0, as `lambdasplit chat`): the output is the unsplit model's, token for
+    token. --temperature T > 0 samples, shaped by --top-k, --top-p and made reproducible by --seed; those three
+    are refused without it, and --greedy with a --temperature above 0 is refused too.
     """
-    params = SamplingParams(
+    params = sampling_params(
         max_new_tokens=max_new_tokens,
-        temperature=temperature if temperature is not None else (0.0 if greedy else 1.0),
+        temperature=temperature,
+        greedy=greedy,
         top_k=top_k,
         top_p=top_p,
-        repetition_penalty=repetition_penalty,
         seed=seed,
+        repetition_penalty=repetition_penalty,
         stop=tuple(stop or ()),
     )
+    if speculative is not None and no_cache:
+        raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")
     client = None
+    link = None
     if cloud is not None:
         if unsplit:
             raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")
@@ -114,28 +121,32 @@ def generate(
             )
         link = client.open_session(WireDtype.parse(wire_dtype))
     else:
+        if unsplit and key is not None:
+            raise ConfigError("--key obfuscates the split's body; the unsplit model has none")
         with _err.status(f"loading {model} ({'unsplit' if unsplit else f'layers {layers}'})"):
             # The tokenizer and configs come from the split loader; --unsplit adds the plain HF model.
-            split = load_split(model, layers, device=device, dtype=dtype, parts=_PARTS[unsplit])
-            if key is not None:
-                if unsplit:
-                    raise ConfigError("--key obfuscates the split's body; the unsplit model has none")
-                protect(split, ObfuscationKey.load(key))
-        link = None
-    if speculative is not None and no_cache:
-        raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")
+            split = load_local(model, layers, device=device, dtype=dtype, key=key, parts=_PARTS[unsplit])
     drafter = make_drafter(speculative, split, DraftLength(k=draft_tokens)) if speculative else None
-    if unsplit:
-        run = _unsplit(split, prompt, params, chat=chat, system=system, drafter=drafter)
-    else:
-        run = stream(
-            split, prompt, chat=chat, system=system, use_cache=not no_cache, params=params, link=link, drafter=drafter
-        )
+    # --unsplit: the same loop as the split, driving the plain model through the Decoder protocol.
+    decoder = _unsplit_decoder(split) if unsplit else None
+    run = stream(
+        split,
+        prompt,
+        chat=chat,
+        system=system,
+        use_cache=not no_cache,
+        params=params,
+        link=link,
+        drafter=drafter,
+        decoder=decoder,
+    )
     before = client.socket_bytes() if client is not None else None
     for event in run:
         if not as_json:
             sys.stdout.write(event.text)
             sys.stdout.flush()
+    if decoder is not None:
+        decoder.close()  # stream leaves a decoder it was given open
     result = run.result
     assert result is not None
     mode = "unsplit" if unsplit else ("split-no-cache" if no_cache else "split")
@@ -159,24 +170,13 @@ def generate(
         _summary(result, split, mode)
 
 
-def _unsplit(
-    split: SplitModel, prompt: str, params: SamplingParams, *, chat: bool, system: str | None, drafter: Drafter | None
-) -> Generation:
+def _unsplit_decoder(split: SplitModel) -> ModelDecoder:
     from transformers import AutoModelForCausalLM
 
     rt: Runtime = split.runtime
     with _err.status("loading the unsplit model"):
         model = AutoModelForCausalLM.from_pretrained(split.path, dtype=rt.dtype).to(rt.device).eval()
-    ids = prompt_ids(split, prompt, chat=chat, system=system)
-    return Generation(
-        ModelDecoder(model),
-        ids,
-        params,
-        tokenizer=split.tokenizer,
-        eos_token_ids=split.eos_token_ids(),
-        device=rt.device,
-        drafter=drafter,
-    )
+    return ModelDecoder(model)
 
 
 def _json(result: GenerationResult, split: SplitModel, mode: str) -> dict[str, object]:

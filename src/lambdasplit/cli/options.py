@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from lambdasplit.errors import ConfigError
+from lambdasplit.generation.sampling import SamplingParams
 from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.split import DEFAULT_LAYERS
 
@@ -56,6 +58,62 @@ Key = Annotated[
         "`lambdasplit audit` (docs/threat-model.md).",
     ),
 ]
+
+
+Temperature = Annotated[
+    float,
+    typer.Option(
+        help="0 = greedy, the default (the unsplit model's argmax, token for token); above 0 samples, and only "
+        "then do --top-k, --top-p and --seed apply (with 0 they are refused, not silently ignored)."
+    ),
+]
+TopK = Annotated[int | None, typer.Option(help="Sample only from the k most likely tokens (needs --temperature).")]
+TopP = Annotated[
+    float | None, typer.Option(help="Nucleus sampling: the smallest set with this mass (needs --temperature).")
+]
+Seed = Annotated[int | None, typer.Option(help="Seed for sampling, for reproducible output (needs --temperature).")]
+
+
+def sampling_params(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    repetition_penalty: float | None = None,
+    stop: tuple[str, ...] = (),
+) -> SamplingParams:
+    """The command line's sampling rules, the same in every command.
+
+    ``temperature`` 0 is greedy; ``greedy`` (``--greedy``) says so explicitly and so contradicts a temperature
+    above 0. ``top_k``, ``top_p`` and ``seed`` only shape sampling: with temperature 0 they would be ignored,
+    which hides a mistake (a forgotten ``--temperature``), so they are refused. The Python API and the agent's
+    OpenAI-style requests keep the lenient rule (ignored when greedy): clients send a seed with temperature 0.
+    ``repetition_penalty`` changes the logits themselves, so it applies to greedy decoding too.
+    """
+    if greedy and temperature > 0:
+        raise ConfigError(
+            f"--greedy means --temperature 0, but --temperature {temperature} was given: pass one or the other"
+        )
+    if temperature == 0:
+        options = {"--top-k": top_k, "--top-p": top_p, "--seed": seed}
+        given = [name for name, value in options.items() if value is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} only shape sampling, and --temperature is 0 (greedy, the default): "
+                "add --temperature T (> 0) to sample"
+            )
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+    )
 
 
 def quiet_pipeline_loading() -> None:

@@ -75,34 +75,36 @@ class DiffusionSession:
 
     # --- shapes ------------------------------------------------------------------------------------------------
     def _check_shapes(self) -> None:
-        o, c = self.options, self.body.unet.config
-        batch = o.inputs["prompt_embeds"][0]
-        wanted = 2 if o.guided and not (o.policy == "collafuse" and not o.conditioned) else 1
-        if o.latent_shape[1] != c.in_channels:
-            raise ConfigError(f"the latent has {o.latent_shape[1]} channels; this U-Net takes {c.in_channels}")
+        options, config = self.options, self.body.unet.config
+        batch = options.inputs["prompt_embeds"][0]
+        wanted = 2 if options.guided and not (options.policy == "collafuse" and not options.conditioned) else 1
+        if options.latent_shape[1] != config.in_channels:
+            raise ConfigError(
+                f"the latent has {options.latent_shape[1]} channels; this U-Net takes {config.in_channels}"
+            )
         if batch != wanted:
             raise ConfigError(
-                f"prompt_embeds must hold {wanted} row(s) here (guidance {o.guidance_scale}), got {batch}"
+                f"prompt_embeds must hold {wanted} row(s) here (guidance {options.guidance_scale}), got {batch}"
             )
         dims = {"prompt_embeds": 3, "text_embeds": 2, "time_ids": 2}
-        for name, shape in o.inputs.items():
+        for name, shape in options.inputs.items():
             if len(shape) != dims[name] or shape[0] != batch:
                 raise ConfigError(f"{name} must be {dims[name]}-D with {batch} row(s), got {list(shape)}")
-        if o.inputs["prompt_embeds"][-1] != c.cross_attention_dim:
-            raise ConfigError(f"prompt_embeds' last dim must be {c.cross_attention_dim}")
-        added = "text_embeds" in o.inputs and "time_ids" in o.inputs
-        if o.policy != "unet-lambda" and (c.addition_embed_type == "text_time") != added:
+        if options.inputs["prompt_embeds"][-1] != config.cross_attention_dim:
+            raise ConfigError(f"prompt_embeds' last dim must be {config.cross_attention_dim}")
+        added = "text_embeds" in options.inputs and "time_ids" in options.inputs
+        if options.policy != "unet-lambda" and (config.addition_embed_type == "text_time") != added:
             raise ConfigError("an SDXL U-Net needs text_embeds and time_ids, and only it takes them")
-        if o.policy != "unet-lambda" and added:
-            width = c.addition_time_embed_dim * o.inputs["time_ids"][-1] + o.inputs["text_embeds"][-1]
+        if options.policy != "unet-lambda" and added:
+            width = config.addition_time_embed_dim * options.inputs["time_ids"][-1] + options.inputs["text_embeds"][-1]
             if width != self.body.unet.add_embedding.linear_1.in_features:
                 raise ConfigError(
                     f"text_embeds and time_ids add up to {width} features; this U-Net's added embedding takes "
                     f"{self.body.unet.add_embedding.linear_1.in_features}"
                 )
-        if o.policy == "unet-lambda":
-            self.body.parts(o.blocks)
-            if any(side % 2**self.body.unet.num_upsamplers for side in o.latent_shape[2:]):
+        if options.policy == "unet-lambda":
+            self.body.parts(options.blocks)
+            if any(side % 2**self.body.unet.num_upsamplers for side in options.latent_shape[2:]):
                 raise ConfigError("unet-lambda needs latent sides divisible by 2^upsamplers")
 
     def shapes(self) -> dict[str, list[int]]:
@@ -110,16 +112,16 @@ class DiffusionSession:
         return self._shapes
 
     def _shapes_sent(self) -> dict[str, list[int]]:
-        o, u = self.options, self.body.unet
-        _, ch, h, w = o.latent_shape
-        if o.policy in ("paper", "collafuse"):  # the noise, or the handed-over latent
+        options, unet = self.options, self.body.unet
+        _, ch, h, w = options.latent_shape
+        if options.policy in ("paper", "collafuse"):  # the noise, or the handed-over latent
             return {"result": [1, ch, h, w]}
-        b, k = 2 if o.guided else 1, o.blocks
-        n = len(u.down_blocks)
-        up = u.up_blocks[n - k - 1]
+        b, k = 2 if options.guided else 1, options.blocks
+        n = len(unet.down_blocks)
+        up = unet.up_blocks[n - k - 1]
         out_ch = up.resnets[-1].conv2.out_channels
-        down_ch = u.down_blocks[k - 1].resnets[-1].conv2.out_channels
-        emb_dim = u.time_embedding.linear_2.out_features
+        down_ch = unet.down_blocks[k - 1].resnets[-1].conv2.out_channels
+        emb_dim = unet.time_embedding.linear_2.out_features
         return {
             "sample": [b, down_ch, h >> k, w >> k],
             "emb": [b, emb_dim],
@@ -166,11 +168,12 @@ class DiffusionSession:
 
     def _send(self, tensor: torch.Tensor, position: int) -> tuple[Frame, torch.Tensor]:
         """A RESULT frame of ``tensor`` and the tensor as the device will decode it (quantization included)."""
-        o = self.options
-        wire = layout(tensor, o.dtype, o.granularity)
-        payload, shape = encode_tensor(wire, o.dtype)
-        seen = decode_tensor(payload, o.dtype, shape, dtype=tensor.dtype, device=tensor.device).reshape(tensor.shape)
-        return Frame(MessageType.RESULT, self.handle, position, 0, o.dtype, shape, payload), seen
+        options = self.options
+        wire = layout(tensor, options.dtype, options.granularity)
+        payload, shape = encode_tensor(wire, options.dtype)
+        seen = decode_tensor(payload, options.dtype, shape, dtype=tensor.dtype, device=tensor.device)
+        seen = seen.reshape(tensor.shape)
+        return Frame(MessageType.RESULT, self.handle, position, 0, options.dtype, shape, payload), seen
 
     def _noise(self, latents: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
         r = self.received
@@ -201,10 +204,10 @@ class DiffusionSession:
 
     def _collafuse(self) -> Iterator[Frame]:
         """The first (1 - cut) of the steps, then the latent and the scheduler's state go to the device."""
-        o = self.options
+        options = self.options
         latents = self.received.pop("latents")
-        guided = o.guided and o.conditioned
-        m = o.cloud_steps(len(self.scheduler.timesteps))
+        guided = options.guided and options.conditioned
+        m = options.cloud_steps(len(self.scheduler.timesteps))
         for i, t in enumerate(self.scheduler.timesteps[:m]):
             self.step = i
             latents = self.scheduler.step(self._noise(latents, t, guided), t, latents, return_dict=False)[0]

@@ -155,29 +155,40 @@ class SplitPipeline:
         conditioned: bool = True,
         on_step: Callable[[int, int], None] | None = None,
     ) -> SplitImage:
-        """One image for ``prompt``. ``on_step(done, total)`` is called after every denoising step."""
+        """One image for ``prompt``. ``on_step(done, total)`` is called after every denoising step.
+
+        The steps follow diffusers' ``StableDiffusionPipeline.__call__``; the session with the cloud (steps 4-6)
+        stands where the pipeline calls its U-Net.
+        """
         started = time.perf_counter()
-        device_time = 0.0
-        gen = self.ends.start(
+        # 1. Check inputs (what can be refused before any model runs)
+        if policy == "collafuse" and not conditioned and guidance_scale <= 1.0:
+            raise ConfigError(
+                "collafuse without conditioning sends the negative prompt's embedding only; it needs guidance_scale > 1"
+            )
+
+        # 2. Encode the prompt, set the timesteps, prepare the seeded initial latent (the head, `DeviceEnds.start`)
+        denoising = self.ends.start(
             prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, negative_prompt=negative_prompt
         )
-        require_deterministic(gen.scheduler, f"the {policy} policy")
-        cond = gen.conditioning
+        require_deterministic(denoising.scheduler, f"the {policy} policy")
+
+        # 3. Choose what the cloud receives: the conditioning (unet-lambda: the prompt embeddings alone; collafuse
+        #    unconditioned: the negative prompt's row alone) and, below, the initial latent unless unet-lambda
+        cond = denoising.conditioning
         inputs = cond.tensors() if policy != "unet-lambda" else {"prompt_embeds": cond.prompt_embeds}
         if policy == "collafuse" and not conditioned:
-            if not cond.guided:
-                raise ConfigError(
-                    "collafuse without conditioning sends the negative prompt's embedding only; "
-                    "it needs guidance_scale > 1"
-                )
             inputs = {k: v[:1] for k, v in inputs.items()}
+        sent = [*inputs.values(), *([] if policy == "unet-lambda" else [denoising.latents])]
+
+        # 4. Describe the session for the cloud: policy, schedule, tensor shapes, wire dtypes
         options = SessionOptions(
             policy=policy,
             family=self.ends.family,
             steps=steps,
             guidance_scale=guidance_scale,
-            scheduler=dict(gen.scheduler.config),
-            latent_shape=tuple(gen.latents.shape),
+            scheduler=dict(denoising.scheduler.config),
+            latent_shape=tuple(denoising.latents.shape),
             inputs={k: tuple(v.shape) for k, v in inputs.items()},
             wire_dtype=WireDtype.parse(wire_dtype).name.lower(),
             input_dtype=WireDtype.parse(input_dtype).name.lower(),
@@ -186,22 +197,27 @@ class SplitPipeline:
             cut=cut,
             conditioned=conditioned,
         )
-        options.scheduler["_class_name"] = type(gen.scheduler).__name__
-        device_time += time.perf_counter() - started
+        options.scheduler["_class_name"] = type(denoising.scheduler).__name__
+        clock = _Clock(time.perf_counter() - started, [], on_step)
+
+        # 5. Open the session and send the inputs
         before = dataclasses.replace(getattr(link, "traffic", FrameTraffic()))
         opened = link.open(options)
         shapes = {k: tuple(v) for k, v in opened.get("shapes", {}).items()}
-        clock = _Clock(device_time, [], on_step)
         try:
-            for tensor in [*inputs.values(), *([] if policy == "unet-lambda" else [gen.latents])]:
+            for tensor in sent:
                 wire = layout(tensor, options.inputs_dtype, granularity)
                 link.send(tensor_frame(MessageType.FORWARD, wire, options.inputs_dtype, link.handle, 0))
+
+            # 6. Denoising loop, shared with the cloud the policy's way (`_paper`, `_unet_lambda`, `_collafuse`)
             run = {"paper": self._paper, "unet-lambda": self._unet_lambda, "collafuse": self._collafuse}[policy]
-            latents = run(gen, link, options, shapes, clock)
+            latents = run(denoising, link, options, shapes, clock)
         finally:
             closed = link.close()
+
+        # 7. Decode the final latent with the VAE (the tail)
         start = time.perf_counter()
-        image = self.ends.decode(latents, gen.generator)
+        image = self.ends.decode(latents, denoising.generator)
         clock.device += time.perf_counter() - start
         return SplitImage(
             image=image.float().cpu(),
@@ -217,20 +233,20 @@ class SplitPipeline:
     # --- policies: each predicts the guided noise of one step; `_denoise` steps the scheduler on it ---------------
     def _denoise(
         self,
-        gen: Denoising,
+        denoising: Denoising,
         latents: torch.Tensor,
         first: int,
         predict: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
         clock: _Clock,
     ) -> torch.Tensor:
         """Steps ``first``.. of the schedule; ``predict(i, t, latents)`` -> (noise, device seconds inside it)."""
-        n = len(gen.timesteps)
+        n = len(denoising.timesteps)
         for i in range(first, n):
             tick = time.perf_counter()
-            t = gen.timesteps[i]
+            t = denoising.timesteps[i]
             noise, local = predict(i, t, latents)
             start = time.perf_counter()
-            latents = self.ends.step(gen, noise, t, latents)
+            latents = self.ends.step(denoising, noise, t, latents)
             clock.device += local + time.perf_counter() - start
             clock.per_step.append(time.perf_counter() - tick)
             if clock.on_step:
@@ -247,28 +263,32 @@ class SplitPipeline:
         frame = self._receive(link, step, what, MessageType.RESULT)
         return restore(frame_tensor(frame, dtype=self.ends.device_dtype, device=self.ends.device), shape, what)
 
-    def _paper(self, gen: Denoising, link: Link, o: SessionOptions, shapes: Shapes, clock: _Clock) -> torch.Tensor:
+    def _paper(
+        self, denoising: Denoising, link: Link, options: SessionOptions, shapes: Shapes, clock: _Clock
+    ) -> torch.Tensor:
         """The noise arrives, streamed: the device only steps its scheduler."""
-        shape = tuple(gen.latents.shape)
-        return self._denoise(
-            gen, gen.latents, 0, lambda i, t, x: (self._tensor(link, i, shape, "the noise prediction"), 0.0), clock
-        )
+        shape = tuple(denoising.latents.shape)
+
+        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+            return self._tensor(link, i, shape, "the noise prediction"), 0.0
+
+        return self._denoise(denoising, denoising.latents, 0, predict, clock)
 
     def _unet_lambda(
-        self, gen: Denoising, link: Link, o: SessionOptions, shapes: Shapes, clock: _Clock
+        self, denoising: Denoising, link: Link, options: SessionOptions, shapes: Shapes, clock: _Clock
     ) -> torch.Tensor:
         """Outer blocks here, the middle in the cloud, once per step."""
-        parts, cond = self.parts(o.blocks), gen.conditioning
+        parts, cond = self.parts(options.blocks), denoising.conditioning
 
         def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
             start = time.perf_counter()
             with torch.no_grad():
-                x = model_input(gen.scheduler, latents, t, cond.guided)
+                x = model_input(denoising.scheduler, latents, t, cond.guided)
                 emb = parts.embed(x, t, cond.prompt_embeds, cond.added or None)
                 sample, skips = parts.outer_down(x, emb, cond.prompt_embeds)
             for tensor in (emb, sample):
-                wire = layout(tensor, o.dtype, o.granularity)
-                link.send(tensor_frame(MessageType.FORWARD, wire, o.dtype, link.handle, i))
+                wire = layout(tensor, options.dtype, options.granularity)
+                link.send(tensor_frame(MessageType.FORWARD, wire, options.dtype, link.handle, i))
             local = time.perf_counter() - start
             middle = self._tensor(link, i, shapes["result"], "the U-Net's middle")
             start = time.perf_counter()
@@ -276,31 +296,34 @@ class SplitPipeline:
                 noise = guide(parts.outer_up(middle, skips, emb, cond.prompt_embeds), cond.guidance_scale)
             return noise, local + time.perf_counter() - start
 
-        return self._denoise(gen, gen.latents, 0, predict, clock)
+        return self._denoise(denoising, denoising.latents, 0, predict, clock)
 
-    def _collafuse(self, gen: Denoising, link: Link, o: SessionOptions, shapes: Shapes, clock: _Clock) -> torch.Tensor:
+    def _collafuse(
+        self, denoising: Denoising, link: Link, options: SessionOptions, shapes: Shapes, clock: _Clock
+    ) -> torch.Tensor:
         """The cloud's first steps come back as one latent and the scheduler's state; the device runs the rest."""
         state = self._receive(link, 0, "the scheduler STATE", MessageType.STATE).json_body()
         m = int(state["step"])
-        if m != o.cloud_steps(len(gen.timesteps)):
-            raise WireError(f"the cloud handed over after {m} steps, not {o.cloud_steps(len(gen.timesteps))}")
-        latents = self._tensor(link, m, tuple(gen.latents.shape), "the handed-over latent")
+        expected = options.cloud_steps(len(denoising.timesteps))
+        if m != expected:
+            raise WireError(f"the cloud handed over after {m} steps, not {expected}")
+        latents = self._tensor(link, m, tuple(denoising.latents.shape), "the handed-over latent")
         tensors = [self._tensor(link, m, tuple(s), "scheduler state") for s in state["tensors"]]
-        apply_state(gen.scheduler, state["state"], tensors)
+        apply_state(denoising.scheduler, state["state"], tensors)
         if clock.on_step:
-            clock.on_step(m, len(gen.timesteps))
-        cond, unet = gen.conditioning, self.pipe.unet
+            clock.on_step(m, len(denoising.timesteps))
+        cond, unet = denoising.conditioning, self.pipe.unet
         if unet is None:
             raise SessionError("collafuse runs the last steps with the device's U-Net: load the pipeline with it")
 
         def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
             start = time.perf_counter()
             with torch.no_grad():
-                x = model_input(gen.scheduler, latents, t, cond.guided)
+                x = model_input(denoising.scheduler, latents, t, cond.guided)
                 out = unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added or None)
             return guide(out.sample, cond.guidance_scale), time.perf_counter() - start
 
-        return self._denoise(gen, latents, m, predict, clock)
+        return self._denoise(denoising, latents, m, predict, clock)
 
     def parts(self, blocks: int) -> UNetParts:
         if blocks not in self._parts:

@@ -2,7 +2,8 @@
 
 Head: ``encode_prompt`` (tokenizer and text encoders), the initial latent (``prepare_latents`` with the one seeded
 generator) and, for SDXL, the added conditions. Tail: the scheduler step and the VAE decoder. What runs between
-them (the U-Net, whole or in part, on either side) is the policy's business (`lambdasplit.diffusion.policies`).
+them (the U-Net, whole or in part, on either side) is the policy's business: `SplitPipeline` in
+`lambdasplit.diffusion.device` on the device, `DiffusionSession` in `lambdasplit.diffusion.cloud` on the cloud.
 
 Every step mirrors `StableDiffusionPipeline.__call__` / `StableDiffusionXLPipeline.__call__` (diffusers 0.3x-0.4x)
 for the features lambdasplit supports: one prompt, one image, classifier-free guidance, no IP-adapter,
@@ -235,9 +236,9 @@ class DeviceEnds:
             time_ids = torch.cat([time_ids, time_ids])
         return {"text_embeds": pooled.to(self.device), "time_ids": time_ids.to(self.device)}, embeds.to(self.device)
 
-    def step(self, gen: Denoising, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def step(self, denoising: Denoising, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The tail's scheduler step on the (guided) noise prediction."""
-        return gen.scheduler.step(noise, t, latents, **gen.extra_step_kwargs, return_dict=False)[0]
+        return denoising.scheduler.step(noise, t, latents, **denoising.extra_step_kwargs, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The tail's VAE decoder: final latent -> (1, 3, H, W) image in [0, 1] (the pipeline's "pt" output)."""

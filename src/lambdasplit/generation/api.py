@@ -9,7 +9,7 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import Drafter, make_drafter
 from lambdasplit.generation.generate import Generation, GenerationResult
 from lambdasplit.generation.sampling import SamplingParams
-from lambdasplit.generation.session import BodyLink, LocalBodyLink, SplitDecoder
+from lambdasplit.generation.session import BodyLink, Decoder, LocalBodyLink, SplitDecoder
 from lambdasplit.generation.text import Message, encode_prompt
 from lambdasplit.split.loader import SplitModel
 
@@ -35,7 +35,7 @@ def stream(
     use_cache: bool = True,
     params: SamplingParams | None = None,
     drafter: Drafter | str | None = None,
-    decoder: SplitDecoder | None = None,
+    decoder: Decoder | None = None,
     **sampling: Any,
 ) -> Generation:
     """Start a generation; iterate it for streamed ``TokenEvent``s, then read ``.result``.
@@ -44,8 +44,10 @@ def stream(
     (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop``).
     ``drafter`` turns on speculative steps: a ``Drafter`` or a name from ``DRAFTERS`` (``lookup``, ``self``);
     the output is unchanged (greedy: token for token; sampling: in distribution), the round trips fewer.
-    ``decoder``: a conversation's ``SplitDecoder``, kept open across turns; the prompt then reuses the
-    positions its caches already hold (the previous turns), and ``link`` and ``use_cache`` are its own.
+    ``decoder``: any ``Decoder``, which stays the caller's: a conversation's ``SplitDecoder``, kept open across
+    turns, or a ``ModelDecoder`` (the unsplit model, for ``--unsplit`` and benchmarks), so every mode runs this
+    same loop. The prompt reuses the positions its caches already hold (the previous turns; none when fresh,
+    which is a prefill), ``link`` and ``use_cache`` are its own, and it is left open: close it when done.
     """
     if params is None:
         if "stop" in sampling:

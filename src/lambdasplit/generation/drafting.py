@@ -133,22 +133,9 @@ class ModelDrafter(Drafter):
         self.decoder = decoder
         self.name = name or self.name
 
-    def _sync(self, ids: list[int]) -> torch.Tensor:
-        """Make the decoder hold exactly ``ids``; return the logits of the position after them."""
-        d = self.decoder
-        if d.length == 0:
-            return d.prefill(torch.tensor([ids]))
-        common = 0
-        for a, b in zip(d.ids, ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # at least one token to feed, for fresh logits
-        d.truncate(common)
-        return d.extend(ids[common:])[-1]
-
     def propose(self, ids: Sequence[int], k: int) -> list[int]:
-        logits = self._sync(list(ids))
+        # Only what follows the prefix the decoder already holds (its last sequence and the drafts accepted) is fed.
+        logits = self.decoder.resume(ids)
         out: list[int] = []
         while True:
             token = int(logits.argmax())

@@ -100,8 +100,9 @@ class Decoder(Protocol):
     def close(self) -> None: ...
 
 
-class _Sequence:
-    """The token ids a decoder has fed, with the prefill/step/extend/truncate rules every decoder shares."""
+class DecoderBase:
+    """What every decoder shares: the token ids it has fed (``ids``) and the prefill/resume/step/extend/truncate
+    rules over them. A subclass supplies ``_run``, the forward over new positions."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -157,7 +158,7 @@ class _Sequence:
         del self.ids[length:]
 
 
-class SplitDecoder(_Sequence):
+class SplitDecoder(DecoderBase):
     """Head and tail here, the body behind ``link``; logits for the positions asked for only."""
 
     def __init__(self, split: SplitModel, link: BodyLink, *, use_cache: bool = True) -> None:
@@ -211,7 +212,7 @@ class SplitDecoder(_Sequence):
         self.head_cache = self.tail_cache = None
 
 
-class ModelDecoder(_Sequence):
+class ModelDecoder(DecoderBase):
     """The unsplit HF causal LM with one DynamicCache: the reference and the ``--unsplit`` mode."""
 
     def __init__(self, model: PreTrainedModel) -> None:
