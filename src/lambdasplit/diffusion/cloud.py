@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import nn
 
 from lambdasplit.diffusion.pipeline import guide, model_input, unet_fingerprint
 from lambdasplit.diffusion.protocol import SessionOptions, layout, restore
 from lambdasplit.diffusion.schedulers import require_deterministic, scheduler_from_config, state_after_steps, twin
-from lambdasplit.diffusion.unet import UNetParts
+from lambdasplit.diffusion.unet import UNetParts, resnets
 from lambdasplit.errors import ConfigError, SessionError
 from lambdasplit.wire import Frame, MessageType, WireDtype, decode_tensor, encode_tensor
 
@@ -40,7 +41,7 @@ class DiffusionBody:
         return self._parts[blocks]
 
     def describe(self) -> dict[str, Any]:
-        c = self.unet.config
+        c: Any = self.unet.config  # a FrozenDict, read by attribute (ConfigMixin types it dict[str, Any])
         return {
             "in_channels": c.in_channels,
             "sample_size": c.sample_size,
@@ -75,7 +76,8 @@ class DiffusionSession:
 
     # --- shapes ------------------------------------------------------------------------------------------------
     def _check_shapes(self) -> None:
-        o, c = self.options, self.body.unet.config
+        o = self.options
+        c: Any = self.body.unet.config  # a FrozenDict, read by attribute
         batch = o.inputs["prompt_embeds"][0]
         wanted = 2 if o.guided and not (o.policy == "collafuse" and not o.conditioned) else 1
         if o.latent_shape[1] != c.in_channels:
@@ -95,10 +97,10 @@ class DiffusionSession:
             raise ConfigError("an SDXL U-Net needs text_embeds and time_ids, and only it takes them")
         if o.policy != "unet-lambda" and added:
             width = c.addition_time_embed_dim * o.inputs["time_ids"][-1] + o.inputs["text_embeds"][-1]
-            if width != self.body.unet.add_embedding.linear_1.in_features:
+            takes = cast(nn.Linear, self.body.unet.add_embedding.linear_1).in_features
+            if width != takes:
                 raise ConfigError(
-                    f"text_embeds and time_ids add up to {width} features; this U-Net's added embedding takes "
-                    f"{self.body.unet.add_embedding.linear_1.in_features}"
+                    f"text_embeds and time_ids add up to {width} features; this U-Net's added embedding takes {takes}"
                 )
         if o.policy == "unet-lambda":
             self.body.parts(o.blocks)
@@ -117,8 +119,8 @@ class DiffusionSession:
         b, k = 2 if o.guided else 1, o.blocks
         n = len(u.down_blocks)
         up = u.up_blocks[n - k - 1]
-        out_ch = up.resnets[-1].conv2.out_channels
-        down_ch = u.down_blocks[k - 1].resnets[-1].conv2.out_channels
+        out_ch = cast(nn.Conv2d, resnets(up)[-1].conv2).out_channels
+        down_ch = cast(nn.Conv2d, resnets(u.down_blocks[k - 1])[-1].conv2).out_channels
         emb_dim = u.time_embedding.linear_2.out_features
         return {
             "sample": [b, down_ch, h >> k, w >> k],
