@@ -222,7 +222,14 @@ class DeviceAgent:
             link = ObservedLink(self.client.open_session(self.settings.wire_dtype), self.feed, request_id)
         except (WireError, RemoteError) as exc:
             raise _cloud_error(exc) from exc
-        return stream(self.split, ids, link=link, params=params, drafter=self.settings.speculative)
+        return stream(
+            self.split,
+            ids,
+            # BodyLink (generation/session.py) declares traffic settable; ObservedLink's read-only property is enough
+            link=link,  # type: ignore[arg-type]
+            params=params,
+            drafter=self.settings.speculative,
+        )
 
     async def _run(self, work: Callable[[], GenerationResult | None]) -> GenerationResult | None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import uvicorn
 
 from lambdasplit.agent.app import DeviceAgent
@@ -10,7 +12,7 @@ READY = "lambdasplit-up: listening on "
 
 
 class _AnnouncingServer(uvicorn.Server):
-    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.should_exit:  # bind failed; uvicorn has said why
             return

@@ -25,7 +25,8 @@ import torch
 
 from lambdasplit.client import CloudClient, RemoteDiffusionLink
 from lambdasplit.diffusion import DiffusionBody, LocalLink, SplitPipeline, load_pipeline
-from lambdasplit.diffusion.pipeline import DEFAULT_PIPELINE, pipeline_path, unet_fingerprint
+from lambdasplit.diffusion.pipeline import pipeline_path, unet_fingerprint
+from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, Granularity, Policy
 from lambdasplit.diffusion.shapes import detect, random_scenes
 from lambdasplit.server.process import body_server_process
 
@@ -115,9 +116,9 @@ def run_t2i(
     seed: int = 42,
     guidance_scale: float = 4.0,
     prompts: Sequence[str] = PROMPTS,
-    policies: Sequence[str] = ("paper", "unet-lambda", "collafuse"),
+    policies: Sequence[Policy] = ("paper", "unet-lambda", "collafuse"),
     wire_dtypes: Sequence[str] = WIRE_DTYPES,
-    granularity: str = "channel",
+    granularity: Granularity = "channel",
     adherence_samples: int = 0,
     cloud_threads: int | None = None,
     on_progress: Callable[[str], None] = lambda _: None,
@@ -183,7 +184,7 @@ def run_t2i(
                 guidance_scale=guidance_scale,
                 wire_dtype=dtype,
                 input_dtype="float32",
-                granularity=granularity,  # type: ignore[arg-type]
+                granularity=granularity,
             )
             psnr, ssim = image_metrics(reference, out.image)
             psnrs.append(psnr)

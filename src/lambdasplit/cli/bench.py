@@ -9,13 +9,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from lambdasplit.bench.links import parse_link
 from lambdasplit.bench.llm import METHODS, PAPER_PROMPT, TableConfig, run_table
 from lambdasplit.bench.report import caching_savings, markdown, plot, rich_tables, speculative_lines, step_lines
 from lambdasplit.cli.options import DEFAULTS, DraftTokens, Model, quiet_pipeline_loading
-from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
+from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES, Policy
 from lambdasplit.errors import ConfigError
 from lambdasplit.wire import WireDtype
 
@@ -112,7 +112,7 @@ def llm(
             raise ConfigError("--plot needs matplotlib: pip install 'lambdasplit[bench]'") from exc
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=_out, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(link_name: str, label: str, done: int, total: int) -> None:
             key = f"{link_name} · {label}"
@@ -184,10 +184,12 @@ def t2i(
     from lambdasplit.bench.t2i import run_t2i
 
     quiet_pipeline_loading()
-    policies = [p for p in policy if p != "none"] if policy is not None else list(POLICIES)
-    for p in policies:
+    wanted = [p for p in policy if p != "none"] if policy is not None else list(POLICIES)
+    policies: list[Policy] = []
+    for p in wanted:
         if p not in POLICIES:
             raise ConfigError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+        policies.append(p)
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if adherence and pipeline != DEFAULT_PIPELINE:

@@ -112,17 +112,18 @@ def imagine(
                 policy=policy,
                 steps=steps,
                 seed=seed,
-                guidance_scale=guidance_scale,  # type: ignore[arg-type]
+                guidance_scale=guidance_scale,
                 negative_prompt=negative_prompt,
                 wire_dtype=wire_dtype,
                 input_dtype=input_dtype,
                 granularity=granularity,
                 blocks=blocks,
                 cut=cut,
-                conditioned=conditioning,  # type: ignore[arg-type]
+                conditioned=conditioning,
                 on_step=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        socket = client.socket_bytes() - before if client and before else None
+        after = client.socket_bytes() if client else None
+        socket = after - before if after and before else None
     finally:
         if client:
             client.close()

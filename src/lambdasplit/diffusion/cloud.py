@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import nn
 
 from lambdasplit.diffusion.pipeline import guide, model_input, unet_fingerprint
 from lambdasplit.diffusion.protocol import SessionOptions, layout, restore
 from lambdasplit.diffusion.schedulers import require_deterministic, scheduler_from_config, state_after_steps, twin
-from lambdasplit.diffusion.unet import UNetParts
+from lambdasplit.diffusion.unet import UNetParts, resnets
 from lambdasplit.errors import ConfigError, SessionError
 from lambdasplit.wire import Frame, MessageType, WireDtype, decode_tensor, encode_tensor
 
@@ -40,7 +41,7 @@ class DiffusionBody:
         return self._parts[blocks]
 
     def describe(self) -> dict[str, Any]:
-        c = self.unet.config
+        c: Any = self.unet.config  # a FrozenDict, read by attribute (ConfigMixin types it dict[str, Any])
         return {
             "in_channels": c.in_channels,
             "sample_size": c.sample_size,
@@ -75,7 +76,8 @@ class DiffusionSession:
 
     # --- shapes ------------------------------------------------------------------------------------------------
     def _check_shapes(self) -> None:
-        options, config = self.options, self.body.unet.config
+        options = self.options
+        config: Any = self.body.unet.config  # a FrozenDict, read by attribute
         batch = options.inputs["prompt_embeds"][0]
         wanted = 2 if options.guided and not (options.policy == "collafuse" and not options.conditioned) else 1
         if options.latent_shape[1] != config.in_channels:
@@ -99,8 +101,7 @@ class DiffusionSession:
             width = config.addition_time_embed_dim * options.inputs["time_ids"][-1] + options.inputs["text_embeds"][-1]
             if width != self.body.unet.add_embedding.linear_1.in_features:
                 raise ConfigError(
-                    f"text_embeds and time_ids add up to {width} features; this U-Net's added embedding takes "
-                    f"{self.body.unet.add_embedding.linear_1.in_features}"
+                    f"text_embeds and time_ids add up to {width} features; this U-Net's added embedding takes {takes}"
                 )
         if options.policy == "unet-lambda":
             self.body.parts(options.blocks)

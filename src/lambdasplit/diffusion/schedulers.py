@@ -9,12 +9,12 @@ they are refused with a message naming a deterministic alternative.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Protocol, cast
 
 import diffusers
 import numpy as np
 import torch
-from diffusers import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from lambdasplit.errors import ConfigError
 
@@ -29,19 +29,37 @@ _STOCHASTIC = {
 }
 
 
-def scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
+class Scheduler(Protocol):
+    """What lockstep stepping uses of a diffusers scheduler.
+
+    Every diffusers scheduler subclasses both ``SchedulerMixin`` and ``ConfigMixin``, but neither declares
+    ``set_timesteps``, ``step`` or ``timesteps`` (each scheduler class defines its own), so this says it.
+    """
+
+    config: Any  # a FrozenDict, read by attribute
+    timesteps: torch.Tensor
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None: ...
+
+    def step(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *, return_dict: bool = True
+    ) -> Any: ...
+
+
+def scheduler_from_config(config: dict[str, Any]) -> Scheduler:
     """A scheduler of the diffusers class named by ``config["_class_name"]``, built from ``config``."""
     name = config.get("_class_name")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ConfigError(f"scheduler {name!r} is not a diffusers scheduler class")
     try:
-        return cls.from_config(config)
+        # from_config comes from ConfigMixin, which SchedulerMixin does not subclass (every scheduler class does).
+        return cast(Scheduler, cast(Any, cls).from_config(config))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad {name} config: {exc}") from exc
 
 
-def require_deterministic(scheduler: SchedulerMixin, why: str) -> None:
+def require_deterministic(scheduler: Scheduler, why: str) -> None:
     """Refuse a scheduler whose step draws noise: two machines could not step it in lockstep."""
     name = type(scheduler).__name__
     algorithm = str(getattr(scheduler.config, "algorithm_type", ""))
@@ -82,7 +100,7 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def state_after_steps(stepped: SchedulerMixin, fresh: SchedulerMixin) -> tuple[dict[str, Any], list[torch.Tensor]]:
+def state_after_steps(stepped: Scheduler, fresh: Scheduler) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """What ``stepped`` holds that ``fresh`` (same config, same ``set_timesteps``) does not: the scheduler's state.
 
     Returns (spec, tensors): ``spec`` maps each changed attribute to a scalar, ``{"tensor": i}`` or
@@ -112,7 +130,7 @@ def state_after_steps(stepped: SchedulerMixin, fresh: SchedulerMixin) -> tuple[d
     return spec, tensors
 
 
-def apply_state(scheduler: SchedulerMixin, spec: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+def apply_state(scheduler: Scheduler, spec: dict[str, Any], tensors: list[torch.Tensor]) -> None:
     """Set on ``scheduler`` (same config, same ``set_timesteps``) the state ``state_after_steps`` described."""
     known = vars(scheduler)
     for name, value in spec.items():
@@ -134,6 +152,6 @@ def _pick(tensors: list[torch.Tensor], index: Any) -> torch.Tensor:
     return tensors[index]
 
 
-def twin(scheduler: SchedulerMixin) -> SchedulerMixin:
+def twin(scheduler: Scheduler) -> Scheduler:
     """An independent copy (same config and timesteps, no shared state)."""
     return copy.deepcopy(scheduler)

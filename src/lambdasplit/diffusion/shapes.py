@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -150,7 +150,12 @@ def shapes_text_config(tokenizer: CLIPTokenizer, **sizes: int) -> CLIPTextConfig
 
     vocab = tokenizer.get_vocab()
     end = vocab["<|endoftext|>"]
-    defaults = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    defaults: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
     return CLIPTextConfig(
         vocab_size=len(vocab),
         max_position_embeddings=16,

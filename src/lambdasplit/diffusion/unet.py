@@ -15,12 +15,18 @@ last output of down block k-1, which is the very sample the device sends; every 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import nn
 
 from lambdasplit.errors import ConfigError
+
+
+def resnets(block: nn.Module) -> nn.ModuleList:
+    """A U-Net block's resnets (nn.Module types the attribute of a block it does not know as Tensor | Module)."""
+    return cast(nn.ModuleList, block.resnets)
 
 
 class UNetParts:
@@ -33,7 +39,7 @@ class UNetParts:
         n = len(unet.down_blocks)
         if not 1 <= blocks < n:
             raise ConfigError(f"unet-lambda keeps 1..{n - 1} outer blocks on the device for this U-Net, got {blocks}")
-        config = unet.config
+        config: Any = unet.config  # a FrozenDict, read by attribute (ConfigMixin types it dict[str, Any])
         if config.class_embed_type is not None or config.time_cond_proj_dim is not None or config.encoder_hid_dim_type:
             raise ConfigError("unet-lambda does not support U-Nets with class embeddings or timestep conditions")
         if config.addition_embed_type not in (None, "text_time"):
@@ -42,8 +48,8 @@ class UNetParts:
             )
         self.unet, self.blocks = unet, blocks
         cloud_up = unet.up_blocks[: n - blocks]
-        self._cloud_skips = sum(len(b.resnets) for b in cloud_up)
-        produced = sum(len(b.resnets) + (1 if b.downsamplers is not None else 0) for b in unet.down_blocks[blocks:])
+        self._cloud_skips = sum(len(resnets(b)) for b in cloud_up)
+        produced = sum(len(resnets(b)) + (1 if b.downsamplers is not None else 0) for b in unet.down_blocks[blocks:])
         if self._cloud_skips != produced + 1 or unet.down_blocks[blocks - 1].downsamplers is None:
             raise ConfigError(f"this U-Net's skip connections do not line up at down block {blocks}")
 
@@ -58,7 +64,12 @@ class UNetParts:
         """The time embedding (with SDXL's added conditions) that every resnet block takes."""
         u = self.unet
         emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), None)
-        aug = u.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+        aug = u.get_aug_embed(
+            emb=emb,
+            encoder_hidden_states=encoder_hidden_states,
+            # diffusers types it dict[str, Any], yet its own forward passes None (no added conditions) as here
+            added_cond_kwargs=added_cond_kwargs,  # type: ignore[arg-type]
+        )
         emb = emb + aug if aug is not None else emb
         return u.time_embed_act(emb) if u.time_embed_act is not None else emb
 
@@ -108,7 +119,7 @@ class UNetParts:
             for i in range(k):
                 u.down_blocks[i] = torch.nn.Identity()
                 u.up_blocks[n - 1 - i] = torch.nn.Identity()
-            u.conv_in = u.conv_out = torch.nn.Identity()
+            u.conv_in = u.conv_out = torch.nn.Identity()  # type: ignore[assignment]  # diffusers declares Conv2d
         elif side == "device":
             for i in range(k, n):
                 u.down_blocks[i] = torch.nn.Identity()

@@ -102,7 +102,14 @@ def intercept(
         link = LocalBodyLink(split.body)
     recorder = RecordingLink(link, wire_dtype)
     ids = encode_ids(split, prompt, chat=chat)
-    result = stream(split, ids, link=recorder, max_new_tokens=max_new_tokens, **sampling).run()
+    result = stream(
+        split,
+        ids,
+        # BodyLink (generation/session.py) declares traffic settable; RecordingLink's read-only property is enough
+        link=recorder,  # type: ignore[arg-type]
+        max_new_tokens=max_new_tokens,
+        **sampling,
+    ).run()
     empty = torch.empty(0, split.hidden_size)
     return Intercept(
         prompt_ids=ids,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
@@ -59,10 +60,26 @@ def obfuscate_body(body: Body, key: ObfuscationKey, config: PretrainedConfig) ->
         raise ConfigError(f"the key was made for layers {key.points}, the body runs {body.start}:{body.stop}")
     if key.hidden_size != config.hidden_size:
         raise ConfigError(f"the key is for hidden size {key.hidden_size}, the model has {config.hidden_size}")
-    for layer in body.model.layers:  # refuse before changing anything
+    layers = _layers(body.model)
+    for layer in layers:  # refuse before changing anything
         _check_supported(layer, key, config)
-    for i, layer in enumerate(body.model.layers):
+    for i, layer in enumerate(layers):
         transform_layer(layer, key, config, key.layers.get(body.start + i))
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a body's model (nn.Module types an undeclared submodule as ``Tensor | Module``)."""
+    return cast(nn.ModuleList, model.layers)
+
+
+def _sub(module: nn.Module, name: str) -> nn.Module:
+    """The submodule ``name`` of ``module`` (a layer's ``self_attn``, an attention's ``o_proj``, ...)."""
+    return cast(nn.Module, getattr(module, name))
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The gain of a norm that ``hidden_norms`` found (it checked the weight is a tensor)."""
+    return cast(torch.Tensor, module.weight)
 
 
 def _check_supported(layer: nn.Module, key: ObfuscationKey, config: PretrainedConfig) -> None:
@@ -127,7 +144,7 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 def _permute_hidden(layer: nn.Module, perm: torch.Tensor, config: PretrainedConfig) -> None:
     perm = perm.to(next(layer.parameters()).device)
     for norm in hidden_norms(layer, config.hidden_size).values():
-        _set(norm.weight, norm.weight[perm])
+        _set(_weight(norm), _weight(norm)[perm])
     for name, lin in linears(layer).items():
         if name.rsplit(".", 1)[-1] in OUTPUT_SIDE:
             _set(lin.weight, lin.weight[perm, :])
@@ -149,11 +166,11 @@ def _rotate_hidden(layer: nn.Module, q: torch.Tensor, config: PretrainedConfig) 
     projections = linears(layer)
     for norm_name, block in PRE_NORMS.items():
         norm = norms[norm_name]
-        gain = norm.weight.double() + offset
+        gain = _weight(norm).double() + offset
         for name, lin in projections.items():
             if name.startswith(block + ".") and name.rsplit(".", 1)[-1] in INPUT_SIDE:
                 _set(lin.weight, (lin.weight.double() * gain) @ q)
-        _set(norm.weight, torch.full_like(gain, 1.0 - offset))
+        _set(_weight(norm), torch.full_like(gain, 1.0 - offset))
     for name, lin in projections.items():
         if name.rsplit(".", 1)[-1] in OUTPUT_SIDE:
             _set(lin.weight, q.T @ lin.weight.double())
@@ -195,22 +212,23 @@ def _plane_rotate(module: nn.Linear, angles: torch.Tensor, n_rep: int, head_dim:
 def _inner_secrets(layer: nn.Module, config: PretrainedConfig, s: LayerSecrets) -> None:
     heads, kv, hd = attention_shape(config)
     n_rep = heads // kv
-    attn, mlp = layer.self_attn, layer.mlp
+    attn, mlp = _sub(layer, "self_attn"), _sub(layer, "mlp")
     fused = hasattr(attn, "qkv_proj")
-    q_proj: nn.Linear = attn.qkv_proj if fused else attn.q_proj
-    k_proj: nn.Linear = attn.qkv_proj if fused else attn.k_proj
-    v_proj: nn.Linear = attn.qkv_proj if fused else attn.v_proj
+    q_proj = cast(nn.Linear, _sub(attn, "qkv_proj" if fused else "q_proj"))
+    k_proj = cast(nn.Linear, _sub(attn, "qkv_proj" if fused else "k_proj"))
+    v_proj = cast(nn.Linear, _sub(attn, "qkv_proj" if fused else "v_proj"))
     q_at, k_at, v_at = (0, heads * hd, heads * hd + kv * hd) if fused else (0, 0, 0)
 
     if s.ffn is not None:
         width = int(config.intermediate_size)
-        r = s.ffn.to(mlp.down_proj.weight.device)
+        down = cast(nn.Linear, _sub(mlp, "down_proj"))
+        r = s.ffn.to(down.weight.device)
         if hasattr(mlp, "gate_up_proj"):
-            _rows(mlp.gate_up_proj, torch.cat([r, r + width]))
+            _rows(cast(nn.Linear, _sub(mlp, "gate_up_proj")), torch.cat([r, r + width]))
         else:
-            _rows(mlp.gate_proj, r)
-            _rows(mlp.up_proj, r)
-        _set(mlp.down_proj.weight, mlp.down_proj.weight[:, r])
+            _rows(cast(nn.Linear, _sub(mlp, "gate_proj")), r)
+            _rows(cast(nn.Linear, _sub(mlp, "up_proj")), r)
+        _set(down.weight, down.weight[:, r])
 
     if s.kv_heads is not None or s.v_channels is not None:
         kv_perm = s.kv_heads if s.kv_heads is not None else torch.arange(kv)
@@ -223,7 +241,8 @@ def _inner_secrets(layer: nn.Module, config: PretrainedConfig, s: LayerSecrets) 
         _rows(q_proj, q_rows, q_at, q_at + heads * hd)
         _rows(k_proj, kv_rows, k_at, k_at + kv * hd)
         _rows(v_proj, v_rows, v_at, v_at + kv * hd)
-        _set(attn.o_proj.weight, attn.o_proj.weight[:, o_cols.to(attn.o_proj.weight.device)])
+        o_proj = cast(nn.Linear, _sub(attn, "o_proj"))
+        _set(o_proj.weight, o_proj.weight[:, o_cols.to(o_proj.weight.device)])
         for norm_name, rows in (("q_norm", q_rows), ("k_norm", kv_rows)):
             norm = getattr(attn, norm_name, None)  # OLMo-2 norms all heads at once: its gain follows the rows
             if norm is not None and norm.weight.shape[0] == rows.shape[0]:
@@ -252,7 +271,7 @@ def write_obfuscated_body(
     config.save_pretrained(out)
     state = {
         f"model.layers.{body.start + i}.{name}": t.detach().contiguous().cpu()
-        for i, layer in enumerate(body.model.layers)
+        for i, layer in enumerate(_layers(body.model))
         for name, t in layer.state_dict().items()
     }
     save_file(state, str(out / "model.safetensors"), {"format": "pt"})

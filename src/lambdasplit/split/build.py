@@ -18,7 +18,7 @@ import copy
 import logging
 import re
 import threading
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from accelerate import init_empty_weights
@@ -132,7 +132,8 @@ def _build_locked(
     model = _skeleton(part_config(config, start, stop), attn_implementation)
     base = model.base_model
     if role != "head":
-        base.embed_tokens = None
+        # = `base.embed_tokens = None`, which mypy refuses: it types nn.Module attributes as Tensor | Module
+        base.register_module("embed_tokens", None)
     if role != "tail":
         base.norm = nn.Identity()
         module: nn.Module = base  # head and body run the base model and return hidden states
@@ -157,4 +158,5 @@ def _build_locked(
     module.to(runtime.device)  # non-persistent buffers (rotary inv_freq) keep their float32 dtype
     module.eval().requires_grad_(False)
     _log.debug("built %s [%d, %d) with %d tensors", role, start, stop, len(wanted))
-    return {"head": Head, "body": Body, "tail": Tail}[role](module, start, stop)
+    parts: dict[Role, type[Head] | type[Body] | type[Tail]] = {"head": Head, "body": Body, "tail": Tail}
+    return parts[role](cast(PreTrainedModel, module), start, stop)  # base_model is typed nn.Module
