@@ -99,7 +99,8 @@ class DiffusionSession:
             raise ConfigError("an SDXL U-Net needs text_embeds and time_ids, and only it takes them")
         if options.policy != "unet-lambda" and added:
             width = config.addition_time_embed_dim * options.inputs["time_ids"][-1] + options.inputs["text_embeds"][-1]
-            if width != self.body.unet.add_embedding.linear_1.in_features:
+            takes = cast(nn.Linear, self.body.unet.add_embedding.linear_1).in_features
+            if width != takes:
                 raise ConfigError(
                     f"text_embeds and time_ids add up to {width} features; this U-Net's added embedding takes {takes}"
                 )
@@ -120,8 +121,8 @@ class DiffusionSession:
         b, k = 2 if options.guided else 1, options.blocks
         n = len(unet.down_blocks)
         up = unet.up_blocks[n - k - 1]
-        out_ch = up.resnets[-1].conv2.out_channels
-        down_ch = unet.down_blocks[k - 1].resnets[-1].conv2.out_channels
+        out_ch = cast(nn.Conv2d, resnets(up)[-1].conv2).out_channels
+        down_ch = cast(nn.Conv2d, resnets(unet.down_blocks[k - 1])[-1].conv2).out_channels
         emb_dim = unet.time_embedding.linear_2.out_features
         return {
             "sample": [b, down_ch, h >> k, w >> k],
