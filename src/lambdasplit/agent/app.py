@@ -225,8 +225,7 @@ class DeviceAgent:
         return stream(
             self.split,
             ids,
-            # BodyLink (generation/session.py) declares traffic settable; ObservedLink's read-only property is enough
-            link=link,  # type: ignore[arg-type]
+            link=link,
             params=params,
             drafter=self.settings.speculative,
         )

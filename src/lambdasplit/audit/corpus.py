@@ -12,7 +12,7 @@ training text.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -110,7 +110,9 @@ def chat_chunks(
 
     def span(n: int) -> str:
         start = int(torch.randint(0, stream.numel() - n, (1,), generator=gen))
-        return tokenizer.decode(stream[start : start + n].tolist(), skip_special_tokens=True).strip()
+        # decode is typed str | list[str] (a batch gives a list); one flat list of ids gives a str
+        text = cast(str, tokenizer.decode(stream[start : start + n].tolist(), skip_special_tokens=True))
+        return text.strip()
 
     out: list[list[int]] = []
     while len(out) < count:

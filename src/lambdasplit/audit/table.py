@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -69,7 +69,8 @@ class DefenceUnderTest:
 
     def text(self, ids: list[int]) -> str:
         assert self.public.tokenizer is not None
-        return self.public.tokenizer.decode(ids, skip_special_tokens=True)
+        # decode is typed str | list[str] (a batch gives a list); one flat list of ids gives a str
+        return cast(str, self.public.tokenizer.decode(ids, skip_special_tokens=True))
 
     def user_ids(self, text: str) -> list[int]:
         """The token ids of a user's text alone, as they appear inside the chat template."""

@@ -171,12 +171,11 @@ def generate(
 
 
 def _unsplit_decoder(split: SplitModel) -> ModelDecoder:
-    from transformers import AutoModelForCausalLM
+    from lambdasplit.models.unsplit import load_unsplit
 
     rt: Runtime = split.runtime
     with _err.status("loading the unsplit model"):
-        model = AutoModelForCausalLM.from_pretrained(split.path, dtype=rt.dtype).to(rt.device).eval()
-    return ModelDecoder(model)
+        return ModelDecoder(load_unsplit(split.path, rt))
 
 
 def _json(result: GenerationResult, split: SplitModel, mode: str) -> dict[str, object]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # not `from diffusers` (see pipeline.py)
 
 from lambdasplit.diffusion.cloud import DiffusionBody
 from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input

@@ -36,7 +36,12 @@ from lambdasplit.errors import ConfigError, ModelLoadError
 _verbosity = _hf_logging.get_verbosity()
 _hf_logging.set_verbosity_error()
 try:
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    # From the modules that define them (the same classes at run time): for a type checker, `from diffusers
+    # import X` resolves to diffusers' placeholder classes for missing backends, which have no attributes.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 finally:
     _hf_logging.set_verbosity(_verbosity)
 

@@ -56,14 +56,14 @@ def stream(
     elif sampling:
         raise ConfigError("pass either params or sampling keywords, not both")
     keep_open = decoder is not None
+    if decoder is not None and link is not None:
+        raise ConfigError("pass either a decoder (it has its link) or a link, not both")
     if decoder is None:
         if link is None:
             if split.body is None:
                 raise ConfigError("this SplitModel holds no body; pass a link to a body server")
             link = LocalBodyLink(split.body)
         decoder = SplitDecoder(split, link, use_cache=use_cache)
-    elif link is not None:
-        raise ConfigError("pass either a decoder (it has its link) or a link, not both")
     if isinstance(drafter, str):
         drafter = make_drafter(drafter, split)
     return Generation(

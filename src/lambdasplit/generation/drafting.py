@@ -181,13 +181,10 @@ def model_drafter(model: str, split: SplitModel, length: DraftLength | None = No
 
     It must share the split model's tokenizer: its vocabulary size is checked.
     """
-    from transformers import AutoModelForCausalLM
-
     from lambdasplit.models.resolve import resolve_checkpoint
+    from lambdasplit.models.unsplit import load_unsplit
 
-    path = resolve_checkpoint(model, quiet=True)
-    rt = split.runtime
-    draft = AutoModelForCausalLM.from_pretrained(path, dtype=rt.dtype).to(rt.device).eval()
+    draft = load_unsplit(resolve_checkpoint(model, quiet=True), split.runtime)
     if int(draft.config.vocab_size) != int(split.config.vocab_size):
         raise ConfigError(
             f"the draft model {model} has a vocabulary of {draft.config.vocab_size} tokens, the split model "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import (
@@ -79,7 +80,7 @@ class TokenChooser:
         """(V,) logits after the processors (penalty, temperature, top-k, top-p) for this context."""
         scores = logits.float().unsqueeze(0)  # (1, V)
         if self.processors:
-            ids = torch.tensor([ids_so_far], device=scores.device)
+            ids = cast(torch.LongTensor, torch.tensor([ids_so_far], device=scores.device))  # int64 ids
             scores = self.processors(ids, scores)
         return scores[0]
 

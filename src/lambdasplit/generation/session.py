@@ -34,7 +34,10 @@ def tensor_bytes(t: torch.Tensor) -> int:
 class BodyLink(Protocol):
     """How the device reaches the body. One link serves one generation session and counts its traffic."""
 
-    traffic: Traffic
+    @property
+    def traffic(self) -> Traffic:
+        """What this link (decoder) has carried so far (read-only: an attribute or a property will do)."""
+        ...
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
         """Run the body on ``hidden`` (1, T, D) whose first row is at absolute ``position``.
@@ -81,7 +84,11 @@ class Decoder(Protocol):
     verified in one round trip). ``truncate`` drops positions from the end, e.g. rejected drafts.
     """
 
-    traffic: Traffic
+    @property
+    def traffic(self) -> Traffic:
+        """What this link (decoder) has carried so far (read-only: an attribute or a property will do)."""
+        ...
+
     ids: list[int]  # every token fed so far
 
     @property

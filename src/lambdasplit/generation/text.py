@@ -48,7 +48,9 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string (a batch would give a list)
+        return text
 
     def push(self, ids: Sequence[int]) -> str:
         """All generated ids so far -> the new text to show (possibly ``""``). Sets ``stopped``."""

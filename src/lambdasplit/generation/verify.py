@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from lambdasplit.generation.session import LocalBodyLink, ModelDecoder, SplitDecoder
+from lambdasplit.models.unsplit import load_unsplit
 from lambdasplit.split.loader import SplitModel
 
 
@@ -33,8 +33,7 @@ def verify_split(split: SplitModel, prompt_ids: list[int], steps: int = 20) -> V
     """
     if split.body is None:
         raise ValueError("verify_split needs all three parts in this process")
-    reference = AutoModelForCausalLM.from_pretrained(split.path, dtype=split.runtime.dtype).to(split.runtime.device)
-    ref, dut = ModelDecoder(reference.eval()), SplitDecoder(split, LocalBodyLink(split.body))
+    ref, dut = ModelDecoder(load_unsplit(split.path, split.runtime)), SplitDecoder(split, LocalBodyLink(split.body))
     prompt = torch.tensor([prompt_ids])
     a, b = ref.prefill(prompt), dut.prefill(prompt)
     diffs, ref_tokens, dut_tokens = [], [], []

@@ -105,8 +105,7 @@ def intercept(
     result = stream(
         split,
         ids,
-        # BodyLink (generation/session.py) declares traffic settable; RecordingLink's read-only property is enough
-        link=recorder,  # type: ignore[arg-type]
+        link=recorder,
         max_new_tokens=max_new_tokens,
         **sampling,
     ).run()
