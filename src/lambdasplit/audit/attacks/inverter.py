@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from os import PathLike
+from typing import cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,6 +70,11 @@ class Inverter(nn.Module):
     for another split.
     """
 
+    # Buffers registered in __init__, declared so they type as tensors (nn.Module.__getattr__ gives Tensor | Module)
+    embedding: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, embedding: torch.Tensor, width: int = 1024, meta: dict[str, str] | None = None) -> None:
         super().__init__()
         dim = embedding.shape[1]
@@ -78,8 +84,9 @@ class Inverter(nn.Module):
         self.linear = nn.Linear(3 * dim, dim)  # started from least squares (see ``fit_linear``)
         self.mlp = nn.Sequential(nn.Linear(3 * dim, width), nn.GELU(), nn.Linear(width, dim))
         with torch.no_grad():  # the MLP starts as zero: it learns what the linear map misses
-            self.mlp[-1].weight.zero_()
-            self.mlp[-1].bias.zero_()
+            last = cast(nn.Linear, self.mlp[-1])  # Sequential indexing is typed nn.Module
+            last.weight.zero_()
+            last.bias.zero_()
         self.log_scale = nn.Parameter(torch.tensor(0.0))  # logit temperature
         self.meta = dict(meta or {})
         self.width = width
@@ -131,7 +138,9 @@ class Inverter(nn.Module):
 def _embedding(public: SplitModel) -> torch.Tensor:
     if public.head is None or public.head.model is None:
         raise ConfigError("the inverter needs a split that holds the public head (its embedding matrix)")
-    return public.head.model.get_input_embeddings().weight.detach().float().cpu()
+    # get_input_embeddings() is typed nn.Module, so its weight reads as Tensor | Module
+    weight = cast(torch.Tensor, public.head.model.get_input_embeddings().weight)
+    return weight.detach().float().cpu()
 
 
 @torch.inference_mode()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import torch
+from torch import nn
 
 from lambdasplit.audit.attacks.result import AttackResult
 from lambdasplit.audit.attacks.tail_replay import public_tail
@@ -27,7 +29,8 @@ def lens_logits(public: SplitModel, states: torch.Tensor) -> torch.Tensor:
     model = public_tail(public).model
     assert model is not None
     hidden = states.to(public.runtime.device, public.runtime.dtype)
-    return model.get_output_embeddings()(model.base_model.norm(hidden)).float()
+    norm = cast(nn.Module, model.base_model.norm)  # nn.Module.__getattr__ is typed Tensor | Module
+    return model.get_output_embeddings()(norm(hidden)).float()
 
 
 def logit_lens(public: SplitModel, intercepts: Sequence[Intercept], *, top_k: int = 5) -> list[AttackResult]:
