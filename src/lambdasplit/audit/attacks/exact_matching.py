@@ -62,6 +62,7 @@ def tolerance(
     adds a fixed allowance. A wrong token misses by a margin of order one, so this is loose on purpose.
     """
     scale = target.abs()
+    wire: float | torch.Tensor  # a float wire in float32 adds no rounding
     if wire_dtype in (torch.int8, torch.uint8):
         wire = (target.max() - target.min()) / 255
     else:

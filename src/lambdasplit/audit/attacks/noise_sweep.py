@@ -36,7 +36,6 @@ from lambdasplit.audit.attacks.nearest_neighbour import nearest_neighbour
 from lambdasplit.audit.attacks.result import AttackResult
 from lambdasplit.audit.corpus import token_stream
 from lambdasplit.audit.utility import perplexity, prefix_agreement
-from lambdasplit.generation.api import Prompt
 from lambdasplit.privacy.intercept import Intercept, intercept
 from lambdasplit.privacy.noise import GaussianNoise
 from lambdasplit.split.loader import SplitModel
@@ -69,13 +68,15 @@ def pooled_accuracy(results: Sequence[AttackResult]) -> float:
     return correct / total if total else 1.0
 
 
-def _conversations(split: SplitModel, prompts: Sequence[Prompt], chat: bool, max_new_tokens: int) -> list[Intercept]:
+def _conversations(
+    split: SplitModel, prompts: Sequence[str | Sequence[int]], chat: bool, max_new_tokens: int
+) -> list[Intercept]:
     return [intercept(split, p, chat=chat, max_new_tokens=max_new_tokens) for p in prompts]
 
 
 def noise_sweep(
     split: SplitModel,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[str | Sequence[int]],  # what ``intercept`` takes: text or token ids
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     *,
     public: SplitModel | None = None,

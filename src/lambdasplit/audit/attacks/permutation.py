@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -383,7 +383,9 @@ def weight_signatures(body: Body | nn.Module, hidden: int) -> torch.Tensor:
         raise ValueError("the body is empty (X == Y): there are no weights to read a key from")
     features: list[torch.Tensor] = []
     for layer in layers:
-        features += [norm.weight.detach().double().cpu() for norm in hidden_norms(layer, hidden).values()]
+        # hidden_norms gives each norm as nn.Module, whose weight reads as Tensor | Module: it is the (D,) gain
+        gains = [cast(torch.Tensor, norm.weight) for norm in hidden_norms(layer, hidden).values()]
+        features += [g.detach().double().cpu() for g in gains]
         for name, lin in linears(layer).items():
             w = lin.weight.detach().float()  # norms in float32: ~1e-7 relative, far below the gaps between dims
             if name.rsplit(".", 1)[-1] in OUTPUT_SIDE:  # (D, in): W[p, :], columns moved by inner secrets

@@ -25,6 +25,7 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -59,7 +60,8 @@ def _blocks(plain: nn.Module, obfuscated: nn.Module, hidden: int, offset: float)
         w, w_obf = lin.weight.detach().double().cpu(), theirs[name].weight.detach().double().cpu()
         if name.rsplit(".", 1)[-1] in INPUT_SIDE:
             norm = next(n for n, block in PRE_NORMS.items() if name.startswith(block + "."))
-            out.append(("in", name, w * (norms[norm].weight.detach().double().cpu() + offset), w_obf))
+            gain = cast(torch.Tensor, norms[norm].weight)  # a norm typed nn.Module: its weight reads as Tensor | Module
+            out.append(("in", name, w * (gain.detach().double().cpu() + offset), w_obf))
         else:
             out.append(("out", name, w, w_obf))
     return out
@@ -88,7 +90,9 @@ def rotation_from_weights(
     if public.body is None or public.body.model is None or body.model is None:
         raise ValueError("both the public split and the obfuscated body must hold the body's layers")
     hidden, offset = int(public.config.hidden_size), norm_offset(public.config)
-    plain_layers, obf_layers = public.body.model.layers, body.model.layers
+    # the decoder layers: nn.Module types an undeclared submodule as Tensor | Module
+    plain_layers = cast(nn.ModuleList, public.body.model.layers)
+    obf_layers = cast(nn.ModuleList, body.model.layers)
     if len(plain_layers) != len(obf_layers):
         raise ValueError(f"the public body has {len(plain_layers)} layers, the obfuscated one {len(obf_layers)}")
     pairs = list(zip(plain_layers, obf_layers, strict=True))[:layers]
@@ -109,11 +113,11 @@ def _procrustes(blocks: list[Block]) -> tuple[torch.Tensor, float]:
     """Q maximising tr(Q^T M), M = sum A^T B (input sides, B = A Q) + sum C C'^T (output sides, C' = Q^T C),
     and the relative residual of the fit (0 up to rounding when there are no inner secrets)."""
     m = sum(a.T @ b if side == "in" else a @ b.T for side, _, a, b in blocks)
-    u, _, vh = torch.linalg.svd(m)  # type: ignore[arg-type]
+    u, _, vh = torch.linalg.svd(m)
     q = u @ vh
     err = sum(((a @ q - b) if side == "in" else (q.T @ a - b)).pow(2).sum() for side, _, a, b in blocks)
     total = sum(b.pow(2).sum() for _, _, _, b in blocks)
-    return q, float((err / total).sqrt())  # type: ignore[operator]
+    return q, float((err / total).sqrt())
 
 
 def _gram(blocks: list[Block], seed: int) -> tuple[torch.Tensor, float]:
@@ -125,7 +129,7 @@ def _gram(blocks: list[Block], seed: int) -> tuple[torch.Tensor, float]:
         c = torch.rand(len(grams), generator=gen, dtype=torch.float64)
         mine = sum(ci * g / g.norm() for ci, (g, _) in zip(c, grams, strict=True))
         theirs = sum(ci * h / g.norm() for ci, (g, h) in zip(c, grams, strict=True))
-        return mine, theirs  # type: ignore[return-value]
+        return mine, theirs
 
     g, g_obf = combination()
     h, h_obf = combination()
