@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and every server it starts) keeps TLS state (a server's self-signed certificate, the
+    device's known servers) in a folder of its own session, never in the user's ~/.local/state."""
+    before = os.environ.get("LAMBDASPLIT_STATE")
+    state = tmp_path_factory.mktemp("state")
+    os.environ["LAMBDASPLIT_STATE"] = str(state)
+    yield state
+    if before is None:
+        del os.environ["LAMBDASPLIT_STATE"]
+    else:
+        os.environ["LAMBDASPLIT_STATE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "ObfuscationKey": "lambdasplit.privacy",
     "make_key": "lambdasplit.privacy",
     "protect": "lambdasplit.privacy",
+    # TLS: what a device trusts (a pinned fingerprint, a CA, or trust on first use)
+    "TlsTrust": "lambdasplit.tls",
     # the research suite that measures them (imported on first use, like every name here)
     "AuditSettings": "lambdasplit.audit",
     "run_audit": "lambdasplit.audit",
@@ -66,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     "WireError": "lambdasplit.errors",
     "FrameError": "lambdasplit.errors",
     "RemoteError": "lambdasplit.errors",
+    "UntrustedCertificate": "lambdasplit.errors",
 }
 
 __all__ = [
@@ -96,9 +99,11 @@ __all__ = [
     "SplitPointError",
     "SplitPoints",
     "Tail",
+    "TlsTrust",
     "TokenEvent",
     "Traffic",
     "UnsupportedModelError",
+    "UntrustedCertificate",
     "WireError",
     "generate",
     "intercept",
@@ -125,6 +130,7 @@ if TYPE_CHECKING:
         SessionError,
         SplitPointError,
         UnsupportedModelError,
+        UntrustedCertificate,
         WireError,
     )
     from lambdasplit.generation import (
@@ -145,6 +151,7 @@ if TYPE_CHECKING:
     from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
     from lambdasplit.privacy import Intercept, ObfuscationKey, intercept, make_key, protect
     from lambdasplit.split import Body, Head, SplitModel, Tail, load_split
+    from lambdasplit.tls import TlsTrust
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,8 @@
         └── WireError              anything that crosses the network
             ├── FrameError         a malformed, truncated, oversized or unknown frame
             ├── RemoteError        the other side answered with an error frame
-            └── StaleConnection    a request made for a connection a reconnect has replaced
+            ├── StaleConnection    a request made for a connection a reconnect has replaced
+            └── UntrustedCertificate  a TLS server whose certificate the device does not trust
 
 Callers catch ``LambdaSplitError`` for everything raised on purpose by this package. Whatever a server
 answers with an ERROR frame is a ``CodedError``; its ``code`` is one of those listed in docs/protocol.md.
@@ -98,3 +99,18 @@ class StaleConnection(WireError):
     are only valid on the connection that opened them."""
 
     code = "stale_connection"
+
+
+class UntrustedCertificate(WireError):
+    """A TLS server presented a certificate the device does not trust (a pin, the known servers file or a CA
+    said no). Raised during the TLS handshake, before any byte of the protocol (or the token) is sent.
+
+    ``seen`` is the fingerprint the server presented, ``expected`` the one trusted (None when a CA refused it).
+    The message says which option accepts a legitimate change. Clients do not fail over or retry on it.
+    """
+
+    code = "untrusted_certificate"
+
+    def __init__(self, message: str, *, address: str, seen: str, expected: str | None = None) -> None:
+        super().__init__(message)
+        self.address, self.seen, self.expected = address, seen, expected

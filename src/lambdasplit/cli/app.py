@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from lambdasplit.cli import audit, bench, chat, demo, generate, imagine, obfuscate, serve, up, verify
+from lambdasplit.cli import audit, bench, chat, demo, generate, imagine, obfuscate, serve, trust, up, verify
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.command("up")(up.up)
 app.command("obfuscate")(obfuscate.obfuscate)
 app.command("audit")(audit.audit)
 app.add_typer(bench.app, name="bench")
+app.add_typer(trust.app, name="trust")
 
 
 def run() -> None:

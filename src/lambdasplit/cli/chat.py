@@ -7,12 +7,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.cloud import connect_cloud, load_local
+from lambdasplit.cli.cloud import connect_cloud, device_trust, load_local
 from lambdasplit.cli.options import (
     DEFAULTS,
     CloudTimeout,
     Device,
     Dtype,
+    Insecure,
     Key,
     Layers,
     Model,
@@ -20,6 +21,9 @@ from lambdasplit.cli.options import (
     Seed,
     Speculative,
     Temperature,
+    TlsCa,
+    TlsFingerprint,
+    Token,
     TopP,
     sampling_params,
 )
@@ -38,7 +42,10 @@ def chat(
     cloud: Annotated[
         str | None, typer.Option(help="Body server URL(s), comma-separated; without it, all parts run here.")
     ] = None,
-    token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
+    token: Token = None,
+    tls_fingerprint: TlsFingerprint = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = False,
     wire_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16, int8, int6, int4 or int2.")] = "float16",
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
@@ -66,6 +73,7 @@ def chat(
                 timeout=cloud_timeout,
                 reconnect_deadline=reconnect_deadline,
                 key=key,
+                trust=device_trust(tls_fingerprint, tls_ca, insecure),
             )
         else:
             split = load_local(model, layers, device=device, dtype=dtype, key=key)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
 
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.errors import ConfigError
@@ -10,6 +14,19 @@ from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.obfuscate import protect
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.split.build import Role
+from lambdasplit.tls import TlsTrust
+
+_err = Console(stderr=True)
+
+
+def device_trust(fingerprint: str | None, ca: Path | None, insecure: bool) -> TlsTrust:
+    """``--tls-fingerprint``, ``--tls-ca`` and ``--insecure`` as a ``TlsTrust`` whose notices go to stderr."""
+    return TlsTrust(
+        fingerprint=fingerprint,
+        ca_file=ca,
+        insecure=insecure,
+        notify=lambda message: _err.print(f"[yellow]{escape(message)}[/]"),
+    )
 
 
 def connect_cloud(
@@ -23,9 +40,11 @@ def connect_cloud(
     reconnect_deadline: float,
     quiet: bool = False,
     key: str | None = None,
+    trust: TlsTrust | None = None,
 ) -> tuple[SplitModel, CloudClient]:
     """``connect_device`` with the CLI's conventions: the token falls back to $LAMBDASPLIT_TOKEN, and
-    ``cloud`` may list several URLs, comma-separated, to fail over between. ``key``: an obfuscation key file."""
+    ``cloud`` may list several URLs, comma-separated, to fail over between. ``key``: an obfuscation key file;
+    ``trust``: which wss:// certificates to accept (``device_trust``)."""
     return connect_device(
         cloud,
         model,
@@ -36,6 +55,7 @@ def connect_cloud(
         reconnect_deadline=reconnect_deadline,
         quiet=quiet,
         key=key,
+        trust=trust,
     )
 
 

@@ -9,13 +9,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.cloud import connect_cloud, load_local
+from lambdasplit.cli.cloud import connect_cloud, device_trust, load_local
 from lambdasplit.cli.options import (
     DEFAULTS,
     CloudTimeout,
     Device,
     DraftTokens,
     Dtype,
+    Insecure,
     Key,
     Layers,
     Model,
@@ -23,6 +24,9 @@ from lambdasplit.cli.options import (
     Seed,
     Speculative,
     Temperature,
+    TlsCa,
+    TlsFingerprint,
+    Token,
     TopK,
     TopP,
     sampling_params,
@@ -69,7 +73,10 @@ def generate(
             "from the server."
         ),
     ] = None,
-    token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
+    token: Token = None,
+    tls_fingerprint: TlsFingerprint = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = False,
     wire_dtype: Annotated[
         str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8, int6, int4, int2.")
     ] = "float16",
@@ -118,6 +125,7 @@ def generate(
                 timeout=cloud_timeout,
                 reconnect_deadline=reconnect_deadline,
                 key=key,
+                trust=device_trust(tls_fingerprint, tls_ca, insecure),
             )
         link = client.open_session(WireDtype.parse(wire_dtype))
     else:

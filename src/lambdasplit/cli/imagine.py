@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lambdasplit.cli.options import quiet_pipeline_loading
+from lambdasplit.cli.cloud import device_trust
+from lambdasplit.cli.options import Insecure, TlsFingerprint, Token, quiet_pipeline_loading
 from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
 from lambdasplit.errors import ConfigError
 
@@ -52,8 +53,19 @@ def imagine(
         str | None,
         typer.Option(help="Diffusion body server (ws://HOST:PORT/v1/split). Without it the body runs in-process."),
     ] = None,
-    token: Annotated[str | None, typer.Option(help="Bearer token for the server (or $LAMBDASPLIT_TOKEN).")] = None,
-    ca_file: Annotated[Path | None, typer.Option(help="CA certificate to trust for wss:// (self-signed).")] = None,
+    token: Token = None,
+    tls_fingerprint: TlsFingerprint = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            "--ca-file",  # its name before the other commands had TLS options
+            help="Trust wss:// servers whose certificate this CA (PEM) signed: a private CA, or the server's own "
+            "cert.pem.",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Insecure = False,
     cloud_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server.")] = 120.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16.")] = None,
@@ -90,7 +102,7 @@ def imagine(
             token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
             fingerprint=unet_fingerprint(unet_config),
             timeout=cloud_timeout,
-            ca_file=str(ca_file) if ca_file else None,
+            trust=device_trust(tls_fingerprint, tls_ca, insecure),
         )
         link = RemoteDiffusionLink(client)
         where = cloud

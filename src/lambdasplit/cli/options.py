@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -59,6 +60,33 @@ Key = Annotated[
     ),
 ]
 
+# --- connecting to a body server: the same options in every command that takes --cloud ---------------------
+Token = Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")]
+TlsFingerprint = Annotated[
+    str | None,
+    typer.Option(
+        help="Trust the wss:// server whose certificate has this fingerprint (SHA256:..., as `lambdasplit serve` "
+        "prints it beside its URL), and no other. Default: this machine's CAs, else trust on first use.",
+        show_default=False,
+    ),
+]
+TlsCa = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        help="Trust wss:// servers whose certificate this CA (PEM) signed: a private CA, or the server's own "
+        "cert.pem. Checks the host name too.",
+        show_default=False,
+    ),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Allow sending the token over plain ws:// to a host beyond loopback (TLS terminated elsewhere, on a "
+        "path you trust).",
+    ),
+]
 
 Temperature = Annotated[
     float,

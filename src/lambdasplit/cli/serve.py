@@ -11,8 +11,11 @@ import typer
 from rich.console import Console
 
 from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, quiet_pipeline_loading
-from lambdasplit.server import READY, ServerSettings, serve
+from lambdasplit.errors import ConfigError
+from lambdasplit.server import ServerSettings, serve
+from lambdasplit.server.settings import TlsMode
 from lambdasplit.split import load_split
+from lambdasplit.tls import certificate_fingerprint, is_loopback
 
 _err = Console(stderr=True)
 _d = ServerSettings()
@@ -22,15 +25,44 @@ def serve_command(
     model: Model = DEFAULTS["model"],
     layers: Layers = DEFAULTS["layers"],
     host: Annotated[
-        str, typer.Option(help="Address to bind. Keep 127.0.0.1 unless TLS and a token are set.")
+        str,
+        typer.Option(
+            help="Address to bind. Beyond loopback the server encrypts (wss://) unless --insecure; give it a --token."
+        ),
     ] = _d.host,
     port: Annotated[int, typer.Option(help="Port (0 picks a free one; the ready line names it).")] = _d.port,
     token: Annotated[
         list[str] | None,
         typer.Option(help="Accepted bearer token (repeatable). Also read from $LAMBDASPLIT_TOKEN.", show_default=False),
     ] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM); serves wss://.")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Your own TLS certificate (PEM) instead of the self-signed one; serves wss://.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Encrypt on loopback too (beyond loopback it is the default): wss:// with the self-signed "
+            "certificate unless --tls-cert.",
+        ),
+    ] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Plain ws:// even beyond loopback, for TLS terminated elsewhere (a proxy). Anyone on the path "
+            "reads the hidden states and the token.",
+        ),
+    ] = False,
+    tls_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the self-signed certificate, made there once and reused (default: "
+            "$LAMBDASPLIT_STATE/tls, else ~/.local/state/lambdasplit/tls).",
+            show_default=False,
+        ),
+    ] = None,
     max_sessions: Annotated[int, typer.Option(help="Sessions held at once; more are refused.")] = _d.max_sessions,
     max_context: Annotated[int, typer.Option(help="Positions per session's KV cache.")] = _d.max_context,
     idle_ttl: Annotated[float, typer.Option(help="Seconds before an unused session is freed.")] = _d.idle_ttl,
@@ -72,8 +104,13 @@ def serve_command(
     """Serve the body (layers X..Y-1) of a model to devices over WebSocket.
 
     Devices connect with `lambdasplit generate --cloud ws://HOST:PORT/v1/split` (or `chat`); the split points
-    come from this server. GET /health is public; GET /metrics needs the token when one is set.
+    come from this server. Beyond loopback it serves `wss://` on a self-signed certificate made once, and prints
+    the certificate's fingerprint beside the URL: devices pin it (`--tls-fingerprint`, or on first use).
+    GET /health is public; GET /metrics needs the token when one is set.
     """
+    if tls and insecure:
+        raise ConfigError("--tls and --insecure contradict each other: pass one")
+    mode: TlsMode = "on" if tls else "off" if insecure else "auto"
     tokens = tuple(token or ()) + ((os.environ["LAMBDASPLIT_TOKEN"],) if os.environ.get("LAMBDASPLIT_TOKEN") else ())
     settings = ServerSettings(
         host=host,
@@ -88,12 +125,13 @@ def serve_command(
         ws_ping_interval=ws_ping_interval,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        tls=mode,
+        tls_dir=tls_dir,
         cloud_only=cloud_only,
-    )
+    ).with_certificate()
     if threads is not None:
         torch.set_num_threads(threads)
-    if host not in ("127.0.0.1", "localhost", "::1") and not (tokens and tls_cert):
-        _err.print("[yellow]warning[/]: serving beyond loopback without TLS and a token exposes hidden states")
+    _say_how_devices_connect(settings)
     if pipeline is not None:
         _serve_pipeline(pipeline, settings, device, dtype)
         return
@@ -112,7 +150,7 @@ def serve_command(
         f"{what} · {rt.device} {str(rt.dtype).removeprefix('torch.')} · {torch.get_num_threads()} threads"
         f" · fingerprint {split.fingerprint}"
     )
-    serve(split, settings, on_ready=lambda url: print(f"{READY}{url}", flush=True))
+    serve(split, settings)
 
 
 def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None, dtype: str | None) -> None:
@@ -129,4 +167,23 @@ def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None,
         f"diffusion body: U-Net of {pipeline} · {params:,} parameters · {unet.device} "
         f"{str(unet.dtype).removeprefix('torch.')} · {torch.get_num_threads()} threads · fingerprint {body.fingerprint}"
     )
-    serve_app(DiffusionServer(body, settings), settings, on_ready=lambda url: print(f"{READY}{url}", flush=True))
+    serve_app(DiffusionServer(body, settings), settings)
+
+
+def _say_how_devices_connect(settings: ServerSettings) -> None:
+    """What the connection protects, and what a device must pass to trust this server."""
+    beyond = not is_loopback(settings.host)
+    if settings.tls_cert is not None:
+        _err.print(
+            f"TLS certificate {certificate_fingerprint(settings.tls_cert)} ({settings.tls_cert}): devices trust it by "
+            "a CA, --tls-ca, or --tls-fingerprint with this fingerprint (the ready line repeats it)"
+        )
+    elif beyond:
+        _err.print(
+            "[yellow]warning[/]: --insecure: serving plain ws:// beyond loopback. Anyone on the path reads every "
+            "hidden state (an eavesdropper holding the public weights read 99.7-100% of prompt tokens from them in "
+            "the project's audit, docs/threat-model.md) and the token; devices refuse to send a token here unless "
+            "they pass --insecure too."
+        )
+    if beyond and not settings.tokens:
+        _err.print("[yellow]warning[/]: no --token: anyone who reaches this port can use the body")

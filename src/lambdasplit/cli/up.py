@@ -11,8 +11,21 @@ from rich.console import Console
 
 from lambdasplit.agent import AgentSettings, DeviceAgent
 from lambdasplit.agent.run import run_agent
-from lambdasplit.cli.cloud import connect_cloud
-from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Device, Dtype, Key, Model, ReconnectDeadline, Speculative
+from lambdasplit.cli.cloud import connect_cloud, device_trust
+from lambdasplit.cli.options import (
+    DEFAULTS,
+    CloudTimeout,
+    Device,
+    Dtype,
+    Insecure,
+    Key,
+    Model,
+    ReconnectDeadline,
+    Speculative,
+    TlsCa,
+    TlsFingerprint,
+    Token,
+)
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
 from lambdasplit.server.process import body_server_process
@@ -35,7 +48,10 @@ def up(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="Port (0 picks a free one; the ready line names it).")] = 8000,
-    token: Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")] = None,
+    token: Token = None,
+    tls_fingerprint: TlsFingerprint = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = False,
     wire_dtype: Annotated[
         str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8, int6, int4, int2.")
     ] = "float16",
@@ -83,6 +99,7 @@ def up(
                 timeout=cloud_timeout,
                 reconnect_deadline=reconnect_deadline,
                 key=key,
+                trust=device_trust(tls_fingerprint, tls_ca, insecure),
                 quiet=True,
             )
         stack.enter_context(client)

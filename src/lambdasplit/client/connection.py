@@ -13,8 +13,10 @@ import ssl
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +26,15 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError, LambdaSplitError, RemoteError, StaleConnection, WireError
+from lambdasplit.errors import (
+    ConfigError,
+    LambdaSplitError,
+    RemoteError,
+    StaleConnection,
+    UntrustedCertificate,
+    WireError,
+)
+from lambdasplit.tls import TlsTrust
 from lambdasplit.traffic import Traffic
 from lambdasplit.wire import (
     PROTOCOL,
@@ -76,6 +86,11 @@ class CloudClient:
     ``url`` may be a list: the first that answers is used, and ``reconnect`` (called by sessions whose
     connection was lost) tries them all, in order, for up to ``reconnect_deadline`` seconds. A request
     with no answer within ``timeout`` seconds counts as a lost connection.
+
+    ``trust`` says which ``wss://`` certificates to accept (``TlsTrust``: a pinned fingerprint, a CA, or trust
+    on first use, the default); a certificate it refuses raises ``UntrustedCertificate`` before anything is
+    sent, and is never retried or failed over. A token is never sent over plain ``ws://`` beyond loopback
+    unless ``trust.insecure``.
     """
 
     def __init__(
@@ -85,16 +100,18 @@ class CloudClient:
         token: str | None = None,
         fingerprint: str | None = None,
         timeout: float = 60.0,
-        ca_file: str | None = None,
+        trust: TlsTrust | None = None,
         limits: FrameLimits | None = None,
         reconnect_deadline: float = 60.0,
+        ca_file: str | None = None,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
             raise ConfigError("at least one body server URL is needed")
         self.url, self.timeout, self.reconnect_deadline = self.urls[0], timeout, reconnect_deadline
         self.limits = limits or FrameLimits()
-        self._token, self._fingerprint, self._ca_file = token, fingerprint, ca_file
+        self.trust = _trust(trust, ca_file)
+        self._token, self._fingerprint = token, fingerprint
         self._lock = threading.Lock()
         self._reconnect_lock = threading.Lock()
         self.epoch = 0  # +1 per (re)connection; sessions of an older epoch are gone
@@ -105,8 +122,8 @@ class CloudClient:
             try:
                 self.welcome: dict[str, Any] = self._open(candidate)
                 break
-            except RemoteError:
-                raise  # refused (token, model): another URL of the same deployment would refuse too
+            except (RemoteError, UntrustedCertificate):
+                raise  # refused (token, model, certificate): another URL of the deployment must not be tried blindly
             except WireError as exc:
                 errors.append(exc)
         else:
@@ -114,7 +131,7 @@ class CloudClient:
 
     def _open(self, url: str) -> dict[str, Any]:
         """Connect to ``url`` and shake hands; only then does it become the client's connection."""
-        ws = self._connect(url, self._token, self.timeout, self._ca_file)
+        ws = self._connect(url)
         hello = {"protocol": PROTOCOL, "client": f"lambdasplit/{__version__}"}
         if self._fingerprint:
             hello["fingerprint"] = self._fingerprint
@@ -147,8 +164,8 @@ class CloudClient:
                 for url in self.urls:
                     try:
                         welcome = self._open(url)
-                    except RemoteError:
-                        raise  # the server answered and refused (token, model): retrying will not help
+                    except (RemoteError, UntrustedCertificate):
+                        raise  # refused (token, model) or not the certificate trusted: retrying will not help
                     except WireError as exc:
                         last = exc
                         continue
@@ -165,32 +182,43 @@ class CloudClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _connect(self, url: str, token: str | None, timeout: float, ca_file: str | None) -> ClientConnection:
+    def _connect(self, url: str) -> ClientConnection:
+        """Open the WebSocket to ``url``; for ``wss://``, only to a server ``self.trust`` accepts."""
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ConfigError(f"cloud URL must look like ws://HOST:PORT/v1/split or wss://..., got {url!r}")
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        context = None
-        if parts.scheme == "wss":
-            context = ssl.create_default_context(cafile=ca_file)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)
+        if parts.scheme == "ws":
+            self.trust.check_plain(host, port, self._token)
+            return self._handshake(url, host, port, None)
         try:
-            sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+            return self._handshake(url, host, port, self.trust.context(host, port))
+        except ssl.SSLCertVerificationError as exc:  # a CA refused it: pin it on first use, if allowed
+            first_use = self.trust.first_use_context(host, port)
+            if first_use is None:
+                raise self.trust.verification_failed(host, port, exc) from exc
+            return self._handshake(url, host, port, first_use)
+
+    def _handshake(self, url: str, host: str, port: int, context: ssl.SSLContext | None) -> ClientConnection:
+        """TCP connect, TLS (with ``context``) and the WebSocket upgrade, which carries the token."""
+        try:
+            sock = socket.create_connection((host, port), timeout=self.timeout)
         except OSError as exc:
             raise WireError(f"cannot reach the body server at {url}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        headers = {"Authorization": f"Bearer {token}"} if token else None
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
             # __enter__ opens the connection without the context-manager block (closed in self.close()).
             return connect(
                 url,
                 sock=sock,
                 ssl=context,
-                server_hostname=parts.hostname if context else None,
+                server_hostname=host if context else None,
                 compression=None,
                 additional_headers=headers,
                 user_agent_header=f"lambdasplit/{__version__}",
                 proxy=None,
-                open_timeout=timeout,
+                open_timeout=self.timeout,
                 ping_interval=None,  # liveness is the request timeout; no background traffic
                 max_size=self.limits.max_frame_bytes,
             ).__enter__()
@@ -200,9 +228,18 @@ class CloudClient:
             if status in (401, 403):
                 raise RemoteError("the server refused the bearer token (use --token)", "unauthorized") from exc
             raise WireError(f"{url} answered HTTP {status}; is it a lambdasplit body server?") from exc
-        except (InvalidURI, WebSocketException, OSError, ssl.SSLError) as exc:
+        except ssl.SSLCertVerificationError:
+            sock.close()
+            raise  # _connect decides: trust on first use, or an error that names the certificate
+        except ssl.SSLError as exc:
+            sock.close()
+            raise WireError(f"TLS with {url} failed: {exc.reason or exc}. Is the server serving wss:// there?") from exc
+        except (InvalidURI, WebSocketException, OSError) as exc:
             sock.close()
             raise WireError(f"WebSocket handshake with {url} failed: {exc}") from exc
+        except UntrustedCertificate:
+            sock.close()
+            raise
 
     # --- requests ---------------------------------------------------------------------------------
     def roundtrip(self, data: bytes, epoch: int | None = None) -> bytes:
@@ -341,6 +378,15 @@ class CloudClient:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
+
+
+def _trust(trust: TlsTrust | None, ca_file: str | None) -> TlsTrust:
+    if ca_file is None:
+        return trust or TlsTrust()
+    warnings.warn("ca_file= is deprecated: pass trust=TlsTrust(ca_file=...)", DeprecationWarning, stacklevel=3)
+    if trust is not None:
+        raise ConfigError("pass the CA in trust=TlsTrust(ca_file=...) or as ca_file=, not both")
+    return TlsTrust(ca_file=Path(ca_file))
 
 
 @dataclass(frozen=True)

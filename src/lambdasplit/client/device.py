@@ -15,6 +15,7 @@ from lambdasplit.models.resolve import resolve_checkpoint
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.obfuscate import protect
 from lambdasplit.split.loader import SplitModel, load_split
+from lambdasplit.tls import TlsTrust
 
 
 def connect_device(
@@ -25,16 +26,20 @@ def connect_device(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     timeout: float = 60.0,
-    ca_file: str | None = None,
+    trust: TlsTrust | None = None,
     quiet: bool = False,
     reconnect_deadline: float = 60.0,
     key: ObfuscationKey | str | os.PathLike[str] | None = None,
+    ca_file: str | None = None,
 ) -> tuple[SplitModel, CloudClient]:
     """Connect to the body server at ``url`` and load this device's head and tail for its split points.
 
     The handshake carries this checkpoint's fingerprint; a server running another model refuses it
     (``RemoteError`` with code ``model_mismatch``). ``url`` may be a list (or a comma-separated string)
     of servers of the same deployment: the client fails over between them (``CloudClient``).
+
+    ``trust`` says which ``wss://`` certificates to accept (``TlsTrust``; default: this machine's CAs, else the
+    certificate pinned on first use); ``ca_file`` is the deprecated spelling of ``TlsTrust(ca_file=...)``.
 
     With ``key`` (an ``ObfuscationKey`` or its file), the server must run the body obfuscated with that key
     (``lambdasplit obfuscate``); the device then sends ``key.encode(h)`` and decodes what comes back.
@@ -51,6 +56,7 @@ def connect_device(
         token=token,
         fingerprint=fingerprint,
         timeout=timeout,
+        trust=trust,
         ca_file=ca_file,
         reconnect_deadline=reconnect_deadline,
     )

@@ -27,13 +27,16 @@ def body_server_process(
 ) -> Iterator[str]:
     """Yield the URL of ``lambdasplit serve --port 0 ARGS`` once it listens; stop it (SIGINT, then kill) after.
 
+    (The ready line may go on after the URL with the certificate's fingerprint: ``lambdasplit_process`` yields
+    all of it.)
+
     ``wrap`` rewrites the command line, e.g. to run it in another network namespace (the benchmark's links).
     The token travels in the child's environment, not its command line, where `ps` would show it.
     """
     with lambdasplit_process(
         ["serve", "--port", "0", *args], READY, token=token, timeout=timeout, env=env, wrap=wrap
-    ) as url:
-        yield url
+    ) as ready:
+        yield ready.split()[0]
 
 
 @contextmanager

@@ -10,8 +10,16 @@ from lambdasplit.server.app import PATH, BodyServer
 from lambdasplit.server.base import FrameServer
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
+from lambdasplit.tls import certificate_fingerprint
 
+#: The line a server prints on stdout once it listens: READY, the URL, and for wss:// the certificate's
+#: fingerprint (what devices pin), separated by a space.
 READY = "lambdasplit-serve: listening on "
+
+
+def announce(url: str, fingerprint: str | None) -> None:
+    """Print the ready line (``lambdasplit.server.process`` waits for it)."""
+    print(f"{READY}{url}" + (f" {fingerprint}" if fingerprint else ""), flush=True)
 
 
 class _AnnouncingServer(uvicorn.Server):
@@ -32,12 +40,23 @@ class _AnnouncingServer(uvicorn.Server):
 
 
 def serve(split: SplitModel, settings: ServerSettings, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM). ``on_ready(url)`` is called once the socket listens."""
+    """Serve until interrupted (SIGINT/SIGTERM). ``on_ready(url)`` is called once the socket listens.
+
+    Beyond loopback it serves wss:// unless ``settings.tls`` is "off" (see ``ServerSettings.tls``); call
+    ``settings.with_certificate()`` first to know the certificate (and its fingerprint) it will use.
+    """
     serve_app(BodyServer(split, settings), settings, on_ready)
 
 
 def serve_app(server: FrameServer, settings: ServerSettings, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve any lambdasplit server (an LLM body, a diffusion body) under uvicorn until interrupted."""
+    """Serve any lambdasplit server (an LLM body, a diffusion body) under uvicorn until interrupted.
+
+    Without ``on_ready``, the ready line (``announce``) goes to stdout, with the certificate's fingerprint.
+    """
+    settings = settings.with_certificate()
+    if on_ready is None:
+        fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
+        on_ready = lambda url: announce(url, fingerprint)  # noqa: E731 - a one-line callback
     config = uvicorn.Config(
         server.app,
         host=settings.host,
@@ -55,4 +74,4 @@ def serve_app(server: FrameServer, settings: ServerSettings, on_ready: Callable[
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
-    _AnnouncingServer(config, on_ready or (lambda url: print(f"{READY}{url}", flush=True))).run()
+    _AnnouncingServer(config, on_ready).run()

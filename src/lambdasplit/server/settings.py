@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from lambdasplit.errors import ConfigError
+from lambdasplit.tls import is_loopback, self_signed
+from lambdasplit.tls.certificate import default_names
 from lambdasplit.wire import FrameLimits, WireDtype
+
+TlsMode = Literal["auto", "on", "off"]
+TLS_MODES: tuple[TlsMode, ...] = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,12 @@ class ServerSettings:
     wire_dtypes: tuple[WireDtype, ...] = field(default_factory=lambda: tuple(d for d in WireDtype if d.is_tensor))
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: "auto": wss:// with ``tls_cert`` or when listening beyond loopback (then, without ``tls_cert``, on a
+    #: self-signed certificate made once in ``tls_dir``); "on": wss:// on loopback too; "off": plain ws://
+    #: wherever it listens (``--insecure``: TLS terminated elsewhere).
+    tls: TlsMode = "auto"
+    #: Where the self-signed certificate is kept (default: ``lambdasplit.tls.state_dir() / "tls"``).
+    tls_dir: Path | None = None
     #: Serve whole generations from text (GENERATE) instead of body sessions: the cloud-only baseline,
     #: where the server sees the prompt and the answer. Split clients are refused by such a server.
     cloud_only: bool = False
@@ -52,6 +64,10 @@ class ServerSettings:
                 raise ConfigError(f"{name}={value!r} is invalid: must be {allowed}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.tls not in TLS_MODES:
+            raise ConfigError(f"tls={self.tls!r} is invalid: must be one of {', '.join(TLS_MODES)}")
+        if self.tls == "off" and self.tls_cert is not None:
+            raise ConfigError("--insecure serves plain ws://, which contradicts --tls-cert: pass one or the other")
         if any(not t for t in self.tokens):
             raise ConfigError("an empty token would let anyone in; pass a non-empty secret")
         self.frame_limits  # noqa: B018 - validates the derived limits now, before any model is loaded
@@ -61,5 +77,20 @@ class ServerSettings:
         return FrameLimits(max_frame_bytes=self.max_frame_bytes, max_json_bytes=min(64 << 10, self.max_frame_bytes))
 
     @property
+    def encrypted(self) -> bool:
+        """Whether this server speaks TLS (wss://): see ``tls``."""
+        if self.tls_cert is not None or self.tls == "on":
+            return True
+        return self.tls == "auto" and not is_loopback(self.host)
+
+    @property
     def scheme(self) -> str:
-        return "wss" if self.tls_cert else "ws"
+        return "wss" if self.encrypted else "ws"
+
+    def with_certificate(self) -> ServerSettings:
+        """These settings with the certificate to serve filled in: ``tls_cert`` when given, else, when
+        ``encrypted``, the self-signed one in ``tls_dir`` (made the first time); unchanged for plain ws://."""
+        if self.tls_cert is not None or not self.encrypted:
+            return self
+        own = self_signed(self.tls_dir, default_names(self.host))
+        return replace(self, tls_cert=own.cert, tls_key=own.key)
