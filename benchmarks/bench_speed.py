@@ -2,7 +2,7 @@
 
     python benchmarks/bench_speed.py [--new-tokens 128] [--repeats 5] [--layers 1:29 2:28 4:26]
                                      [--network-layers 2:28] [--wire float32 float16 int8] [--no-network]
-                                     [--json out.json]
+                                     [--tls] [--json out.json]
 
 Rows: the unsplit model through transformers' own ``model.generate`` (the baseline users know), the
 unsplit model through lambdasplit's loop, the three-part split in this process at each ``--layers``,
@@ -12,7 +12,10 @@ the repeats (as timeit does: interference from other load only ever adds time; o
 measured on, one configuration ranged 6.4-11.1 s); medians are printed beside them.
 Every run generates exactly ``--new-tokens`` tokens (EOS ignored); tokens are compared with the unsplit
 model's. Traffic columns are per decode step (after the prompt): frame bytes, tensor payload, and TCP
-payload at the client socket (Linux TCP_INFO), which includes WebSocket framing.
+payload at the client socket (Linux TCP_INFO), which includes WebSocket framing. ``--tls`` adds the same
+network rows against a second server with ``--tls`` (wss:// on its self-signed certificate, as ``serve``
+defaults to beyond loopback; the device trusts it on first use): the cost of encryption, in time and in
+socket bytes (TLS records) per step.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.generation import Generation, ModelDecoder, SamplingParams, generate, prompt_ids
 from lambdasplit.server.process import body_server_process
 from lambdasplit.split import load_split
+from lambdasplit.tls import TlsTrust
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--network-layers", default="2:28")
     ap.add_argument("--wire", nargs="+", default=["float32", "float16", "int8"])
     ap.add_argument("--no-network", action="store_true")
+    ap.add_argument("--tls", action="store_true", help="also measure the network rows over wss://")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", dest="json_path", default=None, help="also write the results to this file")
@@ -88,15 +93,18 @@ def main() -> None:
         ]
         for layers, split in splits.items():
             rows.append(Row(f"split {layers}, in process", lambda s=split: generate(s, ids, params=params).token_ids))
-        if not args.no_network:
-            with console.status("starting the body server subprocess"):
-                url = stack.enter_context(body_server_process(["--model", args.model, "--layers", args.network_layers]))
-            device, client = connect_device(url, args.model, quiet=True)
+        servers = [] if args.no_network else [("network", [])] + ([("network TLS", ["--tls"])] if args.tls else [])
+        for label, tls in servers:
+            with console.status(f"starting the body server subprocess ({label})"):
+                serve = ["--model", args.model, "--layers", args.network_layers, *tls]
+                url = stack.enter_context(body_server_process(serve))
+            trust = TlsTrust(notify=lambda _: None)  # trusts the --tls server on first use
+            device, client = connect_device(url, args.model, quiet=True, trust=trust)
             stack.callback(client.close)
             for wire in args.wire:
-                row = Row(f"split {args.network_layers}, network, {wire}", lambda: [], client)
+                row = Row(f"split {args.network_layers}, {label}, {wire}", lambda: [], client)
 
-                def run(row: Row = row, wire: str = wire) -> list[int]:
+                def run(row: Row = row, wire: str = wire, device=device, client=client) -> list[int]:  # noqa: ANN001
                     before = client.socket_bytes()
                     link = client.open_session(wire)
                     result = generate(device, ids, params=params, link=link)
@@ -108,6 +116,7 @@ def main() -> None:
                         "payload": len(link.last_sent) - 24,
                         "total_up": t.up_bytes,
                         "total_down": t.down_bytes,
+                        "frames": t.messages,
                         "steps": steps,
                     }
                     if before is not None and after is not None:
@@ -131,6 +140,7 @@ def main() -> None:
     title = f"{args.model}: greedy, {n} new tokens, prompt {len(ids)} tokens, best and median of {args.repeats}"
     table = Table(title=title)
     cols = ("run", "tok/s best", "tok/s median", "vs HF generate", "tokens = unsplit", "up B/step", "down B/step")
+    cols = (*cols, "socket up/frame", "socket down/frame")
     for col in (*cols, "overhead"):
         table.add_column(col, justify="left" if col == "run" else "right")
     results = []
@@ -148,6 +158,8 @@ def main() -> None:
             "all" if same == n else f"[yellow]{same}/{n}[/]",
             f"{p['up_frame']:,}" if p else "",
             f"{p['down_frame']:,}" if p else "",
+            f"{p['socket_up_total'] / p['frames']:,.0f}" if "socket_up_total" in p else "",
+            f"{p['socket_down_total'] / p['frames']:,.0f}" if "socket_down_total" in p else "",
             overhead,
         )
         results.append(
@@ -164,7 +176,8 @@ def main() -> None:
     console.print(table)
     console.print(
         "up/down B/step: one decode step's frame (24-byte header + tensor); overhead: up frame + 8-byte client "
-        "WebSocket header over the tensor payload. Socket totals in the JSON."
+        "WebSocket header over the tensor payload. socket up/down per frame: TCP payload bytes over the whole "
+        "generation (prompt included; with TLS, its records) divided by the round trips. Totals in the JSON."
     )
     meta = {
         "model": args.model,

@@ -85,7 +85,8 @@ def demo(
             "privacy, honestly",
             "hidden states are not encryption: with the public weights, `lambdasplit audit` recovered 99.7-100% of "
             "the prompt tokens and every planted secret from SmolLM2 states at 0-8 device layers "
-            "(docs/threat-model.md); use TLS (serve --tls-cert/--tls-key).",
+            "(docs/threat-model.md). This demo stays on loopback (plain ws://); beyond loopback `serve` encrypts "
+            "by default (wss://, a pinned self-signed certificate).",
         )
         _out.print(table)
 
