@@ -16,6 +16,7 @@ KNOWN_CODES = {
     "unauthorized", "hello_first", "bad_protocol", "model_mismatch", "too_many_sessions", "unknown_session",
     "bad_shape", "bad_dtype", "bad_position", "context_full", "memory_full", "unexpected_type", "wrong_mode",
     "bad_request", "text_message", "bad_magic", "bad_version", "unknown_type", "truncated", "size_mismatch",
+    "unknown_group", "group_mismatch",
     "too_large", "non_finite", "bad_flags", "bad_json", "bad_header",
 }  # fmt: skip
 

@@ -11,10 +11,12 @@ import typer
 from rich.console import Console
 
 from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, quiet_pipeline_loading
+from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError
+from lambdasplit.privacy.bundles import is_bundle, load_server_bodies, load_server_body
 from lambdasplit.server import ServerSettings, serve
 from lambdasplit.server.settings import TlsMode
-from lambdasplit.split import load_split
+from lambdasplit.split import SplitModel, load_split
 from lambdasplit.tls import certificate_fingerprint, is_loopback
 
 _err = Console(stderr=True)
@@ -95,6 +97,14 @@ def serve_command(
             show_default=False,
         ),
     ] = None,
+    group: Annotated[
+        str | None,
+        typer.Option(
+            help="With a server bundle (`lambdasplit developer package`) as --model: serve only this user group's "
+            "body (default: every group's, each device on its own group's).",
+            show_default=False,
+        ),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for compute (default: torch's, one per core).")
     ] = None,
@@ -129,19 +139,35 @@ def serve_command(
         tls_dir=tls_dir,
         cloud_only=cloud_only,
     ).with_certificate()
+    if group is not None and not is_bundle(model):
+        raise ConfigError(f"--group names a user group of a server bundle; {model} is not a bundle")
     if threads is not None:
         torch.set_num_threads(threads)
     _say_how_devices_connect(settings)
     if pipeline is not None:
         _serve_pipeline(pipeline, settings, device, dtype)
         return
+    groups: dict[str, SplitModel] = {}
     if cloud_only:
         with _err.status(f"loading all of {model} (cloud-only: prompts arrive as text)"):
             split = load_split(model, "0:", device=device, dtype=dtype)
         what = f"whole model, {sum(split.parameter_count(r) for r in ('head', 'body', 'tail')):,} parameters"
+    elif is_bundle(model):
+        with _err.status(f"checking the server bundle {model} and loading its bodies"):
+            groups = (
+                {group: load_server_body(model, group, device=device, dtype=dtype)}
+                if group is not None
+                else load_server_bodies(model, device=device, dtype=dtype)
+            )
+        split = next(iter(groups.values()))
+        if layers != DEFAULTS["layers"] and SplitPoints.parse(layers, split.points.num_layers) != split.points:
+            raise ConfigError(f"{model} was packaged for layers {split.points}, not {layers}: drop --layers")
+        if len(groups) > 1:
+            _err.print(f"user groups: {', '.join(f'{g} (fingerprint {s.fingerprint})' for g, s in groups.items())}")
     else:
         with _err.status(f"loading the body of {model} (layers {layers})"):
             split = load_split(model, layers, parts=["body"], device=device, dtype=dtype)
+    if not cloud_only:
         p = split.points
         what = f"body: layers [{p.head_layers}, {p.body_end}) of {p.num_layers}"
         what += f" · {split.parameter_count('body'):,} parameters"
@@ -150,7 +176,7 @@ def serve_command(
         f"{what} · {rt.device} {str(rt.dtype).removeprefix('torch.')} · {torch.get_num_threads()} threads"
         f" · fingerprint {split.fingerprint}"
     )
-    serve(split, settings)
+    serve(groups if len(groups) > 1 else split, settings)
 
 
 def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None, dtype: str | None) -> None:

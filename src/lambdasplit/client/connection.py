@@ -87,6 +87,9 @@ class CloudClient:
     connection was lost) tries them all, in order, for up to ``reconnect_deadline`` seconds. A request
     with no answer within ``timeout`` seconds counts as a lost connection.
 
+    ``group`` names the user group of a server that hosts several (a model developer's bundle): the server
+    checks that ``fingerprint`` is that group's body.
+
     ``trust`` says which ``wss://`` certificates to accept (``TlsTrust``: a pinned fingerprint, a CA, or trust
     on first use, the default); a certificate it refuses raises ``UntrustedCertificate`` before anything is
     sent, and is never retried or failed over. A token is never sent over plain ``ws://`` beyond loopback
@@ -104,6 +107,7 @@ class CloudClient:
         limits: FrameLimits | None = None,
         reconnect_deadline: float = 60.0,
         ca_file: str | None = None,
+        group: str | None = None,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
@@ -111,7 +115,7 @@ class CloudClient:
         self.url, self.timeout, self.reconnect_deadline = self.urls[0], timeout, reconnect_deadline
         self.limits = limits or FrameLimits()
         self.trust = _trust(trust, ca_file)
-        self._token, self._fingerprint = token, fingerprint
+        self._token, self._fingerprint, self._group = token, fingerprint, group
         self._lock = threading.Lock()
         self._reconnect_lock = threading.Lock()
         self.epoch = 0  # +1 per (re)connection; sessions of an older epoch are gone
@@ -135,6 +139,8 @@ class CloudClient:
         hello = {"protocol": PROTOCOL, "client": f"lambdasplit/{__version__}"}
         if self._fingerprint:
             hello["fingerprint"] = self._fingerprint
+        if self._group:
+            hello["group"] = self._group
         try:
             raw = self._exchange(ws, encode_frame(Frame.json(MessageType.HELLO, hello)))
             welcome = raise_for_error(decode_frame(raw, self.limits)).json_body()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -12,6 +13,7 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.models.checkpoint import Checkpoint
 from lambdasplit.models.registry import DEFAULT_MODEL
 from lambdasplit.models.resolve import resolve_checkpoint
+from lambdasplit.privacy.bundles import UserBundle, is_bundle
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.obfuscate import protect
 from lambdasplit.split.loader import SplitModel, load_split
@@ -41,11 +43,20 @@ def connect_device(
     ``trust`` says which ``wss://`` certificates to accept (``TlsTrust``; default: this machine's CAs, else the
     certificate pinned on first use); ``ca_file`` is the deprecated spelling of ``TlsTrust(ca_file=...)``.
 
+    ``model`` may be a user bundle from a model developer (``lambdasplit developer package``): its head, tail and
+    key are used, and the handshake presents its group's fingerprint.
+
     With ``key`` (an ``ObfuscationKey`` or its file), the server must run the body obfuscated with that key
     (``lambdasplit obfuscate``); the device then sends ``key.encode(h)`` and decodes what comes back.
     """
     urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
-    fingerprint = Checkpoint(resolve_checkpoint(model, quiet=quiet)).fingerprint()
+    bundle = UserBundle.open(Path(model)) if is_bundle(Path(model)) else None
+    if bundle is not None:
+        if key is not None:
+            raise ConfigError(f"{model} is a user bundle and carries its group's key; do not pass a key as well")
+        fingerprint = bundle.fingerprint
+    else:
+        fingerprint = Checkpoint(resolve_checkpoint(model, quiet=quiet)).fingerprint()
     if key is not None and not isinstance(key, ObfuscationKey):
         key = ObfuscationKey.load(key)
     if key is not None:
@@ -58,6 +69,7 @@ def connect_device(
         timeout=timeout,
         trust=trust,
         ca_file=ca_file,
+        group=bundle.group if bundle is not None else None,
         reconnect_deadline=reconnect_deadline,
     )
     try:
@@ -67,7 +79,9 @@ def connect_device(
                 "start it without --cloud-only for split inference"
             )
         split = load_split(model, client.layers, parts=["head", "tail"], device=device, dtype=dtype, quiet=quiet)
-        if key is not None:
+        if bundle is not None:
+            bundle.protect(split)
+        elif key is not None:
             protect(split, key)
     except BaseException:
         client.close()

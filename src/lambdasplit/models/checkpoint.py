@@ -17,6 +17,9 @@ _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 #: Written beside an obfuscated body (``lambdasplit obfuscate``): its split points and the fingerprint to pair on.
 OBFUSCATED_MARKER = "lambdasplit-obfuscated.json"
+#: The manifest of a bundle a model developer hands out (``lambdasplit.privacy.bundles``): its "role" says
+#: whether the folder is a user's (head and tail) or a server's (transformed bodies in ``bodies/<group>``).
+BUNDLE_MANIFEST = "lambdasplit-bundle.json"
 
 
 class Checkpoint:
@@ -36,6 +39,9 @@ class Checkpoint:
         marker = self.path / OBFUSCATED_MARKER
         #: For an obfuscated body: {"points", "kind", "fingerprint", "inner"}; None for a plain checkpoint.
         self.obfuscation: dict[str, object] | None = json.loads(marker.read_text()) if marker.is_file() else None
+        bundle = self.path / BUNDLE_MANIFEST
+        #: "user" or "server" for a developer's bundle (checked in full by lambdasplit.privacy.bundles); else None.
+        self.bundle_role: str | None = json.loads(bundle.read_text()).get("role") if bundle.is_file() else None
 
     def _index(self) -> dict[str, Path]:
         for name in _INDEX_FILES:

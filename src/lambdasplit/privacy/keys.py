@@ -61,6 +61,9 @@ class ObfuscationKey:
     base_fingerprint: str
     permutation: torch.Tensor | None = None
     layers: dict[int, LayerSecrets] = field(default_factory=dict)
+    #: The fingerprint of the body made with the full key, kept by a key stripped of its inner secrets (a
+    #: user's copy, ``for_user``), which can no longer derive it; None: derived from the key's tensors.
+    paired_fingerprint: str | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -84,7 +87,16 @@ class ObfuscationKey:
 
     def body_fingerprint(self) -> str:
         """The fingerprint of a body obfuscated with this key: a device pairs with it only when holding the key."""
+        if self.paired_fingerprint is not None:
+            return self.paired_fingerprint
         return hashlib.sha256(f"{self.base_fingerprint}:{self.key_id}".encode()).hexdigest()[:16]
+
+    def for_user(self) -> ObfuscationKey:
+        """What a user's device needs of this key: the hidden-dimension transform only. The inner secrets
+        stay with the developer (and folded into the server's weights); the body's fingerprint is kept."""
+        return ObfuscationKey(
+            self.kind, self.matrix, self.points, self.base_fingerprint, self.permutation, {}, self.body_fingerprint()
+        )
 
     def check(self, fingerprint: str, points: object) -> None:
         """Refuse to use this key on another model or other split points than it was made for."""
@@ -123,6 +135,8 @@ class ObfuscationKey:
         """Write the key as a safetensors file (readable by the device only: mode 0600)."""
         path = Path(path)
         meta = {"kind": self.kind, "points": self.points, "base_fingerprint": self.base_fingerprint}
+        if self.paired_fingerprint is not None:
+            meta["paired_fingerprint"] = self.paired_fingerprint
         save_file(
             {k: v.contiguous().cpu() for k, v in self._tensors().items()}, str(path), {"lambdasplit": json.dumps(meta)}
         )
@@ -154,6 +168,7 @@ class ObfuscationKey:
             base_fingerprint=meta["base_fingerprint"],
             permutation=tensors.get("permutation"),
             layers=layers,
+            paired_fingerprint=meta.get("paired_fingerprint"),
         )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -53,9 +53,19 @@ def kv_bytes_per_position(split: SplitModel) -> int:
 
 
 class BodyServer(FrameServer):
-    """Holds the body part, the sessions and the counters; ``app`` is the ASGI application."""
+    """Holds the body part, the sessions and the counters; ``app`` is the ASGI application.
 
-    def __init__(self, split: SplitModel, settings: ServerSettings) -> None:
+    ``split`` may be a mapping of user groups to bodies (a model developer's server bundle: the same model
+    cut at the same points, each body transformed with its group's secrets). A device's HELLO then names its
+    group and presents that body's fingerprint; its sessions run on that body only.
+    """
+
+    def __init__(self, split: SplitModel | Mapping[str, SplitModel], settings: ServerSettings) -> None:
+        self.groups: dict[str, SplitModel] | None = None
+        if isinstance(split, Mapping):
+            self.groups = _check_groups(split, settings)
+            split = next(iter(self.groups.values()))
+        self._conn_group: dict[int, str] = {}
         if split.body is None:
             raise ConfigError("the body server needs a SplitModel loaded with parts=['body']")
         if settings.cloud_only and (split.head is None or split.tail is None or split.tokenizer is None):
@@ -113,13 +123,15 @@ class BodyServer(FrameServer):
         """The reply to one frame; ``gone`` is set when the client disconnects (a long request stops early)."""
         t = frame.type
         if t is MessageType.HELLO:
-            return self._hello(frame)
+            return self._hello(frame) if self.groups is None else self._hello_group(conn, frame)
         if t is MessageType.GENERATE:
             return await self._generate(frame, gone)
         if t is MessageType.OPEN:
             if self.settings.cloud_only:
                 raise Refusal("wrong_mode", "this is a cloud-only server: send GENERATE with text, not body sessions")
-            session = self.store.open(conn, lambda handle: BodyState(self.body))
+            body = self.body if self.groups is None else self.groups[self._conn_group[conn]].body
+            assert body is not None  # checked when the groups were given
+            session = self.store.open(conn, lambda handle: BodyState(body))
             self.counters["sessions_opened"] += 1
             return Frame.json(
                 MessageType.OPENED, {"session": session.handle, "id": session.token}, session=session.handle
@@ -226,7 +238,41 @@ class BodyServer(FrameServer):
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def close_owner(self, conn: int) -> int:
+        self._conn_group.pop(conn, None)
         return len(self.store.close_owner(conn))
+
+    def _hello_group(self, conn: int, frame: Frame) -> Frame:
+        """HELLO on a server of several user groups: the device's group, proven by its body's fingerprint."""
+        assert self.groups is not None
+        body = frame.json_body()
+        if body.get("protocol", PROTOCOL) != PROTOCOL:
+            return self._hello(frame)  # refused there, the same way as on any server
+        names = ", ".join(self.groups)
+        name, theirs = body.get("group"), body.get("fingerprint")
+        if theirs is None:
+            raise Refusal("model_mismatch", f"this server serves user groups ({names}): HELLO needs the fingerprint "
+                          "of the client's group body", fatal=True)  # fmt: skip
+        if name is None:  # a device that does not name its group: its key's fingerprint says which
+            name = next((g for g, s in self.groups.items() if s.fingerprint == theirs), None)
+            if name is None:
+                raise Refusal(
+                    "model_mismatch",
+                    f"this server runs the bodies of user groups {names} of {self.model_name}; the client's "
+                    f"fingerprint {theirs} pairs with none of them",
+                    fatal=True,
+                )
+        if name not in self.groups:
+            raise Refusal("unknown_group", f"this server has no user group {name!r}; it serves {names}", fatal=True)
+        ours = self.groups[name].fingerprint
+        if theirs != ours:
+            raise Refusal(
+                "group_mismatch",
+                f"user group {name!r}'s body has fingerprint {ours}, and the client's key pairs with {theirs}: a "
+                "device of one group cannot use another group's body",
+                fatal=True,
+            )
+        self._conn_group[conn] = name
+        return Frame.json(MessageType.WELCOME, {**self.welcome(), "group": name, "fingerprint": ours})
 
     def evict_idle(self) -> int:
         return self.store.evict_idle()
@@ -234,3 +280,19 @@ class BodyServer(FrameServer):
     def _warm_up(self) -> None:
         rt = self.split.runtime
         self.body(torch.zeros(1, 4, self.split.hidden_size, dtype=rt.dtype, device=rt.device), self.body.new_cache())
+
+
+def _check_groups(groups: Mapping[str, SplitModel], settings: ServerSettings) -> dict[str, SplitModel]:
+    """User groups must be bodies of one model at the same split points, each with its own fingerprint."""
+    if not groups:
+        raise ConfigError("a server of user groups needs at least one group")
+    if settings.cloud_only:
+        raise ConfigError("user groups serve body sessions; they cannot be combined with cloud-only mode")
+    first = next(iter(groups.values()))
+    for name, split in groups.items():
+        if split.body is None or split.points != first.points or split.hidden_size != first.hidden_size:
+            raise ConfigError(f"user group {name!r} is not a body of the same model at layers {first.points}")
+    fingerprints = [s.fingerprint for s in groups.values()]
+    if len(set(fingerprints)) != len(fingerprints):
+        raise ConfigError("two user groups have the same fingerprint: each group needs its own secrets")
+    return dict(groups)

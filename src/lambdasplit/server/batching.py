@@ -150,14 +150,16 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> list[torch.Tensor | BaseException]:
         """On the compute thread: the batchable jobs together, the others one by one."""
-        together = [j for j in jobs if j.batchable] if self.enabled else []
-        if len(together) < 2:
-            together = []
+        # Steps batch with steps on the same body only (a server of user groups holds one body per group).
+        by_body: dict[int, list[Job]] = {}
+        for job in jobs if self.enabled else []:
+            if job.batchable:
+                by_body.setdefault(id(job.state.body), []).append(job)
         results: dict[int, torch.Tensor | BaseException] = {}
         start = time.perf_counter()
-        if together:
+        for together in (group for group in by_body.values() if len(group) >= 2):
             try:
-                outs = run_batched(self.body, together)
+                outs = run_batched(together[0].state.body, together)
                 results.update((id(job), out) for job, out in zip(together, outs, strict=True))
                 self.batches += 1
                 self.batched_steps += len(together)

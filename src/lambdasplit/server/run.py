@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import uvicorn
 
@@ -39,8 +39,14 @@ class _AnnouncingServer(uvicorn.Server):
         self._on_ready(f"{scheme}://{host}:{port}{PATH}")
 
 
-def serve(split: SplitModel, settings: ServerSettings, on_ready: Callable[[str], None] | None = None) -> None:
+def serve(
+    split: SplitModel | Mapping[str, SplitModel],
+    settings: ServerSettings,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
     """Serve until interrupted (SIGINT/SIGTERM). ``on_ready(url)`` is called once the socket listens.
+
+    ``split`` may map user groups to their bodies (``BodyServer``).
 
     Beyond loopback it serves wss:// unless ``settings.tls`` is "off" (see ``ServerSettings.tls``); call
     ``settings.with_certificate()`` first to know the certificate (and its fingerprint) it will use.

@@ -109,6 +109,11 @@ def load_split(
     if not isinstance(num_layers, int):
         raise ModelLoadError(f"{path}: config has no integer num_hidden_layers; is this a causal LM?")
     points = SplitPoints.parse(layers, num_layers)
+    if checkpoint.bundle_role == "user" and "body" in roles:
+        raise ConfigError(
+            f"{path} is a user bundle: it holds the head and tail only, and its body runs on the model server "
+            "(connect with --cloud URL)"
+        )
     if checkpoint.obfuscation is not None:
         made_for = checkpoint.obfuscation.get("points")
         if roles != ("body",) or str(points) != made_for:
