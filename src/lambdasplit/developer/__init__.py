@@ -1,0 +1,24 @@
+"""STIP's model developer: fine-tune a base model on private text (``finetune``), written as a plain checkpoint
+with a record of how far every weight moved."""
+
+from lambdasplit.developer.finetune import Progress, finetune, relative_change
+from lambdasplit.developer.settings import (
+    DEFAULT_LR,
+    DEFAULT_TARGETS,
+    METHODS,
+    REPORT_FILE,
+    FinetuneReport,
+    FinetuneSettings,
+)
+
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_TARGETS",
+    "METHODS",
+    "REPORT_FILE",
+    "FinetuneReport",
+    "FinetuneSettings",
+    "Progress",
+    "finetune",
+    "relative_change",
+]
