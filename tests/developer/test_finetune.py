@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from lambdasplit.cli.app import app
 from lambdasplit.developer import REPORT_FILE, FinetuneReport, FinetuneSettings, finetune, relative_change
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation import generate
@@ -192,3 +194,19 @@ def test_lora_without_peft_says_how_to_install_it(tiny_checkpoint, text_file, tm
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(ConfigError, match=r"pip install 'lambdasplit\[developer\]'"):
         finetune(base, text_file, FinetuneSettings(steps=1, seq_len=32), out=tmp_path / "o")
+
+
+def test_cli_finetunes_and_prints_perplexity_and_where(tiny_checkpoint, text_file, tmp_path) -> None:
+    base, _ = tiny_checkpoint("llama")
+    out = tmp_path / "cli-model"
+    args = ["developer", "finetune", str(base), "--text", str(text_file), "--out", str(out)]
+    args += ["--steps", "4", "--seq-len", "32", "--lr", "0.01", "--rank", "4", "--held-out", "0.2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert f"held-out perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f}" in result.stdout
+    assert str(out) in result.stdout
+    assert report["settings"]["rank"] == 4 and report["steps"] == 4
+    again = CliRunner().invoke(app, args)
+    assert isinstance(again.exception, ConfigError) and "--force" in str(again.exception)
+    assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
