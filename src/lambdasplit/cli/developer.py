@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
-_out = Console(highlight=False)
+_out = Console(highlight=False, soft_wrap=True)  # paths stay whole, to copy
 _err = Console(stderr=True, highlight=False)
 
 
