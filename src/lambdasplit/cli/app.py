@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from lambdasplit.cli import audit, bench, chat, demo, generate, imagine, obfuscate, serve, trust, up, verify
+from lambdasplit.cli import audit, bench, chat, demo, developer, generate, imagine, obfuscate, serve, trust, up, verify
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("obfuscate")(obfuscate.obfuscate)
 app.command("audit")(audit.audit)
 app.add_typer(bench.app, name="bench")
 app.add_typer(trust.app, name="trust")
+app.add_typer(developer.app, name="developer")
 
 
 def run() -> None:
