@@ -17,6 +17,7 @@ from lambdasplit.cli.options import (
     Key,
     Layers,
     Model,
+    PadPrompt,
     ReconnectDeadline,
     Seed,
     Speculative,
@@ -28,8 +29,10 @@ from lambdasplit.cli.options import (
     sampling_params,
 )
 from lambdasplit.client import CloudClient
+from lambdasplit.errors import ConfigError
 from lambdasplit.generation import LocalBodyLink, SplitDecoder, stream
 from lambdasplit.generation.text import Message
+from lambdasplit.privacy.padding import PaddedLink
 from lambdasplit.wire import WireDtype
 
 _out = Console(highlight=False)
@@ -46,6 +49,7 @@ def chat(
     tls_fingerprint: TlsFingerprint = None,
     tls_ca: TlsCa = None,
     insecure: Insecure = False,
+    pad_prompt: PadPrompt = None,
     wire_dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16, int8, int6, int4 or int2.")] = "float16",
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
@@ -61,6 +65,8 @@ def chat(
 ) -> None:
     """Chat with the model. Each answer streams as it is generated; the history is kept until /reset."""
     params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if pad_prompt and not cloud:
+        raise ConfigError("--pad-prompt hides the prompt's length on the network: it needs --cloud")
     client: CloudClient | None = None
     with _out.status(f"loading {model}" + (f" and connecting to {cloud}" if cloud else "")):
         if cloud:
@@ -102,7 +108,8 @@ def chat(
             history.append({"role": "user", "content": text})
             if decoder is None:
                 if client is not None:
-                    decoder = SplitDecoder(split, client.open_session(WireDtype.parse(wire_dtype)))
+                    session = client.open_session(WireDtype.parse(wire_dtype))
+                    decoder = SplitDecoder(split, PaddedLink(session, pad_prompt) if pad_prompt else session)
                 else:
                     assert split.body is not None
                     decoder = SplitDecoder(split, LocalBodyLink(split.body))

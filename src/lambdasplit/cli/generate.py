@@ -20,6 +20,7 @@ from lambdasplit.cli.options import (
     Key,
     Layers,
     Model,
+    PadPrompt,
     ReconnectDeadline,
     Seed,
     Speculative,
@@ -33,7 +34,8 @@ from lambdasplit.cli.options import (
 )
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation import DraftLength, GenerationResult, ModelDecoder, make_drafter, stream
+from lambdasplit.generation import BodyLink, DraftLength, GenerationResult, ModelDecoder, make_drafter, stream
+from lambdasplit.privacy.padding import PaddedLink
 from lambdasplit.split import SplitModel
 from lambdasplit.split.build import Role
 from lambdasplit.wire import WireDtype
@@ -77,6 +79,7 @@ def generate(
     tls_fingerprint: TlsFingerprint = None,
     tls_ca: TlsCa = None,
     insecure: Insecure = False,
+    pad_prompt: PadPrompt = None,
     wire_dtype: Annotated[
         str, typer.Option(help="Hidden states on the wire: float32, float16, bfloat16, int8, int6, int4, int2.")
     ] = "float16",
@@ -111,7 +114,7 @@ def generate(
     if speculative is not None and no_cache:
         raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")
     client = None
-    link = None
+    link: BodyLink | None = None
     if cloud is not None:
         if unsplit:
             raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")
@@ -127,8 +130,11 @@ def generate(
                 key=key,
                 trust=device_trust(tls_fingerprint, tls_ca, insecure),
             )
-        link = client.open_session(WireDtype.parse(wire_dtype))
+        session = client.open_session(WireDtype.parse(wire_dtype))
+        link = PaddedLink(session, pad_prompt) if pad_prompt else session
     else:
+        if pad_prompt:
+            raise ConfigError("--pad-prompt hides the prompt's length on the network: it needs --cloud")
         if unsplit and key is not None:
             raise ConfigError("--key obfuscates the split's body; the unsplit model has none")
         with _err.status(f"loading {model} ({'unsplit' if unsplit else f'layers {layers}'})"):
@@ -172,6 +178,8 @@ def generate(
             out["socket"] = (
                 None if socket_bytes is None else {"sent": socket_bytes.sent, "received": socket_bytes.received}
             )
+            if isinstance(link, PaddedLink):
+                out["padded_rows"] = link.padded_rows
         print(json.dumps(out))
     else:
         print()

@@ -60,6 +60,17 @@ Key = Annotated[
     ),
 ]
 
+PadPrompt = Annotated[
+    int | None,
+    typer.Option(
+        min=2,
+        help="Pad every multi-position FORWARD (the prompt, a new chat turn) to a multiple of N rows, so the size of "
+        "the prefill on the wire does not give the prompt's length away (the cloud still learns it). Exact; costs "
+        "the padding's bytes and compute. With --cloud.",
+        show_default=False,
+    ),
+]
+
 # --- connecting to a body server: the same options in every command that takes --cloud ---------------------
 Token = Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")]
 TlsFingerprint = Annotated[
