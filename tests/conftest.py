@@ -6,6 +6,10 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Before torch loads, as the CLI does (lambdasplit.cli.main): libgomp's idle threads otherwise spin after every
+# parallel region, and the tests' own torch and the servers they start steal each other's cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
