@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tiny_models import build_tiny, make_tokenizer
+from tiny_models import build_tiny, make_tokenizer, random_norm_gains
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -57,6 +57,23 @@ def tiny_checkpoint(
             # The reference is read back from disk, exactly like the split, so both see the same weights.
             ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             cache[family] = (path, ref)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def random_norms_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``random_norms_checkpoint(family)`` -> a tiny checkpoint folder whose norm gains are random, for transforms
+    of the weights (all ones would hide a gain folded or permuted into the wrong place)."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"norms-{family}")
+            random_norm_gains(build_tiny(family), seed=7).save_pretrained(path)
+            make_tokenizer().save_pretrained(path)
+            cache[family] = path
         return cache[family]
 
     return get

@@ -80,6 +80,16 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def random_norm_gains(model: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """Norm gains drawn around 1 (all ones would hide a gain that a transform puts in the wrong place)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def build_tiny(family: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()

@@ -20,32 +20,14 @@ from lambdasplit.generation.session import LocalBodyLink, SplitDecoder
 from lambdasplit.privacy.bundles import MANIFEST, UserBundle, load_server_body, read_manifest
 from lambdasplit.split import SplitModel, load_split
 from servers import body_server, in_threads
-from tiny_models import build_tiny, make_tokenizer
 
 PROMPT = [1, 17, 40, 92, 5, 33, 250, 7, 61, 12, 99, 140, 8, 3, 77, 21]
 SECRET_NAMES = ("matrix", "permutation", "ffn", "kv_heads", "v_channels", "qk_angles")
 
 
 @pytest.fixture(scope="module")
-def private(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """A tiny 'private' checkpoint per family, with random norm gains (ones would hide a misplaced gain)."""
-    cache: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            model = build_tiny(family)
-            gen = torch.Generator().manual_seed(3)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "norm" in name:
-                        p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-            path = tmp_path_factory.mktemp(f"private-{family}")
-            model.save_pretrained(path)
-            make_tokenizer().save_pretrained(path)
-            cache[family] = path
-        return cache[family]
-
-    return get
+def private(random_norms_checkpoint) -> Callable[[str], Path]:
+    return random_norms_checkpoint
 
 
 def tensors_of(folder: Path) -> dict[str, list[str]]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel
 
 import lambdasplit
 from lambdasplit.client import connect_device
@@ -18,32 +17,15 @@ from lambdasplit.privacy.keys import INNER, ObfuscationKey, make_key
 from lambdasplit.privacy.obfuscate import obfuscate_body, protect, write_obfuscated_body
 from lambdasplit.split import SplitModel, load_split
 from servers import body_server
-from tiny_models import FAMILIES, build_tiny, make_tokenizer
+from tiny_models import FAMILIES
 
 PROMPT = torch.tensor([[1, 17, 40, 92, 5, 33, 250, 7, 61, 12, 99, 140, 8, 3, 77, 21]])
 SMOLLM2 = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """A tiny checkpoint whose norm gains are random (all ones would hide a wrongly folded gain)."""
-    cache: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            model: PreTrainedModel = build_tiny(family)
-            gen = torch.Generator().manual_seed(7)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "norm" in name:
-                        p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-            path = tmp_path_factory.mktemp(f"obf-{family}")
-            model.save_pretrained(path)
-            make_tokenizer().save_pretrained(path)
-            cache[family] = path
-        return cache[family]
-
-    return get
+def tiny(random_norms_checkpoint) -> Callable[[str], Path]:
+    return random_norms_checkpoint
 
 
 def logits(split: SplitModel, prompt: torch.Tensor = PROMPT) -> torch.Tensor:
