@@ -133,6 +133,10 @@ def test_one_server_hosts_every_group_and_a_device_drives_only_its_own(private, 
             CloudClient(url, fingerprint=g0, group="g7")
         with pytest.raises(RemoteError, match="model_mismatch"):  # the private checkpoint pairs with no group
             connect_device(url, path)
+        with pytest.raises(RemoteError, match="bad_request: HELLO's group is a string"):
+            CloudClient(url, fingerprint=g0, group=["g0"])  # type: ignore[arg-type]  # a hostile client's HELLO
+        with pytest.raises(RemoteError, match="model_mismatch: this server serves user groups"):
+            CloudClient(url, group="g0")  # no fingerprint: no way to tell its key
         with CloudClient(url, fingerprint=g0) as client:  # no group named: the fingerprint says which
             assert client.welcome["group"] == "g0" and client.welcome["fingerprint"] == g0
 

@@ -249,9 +249,14 @@ class BodyServer(FrameServer):
             return self._hello(frame)  # refused there, the same way as on any server
         names = ", ".join(self.groups)
         name, theirs = body.get("group"), body.get("fingerprint")
-        if theirs is None:
-            raise Refusal("model_mismatch", f"this server serves user groups ({names}): HELLO needs the fingerprint "
-                          "of the client's group body", fatal=True)  # fmt: skip
+        if not isinstance(name, str | None):
+            raise Refusal("bad_request", f"HELLO's group is a string, got {type(name).__name__}", fatal=True)
+        if not isinstance(theirs, str):
+            raise Refusal(
+                "model_mismatch",
+                f"this server serves user groups ({names}): HELLO needs the fingerprint of the client's group body",
+                fatal=True,
+            )
         if name is None:  # a device that does not name its group: its key's fingerprint says which
             name = next((g for g, s in self.groups.items() if s.fingerprint == theirs), None)
             if name is None:
