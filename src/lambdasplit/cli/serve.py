@@ -13,7 +13,7 @@ from rich.console import Console
 from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, quiet_pipeline_loading
 from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError
-from lambdasplit.privacy.bundles import is_bundle, load_server_bodies, load_server_body
+from lambdasplit.privacy.bundles import is_bundle, load_server_bodies
 from lambdasplit.server import ServerSettings, serve
 from lambdasplit.server.settings import TlsMode
 from lambdasplit.split import SplitModel, load_split
@@ -154,11 +154,7 @@ def serve_command(
         what = f"whole model, {sum(split.parameter_count(r) for r in ('head', 'body', 'tail')):,} parameters"
     elif is_bundle(model):
         with _err.status(f"checking the server bundle {model} and loading its bodies"):
-            groups = (
-                {group: load_server_body(model, group, device=device, dtype=dtype)}
-                if group is not None
-                else load_server_bodies(model, device=device, dtype=dtype)
-            )
+            groups = load_server_bodies(model, group, device=device, dtype=dtype)
         split = next(iter(groups.values()))
         if layers != DEFAULTS["layers"] and SplitPoints.parse(layers, split.points.num_layers) != split.points:
             raise ConfigError(f"{model} was packaged for layers {split.points}, not {layers}: drop --layers")

@@ -84,6 +84,7 @@ def package(
         raise ConfigError(f"{path} is already transformed or bundled; package the developer's own checkpoint")
     points = SplitPoints.parse(layers, int(checkpoint.config.num_hidden_layers))
     base = checkpoint.fingerprint()
+    model_type = str(checkpoint.config.model_type)
     names = [f"g{i}" for i in range(groups)]
     fingerprints: dict[str, str] = {}
     users: dict[str, Path] = {}
@@ -97,10 +98,9 @@ def package(
         write_obfuscated_body(split.body, key, split.config, server_dir / "bodies" / group)
         fingerprints[group] = key.body_fingerprint()
         say(f"group {group}: writing the user bundle")
-        users[group] = _write_user(user_dir / group, path, ends, key.for_user(), points, group, checkpoint)
-    manifest = Manifest("server", layout, str(points), str(checkpoint.config.model_type), fingerprints, {})
+        users[group] = _write_user(user_dir / group, path, ends, key.for_user(), points, group, model_type)
     files = describe_files(server_dir)
-    write_manifest(server_dir, Manifest(**{**manifest.__dict__, "files": files}))
+    write_manifest(server_dir, Manifest("server", layout, str(points), model_type, fingerprints, files))
     return PackageReport(server_dir, users, fingerprints, str(points))
 
 
@@ -118,7 +118,7 @@ def _write_user(
     key: ObfuscationKey,
     points: SplitPoints,
     group: str,
-    checkpoint: Checkpoint,
+    model_type: str,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():  # config, tokenizer, generation config, chat template
@@ -127,7 +127,6 @@ def _write_user(
     save_file(tensors, str(folder / "model.safetensors"), {"format": "pt"})
     key.save(folder / KEY_FILE)
     files = describe_files(folder)
-    model_type = str(checkpoint.config.model_type)
     write_manifest(
         folder, Manifest("user", "head-tail", str(points), model_type, {group: key.body_fingerprint()}, files)
     )

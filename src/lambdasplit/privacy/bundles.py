@@ -217,6 +217,30 @@ class UserBundle:
         return protect(split, self.key)
 
 
+def load_server_bodies(
+    folder: str | Path,
+    group: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> dict[str, SplitModel]:
+    """The transformed bodies of a server bundle, checked against its manifest, at its split points: every user
+    group's (one ``BodyServer`` serves them all), or only ``group``'s."""
+    manifest = read_manifest(folder, "server")
+    groups = list(manifest.groups) if group is None else [group]
+    return {
+        name: load_split(
+            group_folder(folder, manifest, name)[1],
+            manifest.points,
+            parts=("body",),
+            device=device,
+            dtype=dtype,
+            quiet=True,
+        )
+        for name in groups
+    }
+
+
 def load_server_body(
     folder: str | Path,
     group: str | None = None,
@@ -224,28 +248,7 @@ def load_server_body(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> SplitModel:
-    """The transformed body of ``group`` from a server bundle, checked against its manifest, at its split points."""
+    """One group's transformed body (``group`` may be None when the bundle has one group only)."""
     manifest = read_manifest(folder, "server")
-    _, body = group_folder(folder, manifest, group)
-    return load_split(body, manifest.points, parts=("body",), device=device, dtype=dtype, quiet=True)
-
-
-def load_server_bodies(
-    folder: str | Path,
-    *,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-) -> dict[str, SplitModel]:
-    """Every user group's transformed body from a server bundle (one ``BodyServer`` serves them all)."""
-    manifest = read_manifest(folder, "server")
-    return {
-        group: load_split(
-            group_folder(folder, manifest, group)[1],
-            manifest.points,
-            parts=("body",),
-            device=device,
-            dtype=dtype,
-            quiet=True,
-        )
-        for group in manifest.groups
-    }
+    name, _ = group_folder(folder, manifest, group)  # refuses None when there are several groups
+    return load_server_bodies(folder, name, device=device, dtype=dtype)[name]
