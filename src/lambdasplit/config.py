@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, cast, get_args
 
 import torch
 
@@ -17,6 +18,19 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+#: Who runs what. ``head-tail`` (Λ-Split): the device runs the embedding, layers [0, X), layers [Y, N), the final
+#: norm and the LM head; hidden states cross the wire both ways. ``stip`` (STIP's own layout): the device runs
+#: the embedding alone, the cloud every layer, the final norm and the LM head; logits come back (points 0:N).
+Layout = Literal["head-tail", "stip"]
+LAYOUTS: tuple[Layout, ...] = get_args(Layout)
+
+
+def check_layout(layout: str) -> Layout:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} is not available; choose from {', '.join(LAYOUTS)}")
+    return cast(Layout, layout)
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,18 @@ def unsplit_logits(path: Path) -> torch.Tensor:
         return model(ids).logits[0]  # (T + 3, V): every prompt position, then the three decode steps
 
 
-def bundles(private_path: Path, tmp_path: Path, layers: str, **kwargs) -> tuple[Path, Path]:
+def bundles(private_path: Path, tmp_path: Path, layers: str | None, **kwargs) -> tuple[Path, Path]:
     report = package(private_path, layers, tmp_path / "server", tmp_path / "users", seed=11, **kwargs)
     return report.server_out, report.user_out["g0"]
+
+
+def bundle_split(private_path: Path, tmp_path: Path, layout: str, **kwargs) -> tuple[SplitModel, SplitModel]:
+    """The device (from its user bundle, key in use) and the body (from the server bundle) of one layout."""
+    layers = "1:4" if layout == "head-tail" else None
+    server, user = bundles(private_path, tmp_path, layers, layout=layout, **kwargs)
+    bundle = UserBundle.open(user)
+    device = bundle.protect(load_split(user, bundle.manifest.points, parts=("head", "tail")))
+    return device, load_server_body(server)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -83,12 +92,65 @@ def test_bundles_hold_only_their_part_and_the_split_equals_the_private_model(pri
     assert set(user_tensors["key.safetensors"]) <= {"matrix", "permutation"}
     assert (user / "key.safetensors").stat().st_mode & 0o077 == 0
     # Exact: the split from the two bundles computes the private model's logits.
-    bundle = UserBundle.open(user)
-    device = bundle.protect(load_split(user, "1:4", parts=("head", "tail")))
-    body = load_server_body(server)
+    device, body = bundle_split(path, tmp_path / "again", "head-tail", kind=kind)
     got, expected = split_logits(device, body), unsplit_logits(path)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["permutation", "rotation"])
+def test_stip_layout_bundles_hold_the_embedding_or_everything_else_and_equal_the_private_model(
+    private, tmp_path, family, kind
+) -> None:
+    path = private(family)
+    inner = ("ffn", "kv-heads", "v-channels") if kind == "permutation" else ()
+    server, user = bundles(path, tmp_path, None, layout="stip", kind=kind, inner=inner)
+    assert read_manifest(server).points == "0:5" and read_manifest(user).layout == "stip"
+    # The server: every layer, the final norm and the LM head (its own tensor: no embedding to tie it to).
+    server_tensors = {n for names in tensors_of(server).values() for n in names}
+    assert {"model.norm.weight", "lm_head.weight"} <= server_tensors
+    assert {n.split(".")[2] for n in server_tensors if n.startswith("model.layers.")} == {"0", "1", "2", "3", "4"}
+    assert not any(s in n for n in server_tensors for s in ("embed", "vocab", *SECRET_NAMES))
+    # The user: the embedding alone, and the key with its vocabulary permutation.
+    user_tensors = tensors_of(user)
+    assert user_tensors["model.safetensors"] == ["model.embed_tokens.weight"]
+    assert set(user_tensors["key.safetensors"]) <= {"matrix", "permutation", "vocab"}
+    assert "vocab" in user_tensors["key.safetensors"]
+    bundle = UserBundle.open(user)
+    device = bundle.protect(load_split(user, parts=("head", "tail")))
+    assert device.layout == "stip" and device.tail is None and device.head is not None
+    assert device.head.num_layers == 0
+    body = load_server_body(server)
+    assert body.body is not None and body.body.output == "logits"
+    # The cloud's logits are in a secret order: its argmax is not the private model's token.
+    assert body.body is not None
+    expected = unsplit_logits(path)
+    embedded = bundle.key.encode(device.head(torch.tensor([PROMPT])))
+    scrambled = body.body(embedded)[0]
+    assert not torch.equal(scrambled.argmax(-1), expected[: len(PROMPT)].argmax(-1))
+    got = split_logits(device, body)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_over_a_server_a_stip_user_bundle_gets_one_row_of_logits_per_prompt(private, tmp_path) -> None:
+    path = private("qwen2")
+    server, user = bundles(path, tmp_path, None, layout="stip")
+    _, head_tail_user = bundles(path, tmp_path / "ht", "1:4")
+    expected = generate(load_split(path, "1:4"), PROMPT, max_new_tokens=10, ignore_eos=True).token_ids
+    with body_server("--model", str(server)) as url:
+        split, client = connect_device(url, user)
+        with client:
+            assert client.welcome["output"] == "logits" and client.layers == (0, 5)
+            link = client.open_session("float32")
+            got = generate(split, PROMPT, max_new_tokens=10, ignore_eos=True, link=link)
+            assert got.token_ids == expected
+            # The prompt's FORWARD asks for its last row only: 10 RESULTs of one row of V float32 values each.
+            assert link.traffic.down_payload_bytes == 10 * 320 * 4
+            assert link.traffic.up_payload_bytes == (len(PROMPT) + 9) * 64 * 4
+        with pytest.raises(RemoteError, match="model_mismatch"):  # a head/tail user bundle does not pair
+            connect_device(url, head_tail_user)
 
 
 def test_over_a_server_the_user_bundle_pairs_with_its_body(private, tmp_path) -> None:
@@ -169,7 +231,9 @@ def test_a_tampered_tensor_a_missing_file_or_a_wrong_fingerprint_is_refused_by_n
 
 def test_package_refuses_bad_input_naming_it(private, tmp_path) -> None:
     path = private("llama")
-    with pytest.raises(ConfigError, match="layout 'stip' is not available"):
+    with pytest.raises(ConfigError, match="layout 'shuffle' is not available"):
+        package(path, "1:4", tmp_path / "s", tmp_path / "u", layout="shuffle")
+    with pytest.raises(ConfigError, match=r"STIP's layout puts every layer in the cloud \(--layers 0:5\), not 1:4"):
         package(path, "1:4", tmp_path / "s", tmp_path / "u", layout="stip")
     with pytest.raises(ConfigError, match="at least one user group"):
         package(path, "1:4", tmp_path / "s", tmp_path / "u", groups=0)
@@ -189,9 +253,13 @@ def test_smollm2_bundles_reproduce_the_model(tmp_path) -> None:
     from lambdasplit.models import resolve_checkpoint
 
     path = resolve_checkpoint("smollm2-135m-instruct", quiet=True)
+    expected = unsplit_logits(path)
     server, user = bundles(path, tmp_path, "2:28")
     device = UserBundle.open(user).protect(load_split(user, "2:28", parts=("head", "tail")))
-    body = load_server_body(server)
-    got, expected = split_logits(device, body), unsplit_logits(path)
+    got = split_logits(device, load_server_body(server))
     assert (got - expected).abs().max() < 1e-4  # measured 6.0e-5 (permutation and every inner secret, float32)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    device, body = bundle_split(path, tmp_path / "stip", "stip")
+    got = split_logits(device, body)
+    assert (got - expected).abs().max() < 1e-4  # STIP's layout: every layer, final norm and LM head transformed
     assert torch.equal(got.argmax(-1), expected.argmax(-1))

@@ -37,6 +37,16 @@ def test_padding_is_exact_and_rolled_back_in_process(tiny) -> None:
         assert got.token_ids == plain, prompt
 
 
+def test_padding_in_stip_layout_keeps_the_prompts_last_row(tiny) -> None:
+    split = load_split(tiny, layout="stip")  # every layer in the body, which returns logits
+    assert split.body is not None and split.tail is None
+    for prompt in PROMPTS:
+        plain = generate(split, prompt, max_new_tokens=6, ignore_eos=True).token_ids
+        got = generate(split, prompt, max_new_tokens=6, ignore_eos=True, link=PaddedLink(LocalBodyLink(split.body), 8))
+        head_tail = generate(load_split(tiny, LAYERS), prompt, max_new_tokens=6, ignore_eos=True).token_ids
+        assert got.token_ids == plain == head_tail
+
+
 def test_over_a_server_every_prompt_length_sends_the_same_bytes(tiny) -> None:
     with body_server("--model", str(tiny), "--layers", LAYERS) as url:
         split, client = connect_device(url, tiny)

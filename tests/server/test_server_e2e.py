@@ -15,7 +15,7 @@ from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.errors import RemoteError
 from lambdasplit.generation import generate
 from lambdasplit.split import load_split
-from lambdasplit.wire import Frame, FrameFlags, MessageType, decode_frame, encode_frame, tensor_frame
+from lambdasplit.wire import Frame, FrameFlags, MessageType, decode_frame, encode_frame, frame_tensor, tensor_frame
 from servers import body_server, http_url, in_threads
 from tiny_models import NUM_LAYERS
 
@@ -185,6 +185,14 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server) -> No
         flags = FrameFlags.RESET
         reset = tensor_frame(MessageType.FORWARD, torch.randn(2, hidden), "float16", session, 0, flags=flags)
         assert _ask(ws, encode_frame(reset)).type is MessageType.RESULT
+        # LAST: the same rows, only the last one back (and all of them in the cache: the next step continues).
+        rows = torch.randn(3, hidden)
+        full = frame_tensor(_ask(ws, encode_frame(tensor_frame(MessageType.FORWARD, rows, "float32", session, 0))))
+        last = tensor_frame(MessageType.FORWARD, rows, "float32", session, 0, flags=FrameFlags.LAST)
+        reply = _ask(ws, encode_frame(last))
+        assert reply.shape == (1, hidden) and torch.allclose(frame_tensor(reply), full[-1:], atol=1e-6)
+        step = tensor_frame(MessageType.FORWARD, torch.randn(1, hidden), "float32", session, 3)
+        assert _ask(ws, encode_frame(step)).position == 3
     with connect(server, additional_headers={"Authorization": f"Bearer {TOKEN}"}, proxy=None) as ws:
         assert _code(_ask(ws, encode_frame(Frame.json(MessageType.OPEN, {})))) == "hello_first"
     errors = metrics(server)["errors"]

@@ -161,7 +161,7 @@ def test_codes_are_the_documented_ones():
         "NONE": 0, "FLOAT32": 1, "FLOAT16": 2, "BFLOAT16": 3, "QINT8": 0x10, "QINT6": 0x11, "QINT4": 0x12,
         "QINT2": 0x13, "JSON": 0x20,
     }  # fmt: skip
-    assert FrameFlags.RESET == 1
+    assert FrameFlags.RESET == 1 and FrameFlags.LAST == 2
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def tensor_frames(draw: st.DrawFn) -> Frame:
     shape = draw(st.lists(st.integers(0, 6), min_size=1 if wire is WireDtype.QINT8 else 0, max_size=4))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32)))
     tensor = torch.randn(shape, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 300.0]))
-    flags = draw(st.sampled_from([0, FrameFlags.RESET])) if mtype is MessageType.FORWARD else 0
+    flags = draw(st.sampled_from([0, FrameFlags.RESET, FrameFlags.LAST])) if mtype is MessageType.FORWARD else 0
     return tensor_frame(mtype, tensor, wire, draw(u32), draw(u32), flags)
 
 
@@ -302,9 +302,10 @@ CRAFTED = [
     ("bad_json", raw_frame(mtype=1, dtype=0x20, dims=(20001,), payload=b"[" * 20000 + b"]")),
     ("bad_json", json_frame(127, {"code": "x"})),  # ERROR needs code and message strings
     ("bad_json", json_frame(127, {"code": 1, "message": "m"})),
-    ("bad_flags", raw_frame(flags=2)),
+    ("bad_flags", raw_frame(flags=4)),
     ("bad_flags", raw_frame(flags=0x8000)),
     ("bad_flags", raw_frame(mtype=6, flags=1)),  # RESET on a RESULT
+    ("bad_flags", raw_frame(mtype=6, flags=2)),  # LAST on a RESULT
     ("bad_shape", raw_frame(dims=(1, 1, 1, 1, 1), payload=bytes(2))),
     ("bad_shape", raw_frame(mtype=1, dtype=0x20, dims=(1, 2), payload=b"{}")),
     ("bad_shape", raw_frame(mtype=9, dtype=0x00, dims=(0,), payload=b"")),
@@ -335,7 +336,7 @@ def test_error_messages_name_the_bad_value_and_what_is_allowed():
         (raw_frame(version=7), ["7", "1"]),
         (raw_frame(mtype=42), ["42", "FORWARD=5"]),
         (raw_frame(dtype=0x14), ["20", "float16=0x02", "qint4=0x12"]),
-        (raw_frame(flags=4), ["4", "RESET"]),
+        (raw_frame(flags=4), ["4", "RESET", "LAST"]),
         (raw_frame(payload=bytes(3)), ["4-byte", "3 bytes"]),
         (raw_frame(dims=(1 << 24, 1 << 24), payload=b""), [str(LIMITS.max_frame_bytes)]),
     ]

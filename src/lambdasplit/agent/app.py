@@ -61,8 +61,8 @@ class DeviceAgent:
     """Holds the device's parts and the cloud connection; ``app`` is the ASGI application."""
 
     def __init__(self, split: SplitModel, client: CloudClient, settings: AgentSettings | None = None) -> None:
-        if split.head is None or split.tail is None or split.tokenizer is None:
-            raise LambdaSplitError("the device agent needs the head, the tail and the tokenizer")
+        if split.head is None or (split.tail is None and split.layout != "stip") or split.tokenizer is None:
+            raise LambdaSplitError("the device agent needs the head, the tail (but in STIP's layout) and the tokenizer")
         self.split, self.client = split, client
         self.settings = settings or AgentSettings()
         self.feed = NetworkFeed()

@@ -95,8 +95,8 @@ class ObservedLink:
     def traffic(self) -> Traffic:
         return self.link.traffic
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
-        out = self.link.forward(hidden, position, reset)
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        out = self.link.forward(hidden, position, reset, last)
         sent = decode_frame(self.link.last_sent, self.link.client.limits)
         transmitted = frame_tensor(sent, dtype=torch.float32)  # (rows, D) as it crossed the wire
         self.feed.publish(

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from lambdasplit.cli.options import DEFAULTS, Layers, quiet_pipeline_loading
+from lambdasplit.cli.options import quiet_pipeline_loading
+from lambdasplit.config import LAYOUTS
 from lambdasplit.developer import DEFAULT_LR, METHODS, REPORT_FILE, FinetuneSettings, finetune, package
-from lambdasplit.privacy.bundles import LAYOUTS
 from lambdasplit.privacy.keys import INNER, KINDS
 
 app = typer.Typer(
@@ -97,8 +97,19 @@ def package_command(
     user_out: Annotated[
         Path, typer.Option("--user-out", help="Folder for the user bundles, one per group (USER_OUT/g0, ...).")
     ],
-    layers: Layers = DEFAULTS["layers"],
-    layout: Annotated[str, typer.Option(help=f"Who runs what: {', '.join(LAYOUTS)}.")] = "head-tail",
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers", "-l", help="Split points X:Y; default 2:-2 (head-tail), 0:N (stip: every layer in the cloud)."
+        ),
+    ] = None,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help=f"Who runs what: {' or '.join(LAYOUTS)} (STIP's own: the device runs the embedding alone, the "
+            "cloud every layer and the LM head, and logits come back)."
+        ),
+    ] = "head-tail",
     groups: Annotated[int, typer.Option(min=1, help="User groups, each with its own secrets and body.")] = 1,
     kind: Annotated[str, typer.Option(help=f"Hidden-dimension secret: {' or '.join(KINDS)}.")] = "permutation",
     inner: Annotated[
@@ -108,14 +119,16 @@ def package_command(
     force: Annotated[bool, typer.Option("--force", help="Replace output folders that are not empty.")] = False,
 ) -> None:
     """Package MODEL for STIP's three parties: a server bundle with each group's transformed body and nothing else,
-    and per group a user bundle with the ends (embedding, first and last layers, LM head), the tokenizer and the
-    group's key without its inner secrets.
+    and per group a user bundle with the ends (embedding, first and last layers, LM head; with --layout stip the
+    embedding alone), the tokenizer and the group's key without its inner secrets.
 
     Serve with `lambdasplit serve --model SERVER_OUT`; a device of group g uses
     `lambdasplit generate PROMPT --model USER_OUT/g --cloud URL`. What the transform protects, and from whom, is in
     docs/threat-model.md.
     """
     names = tuple(n.strip() for n in inner.split(",") if n.strip() and n.strip() != "none")
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(f"--layout is {' or '.join(LAYOUTS)}, got {layout!r}")
     if kind not in KINDS:
         raise typer.BadParameter(f"--kind is {' or '.join(KINDS)}, got {kind!r}")
     with _err.status(f"packaging {model}") as status:

@@ -428,8 +428,9 @@ class RemoteBodyLink:
         self.last_sent: bytes = b""
         self.last_received: bytes = b""
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
-        """(1, T, D) at ``position`` -> (1, T, D), through the server's body and its KV cache for this session."""
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        """(1, T, D) at ``position`` -> (1, T, D) (or logits (1, T, V) from a STIP body; one row with ``last``),
+        through the server's body and its KV cache for this session."""
         failed_at: float | None = None
         reason = ""
         for attempt in range(3):
@@ -440,7 +441,7 @@ class RemoteBodyLink:
                     self.recoveries.append(
                         Recovery(reason, time.monotonic() - (failed_at or time.monotonic()), 0 if reset else position)
                     )
-                out = self._forward_once(hidden, position, reset)
+                out = self._forward_once(hidden, position, reset, last)
                 break
             except RemoteError as exc:  # the server answered, with an error (RemoteError is a WireError)
                 if exc.code != "unknown_session" or not self.resume or attempt == 2:
@@ -456,8 +457,8 @@ class RemoteBodyLink:
         self._remember(hidden, position, reset)
         return out
 
-    def _forward_once(self, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
-        flags = FrameFlags.RESET if reset else FrameFlags(0)
+    def _forward_once(self, hidden: torch.Tensor, position: int, reset: bool, last: bool = False) -> torch.Tensor:
+        flags = (FrameFlags.RESET if reset else FrameFlags(0)) | (FrameFlags.LAST if last else FrameFlags(0))
         start = time.perf_counter()
         frame = tensor_frame(MessageType.FORWARD, hidden[0], self.wire_dtype, self.session, position, flags=flags)
         data = encode_frame(frame)
@@ -506,7 +507,8 @@ class RemoteBodyLink:
         rows = max(1, (self.client.max_frame_bytes() - 1024) // row_bytes)
         for start in range(0, states.shape[0], rows):
             chunk = states[start : start + rows].unsqueeze(0)
-            self._forward_once(chunk, start, False)  # the body's output for these is already in the tail's cache
+            # The body's output for these is already in the tail's cache: only the last row comes back.
+            self._forward_once(chunk, start, False, last=True)
 
     def close(self) -> None:
         if self.closed:

@@ -79,6 +79,12 @@ def connect_device(
                 "start it without --cloud-only for split inference"
             )
         split = load_split(model, client.layers, parts=["head", "tail"], device=device, dtype=dtype, quiet=quiet)
+        expected = "logits" if split.layout == "stip" else "hidden"
+        if client.welcome.get("output", "hidden") != expected:
+            raise ConfigError(
+                f"{model} is for the {split.layout} layout (the body returns {expected}); the server's body returns "
+                f"{client.welcome.get('output')}"
+            )
         if bundle is not None:
             bundle.protect(split)
         elif key is not None:

@@ -156,8 +156,8 @@ class _SkippedBody:
     def __init__(self) -> None:
         self.traffic = Traffic()
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
-        return hidden
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        return hidden[:, -1:] if last else hidden
 
     def close(self) -> None:
         pass
@@ -169,7 +169,10 @@ def self_drafter(split: SplitModel, length: DraftLength | None = None) -> ModelD
     It has its own KV caches, so it never disturbs the real session's.
     """
     if split.head is None or split.tail is None:
-        raise ConfigError("the self drafter needs the head and the tail in this process")
+        raise ConfigError(
+            "the self drafter needs the head and the tail in this process (STIP's layout has no tail: use the "
+            "lookup drafter or a draft model)"
+        )
     return ModelDrafter(SplitDecoder(split, _SkippedBody()), length, name="self")
 
 

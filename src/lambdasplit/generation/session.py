@@ -39,10 +39,11 @@ class BodyLink(Protocol):
         """What this link (decoder) has carried so far (read-only: an attribute or a property will do)."""
         ...
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
         """Run the body on ``hidden`` (1, T, D) whose first row is at absolute ``position``.
 
-        ``reset`` drops the body's cache first (no-cache mode). Returns (1, T, D).
+        ``reset`` drops the body's cache first (no-cache mode). Returns (1, T, D), or logits (1, T, V) from a body
+        that ends in the LM head (STIP's layout); ``last``: only the last row, (1, 1, D or V).
         """
         ...
 
@@ -66,9 +67,9 @@ class LocalBodyLink:
     def cache(self) -> Cache | None:
         return self.state.cache
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
         start = time.perf_counter()
-        out = self.state.forward(hidden, position, reset)  # (1, T, D); position < length rolls back
+        out = self.state.forward(hidden, position, reset, last)  # (1, T, D); position < length rolls back
         self.traffic.add(tensor_bytes(hidden), tensor_bytes(out), seconds=time.perf_counter() - start)
         return out
 
@@ -166,38 +167,49 @@ class DecoderBase:
 
 
 class SplitDecoder(DecoderBase):
-    """Head and tail here, the body behind ``link``; logits for the positions asked for only."""
+    """Head and tail here, the body behind ``link``; logits for the positions asked for only.
+
+    In STIP's layout (``split.layout == "stip"``) there is no tail: the head is the embedding, the body returns
+    logits, and a prompt asks the body for its last row only (one row of V on the wire, not T).
+    """
 
     def __init__(self, split: SplitModel, link: BodyLink, *, use_cache: bool = True) -> None:
-        if split.head is None or split.tail is None:
+        self.stip = split.layout == "stip"
+        if split.head is None or (split.tail is None and not self.stip):
             raise SessionError("a split decoder needs the head and the tail in this process")
         super().__init__()
         self.split, self.link, self.use_cache = split, link, use_cache
         self.head_cache = split.head.new_cache() if use_cache else None
-        self.tail_cache = split.tail.new_cache() if use_cache else None
+        self.tail_cache = split.tail.new_cache() if use_cache and split.tail is not None else None
 
     @property
     def traffic(self) -> Traffic:
         return self.link.traffic
 
     def _run(self, new_ids: list[int], keep: int) -> torch.Tensor:
-        assert self.split.head is not None and self.split.tail is not None
+        assert self.split.head is not None
         device = self.split.runtime.device
         position = len(self.ids)
         self.ids.extend(new_ids)
         if self.use_cache:
             rewind(self.head_cache, position)
-            rewind(self.tail_cache, position)
             x = torch.tensor([new_ids], device=device)
             hidden = self._encode(self.split.head(x, self.head_cache))  # (1, T_new, D)
-            out = self._decode(self.link.forward(hidden, position))  # the body rewinds to `position` too
-            logits = self.split.tail(out, self.tail_cache, logits_to_keep=keep)
-        else:
-            x = torch.tensor([self.ids], device=device)
-            hidden = self._encode(self.split.head(x))  # (1, T_all, D): the whole sequence crosses again
-            out = self._decode(self.link.forward(hidden, 0, reset=True))
-            logits = self.split.tail(out, logits_to_keep=keep)
-        return logits[0]  # (keep, V)
+            return self._finish(self.link.forward(hidden, position, last=self.stip and keep == 1), keep, position)
+        x = torch.tensor([self.ids], device=device)
+        hidden = self._encode(self.split.head(x))  # (1, T_all, D): the whole sequence crosses again
+        return self._finish(self.link.forward(hidden, 0, reset=True, last=self.stip and keep == 1), keep, None)
+
+    def _finish(self, out: torch.Tensor, keep: int, position: int | None) -> torch.Tensor:
+        """The logits (keep, V) of what the body returned: through the tail (``position`` set: its cached
+        forward at that position), or, in STIP's layout, the body's logits decoded."""
+        out = self._decode(out)  # the body rewinds to `position` too
+        if self.split.tail is None:
+            return out[0, -keep:]
+        if position is not None:
+            rewind(self.tail_cache, position)
+            return self.split.tail(out, self.tail_cache, logits_to_keep=keep)[0]
+        return self.split.tail(out, logits_to_keep=keep)[0]  # (keep, V)
 
     def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
         transform = self.split.wire_transform
@@ -209,10 +221,10 @@ class SplitDecoder(DecoderBase):
 
     def reset(self) -> None:
         """Forget the sequence (new head and tail caches); the link is kept, so only for stateless links."""
-        assert self.split.head is not None and self.split.tail is not None
+        assert self.split.head is not None
         self.ids = []
         self.head_cache = self.split.head.new_cache() if self.use_cache else None
-        self.tail_cache = self.split.tail.new_cache() if self.use_cache else None
+        self.tail_cache = self.split.tail.new_cache() if self.use_cache and self.split.tail is not None else None
 
     def close(self) -> None:
         self.link.close()

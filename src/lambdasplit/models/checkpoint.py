@@ -41,7 +41,11 @@ class Checkpoint:
         self.obfuscation: dict[str, object] | None = json.loads(marker.read_text()) if marker.is_file() else None
         bundle = self.path / BUNDLE_MANIFEST
         #: "user" or "server" for a developer's bundle (checked in full by lambdasplit.privacy.bundles); else None.
-        self.bundle_role: str | None = json.loads(bundle.read_text()).get("role") if bundle.is_file() else None
+        manifest = json.loads(bundle.read_text()) if bundle.is_file() else {}
+        self.bundle_role: str | None = manifest.get("role")
+        #: Who runs what, for a transformed body or a bundle ("head-tail" or "stip", ``config.LAYOUTS``); a plain
+        #: checkpoint can be cut either way and says "head-tail".
+        self.layout = str((self.obfuscation or {}).get("layout") or manifest.get("layout") or "head-tail")
 
     def _index(self) -> dict[str, Path]:
         for name in _INDEX_FILES:

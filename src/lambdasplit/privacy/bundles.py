@@ -9,6 +9,10 @@ The developer owns private weights and draws the secrets (``lambdasplit develope
   layers outside the body, final norm, LM head) and the group's hidden-dimension key, without the inner
   secrets (those stay with the developer and, folded into the weights, with the server's body).
 
+In STIP's own layout (``layout: "stip"`` in the manifests) the body is every layer, the final norm and the LM
+head (its vocabulary permuted too), and the user bundle holds the embedding alone and the key with its
+vocabulary permutation.
+
 Both are folders with a manifest (``lambdasplit-bundle.json``) that lists every file with its SHA-256, and
 every tensor of every safetensors file with the SHA-256 of its bytes, so that a missing file, an extra
 weight file, a tampered tensor or a manifest whose fingerprint does not match the key is refused by name.
@@ -25,6 +29,7 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
+from lambdasplit.config import check_layout
 from lambdasplit.errors import ConfigError
 from lambdasplit.models.checkpoint import BUNDLE_MANIFEST
 from lambdasplit.privacy.keys import ObfuscationKey
@@ -35,7 +40,6 @@ MANIFEST = BUNDLE_MANIFEST
 FORMAT = 1
 KEY_FILE = "key.safetensors"
 Role = Literal["server", "user"]
-LAYOUTS = ("head-tail",)
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,11 @@ class UserBundle:
             )
         if key.points != manifest.points:
             raise ConfigError(f"{folder}: the key is for layers {key.points}, the manifest says {manifest.points}")
+        if (key.vocab is not None) != (manifest.layout == "stip"):
+            raise ConfigError(
+                f"{folder}: the manifest says the {manifest.layout} layout, but {KEY_FILE} "
+                f"{'permutes' if key.vocab is not None else 'does not permute'} the vocabulary"
+            )
         return cls(folder, manifest, group, key)
 
     def protect(self, split: SplitModel) -> SplitModel:
@@ -236,6 +245,7 @@ def load_server_bodies(
             device=device,
             dtype=dtype,
             quiet=True,
+            layout=check_layout(manifest.layout),
         )
         for name in groups
     }

@@ -70,9 +70,10 @@ class RecordingLink:
         payload, shape = encode_tensor(t, self.wire_dtype)
         return decode_tensor(payload, self.wire_dtype, shape, dtype=t.dtype, device=t.device)
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        """(With ``last``, the downlink records the one row that crossed.)"""
         hidden = self._wire(hidden)
-        out = self._wire(self.inner.forward(hidden, position, reset))
+        out = self._wire(self.inner.forward(hidden, position, reset, last))
         del self.up[position:], self.down[position:]
         self.up.extend(hidden[0].detach().float().cpu())
         self.down.extend(out[0].detach().float().cpu())

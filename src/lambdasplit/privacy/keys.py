@@ -64,6 +64,9 @@ class ObfuscationKey:
     #: The fingerprint of the body made with the full key, kept by a key stripped of its inner secrets (a
     #: user's copy, ``for_user``), which can no longer derive it; None: derived from the key's tensors.
     paired_fingerprint: str | None = None
+    #: STIP's layout: (V,) the vocabulary permutation of the body's LM head. Its logits row j is the plain row
+    #: ``vocab[j]``; ``decode`` puts them back in order. None: the body returns hidden states.
+    vocab: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -95,7 +98,14 @@ class ObfuscationKey:
         """What a user's device needs of this key: the hidden-dimension transform only. The inner secrets
         stay with the developer (and folded into the server's weights); the body's fingerprint is kept."""
         return ObfuscationKey(
-            self.kind, self.matrix, self.points, self.base_fingerprint, self.permutation, {}, self.body_fingerprint()
+            self.kind,
+            self.matrix,
+            self.points,
+            self.base_fingerprint,
+            self.permutation,
+            {},
+            self.body_fingerprint(),
+            self.vocab,
         )
 
     def check(self, fingerprint: str, points: object) -> None:
@@ -116,7 +126,10 @@ class ObfuscationKey:
         return (hidden.to(work) @ self.matrix.to(hidden.device, work)).to(hidden.dtype)
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The body's output (..., D) back in the model's own basis, for the tail."""
+        """The body's output (..., D) back in the model's own basis, for the tail; for a STIP key (``vocab``), the
+        body's logits (..., V) back in the vocabulary's order."""
+        if self.vocab is not None:
+            return hidden[..., torch.argsort(self.vocab).to(hidden.device)]
         if self.permutation is not None:
             return hidden[..., torch.argsort(self.permutation).to(hidden.device)]
         work = torch.promote_types(hidden.dtype, torch.float32)
@@ -127,6 +140,8 @@ class ObfuscationKey:
         out = {"matrix": self.matrix}
         if self.permutation is not None:
             out["permutation"] = self.permutation
+        if self.vocab is not None:
+            out["vocab"] = self.vocab
         for layer, s in self.layers.items():
             out.update({f"layers.{layer}.{n}": t for n, t in s.tensors().items()})
         return out
@@ -169,6 +184,7 @@ class ObfuscationKey:
             permutation=tensors.get("permutation"),
             layers=layers,
             paired_fingerprint=meta.get("paired_fingerprint"),
+            vocab=tensors.get("vocab"),
         )
 
 
@@ -194,8 +210,12 @@ def make_key(
     kind: KeyKind = "permutation",
     inner: tuple[str, ...] | list[str] = (),
     seed: int | None = None,
+    vocabulary: bool = False,
 ) -> ObfuscationKey:
-    """A new key for ``config`` cut at ``points``. ``seed=None`` draws a fresh key from the OS's randomness."""
+    """A new key for ``config`` cut at ``points``. ``seed=None`` draws a fresh key from the OS's randomness.
+
+    ``vocabulary``: also permute the LM head's vocabulary (STIP's layout, where the body returns logits).
+    """
     if kind not in KINDS:
         raise ConfigError(f"unknown key kind {kind!r}; use one of {', '.join(KINDS)}")
     unknown = sorted(set(inner) - set(INNER))
@@ -223,4 +243,5 @@ def make_key(
             s.qk_angles = torch.rand(kv, head_dim // 2, generator=gen, dtype=torch.float64).float() * 2 * torch.pi
         if s.tensors():
             layers[layer] = s
-    return ObfuscationKey(kind, matrix, str(points), base_fingerprint, perm, layers)
+    vocab = torch.randperm(int(config.vocab_size), generator=gen) if vocabulary else None
+    return ObfuscationKey(kind, matrix, str(points), base_fingerprint, perm, layers, vocab=vocab)

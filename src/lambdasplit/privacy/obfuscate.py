@@ -13,11 +13,16 @@ The HF decoder layers are untouched code; only their parameters change (recipe c
   rows, o columns); per-plane rotations of q and k (RoPE rotates the planes (i, i + hd/2); a rotation of
   the same plane commutes with it and leaves q.k unchanged, while a plain channel permutation would not).
 
+STIP's layout (a ``LogitsBody``: every layer, the final norm and the LM head): the final norm as a layer's
+norm, the LM head's columns as an input-side projection, and its rows (and bias) permuted by the key's
+vocabulary permutation, so the logits come out in a secret order (``transform_output``).
+
 Rotation work is done in float64 and cast back, so a float32 body stays within ~1e-6 of the plain one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -26,7 +31,7 @@ from typing import cast
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from lambdasplit.errors import ConfigError, UnsupportedModelError
 from lambdasplit.models.checkpoint import OBFUSCATED_MARKER
@@ -63,13 +68,59 @@ def obfuscate_body(body: Body, key: ObfuscationKey, config: PretrainedConfig) ->
     layers = _layers(body.model)
     for layer in layers:  # refuse before changing anything
         _check_supported(layer, key, config)
+    logits = body.output == "logits"
+    if logits and key.vocab is None:
+        raise ConfigError(
+            "this body ends in the LM head (STIP's layout): its key needs a vocabulary permutation "
+            "(make_key(..., vocabulary=True))"
+        )
+    if not logits and key.vocab is not None:
+        raise ConfigError("this key permutes the vocabulary, for STIP's layout; this body returns hidden states")
+    if logits and key.permutation is None and getattr(_final_norm(body.model), "bias", None) is not None:
+        raise UnsupportedModelError("the final norm has a bias, which a rotation cannot fold: use a permutation key")
     for i, layer in enumerate(layers):
         transform_layer(layer, key, config, key.layers.get(body.start + i))
+    if logits:
+        transform_output(body.model, key, config)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a body's model (nn.Module types an undeclared submodule as ``Tensor | Module``)."""
-    return cast(nn.ModuleList, model.layers)
+    """The decoder layers of a body's model, a base model or (STIP's layout) a ``ForCausalLM`` around one
+    (nn.Module types an undeclared submodule as ``Tensor | Module``)."""
+    return cast(nn.ModuleList, getattr(model, "base_model", model).layers)
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    return cast(nn.Module, cast(nn.Module, model.base_model).norm)
+
+
+@torch.no_grad()
+def transform_output(model: nn.Module, key: ObfuscationKey, config: PretrainedConfig) -> None:
+    """STIP's layout: the final norm and the LM head of ``model`` (a ``ForCausalLM``) for ``key``, whose logits
+    then come out in the order of ``key.vocab`` (row j is the plain row ``vocab[j]``).
+
+    The hidden side is done as in a layer: a permutation moves the norm's gain and the head's columns; a rotation
+    folds the gain into the head (``W diag(g) Q``). The LM head gets a new tensor, so an embedding tied to it in
+    this process (a local split holding every part) stays as it was.
+    """
+    assert key.vocab is not None
+    norm, head = _final_norm(model), cast(nn.Linear, cast(PreTrainedModel, model).get_output_embeddings())
+    weight = head.weight.detach().double()  # (V, D)
+    if key.permutation is not None:
+        perm = key.permutation.to(weight.device)
+        _set(_weight(norm), _weight(norm)[perm])
+        if getattr(norm, "bias", None) is not None:
+            _set(cast(torch.Tensor, norm.bias), cast(torch.Tensor, norm.bias)[perm])
+        weight = weight[:, perm]
+    else:
+        offset = norm_offset(config)
+        gain = _weight(norm).double() + offset
+        weight = (weight * gain) @ key.matrix.double().to(weight.device)
+        _set(_weight(norm), torch.full_like(gain, 1.0 - offset))
+    vocab = key.vocab.to(weight.device)
+    head.weight = nn.Parameter(weight[vocab].to(head.weight.dtype).contiguous(), requires_grad=False)
+    if head.bias is not None:
+        head.bias = nn.Parameter(head.bias.detach()[vocab].contiguous(), requires_grad=False)
 
 
 def _sub(module: nn.Module, name: str) -> nn.Module:
@@ -268,13 +319,28 @@ def write_obfuscated_body(
         raise ConfigError("the body is empty (X == Y): there is nothing to obfuscate")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
     state = {
         f"model.layers.{body.start + i}.{name}": t.detach().contiguous().cpu()
         for i, layer in enumerate(_layers(body.model))
         for name, t in layer.state_dict().items()
     }
+    logits = body.output == "logits"
+    if logits:  # STIP's layout: the final norm and the LM head (its own tensor: there is no embedding to tie to)
+        config = copy.deepcopy(config)
+        config.tie_word_embeddings = False
+        state.update(
+            {f"model.norm.{n}": t.detach().contiguous().cpu() for n, t in _final_norm(body.model).state_dict().items()}
+        )
+        head = cast(PreTrainedModel, body.model).get_output_embeddings()
+        state.update({f"lm_head.{n}": t.detach().contiguous().cpu() for n, t in head.state_dict().items()})
+    config.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"), {"format": "pt"})
-    marker = {"points": key.points, "kind": key.kind, "fingerprint": key.body_fingerprint(), "inner": key.inner}
+    marker = {
+        "points": key.points,
+        "kind": key.kind,
+        "fingerprint": key.body_fingerprint(),
+        "inner": key.inner,
+        "layout": "stip" if logits else "head-tail",
+    }
     (out / OBFUSCATED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out

@@ -37,14 +37,19 @@ class PaddedLink:
     def traffic(self) -> Traffic:
         return self.link.traffic
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
-        """(1, T, D) at ``position`` -> (1, T, D); sent as (1, T + pad, D) when T > 1."""
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        """(1, T, D) at ``position`` -> (1, T, D); sent as (1, T + pad, D) when T > 1.
+
+        ``last`` (STIP's layout: a prompt's logits) is not passed on for a padded prompt, whose last row is
+        padding: every row comes back and the prompt's last is kept, so the downlink is padded too."""
         rows = hidden.shape[1]
         pad = -rows % self.multiple if rows > 1 else 0
-        if pad:
-            hidden = torch.cat([hidden, hidden[:, -1:].expand(-1, pad, -1)], dim=1)
-            self.padded_rows += pad
-        return self.link.forward(hidden, position, reset)[:, :rows]
+        if not pad:
+            return self.link.forward(hidden, position, reset, last)
+        hidden = torch.cat([hidden, hidden[:, -1:].expand(-1, pad, -1)], dim=1)
+        self.padded_rows += pad
+        out = self.link.forward(hidden, position, reset)[:, :rows]
+        return out[:, -1:] if last else out
 
     def close(self) -> None:
         self.link.close()

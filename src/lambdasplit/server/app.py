@@ -8,7 +8,8 @@ Protocol (frames in docs/wire-format.md, conversation in docs/protocol.md):
     OPEN {}                 ->
                             <-     OPENED (header: session)
     FORWARD (T, D) @ pos    ->     body forward with the session's KV cache (off the event loop)
-                            <-     RESULT (T, D) @ pos, same wire dtype
+                            <-     RESULT (T, D) @ pos, same wire dtype ((T, V) logits in STIP's layout;
+                                   one row when FORWARD has the LAST flag)
     CLOSE                   ->
                             <-     CLOSED
 
@@ -94,6 +95,8 @@ class BodyServer(FrameServer):
             "num_layers": p.num_layers,
             "layers": [p.head_layers, p.body_end],
             "hidden_size": self.split.hidden_size,
+            "output": self.body.output,  # "logits" for STIP's layout (RESULT rows of vocab_size), else "hidden"
+            "vocab_size": int(self.split.config.vocab_size),
             "wire_dtypes": [d.name.lower() for d in self.settings.wire_dtypes],
             "limits": {
                 "max_sessions": self.settings.max_sessions,
@@ -161,6 +164,7 @@ class BodyServer(FrameServer):
                 "bad_shape", f"FORWARD must carry a (positions, {d}) hidden state, got {list(frame.shape)}", sid
             )
         rows, pos, reset = frame.shape[0], frame.position, bool(frame.flags & FrameFlags.RESET)
+        last = bool(frame.flags & FrameFlags.LAST)
         state.check(pos, reset)  # before it queues: a refusal costs nothing
         if pos + rows > self.settings.max_context:
             raise Refusal(
@@ -182,7 +186,7 @@ class BodyServer(FrameServer):
         hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
         self._reserved += max(growth, 0)
         try:
-            out = await self.batcher.submit(state, hidden, pos, reset)  # batched with other sessions' steps
+            out = await self.batcher.submit(state, hidden, pos, reset, last)  # batched with other sessions' steps
         finally:
             self._reserved -= max(growth, 0)
         self.counters["forward_frames"] += 1

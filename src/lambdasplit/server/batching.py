@@ -46,6 +46,7 @@ class Job:
     position: int
     reset: bool
     future: asyncio.Future[torch.Tensor] = field(repr=False)
+    last: bool = False  # the last row of the output only (a prompt's logits)
 
     @property
     def batchable(self) -> bool:
@@ -59,7 +60,7 @@ def full_attention_only(body: Body) -> bool:
 
 
 def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
-    """One body forward for single-position steps of several sessions; returns each session's (1, D)."""
+    """One body forward for single-position steps of several sessions; returns each session's (1, D) (or (1, V))."""
     for job in jobs:
         job.state.align(job.position)  # a session may have rolled back (rejected drafts)
     lengths = [job.position for job in jobs]
@@ -116,9 +117,12 @@ class Batcher:
         self.batched_steps = 0  # steps that ran inside them
         self.compute_seconds = 0.0  # time in body forwards, batched or not
 
-    async def submit(self, state: BodyState, hidden: torch.Tensor, position: int, reset: bool) -> torch.Tensor:
-        """The body's output (T, D) for ``hidden`` (T, D) at ``position`` of the session ``state``."""
-        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future())
+    async def submit(
+        self, state: BodyState, hidden: torch.Tensor, position: int, reset: bool, last: bool = False
+    ) -> torch.Tensor:
+        """The body's output (T, D) for ``hidden`` (T, D) at ``position`` of the session ``state`` ((T, V) from a
+        body that ends in the LM head; one row with ``last``)."""
+        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future(), last)
         self._queue.append(job)
         if not self._draining:
             self._draining = True
@@ -168,7 +172,8 @@ class Batcher:
         for job in jobs:
             if id(job) not in results:
                 try:  # (T, D) -> (1, T, D) -> (T, D)
-                    results[id(job)] = job.state.forward(job.hidden.unsqueeze(0), job.position, job.reset)[0]
+                    hidden = job.hidden.unsqueeze(0)
+                    results[id(job)] = job.state.forward(hidden, job.position, job.reset, job.last)[0]
                 except Exception as exc:
                     results[id(job)] = exc
         self.compute_seconds += time.perf_counter() - start

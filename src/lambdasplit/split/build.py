@@ -29,7 +29,7 @@ from lambdasplit.config import Runtime, SplitPoints
 from lambdasplit.errors import UnsupportedModelError
 from lambdasplit.models.checkpoint import Checkpoint
 from lambdasplit.split.families import check_family
-from lambdasplit.split.parts import Body, Head, Tail
+from lambdasplit.split.parts import Body, Head, LogitsBody, Tail
 
 Role = Literal["head", "body", "tail"]
 _log = logging.getLogger(__name__)
@@ -100,8 +100,12 @@ def build_part(
     *,
     attn_implementation: str | None = None,
     loaded: dict[str, torch.Tensor] | None = None,
+    logits: bool = False,
 ) -> Head | Body | Tail:
     """Build ``role`` with only its own weights, on ``runtime.device`` in ``runtime.dtype``.
+
+    ``logits`` (body only): the body keeps the final norm and the LM head and returns logits (``LogitsBody``,
+    STIP's layout, where the device holds only the embedding and there is no tail).
 
     ``loaded`` maps checkpoint keys to tensors already materialised by another part of this process;
     they are reused (not copied), so a device holding head and tail keeps one tied embedding matrix.
@@ -110,13 +114,13 @@ def build_part(
     config = checkpoint.config
     check_family(config)
     start, stop = layer_range(role, points)
-    if role == "body" and start == stop:
+    if role == "body" and start == stop and not logits:
         return Body(None, start, stop)
 
     # init_empty_weights patches nn.Module.register_parameter process-wide, which would also send another
     # thread's parameter assignment to meta: concurrent builds take turns for skeleton and assignment.
     with _BUILD_LOCK:
-        return _build_locked(role, checkpoint, start, stop, runtime, attn_implementation, loaded)
+        return _build_locked(role, checkpoint, start, stop, runtime, attn_implementation, loaded, logits)
 
 
 def _build_locked(
@@ -127,14 +131,16 @@ def _build_locked(
     runtime: Runtime,
     attn_implementation: str | None,
     loaded: dict[str, torch.Tensor] | None,
+    logits: bool,
 ) -> Head | Body | Tail:
     config = checkpoint.config
+    ends_in_lm_head = role == "tail" or (role == "body" and logits)
     model = _skeleton(part_config(config, start, stop), attn_implementation)
     base = model.base_model
     if role != "head":
         # = `base.embed_tokens = None`, which mypy refuses: it types nn.Module attributes as Tensor | Module
         base.register_module("embed_tokens", None)
-    if role != "tail":
+    if not ends_in_lm_head:
         base.norm = nn.Identity()
         module: nn.Module = base  # head and body run the base model and return hidden states
         prefix = "model."
@@ -158,5 +164,9 @@ def _build_locked(
     module.to(runtime.device)  # non-persistent buffers (rotary inv_freq) keep their float32 dtype
     module.eval().requires_grad_(False)
     _log.debug("built %s [%d, %d) with %d tensors", role, start, stop, len(wanted))
-    parts: dict[Role, type[Head] | type[Body] | type[Tail]] = {"head": Head, "body": Body, "tail": Tail}
+    parts: dict[Role, type[Head] | type[Body] | type[Tail]] = {
+        "head": Head,
+        "body": LogitsBody if logits else Body,
+        "tail": Tail,
+    }
     return parts[role](cast(PreTrainedModel, module), start, stop)  # base_model is typed nn.Module

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from lambdasplit.config import Runtime, SplitPoints
+from lambdasplit.config import Layout, Runtime, SplitPoints, check_layout
 from lambdasplit.errors import ConfigError, ModelLoadError
 from lambdasplit.models.checkpoint import Checkpoint
 from lambdasplit.models.registry import DEFAULT_MODEL
@@ -43,7 +43,7 @@ class SplitModel:
 
     ``head``/``body``/``tail`` are ``None`` for parts held elsewhere (the cloud has only ``body``;
     a device has ``head`` and ``tail``). ``fingerprint`` identifies the weights, so two processes can
-    refuse to pair different models.
+    refuse to pair different models. In STIP's ``layout`` there is never a tail: the body returns logits.
     """
 
     name: str
@@ -58,6 +58,7 @@ class SplitModel:
     tokenizer: PreTrainedTokenizerBase | None = None
     generation_config: GenerationConfig | None = field(default=None, repr=False)
     wire_transform: WireTransform | None = field(default=None, repr=False)
+    layout: Layout = "head-tail"
 
     @property
     def hidden_size(self) -> int:
@@ -84,18 +85,24 @@ class SplitModel:
 
 def load_split(
     model: str | os.PathLike[str] = DEFAULT_MODEL,
-    layers: str | tuple[int, int] | SplitPoints = DEFAULT_LAYERS,
+    layers: str | tuple[int, int] | SplitPoints | None = None,
     *,
     parts: Iterable[Role] = _ROLES,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
     quiet: bool = False,
+    layout: Layout | None = None,
 ) -> SplitModel:
-    """Load ``model`` cut at ``layers`` (``"X:Y"``, negative counts from the end), building only ``parts``.
+    """Load ``model`` cut at ``layers`` (``"X:Y"``, negative counts from the end; default ``2:-2``), building only
+    ``parts``.
 
     ``model``: an embedded model name, a checkpoint folder, a ``.gguf`` file or a hub id.
     ``device``/``dtype``: default CUDA + bfloat16 when a GPU is present, else CPU + float32.
+    ``layout``: ``"head-tail"`` or ``"stip"`` (``config.LAYOUTS``); None takes the checkpoint's (a transformed
+    body or a bundle says which it was made for; a plain checkpoint is cut head/tail). In STIP's layout the
+    points are ``0:N`` (``layers`` must say so or be None), the head is the embedding alone, the body ends in
+    the LM head (``LogitsBody``) and no tail is built, whether asked for or not.
     """
     roles = tuple(parts)
     unknown = [r for r in roles if r not in _ROLES]
@@ -108,7 +115,17 @@ def load_split(
     num_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(num_layers, int):
         raise ModelLoadError(f"{path}: config has no integer num_hidden_layers; is this a causal LM?")
+    layout = check_layout(checkpoint.layout if layout is None else layout)
+    if layout != checkpoint.layout and (checkpoint.obfuscation is not None or checkpoint.bundle_role is not None):
+        raise ConfigError(f"{path} was made for the {checkpoint.layout} layout, not {layout}")
+    if layers is None:
+        layers = "0:" if layout == "stip" else DEFAULT_LAYERS
     points = SplitPoints.parse(layers, num_layers)
+    if layout == "stip" and (points.head_layers, points.body_end) != (0, num_layers):
+        raise ConfigError(
+            f"STIP's layout runs every layer in the cloud (layers 0:{num_layers}), not {points}: the device holds "
+            "the embedding only"
+        )
     if checkpoint.bundle_role == "user" and "body" in roles:
         raise ConfigError(
             f"{path} is a user bundle: it holds the head and tail only, and its body runs on the model server "
@@ -129,11 +146,15 @@ def load_split(
         points=points,
         runtime=runtime,
         fingerprint=checkpoint.fingerprint(),
+        layout=layout,
     )
     loaded: dict[str, torch.Tensor] = {}  # shared so head and tail keep one tied embedding matrix
+    stip = layout == "stip"
     for role in _ROLES:
-        if role in roles:
-            part = build_part(role, checkpoint, points, runtime, attn_implementation=attn_implementation, loaded=loaded)
+        if role in roles and not (stip and role == "tail"):
+            part = build_part(
+                role, checkpoint, points, runtime, attn_implementation=attn_implementation, loaded=loaded, logits=stip
+            )
             setattr(split, role, part)
     if ("head" in roles or "tail" in roles) and any((path / f).is_file() for f in _TOKENIZER_FILES):
         split.tokenizer = AutoTokenizer.from_pretrained(path)

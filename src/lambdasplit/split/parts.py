@@ -5,6 +5,9 @@ part's layers in it (layer ``i`` of the body is global layer ``X + i``; see ``bu
 that model's own ``forward`` gives rotary embeddings, causal (and sliding-window) masks and KV-cache
 updates exactly as in the unsplit model, so nothing of HF's forward code is copied here.
 
+In STIP's layout (``layout="stip"``) the head is the embedding alone, the body (``LogitsBody``) runs every
+layer, the final norm and the LM head, and there is no tail: logits cross the wire.
+
 Shapes: ``B`` batch, ``T`` new positions this call, ``D`` hidden size, ``V`` vocabulary.
 """
 
@@ -96,6 +99,9 @@ class Body(_Part):
     An empty body (X == Y) is the identity and holds no model at all.
     """
 
+    #: What the body returns: hidden states for the device's tail ("hidden"), or logits ("logits", ``LogitsBody``).
+    output = "hidden"
+
     @torch.inference_mode()
     def forward(
         self,
@@ -104,11 +110,13 @@ class Body(_Part):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        last: bool = False,
     ) -> torch.Tensor:
         """``attention_mask`` (B, past + T) and ``position_ids`` (B, T) are for batches of sessions whose
-        caches were left-padded to one length (the server's continuous batching); one session needs neither."""
+        caches were left-padded to one length (the server's continuous batching); one session needs neither.
+        ``last``: return the last position's row only (B, 1, D); every position still enters the cache."""
         if self.model is None:
-            return hidden
+            return hidden[:, -1:] if last else hidden
         out = self.model(
             inputs_embeds=hidden,
             use_cache=cache is not None,
@@ -116,7 +124,39 @@ class Body(_Part):
             attention_mask=attention_mask,
             position_ids=position_ids,
         )
-        return out.last_hidden_state
+        return out.last_hidden_state[:, -1:] if last else out.last_hidden_state
+
+
+class LogitsBody(Body):
+    """Cloud side in STIP's layout: hidden states (B, T, D) before layer 0 -> logits (B, T, V).
+
+    It runs every layer, the final norm and the LM head through the model's own ``ForCausalLM`` forward
+    (as the tail does in the head/tail layout); the device holds only the embedding. ``last`` asks for
+    the last position's logits only (a prompt's), so a prefill sends one row of V back, not T.
+    """
+
+    output = "logits"
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: Cache | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        last: bool = False,
+    ) -> torch.Tensor:
+        assert self.model is not None
+        out = self.model(
+            inputs_embeds=hidden,
+            use_cache=cache is not None,
+            **with_cache(self.model, cache),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1 if last else 0,
+        )
+        return out.logits
 
 
 class Tail(_Part):

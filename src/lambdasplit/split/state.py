@@ -65,11 +65,12 @@ class BodyState:
         self.length += rows
         self.steps += 1
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False) -> torch.Tensor:
-        """Run the body on ``hidden`` (B=1, T, D) whose first row is at ``position``; returns (1, T, D)."""
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        """Run the body on ``hidden`` (B=1, T, D) whose first row is at ``position``; returns (1, T, D), or (1, T, V)
+        for a body that ends in the LM head; ``last``: the last row only."""
         self.align(position, reset)
         try:
-            out = self.body(hidden, self.cache)
+            out = self.body(hidden, self.cache, last=last)
         except BaseException:
             self.undo(position)
             raise

@@ -7,7 +7,7 @@ Layout (little-endian; docs/wire-format.md is the specification, this module its
     offset 3   u8       message type (MessageType)
     offset 4   u8       dtype code (WireDtype)
     offset 5   u8       ndim (0..4)
-    offset 6   u16      flags (bit 0 RESET; the rest must be 0)
+    offset 6   u16      flags (bit 0 RESET, bit 1 LAST; the rest must be 0)
     offset 8   u32      session handle (0 = none)
     offset 12  u32      position of the first row of a hidden state (0 for control frames)
     offset 16  ndim x u32 dims
@@ -72,11 +72,12 @@ class FrameFlags(IntFlag):
     """Bits of the header's flags field. Unknown bits are rejected, so a later version can use them."""
 
     RESET = 1  # FORWARD only: drop the session's cache first (the paper's no-cache baseline)
+    LAST = 2  # FORWARD only: the RESULT carries the last position's row only (a prompt's logits, STIP's layout)
 
 
 # A plain int: with IntFlag, ~FrameFlags.RESET is FrameFlags(0) (the complement within the
 # defined bits), which would let every reserved bit through.
-_KNOWN_FLAGS = int(FrameFlags.RESET)
+_KNOWN_FLAGS = int(FrameFlags.RESET | FrameFlags.LAST)
 _TENSORS = frozenset(d for d in WireDtype if d.is_tensor)
 _JSON = frozenset({WireDtype.JSON})
 _NONE_OR_JSON = frozenset({WireDtype.NONE, WireDtype.JSON})
@@ -283,9 +284,11 @@ def _validate(frame: Frame) -> None:
             raise FrameError(f"{name} must be a u32 (0..{U32_MAX}), got {value!r}", "bad_header")
     flags = frame.flags
     if not isinstance(flags, int) or flags & ~_KNOWN_FLAGS or flags < 0:
-        raise FrameError(f"flags {flags!r}: only bit 0 (RESET) is defined, the rest must be 0", "bad_flags")
+        raise FrameError(
+            f"flags {flags!r}: only bits 0 (RESET) and 1 (LAST) are defined, the rest must be 0", "bad_flags"
+        )
     if flags and mtype is not MessageType.FORWARD:
-        raise FrameError(f"flag RESET is only allowed on FORWARD frames, got it on {mtype.name}", "bad_flags")
+        raise FrameError(f"flags RESET and LAST are only allowed on FORWARD frames, got {mtype.name}", "bad_flags")
     if len(shape) > FORMAT_MAX_NDIM or not all(isinstance(d, int) and 0 <= d <= U32_MAX for d in shape):
         raise FrameError(f"shape {shape}: at most {FORMAT_MAX_NDIM} dims, each a u32", "bad_shape")
     if dtype not in _ALLOWED_DTYPES[mtype]:
