@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -30,7 +30,7 @@ LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 def check_layout(layout: str) -> Layout:
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r} is not available; choose from {', '.join(LAYOUTS)}")
-    return cast(Layout, layout)
+    return layout
 
 
 @dataclass(frozen=True)

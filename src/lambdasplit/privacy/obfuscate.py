@@ -331,7 +331,7 @@ def write_obfuscated_body(
         state.update(
             {f"model.norm.{n}": t.detach().contiguous().cpu() for n, t in _final_norm(body.model).state_dict().items()}
         )
-        head = cast(PreTrainedModel, body.model).get_output_embeddings()
+        head = body.model.get_output_embeddings()
         state.update({f"lm_head.{n}": t.detach().contiguous().cpu() for n, t in head.state_dict().items()})
     config.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"), {"format": "pt"})
