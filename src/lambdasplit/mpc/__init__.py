@@ -1,0 +1,8 @@
+"""Two-party computation on additive secret shares: the primitives of a body computed by two non-colluding servers.
+
+Modules, bottom to top: ``ring`` (fixed point in int64, wrap-around), ``party`` (a party, the messages it opens,
+rounds and bytes counted; an in-process pair for tests), ``shares`` (sharing, reconstruction, local linear
+operations), ``beaver`` (the device as dealer of triples; products of two shared tensors; truncation),
+``functions`` (exp, reciprocal, rsqrt, softmax, SiLU). Protocols follow CrypTen's (Knott et al., NeurIPS 2021);
+the parameters come from measured SmolLM2 ranges (docs/secret-sharing.md, benchmarks/mpc_ranges.py).
+"""

@@ -1,0 +1,145 @@
+"""Non-linear functions on shares, by CrypTen's approximations (Knott et al., NeurIPS 2021), from products only.
+
+Every function takes a ``Party`` and its share (int64, any shape) and returns its share of the result; the
+rounds are Beaver products (``beaver.mul``, 1 round each). Parameters come from the ranges SmolLM2-135M's
+body takes at 2:28 (benchmarks/mpc_ranges.py; docs/secret-sharing.md has the figures):
+
+==============  ==========================================  ========================================  ======
+function        method                                      valid input range, default parameters      rounds
+==============  ==========================================  ========================================  ======
+exp             (1 + x / 2^n)^(2^n), n = 8 squarings        [-128, 4]; softmax's x - max is [-67, 0]  8
+reciprocal      Newton y <- y (2 - x y), y0 = 3 e^(1/2-x)   [0.5, 500] / scale; rowsum is [1, 58]     8 + 2k
+                + 0.003 (CrypTen's), k = 10
+rsqrt           Newton y <- y (3 - x y^2) / 2, y0 =         [0.2, 125] * scale at k = 3; mean square  8 + 3k
+                2.2 e^(-x/2 - 0.2) + 0.2 - x/1024, k = 3    is [3.6, 987] at positions > 0: scale 8;
+                                                            [53, 1.1e6] at position 0: scale 2^13, k 8
+mean_square     sum of untruncated products, one truncation per row, after a public pre-shift        1
+softmax         e^(x - shift) * reciprocal(sum)             x - shift in exp's range (see below)      8+28+1
+sigmoid, silu   1 / (1 + e^-x), x * sigmoid(x)              |x| <= 10 (gate is within [-3.9, 3.5] for  8+28+1
+                                                            99.8% of entries, but spans [-31, 50])
+==============  ==========================================  ========================================  ======
+
+The maximum in softmax: the row's maximum needs a comparison protocol (CrypTen's: arithmetic to binary
+shares, ~log2(64) rounds per comparison, log2(T) comparisons deep); not built yet. ``softmax`` takes the shift
+as an argument (a shared (..., 1) tensor or a public float). Measured: shifting by the attention sink's score
+(position 0, free) leaves max - s0 in [0, 29.8]; a public per-(layer, head) offset on top would need the spread
+of that gap to be small, but it is 5 (median head) to 30 (worst): exp would overflow or underflow. So the
+body needs the comparison-based max (or a tree of pairwise maxima) for softmax, and the same comparison for an
+exact SiLU beyond |x| = 10; these are the next primitives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lambdasplit.mpc.beaver import mul, square, untruncated
+from lambdasplit.mpc.party import Party
+from lambdasplit.mpc.shares import add_public, mul_public, truncate
+
+EXP_ITERATIONS = 8
+RECIPROCAL_ITERATIONS = 10
+RSQRT_ITERATIONS = 3
+
+
+def exp(party: Party, x: torch.Tensor, iterations: int = EXP_ITERATIONS) -> torch.Tensor:
+    """Share of ``e^x`` by the limit ``(1 + x / 2^n)^(2^n)``: ``iterations`` = n rounds (squarings).
+
+    Valid for x in [-2^(n-1), ~4]: below -2^n the base goes negative (and its even power positive);
+    above ~4 the last squarings' products grow and the truncation's failure probability with them. The
+    relative error at x is about x^2 / 2^(n+1) plus 2^n units in the last place (each squaring doubles it).
+    """
+    y = add_public(party, truncate(party, x, iterations), party.ring.scale)
+    for _ in range(iterations):
+        y = square(party, y)
+    return y
+
+
+def reciprocal(
+    party: Party, x: torch.Tensor, iterations: int = RECIPROCAL_ITERATIONS, scale: float = 1.0
+) -> torch.Tensor:
+    """Share of ``1 / x`` for positive x: Newton's ``y <- y (2 - x y)`` from CrypTen's ``3 e^(1/2 - x) + 0.003``.
+
+    ``scale`` (public) maps the input into the guess's range: 1/x = (1 / (x/scale)) / scale; the iteration
+    converges for x / scale in about [0.5, 500] (faster near 1). Rounds: 8 (exp) + 2 per iteration.
+    """
+    if scale != 1.0:
+        x = mul_public(party, x, 1.0 / scale)
+    ring = party.ring
+    y = add_public(
+        party, mul_public(party, exp(party, add_public(party, -x, ring.encode(0.5))), 3.0), ring.encode(0.003)
+    )
+    for _ in range(iterations):
+        xy = mul(party, x, y)
+        y = mul(party, y, add_public(party, -xy, ring.encode(2.0)))
+    return y if scale == 1.0 else mul_public(party, y, 1.0 / scale)
+
+
+def rsqrt(
+    party: Party, x: torch.Tensor, iterations: int = RSQRT_ITERATIONS, scale: float = 1.0, apply_scale: bool = True
+) -> torch.Tensor:
+    """Share of ``1 / sqrt(x)`` for positive x: Newton's ``y <- y (3 - x y^2) / 2`` from CrypTen's guess
+    ``2.2 e^(-x/2 - 0.2) + 0.2 - x/1024``.
+
+    ``scale`` (public): 1/sqrt(x) = (1/sqrt(x/scale)) / sqrt(scale). Relative error below 1e-4 (in floats) for
+    x / scale in [0.2, 125] at 3 iterations, [0.005, 316] at 8. Rounds: 8 (exp) + 3 per iteration.
+    ``apply_scale=False`` returns ``1/sqrt(x/scale)`` and leaves the factor ``1/sqrt(scale)`` to the caller: at
+    the attention sink (mean square 1e6) the result 1e-3 has only 65 units at f = 16 (1.5% relative), so
+    RMSNorm should fold the factor into h (pre-shifted by ``mean_square``'s bits) instead.
+    """
+    if scale != 1.0:
+        x = mul_public(party, x, 1.0 / scale)
+    ring = party.ring
+    guess = exp(party, add_public(party, mul_public(party, -x, 0.5), ring.encode(-0.2)))
+    y = add_public(party, mul_public(party, guess, 2.2) - mul_public(party, x, 1 / 1024), ring.encode(0.2))
+    for _ in range(iterations):
+        xy2 = mul(party, x, square(party, y))
+        y = mul_public(party, mul(party, y, add_public(party, -xy2, ring.encode(3.0))), 0.5)
+    return y if scale == 1.0 or not apply_scale else mul_public(party, y, 1.0 / math.sqrt(scale))
+
+
+def mean_square(party: Party, h: torch.Tensor, pre_shift: int = 2) -> torch.Tensor:
+    """Share of ``mean(h^2)`` over the last dimension, (..., D) -> (..., 1), as RMSNorm needs. 1 round.
+
+    The products stay untruncated (2f fractional bits) through the sum, then one truncation per row: its
+    failure probability is about ``D * ms * 2^(2 (f - pre_shift)) / 2^64`` (``shares.truncate``). ``pre_shift``
+    (public, bits) divides h first: SmolLM2's residual stream reaches |h| = 720 (ms 987) at positions > 0, where
+    pre_shift 2 gives 2^-17 per row at worst; and 2.5e4 (ms 1.1e6) at position 0, where 12 does.
+    """
+    hs = truncate(party, h, pre_shift)
+    total = truncate(party, untruncated(party, "mul", hs, hs).sum(-1, keepdim=True), party.ring.frac_bits)
+    return mul_public(party, total, 4.0**pre_shift / h.shape[-1])
+
+
+def softmax(
+    party: Party,
+    x: torch.Tensor,
+    shift: torch.Tensor | float,
+    exp_iterations: int = EXP_ITERATIONS,
+    reciprocal_iterations: int = RECIPROCAL_ITERATIONS,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Share of ``softmax(x, -1)`` as ``e^(x - shift) / sum(e^(x - shift))``; x is (..., T).
+
+    ``shift``: this party's share of a (..., 1) tensor (for instance the row's maximum), or a public float
+    that only party 0 subtracts. The result is exact in the shift; precision needs ``x - shift`` within exp's
+    range with the row's maximum near 0, so the sum lies in [1, T] (``scale`` for reciprocal's range when T is
+    large). Rounds: exp + reciprocal + 1.
+    """
+    shifted = add_public(party, x, party.ring.encode(-shift)) if isinstance(shift, float) else x - shift
+    e = exp(party, shifted, exp_iterations)
+    inv = reciprocal(party, e.sum(-1, keepdim=True), reciprocal_iterations, scale)
+    return mul(party, e, inv.expand_as(e).contiguous())
+
+
+def sigmoid(party: Party, x: torch.Tensor, exp_iterations: int = EXP_ITERATIONS) -> torch.Tensor:
+    """Share of ``1 / (1 + e^-x)``, valid for |x| <= ~10 (see the module's table). Rounds: exp + reciprocal."""
+    denominator = add_public(party, exp(party, -x, exp_iterations), party.ring.scale)
+    # 1 + e^-x lies in [1, 2.2e4] for |x| <= 10: scale 64 brings it into reciprocal's range
+    return reciprocal(party, denominator, scale=64.0)
+
+
+def silu(party: Party, x: torch.Tensor, exp_iterations: int = EXP_ITERATIONS) -> torch.Tensor:
+    """Share of ``x * sigmoid(x)`` (SiLU, the MLP's activation), |x| <= ~10. Rounds: sigmoid + 1."""
+    return mul(party, x, sigmoid(party, x, exp_iterations))

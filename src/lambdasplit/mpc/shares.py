@@ -1,0 +1,68 @@
+"""Additive secret shares over Z / 2^64 and the operations each party does alone.
+
+A secret ``x`` (int64, already fixed-point encoded by ``Ring.encode``) is held as ``x = s0 + s1 (mod 2^64)``:
+``s0`` uniformly random, ``s1 = x - s0``. Each share alone is uniform over the ring whatever ``x`` is, so a
+party holding one learns nothing about ``x``. Shares are plain int64 tensors of the secret's shape; the
+functions here take a ``Party`` and that party's share and return that party's share of the result.
+
+Local (no round, no byte): addition of two shared tensors (``+``), public constants (``add_public``), products
+by public values (``mul_public``) and public-weight linear layers (``linear``) followed by ``truncate``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lambdasplit.mpc.party import Party
+from lambdasplit.mpc.ring import random_elements
+
+
+def share(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split encoded ``x`` (int64, any shape) into two shares of its shape; ``s0`` is drawn from ``generator``."""
+    s0 = random_elements(x.shape, generator)
+    return s0, x - s0
+
+
+def reconstruct(s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    """The secret from both shares (int64, wrap-around sum)."""
+    return s0 + s1
+
+
+def open_shared(party: Party, s: torch.Tensor) -> torch.Tensor:
+    """Both parties learn the secret (int64): one round, ``s.numel() * 8`` bytes each way."""
+    return s + party.exchange(s)
+
+
+def add_public(party: Party, s: torch.Tensor, c: torch.Tensor | int) -> torch.Tensor:
+    """Share of ``x + c`` for an encoded public ``c`` (broadcastable): only party 0 adds it."""
+    return s + c if party.index == 0 else s + torch.zeros_like(torch.as_tensor(c))
+
+
+def truncate(party: Party, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """Share of ``x / 2^bits`` by each party dividing its own share (SecureML's 2-party truncation, as CrypTen).
+
+    Party 0 takes ``floor(s0 / 2^bits)``, party 1 ``-floor(-s1 / 2^bits)``; the result is off by at most one
+    unit in the last place, except when ``s0 + s1`` wrapped around 2^64, which happens with probability about
+    ``|x| / 2^64`` (x as a ring integer): then it is off by 2^(64 - bits), a catastrophic error. At
+    ``frac_bits`` f = 16 a product of reals of magnitude m carries ``m * 2^32``, so the failure probability is
+    ``m * 2^-32`` per element: 2^-24 for m = 256, 2^-12 for m = 2^20. Keep operands small before multiplying
+    (``functions.rsqrt`` pre-scales; the measured magnitudes are in docs/secret-sharing.md). No round.
+    """
+    if bits == 0:
+        return s
+    return s >> bits if party.index == 0 else -((-s) >> bits)
+
+
+def mul_public(party: Party, s: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """Share of ``x * c`` for a real public ``c`` (broadcastable): encode, multiply, truncate. No round."""
+    return truncate(party, s * party.ring.encode(c), party.ring.frac_bits)
+
+
+def linear(party: Party, s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of ``x @ weight.T + bias`` for public ``weight`` (out, in) and ``bias`` (out,); ``s`` is (..., in).
+
+    What nn.Linear computes, on a share: the weight is public, so each party multiplies its own share
+    (int64 matmul, wrap-around) and truncates; the bias enters once, through party 0. No round.
+    """
+    out = truncate(party, s @ party.ring.encode(weight).T, party.ring.frac_bits)
+    return out if bias is None else add_public(party, out, party.ring.encode(bias))
