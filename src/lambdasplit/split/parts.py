@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,7 +124,16 @@ class Body(_Part):
             **with_cache(self.model, cache),
             attention_mask=attention_mask,
             position_ids=position_ids,
+            **self._keep(last),
         )
+        return self._returned(out, last)
+
+    def _keep(self, last: bool) -> dict[str, int]:
+        """Extra arguments of the model's forward that choose which positions it computes an output for."""
+        return {}
+
+    def _returned(self, out: Any, last: bool) -> torch.Tensor:
+        """What the body sends back of ``out``, the model's output (a ``ModelOutput`` of the base or causal LM)."""
         return out.last_hidden_state[:, -1:] if last else out.last_hidden_state
 
 
@@ -137,25 +147,10 @@ class LogitsBody(Body):
 
     output = "logits"
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cache: Cache | None = None,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        last: bool = False,
-    ) -> torch.Tensor:
-        assert self.model is not None
-        out = self.model(
-            inputs_embeds=hidden,
-            use_cache=cache is not None,
-            **with_cache(self.model, cache),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=1 if last else 0,
-        )
+    def _keep(self, last: bool) -> dict[str, int]:
+        return {"logits_to_keep": 1 if last else 0}  # the LM head runs on the rows returned only
+
+    def _returned(self, out: Any, last: bool) -> torch.Tensor:
         return out.logits
 
 
