@@ -19,6 +19,18 @@ def parties(ring: Ring | None = None, seed: int = 0) -> tuple[Party, Party]:
     return Party(0, ring, c0, dealer.feed(0)), Party(1, ring, c1, dealer.feed(1))
 
 
+def compute_ring(
+    program: Callable[..., torch.Tensor], *inputs: torch.Tensor, ring: Ring | None = None, seed: int = 0
+) -> tuple[torch.Tensor, Counter]:
+    """``program(party, *shares)`` on additive shares of int64 ring elements ``inputs`` (no encoding): (the
+    reconstructed int64 result, party 0's counter)."""
+    p0, p1 = parties(ring, seed)
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [share(x, gen) for x in inputs]
+    out0, out1 = run_pair(lambda: program(p0, *(s for s, _ in pairs)), lambda: program(p1, *(s for _, s in pairs)))
+    return reconstruct(out0, out1), p0.counter
+
+
 def compute(
     program: Callable[..., torch.Tensor], *inputs: torch.Tensor, ring: Ring | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, Counter]:

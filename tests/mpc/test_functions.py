@@ -63,7 +63,8 @@ def test_softmax_with_the_row_maximum_as_shift():
 
 
 def test_silu_over_the_bulk_of_gate_values():
+    """The bulk ([-3.9, 3.5] holds 99.8% of gate values); the whole range is in test_compare.py."""
     x = grid(-10, 10)
     out, counter = compute(F.silu, x)
-    assert (out - torch.nn.functional.silu(x)).abs().max().item() < 1e-2
-    assert counter.rounds == 2 * F.EXP_ITERATIONS + 2 * F.RECIPROCAL_ITERATIONS + 1
+    assert (out - torch.nn.functional.silu(x)).abs().max().item() < 4e-3
+    assert counter.rounds == 8 + 1 + F.EXP_ITERATIONS + 2 * F.SIGMOID_ITERATIONS + 1

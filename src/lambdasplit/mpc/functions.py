@@ -14,33 +14,37 @@ rsqrt           Newton y <- y (3 - x y^2) / 2, y0 =         [0.2, 125] * scale a
                 2.2 e^(-x/2 - 0.2) + 0.2 - x/1024, k = 3    is [3.6, 987] at positions > 0: scale 8;
                                                             [53, 1.1e6] at position 0: scale 2^13, k 8
 mean_square     sum of untruncated products, one truncation per row, after a public pre-shift        1
-softmax         e^(x - shift) * reciprocal(sum)             x - shift in exp's range (see below)      8+28+1
-sigmoid, silu   1 / (1 + e^-x), x * sigmoid(x)              |x| <= 10 (gate is within [-3.9, 3.5] for  8+28+1
-                                                            99.8% of entries, but spans [-31, 50])
+softmax         e^(x - max) * reciprocal(sum); the row's     x - max in [-128, 0]: scores span         9 L +
+                maximum by ``compare.maximum`` (exact)      [-58.6, 28.4], x - max [-67, 0];          8+28+1
+                                                            L = ceil(log2 T) levels
+sigmoid, silu   CrypTen's sign folding: c = x < 0,          |x| <= 256 (the gate spans [-31, 50])      24
+                s = 1 / (1 + e^-|x|) (reciprocal of [1, 2]:
+                chord + 3 Newton steps), silu = |x| s + c x
 ==============  ==========================================  ========================================  ======
 
-The maximum in softmax: the row's maximum needs a comparison protocol (CrypTen's: arithmetic to binary
-shares, ~log2(64) rounds per comparison, log2(T) comparisons deep); not built yet. ``softmax`` takes the shift
-as an argument (a shared (..., 1) tensor or a public float). Measured: shifting by the attention sink's score
-(position 0, free) leaves max - s0 in [0, 29.8]; a public per-(layer, head) offset on top would need the spread
-of that gap to be small, but it is 5 (median head) to 30 (worst): exp would overflow or underflow. So the
-body needs the comparison-based max (or a tree of pairwise maxima) for softmax, and the same comparison for an
-exact SiLU beyond |x| = 10; these are the next primitives.
+The maximum in softmax: measured on SmolLM2, no free shift works (the sink's score s0 leaves max - s0 in
+[0, 29.8], and its spread within one (layer, head) is 5 to 30), so ``softmax`` computes the row's maximum
+itself unless given a shift (a shared (..., 1) tensor or a public float). Comparisons (``compare``) cost 8
+rounds each; the maximum's tournament 9 per level. SiLU no longer needs |x| <= 10: the sign is compared, and
+exp only ever sees -|x| <= 0.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from lambdasplit.mpc.beaver import mul, square, untruncated
+from lambdasplit.mpc.compare import ltz, maximum
 from lambdasplit.mpc.party import Party
 from lambdasplit.mpc.shares import add_public, mul_public, truncate
 
 EXP_ITERATIONS = 8
 RECIPROCAL_ITERATIONS = 10
 RSQRT_ITERATIONS = 3
+SIGMOID_ITERATIONS = 3  # Newton steps for 1 / (1 + e^-|x|), a reciprocal of [1, 2]
 
 
 def exp(party: Party, x: torch.Tensor, iterations: int = EXP_ITERATIONS) -> torch.Tensor:
@@ -115,31 +119,73 @@ def mean_square(party: Party, h: torch.Tensor, pre_shift: int = 2) -> torch.Tens
 def softmax(
     party: Party,
     x: torch.Tensor,
-    shift: torch.Tensor | float,
+    shift: torch.Tensor | float | None = None,
     exp_iterations: int = EXP_ITERATIONS,
     reciprocal_iterations: int = RECIPROCAL_ITERATIONS,
     scale: float = 1.0,
 ) -> torch.Tensor:
     """Share of ``softmax(x, -1)`` as ``e^(x - shift) / sum(e^(x - shift))``; x is (..., T).
 
-    ``shift``: this party's share of a (..., 1) tensor (for instance the row's maximum), or a public float
-    that only party 0 subtracts. The result is exact in the shift; precision needs ``x - shift`` within exp's
-    range with the row's maximum near 0, so the sum lies in [1, T] (``scale`` for reciprocal's range when T is
-    large). Rounds: exp + reciprocal + 1.
+    ``shift``: ``None`` (the default) computes the row's maximum under MPC (``compare.maximum``: exact,
+    9 * ceil(log2 T) rounds); or this party's share of a (..., 1) tensor; or a public float that only party 0
+    subtracts. The result is exact in the shift; precision needs ``x - shift`` within exp's range with the
+    row's maximum near 0, so the sum lies in [1, T] (``scale`` for reciprocal's range when T is large).
+    Rounds: the maximum's + exp + reciprocal + 1.
     """
+    if shift is None:
+        shift = maximum(party, x, keepdim=True)
     shifted = add_public(party, x, party.ring.encode(-shift)) if isinstance(shift, float) else x - shift
     e = exp(party, shifted, exp_iterations)
     inv = reciprocal(party, e.sum(-1, keepdim=True), reciprocal_iterations, scale)
     return mul(party, e, inv.expand_as(e).contiguous())
 
 
+def _reciprocal_of_one_to_two(party: Party, d: torch.Tensor, iterations: int = SIGMOID_ITERATIONS) -> torch.Tensor:
+    """Share of ``1 / d`` for d in [1, 2]: Newton from the chord ``1.5 - d / 2``, whose relative error
+    ``1 - d y`` is at most 1/8 and squares with each iteration: 2^-12 after 2, 2^-24 (below f = 16's last
+    place) after 3. 2 rounds per iteration."""
+    ring = party.ring
+    y = add_public(party, mul_public(party, d, -0.5), ring.encode(1.5))
+    for _ in range(iterations):
+        y = mul(party, y, add_public(party, -mul(party, d, y), ring.encode(2.0)))
+    return y
+
+
+class _Folded(NamedTuple):
+    """Shares of what the sign-folded sigmoid computes for x: the bit ``x < 0``, ``(x < 0) * x``, ``|x|`` and
+    ``sigmoid(|x|)``."""
+
+    negative: torch.Tensor
+    negative_part: torch.Tensor
+    magnitude: torch.Tensor
+    sigmoid_of_magnitude: torch.Tensor
+
+
+def _fold(party: Party, x: torch.Tensor, exp_iterations: int) -> _Folded:
+    """The sign by one comparison, ``|x| = x - 2 (x < 0) x``, then ``1 / (1 + e^-|x|)``: e^-|x| lies in (0, 1],
+    where exp's limit is accurate for any |x| <= 256 (no overflow, unlike e^-x), and the denominator in [1, 2],
+    where a chord and 3 Newton steps suffice. Rounds: 8 (ltz) + 1 + exp + 6."""
+    negative = ltz(party, x)
+    negative_part = untruncated(party, "mul", negative, x)  # a bit times x: exact, no truncation
+    magnitude = x - 2 * negative_part
+    denominator = add_public(party, exp(party, -magnitude, exp_iterations), party.ring.scale)
+    return _Folded(negative, negative_part, magnitude, _reciprocal_of_one_to_two(party, denominator))
+
+
 def sigmoid(party: Party, x: torch.Tensor, exp_iterations: int = EXP_ITERATIONS) -> torch.Tensor:
-    """Share of ``1 / (1 + e^-x)``, valid for |x| <= ~10 (see the module's table). Rounds: exp + reciprocal."""
-    denominator = add_public(party, exp(party, -x, exp_iterations), party.ring.scale)
-    # 1 + e^-x lies in [1, 2.2e4] for |x| <= 10: scale 64 brings it into reciprocal's range
-    return reciprocal(party, denominator, scale=64.0)
+    """Share of ``1 / (1 + e^-x)`` for |x| <= 256, by CrypTen's sign folding: ``s = sigmoid(|x|)``, kept where
+    x >= 0, ``1 - s`` where x < 0: ``s + (x < 0) (1 - 2 s)``. Rounds: 8 + 1 + 8 + 6 + 1 = 24."""
+    f = _fold(party, x, exp_iterations)
+    s = f.sigmoid_of_magnitude
+    flipped = add_public(party, -2 * s, party.ring.scale)
+    return s + untruncated(party, "mul", f.negative, flipped)
 
 
 def silu(party: Party, x: torch.Tensor, exp_iterations: int = EXP_ITERATIONS) -> torch.Tensor:
-    """Share of ``x * sigmoid(x)`` (SiLU, the MLP's activation), |x| <= ~10. Rounds: sigmoid + 1."""
-    return mul(party, x, sigmoid(party, x, exp_iterations))
+    """Share of ``x * sigmoid(x)`` (SiLU, the MLP's activation) for |x| <= 256 (the gate spans [-31, 50]).
+
+    With ``s = sigmoid(|x|)``: ``x s`` for x >= 0 and ``x (1 - s) = |x| s + x`` for x < 0, so
+    ``silu(x) = |x| s + (x < 0) x``, one product after the fold. Rounds: 8 + 1 + 8 + 6 + 1 = 24.
+    """
+    f = _fold(party, x, exp_iterations)
+    return mul(party, f.magnitude, f.sigmoid_of_magnitude) + f.negative_part

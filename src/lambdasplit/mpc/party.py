@@ -7,7 +7,8 @@ same code runs with both parties in one process (``LocalPair``, threads and queu
 own process over the network (a ``Channel`` over WebSocket frames, the next step).
 
 The dealer (the device, which the user trusts) is not a party: it only hands out correlated randomness
-(``TripleSource``) and never sees a share of a secret.
+(``TripleSource``: Beaver triples, arithmetic or binary, and random bits shared both ways) and never sees a
+share of a secret.
 """
 
 from __future__ import annotations
@@ -45,14 +46,31 @@ class Triple:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.c))
 
 
-class TripleSource(Protocol):
-    """Where a party takes its triples from, in the order both parties ask for them.
+@dataclass(frozen=True)
+class SharedBit:
+    """One party's shares of uniformly random bits ``r`` (one per element), dealt twice: ``binary`` XOR-shares
+    ``r`` in bit 0 (int64 0/1), ``arithmetic`` shares it additively as the ring integer 0/1 (not fixed point).
+    ``binary.b2a_bit`` turns a XOR-shared bit into an additive one with them."""
 
-    ``kind`` is ``"mul"`` (a, b, c of ``shape_a``; ``shape_b`` equals it) or ``"matmul"`` (``a`` of ``shape_a``,
-    ``b`` of ``shape_b``, ``c = a @ b`` with torch.matmul's broadcasting).
+    binary: torch.Tensor
+    arithmetic: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.binary, self.arithmetic))
+
+
+class TripleSource(Protocol):
+    """Where a party takes its correlated randomness from, in the order both parties ask for it.
+
+    ``kind`` is ``"mul"`` (a, b, c of ``shape_a``; ``shape_b`` equals it), ``"matmul"`` (``a`` of ``shape_a``,
+    ``b`` of ``shape_b``, ``c = a @ b`` with torch.matmul's broadcasting), both additively shared, or ``"and"``
+    (a, b, c of ``shape_a`` with ``c = a & b`` bitwise, all XOR-shared). ``bit`` deals random bits.
     """
 
     def take(self, kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> Triple: ...
+
+    def bit(self, shape: tuple[int, ...]) -> SharedBit: ...
 
 
 @dataclass
@@ -111,6 +129,11 @@ class Party:
         triple = self.triples.take(kind, shape_a, shape_b)
         self.counter.dealt += triple.nbytes
         return triple
+
+    def take_bit(self, shape: tuple[int, ...]) -> SharedBit:
+        shared = self.triples.bit(shape)
+        self.counter.dealt += shared.nbytes
+        return shared
 
 
 class _QueueChannel:
