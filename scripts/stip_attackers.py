@@ -323,7 +323,41 @@ def plot(result: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def extend(args: argparse.Namespace) -> dict[str, Any]:
+    """T3 only, for ``args.grid``, appended to the results of an earlier run (``--extend JSON``): more points on
+    the curve without running T1, T2 and the earlier fine-tunes again."""
+    torch.manual_seed(args.seed)
+    out: dict[str, Any] = json.loads(Path(args.extend).read_text())
+    public = load_split(args.model, "0:", device="cpu", dtype="float32", quiet=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stip-attackers-") as work:
+        added = t3(public, args, Path(work))
+    out["t3"] = out["t3"] + added
+    out["settings"]["grid"] = out["settings"]["grid"] + [vars(t) for t in args.grid]
+    out["seconds"]["t3_extended"] = round(time.perf_counter() - start, 1)
+    out["extended"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out["t3_protecting"] = smallest_protecting(out["t3"])
+    return out
+
+
+def parse_tune(spec: str) -> Tune:
+    """``lora:RANK:LR:STEPS`` or ``full:LR:STEPS``, e.g. ``lora:8:2e-3:120``."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "lora" and len(parts) == 4:
+            rank, lr, steps = int(parts[1]), float(parts[2]), int(parts[3])
+            return Tune(f"LoRA r={rank}, lr {parts[2]}, {steps} steps", "lora", rank, lr, steps)
+        if parts[0] == "full" and len(parts) == 3:
+            lr, steps = float(parts[1]), int(parts[2])
+            return Tune(f"full, lr {parts[1]}, {steps} steps", "full", 0, lr, steps)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"a fine-tune is lora:RANK:LR:STEPS or full:LR:STEPS, not {spec!r}")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.extend:
+        return extend(args)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     out: dict[str, Any] = {
@@ -427,13 +461,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=float, default=0.03, help="fine-tune held-out fraction of documents")
     parser.add_argument("--documents", type=int, default=None, help="fine-tune on the first N train documents")
     parser.add_argument("--quick", action="store_true", help="a tiny run for tests: 2 prompts, 2 fine-tunes")
+    parser.add_argument(
+        "--tune",
+        type=parse_tune,
+        action="append",
+        default=None,
+        help="a T3 fine-tune instead of the default grid: lora:RANK:LR:STEPS or full:LR:STEPS",
+    )
+    parser.add_argument("--extend", metavar="JSON",
+                        help="run only T3 for the fine-tunes given and append them to this earlier result")  # fmt: skip
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--plot", help="the T3 curve (PNG)")
     args = parser.parse_args(argv)
-    args.grid = GRID
+    args.grid = tuple(args.tune) if args.tune else GRID
+    if args.extend and not args.tune:
+        parser.error("--extend needs the fine-tunes to add (--tune ...)")
     if args.quick:
-        args.grid, args.prompts, args.seq_len = QUICK_GRID, 2, 16
+        args.grid, args.prompts, args.seq_len = tuple(args.tune or QUICK_GRID), 2, 16
         args.uplink_tokens, args.downlink_tokens, args.window, args.candidates = [300, 3000], [200], 64, 512
         args.held_out, args.rounds, args.documents = 0.1, 4, 40
     return args

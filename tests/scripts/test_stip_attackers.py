@@ -78,3 +78,23 @@ def test_smallest_protecting_fine_tune(script) -> None:
     ]
     assert script.smallest_protecting(rows)["median_matrix_change"] == 0.2
     assert script.smallest_protecting(rows[:1]) is None
+
+
+def test_extend_appends_t3_points_to_an_earlier_result(tiny_checkpoint, result, script, tmp_path) -> None:
+    import json
+
+    path, _ = tiny_checkpoint("llama")
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(result, default=str))
+    args = script.parse_args(["--model", str(path), "--quick", "--extend", str(earlier), "--tune", "lora:2:1e-2:2"])
+    extended = script.run(args)
+    assert [r["fine-tune"] for r in extended["t3"]] == [
+        *(r["fine-tune"] for r in result["t3"]),
+        "LoRA r=2, lr 1e-2, 2 steps",
+    ]
+    assert extended["t1"] == json.loads(json.dumps(result["t1"], default=str))  # T1 and T2 kept, not rerun
+    assert extended["t3"][-1]["steps"] == 2 and extended["t3"][-1]["median_matrix_change"] > 0
+    with pytest.raises(SystemExit):
+        script.parse_args(["--tune", "lora:eight:1e-3:10"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--extend", str(earlier)])  # nothing to add
