@@ -7,7 +7,7 @@ from mpc_helpers import compute, parties
 from scipy import stats
 
 from lambdasplit.mpc.ring import Ring
-from lambdasplit.mpc.shares import add_public, linear, mul_public, reconstruct, share, truncate
+from lambdasplit.mpc.shares import add_public, linear, mul_public, public_matmul, reconstruct, share, truncate
 
 
 @given(st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), min_size=1, max_size=20), st.integers(0, 99))
@@ -62,3 +62,14 @@ def test_truncation_rounds_to_one_unit_and_public_linear_is_local():
     s0, s1 = share(v, torch.Generator().manual_seed(0))
     t = reconstruct(truncate(p0, s0, 4), truncate(p1, s1, 4))
     assert ((t - v // 16).abs() <= 1).all()
+
+
+@pytest.mark.parametrize("k", [1, 64, 1536])
+def test_public_matmul_in_float_limbs_is_exact(k):
+    """The three float64 limb products recombine to the int64 matmul bit for bit, wrap-around included."""
+    g = torch.Generator().manual_seed(k)
+    s = torch.randint(-(2**63), 2**63 - 1, (3, 5, k), generator=g)
+    w = Ring().encode(torch.randn(k, 7, generator=g) * 4)
+    assert torch.equal(public_matmul(s, w), s @ w)
+    big = torch.full((k, 2), 2**40)  # past the exact bound: the int64 path
+    assert torch.equal(public_matmul(s, big), s @ big)

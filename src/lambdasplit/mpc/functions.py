@@ -31,7 +31,6 @@ exp only ever sees -|x| <= 0.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -45,6 +44,7 @@ EXP_ITERATIONS = 8
 RECIPROCAL_ITERATIONS = 10
 RSQRT_ITERATIONS = 3
 SIGMOID_ITERATIONS = 3  # Newton steps for 1 / (1 + e^-|x|), a reciprocal of [1, 2]
+MASKED = float(2**20)  # what softmax's masked entries become (negated): below any score, far inside the ring
 
 
 def exp(party: Party, x: torch.Tensor, iterations: int = EXP_ITERATIONS) -> torch.Tensor:
@@ -81,7 +81,11 @@ def reciprocal(
 
 
 def rsqrt(
-    party: Party, x: torch.Tensor, iterations: int = RSQRT_ITERATIONS, scale: float = 1.0, apply_scale: bool = True
+    party: Party,
+    x: torch.Tensor,
+    iterations: int = RSQRT_ITERATIONS,
+    scale: float | torch.Tensor = 1.0,
+    apply_scale: bool = True,
 ) -> torch.Tensor:
     """Share of ``1 / sqrt(x)`` for positive x: Newton's ``y <- y (3 - x y^2) / 2`` from CrypTen's guess
     ``2.2 e^(-x/2 - 0.2) + 0.2 - x/1024``.
@@ -90,30 +94,48 @@ def rsqrt(
     x / scale in [0.2, 125] at 3 iterations, [0.005, 316] at 8. Rounds: 8 (exp) + 3 per iteration.
     ``apply_scale=False`` returns ``1/sqrt(x/scale)`` and leaves the factor ``1/sqrt(scale)`` to the caller: at
     the attention sink (mean square 1e6) the result 1e-3 has only 65 units at f = 16 (1.5% relative), so
-    RMSNorm should fold the factor into h (pre-shifted by ``mean_square``'s bits) instead.
+    RMSNorm should fold the factor into h (pre-shifted by ``mean_square``'s bits) instead. ``scale`` may be a
+    public tensor broadcastable to x (one per row: the secret-shared body's position-0 rows take a larger one).
+
+    Precision: ``x / scale`` enters the Newton step only through the product ``x y^2``, divided by ``scale``
+    after the product (by a truncation when ``scale`` is a power of two, as RMSNorm's are), so a small
+    ``x / scale`` (0.017 at f = 16: 4e-4 relative in its encoding) costs no precision; only the guess sees it.
     """
-    if scale != 1.0:
-        x = mul_public(party, x, 1.0 / scale)
+    scaled = not (isinstance(scale, float) and scale == 1.0)
     ring = party.ring
-    guess = exp(party, add_public(party, mul_public(party, -x, 0.5), ring.encode(-0.2)))
-    y = add_public(party, mul_public(party, guess, 2.2) - mul_public(party, x, 1 / 1024), ring.encode(0.2))
+    xs = _divide(party, x, scale) if scaled else x
+    guess = exp(party, add_public(party, mul_public(party, -xs, 0.5), ring.encode(-0.2)))
+    y = add_public(party, mul_public(party, guess, 2.2) - mul_public(party, xs, 1 / 1024), ring.encode(0.2))
     for _ in range(iterations):
         xy2 = mul(party, x, square(party, y))
+        if scaled:
+            xy2 = _divide(party, xy2, scale)
         y = mul_public(party, mul(party, y, add_public(party, -xy2, ring.encode(3.0))), 0.5)
-    return y if scale == 1.0 or not apply_scale else mul_public(party, y, 1.0 / math.sqrt(scale))
+    return y if not scaled or not apply_scale else mul_public(party, y, scale**-0.5)
 
 
-def mean_square(party: Party, h: torch.Tensor, pre_shift: int = 2) -> torch.Tensor:
+def _divide(party: Party, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Share of ``x / scale`` for a public positive ``scale`` (float or tensor broadcastable to x): a truncation
+    (exact to the last place) when every scale is a power of two, else a public product."""
+    bits = torch.log2(torch.as_tensor(scale, dtype=torch.float64))
+    if bool((bits == bits.round()).all()) and bool((bits >= 0).all()):
+        return truncate(party, x, bits.round().to(torch.int64))
+    return mul_public(party, x, 1.0 / scale)
+
+
+def mean_square(party: Party, h: torch.Tensor, pre_shift: int | torch.Tensor = 2) -> torch.Tensor:
     """Share of ``mean(h^2)`` over the last dimension, (..., D) -> (..., 1), as RMSNorm needs. 1 round.
 
     The products stay untruncated (2f fractional bits) through the sum, then one truncation per row: its
     failure probability is about ``D * ms * 2^(2 (f - pre_shift)) / 2^64`` (``shares.truncate``). ``pre_shift``
     (public, bits) divides h first: SmolLM2's residual stream reaches |h| = 720 (ms 987) at positions > 0, where
-    pre_shift 2 gives 2^-17 per row at worst; and 2.5e4 (ms 1.1e6) at position 0, where 12 does.
+    pre_shift 2 gives 2^-17 per row at worst; and 2.5e4 (ms 1.1e6) at position 0, where 12 does. A public int64
+    tensor (..., 1) gives each row its own shift.
     """
     hs = truncate(party, h, pre_shift)
     total = truncate(party, untruncated(party, "mul", hs, hs).sum(-1, keepdim=True), party.ring.frac_bits)
-    return mul_public(party, total, 4.0**pre_shift / h.shape[-1])
+    factor = 4.0**pre_shift if isinstance(pre_shift, int) else torch.pow(4.0, pre_shift.to(torch.float64))
+    return mul_public(party, total, factor / h.shape[-1])
 
 
 def softmax(
@@ -123,6 +145,7 @@ def softmax(
     exp_iterations: int = EXP_ITERATIONS,
     reciprocal_iterations: int = RECIPROCAL_ITERATIONS,
     scale: float = 1.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of ``softmax(x, -1)`` as ``e^(x - shift) / sum(e^(x - shift))``; x is (..., T).
 
@@ -131,13 +154,23 @@ def softmax(
     subtracts. The result is exact in the shift; precision needs ``x - shift`` within exp's range with the
     row's maximum near 0, so the sum lies in [1, T] (``scale`` for reciprocal's range when T is large).
     Rounds: the maximum's + exp + reciprocal + 1.
+
+    ``mask`` (public bool, broadcastable to x; True = kept) leaves entries out, as attention's causal mask: they
+    are set to ``-MASKED`` before the maximum (so they never win it) and their exponentials to exactly 0
+    (a share times the public integer 0) before the sum; their output is exactly 0. A row needs one kept entry.
     """
+    keep = None if mask is None else mask.expand_as(x).to(torch.int64)
+    if keep is not None:
+        x = add_public(party, x * keep, (1 - keep) * party.ring.encode(-MASKED))
     if shift is None:
         shift = maximum(party, x, keepdim=True)
     shifted = add_public(party, x, party.ring.encode(-shift)) if isinstance(shift, float) else x - shift
     e = exp(party, shifted, exp_iterations)
+    if keep is not None:
+        e = e * keep  # masked entries' exp is garbage (far outside its range): zero it exactly
     inv = reciprocal(party, e.sum(-1, keepdim=True), reciprocal_iterations, scale)
-    return mul(party, e, inv.expand_as(e).contiguous())
+    out = mul(party, e, inv.expand_as(e).contiguous())
+    return out if keep is None else out * keep
 
 
 def _reciprocal_of_one_to_two(party: Party, d: torch.Tensor, iterations: int = SIGMOID_ITERATIONS) -> torch.Tensor:

@@ -38,7 +38,7 @@ def add_public(party: Party, s: torch.Tensor, c: torch.Tensor | int) -> torch.Te
     return s + c if party.index == 0 else s + torch.zeros_like(torch.as_tensor(c))
 
 
-def truncate(party: Party, s: torch.Tensor, bits: int) -> torch.Tensor:
+def truncate(party: Party, s: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
     """Share of ``x / 2^bits`` by each party dividing its own share (SecureML's 2-party truncation, as CrypTen).
 
     Party 0 takes ``floor(s0 / 2^bits)``, party 1 ``-floor(-s1 / 2^bits)``; the result is off by at most one
@@ -47,8 +47,9 @@ def truncate(party: Party, s: torch.Tensor, bits: int) -> torch.Tensor:
     ``frac_bits`` f = 16 a product of reals of magnitude m carries ``m * 2^32``, so the failure probability is
     ``m * 2^-32`` per element: 2^-24 for m = 256, 2^-12 for m = 2^20. Keep operands small before multiplying
     (``functions.rsqrt`` pre-scales; the measured magnitudes are in docs/secret-sharing.md). No round.
+    ``bits`` may be a public int64 tensor broadcastable to ``s`` (a shift per row: ``functions.mean_square``).
     """
-    if bits == 0:
+    if isinstance(bits, int) and bits == 0:
         return s
     return s >> bits if party.index == 0 else -((-s) >> bits)
 
@@ -64,5 +65,26 @@ def linear(party: Party, s: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     What nn.Linear computes, on a share: the weight is public, so each party multiplies its own share
     (int64 matmul, wrap-around) and truncates; the bias enters once, through party 0. No round.
     """
-    out = truncate(party, s @ party.ring.encode(weight).T, party.ring.frac_bits)
+    out = truncate(party, public_matmul(s, party.ring.encode(weight).T), party.ring.frac_bits)
     return out if bias is None else add_public(party, out, party.ring.encode(bias))
+
+
+_LIMB = 21  # bits per limb of ``public_matmul``: three limbs (21, 21, 22 signed) cover int64
+
+
+def public_matmul(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``s @ w`` modulo 2^64 for a share ``s`` (..., K) and a small encoded public ``w`` (K, N), both int64.
+
+    torch's int64 matmul runs no BLAS (about 40x slower than float64 at a prefill's size), so ``s`` is cut into
+    three limbs ``s = l0 + l1 2^21 + l2 2^42`` (l0, l1 in [0, 2^21), l2 signed in [-2^21, 2^21)) and each
+    ``li @ w`` runs in float64, where it is exact while ``K * max|w| * 2^21 <= 2^53``: encoded weights below
+    2^32 / K (|w| < 42 for K = 1536 at f = 16). The limbs recombine with int64 wrap-around, so the result is
+    bit for bit the int64 matmul's; larger weights take the int64 path.
+    """
+    if w.numel() == 0 or w.shape[0] * int(w.abs().max().item()) > 2 ** (53 - _LIMB):
+        return s @ w
+    mask = (1 << _LIMB) - 1
+    wf = w.to(torch.float64)
+    limbs = (s & mask, (s >> _LIMB) & mask, s >> (2 * _LIMB))
+    out = [(limb.to(torch.float64) @ wf).to(torch.int64) for limb in limbs]
+    return out[0] + out[1] * (1 << _LIMB) + out[2] * (1 << (2 * _LIMB))

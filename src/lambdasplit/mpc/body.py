@@ -1,0 +1,155 @@
+"""The body on secret shares: each party runs every decoder layer on its share; the device shares and deals.
+
+::
+
+    device: hidden (1, T, D) --share--> s0, s1          (its own generator; either share alone is uniform)
+    party 0: SharedBody(weights, SharedOps(p0)).forward(s0, position) -> o0 ┐ one program, in lock step,
+    party 1: SharedBody(weights, SharedOps(p1)).forward(s1, position) -> o1 ┘ talking only through exchange
+    device: reconstruct(o0, o1) -> hidden after the body (1, T, D); it deals every triple both parties take
+
+``SharedBody`` is one party's body: the public weights (``BodyWeights.from_hf``: read from the body's own HF
+model, ``split.body.model``), its ``Ops`` and its sessions' KV caches, held as shares (one list of (k, v) per
+session, per layer). With ``PlainOps`` the same class runs the body in float64: the reference that keeps the
+re-statement of the layer honest. ``TwoPartyBody`` puts the device and both parties in one process (threads,
+queues; the network comes later) for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lambdasplit.errors import ConfigError, SessionError
+from lambdasplit.mpc.beaver import Dealer, InProcessDealer
+from lambdasplit.mpc.layer import KV, LayerWeights, Rope, decoder_layer
+from lambdasplit.mpc.ops import SMOLLM2_REST, SMOLLM2_SINK, NormPlan, Ops, PlainOps, SharedOps
+from lambdasplit.mpc.party import Counter, Party, local_channels, run_pair
+from lambdasplit.mpc.ring import Ring
+from lambdasplit.mpc.shares import reconstruct as reconstruct_ring
+from lambdasplit.mpc.shares import share as share_ring
+
+MAX_CONTEXT = 500  # softmax's reciprocal converges for row sums in [0.5, 500]: a row sums to at most S
+
+
+@dataclass(frozen=True)
+class BodyWeights:
+    """The public weights of a body's layers and its rotary embedding module (the HF one, untouched)."""
+
+    layers: tuple[LayerWeights, ...]
+    rotary: nn.Module  # the model's rotary_emb: (x, position_ids) -> cos, sin (B, T, d)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> BodyWeights:
+        """From an HF base model (``split.body.model``: a LlamaModel whose ``layers`` are the body's)."""
+        layers, rotary = getattr(model, "layers", None), getattr(model, "rotary_emb", None)
+        if not isinstance(layers, nn.ModuleList) or not isinstance(rotary, nn.Module):
+            raise ConfigError(f"{type(model).__name__} has no layers and rotary_emb: pass the body's HF base model")
+        return cls(tuple(LayerWeights.from_hf(layer) for layer in layers), rotary)
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        """Public cos and sin (T, d) for ``positions`` (T,), float64, computed by the model's own module."""
+        dummy = torch.zeros(1, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = self.rotary(dummy, positions[None])
+        return Rope(cos[0].to(torch.float64), sin[0].to(torch.float64))
+
+
+class SharedBody:
+    """One party's body (or, with ``PlainOps``, the plaintext reference): ``forward(hidden, position, session)``.
+
+    ``hidden`` is this party's share (int64, (1, T, D)) of the rows at positions ``position .. position + T - 1``;
+    a session's cache holds exactly the positions before ``position`` after a forward, and a forward at an
+    earlier position rolls the cache back (as ``split.state.BodyState``).
+    """
+
+    def __init__(self, weights: BodyWeights, ops: Ops) -> None:
+        self.weights, self.ops = weights, ops
+        self.sessions: dict[str, list[KV]] = {}
+
+    def length(self, session: str) -> int:
+        caches = self.sessions.get(session)
+        return 0 if not caches else int(caches[0][0].shape[2])
+
+    def forward(self, hidden: torch.Tensor, position: int, session: str = "default") -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[0] != 1:
+            raise ConfigError(f"hidden must be (1, T, D), got {tuple(hidden.shape)}")
+        held = self.length(session)
+        if not 0 <= position <= held:
+            raise SessionError(f"position {position} skips ahead: session {session!r} holds {held}", "bad_position")
+        T = hidden.shape[1]
+        if position + T > MAX_CONTEXT:
+            raise ConfigError(f"context {position + T} exceeds {MAX_CONTEXT}, the softmax reciprocal's range")
+        caches = [(k[:, :, :position], v[:, :, :position]) for k, v in self.sessions.get(session, [])]
+        positions = torch.arange(position, position + T)
+        rope = self.weights.rope(positions)
+        new: list[KV] = []
+        for i, layer in enumerate(self.weights.layers):
+            hidden, kv = decoder_layer(self.ops, layer, hidden, caches[i] if caches else None, rope, positions)
+            new.append(kv)
+        self.sessions[session] = new
+        return hidden
+
+    def close(self, session: str) -> None:
+        self.sessions.pop(session, None)
+
+
+def plain_body(weights: BodyWeights) -> SharedBody:
+    """The body's re-statement in float64, no shares: ``forward`` takes and returns float64 hidden states."""
+    return SharedBody(weights, PlainOps())
+
+
+def share(hidden: torch.Tensor, ring: Ring, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's side: real hidden states -> two int64 shares (one per server), drawn from its ``generator``."""
+    return share_ring(ring.encode(hidden), generator)
+
+
+def reconstruct(out0: torch.Tensor, out1: torch.Tensor, ring: Ring) -> torch.Tensor:
+    """The device's side: both servers' output shares -> real hidden states (float32)."""
+    return ring.decode(reconstruct_ring(out0, out1))
+
+
+class TwoPartyBody:
+    """The device (sharing, reconstructing, dealing) and both parties in one process: two threads, queues.
+
+    ``forward(hidden float (1, T, D), position, session)`` -> the body's output (float32), computed on shares.
+    ``counters`` are the two parties' (rounds, bytes to and from the peer, bytes dealt by the device).
+    """
+
+    def __init__(
+        self,
+        weights: BodyWeights,
+        ring: Ring | None = None,
+        seed: int | None = None,
+        rest: NormPlan = SMOLLM2_REST,
+        sink: NormPlan = SMOLLM2_SINK,
+        timeout: float = 600.0,
+    ) -> None:
+        self.ring = ring or Ring()
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()  # the OS's entropy
+        else:
+            self.generator.manual_seed(seed)
+        dealer_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+        self.dealer = InProcessDealer(Dealer(dealer_generator))
+        c0, c1 = local_channels(timeout)
+        self.parties = (
+            Party(0, self.ring, c0, self.dealer.feed(0)),
+            Party(1, self.ring, c1, self.dealer.feed(1)),
+        )
+        self.bodies = tuple(SharedBody(weights, SharedOps(p, rest, sink)) for p in self.parties)
+        self.timeout = timeout
+
+    @property
+    def counters(self) -> tuple[Counter, Counter]:
+        return self.parties[0].counter, self.parties[1].counter
+
+    def forward(self, hidden: torch.Tensor, position: int, session: str = "default") -> torch.Tensor:
+        s0, s1 = share(hidden, self.ring, self.generator)
+        b0, b1 = self.bodies
+        out0, out1 = run_pair(
+            lambda: b0.forward(s0, position, session), lambda: b1.forward(s1, position, session), self.timeout
+        )
+        return reconstruct(out0, out1, self.ring)

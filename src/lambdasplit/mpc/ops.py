@@ -1,0 +1,159 @@
+"""The operations a decoder layer is written in, twice: on plain float64 tensors and on one party's shares.
+
+``layer.decoder_layer`` states a Llama layer's arithmetic once, over an ``Ops``; ``PlainOps`` runs it in float64
+(the test that it equals the HF layer's own forward keeps the re-statement honest), ``SharedOps`` runs it as one
+party of the two-party computation. Everything else a layer does (reshapes, slicing, ``+`` of two values, ``-``,
+concatenation for the KV cache) is the same torch call on both kinds of tensor: local on shares.
+
+====================  ===========================================  ========================================
+op                    plaintext                                    on shares (rounds)
+====================  ===========================================  ========================================
+linear(x, w, b)       x @ w.T + b                                  local: public weights (0)
+scale(x, c)           x * c, c public (RoPE's cos/sin, 1/sqrt(d))  local, one truncation (0)
+mul(x, y)             x * y                                        Beaver (1)
+matmul(x, y)          x @ y                                        Beaver (1)
+rms_norm(h, w, eps)   h * rsqrt(mean(h^2) + eps) * w               mean_square 1 + rsqrt 8+3k + mul 1
+softmax(x, mask)      masked softmax over the last dim             maximum 9 ceil(log2 S) + 8 + 28 + 1
+silu(x)               x * sigmoid(x)                               sign-folded SiLU (24)
+====================  ===========================================  ========================================
+
+RMSNorm's fixed point needs a public scale per row (``NormPlan``): the attention sink at position 0 carries a
+mean square up to 1.1e6 on SmolLM2 (at most ~1e3 elsewhere; docs/secret-sharing.md), so rows at position 0 take
+a larger pre-shift, rsqrt scale and more Newton steps. The choice depends on the (public) position only,
+never on data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as nnf
+
+from lambdasplit.errors import ConfigError
+from lambdasplit.mpc import functions as F
+from lambdasplit.mpc.beaver import matmul, mul
+from lambdasplit.mpc.party import Party
+from lambdasplit.mpc.shares import add_public, mul_public, public_matmul, truncate
+
+
+class Ops(Protocol):
+    """What a decoder layer needs beyond local tensor manipulation. ``positions`` (T,) are the rows' public
+    positions in the sequence."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def scale(self, x: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor: ...
+
+    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor) -> torch.Tensor: ...
+
+    def softmax(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor: ...
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class PlainOps:
+    """The layer in float64, as HF computes it (in float32): the reference the shared computation is held to."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return nnf.linear(x, weight, bias)
+
+    def scale(self, x: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+        return x * c
+
+    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x * y
+
+    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x @ y
+
+    def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor) -> torch.Tensor:
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def softmax(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return (x if mask is None else x.masked_fill(~mask, float("-inf"))).softmax(-1)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        return nnf.silu(x)
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """Public fixed-point parameters of RMSNorm for one kind of row (docs/secret-sharing.md, "Parameters chosen").
+
+    ``pre_shift``: bits h is divided by before its squares are summed (keeps the untruncated sum below 2^47).
+    ``scale_bits`` (even): rsqrt computes 1/sqrt(ms / 2^scale_bits), valid for that in [0.2, 125] at 3
+    ``iterations`` and [0.005, 316] at 8; the factor 2^(-scale_bits / 2) is then applied to h * w by a
+    truncation, which is exact where an encoded 1/sqrt(scale) would lose 1e-3 at the sink's 2^-6.
+    """
+
+    pre_shift: int
+    scale_bits: int
+    iterations: int
+
+    def __post_init__(self) -> None:
+        if self.scale_bits % 2 or self.scale_bits < 0:
+            raise ConfigError(f"scale_bits must be even and >= 0 (its square root is a shift), got {self.scale_bits}")
+
+
+#: SmolLM2-135M at 2:28: mean square [3.6, 987] at positions > 0 (/16: [0.23, 62]); [28, 1.1e6] at position 0,
+#: the attention sink (/2^14: [0.0017, 67], where the guess + 10 Newton steps converge to float precision; the
+#: guess goes negative above ~200). Pre-shift 8 bits keeps 576 * 1.1e6 * 2^(2 (16 - 8)) below 2^47; 12 would
+#: leave h = 8 with 128 units (a 2e-3 error of the norm that the sink's massive MLP output multiplies).
+SMOLLM2_REST = NormPlan(pre_shift=2, scale_bits=4, iterations=3)
+SMOLLM2_SINK = NormPlan(pre_shift=8, scale_bits=14, iterations=10)
+
+
+class SharedOps:
+    """One party's side of every op: its ``Party`` (ring, peer link, dealer feed) and the public weights, encoded
+    once and kept (transposed for ``public_matmul``)."""
+
+    def __init__(self, party: Party, rest: NormPlan = SMOLLM2_REST, sink: NormPlan = SMOLLM2_SINK) -> None:
+        self.party, self.rest, self.sink = party, rest, sink
+        self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``encode(weight).T`` (in, out), made once per weight tensor (keyed by identity; the tensor is kept)."""
+        kept = self._encoded.get(id(weight))
+        if kept is None or kept[0] is not weight:
+            kept = (weight, self.party.ring.encode(weight).T.contiguous())
+            self._encoded[id(weight)] = kept
+        return kept[1]
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        p = self.party
+        out = truncate(p, public_matmul(x, self._weight(weight)), p.ring.frac_bits)
+        return out if bias is None else add_public(p, out, p.ring.encode(bias))
+
+    def scale(self, x: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+        return mul_public(self.party, x, c)
+
+    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return mul(self.party, x, y)
+
+    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return matmul(self.party, x, y)
+
+    def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor) -> torch.Tensor:
+        """h (..., T, D) -> h * rsqrt(mean(h^2) + eps) * weight, rows at position 0 with ``sink``'s plan."""
+        p = self.party
+        sink = (positions == 0).unsqueeze(-1)  # (T, 1), public
+        pre_shift = torch.where(sink, torch.tensor(self.sink.pre_shift), torch.tensor(self.rest.pre_shift))
+        scale_bits = torch.where(sink, torch.tensor(self.sink.scale_bits), torch.tensor(self.rest.scale_bits))
+        iterations = self.sink.iterations if bool(sink.any()) else self.rest.iterations
+        ms = add_public(p, F.mean_square(p, h, pre_shift), p.ring.encode(eps))
+        scale = torch.pow(2.0, scale_bits.to(torch.float64))
+        inv = F.rsqrt(p, ms, iterations, scale, apply_scale=False)  # 1 / sqrt(ms / scale), (..., T, 1)
+        weighted = truncate(p, mul_public(p, h, weight), scale_bits // 2)  # h * w / sqrt(scale)
+        return mul(p, weighted, inv.expand_as(h).contiguous())
+
+    def softmax(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.softmax(self.party, x, mask=mask)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.party, x)

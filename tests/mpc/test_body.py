@@ -1,0 +1,135 @@
+"""The body on secret shares against the HF body, on a tiny Llama (and Qwen2: q/k/v biases) built from a config.
+
+Three layers of trust: the layer's re-statement run in float64 (``PlainOps``) equals the HF body's own forward
+(to 1e-6: HF's norms round to float32 even in a float64 model; this keeps the re-statement honest); the same code
+on shares stays within ``BOUND`` of the HF body for a prefill and several decode steps; greedy tokens through
+head, shared body and tail equal the plain split's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from lambdasplit.errors import ConfigError, SessionError
+from lambdasplit.mpc.body import BodyWeights, TwoPartyBody, plain_body
+from lambdasplit.mpc.ops import NormPlan
+from lambdasplit.split import SplitModel, load_split
+from lambdasplit.split.parts import with_cache
+
+PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 12]
+STEPS = 4
+# The tiny model's residual stream has mean squares in [0.03, 0.6] and no attention sink: rsqrt's input is
+# left unscaled, and 8 Newton steps cover [0.005, 316] (SmolLM2's plans are in ops.py).
+TINY = NormPlan(pre_shift=0, scale_bits=0, iterations=8)
+# Outputs are O(3); exp's (1 + x/256)^256 is ~4e-3 relative off near x = -2, the rest is 2^-16 rounding.
+BOUND = 2e-2
+
+
+@pytest.fixture(scope="module")
+def split(tiny_checkpoint) -> SplitModel:
+    path, _ = tiny_checkpoint("llama")
+    return load_split(path, (1, 4), device="cpu", dtype="float32", quiet=True)
+
+
+def shared(split: SplitModel, seed: int = 0) -> TwoPartyBody:
+    assert split.body is not None and split.body.model is not None
+    return TwoPartyBody(BodyWeights.from_hf(split.body.model), seed=seed, rest=TINY, sink=TINY, timeout=30)
+
+
+def steps_inputs(split: SplitModel) -> list[torch.Tensor]:
+    """The body's inputs for the prompt and STEPS greedy tokens of the plain split: (1, T, D) then (1, 1, D)."""
+    assert split.head is not None and split.body is not None and split.tail is not None
+    caches = split.head.new_cache(), split.body.new_cache(), split.tail.new_cache()
+    inputs, x = [], torch.tensor([PROMPT])
+    for _ in range(STEPS + 1):
+        hidden = split.head(x, caches[0])
+        inputs.append(hidden)
+        token = int(split.tail(split.body(hidden, caches[1]), caches[2])[0, -1].argmax())
+        x = torch.tensor([[token]])
+    return inputs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_plaintext_restatement_equals_the_hf_body(tiny_checkpoint, family: str) -> None:
+    """The layer code with float64 ops against the HF body in float64: prefill, then decode steps off the cache."""
+    path, _ = tiny_checkpoint(family)
+    split = load_split(path, (1, 4), device="cpu", dtype="float32", quiet=True)
+    assert split.body is not None and split.body.model is not None
+    split.body.model.double()
+    if family == "qwen2":  # the tiny Qwen2 uses sliding windows above layer 2, of 8 positions: never reached here
+        for layer in split.body.model.layers:
+            layer.self_attn.sliding_window = None
+    body = plain_body(BodyWeights.from_hf(split.body.model))
+    cache = DynamicCache(config=split.body.model.config)
+    g = torch.Generator().manual_seed(0)
+    position = 0
+    for rows in (4, 1, 1, 2):  # 8 positions: within the tiny Qwen2's window
+        hidden = torch.randn(1, rows, split.hidden_size, generator=g, dtype=torch.float64)
+        expected = split.body.model(inputs_embeds=hidden, use_cache=True, **with_cache(split.body.model, cache))
+        out = body.forward(hidden, position)
+        # HF's RMSNorm computes in float32 even in a float64 model: agreement to float32 rounding, not float64's
+        torch.testing.assert_close(out, expected.last_hidden_state, atol=1e-6, rtol=1e-6)
+        position += rows
+
+
+def test_shared_body_matches_the_plain_body_for_prefill_and_decode(split: SplitModel) -> None:
+    assert split.body is not None
+    reference, two = split.body.new_cache(), shared(split)
+    position = 0
+    for hidden in steps_inputs(split):
+        expected = split.body(hidden, reference)
+        out = two.forward(hidden, position)
+        assert (out - expected).abs().max().item() < BOUND
+        position += hidden.shape[1]
+
+
+def test_greedy_tokens_equal_the_plain_splits(split: SplitModel) -> None:
+    assert split.head is not None and split.tail is not None
+    inputs = steps_inputs(split)  # the plain split's path
+    plain_tokens = []
+    assert split.body is not None
+    caches = split.head.new_cache(), split.body.new_cache(), split.tail.new_cache()
+    two, shared_caches = shared(split), (split.head.new_cache(), split.tail.new_cache())
+    x, y, position = torch.tensor([PROMPT]), torch.tensor([PROMPT]), 0
+    for _ in range(len(inputs)):
+        plain_tokens.append(int(split.tail(split.body(split.head(x, caches[0]), caches[1]), caches[2])[0, -1].argmax()))
+        hidden = split.head(y, shared_caches[0])
+        token = int(split.tail(two.forward(hidden, position), shared_caches[1])[0, -1].argmax())
+        position += y.shape[1]
+        assert token == plain_tokens[-1]
+        x, y = torch.tensor([[plain_tokens[-1]]]), torch.tensor([[token]])
+
+
+def test_sessions_hold_their_own_kv_shares(split: SplitModel) -> None:
+    """Two sessions interleaved give what each gives alone; a rollback (an earlier position) recomputes."""
+    g = torch.Generator().manual_seed(1)
+    a = [torch.randn(1, n, split.hidden_size, generator=g) for n in (5, 1, 1)]
+    b = [torch.randn(1, n, split.hidden_size, generator=g) for n in (3, 1)]
+    alone = shared(split, seed=2)
+    pos, expected_a = 0, []
+    for hidden in a:
+        expected_a.append(alone.forward(hidden, pos, "a"))
+        pos += hidden.shape[1]
+    both = shared(split, seed=3)
+    out_a = [both.forward(a[0], 0, "a"), both.forward(b[0], 0, "b"), both.forward(a[1], 5, "a")]
+    out_a += [both.forward(b[1], 3, "b"), both.forward(a[2], 6, "a")]
+    for got, want in zip((out_a[0], out_a[2], out_a[4]), expected_a, strict=True):
+        assert (got - want).abs().max().item() < 2 * BOUND  # different randomness, same values
+    assert both.bodies[0].length("a") == 7 and both.bodies[1].length("b") == 4
+    # The shares each party holds differ from the peer's and from the other session's (fresh randomness)
+    k0, k1 = both.bodies[0].sessions["a"][0][0], both.bodies[1].sessions["a"][0][0]
+    assert not torch.equal(k0, k1)
+    both.forward(a[2], 6, "a")  # a rollback of one position: the cache is cut, then grows again
+    assert both.bodies[0].length("a") == 7
+    with pytest.raises(SessionError):
+        both.forward(a[2], 9, "a")
+
+
+def test_unsupported_layers_are_refused(tiny_checkpoint) -> None:
+    path, _ = tiny_checkpoint("qwen3")
+    split = load_split(path, (1, 4), device="cpu", dtype="float32", quiet=True)
+    assert split.body is not None and split.body.model is not None
+    with pytest.raises(ConfigError, match="Qwen3DecoderLayer"):
+        BodyWeights.from_hf(split.body.model)
