@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-SCRIPT = Path(__file__).parent.parent.parent / "scripts" / "stip_figures.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stip_figures", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+from script_modules import load_script
 
 
 @pytest.fixture(scope="module")
 def result(tiny_checkpoint) -> dict:
     path, _ = tiny_checkpoint("llama")
-    script = load_script()
+    script = load_script("stip_figures")
     return script.run(script.parse_args(["--model", str(path), "--quick", "--layers", "0:"]))
 
 
