@@ -3,18 +3,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mpc_helpers import compute
 
-from lambdasplit.mpc.beaver import Dealer, matmul, mul
+from lambdasplit.mpc.beaver import matmul, mul
+from lambdasplit.mpc.dealing import seeded_sources
 from lambdasplit.mpc.shares import reconstruct
 
 
-def test_dealer_triples_are_consistent_and_fresh():
-    dealer = Dealer(torch.Generator().manual_seed(0))
-    t0, t1 = dealer.triple("matmul", (2, 3, 4), (2, 4, 5))
-    a, b, c = (reconstruct(getattr(t0, n), getattr(t1, n)) for n in "abc")
-    assert torch.equal(a @ b, c)
-    u0, _ = dealer.triple("mul", (3,), (3,))
-    v0, _ = dealer.triple("mul", (3,), (3,))
+def test_dealt_triples_are_consistent_and_fresh():
+    """Party 0's triple from its stream plus party 1's (its stream and the dealer's correction) is a triple."""
+    source0, source1 = seeded_sources(0)
+    for kind, sa, sb in (
+        ("matmul", (2, 3, 4), (2, 4, 5)),
+        ("mul", (7,), (7,)),
+        ("matmul", (1, 9, 1, 64), (1, 9, 64, 5)),
+    ):
+        t0, t1 = source0.take(kind, sa, sb), source1.take(kind, sa, sb)
+        a, b, c = (reconstruct(getattr(t0, n), getattr(t1, n)) for n in "abc")
+        assert torch.equal(a @ b if kind == "matmul" else a * b, c)
+        assert t0.dealt == 0 and t1.dealt == c.numel() * 8  # only c1 crosses from the dealer
+    u0, v0 = source0.take("mul", (3,), (3,)), source0.take("mul", (3,), (3,))
     assert not torch.equal(u0.a, v0.a)
+    other0, _ = seeded_sources(1)
+    assert not torch.equal(other0.take("mul", (3,), (3,)).a, seeded_sources(0)[0].take("mul", (3,), (3,)).a)
 
 
 @settings(max_examples=20, deadline=None)
@@ -27,7 +36,7 @@ def test_mul_error_is_a_few_units_in_the_last_place(seed, magnitude):
     err = (out - x.double() * y.double()).abs()
     assert err.max().item() <= (1 + 3 * magnitude) * 2**-16 * 4  # rounding of both inputs and one truncation
     assert (counter.rounds, counter.sent) == (1, 2 * 256 * 8)
-    assert counter.dealt == 3 * 256 * 8
+    assert counter.dealt == 256 * 8  # c1 of one triple, to party 1
 
 
 def test_batched_matmul_of_attention_shapes():

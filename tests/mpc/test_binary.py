@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 from mpc_helpers import compute_ring, parties
 
 from lambdasplit.mpc import binary as B
-from lambdasplit.mpc.beaver import Dealer, xor_share
+from lambdasplit.mpc.binary import xor_share
+from lambdasplit.mpc.dealing import seeded_sources
 from lambdasplit.mpc.party import run_pair
 from lambdasplit.mpc.shares import reconstruct
 
@@ -21,15 +22,15 @@ def run_binary(program, *xs: torch.Tensor, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     pairs = [xor_share(x, gen) for x in xs]
     out0, out1 = run_pair(lambda: program(p0, *(s for s, _ in pairs)), lambda: program(p1, *(s for _, s in pairs)))
-    return out0 ^ out1, p0.counter
+    return out0 ^ out1, p1.counter
 
 
-def test_dealer_binary_triples_and_bits_are_consistent():
-    dealer = Dealer(torch.Generator().manual_seed(0))
-    t0, t1 = dealer.triple("and", (1000,), (1000,))
+def test_dealt_binary_triples_and_bits_are_consistent():
+    source0, source1 = seeded_sources(0)
+    t0, t1 = source0.take("and", (1000,), (1000,)), source1.take("and", (1000,), (1000,))
     a, b, c = (getattr(t0, n) ^ getattr(t1, n) for n in "abc")
     assert torch.equal(a & b, c)
-    r0, r1 = dealer.bit((10_000,))
+    r0, r1 = source0.bit((10_000,)), source1.bit((10_000,))
     r = r0.binary ^ r1.binary
     assert torch.equal(r, reconstruct(r0.arithmetic, r1.arithmetic))
     assert set(r.unique().tolist()) == {0, 1} and abs(r.double().mean().item() - 0.5) < 0.02
@@ -41,7 +42,7 @@ def test_and_is_exact(pairs, seed):
     x, y = (torch.tensor(list(v), dtype=torch.int64) for v in zip(*pairs, strict=True))
     out, counter = run_binary(B.and_, x, y, seed=seed)
     assert torch.equal(out, x & y)
-    assert (counter.rounds, counter.sent, counter.dealt) == (1, 16 * len(pairs), 24 * len(pairs))
+    assert (counter.rounds, counter.sent, counter.dealt) == (1, 16 * len(pairs), 8 * len(pairs))  # c1 only
 
 
 @settings(max_examples=25, deadline=None)
@@ -72,7 +73,7 @@ def test_a2b_round_trip_is_exact(values, seed):
     out, counter = compute_ring(program, x, seed=seed)
     assert torch.equal(out, x)
     n = x.numel()  # 7 rounds of the adder, then the opening (8 B per element)
-    assert (counter.rounds, counter.sent, counter.dealt) == (8, 192 * n + 8 * n, 288 * n)
+    assert (counter.rounds, counter.sent, counter.dealt) == (8, 192 * n + 8 * n, 96 * n)
 
 
 @given(st.lists(st.integers(0, 1), min_size=1, max_size=50), st.integers(0, 99))
@@ -84,4 +85,5 @@ def test_b2a_of_a_bit_is_exact(bits, seed):
     s0, s1 = s0 & 1, s1 & 1  # the bit lives in bit 0
     out0, out1 = run_pair(lambda: B.b2a_bit(p0, s0), lambda: B.b2a_bit(p1, s1))
     assert torch.equal(reconstruct(out0, out1), b)
-    assert (p0.counter.rounds, p0.counter.sent, p0.counter.dealt) == (1, 8 * len(bits), 16 * len(bits))
+    assert (p0.counter.rounds, p0.counter.sent, p0.counter.dealt) == (1, 8 * len(bits), 0)  # from its stream
+    assert p1.counter.dealt == 8 * len(bits)  # its additive share of the random bit

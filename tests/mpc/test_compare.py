@@ -13,7 +13,7 @@ from scipy import stats
 
 from lambdasplit.mpc import compare as C
 from lambdasplit.mpc import functions as F
-from lambdasplit.mpc.beaver import Dealer, InProcessDealer
+from lambdasplit.mpc.dealing import seeded_sources
 from lambdasplit.mpc.party import Party, local_channels, run_pair
 from lambdasplit.mpc.ring import Ring
 from lambdasplit.mpc.shares import share
@@ -37,7 +37,7 @@ def test_ltz_is_exact_on_every_ring_element(values, seed):
     out, counter = compute_ring(C.ltz, x, seed=seed)
     assert torch.equal(out, (x < 0).long())
     n = x.numel()
-    assert (counter.rounds, counter.sent, counter.dealt) == (8, 200 * n, 304 * n)
+    assert (counter.rounds, counter.sent, counter.dealt) == (8, 200 * n, 104 * n)
 
 
 @settings(max_examples=20, deadline=None)
@@ -155,10 +155,10 @@ class RecordingFeed:
 
 def party_one_view(secret: torch.Tensor, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Everything party 1 receives while the two compute ``relu`` of ``secret``: (from the peer, from the dealer)."""
-    dealer = InProcessDealer(Dealer(torch.Generator().manual_seed(seed)))
+    source0, source1 = seeded_sources(seed)
     c0, c1 = local_channels()
-    channel, feed = Recording(c1), RecordingFeed(dealer.feed(1))
-    p0, p1 = Party(0, RING, c0, dealer.feed(0)), Party(1, RING, channel, feed)
+    channel, feed = Recording(c1), RecordingFeed(source1)
+    p0, p1 = Party(0, RING, c0, source0), Party(1, RING, channel, feed)
     s0, s1 = share(RING.encode(secret), torch.Generator().manual_seed(seed + 1))
     run_pair(lambda: C.relu(p0, s0), lambda: C.relu(p1, s1))
     return channel.received, feed.dealt

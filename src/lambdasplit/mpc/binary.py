@@ -37,9 +37,16 @@ from __future__ import annotations
 import torch
 
 from lambdasplit.mpc.party import Party
+from lambdasplit.mpc.ring import random_elements
 
 WORD_BITS = 64
 ADDER_LEVELS = 6  # log2(WORD_BITS): prefix spans 1, 2, 4, ..., 64 bits
+
+
+def xor_share(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``x`` (int64 bit vectors) into two XOR shares: ``s0`` uniform, ``s1 = x ^ s0``."""
+    s0 = random_elements(x.shape, generator)
+    return s0, x ^ s0
 
 
 def open_binary(party: Party, s: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from lambdasplit.errors import ConfigError, SessionError
-from lambdasplit.mpc.beaver import Dealer, InProcessDealer
+from lambdasplit.mpc.dealing import key_from_seed, local_sources, new_key
 from lambdasplit.mpc.layer import KV, LayerWeights, Rope, decoder_layer
 from lambdasplit.mpc.ops import SMOLLM2_REST, SMOLLM2_SINK, NormPlan, Ops, PlainOps, SharedOps
 from lambdasplit.mpc.party import Counter, Party, local_channels, run_pair
-from lambdasplit.mpc.ring import Ring
+from lambdasplit.mpc.ring import Prg, Ring
 from lambdasplit.mpc.shares import reconstruct as reconstruct_ring
 from lambdasplit.mpc.shares import share as share_ring
 
@@ -100,9 +100,9 @@ def plain_body(weights: BodyWeights) -> SharedBody:
     return SharedBody(weights, PlainOps())
 
 
-def share(hidden: torch.Tensor, ring: Ring, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device's side: real hidden states -> two int64 shares (one per server), drawn from its ``generator``."""
-    return share_ring(ring.encode(hidden), generator)
+def share(hidden: torch.Tensor, ring: Ring, randomness: Prg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's side: real hidden states -> two int64 shares (one per server), the mask from ``randomness``."""
+    return share_ring(ring.encode(hidden), randomness)
 
 
 def reconstruct(out0: torch.Tensor, out1: torch.Tensor, ring: Ring) -> torch.Tensor:
@@ -127,18 +127,11 @@ class TwoPartyBody:
         timeout: float = 600.0,
     ) -> None:
         self.ring = ring or Ring()
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()  # the OS's entropy
-        else:
-            self.generator.manual_seed(seed)
-        dealer_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
-        self.dealer = InProcessDealer(Dealer(dealer_generator))
+        keys = [new_key() if seed is None else key_from_seed(seed, label) for label in ("input", "party0", "party1")]
+        self.randomness = Prg(keys[0])  # the input shares' masks
         c0, c1 = local_channels(timeout)
-        self.parties = (
-            Party(0, self.ring, c0, self.dealer.feed(0)),
-            Party(1, self.ring, c1, self.dealer.feed(1)),
-        )
+        source0, source1 = local_sources(keys[1], keys[2])
+        self.parties = (Party(0, self.ring, c0, source0), Party(1, self.ring, c1, source1))
         self.bodies = tuple(SharedBody(weights, SharedOps(p, rest, sink)) for p in self.parties)
         self.timeout = timeout
 
@@ -147,7 +140,7 @@ class TwoPartyBody:
         return self.parties[0].counter, self.parties[1].counter
 
     def forward(self, hidden: torch.Tensor, position: int, session: str = "default") -> torch.Tensor:
-        s0, s1 = share(hidden, self.ring, self.generator)
+        s0, s1 = share(hidden, self.ring, self.randomness)
         b0, b1 = self.bodies
         out0, out1 = run_pair(
             lambda: b0.forward(s0, position, session), lambda: b1.forward(s1, position, session), self.timeout

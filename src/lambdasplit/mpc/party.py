@@ -3,12 +3,12 @@
 Everything a party learns from its peer passes through ``Party.exchange``: both parties send one int64 tensor
 and receive the peer's, in one round. The only tensors ever exchanged are *openings*: ``x - a`` for a secret
 ``x`` masked by a dealer's uniformly random ``a`` (Beaver), or a share being reconstructed on purpose. So the
-same code runs with both parties in one process (``LocalPair``, threads and queues, for tests) or each in its
-own process over the network (a ``Channel`` over WebSocket frames, the next step).
+same code runs with both parties in one process (``local_channels``, threads and queues, for tests) or each in
+its own process (``peer.PeerChannel``, one TCP connection per session).
 
 The dealer (the device, which the user trusts) is not a party: it only hands out correlated randomness
-(``TripleSource``: Beaver triples, arithmetic or binary, and random bits shared both ways) and never sees a
-share of a secret.
+(``TripleSource``: Beaver triples, arithmetic or binary, and random bits shared both ways; ``dealing``) and
+never sees a share of a secret.
 """
 
 from __future__ import annotations
@@ -33,17 +33,25 @@ class Channel(Protocol):
     def exchange(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
-@dataclass(frozen=True)
-class Triple:
-    """One party's shares of a Beaver triple: ``c = a * b`` (elementwise) or ``c = a @ b`` (matmul), all int64."""
+class Pending(Protocol):
+    """A tensor still on its way (a dealer's correction): ``resolve`` waits for it."""
 
-    a: torch.Tensor
-    b: torch.Tensor
-    c: torch.Tensor
+    def resolve(self) -> torch.Tensor: ...
+
+
+class Triple:
+    """One party's shares of a Beaver triple: ``c = a * b`` (elementwise), ``c = a @ b`` (matmul) or
+    ``c = a & b`` (XOR-shared), all int64. ``c`` may still be on its way from the dealer (``Pending``): it is
+    waited for on first use. ``dealt``: bytes the dealer sent this party for it."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | Pending, dealt: int = 0) -> None:
+        self.a, self.b, self._c, self.dealt = a, b, c, dealt
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.c))
+    def c(self) -> torch.Tensor:
+        if not isinstance(self._c, torch.Tensor):
+            self._c = self._c.resolve()
+        return self._c
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,7 @@ class SharedBit:
 
     binary: torch.Tensor
     arithmetic: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.binary, self.arithmetic))
+    dealt: int = 0  # bytes the dealer sent this party for them
 
 
 class TripleSource(Protocol):
@@ -127,12 +132,12 @@ class Party:
 
     def take(self, kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> Triple:
         triple = self.triples.take(kind, shape_a, shape_b)
-        self.counter.dealt += triple.nbytes
+        self.counter.dealt += triple.dealt
         return triple
 
     def take_bit(self, shape: tuple[int, ...]) -> SharedBit:
         shared = self.triples.bit(shape)
-        self.counter.dealt += shared.nbytes
+        self.counter.dealt += shared.dealt
         return shared
 
 

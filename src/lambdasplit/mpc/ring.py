@@ -14,13 +14,16 @@ while giving the 1e-4 relative precision the softmax and norms need. f is config
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from lambdasplit.errors import ConfigError
 
 RING_BITS = 64
+KEY_BYTES = 16  # a stream key: AES-128
 _LOW, _HIGH = -(2**63), 2**63 - 1
 
 
@@ -58,3 +61,23 @@ def random_elements(shape: tuple[int, ...] | torch.Size, generator: torch.Genera
     far below anything measurable.
     """
     return torch.randint(_LOW, _HIGH, tuple(shape), dtype=torch.int64, generator=generator)
+
+
+class Prg:
+    """AES-128-CTR keystream as uniform ring elements (int64). Two ``Prg`` of one key give the same stream.
+
+    What a party may see is drawn from this, never from torch's generators (Mersenne Twister: its state, and
+    so its past and future output, is recoverable from 624 of its words). About 2 GB/s on one core.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a stream key has {KEY_BYTES} bytes, got {len(key)}")
+        self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+    def elements(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        n = math.prod(shape)
+        if n == 0:
+            return torch.zeros(tuple(shape), dtype=torch.int64)
+        words = bytearray(self._stream.update(bytes(8 * n)))
+        return torch.frombuffer(words, dtype=torch.int64).view(tuple(shape))

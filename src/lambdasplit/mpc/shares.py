@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 
 from lambdasplit.mpc.party import Party
-from lambdasplit.mpc.ring import random_elements
+from lambdasplit.mpc.ring import Prg, random_elements
 
 
-def share(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split encoded ``x`` (int64, any shape) into two shares of its shape; ``s0`` is drawn from ``generator``."""
-    s0 = random_elements(x.shape, generator)
+def share(x: torch.Tensor, randomness: Prg | torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split encoded ``x`` (int64, any shape) into two shares of its shape; ``s0`` is drawn from ``randomness``:
+    a ``Prg`` for anything a server sees, a seeded torch generator in tests."""
+    s0 = randomness.elements(x.shape) if isinstance(randomness, Prg) else random_elements(x.shape, randomness)
     return s0, x - s0
 
 
