@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.errors import ConfigError
+from lambdasplit.mpc.device import SecretSharedLink
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.obfuscate import protect
 from lambdasplit.split import SplitModel, load_split
@@ -79,3 +80,17 @@ def load_local(
     if key is not None:
         protect(split, ObfuscationKey.load(key))
     return split
+
+
+def open_shared_link(split: SplitModel, cloud: str, timeout: float, trust: TlsTrust | None) -> SecretSharedLink:
+    """A session on the two share servers of ``cloud`` ("URL0,URL1"), checked against this device's split."""
+    urls = [u.strip() for u in cloud.split(",") if u.strip()]
+    link = SecretSharedLink(urls, timeout=timeout, trust=trust)
+    body_layers = split.points.body_end - split.points.head_layers
+    if link.layers != body_layers or link.hidden_size != split.hidden_size:
+        link.close()
+        raise ConfigError(
+            f"the share servers run {link.layers} layers of width {link.hidden_size}; this device's split "
+            f"{split.points} needs {body_layers} of width {split.hidden_size}: pass the servers' --layers"
+        )
+    return link

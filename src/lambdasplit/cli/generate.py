@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.cloud import connect_cloud, device_trust, load_local
+from lambdasplit.cli.cloud import connect_cloud, device_trust, load_local, open_shared_link
 from lambdasplit.cli.options import (
     DEFAULTS,
     CloudTimeout,
@@ -75,6 +75,15 @@ def generate(
             "from the server."
         ),
     ] = None,
+    secret_shared: Annotated[
+        bool,
+        typer.Option(
+            "--secret-shared",
+            help="--cloud names two share servers (`serve --share 0` and `--share 1`, comma-separated): the body runs "
+            "on secret shares of the hidden states, and this device deals their randomness. Greedy, on CPU, slow "
+            "(seconds per token).",
+        ),
+    ] = False,
     token: Token = None,
     tls_fingerprint: TlsFingerprint = None,
     tls_ca: TlsCa = None,
@@ -115,7 +124,16 @@ def generate(
         raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")
     client = None
     link: BodyLink | None = None
-    if cloud is not None:
+    if secret_shared:
+        if cloud is None or unsplit or no_cache or speculative or pad_prompt or key:
+            raise ConfigError(
+                "--secret-shared needs --cloud URL0,URL1 and takes none of --unsplit, --no-cache, --speculative, "
+                "--pad-prompt, --key"
+            )
+        with _err.status(f"loading the head and tail of {model} and opening a session on both share servers"):
+            split = load_local(model, layers, device="cpu", dtype="float32", key=None, parts=("head", "tail"))
+            link = open_shared_link(split, cloud, cloud_timeout, device_trust(tls_fingerprint, tls_ca, insecure))
+    elif cloud is not None:
         if unsplit:
             raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")
         with _err.status(f"connecting to {cloud} and loading the head and tail of {model}"):
@@ -164,6 +182,9 @@ def generate(
     result = run.result
     assert result is not None
     mode = "unsplit" if unsplit else ("split-no-cache" if no_cache else "split")
+    if secret_shared:
+        mode = "secret-shared"
+        link.close()
     if client is not None:
         mode += "-network"
         after = client.socket_bytes()

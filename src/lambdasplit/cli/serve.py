@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError
 from lambdasplit.privacy.bundles import is_bundle, load_server_bodies
 from lambdasplit.server import ServerSettings, serve
+from lambdasplit.server.run import announce
 from lambdasplit.server.settings import TlsMode
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.tls import certificate_fingerprint, is_loopback
@@ -108,6 +110,28 @@ def serve_command(
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for compute (default: torch's, one per core).")
     ] = None,
+    share: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Be share server 0 or 1 of a body computed on secret shares by two servers (run one of each, by "
+            "independent operators); devices connect with `generate --cloud URL0,URL1 --secret-shared`. Needs --peer.",
+            show_default=False,
+        ),
+    ] = None,
+    peer: Annotated[
+        str | None,
+        typer.Option(
+            help="With --share: HOST:PORT of the link between the two share servers. Share server 0 listens there, "
+            "share server 1 connects to it: give both the same address.",
+            show_default=False,
+        ),
+    ] = None,
+    peer_timeout: Annotated[
+        float,
+        typer.Option(help="With --share: seconds to wait for the peer server or the device before a session ends."),
+    ] = 60.0,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -143,6 +167,13 @@ def serve_command(
         raise ConfigError(f"--group names a user group of a server bundle; {model} is not a bundle")
     if threads is not None:
         torch.set_num_threads(threads)
+    if share is not None or peer is not None:
+        if cloud_only or pipeline is not None or group is not None or is_bundle(model):
+            raise ConfigError(
+                "--share serves a public model's body on secret shares: no --cloud-only, --pipeline or bundle"
+            )
+        _serve_share(model, layers, share, peer, settings, peer_timeout)
+        return
     _say_how_devices_connect(settings)
     if pipeline is not None:
         _serve_pipeline(pipeline, settings, device, dtype)
@@ -190,6 +221,50 @@ def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None,
         f"{str(unet.dtype).removeprefix('torch.')} · {torch.get_num_threads()} threads · fingerprint {body.fingerprint}"
     )
     serve_app(DiffusionServer(body, settings), settings)
+
+
+def _serve_share(
+    model: str, layers: str, share: int | None, peer: str | None, settings: ServerSettings, timeout: float
+) -> None:
+    from lambdasplit.mpc.body import BodyWeights
+    from lambdasplit.mpc.server import ShareServer
+
+    if share is None or peer is None:
+        raise ConfigError("a share server needs both --share 0|1 and --peer HOST:PORT")
+    host, _, port = peer.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--peer is HOST:PORT, got {peer!r}")
+    _say_how_devices_connect(settings)
+    with _err.status(f"loading the body of {model} (layers {layers}) for computing on shares"):
+        split = load_split(model, layers, parts=["body"], device="cpu", dtype="float32")
+        assert split.body is not None
+        weights = BodyWeights.from_hf(split.body.model)
+    context = None
+    if settings.tls_cert is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    server = ShareServer(
+        weights,
+        share,
+        (host.strip("[]"), int(port)),
+        host=settings.host,
+        port=settings.port,
+        timeout=timeout,
+        max_sessions=settings.max_sessions,
+        ssl=context,
+    )
+    p = split.points
+    where = "listens for share server 1" if share == 0 else "connects to share server 0"
+    _err.print(
+        f"share server {share}: body layers [{p.head_layers}, {p.body_end}) of {p.num_layers} on secret shares · "
+        f"peer link {where} at {server.peer_address[0]}:{server.peer_address[1]} · fingerprint "
+        f"{server.fingerprint.hex()[:16]}"
+    )
+    announce(server.url, certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
 
 
 def _say_how_devices_connect(settings: ServerSettings) -> None:

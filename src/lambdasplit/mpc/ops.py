@@ -111,11 +111,18 @@ SMOLLM2_SINK = NormPlan(pre_shift=8, scale_bits=14, iterations=10)
 
 class SharedOps:
     """One party's side of every op: its ``Party`` (ring, peer link, dealer feed) and the public weights, encoded
-    once and kept (transposed for ``public_matmul``)."""
+    once and kept (transposed for ``public_matmul``). ``encoded``: a cache of those to share between the sessions
+    of one server (the encodings are the same for every party and session)."""
 
-    def __init__(self, party: Party, rest: NormPlan = SMOLLM2_REST, sink: NormPlan = SMOLLM2_SINK) -> None:
+    def __init__(
+        self,
+        party: Party,
+        rest: NormPlan = SMOLLM2_REST,
+        sink: NormPlan = SMOLLM2_SINK,
+        encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         self.party, self.rest, self.sink = party, rest, sink
-        self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._encoded = {} if encoded is None else encoded
 
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``encode(weight).T`` (in, out), made once per weight tensor (keyed by identity; the tensor is kept)."""

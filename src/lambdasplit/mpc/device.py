@@ -1,0 +1,209 @@
+"""The device's side of the body on shares: share what goes up, deal the randomness, reconstruct what comes back.
+
+``SecretSharedLink`` is a ``BodyLink`` (``generation.session``): the generation loop, head and tail are the
+plain split's; only the body runs on two share servers. Per forward the device
+
+1. encodes the head's hidden states in the ring and splits them: a uniform mask ``s0`` (its own AES stream)
+   to share server 0, ``s1 = x - s0`` to share server 1;
+2. answers share server 1's dealer requests as they come (``dealing.TrustedDealer``: one correction each;
+   share server 0 draws its randomness from the key it got at ``open`` and asks for nothing);
+3. reconstructs the two output shares and decodes them for the tail.
+
+What each server sees: one uniformly random share of each input, the peer's masked openings, and (server 1)
+corrections that are uniform given its view. What the device pays: the input rows twice, the output rows
+twice, and the corrections (bytes per token in docs/secret-sharing.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import ClientConnection, connect
+
+from lambdasplit.errors import ConfigError, RemoteError, WireError
+from lambdasplit.mpc import messages as M
+from lambdasplit.mpc.body import reconstruct, share
+from lambdasplit.mpc.dealing import TrustedDealer, new_key, serve_request
+from lambdasplit.mpc.peer import SESSION_BYTES
+from lambdasplit.mpc.ring import Prg, Ring
+from lambdasplit.mpc.server import MAX_MESSAGE
+from lambdasplit.tls import TlsTrust, is_loopback
+from lambdasplit.traffic import Traffic
+
+
+class SecretSharedLink:
+    """A body computed by two share servers (``urls``: share server 0's, then 1's) on the device's shares.
+
+    ``timeout``: seconds to wait for either server at any point (a server waits as long for its peer).
+    ``traffic`` counts both servers' messages: FORWARDs up, OUTPUTs down, and the dealer's REQUEST/CORRECTION
+    traffic with server 1 (``dealt``: correction bytes, ``requests``: how many).
+    """
+
+    def __init__(self, urls: Sequence[str], *, timeout: float = 60.0, trust: TlsTrust | None = None) -> None:
+        if len(urls) != 2:
+            raise ConfigError(
+                f"secret sharing needs two share servers (party 0's URL, then party 1's), got {len(urls)}"
+            )
+        self.urls, self.timeout, self.trust = tuple(urls), timeout, trust or TlsTrust()
+        self.session = secrets.token_bytes(SESSION_BYTES)
+        keys = new_key(), new_key()
+        self.dealer = TrustedDealer(*keys)
+        self.randomness = Prg(new_key())
+        self.traffic = Traffic()
+        self.dealt = self.requests = 0
+        self.step = 0
+        self.links: list[ClientConnection] = []
+        self._stack = contextlib.ExitStack()  # websockets wants its connections entered as context managers
+        try:
+            for url in self.urls:
+                self.links.append(self._connect(url))
+            for party, ws in enumerate(self.links):
+                ws.send(
+                    json.dumps(
+                        {"type": "open", "session": self.session.hex(), "party": party, "key": keys[party].hex()}
+                    )
+                )
+            ready = [self._ready(party) for party in (0, 1)]
+        except BaseException:
+            self.close()
+            raise
+        if ready[0]["fingerprint"] != ready[1]["fingerprint"]:
+            self.close()
+            raise ConfigError("the two share servers run different bodies (their fingerprints differ)")
+        self.ring = Ring(int(ready[0]["frac_bits"]))
+        self.hidden_size, self.max_context = int(ready[0]["hidden_size"]), int(ready[0]["max_context"])
+        self.layers = int(ready[0]["layers"])
+
+    def _connect(self, url: str) -> ClientConnection:
+        parsed = urlsplit(url)
+        host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "wss" else 80)
+        if parsed.scheme not in ("ws", "wss"):
+            raise ConfigError(f"a share server's URL is ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
+        if parsed.scheme == "ws" and not is_loopback(host) and not self.trust.insecure:
+            raise ConfigError(
+                f"{url}: plain ws:// beyond loopback would carry this session's dealer key and the hidden states' "
+                "shares in the clear; serve the share servers with TLS (wss://), or pass --insecure if TLS is "
+                "terminated on a path you trust"
+            )
+        context = self.trust.context(host, port) if parsed.scheme == "wss" else None
+        try:
+            return self._stack.enter_context(
+                connect(url, max_size=MAX_MESSAGE, compression=None, open_timeout=self.timeout, ssl=context)
+            )
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
+            raise WireError(f"cannot reach share server {len(self.links)} at {url}: {e}", code="unreachable") from None
+
+    def _receive(self, party: int, what: str) -> str | bytes:
+        try:
+            data = self.links[party].recv(timeout=self.timeout)
+        except TimeoutError:
+            raise WireError(
+                f"share server {party} sent no {what} within {self.timeout:.0f} s", code="timeout"
+            ) from None
+        except ConnectionClosed:
+            raise WireError(f"share server {party} closed the session before its {what}", code="peer_gone") from None
+        if isinstance(data, str):
+            message = json.loads(data)
+            if message.get("type") == "error":
+                raise RemoteError(f"share server {party}: {message.get('message')}", code=str(message.get("code")))
+        return data
+
+    def _ready(self, party: int) -> dict[str, object]:
+        data = self._receive(party, "ready message")
+        message = json.loads(data) if isinstance(data, str) else {}
+        if message.get("type") != "ready" or message.get("party") != party:
+            raise WireError(f"share server {party} answered open with {str(data)[:200]!r}", code="bad_frame")
+        return dict(message)
+
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+            raise ConfigError(f"hidden must be (1, T, {self.hidden_size}), got {tuple(hidden.shape)}")
+        if reset and position != 0:
+            raise ConfigError("reset drops the cache: it starts at position 0")
+        start = time.perf_counter()
+        rows = hidden.shape[1]
+        shares = share(hidden.detach().to("cpu", torch.float64), self.ring, self.randomness)
+        up = 0
+        for party, s in enumerate(shares):
+            frame = M.FORWARD.pack(M.FORWARD_MAGIC, self.step, position, rows, self.hidden_size) + M.words(s)
+            self._send(party, frame)
+            up += len(frame)
+        try:
+            out1, dealer_up, dealer_down = self._deal_until_output()
+            out0 = self._output(0, self._receive(0, "output"))
+        except WireError as e:
+            raise self._both_errors(e) from None
+        self.step += 1
+        out = reconstruct(out0, out1, self.ring).to(hidden.device, hidden.dtype)
+        down = 2 * (M.OUTPUT.size + out0.numel() * 8)
+        self.traffic.add(
+            up + dealer_down,
+            down + dealer_up,
+            up_payload=2 * rows * self.hidden_size * 8,
+            down_payload=2 * out0.numel() * 8,
+            seconds=time.perf_counter() - start,
+        )
+        return out[:, -1:] if last else out
+
+    def _send(self, party: int, data: bytes) -> None:
+        try:
+            self.links[party].send(data)
+        except ConnectionClosed:
+            raise WireError(f"share server {party} closed the session", code="peer_gone") from None
+
+    def _deal_until_output(self) -> tuple[torch.Tensor, int, int]:
+        """Answer share server 1's requests until its output arrives: (its output share, request bytes, correction
+        bytes)."""
+        up = down = 0
+        while True:
+            data = self._receive(1, "output")
+            if isinstance(data, str) or data[:4] != M.REQUEST_MAGIC:
+                return self._output(1, data), up, down
+            seq, kind, shape_a, shape_b = M.unpack_request(data)
+            if seq != self.requests:
+                raise WireError(
+                    f"share server 1 sent request {seq}, the device expected {self.requests}", code="out_of_step"
+                )
+            correction = M.words(serve_request(self.dealer, kind, shape_a, shape_b))
+            frame = M.CORRECTION.pack(M.CORRECTION_MAGIC, seq) + correction
+            self._send(1, frame)
+            self.requests += 1
+            self.dealt += len(correction)
+            up, down = up + len(data), down + len(frame)
+
+    def _output(self, party: int, data: str | bytes) -> torch.Tensor:
+        if isinstance(data, str):
+            raise WireError(f"share server {party} sent {data[:200]!r} where its output was due", code="bad_frame")
+        step, rows, width = M.header(data, M.OUTPUT, M.OUTPUT_MAGIC, "output")
+        if step != self.step or width != self.hidden_size:
+            raise WireError(f"share server {party} sent output for step {step} ({rows} x {width})", code="out_of_step")
+        return M.tensor_of(memoryview(data)[M.OUTPUT.size :], (1, rows, width), f"share server {party}'s output")
+
+    def _both_errors(self, first: WireError) -> WireError:
+        """When one server fails, the other ends its side too: report what each said (briefly waiting for it)."""
+        messages = [str(first)]
+        for party, ws in enumerate(self.links):
+            if f"share server {party}" in str(first):
+                continue
+            try:
+                data = ws.recv(timeout=min(self.timeout, 5.0))
+                if isinstance(data, str) and json.loads(data).get("type") == "error":
+                    messages.append(f"share server {party}: {json.loads(data).get('message')}")
+            except (TimeoutError, ConnectionClosed, ValueError):
+                pass
+        self.close()
+        code = first.code if isinstance(first, WireError) else "error"
+        return (RemoteError if isinstance(first, RemoteError) else WireError)("; ".join(messages), code=code)
+
+    def close(self) -> None:
+        for ws in self.links:
+            with contextlib.suppress(ConnectionClosed, RuntimeError):
+                ws.send(json.dumps({"type": "close"}))
+        self._stack.close()

@@ -1,0 +1,74 @@
+"""What the device and a share server say to each other over their WebSocket (one connection per session).
+
+Control messages are JSON text; tensors travel in binary messages, one fixed struct header then int64 words
+(little-endian)::
+
+    device -> server   {"type": "open", "session": hex(16 B), "party": 0|1, "key": hex(16 B), "fingerprint": hex}
+    server -> device   {"type": "ready", "party", "layers", "hidden_size", "frac_bits", "max_context", "fingerprint"}
+    device -> server   FORWARD    "LSFW" | step u32 | position u32 | rows u32 | width u32 | share (rows x width)
+    server1 -> device  REQUEST    "LSRQ" | seq u32 | kind u8 | rank_a u8 | rank_b u8 | dims u32 ...
+    device -> server1  CORRECTION "LSCR" | seq u32 | tensor (the shape the request implies)
+    server -> device   OUTPUT     "LSOU" | step u32 | rows u32 | width u32 | share of the body's output
+    either way         {"type": "error", "code": ..., "message": ...}  (then the session ends)
+
+``key`` seeds the party's stream of correlated randomness (``dealing``): it must reach only that server, so a
+deployment runs these links over wss:// (TLS); ``open`` is the session's only secret. Party 1 sends one REQUEST
+per item it takes from the dealer and reads the CORRECTIONs in order; party 0 never asks.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from lambdasplit.errors import WireError
+
+FORWARD = struct.Struct("<4sIIII")
+REQUEST = struct.Struct("<4sIBBB")
+CORRECTION = struct.Struct("<4sI")
+OUTPUT = struct.Struct("<4sIII")
+FORWARD_MAGIC, REQUEST_MAGIC, CORRECTION_MAGIC, OUTPUT_MAGIC = b"LSFW", b"LSRQ", b"LSCR", b"LSOU"
+REQUEST_KINDS = ("mul", "matmul", "and", "bit")
+
+
+def words(tensor: torch.Tensor) -> bytes:
+    """An int64 tensor's bytes (little-endian, row-major)."""
+    if tensor.dtype != torch.int64:
+        raise TypeError(f"shares are int64, got {tensor.dtype}")
+    return tensor.detach().to("cpu").contiguous().numpy().tobytes()
+
+
+def tensor_of(data: bytes | memoryview, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """int64 words -> a tensor of ``shape``; a ``WireError`` (``bad_share``) if the size is not the shape's."""
+    expected = 8
+    for d in shape:
+        expected *= d
+    if len(data) != expected:
+        raise WireError(f"the {what} has {len(data)} bytes; {shape} int64 needs {expected}", code="bad_share")
+    if expected == 0:
+        return torch.zeros(shape, dtype=torch.int64)
+    return torch.frombuffer(bytearray(data), dtype=torch.int64).view(shape)
+
+
+def pack_request(seq: int, kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> bytes:
+    dims = (*shape_a, *shape_b)
+    head = REQUEST.pack(REQUEST_MAGIC, seq, REQUEST_KINDS.index(kind), len(shape_a), len(shape_b))
+    return head + struct.pack(f"<{len(dims)}I", *dims)
+
+
+def unpack_request(data: bytes) -> tuple[int, str, tuple[int, ...], tuple[int, ...]]:
+    if len(data) < REQUEST.size:
+        raise WireError(f"a dealer request of {len(data)} bytes is too short", code="bad_frame")
+    magic, seq, kind, rank_a, rank_b = REQUEST.unpack_from(data)
+    if magic != REQUEST_MAGIC or kind >= len(REQUEST_KINDS) or len(data) != REQUEST.size + 4 * (rank_a + rank_b):
+        raise WireError("a malformed dealer request", code="bad_frame")
+    dims = struct.unpack_from(f"<{rank_a + rank_b}I", data, REQUEST.size)
+    return seq, REQUEST_KINDS[kind], tuple(dims[:rank_a]), tuple(dims[rank_a:])
+
+
+def header(data: bytes, layout: struct.Struct, magic: bytes, what: str) -> tuple[int, ...]:
+    """The fields after the magic of a binary message of ``layout``; ``bad_frame`` if it is not one."""
+    if len(data) < layout.size or data[:4] != magic:
+        raise WireError(f"expected a {what} message, got {bytes(data[:4])!r} ({len(data)} bytes)", code="bad_frame")
+    return tuple(layout.unpack_from(data)[1:])

@@ -1,0 +1,50 @@
+"""`lambdasplit serve --share 0|1 --peer` as two processes and `generate --secret-shared` against them, on the
+default model (SmolLM2-135M at 2:28, the layers the fixed-point settings were measured on)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from contextlib import ExitStack
+
+from lambdasplit.server.process import body_server_process
+
+PROMPT = ["generate", "The capital of France is", "-n", "3", "--json", "--layers", "2:28"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["lambdasplit", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_two_share_server_processes_give_the_plain_splits_tokens() -> None:
+    peer = f"127.0.0.1:{free_port()}"
+    with ExitStack() as stack:
+        urls = [
+            stack.enter_context(
+                body_server_process(["--share", str(i), "--peer", peer, "--layers", "2:28"], timeout=240)
+            )
+            for i in (0, 1)
+        ]
+        shared = run(*PROMPT, "--cloud", ",".join(urls), "--secret-shared")
+    assert shared.returncode == 0, shared.stderr
+    plain = run(*PROMPT)
+    assert plain.returncode == 0, plain.stderr
+    out = json.loads(shared.stdout)
+    assert out["mode"] == "secret-shared"
+    assert out["token_ids"] == json.loads(plain.stdout)["token_ids"]
+
+
+def test_share_options_are_checked_before_loading() -> None:
+    res = run("serve", "--share", "0")
+    assert res.returncode != 0 and "--peer" in res.stderr
+    res = run("serve", "--share", "2", "--peer", "127.0.0.1:1")
+    assert res.returncode == 2
+    res = run("generate", "hi", "--secret-shared")
+    assert res.returncode != 0 and "--cloud URL0,URL1" in res.stderr

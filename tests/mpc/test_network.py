@@ -1,0 +1,177 @@
+"""The body on shares across real connections: two share servers (their own threads, a TCP peer link, WebSocket
+device links on 127.0.0.1) and the device's ``SecretSharedLink``, on a tiny Llama built from a config.
+
+What it must show: the same numbers as the HF body, what crosses each link, and a clear error on every party,
+no hang, and the other sessions unharmed for a share frame of the wrong size, a mismatched session and a peer
+that disappears.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from test_body import BOUND, TINY, steps_inputs
+from websockets.sync.client import connect
+
+from lambdasplit.errors import ConfigError, RemoteError, WireError
+from lambdasplit.generation import generate
+from lambdasplit.mpc import messages as M
+from lambdasplit.mpc.body import BodyWeights
+from lambdasplit.mpc.device import SecretSharedLink
+from lambdasplit.mpc.server import ShareServer
+from lambdasplit.split import SplitModel, load_split
+
+TIMEOUT = 5.0  # every party's wait: a failure must surface within this, not hang
+
+
+@pytest.fixture(scope="module")
+def split(tiny_checkpoint) -> SplitModel:
+    path, _ = tiny_checkpoint("llama")
+    return load_split(path, (1, 4), device="cpu", dtype="float32", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def weights(split: SplitModel) -> BodyWeights:
+    assert split.body is not None and split.body.model is not None
+    return BodyWeights.from_hf(split.body.model)
+
+
+def start_pair(weights: BodyWeights, timeout: float = TIMEOUT) -> tuple[ShareServer, ShareServer]:
+    s0 = ShareServer(weights, 0, ("127.0.0.1", 0), rest=TINY, sink=TINY, timeout=timeout).start()
+    s1 = ShareServer(weights, 1, s0.peer_address, rest=TINY, sink=TINY, timeout=timeout).start()
+    return s0, s1
+
+
+@pytest.fixture(scope="module")
+def servers(weights: BodyWeights):
+    s0, s1 = start_pair(weights)
+    yield s0, s1
+    s0.close()
+    s1.close()
+
+
+def link_to(servers: tuple[ShareServer, ShareServer]) -> SecretSharedLink:
+    return SecretSharedLink([servers[0].url, servers[1].url], timeout=TIMEOUT)
+
+
+def test_the_networked_body_equals_the_hf_body_and_counts_its_bytes(split, servers) -> None:
+    """Prefill and decode steps through both servers stay within BOUND of the HF body's own output; the device
+    sends each server one share (T x D int64 after a 20-byte header) per forward, and only server 1 asks the
+    dealer: one correction per item it takes, none for server 0."""
+    assert split.body is not None
+    cache = split.body.new_cache()
+    link = link_to(servers)
+    position = 0
+    try:
+        for hidden in steps_inputs(split):
+            with torch.no_grad():
+                expected = split.body(hidden, cache)
+            before, requests = link.traffic.up_payload_bytes, link.requests
+            out = link.forward(hidden, position)
+            assert out.dtype == hidden.dtype and out.shape == hidden.shape
+            assert (out - expected).abs().max().item() < BOUND
+            rows = hidden.shape[1]
+            assert link.traffic.up_payload_bytes - before == 2 * rows * split.hidden_size * 8
+            assert link.requests > requests  # the dealer served server 1 during this forward
+            position += rows
+        last = link.forward(hidden, position - 1, last=True)  # a rollback of one row, the last row only
+        assert last.shape == (1, 1, split.hidden_size)
+    finally:
+        link.close()
+    assert link.dealt > 0 and link.traffic.messages == len(steps_inputs(split)) + 1
+
+
+def test_greedy_tokens_through_the_servers_equal_the_plain_split(split, servers) -> None:
+    plain = generate(split, "a b c d", max_new_tokens=6)
+    link = link_to(servers)
+    try:
+        shared = generate(split, "a b c d", max_new_tokens=6, link=link)
+    finally:
+        link.close()
+    assert shared.token_ids == plain.token_ids and len(plain.token_ids) == 6
+
+
+def raw_session(servers, session: bytes, party_sessions: tuple[bytes, bytes] | None = None):
+    """Open a session by hand (the device's first message), to send what a correct device never would."""
+    sessions = party_sessions or (session, session)
+    links = [connect(s.url, open_timeout=TIMEOUT).__enter__() for s in servers]
+    for party, ws in enumerate(links):
+        ws.send(json.dumps({"type": "open", "session": sessions[party].hex(), "party": party, "key": "00" * 16}))
+    return links
+
+
+def error_of(ws) -> dict:
+    """The next error message on ``ws`` (skipping a dealer request), within the test's timeout."""
+    deadline = time.monotonic() + 3 * TIMEOUT
+    while time.monotonic() < deadline:
+        data = ws.recv(timeout=3 * TIMEOUT)
+        if isinstance(data, str) and json.loads(data)["type"] == "error":
+            return json.loads(data)
+    raise AssertionError("no error message")
+
+
+def test_a_share_of_the_wrong_size_ends_that_session_on_both_servers_only(split, servers) -> None:
+    healthy = link_to(servers)
+    try:
+        hidden = steps_inputs(split)[0]
+        healthy.forward(hidden, 0)
+        links = raw_session(servers, b"w" * 16)
+        for ws in links:
+            assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
+        good = M.FORWARD.pack(M.FORWARD_MAGIC, 0, 0, 2, split.hidden_size) + bytes(2 * split.hidden_size * 8)
+        bad = M.FORWARD.pack(M.FORWARD_MAGIC, 0, 0, 2, split.hidden_size) + bytes(2 * split.hidden_size * 8 - 8)
+        links[0].send(bad)
+        links[1].send(good)
+        error0, error1 = error_of(links[0]), error_of(links[1])
+        assert error0["code"] == "bad_share" and "bytes" in error0["message"]
+        assert error1["code"] == "peer_gone"  # its peer ended the session: it says so, it does not wait
+        for ws in links:
+            ws.close()
+        out = healthy.forward(hidden[:, :1], hidden.shape[1])  # the other session goes on
+        assert out.shape == (1, 1, split.hidden_size)
+    finally:
+        healthy.close()
+
+
+def test_sessions_that_do_not_match_fail_on_both_servers(split, servers) -> None:
+    """The device opened one session on server 0 and another on server 1: server 1 is refused by its peer and
+    server 0 waits for a peer that never comes, each with an error naming the session, within the timeout."""
+    start = time.monotonic()
+    links = raw_session(servers, b"", party_sessions=(b"a" * 16, b"b" * 16))
+    error0, error1 = error_of(links[0]), error_of(links[1])
+    assert error1["code"] == "session_mismatch" and (b"b" * 16).hex() in error1["message"]
+    assert error0["code"] == "peer_timeout" and (b"a" * 16).hex() in error0["message"]
+    assert time.monotonic() - start < 4 * TIMEOUT
+    for ws in links:
+        ws.close()
+
+
+def test_a_peer_that_disappears_is_a_clear_error_for_the_device(split, weights) -> None:
+    s0, s1 = start_pair(weights)
+    link = SecretSharedLink([s0.url, s1.url], timeout=TIMEOUT)
+    try:
+        hidden = steps_inputs(split)[0]
+        link.forward(hidden, 0)
+        s1.close()  # server 1 goes away: its device link and its peer link close
+        start = time.monotonic()
+        with pytest.raises((RemoteError, WireError)) as caught:
+            link.forward(hidden[:, :1], hidden.shape[1])
+        assert time.monotonic() - start < 3 * TIMEOUT
+        assert "share server" in str(caught.value)
+    finally:
+        link.close()
+        s0.close()
+        s1.close()
+
+
+def test_the_device_refuses_bad_addresses_and_mismatched_servers(split, servers, weights) -> None:
+    with pytest.raises(ConfigError, match="two share servers"):
+        SecretSharedLink([servers[0].url])
+    with pytest.raises(ConfigError, match="ws:// beyond loopback"):
+        SecretSharedLink(["ws://192.0.2.1:1", "ws://192.0.2.2:1"])
+    with pytest.raises(RemoteError, match="share server 0") as caught:
+        SecretSharedLink([servers[1].url, servers[0].url], timeout=TIMEOUT)  # the parties swapped
+    assert caught.value.code == "wrong_party"
