@@ -58,6 +58,8 @@ class SecretSharedLink:
         self.randomness = Prg(new_key())
         self.traffic = Traffic()
         self.dealt = self.requests = 0
+        self.peer_rounds = [0, 0]  # rounds each server reports having run with its peer
+        self.peer_bytes = [0, 0]  # bytes each server reports having sent its peer
         self.step = 0
         self.links: list[ClientConnection] = []
         self._stack = contextlib.ExitStack()  # websockets wants its connections entered as context managers
@@ -181,9 +183,11 @@ class SecretSharedLink:
     def _output(self, party: int, data: str | bytes) -> torch.Tensor:
         if isinstance(data, str):
             raise WireError(f"share server {party} sent {data[:200]!r} where its output was due", code="bad_frame")
-        step, rows, width = M.header(data, M.OUTPUT, M.OUTPUT_MAGIC, "output")
+        step, rows, width, rounds, sent = M.header(data, M.OUTPUT, M.OUTPUT_MAGIC, "output")
         if step != self.step or width != self.hidden_size:
             raise WireError(f"share server {party} sent output for step {step} ({rows} x {width})", code="out_of_step")
+        self.peer_rounds[party] += rounds
+        self.peer_bytes[party] += sent
         return M.tensor_of(memoryview(data)[M.OUTPUT.size :], (1, rows, width), f"share server {party}'s output")
 
     def _both_errors(self, first: WireError) -> WireError:

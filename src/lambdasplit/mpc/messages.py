@@ -8,7 +8,8 @@ Control messages are JSON text; tensors travel in binary messages, one fixed str
     device -> server   FORWARD    "LSFW" | step u32 | position u32 | rows u32 | width u32 | share (rows x width)
     server1 -> device  REQUEST    "LSRQ" | seq u32 | kind u8 | rank_a u8 | rank_b u8 | dims u32 ...
     device -> server1  CORRECTION "LSCR" | seq u32 | tensor (the shape the request implies)
-    server -> device   OUTPUT     "LSOU" | step u32 | rows u32 | width u32 | share of the body's output
+    server -> device   OUTPUT     "LSOU" | step u32 | rows u32 | width u32 | rounds u32 | peer bytes u64 | share
+                                  (rounds with the peer and bytes sent to it in this forward: for the cost report)
     either way         {"type": "error", "code": ..., "message": ...}  (then the session ends)
 
 ``key`` seeds the party's stream of correlated randomness (``dealing``): it must reach only that server, so a
@@ -27,7 +28,7 @@ from lambdasplit.errors import WireError
 FORWARD = struct.Struct("<4sIIII")
 REQUEST = struct.Struct("<4sIBBB")
 CORRECTION = struct.Struct("<4sI")
-OUTPUT = struct.Struct("<4sIII")
+OUTPUT = struct.Struct("<4sIIIIQ")
 FORWARD_MAGIC, REQUEST_MAGIC, CORRECTION_MAGIC, OUTPUT_MAGIC = b"LSFW", b"LSRQ", b"LSCR", b"LSOU"
 REQUEST_KINDS = ("mul", "matmul", "and", "bit")
 

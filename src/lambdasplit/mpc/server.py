@@ -182,17 +182,18 @@ class ShareServer:
             channel = self._peer(session)
             feed = _DeviceFeed(ws, self.timeout) if self.party == 1 else None
             source = SeededSource(key) if feed is None else CorrectedSource(key, feed)
-            body = SharedBody(
-                self.weights,
-                SharedOps(Party(self.party, self.ring, channel, source), self.rest, self.sink, self.encoded),
-            )
+            party = Party(self.party, self.ring, channel, source)
+            body = SharedBody(self.weights, SharedOps(party, self.rest, self.sink, self.encoded))
             ws.send(json.dumps(self._ready()))
-            self._serve(ws, body, channel, session)
+            self._serve(ws, body, party, channel, session)
         except ConnectionClosed:
             log.info("share %d: the device left", self.party)
         except LambdaSplitError as e:
             log.warning("share %d: session ended: %s", self.party, e)
             _send_error(ws, e)
+        except Exception as e:  # a bug: the device still gets an answer, and the peer sees the link close
+            log.exception("share %d: session failed", self.party)
+            _send_error(ws, WireError(f"share server {self.party} failed: {type(e).__name__}: {e}", code="internal"))
         finally:
             if channel is not None:
                 channel.close()
@@ -235,7 +236,9 @@ class ShareServer:
             "fingerprint": self.fingerprint.hex(),
         }
 
-    def _serve(self, ws: ServerConnection, body: SharedBody, channel: PeerChannel, session: bytes) -> None:
+    def _serve(
+        self, ws: ServerConnection, body: SharedBody, party: Party, channel: PeerChannel, session: bytes
+    ) -> None:
         for step, data in enumerate(ws):
             if isinstance(data, str):
                 kind = _control(data)
@@ -253,10 +256,11 @@ class ShareServer:
                 raise WireError(f"context {position + rows} exceeds {MAX_CONTEXT} on shares", code="context_full")
             share = M.tensor_of(memoryview(data)[M.FORWARD.size :], (1, rows, width), "forward share")
             channel.begin(step)
-            start = time.perf_counter()
+            start, before = time.perf_counter(), party.counter.snapshot()
             out = body.forward(share, position, session.hex())
+            cost = party.counter.since(before)
             log.debug("share %d: step %d, %d rows in %.2f s", self.party, step, rows, time.perf_counter() - start)
-            ws.send(M.OUTPUT.pack(M.OUTPUT_MAGIC, step, rows, width) + M.words(out))
+            ws.send(M.OUTPUT.pack(M.OUTPUT_MAGIC, step, rows, width, cost.rounds, cost.sent) + M.words(out))
 
 
 def _control(data: str) -> str:
