@@ -11,7 +11,8 @@ agree and where they first differ. Along the shared run the plain body runs on t
 own error (max |shared - plain| of its output, at position 0 and elsewhere) is measured without the drift of
 diverging texts. Perplexity: one window of ``--ppl-tokens`` tokens of held-out public text
 (``audit.corpus.token_stream``), prefilled through both. Cost per decode step (party 0's counter; party 1's is
-the same by symmetry): seconds, rounds, bytes sent to the peer, bytes dealt by the device to each party.
+the same by symmetry): seconds, rounds, bytes sent to the peer, bytes the device deals party 1 (party 0 draws its own),
+forwards redone because their output showed a truncation wrap.
 Prints progress, a table, and JSON with ``--json``.
 """
 
@@ -144,6 +145,7 @@ def main() -> None:
                   f"({100 * ppl['change']:+.3f}%), prefill {ppl['prefill_seconds']:.1f} s", flush=True)  # fmt: skip
         for i, ids in enumerate(prompt_ids(split, args.prompts)):
             plain = plain_greedy(split, ids, args.new_tokens)
+            retries = shared.retries
             run = shared_greedy(split, shared, ids, args.new_tokens, f"prompt-{i}")
             same = sum(a == b for a, b in zip(plain, run["tokens"], strict=True))
             first = next((j for j, (a, b) in enumerate(zip(plain, run["tokens"], strict=True)) if a != b), None)
@@ -153,6 +155,7 @@ def main() -> None:
                 "prompt_tokens": ids.shape[1],
                 "agree": same / len(plain),
                 "first_difference": first,
+                "retries": shared.retries - retries,  # forwards redone for a truncation wrap (body.computed_again)
                 "err_pos0": run["err_pos0"],
                 "err_rest": run["err_rest"],
                 "max_abs_rest": run["max_abs_rest"],
@@ -166,18 +169,18 @@ def main() -> None:
             rows.append(row)
             per = row["decode_per_token"] or {}
             print(f"prompt {i}: {ids.shape[1]} tokens, agree {100 * row['agree']:.1f}% (first difference at "
-                  f"{first}), body err pos0 {run['err_pos0']:.3g} rest {run['err_rest']:.3g}, "
+                  f"{first}), body err pos0 {run['err_pos0']:.3g} rest {run['err_rest']:.3g}, retries {row['retries']}, "
                   f"{per.get('seconds', math.nan):.2f} s/token", flush=True)  # fmt: skip
 
     table = Table(title=f"SmolLM2 body {args.layers} on shares: {len(rows)} prompts x {args.new_tokens} new tokens")
-    for col in ("prompt", "agree", "1st diff", "err pos 0", "err pos>0", "s/token", "rounds", "sent B", "dealt B"):
+    for col in ("prompt", "agree", "1st diff", "err pos 0", "err pos>0", "s/token", "rounds", "sent B", "dealt B", "retries"):
         table.add_column(col, justify="right")
     for r in rows:
         per = r["decode_per_token"] or {}
         table.add_row(
             str(r["prompt"]), f"{100 * r['agree']:.1f}%", str(r["first_difference"]), f"{r['err_pos0']:.3g}",
             f"{r['err_rest']:.3g}", f"{per.get('seconds', math.nan):.2f}", f"{per.get('rounds', 0):.0f}",
-            f"{per.get('sent0', 0):,.0f}", f"{per.get('dealt0', 0):,.0f}",
+            f"{per.get('sent0', 0):,.0f}", f"{per.get('dealt1', 0):,.0f}", str(r["retries"]),
         )  # fmt: skip
     Console(width=140).print(table)
     agree = sum(r["agree"] for r in rows) / max(len(rows), 1)

@@ -133,3 +133,21 @@ def test_unsupported_layers_are_refused(tiny_checkpoint) -> None:
     assert split.body is not None and split.body.model is not None
     with pytest.raises(ConfigError, match="Qwen3DecoderLayer"):
         BodyWeights.from_hf(split.body.model)
+
+
+def test_an_output_showing_a_truncation_wrap_is_computed_again() -> None:
+    from lambdasplit.mpc.body import PLAUSIBLE_OUTPUT, computed_again
+
+    good, wrapped = torch.ones(1, 2, 4), torch.ones(1, 2, 4)
+    wrapped[0, 1, 2] = 2.0**32  # what a wrapped truncation leaves: off by 2^(64 - 2f) at f = 16
+    outputs = iter([wrapped, good])
+    out, redone = computed_again(lambda: next(outputs))
+    assert out is good and redone == 1
+    assert computed_again(lambda: good) == (good, 0)
+    with pytest.raises(SessionError, match="out of range") as caught:
+        computed_again(lambda: torch.full((1, 1, 4), PLAUSIBLE_OUTPUT), retries=2)
+    assert caught.value.code == "implausible_output"
+    nan = torch.ones(1, 1, 4)
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(SessionError):
+        computed_again(lambda: nan, retries=0)

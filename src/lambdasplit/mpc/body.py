@@ -16,6 +16,7 @@ queues; the network comes later) for tests and benchmarks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,30 @@ from lambdasplit.mpc.shares import reconstruct as reconstruct_ring
 from lambdasplit.mpc.shares import share as share_ring
 
 MAX_CONTEXT = 500  # softmax's reciprocal converges for row sums in [0.5, 500]: a row sums to at most S
+#: The body's output is the residual stream: at most 2.5e4 on SmolLM2 (the sink, position 0; ~600 elsewhere). A
+#: 2-party truncation that wraps (probability ~ m 2^-32 per product of magnitude m, ``shares.truncate``) is off
+#: by 2^(64 - 2f) = 2^32 before the layers amplify it: an output beyond this bound is one, and is computed again.
+PLAUSIBLE_OUTPUT = 2.0**20
+RETRIES = 3
+
+
+def plausible(out: torch.Tensor, bound: float = PLAUSIBLE_OUTPUT) -> bool:
+    """Whether a reconstructed body output is free of a truncation wrap: finite and within ``bound``."""
+    return bool(torch.isfinite(out).all()) and float(out.abs().max()) < bound
+
+
+def computed_again(forward: Callable[[], torch.Tensor], retries: int = RETRIES) -> tuple[torch.Tensor, int]:
+    """``forward()`` (a whole forward at one position: the parties roll their caches back to it) until its
+    output is ``plausible``; (the output, how many were redone). Fresh randomness each time, so a wrap recurs
+    with the same small probability; ``SessionError`` after ``retries`` redone in a row."""
+    for attempt in range(retries + 1):
+        out = forward()
+        if plausible(out):
+            return out, attempt
+    raise SessionError(
+        f"the body's output stayed out of range after {retries} retries (max |x| {float(out.abs().max()):.3g})",
+        "implausible_output",
+    )
 
 
 @dataclass(frozen=True)
@@ -134,12 +159,20 @@ class TwoPartyBody:
         self.parties = (Party(0, self.ring, c0, source0), Party(1, self.ring, c1, source1))
         self.bodies = tuple(SharedBody(weights, SharedOps(p, rest, sink)) for p in self.parties)
         self.timeout = timeout
+        self.retries = 0
 
     @property
     def counters(self) -> tuple[Counter, Counter]:
         return self.parties[0].counter, self.parties[1].counter
 
     def forward(self, hidden: torch.Tensor, position: int, session: str = "default") -> torch.Tensor:
+        """The body's output (float32); a forward whose output shows a truncation wrap is computed again
+        (``computed_again``; counted in ``retries``)."""
+        out, redone = computed_again(lambda: self._forward(hidden, position, session))
+        self.retries += redone
+        return out
+
+    def _forward(self, hidden: torch.Tensor, position: int, session: str) -> torch.Tensor:
         s0, s1 = share(hidden, self.ring, self.randomness)
         b0, b1 = self.bodies
         out0, out1 = run_pair(

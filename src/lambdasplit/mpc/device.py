@@ -29,7 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.mpc import messages as M
-from lambdasplit.mpc.body import reconstruct, share
+from lambdasplit.mpc.body import computed_again, reconstruct, share
 from lambdasplit.mpc.dealing import TrustedDealer, new_key, serve_request
 from lambdasplit.mpc.peer import SESSION_BYTES
 from lambdasplit.mpc.ring import Prg, Ring
@@ -57,7 +57,7 @@ class SecretSharedLink:
         self.dealer = TrustedDealer(*keys)
         self.randomness = Prg(new_key())
         self.traffic = Traffic()
-        self.dealt = self.requests = 0
+        self.dealt = self.requests = self.retries = 0
         self.peer_rounds = [0, 0]  # rounds each server reports having run with its peer
         self.peer_bytes = [0, 0]  # bytes each server reports having sent its peer
         self.step = 0
@@ -125,10 +125,19 @@ class SecretSharedLink:
         return dict(message)
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        """The body's output for ``hidden`` at ``position``; a forward whose output shows a truncation wrap is
+        sent again at the same position (the servers roll back; ``body.computed_again``, counted in
+        ``retries``)."""
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
             raise ConfigError(f"hidden must be (1, T, {self.hidden_size}), got {tuple(hidden.shape)}")
         if reset and position != 0:
             raise ConfigError("reset drops the cache: it starts at position 0")
+        out, redone = computed_again(lambda: self._forward(hidden, position))
+        self.retries += redone
+        out = out.to(hidden.device, hidden.dtype)
+        return out[:, -1:] if last else out
+
+    def _forward(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         start = time.perf_counter()
         rows = hidden.shape[1]
         shares = share(hidden.detach().to("cpu", torch.float64), self.ring, self.randomness)
@@ -143,7 +152,6 @@ class SecretSharedLink:
         except WireError as e:
             raise self._both_errors(e) from None
         self.step += 1
-        out = reconstruct(out0, out1, self.ring).to(hidden.device, hidden.dtype)
         down = 2 * (M.OUTPUT.size + out0.numel() * 8)
         self.traffic.add(
             up + dealer_down,
@@ -152,7 +160,7 @@ class SecretSharedLink:
             down_payload=2 * out0.numel() * 8,
             seconds=time.perf_counter() - start,
         )
-        return out[:, -1:] if last else out
+        return reconstruct(out0, out1, self.ring)
 
     def _send(self, party: int, data: bytes) -> None:
         try:

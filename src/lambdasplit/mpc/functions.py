@@ -159,7 +159,7 @@ def softmax(
     are set to ``-MASKED`` before the maximum (so they never win it) and their exponentials to exactly 0
     (a share times the public integer 0) before the sum; their output is exactly 0. A row needs one kept entry.
     """
-    keep = None if mask is None else mask.expand_as(x).to(torch.int64)
+    keep = None if mask is None else mask.to(x.device).expand_as(x).to(torch.int64)
     if keep is not None:
         x = add_public(party, x * keep, (1 - keep) * party.ring.encode(-MASKED))
     if shift is None:

@@ -169,7 +169,8 @@ def join(address: tuple[str, int], session: bytes, fingerprint: bytes, timeout: 
         ) from None
     _tune(sock)
     sock.sendall(HELLO.pack(HELLO_MAGIC, session, fingerprint))
-    answer = _read_exactly(sock, 1, time.monotonic() + timeout, "answer to joining the session")
+    # party 0 answers when the device opens the session there, or refuses after its own timeout: wait longer
+    answer = _read_exactly(sock, 1, time.monotonic() + 2 * timeout, "answer to joining the session")
     if answer != b"\x01":
         sock.close()
         raise WireError(

@@ -120,7 +120,6 @@ class ShareServer:
         self.fingerprint = fingerprint(weights, self.ring)
         self.encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sessions = threading.BoundedSemaphore(max_sessions)
-        self.active = 0
         self.listener = PeerListener(peer[0], peer[1], self.fingerprint, timeout) if party == 0 else None
         self.server: Server = serve(
             self._session, host, port, max_size=MAX_MESSAGE, compression=None, open_timeout=timeout, ssl=ssl
@@ -176,7 +175,6 @@ class ShareServer:
             _send_error(ws, WireError("this share server is at its session limit; try again later", code="busy"))
             return
         channel: PeerChannel | None = None
-        self.active += 1
         try:
             session, key = self._open(ws)
             channel = self._peer(session)
@@ -197,7 +195,6 @@ class ShareServer:
         finally:
             if channel is not None:
                 channel.close()
-            self.active -= 1
             self.sessions.release()
 
     def _open(self, ws: ServerConnection) -> tuple[bytes, bytes]:

@@ -34,9 +34,15 @@ def open_shared(party: Party, s: torch.Tensor) -> torch.Tensor:
     return s + party.exchange(s)
 
 
+def public(c: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor | int:
+    """A public operand on the share's device (CUDA, or meta in the dealer's dry run); ints stay ints."""
+    return c.to(like.device) if isinstance(c, torch.Tensor) and c.device != like.device else c
+
+
 def add_public(party: Party, s: torch.Tensor, c: torch.Tensor | int) -> torch.Tensor:
     """Share of ``x + c`` for an encoded public ``c`` (broadcastable): only party 0 adds it."""
-    return s + c if party.index == 0 else s + torch.zeros_like(torch.as_tensor(c))
+    c = public(c, s)
+    return s + c if party.index == 0 else s + torch.zeros_like(torch.as_tensor(c, device=s.device))
 
 
 def truncate(party: Party, s: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
@@ -52,12 +58,13 @@ def truncate(party: Party, s: torch.Tensor, bits: int | torch.Tensor) -> torch.T
     """
     if isinstance(bits, int) and bits == 0:
         return s
+    bits = public(bits, s)
     return s >> bits if party.index == 0 else -((-s) >> bits)
 
 
 def mul_public(party: Party, s: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
     """Share of ``x * c`` for a real public ``c`` (broadcastable): encode, multiply, truncate. No round."""
-    return truncate(party, s * party.ring.encode(c), party.ring.frac_bits)
+    return truncate(party, s * public(party.ring.encode(c), s), party.ring.frac_bits)
 
 
 def linear(party: Party, s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +89,9 @@ def public_matmul(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     2^32 / K (|w| < 42 for K = 1536 at f = 16). The limbs recombine with int64 wrap-around, so the result is
     bit for bit the int64 matmul's; larger weights take the int64 path.
     """
-    if w.numel() == 0 or w.shape[0] * int(w.abs().max().item()) > 2 ** (53 - _LIMB):
+    w = public(w, s)
+    assert isinstance(w, torch.Tensor)
+    if s.is_meta or w.numel() == 0 or w.shape[0] * int(w.abs().max().item()) > 2 ** (53 - _LIMB):
         return s @ w
     mask = (1 << _LIMB) - 1
     wf = w.to(torch.float64)
