@@ -182,7 +182,7 @@ def generate(
     result = run.result
     assert result is not None
     mode = "unsplit" if unsplit else ("split-no-cache" if no_cache else "split")
-    if secret_shared:
+    if secret_shared and link is not None:
         mode = "secret-shared"
         link.close()
     if client is not None:

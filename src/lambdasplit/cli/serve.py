@@ -237,7 +237,7 @@ def _serve_share(
     _say_how_devices_connect(settings)
     with _err.status(f"loading the body of {model} (layers {layers}) for computing on shares"):
         split = load_split(model, layers, parts=["body"], device="cpu", dtype="float32")
-        assert split.body is not None
+        assert split.body is not None and split.body.model is not None
         weights = BodyWeights.from_hf(split.body.model)
     context = None
     if settings.tls_cert is not None:

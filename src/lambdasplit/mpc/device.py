@@ -79,9 +79,9 @@ class SecretSharedLink:
         if ready[0]["fingerprint"] != ready[1]["fingerprint"]:
             self.close()
             raise ConfigError("the two share servers run different bodies (their fingerprints differ)")
-        self.ring = Ring(int(ready[0]["frac_bits"]))
-        self.hidden_size, self.max_context = int(ready[0]["hidden_size"]), int(ready[0]["max_context"])
-        self.layers = int(ready[0]["layers"])
+        numbers = {k: int(v) for k, v in ready[0].items() if isinstance(v, int)}
+        self.ring = Ring(numbers["frac_bits"])
+        self.hidden_size, self.max_context, self.layers = (numbers[k] for k in ("hidden_size", "max_context", "layers"))
 
     def _connect(self, url: str) -> ClientConnection:
         parsed = urlsplit(url)

@@ -203,10 +203,10 @@ class ShareServer:
         except TimeoutError:
             raise WireError(f"the device sent no open message within {self.timeout:.0f} s", code="timeout") from None
         try:
-            opened = json.loads(raw) if isinstance(raw, str) else None
+            opened = json.loads(raw) if isinstance(raw, str) else {}
             session, key = bytes.fromhex(opened["session"]), bytes.fromhex(opened["key"])
             party = opened["party"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise WireError("the first message must be {type: open, session, party, key}", code="bad_frame") from None
         if opened.get("type") != "open" or len(session) != SESSION_BYTES or len(key) != KEY_BYTES:
             raise WireError(f"open needs a {SESSION_BYTES}-byte session and a {KEY_BYTES}-byte key", code="bad_frame")
