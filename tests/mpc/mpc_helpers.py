@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from lambdasplit.mpc.dealing import seeded_sources
-from lambdasplit.mpc.party import Counter, Party, local_channels, run_pair
+from lambdasplit.mpc.party import Channel, Counter, Party, local_channels, run_pair
 from lambdasplit.mpc.ring import Ring
 from lambdasplit.mpc.shares import reconstruct, share
 
@@ -41,3 +41,15 @@ def compute(
     pairs = [share(p0.ring.encode(x), gen) for x in inputs]
     out0, out1 = run_pair(lambda: program(p0, *(s for s, _ in pairs)), lambda: program(p1, *(s for _, s in pairs)))
     return p0.ring.decode(reconstruct(out0, out1), torch.float64), p1.counter
+
+
+class Recording:
+    """A channel that keeps everything its party receives from the peer (``received``)."""
+
+    def __init__(self, inner: Channel) -> None:
+        self.inner, self.received = inner, []
+
+    def exchange(self, tensor: torch.Tensor) -> torch.Tensor:
+        peer = self.inner.exchange(tensor)
+        self.received.append(peer.clone())
+        return peer

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mpc_helpers import compute, compute_ring
+from mpc_helpers import Recording, compute, compute_ring
 from scipy import stats
 
 from lambdasplit.mpc import compare as C
@@ -122,18 +122,6 @@ def test_silu_and_sigmoid_over_the_whole_gate_range():
     assert counter.rounds == 8 + 1 + F.EXP_ITERATIONS + 2 * F.SIGMOID_ITERATIONS + 1
     out, _ = compute(F.sigmoid, x)
     assert (out - torch.sigmoid(x)).abs().max().item() < 2e-3
-
-
-class Recording:
-    """A channel that keeps everything its party receives."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.received = inner, []
-
-    def exchange(self, tensor):
-        peer = self.inner.exchange(tensor)
-        self.received.append(peer.clone())
-        return peer
 
 
 class RecordingFeed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mpc_helpers import Recording
 from scipy import stats
 from test_body import TINY
 
@@ -31,16 +32,6 @@ RING = Ring()
 def split(tiny_checkpoint) -> SplitModel:
     path, _ = tiny_checkpoint("llama")
     return load_split(path, (1, 4), device="cpu", dtype="float32", quiet=True)
-
-
-class Recording:
-    def __init__(self, inner) -> None:
-        self.inner, self.seen = inner, []
-
-    def exchange(self, tensor):
-        peer = self.inner.exchange(tensor)
-        self.seen.append(peer.clone())
-        return peer
 
 
 class RecordingFeed(LocalFeed):
@@ -68,7 +59,7 @@ def server_view(split: SplitModel, ids: list[int], seed: int) -> tuple[torch.Ten
     body1 = SharedBody(weights, SharedOps(Party(1, RING, channel, CorrectedSource(keys[2], feed)), TINY, TINY))
     s0, s1 = share(hidden.double(), RING, Prg(keys[0]))
     run_pair(lambda: body0.forward(s0, 0), lambda: body1.forward(s1, 0), timeout=120)
-    return s1, channel.seen + feed.seen
+    return s1, channel.received + feed.seen
 
 
 def test_the_audits_attacks_read_the_plain_states_but_not_a_share(split) -> None:
