@@ -30,7 +30,7 @@ from websockets.sync.client import ClientConnection, connect
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.mpc import messages as M
 from lambdasplit.mpc.body import computed_again, reconstruct, share
-from lambdasplit.mpc.dealing import TrustedDealer, new_key, serve_request
+from lambdasplit.mpc.dealing import TrustedDealer, new_key
 from lambdasplit.mpc.peer import SESSION_BYTES
 from lambdasplit.mpc.ring import Prg, Ring
 from lambdasplit.mpc.server import MAX_MESSAGE
@@ -58,6 +58,9 @@ class SecretSharedLink:
         self.randomness = Prg(new_key())
         self.traffic = Traffic()
         self.dealt = self.requests = self.retries = 0
+        self.pool_dealt = dict.fromkeys(M.POOL_KINDS, 0)  # elementwise corrections sent ahead, per kind
+        self.pool_used = dict.fromkeys(M.POOL_KINDS, 0)  # ... and used, as server 1 reports them
+        self.usage: dict[int, dict[str, int]] = {}  # rows of a forward -> what the last one of as many rows used
         self.peer_rounds = [0, 0]  # rounds each server reports having run with its peer
         self.peer_bytes = [0, 0]  # bytes each server reports having sent its peer
         self.step = 0
@@ -146,6 +149,7 @@ class SecretSharedLink:
             frame = M.FORWARD.pack(M.FORWARD_MAGIC, self.step, position, rows, self.hidden_size) + M.words(s)
             self._send(party, frame)
             up += len(frame)
+        up += self._deal_ahead(rows)
         try:
             out1, dealer_up, dealer_down = self._deal_until_output()
             out0 = self._output(0, self._receive(0, "output"))
@@ -168,8 +172,28 @@ class SecretSharedLink:
         except ConnectionClosed:
             raise WireError(f"share server {party} closed the session", code="peer_gone") from None
 
+    def _deal_ahead(self, rows: int) -> int:
+        """Send server 1 the pooled corrections a forward of ``rows`` rows will use (the last such forward's use,
+        5% more, less what it holds already); bytes sent. A first forward of its size is dealt on request."""
+        sent = 0
+        for kind, used in self.usage.get(rows, {}).items():
+            surplus = self.pool_dealt[kind] - self.pool_used[kind]
+            sent += self._deal_pool(kind, int(used * 1.05) + 4096 - surplus)
+        return sent
+
+    def _deal_pool(self, kind: str, n: int) -> int:
+        if n <= 0:
+            return 0
+        sent = 0
+        for message in M.pool_messages(kind, self.dealer.pooled(kind, n)):
+            self._send(1, message)
+            sent += len(message)
+        self.pool_dealt[kind] += n
+        self.dealt += 8 * n
+        return sent
+
     def _deal_until_output(self) -> tuple[torch.Tensor, int, int]:
-        """Answer share server 1's requests until its output arrives: (its output share, request bytes, correction
+        """Answer share server 1's requests until its output arrives: (its output share, request bytes, dealt
         bytes)."""
         up = down = 0
         while True:
@@ -181,21 +205,29 @@ class SecretSharedLink:
                 raise WireError(
                     f"share server 1 sent request {seq}, the device expected {self.requests}", code="out_of_step"
                 )
-            correction = M.words(serve_request(self.dealer, kind, shape_a, shape_b))
+            self.requests += 1
+            up += len(data)
+            if kind in M.POOL_KINDS:  # a pool ran short: top it up, with room to spare
+                down += self._deal_pool(kind, max(shape_a[0] if shape_a else 0, M.POOL_CHUNK))
+                continue
+            correction = M.words(self.dealer.correction(kind, shape_a, shape_b))
             frame = M.CORRECTION.pack(M.CORRECTION_MAGIC, seq) + correction
             self._send(1, frame)
-            self.requests += 1
             self.dealt += len(correction)
-            up, down = up + len(data), down + len(frame)
+            down += len(frame)
 
     def _output(self, party: int, data: str | bytes) -> torch.Tensor:
         if isinstance(data, str):
             raise WireError(f"share server {party} sent {data[:200]!r} where its output was due", code="bad_frame")
-        step, rows, width, rounds, sent = M.header(data, M.OUTPUT, M.OUTPUT_MAGIC, "output")
+        step, rows, width, rounds, sent, *used = M.header(data, M.OUTPUT, M.OUTPUT_MAGIC, "output")
         if step != self.step or width != self.hidden_size:
             raise WireError(f"share server {party} sent output for step {step} ({rows} x {width})", code="out_of_step")
         self.peer_rounds[party] += rounds
         self.peer_bytes[party] += sent
+        if party == 1:
+            for kind, n in zip(M.POOL_KINDS, used, strict=True):
+                self.pool_used[kind] += n
+            self.usage[rows] = dict(zip(M.POOL_KINDS, used, strict=True))
         return M.tensor_of(memoryview(data)[M.OUTPUT.size :], (1, rows, width), f"share server {party}'s output")
 
     def _both_errors(self, first: WireError) -> WireError:

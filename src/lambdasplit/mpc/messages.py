@@ -6,15 +6,21 @@ Control messages are JSON text; tensors travel in binary messages, one fixed str
     device -> server   {"type": "open", "session": hex(16 B), "party": 0|1, "key": hex(16 B), "fingerprint": hex}
     server -> device   {"type": "ready", "party", "layers", "hidden_size", "frac_bits", "max_context", "fingerprint"}
     device -> server   FORWARD    "LSFW" | step u32 | position u32 | rows u32 | width u32 | share (rows x width)
+    device -> server1  POOL       "LSPL" | kind u32 | n u32 | n corrections of kind mul, and or bit, in stream order
     server1 -> device  REQUEST    "LSRQ" | seq u32 | kind u8 | rank_a u8 | rank_b u8 | dims u32 ...
-    device -> server1  CORRECTION "LSCR" | seq u32 | tensor (the shape the request implies)
-    server -> device   OUTPUT     "LSOU" | step u32 | rows u32 | width u32 | rounds u32 | peer bytes u64 | share
-                                  (rounds with the peer and bytes sent to it in this forward: for the cost report)
+                                  (matmul: one triple of those shapes; mul/and/bit: a pool short by dims[0])
+    device -> server1  CORRECTION "LSCR" | seq u32 | tensor (a matmul request's c1)
+    server -> device   OUTPUT     "LSOU" | step u32 | rows u32 | width u32 | rounds u32 | peer bytes u64 |
+                                  used mul u64 | used and u64 | used bit u64 | share
+                                  (rounds with the peer and bytes sent to it in this forward, for the cost report;
+                                  pooled corrections used, for the device's next deal ahead: server 1 only)
     either way         {"type": "error", "code": ..., "message": ...}  (then the session ends)
 
 ``key`` seeds the party's stream of correlated randomness (``dealing``): it must reach only that server, so a
 deployment runs these links over wss:// (TLS); ``open`` is the session's only secret. Party 1 sends one REQUEST
-per item it takes from the dealer and reads the CORRECTIONs in order; party 0 never asks.
+per matrix-product triple and reads the CORRECTIONs in order; the elementwise kinds come as POOLs the device
+sends ahead (right after FORWARD, sized by what the last forward of as many rows used), and party 1 asks only
+when a pool runs short. Party 0 never hears from the dealer.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from lambdasplit.errors import WireError
 FORWARD = struct.Struct("<4sIIII")
 REQUEST = struct.Struct("<4sIBBB")
 CORRECTION = struct.Struct("<4sI")
-OUTPUT = struct.Struct("<4sIIIIQ")
-FORWARD_MAGIC, REQUEST_MAGIC, CORRECTION_MAGIC, OUTPUT_MAGIC = b"LSFW", b"LSRQ", b"LSCR", b"LSOU"
+OUTPUT = struct.Struct("<4sIIIIQQQQ")
+POOL = struct.Struct("<4sII")
+FORWARD_MAGIC, REQUEST_MAGIC, CORRECTION_MAGIC, OUTPUT_MAGIC, POOL_MAGIC = b"LSFW", b"LSRQ", b"LSCR", b"LSOU", b"LSPL"
 REQUEST_KINDS = ("mul", "matmul", "and", "bit")
+POOL_KINDS = ("mul", "and", "bit")
+POOL_CHUNK = 1 << 19  # elements per POOL message (4 MiB)
 
 
 def words(tensor: torch.Tensor) -> bytes:
@@ -73,3 +82,10 @@ def header(data: bytes, layout: struct.Struct, magic: bytes, what: str) -> tuple
     if len(data) < layout.size or data[:4] != magic:
         raise WireError(f"expected a {what} message, got {bytes(data[:4])!r} ({len(data)} bytes)", code="bad_frame")
     return tuple(layout.unpack_from(data)[1:])
+
+
+def pool_messages(kind: str, corrections: torch.Tensor) -> list[bytes]:
+    """A pool top-up of ``kind`` as POOL messages of at most ``POOL_CHUNK`` elements each."""
+    flat = corrections.flatten()
+    code = POOL_KINDS.index(kind)
+    return [POOL.pack(POOL_MAGIC, code, len(chunk)) + words(chunk) for chunk in flat.split(POOL_CHUNK) if len(chunk)]

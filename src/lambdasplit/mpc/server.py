@@ -59,34 +59,94 @@ def fingerprint(weights: BodyWeights, ring: Ring) -> bytes:
 
 
 class _DeviceFeed:
-    """Party 1's ``CorrectionFeed`` over its device connection: a REQUEST per item, the CORRECTIONs in order."""
+    """Party 1's ``CorrectionFeed`` over its device connection: POOLs of elementwise corrections the device sends
+    ahead (and on REQUEST when one runs short), and a REQUEST/CORRECTION per matrix-product triple."""
 
     def __init__(self, ws: ServerConnection, timeout: float) -> None:
         self.ws, self.timeout = ws, timeout
-        self.sent, self.received = 0, 0
-        self.shapes: deque[tuple[int, ...]] = deque()
+        self.sent = 0
+        self.waiting: deque[tuple[int, tuple[int, ...]]] = deque()  # matmul requests: (seq, shape of c)
+        self.corrections: deque[torch.Tensor] = deque()
+        self.pools: dict[str, deque[torch.Tensor]] = {k: deque() for k in M.POOL_KINDS}
+        self.available = dict.fromkeys(M.POOL_KINDS, 0)
+        self.asked = dict.fromkeys(M.POOL_KINDS, 0)
+        self.used = dict.fromkeys(M.POOL_KINDS, 0)
 
     def request(self, kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
-        self.shapes.append(shape_a if kind == "bit" else product_shape(kind, shape_a, shape_b))
+        self.waiting.append((self.sent, product_shape(kind, shape_a, shape_b)))
+        self._ask(kind, shape_a, shape_b)
+
+    def _ask(self, kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
         self.ws.send(M.pack_request(self.sent, kind, shape_a, shape_b))
         self.sent += 1
 
     def receive(self) -> torch.Tensor:
+        while not self.corrections:
+            self._read(self.timeout)
+        return self.corrections.popleft()
+
+    def pooled(self, kind: str, n: int) -> torch.Tensor:
+        self._drain()
+        while self.available[kind] < n:
+            short = n - self.available[kind] - self.asked[kind]
+            if short > 0:
+                self._ask(kind, (short,), ())
+                self.asked[kind] += short
+            self._read(self.timeout)
+        pool, taken, got = self.pools[kind], [], 0
+        while got < n:
+            chunk = pool.popleft()
+            if got + len(chunk) > n:
+                chunk, rest = chunk[: n - got], chunk[n - got :]
+                pool.appendleft(rest)
+            taken.append(chunk)
+            got += len(chunk)
+        self.available[kind] -= n
+        self.used[kind] += n
+        return taken[0] if len(taken) == 1 else torch.cat(taken)
+
+    def _drain(self) -> None:
+        """Take in what the device has sent already (its pools dealt ahead), without waiting."""
+        while True:
+            try:
+                self._read(0)
+            except TimeoutError:
+                return
+
+    def _read(self, timeout: float) -> None:
         try:
-            data = self.ws.recv(timeout=self.timeout)
+            data = self.ws.recv(timeout=timeout)
         except TimeoutError:
+            if timeout == 0:
+                raise
             raise WireError(f"the device sent no correction for {self.timeout:.0f} s", code="dealer_timeout") from None
         if isinstance(data, str):
             raise WireError(
                 f"the device sent {data[:200]!r} while this server waited for a correction", code="bad_frame"
             )
+        self.take_in(data)
+
+    def take_in(self, data: bytes) -> None:
+        """A POOL or CORRECTION message from the device."""
+        if data[:4] == M.POOL_MAGIC:
+            code, n = M.header(data, M.POOL, M.POOL_MAGIC, "pool")
+            if code >= len(M.POOL_KINDS):
+                raise WireError(f"a pool of unknown kind {code}", code="bad_frame")
+            kind = M.POOL_KINDS[code]
+            self.pools[kind].append(M.tensor_of(memoryview(data)[M.POOL.size :], (n,), f"{kind} pool"))
+            self.available[kind] += n
+            self.asked[kind] = max(0, self.asked[kind] - n)
+            return
         (seq,) = M.header(data, M.CORRECTION, M.CORRECTION_MAGIC, "correction")
-        if seq != self.received:
-            raise WireError(
-                f"the device sent correction {seq}, this server expected {self.received}", code="out_of_step"
-            )
-        self.received += 1
-        return M.tensor_of(memoryview(data)[M.CORRECTION.size :], self.shapes.popleft(), "correction")
+        if not self.waiting or seq != self.waiting[0][0]:
+            expected = self.waiting[0][0] if self.waiting else None
+            raise WireError(f"the device sent correction {seq}, this server expected {expected}", code="out_of_step")
+        _, shape = self.waiting.popleft()
+        self.corrections.append(M.tensor_of(memoryview(data)[M.CORRECTION.size :], shape, "correction"))
+
+    def usage(self) -> tuple[int, int, int]:
+        """Pooled corrections used so far, per kind (mul, and, bit)."""
+        return self.used["mul"], self.used["and"], self.used["bit"]
 
 
 class ShareServer:
@@ -183,7 +243,7 @@ class ShareServer:
             party = Party(self.party, self.ring, channel, source)
             body = SharedBody(self.weights, SharedOps(party, self.rest, self.sink, self.encoded))
             ws.send(json.dumps(self._ready()))
-            self._serve(ws, body, party, channel, session)
+            self._serve(ws, body, party, channel, feed, session)
         except ConnectionClosed:
             log.info("share %d: the device left", self.party)
         except LambdaSplitError as e:
@@ -234,14 +294,24 @@ class ShareServer:
         }
 
     def _serve(
-        self, ws: ServerConnection, body: SharedBody, party: Party, channel: PeerChannel, session: bytes
+        self,
+        ws: ServerConnection,
+        body: SharedBody,
+        party: Party,
+        channel: PeerChannel,
+        feed: _DeviceFeed | None,
+        session: bytes,
     ) -> None:
-        for step, data in enumerate(ws):
+        step = 0
+        for data in ws:
             if isinstance(data, str):
                 kind = _control(data)
                 if kind == "close":
                     return
                 raise WireError(f"unexpected {kind!r} message in a session", code="bad_frame")
+            if feed is not None and data[:4] == M.POOL_MAGIC:  # dealt ahead, not used by the last forward
+                feed.take_in(data)
+                continue
             got_step, position, rows, width = M.header(data, M.FORWARD, M.FORWARD_MAGIC, "forward")
             if got_step != step:
                 raise WireError(f"forward for step {got_step}; this session is at step {step}", code="out_of_step")
@@ -254,10 +324,14 @@ class ShareServer:
             share = M.tensor_of(memoryview(data)[M.FORWARD.size :], (1, rows, width), "forward share")
             channel.begin(step)
             start, before = time.perf_counter(), party.counter.snapshot()
+            used_before = feed.usage() if feed is not None else (0, 0, 0)
             out = body.forward(share, position, session.hex())
             cost = party.counter.since(before)
+            used = tuple(u - b for u, b in zip(feed.usage(), used_before, strict=True)) if feed else (0, 0, 0)
             log.debug("share %d: step %d, %d rows in %.2f s", self.party, step, rows, time.perf_counter() - start)
-            ws.send(M.OUTPUT.pack(M.OUTPUT_MAGIC, step, rows, width, cost.rounds, cost.sent) + M.words(out))
+            header = M.OUTPUT.pack(M.OUTPUT_MAGIC, step, rows, width, cost.rounds, cost.sent, *used)
+            ws.send(header + M.words(out))
+            step += 1
 
 
 def _control(data: str) -> str:
