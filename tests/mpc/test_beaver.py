@@ -46,3 +46,22 @@ def test_batched_matmul_of_attention_shapes():
     out, counter = compute(matmul, q / 8, kt)  # the 1/sqrt(d) scaling folded into q: a public constant
     assert (out - (q.double() / 8) @ kt.double()).abs().max().item() < 5e-3
     assert counter.rounds == 1 and counter.sent == (q.numel() + kt.numel()) * 8
+
+
+def test_pooled_corrections_do_not_depend_on_how_they_are_cut():
+    """The device deals elementwise corrections ahead in chunks of its choosing; party 1 cuts them into the
+    shapes it uses. Both must see the same stream: element i is element i."""
+    from lambdasplit.mpc.dealing import SeededSource, TrustedDealer, key_from_seed
+
+    k0, k1 = key_from_seed(5, "party0"), key_from_seed(5, "party1")
+    one, other = TrustedDealer(k0, k1), TrustedDealer(k0, k1)
+    for kind in ("mul", "and", "bit"):
+        assert torch.equal(torch.cat([one.pooled(kind, 6), one.pooled(kind, 9)]), other.pooled(kind, 15))
+    source0, dealer = SeededSource(k0), TrustedDealer(k0, k1)
+    from lambdasplit.mpc.dealing import Streams
+
+    streams1 = Streams(k1)
+    c1 = dealer.pooled("mul", 15)
+    t0 = source0.take("mul", (3, 5), (3, 5))
+    a1, b1 = streams1("mul.a").elements((3, 5)), streams1("mul.b").elements((3, 5))
+    assert torch.equal((t0.a + a1) * (t0.b + b1), t0.c + c1.view(3, 5))
