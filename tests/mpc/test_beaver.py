@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 from mpc_helpers import compute
 
 from lambdasplit.mpc.beaver import matmul, mul
-from lambdasplit.mpc.dealing import seeded_sources
+from lambdasplit.mpc.dealing import SeededSource, Streams, TrustedDealer, key_from_seed, seeded_sources
 from lambdasplit.mpc.shares import reconstruct
 
 
@@ -51,15 +51,11 @@ def test_batched_matmul_of_attention_shapes():
 def test_pooled_corrections_do_not_depend_on_how_they_are_cut():
     """The device deals elementwise corrections ahead in chunks of its choosing; party 1 cuts them into the
     shapes it uses. Both must see the same stream: element i is element i."""
-    from lambdasplit.mpc.dealing import SeededSource, TrustedDealer, key_from_seed
-
     k0, k1 = key_from_seed(5, "party0"), key_from_seed(5, "party1")
     one, other = TrustedDealer(k0, k1), TrustedDealer(k0, k1)
     for kind in ("mul", "and", "bit"):
         assert torch.equal(torch.cat([one.pooled(kind, 6), one.pooled(kind, 9)]), other.pooled(kind, 15))
     source0, dealer = SeededSource(k0), TrustedDealer(k0, k1)
-    from lambdasplit.mpc.dealing import Streams
-
     streams1 = Streams(k1)
     c1 = dealer.pooled("mul", 15)
     t0 = source0.take("mul", (3, 5), (3, 5))
