@@ -35,6 +35,7 @@ from lambdasplit.cli.options import (
 from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation import BodyLink, DraftLength, GenerationResult, ModelDecoder, make_drafter, stream
+from lambdasplit.mpc.device import SecretSharedLink
 from lambdasplit.privacy.padding import PaddedLink
 from lambdasplit.split import SplitModel
 from lambdasplit.split.build import Role
@@ -182,9 +183,15 @@ def generate(
     result = run.result
     assert result is not None
     mode = "unsplit" if unsplit else ("split-no-cache" if no_cache else "split")
-    if secret_shared and link is not None:
+    if isinstance(link, SecretSharedLink):
         mode = "secret-shared"
         link.close()
+        if not as_json:
+            _err.print(
+                f"[dim]secret-shared: the servers ran {link.peer_rounds[0]:,} rounds, {link.peer_bytes[0]:,} B each "
+                f"way between them; this device dealt {link.dealt:,} B to share server 1 "
+                f"({link.requests} requests); forwards redone after a truncation wrap: {link.retries}[/]"
+            )
     if client is not None:
         mode += "-network"
         after = client.socket_bytes()
@@ -194,6 +201,14 @@ def generate(
         socket_bytes = None
     if as_json:
         out = _json(result, split, mode)
+        if isinstance(link, SecretSharedLink):
+            out["secret_shared"] = {
+                "peer_rounds": link.peer_rounds[0],
+                "peer_bytes_each_way": link.peer_bytes[0],
+                "dealt_bytes": link.dealt,
+                "dealer_requests": link.requests,
+                "retries": link.retries,
+            }
         if client is not None:
             out.update(cloud=cloud, wire_dtype=WireDtype.parse(wire_dtype).name.lower())
             out["socket"] = (
