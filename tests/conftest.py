@@ -41,6 +41,16 @@ def private_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["LAMBDASPLIT_STATE"] = before
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a test that runs a tiny model thousands of times in this process: its 64-wide
+    matrices are too small to share, and with two threads every product waits on waking the other (PASSIVE)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(
     tmp_path_factory: pytest.TempPathFactory,
