@@ -1,35 +1,22 @@
 """The `lambdasplit` command line, run as users run it (the installed console script).
 
 Each start of the console script costs seconds (importing torch and transformers), so checks that need many runs
-of one command go through the same entry point in this process (``in_process``): the same arguments, the same
-exit code and error line; one case of each stays a real process.
+of one command go through the same entry point in this process (in_process.lambdasplit): the same arguments, exit
+code and error line; one case of each stays a real process.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from lambdasplit.cli.app import run as cli_run
+import in_process
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["lambdasplit", *args], capture_output=True, text=True, timeout=300)
-
-
-def in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
-    """``lambdasplit ARGS`` through the console script's own entry point (``cli.app.run``, which turns our errors
-    into one line and exit 2) in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()  # what came before is not this run's
-    monkeypatch.setattr(sys, "argv", ["lambdasplit", *args])
-    with pytest.raises(SystemExit) as exit_:
-        cli_run()
-    out, err = capsys.readouterr()
-    code = exit_.value.code
-    return (code if isinstance(code, int) else 0 if code is None else 1), out, err
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +43,19 @@ def test_generate_json_has_the_promised_fields_and_equals_unsplit(tiny) -> None:
 def test_generate_speculative_gives_the_same_tokens_in_fewer_steps(tiny, capsys, monkeypatch) -> None:
     # A prompt that repeats itself, so prompt lookup finds drafts on this random tiny model.
     common = ["generate", "the quick brown fox " * 6, "--model", tiny, "-n", "24", "--json", "--layers", "1:4"]
-    code, stdout, err = in_process(capsys, monkeypatch, *common)
+    code, stdout, err = in_process.lambdasplit(capsys, monkeypatch, *common)
     assert code == 0, err
     plain = json.loads(stdout)
     for drafter in ("lookup", "self", f"model:{tiny}"):
-        code, stdout, err = in_process(capsys, monkeypatch, *common, "--speculative", drafter, "--draft-tokens", "3")
+        code, stdout, err = in_process.lambdasplit(
+            capsys, monkeypatch, *common, "--speculative", drafter, "--draft-tokens", "3"
+        )
         assert code == 0, err
         out = json.loads(stdout)
         assert out["token_ids"] == plain["token_ids"], drafter
         assert out["steps"] <= plain["steps"]
     assert out["acceptance_rate"] == 1.0 and out["steps"] < plain["steps"]  # the model drafting for itself
-    code, _, err = in_process(capsys, monkeypatch, *common, "--speculative", "lookup", "--no-cache")
+    code, _, err = in_process.lambdasplit(capsys, monkeypatch, *common, "--speculative", "lookup", "--no-cache")
     assert code == 2 and "--no-cache" in err
     res = run(*common, "--speculative", "psychic")  # the console script itself: one line, exit 2
     assert res.returncode == 2 and "unknown drafter" in res.stderr
@@ -90,7 +79,7 @@ def test_generate_streams_text_and_prints_a_summary(tiny) -> None:
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(tiny, capsys, monkeypatch, args: list[str], message: str) -> None:
-    code, _, err = in_process(capsys, monkeypatch, "generate", "hi", "--model", tiny, *args)
+    code, _, err = in_process.lambdasplit(capsys, monkeypatch, "generate", "hi", "--model", tiny, *args)
     assert code == 2
     assert message in err
     assert "Traceback" not in err
