@@ -43,15 +43,6 @@ def server_on(path, port: int, *extra: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def llama_server(tiny_checkpoint) -> Iterator[str]:
-    """A plain body server on the tiny llama, shared by the tests that leave it running (each start of a server
-    process costs seconds of imports); the tests that kill or stop theirs start their own."""
-    path, _ = tiny_checkpoint("llama")
-    with body_server("--model", str(path), "--layers", LAYERS) as url:
-        yield url
-
-
 def expected(path) -> list[int]:
     return generate(load_split(path, LAYERS), PROMPT, max_new_tokens=NEW, ignore_eos=True).token_ids
 
