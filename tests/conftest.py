@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tiny_models import build_tiny, make_tokenizer, random_norm_gains
+from tiny_models import NUM_LAYERS, build_tiny, make_tokenizer, random_norm_gains
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -39,6 +39,16 @@ def private_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ["LAMBDASPLIT_STATE"]
     else:
         os.environ["LAMBDASPLIT_STATE"] = before
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a test that runs a tiny model thousands of times in this process: its 64-wide
+    matrices are too small to share, and with two threads every product waits on waking the other (PASSIVE)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +87,15 @@ def random_norms_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callabl
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama_server(tiny_checkpoint: Callable[[str], tuple[Path, PreTrainedModel]]) -> Iterator[str]:
+    """The URL of a plain body server (``serve --model TINY-LLAMA --layers 1:4``), started at first use and shared
+    by every test that needs no other flags and leaves it running: each start of a server process costs seconds
+    of imports. A test that kills, stops or configures its server starts its own."""
+    from servers import body_server  # only sessions that start a server import the server package
+
+    path, _ = tiny_checkpoint("llama")
+    with body_server("--model", str(path), "--layers", f"1:{NUM_LAYERS - 1}") as url:
+        yield url

@@ -6,6 +6,8 @@ safetensors under $LAMBDASPLIT_HOME (about 15 s), later runs load in about a sec
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -19,17 +21,28 @@ CHAT = [{"role": "user", "content": "List ten facts about the ocean."}]
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference() -> Callable[[list[int]], torch.Tensor]:
+    """``reference(ids)`` -> the unsplit model's 64 greedy tokens, generated once per prompt (every split point
+    compares against the same reference)."""
     path = resolve_checkpoint(DEFAULT_MODEL)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def expected(ids: list[int]) -> torch.Tensor:
+        if tuple(ids) not in cache:
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)
+            cache[tuple(ids)] = out[0, len(ids) :]
+        return cache[tuple(ids)]
+
+    return expected
 
 
 @pytest.mark.parametrize("layers", ["1:29", "4:26"])
 def test_64_greedy_chat_tokens_equal_unsplit(reference, layers: str) -> None:
     split = load_split(DEFAULT_MODEL, layers, device="cpu", dtype="float32")
     ids = prompt_ids(split, CHAT)
-    with torch.no_grad():
-        expected = reference.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids) :]
+    expected = reference(ids)
     result = generate(split, ids, max_new_tokens=64)
     assert result.token_ids == expected.tolist()[: len(result.token_ids)]
     assert len(result.token_ids) == 64, f"stopped early ({result.finish_reason}); the test needs 64 tokens"

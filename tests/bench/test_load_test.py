@@ -10,6 +10,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+import in_process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,10 +23,11 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_random_checkpoint_then_load_test_with_a_pinned_server(tiny_checkpoint, tmp_path: Path) -> None:
+def test_random_checkpoint_then_load_test_with_a_pinned_server(tiny_checkpoint, tmp_path: Path, monkeypatch) -> None:
     src, ref = tiny_checkpoint("llama")
     out = tmp_path / "random"
-    run("random_checkpoint.py", str(src), str(out), "--seed", "3")
+    # As __main__ in this process: a process of its own would spend its time importing torch and transformers.
+    in_process.script(monkeypatch, ROOT / "benchmarks" / "random_checkpoint.py", str(src), str(out), "--seed", "3")
     weights = load_file(out / "model.safetensors")
     embed = weights["model.embed_tokens.weight"]
     assert embed.shape == ref.model.embed_tokens.weight.shape

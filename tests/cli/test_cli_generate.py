@@ -1,4 +1,9 @@
-"""The `lambdasplit` command line, run as users run it (the installed console script)."""
+"""The `lambdasplit` command line, run as users run it (the installed console script).
+
+Each start of the console script costs seconds (importing torch and transformers), so checks that need many runs
+of one command go through the same entry point in this process (in_process.lambdasplit): the same arguments, exit
+code and error line; one case of each stays a real process.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import json
 import subprocess
 
 import pytest
+
+import in_process
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -33,21 +40,26 @@ def test_generate_json_has_the_promised_fields_and_equals_unsplit(tiny) -> None:
     assert unsplit["traffic"]["up_bytes"] == 0
 
 
-def test_generate_speculative_gives_the_same_tokens_in_fewer_steps(tiny) -> None:
+def test_generate_speculative_gives_the_same_tokens_in_fewer_steps(tiny, capsys, monkeypatch) -> None:
     # A prompt that repeats itself, so prompt lookup finds drafts on this random tiny model.
     common = ["generate", "the quick brown fox " * 6, "--model", tiny, "-n", "24", "--json", "--layers", "1:4"]
-    plain = json.loads(run(*common).stdout)
+    code, stdout, err = in_process.lambdasplit(capsys, monkeypatch, *common)
+    assert code == 0, err
+    plain = json.loads(stdout)
     for drafter in ("lookup", "self", f"model:{tiny}"):
-        res = run(*common, "--speculative", drafter, "--draft-tokens", "3")
-        assert res.returncode == 0, res.stderr
-        out = json.loads(res.stdout)
+        code, stdout, err = in_process.lambdasplit(
+            capsys, monkeypatch, *common, "--speculative", drafter, "--draft-tokens", "3"
+        )
+        assert code == 0, err
+        out = json.loads(stdout)
         assert out["token_ids"] == plain["token_ids"], drafter
         assert out["steps"] <= plain["steps"]
     assert out["acceptance_rate"] == 1.0 and out["steps"] < plain["steps"]  # the model drafting for itself
-    res = run(*common, "--speculative", "lookup", "--no-cache")
-    assert res.returncode == 2 and "--no-cache" in res.stderr
-    res = run(*common, "--speculative", "psychic")
+    code, _, err = in_process.lambdasplit(capsys, monkeypatch, *common, "--speculative", "lookup", "--no-cache")
+    assert code == 2 and "--no-cache" in err
+    res = run(*common, "--speculative", "psychic")  # the console script itself: one line, exit 2
     assert res.returncode == 2 and "unknown drafter" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_generate_streams_text_and_prints_a_summary(tiny) -> None:
@@ -66,11 +78,11 @@ def test_generate_streams_text_and_prints_a_summary(tiny) -> None:
         (["--greedy", "--temperature", "0.8"], "--greedy means --temperature 0"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_exit_2(tiny, args: list[str], message: str) -> None:
-    res = run("generate", "hi", "--model", tiny, *args)
-    assert res.returncode == 2
-    assert message in res.stderr
-    assert "Traceback" not in res.stderr
+def test_bad_input_is_one_clear_line_and_exit_2(tiny, capsys, monkeypatch, args: list[str], message: str) -> None:
+    code, _, err = in_process.lambdasplit(capsys, monkeypatch, "generate", "hi", "--model", tiny, *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
 
 
 def test_verify_reports_exact(tiny) -> None:

@@ -91,12 +91,10 @@ def proc_kill(port: int) -> None:
     os.kill(int(out.split("pid=")[1].split(",")[0]), signal.SIGKILL)
 
 
-def test_fails_over_to_the_next_url_when_the_first_server_dies(tiny_checkpoint) -> None:
+def test_fails_over_to_the_next_url_when_the_first_server_dies(tiny_checkpoint, llama_server) -> None:
     path, _ = tiny_checkpoint("llama")
-    with (
-        body_server("--model", str(path), "--layers", LAYERS) as a,
-        body_server("--model", str(path), "--layers", LAYERS) as b,
-    ):
+    b = llama_server  # the survivor
+    with body_server("--model", str(path), "--layers", LAYERS) as a:
         split, _ = connect_device(a, path)  # the device's parts
         with CloudClient([a, b], timeout=10) as client:
             assert client.url == a
@@ -156,40 +154,38 @@ def test_reconnect_gives_up_after_its_deadline(tiny_checkpoint) -> None:
         assert time.monotonic() - start < 10
 
 
-def test_a_timeout_closes_the_connection_so_no_late_reply_is_misread(tiny_checkpoint) -> None:
+def test_a_timeout_closes_the_connection_so_no_late_reply_is_misread(tiny_checkpoint, llama_server) -> None:
     path, _ = tiny_checkpoint("llama")
-    with body_server("--model", str(path), "--layers", LAYERS) as url:
-        split, client = connect_device(url, path)
-        with client:
-            link = client.open_session("float32")
-            link.resume = False
-            decoder = SplitDecoder(split, link)
-            client.timeout = 0.0005  # the reply cannot come in time
-            with pytest.raises(WireError, match="no answer"):
-                decoder.prefill(torch.tensor([PROMPT]))
-            client.timeout = 60
-            with pytest.raises(WireError, match="lost"):
-                client.ping()  # the connection was closed, not left with a late RESULT in it
-            again = generate(split, PROMPT, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
-            assert again.token_ids == expected(path) and client.reconnects == 1
+    split, client = connect_device(llama_server, path)
+    with client:
+        link = client.open_session("float32")
+        link.resume = False
+        decoder = SplitDecoder(split, link)
+        client.timeout = 0.0005  # the reply cannot come in time
+        with pytest.raises(WireError, match="no answer"):
+            decoder.prefill(torch.tensor([PROMPT]))
+        client.timeout = 60
+        with pytest.raises(WireError, match="lost"):
+            client.ping()  # the connection was closed, not left with a late RESULT in it
+        again = generate(split, PROMPT, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
+        assert again.token_ids == expected(path) and client.reconnects == 1
 
 
-def test_a_session_never_sends_its_old_handle_on_a_new_connection(tiny_checkpoint) -> None:
+def test_a_session_never_sends_its_old_handle_on_a_new_connection(tiny_checkpoint, llama_server) -> None:
     """After a reconnect, handle numbers may name other sessions: the old session rebuilds instead."""
     path, _ = tiny_checkpoint("llama")
     local = load_split(path, LAYERS)
-    with body_server("--model", str(path), "--layers", LAYERS) as url:
-        split, client = connect_device(url, path)
-        with client:
-            a = SplitDecoder(split, client.open_session("float32"))
-            ref_a = SplitDecoder(local, LocalBodyLink(local.body))
-            torch.testing.assert_close(a.prefill(torch.tensor([PROMPT])), ref_a.prefill(torch.tensor([PROMPT])))
-            client.reconnect(client.epoch)  # as another session would after a lost connection
-            b = SplitDecoder(split, client.open_session("float32"))
-            ref_b = SplitDecoder(local, LocalBodyLink(local.body))
-            torch.testing.assert_close(b.prefill(torch.tensor([[1, 9, 9]])), ref_b.prefill(torch.tensor([[1, 9, 9]])))
-            for token in (5, 6, 7):
-                torch.testing.assert_close(a.step(token), ref_a.step(token), atol=1e-5, rtol=0)
-                torch.testing.assert_close(b.step(token), ref_b.step(token), atol=1e-5, rtol=0)
-            assert [r.reason for r in a.link.recoveries] == ["the connection was re-established for another session"]  # type: ignore[attr-defined]
-            assert not b.link.recoveries  # type: ignore[attr-defined]
+    split, client = connect_device(llama_server, path)
+    with client:
+        a = SplitDecoder(split, client.open_session("float32"))
+        ref_a = SplitDecoder(local, LocalBodyLink(local.body))
+        torch.testing.assert_close(a.prefill(torch.tensor([PROMPT])), ref_a.prefill(torch.tensor([PROMPT])))
+        client.reconnect(client.epoch)  # as another session would after a lost connection
+        b = SplitDecoder(split, client.open_session("float32"))
+        ref_b = SplitDecoder(local, LocalBodyLink(local.body))
+        torch.testing.assert_close(b.prefill(torch.tensor([[1, 9, 9]])), ref_b.prefill(torch.tensor([[1, 9, 9]])))
+        for token in (5, 6, 7):
+            torch.testing.assert_close(a.step(token), ref_a.step(token), atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.step(token), ref_b.step(token), atol=1e-5, rtol=0)
+        assert [r.reason for r in a.link.recoveries] == ["the connection was re-established for another session"]  # type: ignore[attr-defined]
+        assert not b.link.recoveries  # type: ignore[attr-defined]

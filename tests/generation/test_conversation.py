@@ -16,7 +16,6 @@ from lambdasplit.client import connect_device
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation import LocalBodyLink, ModelDecoder, SplitDecoder, generate, stream
 from lambdasplit.split import load_split
-from servers import body_server
 from tiny_models import NUM_LAYERS
 
 LAYERS = f"1:{NUM_LAYERS - 1}"
@@ -56,19 +55,18 @@ def test_the_second_turn_feeds_only_new_positions_and_equals_a_fresh_run(tiny_ch
     decoder.close()
 
 
-def test_conversation_over_a_body_server_reuses_the_session(tiny_checkpoint) -> None:
+def test_conversation_over_a_body_server_reuses_the_session(tiny_checkpoint, llama_server) -> None:
     path, _ = tiny_checkpoint("llama")
-    with body_server("--model", str(path), "--layers", LAYERS) as url:
-        split, client = connect_device(url, path)
-        with client:
-            decoder = SplitDecoder(split, client.open_session("float32"))
-            second_prompt, (_, two), rows = two_turns(split, decoder)
-            local = load_split(path, LAYERS)
-            assert two.token_ids == generate(local, second_prompt, max_new_tokens=NEW, ignore_eos=True).token_ids
-            assert rows == [len(FIRST) + NEW - 1, 1 + 3 + NEW - 1]
-            with pytest.raises(ConfigError, match="either a decoder"):
-                stream(split, FIRST, decoder=decoder, link=client.open_session("float32"))
-            decoder.close()
+    split, client = connect_device(llama_server, path)
+    with client:
+        decoder = SplitDecoder(split, client.open_session("float32"))
+        second_prompt, (_, two), rows = two_turns(split, decoder)
+        local = load_split(path, LAYERS)
+        assert two.token_ids == generate(local, second_prompt, max_new_tokens=NEW, ignore_eos=True).token_ids
+        assert rows == [len(FIRST) + NEW - 1, 1 + 3 + NEW - 1]
+        with pytest.raises(ConfigError, match="either a decoder"):
+            stream(split, FIRST, decoder=decoder, link=client.open_session("float32"))
+        decoder.close()
 
 
 def test_resume_needs_tokens_and_reuses_nothing_of_a_fresh_decoder(tiny_checkpoint) -> None:

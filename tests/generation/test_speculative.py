@@ -7,6 +7,7 @@ rejected (every cache rolled back). Sampling: the distribution of the output is 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 
@@ -172,7 +173,7 @@ def test_draft_length_grows_on_success_shrinks_and_backs_off_on_misses() -> None
         make_drafter("oracle", None)  # type: ignore[arg-type]
 
 
-def test_speculative_sampling_keeps_the_distribution(tiny_checkpoint) -> None:
+def test_speculative_sampling_keeps_the_distribution(tiny_checkpoint, one_thread) -> None:
     """3 sampled tokens (top-k 3): the joint distribution with drafts equals the model's exact one.
 
     After the likeliest first token the drafter proposes the likeliest second one (accepted with its
@@ -182,11 +183,17 @@ def test_speculative_sampling_keeps_the_distribution(tiny_checkpoint) -> None:
     _, ref = tiny_checkpoint("llama")
     prompt, k, samples = PROMPTS[0], 3, 3000
 
+    # Memoized: the drafter asks again for the same few contexts (the prompt and 3 or 12 continuations) in
+    # every one of the samples; the model is deterministic, so the answers are the same.
+    @functools.cache
     @torch.no_grad()
-    def topk_probs(ids: list[int]) -> dict[int, float]:
+    def topk_of(ids: tuple[int, ...]) -> dict[int, float]:
         logits = ref(torch.tensor([ids])).logits[0, -1]
         values, index = torch.topk(logits, k)
         return dict(zip(index.tolist(), torch.softmax(values, -1).tolist(), strict=True))
+
+    def topk_probs(ids: list[int]) -> dict[int, float]:
+        return topk_of(tuple(ids))
 
     exact: dict[tuple[int, ...], float] = {}
     for a, pa in topk_probs(prompt).items():

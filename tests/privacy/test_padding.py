@@ -12,7 +12,6 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.generation import LocalBodyLink, generate
 from lambdasplit.privacy.padding import PaddedLink
 from lambdasplit.split import load_split
-from servers import body_server
 from tiny_models import NUM_LAYERS
 
 LAYERS = f"1:{NUM_LAYERS - 1}"
@@ -47,20 +46,19 @@ def test_padding_in_stip_layout_keeps_the_prompts_last_row(tiny) -> None:
         assert got.token_ids == plain == head_tail
 
 
-def test_over_a_server_every_prompt_length_sends_the_same_bytes(tiny) -> None:
-    with body_server("--model", str(tiny), "--layers", LAYERS) as url:
-        split, client = connect_device(url, tiny)
-        with client:
-            sizes: dict[bool, list[int]] = {False: [], True: []}
-            for pad in (False, True):
-                for prompt in PROMPTS[1:]:  # 8 and 13 tokens: one 16-row prefill each when padded
-                    session = client.open_session("float32")
-                    link = PaddedLink(session, 16) if pad else session
-                    result = generate(split, prompt, max_new_tokens=5, ignore_eos=True, link=link)
-                    reference = generate(load_split(tiny, LAYERS), prompt, max_new_tokens=5, ignore_eos=True)
-                    assert result.token_ids == reference.token_ids
-                    sizes[pad].append(result.traffic.up_bytes)
-                    link.close()
+def test_over_a_server_every_prompt_length_sends_the_same_bytes(tiny, llama_server) -> None:
+    split, client = connect_device(llama_server, tiny)
+    with client:
+        sizes: dict[bool, list[int]] = {False: [], True: []}
+        for pad in (False, True):
+            for prompt in PROMPTS[1:]:  # 8 and 13 tokens: one 16-row prefill each when padded
+                session = client.open_session("float32")
+                link = PaddedLink(session, 16) if pad else session
+                result = generate(split, prompt, max_new_tokens=5, ignore_eos=True, link=link)
+                reference = generate(load_split(tiny, LAYERS), prompt, max_new_tokens=5, ignore_eos=True)
+                assert result.token_ids == reference.token_ids
+                sizes[pad].append(result.traffic.up_bytes)
+                link.close()
     assert sizes[False][0] != sizes[False][1]  # the control: the prompt's length shows
     assert sizes[True][0] == sizes[True][1]  # padded: it does not
 

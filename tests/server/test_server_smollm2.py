@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,8 +23,18 @@ NEW = 48
 
 
 @pytest.fixture(scope="module")
-def unsplit():
-    return AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL), dtype=torch.float32).eval()
+def unsplit() -> Callable[[list[int]], tuple[list[int], torch.Tensor]]:
+    """``unsplit(ids)`` -> the unsplit model's greedy tokens and scores, computed once per prompt (each wire and
+    each body device compares against the same reference)."""
+    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL), dtype=torch.float32).eval()
+    cache: dict[tuple[int, ...], tuple[list[int], torch.Tensor]] = {}
+
+    def expected(ids: list[int]) -> tuple[list[int], torch.Tensor]:
+        if tuple(ids) not in cache:
+            cache[tuple(ids)] = _expected(model, ids)
+        return cache[tuple(ids)]
+
+    return expected
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +72,7 @@ def test_body_on_cuda_serves_a_cpu_device(unsplit) -> None:
 def assert_greedy_equals_unsplit(unsplit, split, client, wire: str) -> None:
     for prompt in PROMPTS:
         ids = prompt_ids(split, prompt, chat=True)
-        expected, scores = _expected(unsplit, ids)
+        expected, scores = unsplit(ids)
         got = generate(split, ids, max_new_tokens=NEW, link=client.open_session(wire)).token_ids
         if got != expected[: len(got)]:
             i = next(k for k, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)
