@@ -169,11 +169,12 @@ def main() -> None:
             rows.append(row)
             per = row["decode_per_token"] or {}
             print(f"prompt {i}: {ids.shape[1]} tokens, agree {100 * row['agree']:.1f}% (first difference at "
-                  f"{first}), body err pos0 {run['err_pos0']:.3g} rest {run['err_rest']:.3g}, retries {row['retries']}, "
-                  f"{per.get('seconds', math.nan):.2f} s/token", flush=True)  # fmt: skip
+                  f"{first}), body err pos0 {run['err_pos0']:.3g} rest {run['err_rest']:.3g}, "
+                  f"retries {row['retries']}, {per.get('seconds', math.nan):.2f} s/token", flush=True)  # fmt: skip
 
     table = Table(title=f"SmolLM2 body {args.layers} on shares: {len(rows)} prompts x {args.new_tokens} new tokens")
-    for col in ("prompt", "agree", "1st diff", "err pos 0", "err pos>0", "s/token", "rounds", "sent B", "dealt B", "retries"):
+    columns = ("prompt", "agree", "1st diff", "err pos 0", "err pos>0", "s/token", "rounds", "sent B", "dealt B", "retries")
+    for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
         per = r["decode_per_token"] or {}
