@@ -173,7 +173,18 @@ def main() -> None:
                   f"retries {row['retries']}, {per.get('seconds', math.nan):.2f} s/token", flush=True)  # fmt: skip
 
     table = Table(title=f"SmolLM2 body {args.layers} on shares: {len(rows)} prompts x {args.new_tokens} new tokens")
-    columns = ("prompt", "agree", "1st diff", "err pos 0", "err pos>0", "s/token", "rounds", "sent B", "dealt B", "retries")
+    columns = (
+        "prompt",
+        "agree",
+        "1st diff",
+        "err pos 0",
+        "err pos>0",
+        "s/token",
+        "rounds",
+        "sent B",
+        "dealt B",
+        "retries",
+    )
     for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
