@@ -243,8 +243,7 @@ class SecretSharedLink:
             except (TimeoutError, ConnectionClosed, ValueError):
                 pass
         self.close()
-        code = first.code if isinstance(first, WireError) else "error"
-        return (RemoteError if isinstance(first, RemoteError) else WireError)("; ".join(messages), code=code)
+        return (RemoteError if isinstance(first, RemoteError) else WireError)("; ".join(messages), code=first.code)
 
     def close(self) -> None:
         for ws in self.links:

@@ -25,6 +25,7 @@ when a pool runs short. Party 0 never hears from the dealer.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -51,9 +52,7 @@ def words(tensor: torch.Tensor) -> bytes:
 
 def tensor_of(data: bytes | memoryview, shape: tuple[int, ...], what: str) -> torch.Tensor:
     """int64 words -> a tensor of ``shape``; a ``WireError`` (``bad_share``) if the size is not the shape's."""
-    expected = 8
-    for d in shape:
-        expected *= d
+    expected = 8 * math.prod(shape)
     if len(data) != expected:
         raise WireError(f"the {what} has {len(data)} bytes; {shape} int64 needs {expected}", code="bad_share")
     if expected == 0:
