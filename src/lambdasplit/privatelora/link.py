@@ -1,0 +1,212 @@
+"""The device's side of PrivateLoRA over the network: send the head's hidden states up, answer the cloud's
+``u = x A`` with ``v = u M`` at every adapted layer, take the body's output for the tail.
+
+``AdapterLink`` is a ``BodyLink`` (``generation.session``), so the generation loop, head and tail are the plain
+split's. It also runs training steps (``train_forward`` / ``train_backward``, used by ``training``): the cloud
+backpropagates through its frozen layers and asks the device for ``dL/du`` at each adapted layer, while the
+device's autograd accumulates ``dL/dM``. M, its gradients and its checkpoints never leave the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from urllib.parse import urlsplit
+
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import ClientConnection, connect
+
+from lambdasplit.errors import ConfigError, RemoteError, WireError
+from lambdasplit.privatelora import messages as M
+from lambdasplit.privatelora.private import PrivateAdapters
+from lambdasplit.privatelora.server import FLAG_LAST, FLAG_RESET, MAX_MESSAGE
+from lambdasplit.tls import TlsTrust, is_loopback
+from lambdasplit.traffic import Traffic
+
+
+class AdapterLink:
+    """One session with the PrivateLoRA server at ``url``, answering with ``adapters`` (the device's M).
+
+    ``dtype``: how tensors travel (float32, float16 or bfloat16). ``traffic`` counts every message both ways
+    (``messages`` counts forwards and backwards); ``exchanges`` counts DOWN/UP and GRAD_DOWN/GRAD_UP round trips.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        adapters: PrivateAdapters,
+        *,
+        dtype: str = "float32",
+        timeout: float = 60.0,
+        trust: TlsTrust | None = None,
+    ) -> None:
+        if dtype not in M.WIRE_DTYPES:
+            raise ConfigError(f"a PrivateLoRA link carries {', '.join(M.WIRE_DTYPES)}, not {dtype!r}")
+        self.url, self.adapters, self.timeout = url, adapters, timeout
+        self.dtype = M.WIRE_DTYPES[dtype]
+        self.trust = trust or TlsTrust()
+        self.traffic = Traffic()
+        self.exchanges = 0
+        self.step = 0
+        self._stack = contextlib.ExitStack()
+        self.ws = self._connect(url)
+        try:
+            self._send(json.dumps({"type": "open", "adapters": adapters.layout.describe(), "dtype": dtype}))
+            self.ready = self._ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, url: str) -> ClientConnection:
+        parsed = urlsplit(url)
+        host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "wss" else 80)
+        if parsed.scheme not in ("ws", "wss"):
+            raise ConfigError(f"a PrivateLoRA server's URL is ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
+        if parsed.scheme == "ws" and not is_loopback(host) and not self.trust.insecure:
+            raise ConfigError(
+                f"{url}: plain ws:// beyond loopback would show every hidden state and low-rank activation to the "
+                "network; serve with TLS (wss://), or pass --insecure if TLS is terminated on a path you trust"
+            )
+        context = self.trust.context(host, port) if parsed.scheme == "wss" else None
+        try:
+            return self._stack.enter_context(
+                connect(url, max_size=MAX_MESSAGE, compression=None, open_timeout=self.timeout, ssl=context)
+            )
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
+            raise WireError(f"cannot reach the PrivateLoRA server at {url}: {e}", code="unreachable") from None
+
+    def _ready(self) -> dict[str, object]:
+        data = self._receive("ready message")
+        ready = json.loads(data) if isinstance(data, str) else {}
+        if ready.get("type") != "ready":
+            raise WireError(f"the server answered open with {str(data)[:200]!r}", code="bad_frame")
+        start, stop = ready["layers"]
+        if list(range(start, stop)) != self.adapters.layers:
+            raise ConfigError(
+                f"the server's body runs layers [{start}, {stop}); these adapters are for layers "
+                f"{self.adapters.layers[0]}..{self.adapters.layers[-1]}",
+            )
+        if [tuple(g) for g in ready["groups"]] != self.adapters.groups:
+            raise ConfigError(f"the server groups its projections as {ready['groups']}, the device as {self.adapters.groups}")
+        if ready.get("seed") != self.adapters.layout.seed:
+            raise ConfigError(
+                f"the server's A and B come from seed {ready.get('seed')}, these adapters were trained with seed "
+                f"{self.adapters.layout.seed}"
+            )
+        self.hidden_size = int(ready["hidden_size"])
+        return dict(ready)
+
+    def _send(self, data: str | bytes) -> None:
+        try:
+            self.ws.send(data)
+        except ConnectionClosed:
+            raise WireError("the PrivateLoRA server closed the session", code="peer_gone") from None
+
+    def _receive(self, what: str) -> str | bytes:
+        try:
+            data = self.ws.recv(timeout=self.timeout)
+        except TimeoutError:
+            raise WireError(f"the server sent no {what} within {self.timeout:.0f} s", code="timeout") from None
+        except ConnectionClosed:
+            raise WireError(f"the server closed the session before its {what}", code="peer_gone") from None
+        if isinstance(data, str):
+            message = json.loads(data)
+            if message.get("type") == "error":
+                raise RemoteError(str(message.get("message")), code=str(message.get("code")))
+        return data
+
+    # inference: a BodyLink
+
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        """The body's output for ``hidden`` (1, T, D) at ``position``: (1, T, D), or (1, 1, D) with ``last``."""
+        self._check(hidden)
+        flags = (FLAG_LAST if last else 0) | (FLAG_RESET if reset else 0)
+        frame = M.pack(M.Kind.FORWARD, self.step, hidden[0], position=position, group=flags, dtype=self.dtype)
+        return self._run(frame, hidden, keep=False).to(hidden.device, hidden.dtype)
+
+    # training: used by ``training.SplitTrainer``
+
+    def train_forward(self, hidden: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """A training forward of ``hidden`` (1, T, D): (its step, the body's output (1, T, D)); the device keeps
+        each exchange's graph until ``train_backward`` of that step."""
+        self._check(hidden)
+        step = self.step
+        frame = M.pack(M.Kind.TRAIN, step, hidden[0], dtype=self.dtype)
+        return step, self._run(frame, hidden, keep=True).to(hidden.device, hidden.dtype)
+
+    def train_backward(self, step: int, grad: torch.Tensor) -> None:
+        """Send dL/d(output) (1, T, D) of training step ``step``; answer the cloud's dL/dv with dL/du until DONE.
+        ``M.grad`` of every adapted projection holds dL/dM afterwards (accumulated)."""
+        start = time.perf_counter()
+        frame = M.pack(M.Kind.GRAD, step, grad[0], dtype=self.dtype)
+        self._send(frame)
+        up, down, up_payload, down_payload = len(frame), 0, len(frame) - M.HEADER.size, 0
+        while True:
+            msg = M.unpack(self._receive("gradient exchange"))
+            down += M.HEADER.size + len(msg.payload)
+            down_payload += len(msg.payload)
+            if msg.kind == M.Kind.DONE and msg.step == step:
+                break
+            if msg.kind != M.Kind.GRAD_DOWN or msg.step != step:
+                raise WireError(f"expected GRAD_DOWN or DONE for step {step}, got {msg.kind.name} {msg.step}", code="out_of_step")
+            grad_v = self._values(msg, self.adapters.layout.rank_d2c)
+            grad_u = self.adapters.gradient(msg.layer, msg.group, grad_v)
+            reply = M.pack(M.Kind.GRAD_UP, step, grad_u[:, 0], layer=msg.layer, group=msg.group, dtype=self.dtype)
+            self._send(reply)
+            self.exchanges += 1
+            up += len(reply)
+            up_payload += len(reply) - M.HEADER.size
+        self.traffic.add(up, down, up_payload, down_payload, seconds=time.perf_counter() - start)
+
+    def _check(self, hidden: torch.Tensor) -> None:
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
+            raise ConfigError(f"hidden must be (1, T, {self.hidden_size}), got {tuple(hidden.shape)}")
+
+    def _values(self, msg: M.Message, width: int) -> torch.Tensor:
+        """A DOWN or GRAD_DOWN payload as (n, 1, rows, width) for the group it names."""
+        groups = self.adapters.groups
+        n = len(groups[msg.group]) if msg.group < len(groups) else 0
+        if n == 0:
+            raise WireError(f"the server named group {msg.group}; there are {len(groups)}", code="bad_adapter")
+        return msg.tensor((n, msg.rows, width), msg.kind.name).unsqueeze(1)
+
+    def _run(self, frame: bytes, hidden: torch.Tensor, keep: bool) -> torch.Tensor:
+        """Send a FORWARD or TRAIN and answer DOWN with UP until the OUTPUT of this step."""
+        start = time.perf_counter()
+        step = self.step
+        self.step += 1
+        self._send(frame)
+        up, down, up_payload, down_payload = len(frame), 0, len(frame) - M.HEADER.size, 0
+        while True:
+            msg = M.unpack(self._receive("output"))
+            down += M.HEADER.size + len(msg.payload)
+            down_payload += len(msg.payload)
+            if msg.step != step:
+                raise WireError(f"the server sent {msg.kind.name} for step {msg.step} during step {step}", code="out_of_step")
+            if msg.kind == M.Kind.OUTPUT:
+                out = msg.tensor((msg.rows, self.hidden_size), "output").unsqueeze(0)
+                break
+            if msg.kind != M.Kind.DOWN:
+                raise WireError(f"expected DOWN or OUTPUT, got {msg.kind.name}", code="bad_frame")
+            u = self._values(msg, self.adapters.layout.rank_c2d)
+            v = self.adapters.answer(msg.layer, msg.group, u, keep=keep)
+            reply = M.pack(M.Kind.UP, step, v[:, 0], layer=msg.layer, group=msg.group, dtype=self.dtype)
+            self._send(reply)
+            self.exchanges += 1
+            up += len(reply)
+            up_payload += len(reply) - M.HEADER.size
+        self.traffic.add(up, down, up_payload, down_payload, seconds=time.perf_counter() - start)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(ConnectionClosed, RuntimeError):
+            self.ws.send(json.dumps({"type": "close"}))
+        self._stack.close()
+
+    def __enter__(self) -> AdapterLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
