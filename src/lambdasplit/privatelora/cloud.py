@@ -95,7 +95,7 @@ class _Remote(torch.autograd.Function):
     """v = exchange(u); in backward, dL/du = exchange.backward(dL/dv). The device's M is the function."""
 
     @staticmethod
-    def forward(u: torch.Tensor, exchange: Exchange, layer: int, group: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(u: torch.Tensor, exchange: Exchange, layer: int, group: int) -> torch.Tensor:
         return exchange.forward(layer, group, u)
 
     @staticmethod
@@ -103,7 +103,7 @@ class _Remote(torch.autograd.Function):
         _, ctx.exchange, ctx.layer, ctx.group = inputs
 
     @staticmethod
-    def backward(ctx: Any, grad_v: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_v: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         return ctx.exchange.backward(ctx.layer, ctx.group, grad_v.contiguous()), None, None, None
 
 
@@ -111,7 +111,9 @@ class Group:
     """The projections of one exchange group in one layer: their A (stacked) and B, and the deltas of the input
     being processed (computed for all projections at the first one's call, handed out at each one's)."""
 
-    def __init__(self, layer: int, index: int, targets: tuple[str, ...], a: torch.Tensor, b: list[torch.Tensor]) -> None:
+    def __init__(
+        self, layer: int, index: int, targets: tuple[str, ...], a: torch.Tensor, b: list[torch.Tensor]
+    ) -> None:
         self.layer, self.index, self.targets = layer, index, targets
         self.a = a  # (n, in, r_c2d)
         self.b = b  # n x (r_d2c, out_t)
@@ -179,7 +181,9 @@ class CloudAdapters:
                 shapes = [found[t][2] for t in targets]
                 if len({m.in_features for m in shapes}) != 1:
                     raise ConfigError(f"layer {index}: {targets} do not read inputs of one width")
-                drawn = [layout.draw(index, t, m.in_features, m.out_features) for t, m in zip(targets, shapes)]
+                drawn = [
+                    layout.draw(index, t, m.in_features, m.out_features) for t, m in zip(targets, shapes, strict=True)
+                ]
                 weight = shapes[0].weight
                 group = Group(
                     index,

@@ -98,7 +98,9 @@ class AdapterLayout:
         return a, b
 
 
-def find_projections(layer: nn.Module, layout: AdapterLayout, index: int) -> dict[str, tuple[nn.Module, str, nn.Linear]]:
+def find_projections(
+    layer: nn.Module, layout: AdapterLayout, index: int
+) -> dict[str, tuple[nn.Module, str, nn.Linear]]:
     """``target -> (parent module, attribute name, the nn.Linear)`` for every target in decoder layer ``index``."""
     found: dict[str, tuple[nn.Module, str, nn.Linear]] = {}
     linears: list[str] = []

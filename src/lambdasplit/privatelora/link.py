@@ -89,7 +89,9 @@ class AdapterLink:
                 f"{self.adapters.layers[0]}..{self.adapters.layers[-1]}",
             )
         if [tuple(g) for g in ready["groups"]] != self.adapters.groups:
-            raise ConfigError(f"the server groups its projections as {ready['groups']}, the device as {self.adapters.groups}")
+            raise ConfigError(
+                f"the server groups its projections as {ready['groups']}, the device as {self.adapters.groups}"
+            )
         if ready.get("seed") != self.adapters.layout.seed:
             raise ConfigError(
                 f"the server's A and B come from seed {ready.get('seed')}, these adapters were trained with seed "
@@ -150,7 +152,9 @@ class AdapterLink:
             if msg.kind == M.Kind.DONE and msg.step == step:
                 break
             if msg.kind != M.Kind.GRAD_DOWN or msg.step != step:
-                raise WireError(f"expected GRAD_DOWN or DONE for step {step}, got {msg.kind.name} {msg.step}", code="out_of_step")
+                raise WireError(
+                    f"expected GRAD_DOWN or DONE for step {step}, got {msg.kind.name} {msg.step}", code="out_of_step"
+                )
             grad_v = self._values(msg, self.adapters.layout.rank_d2c)
             grad_u = self.adapters.gradient(msg.layer, msg.group, grad_v)
             reply = M.pack(M.Kind.GRAD_UP, step, grad_u[:, 0], layer=msg.layer, group=msg.group, dtype=self.dtype)
@@ -184,7 +188,9 @@ class AdapterLink:
             down += M.HEADER.size + len(msg.payload)
             down_payload += len(msg.payload)
             if msg.step != step:
-                raise WireError(f"the server sent {msg.kind.name} for step {msg.step} during step {step}", code="out_of_step")
+                raise WireError(
+                    f"the server sent {msg.kind.name} for step {msg.step} during step {step}", code="out_of_step"
+                )
             if msg.kind == M.Kind.OUTPUT:
                 out = msg.tensor((msg.rows, self.hidden_size), "output").unsqueeze(0)
                 break

@@ -88,7 +88,9 @@ class PrivateAdapters(nn.Module):
             )
         u, v = saved
         if grad_v.shape != v.shape:
-            raise WireError(f"a gradient of shape {tuple(grad_v.shape)} for values {tuple(v.shape)}", code="bad_adapter")
+            raise WireError(
+                f"a gradient of shape {tuple(grad_v.shape)} for values {tuple(v.shape)}", code="bad_adapter"
+            )
         torch.autograd.backward(v, grad_v.to(v.dtype))
         assert u.grad is not None
         return u.grad
@@ -106,7 +108,9 @@ class PrivateAdapters(nn.Module):
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {key(i, t): self.matrix(i, t).detach().cpu().contiguous() for i in self.layers for t in self.layout.targets}
+        tensors = {
+            key(i, t): self.matrix(i, t).detach().cpu().contiguous() for i in self.layers for t in self.layout.targets
+        }
         meta = {
             "format": "lambdasplit-privatelora",
             "targets": ",".join(self.layout.targets),

@@ -37,7 +37,9 @@ FLAG_LAST, FLAG_RESET = 1, 2  # FORWARD's ``group`` field
 class _DeviceExchange:
     """The adapters' ``Exchange`` over one session's connection, for one step."""
 
-    def __init__(self, ws: ServerConnection, step: int, dtype: WireDtype, layout: AdapterLayout, timeout: float) -> None:
+    def __init__(
+        self, ws: ServerConnection, step: int, dtype: WireDtype, layout: AdapterLayout, timeout: float
+    ) -> None:
         self.ws, self.step, self.dtype, self.layout, self.timeout = ws, step, dtype, layout, timeout
 
     def forward(self, layer: int, group: int, u: torch.Tensor) -> torch.Tensor:
@@ -221,20 +223,26 @@ class _Session:
 
     def _forward(self, msg: M.Message) -> None:
         if msg.step != self.step:
-            raise WireError(f"{msg.kind.name} for step {msg.step}; this session is at step {self.step}", code="out_of_step")
+            raise WireError(
+                f"{msg.kind.name} for step {msg.step}; this session is at step {self.step}", code="out_of_step"
+            )
         hidden = self._hidden(msg)
         exchange = self.exchange(msg.step)
         self.step += 1
         if msg.kind == M.Kind.TRAIN:
             if len(self.pending) >= MAX_PENDING:
-                raise WireError(f"{MAX_PENDING} training forwards already await their backward", code="too_many_pending")
+                raise WireError(
+                    f"{MAX_PENDING} training forwards already await their backward", code="too_many_pending"
+                )
             with exchanging(exchange):
                 out, _ = forward_for_training(self.state.body, hidden)
             self.pending[msg.step] = (out, exchange)
         else:
             flags = msg.group
             with exchanging(exchange):
-                out = self.state.forward(hidden, msg.position, reset=bool(flags & FLAG_RESET), last=bool(flags & FLAG_LAST))
+                out = self.state.forward(
+                    hidden, msg.position, reset=bool(flags & FLAG_RESET), last=bool(flags & FLAG_LAST)
+                )
         self.ws.send(M.pack(M.Kind.OUTPUT, msg.step, out[0], dtype=self.dtype))
 
     def _backward(self, msg: M.Message) -> None:
