@@ -113,3 +113,21 @@ def framing(payload: int, masked: bool) -> int:
     size = HEADER.size + payload
     header = 2 if size < 126 else 4 if size < 65536 else 10
     return HEADER.size + header + (4 if masked else 0)
+
+
+def forward_bytes(
+    groups: list[int], layers: int, hidden: int, rows: int, rank: tuple[int, int], itemsize: int
+) -> tuple[int, int]:
+    """Bytes at the socket (up, down) of one inference forward of ``rows`` positions: the paper's formula
+    (``rows * n * r`` values per group and layer each way) plus the FORWARD and OUTPUT rows, each message with its
+    framing (``framing``). ``groups``: projections per group; ``rank``: (r_c2d, r_d2c)."""
+    c2d, d2c = rank
+    up = hidden * rows * itemsize
+    up += framing(up, masked=True)
+    down = hidden * rows * itemsize
+    down += framing(down, masked=False)
+    for n in groups:
+        sent, answered = n * rows * c2d * itemsize, n * rows * d2c * itemsize
+        down += layers * (sent + framing(sent, masked=False))
+        up += layers * (answered + framing(answered, masked=True))
+    return up, down
