@@ -7,7 +7,21 @@ import sys
 
 import typer
 
-from lambdasplit.cli import audit, bench, chat, demo, developer, generate, imagine, obfuscate, serve, trust, up, verify
+from lambdasplit.cli import (
+    audit,
+    bench,
+    chat,
+    demo,
+    developer,
+    generate,
+    imagine,
+    obfuscate,
+    personalize,
+    serve,
+    trust,
+    up,
+    verify,
+)
 from lambdasplit.errors import LambdaSplitError
 
 app = typer.Typer(
@@ -27,6 +41,7 @@ app.command("imagine")(imagine.imagine)
 app.command("up")(up.up)
 app.command("obfuscate")(obfuscate.obfuscate)
 app.command("audit")(audit.audit)
+app.command("personalize")(personalize.personalize)
 app.add_typer(bench.app, name="bench")
 app.add_typer(trust.app, name="trust")
 app.add_typer(developer.app, name="developer")

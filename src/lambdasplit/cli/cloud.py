@@ -13,6 +13,7 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.mpc.device import SecretSharedLink
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.privacy.obfuscate import protect
+from lambdasplit.privatelora import AdapterLink, PrivateAdapters
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.split.build import Role
 from lambdasplit.tls import TlsTrust
@@ -94,3 +95,16 @@ def open_shared_link(split: SplitModel, cloud: str, timeout: float, trust: TlsTr
             f"{split.points} needs {body_layers} of width {split.hidden_size}: pass the servers' --layers"
         )
     return link
+
+
+def open_adapter_link(
+    model: str, adapters_path: str, cloud: str, *, wire_dtype: str, timeout: float, trust: TlsTrust | None
+) -> tuple[SplitModel, AdapterLink]:
+    """A PrivateLoRA session on ``cloud`` answered by the adapters in ``adapters_path``; this device's head and tail
+    are cut where the adapted body begins and ends."""
+    if wire_dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"PrivateLoRA sends float32, float16 or bfloat16, not --wire-dtype {wire_dtype}")
+    adapters = PrivateAdapters.load(adapters_path)
+    layers = f"{adapters.layers[0]}:{adapters.layers[-1] + 1}"
+    split = load_split(model, layers, device="cpu", dtype="float32", parts=("head", "tail"))
+    return split, AdapterLink(cloud, adapters, dtype=wire_dtype, timeout=timeout, trust=trust)

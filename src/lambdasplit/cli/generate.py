@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.cloud import connect_cloud, device_trust, load_local, open_shared_link
+from lambdasplit.cli.cloud import connect_cloud, device_trust, load_local, open_adapter_link, open_shared_link
 from lambdasplit.cli.options import (
     DEFAULTS,
     CloudTimeout,
@@ -37,6 +37,7 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.generation import BodyLink, DraftLength, GenerationResult, ModelDecoder, make_drafter, stream
 from lambdasplit.mpc.device import SecretSharedLink
 from lambdasplit.privacy.padding import PaddedLink
+from lambdasplit.privatelora import AdapterLink
 from lambdasplit.split import SplitModel
 from lambdasplit.split.build import Role
 from lambdasplit.wire import WireDtype
@@ -85,6 +86,14 @@ def generate(
             "(seconds per token).",
         ),
     ] = False,
+    privatelora: Annotated[
+        str | None,
+        typer.Option(
+            help="With --cloud: the body server runs PrivateLoRA (`serve --privatelora`) and this file holds the "
+            "device's private adapters M (`lambdasplit personalize`); one low-rank round trip per layer and token.",
+            show_default=False,
+        ),
+    ] = None,
     token: Token = None,
     tls_fingerprint: TlsFingerprint = None,
     tls_ca: TlsCa = None,
@@ -125,7 +134,18 @@ def generate(
         raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")
     client = None
     link: BodyLink | None = None
-    if secret_shared:
+    if privatelora is not None:
+        if cloud is None or secret_shared or unsplit or no_cache or speculative or pad_prompt or key:
+            raise ConfigError(
+                "--privatelora needs --cloud URL and takes none of --secret-shared, --unsplit, --no-cache, "
+                "--speculative, --pad-prompt, --key"
+            )
+        with _err.status(f"loading the head and tail of {model} and opening a PrivateLoRA session"):
+            trust = device_trust(tls_fingerprint, tls_ca, insecure)
+            split, link = open_adapter_link(
+                model, privatelora, cloud, wire_dtype=wire_dtype, timeout=cloud_timeout, trust=trust
+            )
+    elif secret_shared:
         if cloud is None or unsplit or no_cache or speculative or pad_prompt or key:
             raise ConfigError(
                 "--secret-shared needs --cloud URL0,URL1 and takes none of --unsplit, --no-cache, --speculative, "
@@ -192,6 +212,11 @@ def generate(
                 f"way between them; this device dealt {link.dealt:,} B to share server 1 "
                 f"({link.requests} requests); forwards redone after a truncation wrap: {link.retries}[/]"
             )
+    if isinstance(link, AdapterLink):
+        mode = "privatelora"
+        link.close()
+        if not as_json:
+            _err.print(f"[dim]privatelora: {link.exchanges:,} low-rank round trips with the server[/]")
     if client is not None:
         mode += "-network"
         after = client.socket_bytes()
@@ -209,6 +234,8 @@ def generate(
                 "dealer_requests": link.requests,
                 "retries": link.retries,
             }
+        if isinstance(link, AdapterLink):
+            out["privatelora"] = {"exchanges": link.exchanges, "adapters": privatelora}
         if client is not None:
             out.update(cloud=cloud, wire_dtype=WireDtype.parse(wire_dtype).name.lower())
             out["socket"] = (

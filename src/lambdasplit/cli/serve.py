@@ -15,6 +15,7 @@ from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, quie
 from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError
 from lambdasplit.privacy.bundles import is_bundle, load_server_bodies
+from lambdasplit.privatelora.layout import DEFAULT_RANK, DEFAULT_TARGETS, AdapterLayout
 from lambdasplit.server import ServerSettings, serve
 from lambdasplit.server.run import announce
 from lambdasplit.server.settings import TlsMode
@@ -130,8 +131,33 @@ def serve_command(
     ] = None,
     peer_timeout: Annotated[
         float,
-        typer.Option(help="With --share: seconds to wait for the peer server or the device before a session ends."),
+        typer.Option(
+            help="With --share or --privatelora: seconds to wait for the peer server or the device before a session "
+            "ends."
+        ),
     ] = 60.0,
+    privatelora: Annotated[
+        bool,
+        typer.Option(
+            "--privatelora",
+            help="Serve the body with PrivateLoRA adapters: frozen random A and B here, each device's private M on "
+            "the device, one low-rank round trip per layer (docs/privatelora.md). Layers default to 0: (the paper's "
+            "whole decoder stack here). Devices connect with `generate --privatelora M.safetensors` or "
+            "`personalize`.",
+        ),
+    ] = False,
+    adapter_targets: Annotated[
+        str, typer.Option(help="With --privatelora: the projections adapted in every body layer, comma-separated.")
+    ] = ",".join(DEFAULT_TARGETS),
+    adapter_rank: Annotated[
+        str,
+        typer.Option(
+            help="With --privatelora: r (both ways) or R_C2D/R_D2C: values per token and projection sent down / up."
+        ),
+    ] = str(DEFAULT_RANK),
+    adapter_seed: Annotated[
+        int, typer.Option(help="With --privatelora: the seed A and B are drawn from (devices' M is trained for it).")
+    ] = 0,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -167,6 +193,14 @@ def serve_command(
         raise ConfigError(f"--group names a user group of a server bundle; {model} is not a bundle")
     if threads is not None:
         torch.set_num_threads(threads)
+    if privatelora:
+        if share is not None or cloud_only or pipeline is not None or group is not None or is_bundle(model):
+            raise ConfigError(
+                "--privatelora serves a public model's body: no --share, --cloud-only, --pipeline or bundle"
+            )
+        layout = AdapterLayout.parse(adapter_targets, adapter_rank, adapter_seed)
+        _serve_privatelora(model, "0:" if layers == DEFAULTS["layers"] else layers, layout, settings, peer_timeout)
+        return
     if share is not None or peer is not None:
         if cloud_only or pipeline is not None or group is not None or is_bundle(model):
             raise ConfigError(
@@ -239,10 +273,7 @@ def _serve_share(
         split = load_split(model, layers, parts=["body"], device="cpu", dtype="float32")
         assert split.body is not None and split.body.model is not None
         weights = BodyWeights.from_hf(split.body.model)
-    context = None
-    if settings.tls_cert is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    context = _server_context(settings)
     server = ShareServer(
         weights,
         share,
@@ -265,6 +296,46 @@ def _serve_share(
         server.serve_forever()
     finally:
         server.close()
+
+
+def _serve_privatelora(
+    model: str, layers: str, layout: AdapterLayout, settings: ServerSettings, timeout: float
+) -> None:
+    from lambdasplit.privatelora import AdapterServer
+
+    _say_how_devices_connect(settings)
+    with _err.status(f"loading the body of {model} (layers {layers}) with PrivateLoRA adapters"):
+        split = load_split(model, layers, parts=["body"])
+        server = AdapterServer(
+            split,
+            layout,
+            host=settings.host,
+            port=settings.port,
+            timeout=timeout,
+            max_sessions=settings.max_sessions,
+            ssl=_server_context(settings),
+        )
+    p, rt = split.points, split.runtime
+    down, up = layout.values_per_token(p.body_end - p.head_layers)
+    _err.print(
+        f"PrivateLoRA body: layers [{p.head_layers}, {p.body_end}) of {p.num_layers} · adapters on "
+        f"{', '.join(layout.targets)} · ranks {layout.rank_c2d}/{layout.rank_d2c} · seed {layout.seed} · "
+        f"{down} values down and {up} up per token · {rt.device} {str(rt.dtype).removeprefix('torch.')} · "
+        f"fingerprint {split.fingerprint}"
+    )
+    announce(server.url, certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+
+
+def _server_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 def _say_how_devices_connect(settings: ServerSettings) -> None:

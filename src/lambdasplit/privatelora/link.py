@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import torch
@@ -20,6 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.privatelora import messages as M
+from lambdasplit.privatelora.layout import AdapterLayout
 from lambdasplit.privatelora.private import PrivateAdapters
 from lambdasplit.privatelora.server import FLAG_LAST, FLAG_RESET, MAX_MESSAGE
 from lambdasplit.tls import TlsTrust, is_loopback
@@ -29,6 +31,9 @@ from lambdasplit.traffic import Traffic
 class AdapterLink:
     """One session with the PrivateLoRA server at ``url``, answering with ``adapters`` (the device's M).
 
+    ``adapters`` None: new adapters (M = 0) of the server's layout, for a device about to fine-tune them
+    (``self.adapters`` afterwards).
+
     ``dtype``: how tensors travel (float32, float16 or bfloat16). ``traffic`` counts every message both ways
     (``messages`` counts forwards and backwards); ``exchanges`` counts DOWN/UP and GRAD_DOWN/GRAD_UP round trips.
     """
@@ -36,7 +41,7 @@ class AdapterLink:
     def __init__(
         self,
         url: str,
-        adapters: PrivateAdapters,
+        adapters: PrivateAdapters | None = None,
         *,
         dtype: str = "float32",
         timeout: float = 60.0,
@@ -44,16 +49,19 @@ class AdapterLink:
     ) -> None:
         if dtype not in M.WIRE_DTYPES:
             raise ConfigError(f"a PrivateLoRA link carries {', '.join(M.WIRE_DTYPES)}, not {dtype!r}")
-        self.url, self.adapters, self.timeout = url, adapters, timeout
+        self.url, self.timeout = url, timeout
         self.dtype = M.WIRE_DTYPES[dtype]
         self.trust = trust or TlsTrust()
         self.traffic = Traffic()
         self.exchanges = 0
         self.step = 0
         self._stack = contextlib.ExitStack()
+        self._ready_data: dict[str, Any] | None = None
         self.ws = self._connect(url)
         try:
-            self._send(json.dumps({"type": "open", "adapters": adapters.layout.describe(), "dtype": dtype}))
+            asked = None if adapters is None else adapters.layout.describe()
+            self._send(json.dumps({"type": "open", "adapters": asked, "dtype": dtype}))
+            self.adapters = adapters or self._adapters_of(self._ready_message())
             self.ready = self._ready()
         except BaseException:
             self.close()
@@ -77,11 +85,25 @@ class AdapterLink:
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
             raise WireError(f"cannot reach the PrivateLoRA server at {url}: {e}", code="unreachable") from None
 
-    def _ready(self) -> dict[str, object]:
-        data = self._receive("ready message")
-        ready = json.loads(data) if isinstance(data, str) else {}
-        if ready.get("type") != "ready":
-            raise WireError(f"the server answered open with {str(data)[:200]!r}", code="bad_frame")
+    def _ready_message(self) -> dict[str, Any]:
+        if self._ready_data is None:
+            data = self._receive("ready message")
+            ready = json.loads(data) if isinstance(data, str) else {}
+            if ready.get("type") != "ready":
+                raise WireError(f"the server answered open with {str(data)[:200]!r}", code="bad_frame")
+            self._ready_data = ready
+        return self._ready_data
+
+    @staticmethod
+    def _adapters_of(ready: dict[str, Any]) -> PrivateAdapters:
+        described = ready["adapters"]
+        layout = AdapterLayout(
+            tuple(described["targets"]), int(described["rank_c2d"]), int(described["rank_d2c"]), int(ready["seed"])
+        )
+        return PrivateAdapters(layout, range(*ready["layers"]))
+
+    def _ready(self) -> dict[str, Any]:
+        ready = self._ready_message()
         start, stop = ready["layers"]
         if list(range(start, stop)) != self.adapters.layers:
             raise ConfigError(

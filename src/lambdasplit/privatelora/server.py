@@ -172,9 +172,10 @@ class AdapterServer:
             asked, dtype = opened["adapters"], opened.get("dtype", "float32")
         except (ValueError, KeyError, TypeError):
             raise WireError("the first message must be {type: open, adapters, dtype}", code="bad_frame") from None
+        # adapters null: a new device takes this server's layout (ready says it) and starts from M = 0
         if opened.get("type") != "open" or dtype not in M.WIRE_DTYPES:
             raise WireError(f"open needs type 'open' and a dtype of {', '.join(M.WIRE_DTYPES)}", code="bad_frame")
-        if asked != self.layout.describe():
+        if asked is not None and asked != self.layout.describe():
             raise WireError(
                 f"the device's adapters {asked} do not match this server's {self.layout.describe()}",
                 code="adapter_mismatch",
