@@ -53,7 +53,7 @@ def pack(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> 
     assert tokenizer.eos_token_id is not None
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False).input_ids + [int(tokenizer.eos_token_id)]
+        ids += [*tokenizer(text, add_special_tokens=False).input_ids, int(tokenizer.eos_token_id)]
     ids += ids[: (-len(ids)) % seq_len]
     return [torch.tensor([ids[i : i + seq_len]]) for i in range(0, len(ids), seq_len)]
 
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-steps", type=int, default=8)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--save", type=Path, help="write the trained PrivateLoRA adapters here (.safetensors)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -138,6 +139,8 @@ def main() -> None:
             f"{train_seconds:.0f} s training, median step {statistics.median(seconds):.2f} s"
         )
         trained = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
+        if args.save:
+            adapters.save(args.save)
 
     # the same PrivateLoRA computation in one process: a step's time without the network
     body_split = load_split(layers="0:", parts=("body",), device="cpu", dtype="float32", quiet=True)
@@ -166,7 +169,7 @@ def main() -> None:
             optimizer.step()
             lora_seconds.append(time.perf_counter() - s)
             lora_losses.append(float(loss.detach()))
-            bar.update(task, advance=1, description=f"LoRA (local) loss {float(loss):.3f}")
+            bar.update(task, advance=1, description=f"LoRA (local) loss {lora_losses[-1]:.3f}")
     lora_train = time.perf_counter() - t0
     lora.eval()
     with torch.no_grad():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from ssl import SSLContext
 
 import torch
@@ -34,16 +35,24 @@ MAX_PENDING = 4  # training forwards a session may hold before their backward
 FLAG_LAST, FLAG_RESET = 1, 2  # FORWARD's ``group`` field
 
 
+#: ``tap(layer, group, u, v)``: what a curious server keeps of each forward exchange (the privacy measurements).
+Tap = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
 class _DeviceExchange:
     """The adapters' ``Exchange`` over one session's connection, for one step."""
 
     def __init__(
-        self, ws: ServerConnection, step: int, dtype: WireDtype, layout: AdapterLayout, timeout: float
+        self, ws: ServerConnection, step: int, dtype: WireDtype, layout: AdapterLayout, timeout: float, tap: Tap | None
     ) -> None:
         self.ws, self.step, self.dtype, self.layout, self.timeout = ws, step, dtype, layout, timeout
+        self.tap = tap
 
     def forward(self, layer: int, group: int, u: torch.Tensor) -> torch.Tensor:
-        return self._ask(M.Kind.DOWN, M.Kind.UP, layer, group, u, self.layout.rank_d2c)
+        v = self._ask(M.Kind.DOWN, M.Kind.UP, layer, group, u, self.layout.rank_d2c)
+        if self.tap is not None:
+            self.tap(layer, group, u.detach(), v.detach())
+        return v
 
     def backward(self, layer: int, group: int, grad_v: torch.Tensor) -> torch.Tensor:
         return self._ask(M.Kind.GRAD_DOWN, M.Kind.GRAD_UP, layer, group, grad_v, self.layout.rank_c2d)
@@ -72,6 +81,8 @@ class AdapterServer:
     """The body of ``split`` with PrivateLoRA adapters of ``layout``, serving devices on ``host:port`` (WebSocket).
 
     ``timeout``: how long a session waits for its device at any point (an exchange, the next message).
+    ``tap``: called with every forward exchange's ``u`` and ``v`` as this server holds them: what a curious cloud
+    can keep (``benchmarks/privatelora_privacy.py`` fits M from it).
     """
 
     def __init__(
@@ -84,10 +95,11 @@ class AdapterServer:
         timeout: float = 60.0,
         max_sessions: int = 8,
         ssl: SSLContext | None = None,
+        tap: Tap | None = None,
     ) -> None:
         if split.body is None:
             raise ValueError("an adapter server needs the body (load_split(..., parts=('body',)))")
-        self.split, self.layout, self.timeout = split, layout, timeout
+        self.split, self.layout, self.timeout, self.tap = split, layout, timeout, tap
         self.adapters = CloudAdapters(split.body, layout)
         self.sessions = threading.BoundedSemaphore(max_sessions)
         self.server: Server = serve(
@@ -196,7 +208,7 @@ class _Session:
         self.pending: dict[int, tuple[torch.Tensor, _DeviceExchange]] = {}  # training step -> (output, exchange)
 
     def exchange(self, step: int) -> _DeviceExchange:
-        return _DeviceExchange(self.ws, step, self.dtype, self.server.layout, self.server.timeout)
+        return _DeviceExchange(self.ws, step, self.dtype, self.server.layout, self.server.timeout, self.server.tap)
 
     def serve(self) -> None:
         while True:
