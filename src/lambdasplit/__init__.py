@@ -46,6 +46,12 @@ _EXPORTS: dict[str, str] = {
     "ObfuscationKey": "lambdasplit.privacy",
     "make_key": "lambdasplit.privacy",
     "protect": "lambdasplit.privacy",
+    # PrivateLoRA: private adapters on the device, the decoder stack in the cloud
+    "AdapterLayout": "lambdasplit.privatelora",
+    "AdapterLink": "lambdasplit.privatelora",
+    "AdapterServer": "lambdasplit.privatelora",
+    "PrivateAdapters": "lambdasplit.privatelora",
+    "SplitTrainer": "lambdasplit.privatelora",
     # TLS: what a device trusts (a pinned fingerprint, a CA, or trust on first use)
     "TlsTrust": "lambdasplit.tls",
     # the research suite that measures them (imported on first use, like every name here)
@@ -73,6 +79,9 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "DEFAULT_MODEL",
+    "AdapterLayout",
+    "AdapterLink",
+    "AdapterServer",
     "AuditSettings",
     "Body",
     "BodyLink",
@@ -89,6 +98,7 @@ __all__ = [
     "ModelDrafter",
     "ModelLoadError",
     "ObfuscationKey",
+    "PrivateAdapters",
     "PromptLookupDrafter",
     "RemoteError",
     "Runtime",
@@ -98,6 +108,7 @@ __all__ = [
     "SplitPipeline",
     "SplitPointError",
     "SplitPoints",
+    "SplitTrainer",
     "Tail",
     "TlsTrust",
     "TokenEvent",
@@ -150,6 +161,7 @@ if TYPE_CHECKING:
     from lambdasplit.generation.verify import verify_split
     from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
     from lambdasplit.privacy import Intercept, ObfuscationKey, intercept, make_key, protect
+    from lambdasplit.privatelora import AdapterLayout, AdapterLink, AdapterServer, PrivateAdapters, SplitTrainer
     from lambdasplit.split import Body, Head, SplitModel, Tail, load_split
     from lambdasplit.tls import TlsTrust
 

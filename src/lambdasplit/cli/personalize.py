@@ -19,6 +19,7 @@ from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Insecure, Model, Tls
 from lambdasplit.developer.data import read_documents, token_blocks
 from lambdasplit.errors import ConfigError
 from lambdasplit.privatelora import AdapterLink, PrivateAdapters, SplitTrainer
+from lambdasplit.privatelora.training import DEFAULT_LR
 from lambdasplit.split import load_split
 
 _err = Console(stderr=True, highlight=False)
@@ -35,7 +36,7 @@ def personalize(
         Path | None, typer.Option(help="Continue from these adapters (default: new ones, M = 0).", show_default=False)
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the text.")] = 3,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate of M.")] = 3e-3,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of M.")] = DEFAULT_LR,
     seq_len: Annotated[int, typer.Option(min=8, help="Tokens per training block.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the block order.")] = 0,
     wire_dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 on the wire.")] = "float32",
