@@ -92,7 +92,8 @@ def main() -> None:
         f"({args.epochs} epochs)"
     )
     layout = AdapterLayout(rank_c2d=args.rank, rank_d2c=args.rank, seed=args.seed)
-    result: dict[str, Any] = {"settings": vars(args) | {"json": None}, "facts": len(facts), "blocks": len(blocks)}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result: dict[str, Any] = {"settings": settings, "facts": len(facts), "blocks": len(blocks)}
 
     # base
     whole = AutoModelForCausalLM.from_pretrained(device.path, dtype=torch.float32).eval()

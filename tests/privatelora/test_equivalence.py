@@ -101,3 +101,20 @@ def test_split_gradients_equal_plain_autograd(deployment) -> None:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     with torch.no_grad():
         assert float(loss) == pytest.approx(float(next_token_loss(model(ids).logits, ids)), abs=1e-5)
+
+
+@pytest.mark.cuda
+def test_a_gpu_body_serves_a_cpu_device(tiny_checkpoint) -> None:
+    """The cloud on CUDA (A and B follow the body's device and dtype), the device and its M on the CPU."""
+    path, reference = tiny_checkpoint("llama")
+    device = load_split(path, (0, 5), parts=("head", "tail"), device="cpu", dtype="float32", quiet=True)
+    cloud = load_split(path, (0, 5), parts=("body",), device="cuda", dtype="float32", quiet=True)
+    adapters = random_adapters(LAYOUT, range(5), seed=6)
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(8))
+    with AdapterServer(cloud, LAYOUT, timeout=TIMEOUT) as server, AdapterLink(server.url, adapters) as link:
+        got = split_logits(device, link, ids, steps=2)
+        loss = SplitTrainer(device, adapters, link).loss_and_grads(ids)
+    merged = merge_into(copy.deepcopy(reference), adapters)
+    with torch.no_grad():
+        torch.testing.assert_close(got, merged(ids).logits, atol=1e-4, rtol=0)
+    assert torch.isfinite(loss) and all(p.grad is not None for p in adapters.parameters())

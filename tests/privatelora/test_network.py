@@ -186,3 +186,23 @@ def test_a_device_that_leaves_mid_step_ends_only_its_session(parts, server) -> N
     assert server.served == served + 2  # the one that left mid-backward, and the trainer
     assert not other.is_alive() and not errors, errors
     works(server, device)
+
+
+def test_m_never_crosses_the_socket_in_training(parts, server) -> None:
+    """Every byte both ways during fine-tuning steps, searched for M's own bytes (float32 and float16 rows)."""
+    device, _ = parts
+    adapters = random_adapters(LAYOUT, range(*CUT), seed=21)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    with CountingRelay(server.address, keep=True) as relay:
+        with AdapterLink(relay.url(), adapters, timeout=TIMEOUT) as link:
+            trainer = SplitTrainer(device, adapters, link, lr=1e-2)
+            for _ in range(2):
+                trainer.step(ids)
+            link.forward(device.head(ids), 0)
+        time.sleep(0.2)
+        traffic = bytes(relay.sent_up) + bytes(relay.sent_down)
+    assert len(traffic) > 10_000
+    for p in adapters.parameters():
+        for row in p.detach()[:4]:
+            for dtype in (torch.float32, torch.float16):
+                assert row.to(dtype).numpy().tobytes() not in traffic

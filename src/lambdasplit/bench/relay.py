@@ -13,11 +13,15 @@ import threading
 
 
 class CountingRelay:
-    """Forwards ``127.0.0.1:port`` to ``target``; ``up`` counts client -> target bytes, ``down`` the others."""
+    """Forwards ``127.0.0.1:port`` to ``target``; ``up`` counts client -> target bytes, ``down`` the others.
 
-    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1") -> None:
-        self.target = target
+    ``keep``: also keep every byte (``sent_up``, ``sent_down``), for tests that search the traffic.
+    """
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1", *, keep: bool = False) -> None:
+        self.target, self.keep = target, keep
         self.up = self.down = 0
+        self.sent_up, self.sent_down = bytearray(), bytearray()
         self._lock = threading.Lock()
         self._listener = socket.create_server((host, 0))
         self._sockets: list[socket.socket] = []
@@ -62,6 +66,8 @@ class CountingRelay:
                         self.up += len(data)
                     else:
                         self.down += len(data)
+                    if self.keep:
+                        (self.sent_up if up else self.sent_down).extend(data)
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
