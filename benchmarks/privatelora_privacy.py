@@ -73,10 +73,11 @@ def main() -> None:
         for i, target in enumerate(layout.groups()[group]):  # u (n, 1, T, r_c2d), v (n, 1, T, r_d2c)
             seen[(layer, target)].append((u[i, 0].float().clone(), v[i, 0].float().clone()))
 
-    with AdapterServer(cloud, layout, timeout=120, tap=tap) as server, AdapterLink(server.url, adapters) as link:
+    with AdapterServer(cloud, layout, timeout=120, tap=tap) as server:
         intercepts = []
-        for prompt in DEFAULT_PROMPTS:
+        for prompt in DEFAULT_PROMPTS:  # one session per conversation: generation closes its link
             console.print(f"generating for: {prompt.text[:60]}")
+            link = AdapterLink(server.url, adapters)
             item = intercept(device, prompt.text, chat=True, link=link, max_new_tokens=args.new_tokens)
             intercepts.append(item)
     console.print("running A1 (prompt) and B1 (output) on the cloud's view")
