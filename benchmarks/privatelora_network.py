@@ -40,7 +40,7 @@ from lambdasplit.privatelora import AdapterLink, SplitTrainer
 from lambdasplit.privatelora import messages as M
 from lambdasplit.server.process import body_server_process
 from lambdasplit.split import load_split
-from lambdasplit.tls import TlsTrust
+from lambdasplit.tls import TlsTrust  # the relay is on loopback: no --insecure needed on the device
 
 PROMPT = "Write a short note to my landlord about the broken heating in flat 4B."
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -55,7 +55,7 @@ def measure(spec: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
         url = stack.enter_context(body_server_process(serve_args, timeout=300, wrap=wrap))
         host, port = url.removeprefix("ws://").rsplit(":", 1)
         relay = stack.enter_context(CountingRelay((host, int(port))))
-        link = stack.enter_context(AdapterLink(relay.url(), dtype=args.dtype, timeout=120, trust=TlsTrust()))
+        link = AdapterLink(relay.url(), dtype=args.dtype, timeout=120, trust=TlsTrust())
         run = stream(device, PROMPT, chat=True, link=link, max_new_tokens=args.new_tokens, ignore_eos=True)
         marks = []
         for _ in run:
@@ -65,7 +65,9 @@ def measure(spec: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
         steps = len(marks) - 1
         (t0, up0, down0, x0), (t1, up1, down1, x1) = marks[0], marks[-1]
         block = device.tokenizer(PROMPT * 8, return_tensors="pt").input_ids[:, :64]
-        trainer = SplitTrainer(device, link.adapters, link, lr=1e-3)
+        # generation closed its session: a second one for the training steps
+        trainer_link = stack.enter_context(AdapterLink(relay.url(), dtype=args.dtype, timeout=120))
+        trainer = SplitTrainer(device, trainer_link.adapters, trainer_link)
         train = [trainer.step(block).seconds for _ in range(args.train_steps)]
     layers = len(link.adapters.layers)
     groups = [len(g) for g in link.adapters.layout.groups()]
