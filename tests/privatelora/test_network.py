@@ -38,6 +38,14 @@ def server(parts):
         yield s
 
 
+def wait_idle(server: AdapterServer) -> None:
+    """Until no session is in progress on ``server`` (each ends within the timeout, whatever its device did)."""
+    deadline = time.monotonic() + TIMEOUT
+    while server.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.active == 0
+
+
 def works(server: AdapterServer, device) -> None:
     """A fresh session on ``server`` runs a forward: the server still serves."""
     with AdapterLink(server.url, PrivateAdapters(LAYOUT, range(*CUT)), timeout=TIMEOUT) as link:
@@ -145,6 +153,7 @@ def test_an_answer_of_the_wrong_shape_is_refused(parts, server) -> None:
 
 def test_a_device_that_leaves_mid_step_ends_only_its_session(parts, server) -> None:
     device, _ = parts
+    wait_idle(server)
     served = server.served
     # a training step left after its forward's second exchange: the server is inside the body's forward
     with _raw_session(server) as ws:
@@ -153,9 +162,7 @@ def test_a_device_that_leaves_mid_step_ends_only_its_session(parts, server) -> N
             msg = M.unpack(ws.recv(timeout=TIMEOUT))
             ws.send(M.pack(M.Kind.UP, 0, torch.zeros(3, 3, 6), layer=msg.layer, group=msg.group))
         assert M.unpack(ws.recv(timeout=TIMEOUT)).layer == 2
-    deadline = time.monotonic() + TIMEOUT
-    while server.served == served and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_idle(server)
     assert server.served == served + 1  # the session ended, well within the timeout
 
     # and mid-backward, while another device trains beside it
@@ -172,17 +179,15 @@ def test_a_device_that_leaves_mid_step_ends_only_its_session(parts, server) -> N
         except BaseException as e:  # reported below, in the test's thread
             errors.append(e)
 
+    served = server.served  # no session in progress (wait_idle above)
     other = threading.Thread(target=train)
     other.start()
-    served = server.served
     with AdapterLink(server.url, PrivateAdapters(LAYOUT, range(*CUT)), timeout=TIMEOUT) as link:
         step, _ = link.train_forward(device.head(torch.tensor([[1, 2, 3]])))
         link.ws.send(M.pack(M.Kind.GRAD, step, torch.ones(3, 64)))
         assert M.unpack(link.ws.recv(timeout=TIMEOUT)).kind == M.Kind.GRAD_DOWN
     other.join(60)
-    deadline = time.monotonic() + TIMEOUT
-    while server.served < served + 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_idle(server)
     assert server.served == served + 2  # the one that left mid-backward, and the trainer
     assert not other.is_alive() and not errors, errors
     works(server, device)
@@ -206,3 +211,11 @@ def test_m_never_crosses_the_socket_in_training(parts, server) -> None:
         for row in p.detach()[:4]:
             for dtype in (torch.float32, torch.float16):
                 assert row.to(dtype).numpy().tobytes() not in traffic
+
+
+def test_a_device_with_another_model_is_refused(parts, server, tiny_checkpoint) -> None:
+    other = load_split(tiny_checkpoint("qwen2")[0], CUT, parts=("head", "tail"), device="cpu", quiet=True)
+    with AdapterLink(server.url, PrivateAdapters(LAYOUT, range(*CUT)), timeout=TIMEOUT) as link:
+        link.check_model(parts[0])  # the same checkpoint: accepted
+        with pytest.raises(ConfigError, match="pass the server's --model"):
+            link.check_model(other)

@@ -107,4 +107,10 @@ def open_adapter_link(
     adapters = PrivateAdapters.load(adapters_path)
     layers = f"{adapters.layers[0]}:{adapters.layers[-1] + 1}"
     split = load_split(model, layers, device="cpu", dtype="float32", parts=("head", "tail"))
-    return split, AdapterLink(cloud, adapters, dtype=wire_dtype, timeout=timeout, trust=trust)
+    link = AdapterLink(cloud, adapters, dtype=wire_dtype, timeout=timeout, trust=trust)
+    try:
+        link.check_model(split)
+    except ConfigError:
+        link.close()
+        raise
+    return split, link

@@ -59,6 +59,7 @@ def personalize(
         layers = link.adapters.layers
         with _err.status(f"loading the head and tail of {model} around layers [{layers[0]}, {layers[-1] + 1})"):
             split = load_split(model, f"{layers[0]}:{layers[-1] + 1}", parts=("head", "tail"), device="cpu")
+        link.check_model(split)
         if split.tokenizer is None:
             raise ConfigError(f"{model} has no tokenizer to read the text with")
         blocks = token_blocks(split.tokenizer, read_documents(text), seq_len)

@@ -24,6 +24,7 @@ from lambdasplit.privatelora import messages as M
 from lambdasplit.privatelora.layout import AdapterLayout
 from lambdasplit.privatelora.private import PrivateAdapters
 from lambdasplit.privatelora.server import FLAG_LAST, FLAG_RESET, MAX_MESSAGE
+from lambdasplit.split import SplitModel
 from lambdasplit.tls import TlsTrust, is_loopback
 from lambdasplit.traffic import Traffic
 
@@ -121,6 +122,14 @@ class AdapterLink:
             )
         self.hidden_size = int(ready["hidden_size"])
         return dict(ready)
+
+    def check_model(self, split: SplitModel) -> None:
+        """Refuse to pair this device's ``split`` (head and tail) with a server running another model."""
+        if self.ready.get("fingerprint") != split.fingerprint or self.hidden_size != split.hidden_size:
+            raise ConfigError(
+                f"the server runs a body of model {self.ready.get('fingerprint')} (width {self.hidden_size}); this "
+                f"device loaded {split.fingerprint} (width {split.hidden_size}): pass the server's --model"
+            )
 
     def _send(self, data: str | bytes) -> None:
         try:

@@ -108,6 +108,8 @@ class AdapterServer:
         self.scheme = "ws" if ssl is None else "wss"
         self._thread: threading.Thread | None = None
         self.served = 0  # sessions that ended, however
+        self.active = 0  # sessions in progress
+        self._count = threading.Lock()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -158,6 +160,8 @@ class AdapterServer:
         if not self.sessions.acquire(blocking=False):
             _send_error(ws, WireError("this server is at its session limit; try again later", code="busy"))
             return
+        with self._count:
+            self.active += 1
         try:
             dtype = self._open(ws)
             ws.send(json.dumps(self.ready()))
@@ -171,7 +175,9 @@ class AdapterServer:
             log.exception("privatelora: session failed")
             _send_error(ws, WireError(f"the adapter server failed: {type(e).__name__}: {e}", code="internal"))
         finally:
-            self.served += 1
+            with self._count:
+                self.served += 1
+                self.active -= 1
             self.sessions.release()
 
     def _open(self, ws: ServerConnection) -> WireDtype:
