@@ -1,7 +1,7 @@
 """PrivateLoRA personalisation on SmolLM2: fine-tune on invented private facts across the split, measure recall.
 
     PYTHONPATH=src nice -n 10 python benchmarks/privatelora_facts.py [--people 12] [--relations 4] [--rank 32]
-        [--epochs 12] [--lr 3e-3] [--lora-lr 1e-3] [--seq-len 64] [--json out.json]
+        [--epochs 12] [--lr 1e-2] [--lora-lr 3e-3] [--seq-len 64] [--save M.safetensors] [--json out.json]
 
 One seeded corpus (``privatelora.facts``: people, places, pets and numbers that do not exist) is packed into
 blocks of ``--seq-len`` tokens; three models are scored on its question/answer probes by teacher-forced recall
@@ -28,6 +28,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.privatelora import AdapterLayout, AdapterLink, AdapterServer, LocalAdapterBody, SplitTrainer
 from lambdasplit.privatelora.cloud import CloudAdapters
 from lambdasplit.privatelora.facts import make_facts, recall, training_texts
@@ -58,6 +60,31 @@ def pack(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> 
     return [torch.tensor([ids[i : i + seq_len]]) for i in range(0, len(ids), seq_len)]
 
 
+def train(name: str, steps: list[int], step: Callable[[int], float]) -> dict[str, Any]:
+    """Run ``step(block index) -> loss`` over ``steps`` with a progress bar: losses, step times, wall time."""
+    losses, seconds = [], []
+    t0 = time.perf_counter()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(name, total=len(steps))
+        for i in steps:
+            s = time.perf_counter()
+            losses.append(step(i))
+            seconds.append(time.perf_counter() - s)
+            bar.update(task, advance=1, description=f"{name} loss {losses[-1]:.3f}")
+    return {"losses": losses, "seconds": seconds, "train_seconds": time.perf_counter() - t0}
+
+
+def summary(run: dict[str, Any], exact: int, token_accuracy: float, blocks: int) -> dict[str, Any]:
+    return {
+        "exact": exact,
+        "token_accuracy": token_accuracy,
+        "first_epoch_loss": statistics.mean(run["losses"][:blocks]),
+        "last_epoch_loss": statistics.mean(run["losses"][-blocks:]),
+        "train_seconds": run["train_seconds"],
+        "step_seconds_median": statistics.median(run["seconds"]),
+    }
+
+
 def order(n: int, epochs: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return [i for _ in range(epochs) for i in torch.randperm(n, generator=generator).tolist()]
@@ -67,10 +94,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--people", type=int, default=12)
     parser.add_argument("--relations", type=int, default=4)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model name or checkpoint folder (tests: a tiny one)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--lr", type=float, default=3e-3, help="PrivateLoRA's learning rate (M)")
-    parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA's learning rate (A and B)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="PrivateLoRA's learning rate (M)")
+    parser.add_argument("--lora-lr", type=float, default=3e-3, help="LoRA's learning rate (A and B)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-steps", type=int, default=8)
@@ -81,8 +109,8 @@ def main() -> None:
     start = time.perf_counter()
 
     facts = make_facts(args.people, args.relations, seed=args.seed)
-    device = load_split(layers="0:", parts=("head", "tail"), device="cpu", dtype="float32", quiet=True)
-    cloud = load_split(layers="0:", parts=("body",), device="cpu", dtype="float32", quiet=True)
+    device = load_split(args.model, "0:", parts=("head", "tail"), device="cpu", dtype="float32", quiet=True)
+    cloud = load_split(args.model, "0:", parts=("body",), device="cpu", dtype="float32", quiet=True)
     tokenizer = device.tokenizer
     assert tokenizer is not None and device.head is not None and device.tail is not None
     blocks = pack(tokenizer, training_texts(facts, seed=args.seed), args.seq_len)
@@ -106,16 +134,7 @@ def main() -> None:
     with AdapterServer(cloud, layout, timeout=120) as server, AdapterLink(server.url, timeout=120) as link:
         adapters = link.adapters
         trainer = SplitTrainer(device, adapters, link, lr=args.lr)
-        losses, seconds = [], []
-        t0 = time.perf_counter()
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("PrivateLoRA (split)", total=len(steps))
-            for i in steps:
-                report = trainer.step(blocks[i])
-                losses.append(report.loss)
-                seconds.append(report.seconds)
-                bar.update(task, advance=1, description=f"PrivateLoRA (split) loss {report.loss:.3f}")
-        train_seconds = time.perf_counter() - t0
+        run = train("PrivateLoRA (split)", steps, lambda i: trainer.step(blocks[i]).loss)
 
         def split_logits(ids: torch.Tensor) -> torch.Tensor:
             assert device.head is not None and device.tail is not None
@@ -124,27 +143,18 @@ def main() -> None:
 
         private = recall(split_logits, tokenizer, facts)
         traffic = link.traffic
-        result["privatelora"] = {
-            "exact": private.exact,
-            "token_accuracy": private.token_accuracy,
-            "first_loss": losses[0],
-            "last_loss": statistics.mean(losses[-len(blocks) :]),
-            "train_seconds": train_seconds,
-            "step_seconds_median": statistics.median(seconds),
-            "exchanges": link.exchanges,
-            "bytes_up": traffic.up_bytes,
-            "bytes_down": traffic.down_bytes,
-        }
+        result["privatelora"] = summary(run, private.exact, private.token_accuracy, len(blocks))
+        result["privatelora"].update(exchanges=link.exchanges, bytes_up=traffic.up_bytes, bytes_down=traffic.down_bytes)
         console.print(
             f"PrivateLoRA: {private.exact}/{private.facts} recalled, token accuracy {private.token_accuracy:.3f}, "
-            f"{train_seconds:.0f} s training, median step {statistics.median(seconds):.2f} s"
+            f"{run['train_seconds']:.0f} s training, median step {statistics.median(run['seconds']):.2f} s"
         )
         trained = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
         if args.save:
             adapters.save(args.save)
 
     # the same PrivateLoRA computation in one process: a step's time without the network
-    body_split = load_split(layers="0:", parts=("body",), device="cpu", dtype="float32", quiet=True)
+    body_split = load_split(args.model, "0:", parts=("body",), device="cpu", dtype="float32", quiet=True)
     assert body_split.body is not None
     local_adapters = type(adapters)(layout, adapters.layers)
     local_adapters.load_state_dict(trained)
@@ -156,34 +166,23 @@ def main() -> None:
     # LoRA (peft), the whole model on the device
     config = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(layout.targets), lora_dropout=0.0)
     lora = get_peft_model(AutoModelForCausalLM.from_pretrained(device.path, dtype=torch.float32), config)
-    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=args.lora_lr, weight_decay=0)
-    lora_seconds, lora_losses = [], []
-    t0 = time.perf_counter()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("LoRA (local)", total=len(steps))
-        for i in steps:
-            s = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = next_token_loss(lora(blocks[i]).logits, blocks[i])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in lora.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            lora_seconds.append(time.perf_counter() - s)
-            lora_losses.append(float(loss.detach()))
-            bar.update(task, advance=1, description=f"LoRA (local) loss {lora_losses[-1]:.3f}")
-    lora_train = time.perf_counter() - t0
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lora_lr, weight_decay=0)
+
+    def lora_step(i: int) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = next_token_loss(lora(blocks[i]).logits, blocks[i])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    lora_run = train("LoRA (local)", steps, lora_step)
     lora.eval()
     with torch.no_grad():
         lora_recall = recall(lambda ids: lora(ids).logits, tokenizer, facts)
-    result["lora"] = {
-        "exact": lora_recall.exact,
-        "token_accuracy": lora_recall.token_accuracy,
-        "first_loss": lora_losses[0],
-        "last_loss": statistics.mean(lora_losses[-len(blocks) :]),
-        "train_seconds": lora_train,
-        "step_seconds_median": statistics.median(lora_seconds),
-        "trainable_parameters": sum(p.numel() for p in lora.parameters() if p.requires_grad),
-    }
+    result["lora"] = summary(lora_run, lora_recall.exact, lora_recall.token_accuracy, len(blocks))
+    result["lora"]["trainable_parameters"] = sum(p.numel() for p in trainable)
     result["privatelora"]["trainable_parameters"] = sum(p.numel() for p in adapters.parameters())
     result["wall_seconds"] = time.perf_counter() - start
 

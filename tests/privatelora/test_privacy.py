@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from helpers import LAYOUT, TIMEOUT, random_adapters
+from privatelora_helpers import LAYOUT, TIMEOUT, random_adapters
 
 from lambdasplit.privatelora import AdapterLink, AdapterServer
 from lambdasplit.split import load_split

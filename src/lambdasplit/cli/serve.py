@@ -20,6 +20,7 @@ from lambdasplit.server import ServerSettings, serve
 from lambdasplit.server.run import announce
 from lambdasplit.server.settings import TlsMode
 from lambdasplit.split import SplitModel, load_split
+from lambdasplit.syncws import SessionServer
 from lambdasplit.tls import certificate_fingerprint, is_loopback
 
 _err = Console(stderr=True)
@@ -291,11 +292,7 @@ def _serve_share(
         f"peer link {where} at {server.peer_address[0]}:{server.peer_address[1]} · fingerprint "
         f"{server.fingerprint.hex()[:16]}"
     )
-    announce(server.url, certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None)
-    try:
-        server.serve_forever()
-    finally:
-        server.close()
+    _serve_until_stopped(server, settings)
 
 
 def _serve_privatelora(
@@ -323,6 +320,11 @@ def _serve_privatelora(
         f"{down} values down and {up} up per token · {rt.device} {str(rt.dtype).removeprefix('torch.')} · "
         f"fingerprint {split.fingerprint}"
     )
+    _serve_until_stopped(server, settings)
+
+
+def _serve_until_stopped(server: SessionServer, settings: ServerSettings) -> None:
+    """Print the ready line (with the certificate's fingerprint when there is one), serve until stopped."""
     announce(server.url, certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None)
     try:
         server.serve_forever()

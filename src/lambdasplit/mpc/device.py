@@ -21,11 +21,10 @@ import json
 import secrets
 import time
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 import torch
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.sync.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.mpc import messages as M
@@ -34,7 +33,8 @@ from lambdasplit.mpc.dealing import TrustedDealer, new_key
 from lambdasplit.mpc.peer import SESSION_BYTES
 from lambdasplit.mpc.ring import Prg, Ring
 from lambdasplit.mpc.server import MAX_MESSAGE
-from lambdasplit.tls import TlsTrust, is_loopback
+from lambdasplit.syncws import connect_session
+from lambdasplit.tls import TlsTrust
 from lambdasplit.traffic import Traffic
 
 
@@ -87,23 +87,15 @@ class SecretSharedLink:
         self.hidden_size, self.max_context, self.layers = (numbers[k] for k in ("hidden_size", "max_context", "layers"))
 
     def _connect(self, url: str) -> ClientConnection:
-        parsed = urlsplit(url)
-        host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "wss" else 80)
-        if parsed.scheme not in ("ws", "wss"):
-            raise ConfigError(f"a share server's URL is ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
-        if parsed.scheme == "ws" and not is_loopback(host) and not self.trust.insecure:
-            raise ConfigError(
-                f"{url}: plain ws:// beyond loopback would carry this session's dealer key and the hidden states' "
-                "shares in the clear; serve the share servers with TLS (wss://), or pass --insecure if TLS is "
-                "terminated on a path you trust"
-            )
-        context = self.trust.context(host, port) if parsed.scheme == "wss" else None
-        try:
-            return self._stack.enter_context(
-                connect(url, max_size=MAX_MESSAGE, compression=None, open_timeout=self.timeout, ssl=context)
-            )
-        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
-            raise WireError(f"cannot reach share server {len(self.links)} at {url}: {e}", code="unreachable") from None
+        return connect_session(
+            url,
+            what=f"share server {len(self.links)}",
+            exposes="this session's dealer key and the hidden states' shares",
+            trust=self.trust,
+            timeout=self.timeout,
+            max_size=MAX_MESSAGE,
+            stack=self._stack,
+        )
 
     def _receive(self, party: int, what: str) -> str | bytes:
         try:

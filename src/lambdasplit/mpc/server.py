@@ -26,9 +26,9 @@ from ssl import SSLContext
 
 import torch
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.server import Server, ServerConnection, serve
+from websockets.sync.server import ServerConnection
 
-from lambdasplit.errors import CodedError, LambdaSplitError, WireError
+from lambdasplit.errors import LambdaSplitError, WireError
 from lambdasplit.mpc import messages as M
 from lambdasplit.mpc.body import MAX_CONTEXT, BodyWeights, SharedBody
 from lambdasplit.mpc.dealing import CorrectedSource, SeededSource, product_shape
@@ -37,6 +37,7 @@ from lambdasplit.mpc.ops import SMOLLM2_REST, SMOLLM2_SINK, NormPlan, SharedOps
 from lambdasplit.mpc.party import Party
 from lambdasplit.mpc.peer import SESSION_BYTES, PeerChannel, PeerListener, join
 from lambdasplit.mpc.ring import KEY_BYTES, Ring
+from lambdasplit.syncws import SessionServer, control_type, send_error
 
 log = logging.getLogger("lambdasplit.mpc")
 
@@ -149,7 +150,7 @@ class _DeviceFeed:
         return self.used["mul"], self.used["and"], self.used["bit"]
 
 
-class ShareServer:
+class ShareServer(SessionServer):
     """Party ``party`` of the body on shares, serving devices on ``host:port`` (WebSocket).
 
     ``peer``: party 0 listens there for party 1; party 1 connects there (the same address on both).
@@ -181,22 +182,9 @@ class ShareServer:
         self.encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sessions = threading.BoundedSemaphore(max_sessions)
         self.listener = PeerListener(peer[0], peer[1], self.fingerprint, timeout) if party == 0 else None
-        self.server: Server = serve(
-            self._session, host, port, max_size=MAX_MESSAGE, compression=None, open_timeout=timeout, ssl=ssl
+        super().__init__(
+            self._session, host, port, max_size=MAX_MESSAGE, timeout=timeout, ssl=ssl, name=f"share-{party}"
         )
-        self.scheme = "ws" if ssl is None else "wss"
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.server.socket.getsockname()[:2]
-        return str(host), int(port)
-
-    @property
-    def url(self) -> str:
-        host, port = self.address
-        host = f"[{host}]" if ":" in host else host
-        return f"{self.scheme}://{host}:{port}"
 
     @property
     def peer_address(self) -> tuple[str, int]:
@@ -207,32 +195,22 @@ class ShareServer:
         return self.peer
 
     def start(self) -> ShareServer:
-        """Serve in a background thread (tests, ``serve_forever`` for the command line)."""
-        self._thread = threading.Thread(target=self.server.serve_forever, name=f"share-{self.party}", daemon=True)
-        self._thread.start()
+        super().start()
         return self
 
-    def serve_forever(self) -> None:
-        self.server.serve_forever()
-
     def close(self) -> None:
-        self.server.shutdown()
         if self.listener is not None:
             self.listener.close()
-        if self._thread is not None:
-            self._thread.join(10)
+        super().close()
 
     def __enter__(self) -> ShareServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # one device connection = one session
 
     def _session(self, ws: ServerConnection) -> None:
         if not self.sessions.acquire(blocking=False):
-            _send_error(ws, WireError("this share server is at its session limit; try again later", code="busy"))
+            send_error(ws, WireError("this share server is at its session limit; try again later", code="busy"))
             return
         channel: PeerChannel | None = None
         try:
@@ -248,10 +226,10 @@ class ShareServer:
             log.info("share %d: the device left", self.party)
         except LambdaSplitError as e:
             log.warning("share %d: session ended: %s", self.party, e)
-            _send_error(ws, e)
+            send_error(ws, e)
         except Exception as e:  # a bug: the device still gets an answer, and the peer sees the link close
             log.exception("share %d: session failed", self.party)
-            _send_error(ws, WireError(f"share server {self.party} failed: {type(e).__name__}: {e}", code="internal"))
+            send_error(ws, WireError(f"share server {self.party} failed: {type(e).__name__}: {e}", code="internal"))
         finally:
             if channel is not None:
                 channel.close()
@@ -305,7 +283,7 @@ class ShareServer:
         step = 0
         for data in ws:
             if isinstance(data, str):
-                kind = _control(data)
+                kind = control_type(data)
                 if kind == "close":
                     return
                 raise WireError(f"unexpected {kind!r} message in a session", code="bad_frame")
@@ -332,19 +310,3 @@ class ShareServer:
             header = M.OUTPUT.pack(M.OUTPUT_MAGIC, step, rows, width, cost.rounds, cost.sent, *used)
             ws.send(header + M.words(out))
             step += 1
-
-
-def _control(data: str) -> str:
-    try:
-        return str(json.loads(data).get("type"))
-    except (ValueError, AttributeError):
-        return "malformed"
-
-
-def _send_error(ws: ServerConnection, error: LambdaSplitError) -> None:
-    code = error.code if isinstance(error, CodedError) else "bad_request"
-    try:
-        ws.send(json.dumps({"type": "error", "code": code, "message": str(error)}))
-        ws.close()
-    except ConnectionClosed:
-        pass

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.sync.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.privatelora import messages as M
@@ -25,7 +25,8 @@ from lambdasplit.privatelora.layout import AdapterLayout
 from lambdasplit.privatelora.private import PrivateAdapters
 from lambdasplit.privatelora.server import FLAG_LAST, FLAG_RESET, MAX_MESSAGE
 from lambdasplit.split import SplitModel
-from lambdasplit.tls import TlsTrust, is_loopback
+from lambdasplit.syncws import connect_session
+from lambdasplit.tls import TlsTrust
 from lambdasplit.traffic import Traffic
 
 
@@ -69,22 +70,15 @@ class AdapterLink:
             raise
 
     def _connect(self, url: str) -> ClientConnection:
-        parsed = urlsplit(url)
-        host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "wss" else 80)
-        if parsed.scheme not in ("ws", "wss"):
-            raise ConfigError(f"a PrivateLoRA server's URL is ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
-        if parsed.scheme == "ws" and not is_loopback(host) and not self.trust.insecure:
-            raise ConfigError(
-                f"{url}: plain ws:// beyond loopback would show every hidden state and low-rank activation to the "
-                "network; serve with TLS (wss://), or pass --insecure if TLS is terminated on a path you trust"
-            )
-        context = self.trust.context(host, port) if parsed.scheme == "wss" else None
-        try:
-            return self._stack.enter_context(
-                connect(url, max_size=MAX_MESSAGE, compression=None, open_timeout=self.timeout, ssl=context)
-            )
-        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
-            raise WireError(f"cannot reach the PrivateLoRA server at {url}: {e}", code="unreachable") from None
+        return connect_session(
+            url,
+            what="the PrivateLoRA server",
+            exposes="every hidden state and low-rank activation",
+            trust=self.trust,
+            timeout=self.timeout,
+            max_size=MAX_MESSAGE,
+            stack=self._stack,
+        )
 
     def _ready_message(self) -> dict[str, Any]:
         if self._ready_data is None:
@@ -172,28 +166,12 @@ class AdapterLink:
     def train_backward(self, step: int, grad: torch.Tensor) -> None:
         """Send dL/d(output) (1, T, D) of training step ``step``; answer the cloud's dL/dv with dL/du until DONE.
         ``M.grad`` of every adapted projection holds dL/dM afterwards (accumulated)."""
-        start = time.perf_counter()
         frame = M.pack(M.Kind.GRAD, step, grad[0], dtype=self.dtype)
-        self._send(frame)
-        up, down, up_payload, down_payload = len(frame), 0, len(frame) - M.HEADER.size, 0
-        while True:
-            msg = M.unpack(self._receive("gradient exchange"))
-            down += M.HEADER.size + len(msg.payload)
-            down_payload += len(msg.payload)
-            if msg.kind == M.Kind.DONE and msg.step == step:
-                break
-            if msg.kind != M.Kind.GRAD_DOWN or msg.step != step:
-                raise WireError(
-                    f"expected GRAD_DOWN or DONE for step {step}, got {msg.kind.name} {msg.step}", code="out_of_step"
-                )
-            grad_v = self._values(msg, self.adapters.layout.rank_d2c)
-            grad_u = self.adapters.gradient(msg.layer, msg.group, grad_v)
-            reply = M.pack(M.Kind.GRAD_UP, step, grad_u[:, 0], layer=msg.layer, group=msg.group, dtype=self.dtype)
-            self._send(reply)
-            self.exchanges += 1
-            up += len(reply)
-            up_payload += len(reply) - M.HEADER.size
-        self.traffic.add(up, down, up_payload, down_payload, seconds=time.perf_counter() - start)
+        self._converse(frame, step, M.Kind.DONE, M.Kind.GRAD_DOWN, M.Kind.GRAD_UP, self._gradient)
+
+    def _gradient(self, msg: M.Message) -> torch.Tensor:
+        grad_v = self._values(msg, self.adapters.layout.rank_d2c)
+        return self.adapters.gradient(msg.layer, msg.group, grad_v)
 
     def _check(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
@@ -209,33 +187,49 @@ class AdapterLink:
 
     def _run(self, frame: bytes, hidden: torch.Tensor, keep: bool) -> torch.Tensor:
         """Send a FORWARD or TRAIN and answer DOWN with UP until the OUTPUT of this step."""
-        start = time.perf_counter()
         step = self.step
         self.step += 1
+
+        def answer(msg: M.Message) -> torch.Tensor:
+            u = self._values(msg, self.adapters.layout.rank_c2d)
+            return self.adapters.answer(msg.layer, msg.group, u, keep=keep)
+
+        out = self._converse(frame, step, M.Kind.OUTPUT, M.Kind.DOWN, M.Kind.UP, answer)
+        return out.tensor((out.rows, self.hidden_size), "output").unsqueeze(0)
+
+    def _converse(
+        self,
+        frame: bytes,
+        step: int,
+        last: M.Kind,
+        asked: M.Kind,
+        reply: M.Kind,
+        answer: Callable[[M.Message], torch.Tensor],
+    ) -> M.Message:
+        """Send ``frame``, then answer each ``asked`` message of ``step`` with ``reply`` (``answer``: (n, 1, T, r))
+        until ``last`` arrives; the traffic is counted as one message. Returns ``last``."""
+        start = time.perf_counter()
         self._send(frame)
         up, down, up_payload, down_payload = len(frame), 0, len(frame) - M.HEADER.size, 0
         while True:
-            msg = M.unpack(self._receive("output"))
+            msg = M.unpack(self._receive(last.name))
             down += M.HEADER.size + len(msg.payload)
             down_payload += len(msg.payload)
-            if msg.step != step:
+            if msg.step != step or msg.kind not in (last, asked):
                 raise WireError(
-                    f"the server sent {msg.kind.name} for step {msg.step} during step {step}", code="out_of_step"
+                    f"expected {asked.name} or {last.name} for step {step}, got {msg.kind.name} for step {msg.step}",
+                    code="out_of_step",
                 )
-            if msg.kind == M.Kind.OUTPUT:
-                out = msg.tensor((msg.rows, self.hidden_size), "output").unsqueeze(0)
+            if msg.kind == last:
                 break
-            if msg.kind != M.Kind.DOWN:
-                raise WireError(f"expected DOWN or OUTPUT, got {msg.kind.name}", code="bad_frame")
-            u = self._values(msg, self.adapters.layout.rank_c2d)
-            v = self.adapters.answer(msg.layer, msg.group, u, keep=keep)
-            reply = M.pack(M.Kind.UP, step, v[:, 0], layer=msg.layer, group=msg.group, dtype=self.dtype)
-            self._send(reply)
+            values = answer(msg)
+            data = M.pack(reply, step, values[:, 0], layer=msg.layer, group=msg.group, dtype=self.dtype)
+            self._send(data)
             self.exchanges += 1
-            up += len(reply)
-            up_payload += len(reply) - M.HEADER.size
+            up += len(data)
+            up_payload += len(data) - M.HEADER.size
         self.traffic.add(up, down, up_payload, down_payload, seconds=time.perf_counter() - start)
-        return out
+        return msg
 
     def close(self) -> None:
         with contextlib.suppress(ConnectionClosed, RuntimeError):

@@ -17,14 +17,15 @@ from ssl import SSLContext
 
 import torch
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.server import Server, ServerConnection, serve
+from websockets.sync.server import ServerConnection
 
-from lambdasplit.errors import CodedError, LambdaSplitError, WireError
+from lambdasplit.errors import LambdaSplitError, WireError
 from lambdasplit.privatelora import messages as M
 from lambdasplit.privatelora.cloud import CloudAdapters, exchanging, forward_for_training
 from lambdasplit.privatelora.layout import AdapterLayout
 from lambdasplit.split import SplitModel
 from lambdasplit.split.state import BodyState
+from lambdasplit.syncws import SessionServer, control_type, send_error
 from lambdasplit.wire.tensors import WireDtype
 
 log = logging.getLogger("lambdasplit.privatelora")
@@ -77,7 +78,7 @@ class _DeviceExchange:
         return values.view(n, batch, rows, width).to(sent.device, sent.dtype)
 
 
-class AdapterServer:
+class AdapterServer(SessionServer):
     """The body of ``split`` with PrivateLoRA adapters of ``layout``, serving devices on ``host:port`` (WebSocket).
 
     ``timeout``: how long a session waits for its device at any point (an exchange, the next message).
@@ -102,45 +103,17 @@ class AdapterServer:
         self.split, self.layout, self.timeout, self.tap = split, layout, timeout, tap
         self.adapters = CloudAdapters(split.body, layout)
         self.sessions = threading.BoundedSemaphore(max_sessions)
-        self.server: Server = serve(
-            self._session, host, port, max_size=MAX_MESSAGE, compression=None, open_timeout=timeout, ssl=ssl
-        )
-        self.scheme = "ws" if ssl is None else "wss"
-        self._thread: threading.Thread | None = None
+        super().__init__(self._session, host, port, max_size=MAX_MESSAGE, timeout=timeout, ssl=ssl, name="privatelora")
         self.served = 0  # sessions that ended, however
         self.active = 0  # sessions in progress
         self._count = threading.Lock()
 
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.server.socket.getsockname()[:2]
-        return str(host), int(port)
-
-    @property
-    def url(self) -> str:
-        host, port = self.address
-        host = f"[{host}]" if ":" in host else host
-        return f"{self.scheme}://{host}:{port}"
-
     def start(self) -> AdapterServer:
-        """Serve in a background thread (tests; the command line calls ``serve_forever``)."""
-        self._thread = threading.Thread(target=self.server.serve_forever, name="privatelora", daemon=True)
-        self._thread.start()
+        super().start()
         return self
-
-    def serve_forever(self) -> None:
-        self.server.serve_forever()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        if self._thread is not None:
-            self._thread.join(10)
 
     def __enter__(self) -> AdapterServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def ready(self) -> dict[str, object]:
         body = self.adapters.body
@@ -158,7 +131,7 @@ class AdapterServer:
 
     def _session(self, ws: ServerConnection) -> None:
         if not self.sessions.acquire(blocking=False):
-            _send_error(ws, WireError("this server is at its session limit; try again later", code="busy"))
+            send_error(ws, WireError("this server is at its session limit; try again later", code="busy"))
             return
         with self._count:
             self.active += 1
@@ -170,10 +143,10 @@ class AdapterServer:
             log.info("privatelora: the device left")
         except LambdaSplitError as e:
             log.warning("privatelora: session ended: %s", e)
-            _send_error(ws, e)
+            send_error(ws, e)
         except Exception as e:  # a bug: the device still gets an answer
             log.exception("privatelora: session failed")
-            _send_error(ws, WireError(f"the adapter server failed: {type(e).__name__}: {e}", code="internal"))
+            send_error(ws, WireError(f"the adapter server failed: {type(e).__name__}: {e}", code="internal"))
         finally:
             with self._count:
                 self.served += 1
@@ -223,9 +196,9 @@ class _Session:
             except TimeoutError:
                 raise WireError(f"the device was silent for {self.server.timeout:.0f} s", code="timeout") from None
             if isinstance(data, str):
-                if _control(data) == "close":
+                if control_type(data) == "close":
                     return
-                raise WireError(f"unexpected {_control(data)!r} message in a session", code="bad_frame")
+                raise WireError(f"unexpected {control_type(data)!r} message in a session", code="bad_frame")
             msg = M.unpack(data)
             if msg.kind in (M.Kind.FORWARD, M.Kind.TRAIN):
                 self._forward(msg)
@@ -277,19 +250,3 @@ class _Session:
         with exchanging(exchange), torch.inference_mode(False):
             torch.autograd.backward(out, grad)
         self.ws.send(M.pack(M.Kind.DONE, msg.step))
-
-
-def _control(data: str) -> str:
-    try:
-        return str(json.loads(data).get("type"))
-    except (ValueError, AttributeError):
-        return "malformed"
-
-
-def _send_error(ws: ServerConnection, error: LambdaSplitError) -> None:
-    code = error.code if isinstance(error, CodedError) else "bad_request"
-    try:
-        ws.send(json.dumps({"type": "error", "code": code, "message": str(error)}))
-        ws.close()
-    except ConnectionClosed:
-        pass

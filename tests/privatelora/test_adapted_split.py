@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LAYOUT, TIMEOUT, autograd_reference, random_adapters
+from privatelora_helpers import LAYOUT, TIMEOUT, autograd_reference, random_adapters
 
 from lambdasplit.generation import generate
 from lambdasplit.privatelora import AdapterLink, AdapterServer, PrivateAdapters, SplitTrainer, merge_into

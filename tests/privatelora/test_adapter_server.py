@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import LAYOUT, TIMEOUT, random_adapters
+from privatelora_helpers import LAYOUT, TIMEOUT, random_adapters
 from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit.bench.relay import CountingRelay

@@ -1,0 +1,126 @@
+"""Session servers and device connections that block: one thread per session (websockets' synchronous API).
+
+The body servers whose computation stops mid-forward to talk to someone else (the share servers ask their peer
+and the dealer, ``mpc.server``; the PrivateLoRA server asks the device at every adapted layer,
+``privatelora.server``) run each session in its own thread. What they share lives here: the server's lifecycle,
+the coded error that ends a session, and a device's connection with its TLS rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable
+from ssl import SSLContext
+from urllib.parse import urlsplit
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import ClientConnection, connect
+from websockets.sync.server import Server, ServerConnection, serve
+
+from lambdasplit.errors import CodedError, ConfigError, LambdaSplitError, WireError
+from lambdasplit.tls import TlsTrust, is_loopback
+
+
+class SessionServer:
+    """``handler(connection)`` for every WebSocket connection to ``host:port``, each in its own thread.
+
+    ``start`` serves in a background thread (tests); the command line calls ``serve_forever``.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[ServerConnection], None],
+        host: str,
+        port: int,
+        *,
+        max_size: int,
+        timeout: float,
+        ssl: SSLContext | None,
+        name: str,
+    ) -> None:
+        self.server: Server = serve(
+            handler, host, port, max_size=max_size, compression=None, open_timeout=timeout, ssl=ssl
+        )
+        self.scheme = "ws" if ssl is None else "wss"
+        self._name = name
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.socket.getsockname()[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{host}:{port}"
+
+    def start(self) -> SessionServer:
+        self._thread = threading.Thread(target=self.server.serve_forever, name=self._name, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> SessionServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def control_type(data: str) -> str:
+    """The ``type`` of a JSON control message, or ``malformed``."""
+    try:
+        return str(json.loads(data).get("type"))
+    except (ValueError, AttributeError):
+        return "malformed"
+
+
+def send_error(ws: ServerConnection, error: LambdaSplitError) -> None:
+    """End a session with ``{"type": "error", "code", "message"}``; a device already gone is no error."""
+    code = error.code if isinstance(error, CodedError) else "bad_request"
+    try:
+        ws.send(json.dumps({"type": "error", "code": code, "message": str(error)}))
+        ws.close()
+    except ConnectionClosed:
+        pass
+
+
+def connect_session(
+    url: str,
+    *,
+    what: str,
+    exposes: str,
+    trust: TlsTrust,
+    timeout: float,
+    max_size: int,
+    stack: contextlib.ExitStack,
+) -> ClientConnection:
+    """A device's connection to ``what`` at ``url`` (ws:// or wss://), entered on ``stack``.
+
+    Plain ws:// beyond loopback is refused unless ``trust.insecure``: it would show ``exposes`` to the network.
+    """
+    parsed = urlsplit(url)
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "wss" else 80)
+    if parsed.scheme not in ("ws", "wss"):
+        raise ConfigError(f"{what}'s URL is ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
+    if parsed.scheme == "ws" and not is_loopback(host) and not trust.insecure:
+        raise ConfigError(
+            f"{url}: plain ws:// beyond loopback would show {exposes} to the network; serve {what} with TLS "
+            "(wss://), or pass --insecure if TLS is terminated on a path you trust"
+        )
+    context = trust.context(host, port) if parsed.scheme == "wss" else None
+    try:
+        return stack.enter_context(connect(url, max_size=max_size, compression=None, open_timeout=timeout, ssl=context))
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
+        raise WireError(f"cannot reach {what} at {url}: {e}", code="unreachable") from None
