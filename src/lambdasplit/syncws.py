@@ -13,6 +13,7 @@ import json
 import threading
 from collections.abc import Callable
 from ssl import SSLContext
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -84,6 +85,21 @@ def control_type(data: str) -> str:
         return str(json.loads(data).get("type"))
     except (ValueError, AttributeError):
         return "malformed"
+
+
+def receive_open(ws: ServerConnection, timeout: float, fields: str) -> dict[str, Any]:
+    """A session's first message, a JSON object; ``timeout`` or ``bad_frame`` (naming ``fields``) otherwise."""
+    try:
+        raw = ws.recv(timeout=timeout)
+    except TimeoutError:
+        raise WireError(f"the device sent no open message within {timeout:.0f} s", code="timeout") from None
+    try:
+        opened = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        opened = None
+    if not isinstance(opened, dict) or opened.get("type") != "open":
+        raise WireError(f"the first message must be {{type: open, {fields}}}", code="bad_frame")
+    return opened
 
 
 def send_error(ws: ServerConnection, error: LambdaSplitError) -> None:

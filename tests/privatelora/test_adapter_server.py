@@ -219,3 +219,16 @@ def test_a_device_with_another_model_is_refused(parts, server, tiny_checkpoint) 
         link.check_model(parts[0])  # the same checkpoint: accepted
         with pytest.raises(ConfigError, match="pass the server's --model"):
             link.check_model(other)
+
+
+@pytest.mark.parametrize(
+    ("opening", "message"),
+    [("hello", "type: open"), (json.dumps({"type": "open", "adapters": None, "dtype": "int8"}), "dtype")],
+    ids=["not-json", "quantized-dtype"],
+)
+def test_a_bad_open_is_refused(parts, server, opening: str, message: str) -> None:
+    with connect(server.url, open_timeout=TIMEOUT) as ws:
+        ws.send(opening)
+        error = _error(ws)
+    assert error["code"] == "bad_frame" and message in error["message"]
+    works(server, parts[0])

@@ -37,7 +37,7 @@ from lambdasplit.mpc.ops import SMOLLM2_REST, SMOLLM2_SINK, NormPlan, SharedOps
 from lambdasplit.mpc.party import Party
 from lambdasplit.mpc.peer import SESSION_BYTES, PeerChannel, PeerListener, join
 from lambdasplit.mpc.ring import KEY_BYTES, Ring
-from lambdasplit.syncws import SessionServer, control_type, send_error
+from lambdasplit.syncws import SessionServer, control_type, receive_open, send_error
 
 log = logging.getLogger("lambdasplit.mpc")
 
@@ -236,17 +236,14 @@ class ShareServer(SessionServer):
             self.sessions.release()
 
     def _open(self, ws: ServerConnection) -> tuple[bytes, bytes]:
+        fields = "session, party, key"
+        opened = receive_open(ws, self.timeout, fields)
         try:
-            raw = ws.recv(timeout=self.timeout)
-        except TimeoutError:
-            raise WireError(f"the device sent no open message within {self.timeout:.0f} s", code="timeout") from None
-        try:
-            opened = json.loads(raw) if isinstance(raw, str) else {}
             session, key = bytes.fromhex(opened["session"]), bytes.fromhex(opened["key"])
             party = opened["party"]
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise WireError("the first message must be {type: open, session, party, key}", code="bad_frame") from None
-        if opened.get("type") != "open" or len(session) != SESSION_BYTES or len(key) != KEY_BYTES:
+            raise WireError(f"the first message must be {{type: open, {fields}}}", code="bad_frame") from None
+        if len(session) != SESSION_BYTES or len(key) != KEY_BYTES:
             raise WireError(f"open needs a {SESSION_BYTES}-byte session and a {KEY_BYTES}-byte key", code="bad_frame")
         if party != self.party:
             raise WireError(f"this is share server {self.party}; the device expected party {party}", code="wrong_party")

@@ -25,7 +25,7 @@ from lambdasplit.privatelora.cloud import CloudAdapters, exchanging, forward_for
 from lambdasplit.privatelora.layout import AdapterLayout
 from lambdasplit.split import SplitModel
 from lambdasplit.split.state import BodyState
-from lambdasplit.syncws import SessionServer, control_type, send_error
+from lambdasplit.syncws import SessionServer, control_type, receive_open, send_error
 from lambdasplit.wire.tensors import WireDtype
 
 log = logging.getLogger("lambdasplit.privatelora")
@@ -154,18 +154,11 @@ class AdapterServer(SessionServer):
             self.sessions.release()
 
     def _open(self, ws: ServerConnection) -> WireDtype:
-        try:
-            raw = ws.recv(timeout=self.timeout)
-        except TimeoutError:
-            raise WireError(f"the device sent no open message within {self.timeout:.0f} s", code="timeout") from None
-        try:
-            opened = json.loads(raw) if isinstance(raw, str) else {}
-            asked, dtype = opened["adapters"], opened.get("dtype", "float32")
-        except (ValueError, KeyError, TypeError):
-            raise WireError("the first message must be {type: open, adapters, dtype}", code="bad_frame") from None
+        opened = receive_open(ws, self.timeout, "adapters, dtype")
         # adapters null: a new device takes this server's layout (ready says it) and starts from M = 0
-        if opened.get("type") != "open" or dtype not in M.WIRE_DTYPES:
-            raise WireError(f"open needs type 'open' and a dtype of {', '.join(M.WIRE_DTYPES)}", code="bad_frame")
+        asked, dtype = opened.get("adapters"), opened.get("dtype", "float32")
+        if dtype not in M.WIRE_DTYPES:
+            raise WireError(f"open's dtype is one of {', '.join(M.WIRE_DTYPES)}, got {dtype!r}", code="bad_frame")
         if asked is not None and asked != self.layout.describe():
             raise WireError(
                 f"the device's adapters {asked} do not match this server's {self.layout.describe()}",
