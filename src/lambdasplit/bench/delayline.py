@@ -23,9 +23,11 @@ import argparse
 import collections
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 READY = "delayline: ready"
 _ETH_P_ALL = 0x0003
@@ -119,6 +121,15 @@ def run(a: str, b: str, a_to_b: Shape, b_to_a: Shape, queue_bytes: int = 16 << 2
     return forward, backward
 
 
+def _watch_parent() -> None:
+    """End with the process that started this relay (``lambdasplit.lifetime``: SIGTERM once it is gone). This script
+    runs isolated (``python -I``), so the package is found from the script's own path; importing it is cheap."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from lambdasplit.lifetime import watch_parent
+
+    watch_parent()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Relay Ethernet frames between two interfaces with rate and delay.")
     ap.add_argument("a")
@@ -127,6 +138,7 @@ def main() -> None:
     ap.add_argument("--b-to-a", type=Shape.parse, required=True)
     ap.add_argument("--queue-bytes", type=int, default=16 << 20)
     args = ap.parse_args()
+    _watch_parent()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

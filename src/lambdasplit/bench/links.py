@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from lambdasplit.bench import delayline
 from lambdasplit.errors import ConfigError
+from lambdasplit.lifetime import child_environment
 from lambdasplit.server.process import stop_process
 
 _PREFIX = "lsplit"
@@ -212,6 +213,7 @@ def open_link(link: Link, *, _probe: bool = False) -> Iterator[LinkEndpoints]:
             [*in_relay, sys.executable, "-I", delayline.__file__, dev_peer, cloud_peer,
              "--a-to-b", up, "--b-to-a", down],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env=child_environment(),  # the relay ends with this process (lifetime.py)
         )  # fmt: skip
         line = relay.stdout.readline() if relay.stdout else ""
         if not line.startswith(delayline.READY):

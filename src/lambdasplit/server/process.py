@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from lambdasplit.errors import LambdaSplitError
+from lambdasplit.lifetime import child_environment
 from lambdasplit.server.run import READY
 
 
@@ -50,7 +51,7 @@ def lambdasplit_process(
     wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> Iterator[str]:
     """Run ``lambdasplit ARGV``; yield what follows ``ready`` on the line that starts with it; stop it after."""
-    child_env = {**os.environ, **(env or {})}
+    child_env = child_environment({**os.environ, **(env or {})})  # the child ends if this process goes
     if token is not None:
         child_env["LAMBDASPLIT_TOKEN"] = token
     command = [sys.executable, "-c", "from lambdasplit.cli import main; main()", *argv]
