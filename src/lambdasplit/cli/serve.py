@@ -70,6 +70,15 @@ def serve_command(
         ),
     ] = None,
     max_sessions: Annotated[int, typer.Option(help="Sessions held at once; more are refused.")] = _d.max_sessions,
+    max_connections: Annotated[
+        int, typer.Option(help="WebSocket connections held at once; more are refused (HTTP 503).")
+    ] = _d.max_connections,
+    max_connections_per_client: Annotated[
+        int, typer.Option(help="Connections one client address may hold; more are refused (HTTP 503).")
+    ] = _d.max_connections_per_client,
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may take to send its upgrade request before it is closed.")
+    ] = _d.handshake_timeout,
     max_context: Annotated[int, typer.Option(help="Positions per session's KV cache.")] = _d.max_context,
     idle_ttl: Annotated[float, typer.Option(help="Seconds before an unused session is freed.")] = _d.idle_ttl,
     max_frame_bytes: Annotated[int, typer.Option(help="Largest frame accepted.")] = _d.max_frame_bytes,
@@ -178,6 +187,9 @@ def serve_command(
         port=port,
         tokens=tokens,
         max_sessions=max_sessions,
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
+        handshake_timeout=handshake_timeout,
         max_context=max_context,
         idle_ttl=idle_ttl,
         max_frame_bytes=max_frame_bytes,

@@ -51,6 +51,7 @@ class FrameServer:
         base = ("connections", "sessions_opened", "bytes_in", "bytes_out")
         self.counters: Counter[str] = Counter(dict.fromkeys(base + counted, 0))
         self.errors: Counter[str] = Counter()
+        self._held: Counter[str] = Counter()  # WebSocket connections held, per client address
         self.app = Starlette(
             routes=[
                 Route("/health", self.health),
@@ -124,7 +125,34 @@ class FrameServer:
         # compare_digest against every token, without short-circuiting, so timing says nothing.
         return sum(hmac.compare_digest(given, t.encode()) for t in self.settings.tokens) > 0
 
+    def _over_limit(self, address: str) -> str | None:
+        """Why a new connection from ``address`` is refused (the connection caps), or None."""
+        total, mine = sum(self._held.values()), self._held[address]
+        if total >= self.settings.max_connections:
+            return f"this server holds {total} connections, its limit (max_connections); try again later"
+        if mine >= self.settings.max_connections_per_client:
+            return (
+                f"{address} holds {mine} connections to this server, the limit per client address "
+                "(max_connections_per_client); close one or try again later"
+            )
+        return None
+
     async def websocket(self, ws: WebSocket) -> None:
+        address = ws.client.host if ws.client is not None else "?"
+        if (why := self._over_limit(address)) is not None:
+            self.errors["too_many_connections"] += 1
+            body = {"error": {"code": "too_many_connections", "message": why}}
+            await ws.send_denial_response(JSONResponse(body, 503, headers={"Retry-After": "5"}))
+            return
+        self._held[address] += 1
+        try:
+            await self._connection(ws)
+        finally:
+            self._held[address] -= 1
+            if not self._held[address]:
+                del self._held[address]
+
+    async def _connection(self, ws: WebSocket) -> None:
         if not self._authorized(ws.headers.get("authorization")):
             self.errors["unauthorized"] += 1
             await ws.close(code=1008, reason="unauthorized: bad or missing bearer token")  # HTTP 403 pre-accept

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from lambdasplit.server.app import PATH, BodyServer
 from lambdasplit.server.base import FrameServer
@@ -39,6 +41,32 @@ class _AnnouncingServer(uvicorn.Server):
         self._on_ready(f"{scheme}://{host}:{port}{PATH}")
 
 
+def timed_handshakes(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection that has not sent a complete request ``seconds`` after it opened.
+
+    uvicorn's own keep-alive timeout starts only after a first response, so a client that connects and sends
+    nothing (or trickles its headers) would hold the socket forever. Once the request arrives (uvicorn's request
+    cycle exists) or the connection was upgraded to a WebSocket (the transport has another protocol), the timer
+    does nothing.
+    """
+
+    class TimedHandshake(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._handshake = self.loop.call_later(seconds, self._too_slow)
+
+        def _too_slow(self) -> None:
+            transport = self.transport
+            if transport.get_protocol() is self and self.cycle is None and not transport.is_closing():
+                transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._handshake.cancel()
+            super().connection_lost(exc)
+
+    return TimedHandshake
+
+
 def serve(
     split: SplitModel | Mapping[str, SplitModel],
     settings: ServerSettings,
@@ -68,6 +96,7 @@ def serve_app(server: FrameServer, settings: ServerSettings, on_ready: Callable[
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",
+        http=timed_handshakes(settings.handshake_timeout),
         # Frames up to max_frame_bytes are parsed and refused with an error frame; far larger messages are
         # cut off by the WebSocket layer itself (close code 1009) before they are buffered.
         ws_max_size=settings.max_frame_bytes + 65536,

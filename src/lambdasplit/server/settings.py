@@ -35,6 +35,14 @@ class ServerSettings:
     #: seconds again is dropped and its sessions freed (a device that vanished without closing).
     ws_ping_interval: float = 20.0
     max_frame_bytes: int = 64 << 20
+    #: WebSocket connections held at once, from everyone and from one client address; more are refused before the
+    #: upgrade (HTTP 503, ``too_many_connections``), so a client that opens connections in a loop cannot exhaust
+    #: the server's sockets or its other clients' share.
+    max_connections: int = 256
+    max_connections_per_client: int = 32
+    #: Seconds a TCP connection may take to send a complete HTTP request (the WebSocket upgrade) before it is
+    #: closed: half-open and trickled handshakes do not hold a socket forever.
+    handshake_timeout: float = 10.0
     wire_dtypes: tuple[WireDtype, ...] = field(default_factory=lambda: tuple(d for d in WireDtype if d.is_tensor))
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -58,6 +66,13 @@ class ServerSettings:
             "max_batch": (self.max_batch, self.max_batch >= 1, ">= 1 (1: no batching)"),
             "ws_ping_interval": (self.ws_ping_interval, self.ws_ping_interval > 0, "> 0 seconds"),
             "max_frame_bytes": (self.max_frame_bytes, self.max_frame_bytes >= 1024, ">= 1024"),
+            "max_connections": (self.max_connections, self.max_connections >= 1, ">= 1"),
+            "max_connections_per_client": (
+                self.max_connections_per_client,
+                1 <= self.max_connections_per_client <= self.max_connections,
+                "1 .. max_connections",
+            ),
+            "handshake_timeout": (self.handshake_timeout, self.handshake_timeout > 0, "> 0 seconds"),
         }
         for name, (value, ok, allowed) in checks.items():
             if not ok:
