@@ -79,6 +79,13 @@ def serve_command(
     handshake_timeout: Annotated[
         float, typer.Option(help="Seconds a connection may take to send its upgrade request before it is closed.")
     ] = _d.handshake_timeout,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM (or POST /admin/drain): refuse new devices, tell connected ones to move (GOAWAY), and "
+            "exit once they have left or after this many seconds. 0: exit at once."
+        ),
+    ] = _d.drain_seconds,
     max_context: Annotated[int, typer.Option(help="Positions per session's KV cache.")] = _d.max_context,
     idle_ttl: Annotated[float, typer.Option(help="Seconds before an unused session is freed.")] = _d.idle_ttl,
     max_frame_bytes: Annotated[int, typer.Option(help="Largest frame accepted.")] = _d.max_frame_bytes,
@@ -190,6 +197,7 @@ def serve_command(
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,
         handshake_timeout=handshake_timeout,
+        drain_seconds=drain_seconds,
         max_context=max_context,
         idle_ttl=idle_ttl,
         max_frame_bytes=max_frame_bytes,

@@ -120,6 +120,8 @@ class CloudClient:
         self._reconnect_lock = threading.Lock()
         self.epoch = 0  # +1 per (re)connection; sessions of an older epoch are gone
         self.reconnects = 0
+        self.moves = 0  # reconnections because the server said GOAWAY (draining), before it dropped us
+        self.going_away: dict[str, Any] | None = None  # the GOAWAY of the current connection, if one came
         self.frames_sent = self.frames_received = self.bytes_sent = self.bytes_received = 0
         errors: list[LambdaSplitError] = []
         for candidate in self.urls:
@@ -135,6 +137,15 @@ class CloudClient:
 
     def _open(self, url: str) -> dict[str, Any]:
         """Connect to ``url`` and shake hands; only then does it become the client's connection."""
+        ws, welcome = self._handshake_only(url)
+        with self._lock:
+            self._ws, self._sock, self.url = ws, ws.socket, url
+            self.epoch += 1
+            self.going_away = None
+        return welcome
+
+    def _handshake_only(self, url: str) -> tuple[ClientConnection, dict[str, Any]]:
+        """A new connection to ``url`` and its WELCOME, not yet the client's."""
         ws = self._connect(url)
         hello = {"protocol": PROTOCOL, "client": f"lambdasplit/{__version__}"}
         if self._fingerprint:
@@ -147,10 +158,7 @@ class CloudClient:
         except BaseException:
             ws.close()
             raise
-        with self._lock:
-            self._ws, self._sock, self.url = ws, ws.socket, url
-            self.epoch += 1
-        return welcome
+        return ws, welcome
 
     def reconnect(self, seen_epoch: int) -> float:
         """Connect again (to any of the URLs) after the connection of ``seen_epoch`` was lost.
@@ -256,9 +264,51 @@ class CloudClient:
         another session), so a request made for an older connection raises ``StaleConnection`` instead.
         """
         with self._lock:
+            self._notice_goaway(self._ws)
+            seen, move = self.epoch, self.going_away is not None and len(self.urls) > 1
+        if move:
+            self._move(seen)
+        with self._lock:
             if epoch is not None and epoch != self.epoch:
                 raise StaleConnection(f"the connection of epoch {epoch} was replaced (now {self.epoch})")
             return self._exchange(self._ws, data)
+
+    def _move(self, seen_epoch: int) -> None:
+        """The server is draining (GOAWAY): connect to another of the URLs while this connection still works, so
+        sessions rebuild there from their history. With nowhere to go, stay until the server drops us (then the
+        usual reconnection runs)."""
+        with self._reconnect_lock:
+            if self.epoch != seen_epoch:
+                return
+            old, here, layers = self._ws, self.url, self.welcome.get("layers")
+            for url in self.urls:
+                if url == here:
+                    continue
+                try:
+                    ws, welcome = self._handshake_only(url)
+                except (RemoteError, UntrustedCertificate, WireError):
+                    continue
+                if welcome.get("layers") != layers:
+                    ws.close()
+                    continue
+                with self._lock:
+                    self._ws, self._sock, self.url, self.welcome = ws, ws.socket, url, welcome
+                    self.epoch += 1
+                    self.going_away = None
+                    self.moves += 1
+                with contextlib.suppress(Exception):
+                    old.close()
+                return
+
+    def _notice_goaway(self, ws: ClientConnection) -> None:
+        """Take in what the server sent unasked (GOAWAY), without waiting."""
+        while True:
+            try:
+                data = ws.recv(timeout=0)
+            except (TimeoutError, ConnectionClosed, OSError):
+                return
+            if isinstance(data, str) or not self._goaway(data):
+                raise WireError("the server sent a frame nobody asked for")
 
     @contextlib.contextmanager
     def _socket_errors(self, ws: ClientConnection, *, close: bool = False) -> Iterator[None]:
@@ -295,7 +345,16 @@ class CloudClient:
     def _exchange(self, ws: ClientConnection, data: bytes) -> bytes:
         with self._socket_errors(ws, close=True):
             self._send(ws, data)
-            return self._recv(ws)
+            while self._goaway(reply := self._recv(ws)):
+                pass  # noted; the answer follows (a draining server still serves the steps in flight)
+            return reply
+
+    def _goaway(self, data: bytes) -> bool:
+        """Whether ``data`` is a GOAWAY frame (then kept in ``going_away``)."""
+        if len(data) < 4 or data[3] != MessageType.GOAWAY:
+            return False
+        self.going_away = decode_frame(data, self.limits).json_body()
+        return True
 
     def send(self, frame: Frame) -> None:
         """Send one frame that gets no reply of its own (a diffusion input; its answer comes later)."""
@@ -306,7 +365,8 @@ class CloudClient:
     def receive(self) -> Frame:
         """The next frame the server sends (one of several replies, or an error about an earlier frame)."""
         with self._lock, self._socket_errors(self._ws):
-            reply = self._recv(self._ws)
+            while self._goaway(reply := self._recv(self._ws)):
+                pass  # noted: a stream in flight finishes here; the next request moves (``roundtrip``)
         return raise_for_error(decode_frame(reply, self.limits))
 
     def request(self, frame: Frame, epoch: int | None = None) -> Frame:

@@ -52,10 +52,13 @@ class FrameServer:
         self.counters: Counter[str] = Counter(dict.fromkeys(base + counted, 0))
         self.errors: Counter[str] = Counter()
         self._held: Counter[str] = Counter()  # WebSocket connections held, per client address
+        self._connections: dict[int, WebSocket] = {}  # accepted connections, to tell them when draining
+        self.draining_until: float | None = None  # time.monotonic() deadline once draining
         self.app = Starlette(
             routes=[
                 Route("/health", self.health),
                 Route("/metrics", self.metrics),
+                Route("/admin/drain", self.admin_drain, methods=["POST"]),
                 WebSocketRoute(PATH, self.websocket),
             ],
             lifespan=self._lifespan,
@@ -108,7 +111,46 @@ class FrameServer:
 
     # --- HTTP -----------------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", **self.health_body()})
+        if self.draining_until is None:
+            return JSONResponse({"status": "ok", **self.health_body()})
+        left = max(0.0, self.draining_until - time.monotonic())
+        return JSONResponse({"status": "draining", "deadline_s": round(left, 3), **self.health_body()})
+
+    async def admin_drain(self, request: Request) -> JSONResponse:
+        """POST /admin/drain[?seconds=S]: start draining, as SIGTERM does (the token when one is set)."""
+        if not self._authorized(request.headers.get("authorization")):
+            return JSONResponse({"error": {"code": "unauthorized", "message": "bad or missing token"}}, 401)
+        try:
+            seconds = float(request.query_params.get("seconds", self.settings.drain_seconds))
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            message = f"seconds must be a number > 0, got {request.query_params.get('seconds')!r}"
+            return JSONResponse({"error": {"code": "bad_request", "message": message}}, 400)
+        await self.drain(seconds)
+        return JSONResponse({"status": "draining", "deadline_s": seconds, "connections": len(self._connections)})
+
+    # --- draining ---------------------------------------------------------------------------------------------
+    async def drain(self, seconds: float) -> None:
+        """Refuse new connections and sessions from now on, and send every connected device GOAWAY: it has
+        ``seconds`` to move to another server (``drained`` says when the server may exit). Idempotent."""
+        if self.draining_until is not None:
+            return
+        self.draining_until = time.monotonic() + seconds
+        goaway = Frame.json(
+            MessageType.GOAWAY,
+            {"deadline_s": seconds, "reason": "the server is draining (a restart): move to another server"},
+        )
+        _log.info("draining: %d connection(s), deadline %.0f s", len(self._connections), seconds)
+        for ws in list(self._connections.values()):
+            with contextlib.suppress(Exception):  # a device already gone has nothing to be told
+                await self._send(ws, goaway)
+
+    def drained(self) -> bool:
+        """Draining, and every device has left or the deadline has passed."""
+        if self.draining_until is None:
+            return False
+        return not self._connections or time.monotonic() >= self.draining_until
 
     async def metrics(self, request: Request) -> JSONResponse:
         if not self._authorized(request.headers.get("authorization")):
@@ -139,9 +181,12 @@ class FrameServer:
 
     async def websocket(self, ws: WebSocket) -> None:
         address = ws.client.host if ws.client is not None else "?"
-        if (why := self._over_limit(address)) is not None:
-            self.errors["too_many_connections"] += 1
-            body = {"error": {"code": "too_many_connections", "message": why}}
+        code, why = "too_many_connections", self._over_limit(address)
+        if self.draining_until is not None:
+            code, why = "draining", "this server is draining (a restart): connect to another one"
+        if why is not None:
+            self.errors[code] += 1
+            body = {"error": {"code": code, "message": why}}
             await ws.send_denial_response(JSONResponse(body, 503, headers={"Retry-After": "5"}))
             return
         self._held[address] += 1
@@ -159,6 +204,7 @@ class FrameServer:
             return
         await ws.accept()
         conn = next(self._conn_ids)
+        self._connections[conn] = ws
         self.counters["connections"] += 1
         greeted = False
         # A reader task takes messages off the socket while a request runs, so a client that goes away in
@@ -183,6 +229,8 @@ class FrameServer:
                         frame = decode_frame(data, self.limits)
                         if frame.type is not MessageType.HELLO and not greeted:
                             raise Refusal("hello_first", "send HELLO before anything else")
+                        if frame.type is MessageType.OPEN and self.draining_until is not None:
+                            raise Refusal("draining", "this server is draining (a restart): open it elsewhere")
                         reply = await self._dispatch(conn, frame, gone)
                         greeted = True
                     except (CodedError, ConfigError) as e:
@@ -195,6 +243,7 @@ class FrameServer:
             pass
         finally:
             reader.cancel()
+            self._connections.pop(conn, None)
             freed = self.close_owner(conn)
             if freed:
                 _log.info("connection %d went away; freed %d session(s)", conn, freed)

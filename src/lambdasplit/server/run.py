@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Mapping
+from types import FrameType
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -25,11 +27,37 @@ def announce(url: str, fingerprint: str | None) -> None:
 
 
 class _AnnouncingServer(uvicorn.Server):
-    """uvicorn.Server that reports the real port after binding, so ``--port 0`` is race-free for callers."""
+    """uvicorn.Server that reports the real port after binding, so ``--port 0`` is race-free for callers, and
+    drains on SIGTERM.
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str], None]) -> None:
+    Draining (``FrameServer.drain``): the first SIGTERM, or POST /admin/drain, starts it instead of uvicorn's
+    immediate shutdown; the server exits once ``drained`` (its devices have left, or the deadline passed). A second
+    SIGTERM, or Ctrl-C, exits at once.
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, on_ready: Callable[[str], None], app: FrameServer | None = None, drain: float = 0
+    ) -> None:
         super().__init__(config)
         self._on_ready = on_ready
+        self._app, self._drain_seconds = app, drain
+        self._drain_asked = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        draining = self._app is not None and self._app.draining_until is not None
+        if sig == signal.SIGTERM and self._app is not None and self._drain_seconds > 0 and not draining:
+            self._drain_asked = True  # started on the loop's next tick (this runs in a signal handler)
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._app is not None:
+            if self._drain_asked:
+                self._drain_asked = False
+                await self._app.drain(self._drain_seconds)
+            if self._app.drained():
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         await super().startup(sockets)
@@ -109,4 +137,4 @@ def serve_app(server: FrameServer, settings: ServerSettings, on_ready: Callable[
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
-    _AnnouncingServer(config, on_ready).run()
+    _AnnouncingServer(config, on_ready, server, settings.drain_seconds).run()

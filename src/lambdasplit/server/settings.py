@@ -43,6 +43,10 @@ class ServerSettings:
     #: Seconds a TCP connection may take to send a complete HTTP request (the WebSocket upgrade) before it is
     #: closed: half-open and trickled handshakes do not hold a socket forever.
     handshake_timeout: float = 10.0
+    #: On SIGTERM (or POST /admin/drain) the server drains: it refuses new connections and sessions, sends every
+    #: device GOAWAY with this deadline, serves the steps still coming, and exits once its devices have left or
+    #: the deadline has passed. 0: exit at once, dropping connected devices.
+    drain_seconds: float = 30.0
     wire_dtypes: tuple[WireDtype, ...] = field(default_factory=lambda: tuple(d for d in WireDtype if d.is_tensor))
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -73,6 +77,7 @@ class ServerSettings:
                 "1 .. max_connections",
             ),
             "handshake_timeout": (self.handshake_timeout, self.handshake_timeout > 0, "> 0 seconds"),
+            "drain_seconds": (self.drain_seconds, self.drain_seconds >= 0, ">= 0 seconds (0: no draining)"),
         }
         for name, (value, ok, allowed) in checks.items():
             if not ok:

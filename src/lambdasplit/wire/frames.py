@@ -65,6 +65,7 @@ class MessageType(IntEnum):
     GENERATE = 11  # client -> server, JSON: a whole generation from text (cloud-only servers; the baseline)
     TEXT = 12  # server -> client, JSON: the generated text, answer to GENERATE
     STATE = 13  # server -> client, JSON: a diffusion scheduler's state handed to the device (CollaFuse policy)
+    GOAWAY = 14  # server -> client, unasked, JSON {"deadline_s", "reason"}: the server is draining; move elsewhere
     ERROR = 127  # server -> client, JSON {"code": str, "message": str}
 
 
@@ -96,6 +97,7 @@ _ALLOWED_DTYPES = {
     MessageType.GENERATE: _JSON,
     MessageType.TEXT: _JSON,
     MessageType.STATE: _JSON,
+    MessageType.GOAWAY: _JSON,
     MessageType.ERROR: _JSON,
 }
 
