@@ -208,3 +208,27 @@ def test_a_device_that_leaves_mid_image_stops_its_stream(server, pipe):
         time.sleep(0.2)
     assert after["sessions"] == 0
     assert after["steps"] - before["steps"] < 100  # the stream stopped, it did not run to step 400
+
+
+def test_a_diffusion_server_drains_like_the_llm_server(pipeline_dir, pipe) -> None:
+    """POST /admin/drain: GOAWAY to the connected device, /health draining, newcomers refused (HTTP 503, draining)."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from lambdasplit.wire import decode_frame
+
+    with body_server("--pipeline", str(pipeline_dir)) as url:
+        client = _client(url, pipe)
+        with connect(url, open_timeout=10) as held:  # a second device, to keep the server draining
+            request = urllib.request.Request(http_url(url, "/admin/drain?seconds=30"), method="POST")
+            with urllib.request.urlopen(request, timeout=5) as r:
+                assert json.loads(r.read())["status"] == "draining"
+            assert decode_frame(held.recv(timeout=5)).type is MessageType.GOAWAY
+            with urllib.request.urlopen(http_url(url, "/health"), timeout=5) as r:
+                assert json.loads(r.read())["status"] == "draining"
+            with pytest.raises(InvalidStatus) as refused:
+                connect(url, open_timeout=10)
+            assert json.loads(refused.value.response.body)["error"]["code"] == "draining"
+            client.ping()  # the device still connected is still served, and has the GOAWAY noted
+            assert client.going_away is not None and client.going_away["deadline_s"] == 30
+        client.close()
