@@ -100,3 +100,16 @@ def test_demo_ended_while_its_server_starts_leaves_no_child_behind(tiny_checkpoi
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_foreign_child_ends_with_the_thread_that_started_it() -> None:
+    """tcpdump's way (``end_with_this_process``): a plain program, SIGKILL to its parent, the kernel ends it."""
+    code = (
+        "import subprocess, time; from lambdasplit.lifetime import end_with_this_process; "
+        "p = subprocess.Popen(['sleep', '60'], preexec_fn=end_with_this_process()); print(p.pid, flush=True); "
+        "time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    end(parent, signal.SIGKILL, [child])

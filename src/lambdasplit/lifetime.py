@@ -17,16 +17,19 @@ works on every POSIX system.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 PARENT_ENV = "LAMBDASPLIT_PARENT_PID"
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 10.0  # after its SIGTERM, how long a child may take to exit before it is ended outright
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def child_environment(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -68,3 +71,20 @@ def exit_on_termination() -> None:
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, leave)
+
+
+def end_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for a child that is not a lambdasplit command (tcpdump): Linux sends it SIGTERM when the
+    thread that starts it ends (``PR_SET_PDEATHSIG``), so call ``Popen`` from the main thread. None elsewhere.
+
+    ``libc.prctl`` is looked up here, before the fork: the function the child runs does nothing but call it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    term = int(signal.SIGTERM)
+
+    def set_parent_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0)
+
+    return set_parent_death_signal

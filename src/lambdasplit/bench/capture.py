@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lambdasplit.errors import ConfigError
+from lambdasplit.lifetime import end_with_this_process
 from lambdasplit.server.process import stop_process
 
 
@@ -68,7 +69,9 @@ def capture(iface: str, port: int, path: Path, snaplen: int = 128) -> Iterator[P
         raise ConfigError(reason)
     argv = ["tcpdump", "-i", iface, "-w", str(path), "-U", "-n", "-s", str(snaplen), "--immediate-mode"]
     argv.append(f"tcp port {port}")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=end_with_this_process()
+    )  # tcpdump ends with this process, however it ends (lifetime.py)
     answered = threading.Event()  # tcpdump said it listens, or its stderr ended (it exited)
     lines: list[str] = []
 
