@@ -78,6 +78,18 @@ def test_a_client_over_its_connection_cap_is_refused_and_others_are_served(tiny_
             again.close()
 
 
+def test_the_total_connection_cap_refuses_every_address(tiny_checkpoint) -> None:
+    path, _ = tiny_checkpoint("llama")
+    args = ["--model", str(path), "--layers", LAYERS, "--max-connections", "2", "--max-connections-per-client", "2"]
+    with body_server(*args) as url, ExitStack() as held:
+        held.enter_context(from_address(url, "127.0.0.2"))
+        held.enter_context(from_address(url, "127.0.0.4"))
+        with pytest.raises(InvalidStatus) as refused:
+            from_address(url, "127.0.0.5")
+        error = json.loads(refused.value.response.body)["error"]
+        assert error["code"] == "too_many_connections" and "(max_connections)" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("max_connections", 0), ("max_connections_per_client", 0), ("handshake_timeout", 0.0)],
