@@ -58,13 +58,13 @@ class AdapterLink:
         self.exchanges = 0
         self.step = 0
         self._stack = contextlib.ExitStack()
-        self._ready_data: dict[str, Any] | None = None
         self.ws = self._connect(url)
         try:
             asked = None if adapters is None else adapters.layout.describe()
             self._send(json.dumps({"type": "open", "adapters": asked, "dtype": dtype}))
-            self.adapters = adapters or self._adapters_of(self._ready_message())
-            self.ready = self._ready()
+            self.ready = self._ready_message()
+            self.adapters = adapters or self._adapters_of(self.ready)
+            self._check_ready(self.ready)
         except BaseException:
             self.close()
             raise
@@ -81,13 +81,11 @@ class AdapterLink:
         )
 
     def _ready_message(self) -> dict[str, Any]:
-        if self._ready_data is None:
-            data = self._receive("ready message")
-            ready = json.loads(data) if isinstance(data, str) else {}
-            if ready.get("type") != "ready":
-                raise WireError(f"the server answered open with {str(data)[:200]!r}", code="bad_frame")
-            self._ready_data = ready
-        return self._ready_data
+        data = self._receive("ready message")
+        ready = json.loads(data) if isinstance(data, str) else {}
+        if ready.get("type") != "ready":
+            raise WireError(f"the server answered open with {str(data)[:200]!r}", code="bad_frame")
+        return dict(ready)
 
     @staticmethod
     def _adapters_of(ready: dict[str, Any]) -> PrivateAdapters:
@@ -97,8 +95,8 @@ class AdapterLink:
         )
         return PrivateAdapters(layout, range(*ready["layers"]))
 
-    def _ready(self) -> dict[str, Any]:
-        ready = self._ready_message()
+    def _check_ready(self, ready: dict[str, Any]) -> None:
+        """Refuse a server whose layers, groups or seed are not these adapters'."""
         start, stop = ready["layers"]
         if list(range(start, stop)) != self.adapters.layers:
             raise ConfigError(
@@ -115,7 +113,6 @@ class AdapterLink:
                 f"{self.adapters.layout.seed}"
             )
         self.hidden_size = int(ready["hidden_size"])
-        return dict(ready)
 
     def check_model(self, split: SplitModel) -> None:
         """Refuse to pair this device's ``split`` (head and tail) with a server running another model."""
