@@ -42,7 +42,7 @@ def test_schedulers_with_state_stay_in_lockstep(tiny_sd, scheduler, policy):
         reference = unsplit(tiny_sd, "a green square", steps=7, seed=3, guidance=4.0)
         link = LocalLink(DiffusionBody(tiny_sd.unet, "tiny"))
         out = SplitPipeline(tiny_sd).generate(
-            "a green square", link, policy=policy, steps=7, seed=3, guidance_scale=4.0, cut=0.4, **EXACT
+            "a green square", link, policy=policy, steps=7, seed=3, guidance_scale=4.0, cut_ratio=0.6, **EXACT
         )
     finally:
         tiny_sd.scheduler = original
@@ -105,7 +105,7 @@ def test_progress_callback_sees_every_step(tiny_sd):
     seen: list[tuple[int, int]] = []
     link = LocalLink(DiffusionBody(tiny_sd.unet, "tiny"))
     SplitPipeline(tiny_sd).generate(
-        PROMPT, link, policy="collafuse", steps=4, cut=0.5, on_step=lambda done, total: seen.append((done, total))
+        PROMPT, link, policy="collafuse", steps=4, cut_ratio=0.5, on_step=lambda done, total: seen.append((done, total))
     )
     assert seen == [(2, 4), (3, 4), (4, 4)]
     assert torch.is_tensor(link.body.unet.conv_in.weight)

@@ -23,7 +23,7 @@ GOOD = {
 def test_options_round_trip_through_json():
     options = SessionOptions.from_json(GOOD)
     assert SessionOptions.from_json(options.to_json()) == options
-    assert options.cloud_steps(10) == 5 and SessionOptions.from_json({**GOOD, "cut": 0.3}).cloud_steps(10) == 7
+    assert options.cloud_steps(10) == 5 and SessionOptions.from_json({**GOOD, "cut_ratio": 0.7}).cloud_steps(10) == 7
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,8 @@ def test_options_round_trip_through_json():
         ({"guidance_scale": -1}, "guidance_scale"),
         ({"wire_dtype": "int3"}, "unknown wire dtype"),
         ({"granularity": "pixel"}, "granularity"),
-        ({"cut": 1.5}, "cut ratio"),
+        ({"cut_ratio": 1.5}, "CollaFuse's cut ratio c"),
+        ({"cut": 1.5}, r"old cut \(the device's share"),
         ({"latent_shape": [2, 4, 16, 16]}, "latent_shape"),
         ({"latent_shape": [1, 4, 16, 1 << 20]}, "1-4 dims"),
         ({"inputs": {"text_embeds": [2, 32]}}, "inputs are"),

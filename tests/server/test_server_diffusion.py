@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 import in_process
 from lambdasplit.client import CloudClient, RemoteDiffusionLink
@@ -23,6 +24,7 @@ from servers import body_server, http_url
 from tiny_pipelines import tiny_sd_pipeline, unsplit
 
 PROMPT = "a yellow triangle in the center on a black background"
+EXACT = {"wire_dtype": "float32", "input_dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,24 @@ def test_split_image_over_loopback_equals_unsplit(server, pipe, policy):
     assert out.traffic.bytes_up <= socket.sent <= out.traffic.bytes_up + 14 * out.traffic.frames_up
     assert out.traffic.bytes_down <= socket.received <= out.traffic.bytes_down + 14 * out.traffic.frames_down
     assert out.cloud_seconds > 0
+
+
+def test_ddpm_collafuse_over_loopback_equals_unsplit_by_seed(server, pipe):
+    """A stochastic sampler under collafuse: the cloud draws its steps' noise from the device's generator stream,
+    so the image is the unsplit pipeline's for the seed, bit for bit."""
+    original = pipe.scheduler
+    pipe.scheduler = DDPMScheduler.from_config(original.config)
+    try:
+        reference = unsplit(pipe, PROMPT, steps=5, seed=7, guidance=4.0)
+        with _client(server, pipe) as client:
+            link = RemoteDiffusionLink(client)
+            run = {"policy": "collafuse", "steps": 5, "guidance_scale": 4.0, "cut_ratio": 0.5, **EXACT}
+            images = [SplitPipeline(pipe).generate(PROMPT, link, seed=seed, **run) for seed in (7, 7, 8)]
+    finally:
+        pipe.scheduler = original
+    assert torch.equal(images[0].image, reference) and torch.equal(images[1].image, reference)
+    assert (images[2].image - reference).abs().max().item() > 1e-3
+    assert images[0].cloud_seconds > 0
 
 
 @pytest.mark.cuda

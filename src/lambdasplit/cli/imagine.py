@@ -41,7 +41,20 @@ def imagine(
     input_dtype: Annotated[str, typer.Option(help="The prompt embeddings and initial latent, sent once.")] = "float16",
     granularity: Annotated[str, typer.Option(help="Quantization scales: one per tensor, channel or row.")] = "channel",
     blocks: Annotated[int, typer.Option(min=1, help="unet-lambda: U-Net blocks kept at each end on the device.")] = 1,
-    cut: Annotated[float, typer.Option(min=0, max=1, help="collafuse: fraction of the steps this device runs.")] = 0.5,
+    cut_ratio: Annotated[
+        float,
+        typer.Option(
+            "--cut-ratio",
+            min=0,
+            max=1,
+            help="collafuse: CollaFuse's cut ratio c, the cloud's share of the steps; the device takes over at "
+            "t_c=(1-c)T (0: this device alone, 1: the cloud alone).",
+        ),
+    ] = 0.5,
+    cut: Annotated[
+        float | None,
+        typer.Option("--cut", hidden=True, help="Removed: it was this device's share; use --cut-ratio (1 - cut)."),
+    ] = None,
     conditioning: Annotated[
         bool,
         typer.Option(
@@ -77,6 +90,12 @@ def imagine(
     `lambdasplit imagine "a red circle at the top left on a blue background" --cloud ws://127.0.0.1:8765/v1/split
     --out circle.png`.
     """
+    if cut is not None:
+        # Not reinterpreted: the same number means the other side's share now.
+        raise ConfigError(
+            f"--cut is gone: it meant this device's share of the steps; --cut-ratio is CollaFuse's c, the cloud's "
+            f"share: pass --cut-ratio {1 - cut:g}"
+        )
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if granularity not in GRANULARITIES:
@@ -130,7 +149,7 @@ def imagine(
                 input_dtype=input_dtype,
                 granularity=granularity,
                 blocks=blocks,
-                cut=cut,
+                cut_ratio=cut_ratio,
                 conditioned=conditioning,
                 on_step=lambda done, total: bar.update(task, completed=done, total=total),
             )

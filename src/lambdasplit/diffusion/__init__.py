@@ -2,8 +2,8 @@
 
 Policies (``POLICIES``): ``paper`` (Λ-Split: the cloud holds the U-Net and returns the guided noise each step),
 ``unet-lambda`` (the outer U-Net blocks and their skips stay on the device) and ``collafuse`` (the cloud runs the
-first steps, the device the last ones). `SplitPipeline.generate` runs the device's side through a link:
-`LocalLink` in-process, `lambdasplit.client.RemoteDiffusionLink` over the network.
+first steps, CollaFuse's cut ratio c of them, the device the last ones). `SplitPipeline.generate` runs the device's
+side through a link: `LocalLink` in-process, `lambdasplit.client.RemoteDiffusionLink` over the network.
 
 Names load on first use, so ``import lambdasplit.diffusion`` (and the CLI) does not import diffusers.
 """

@@ -16,8 +16,15 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from lambdasplit.diffusion.pipeline import guide, model_input, unet_fingerprint
-from lambdasplit.diffusion.protocol import SessionOptions, layout, restore
-from lambdasplit.diffusion.schedulers import require_deterministic, scheduler_from_config, state_after_steps, twin
+from lambdasplit.diffusion.protocol import SessionOptions, decode_generator, encode_generator, layout, restore
+from lambdasplit.diffusion.schedulers import (
+    require_deterministic,
+    require_reproducible,
+    scheduler_from_config,
+    state_after_steps,
+    takes_generator,
+    twin,
+)
 from lambdasplit.diffusion.unet import UNetParts, resnets
 from lambdasplit.errors import ConfigError, SessionError
 from lambdasplit.wire import Frame, MessageType, WireDtype, decode_tensor, encode_tensor
@@ -63,7 +70,12 @@ class DiffusionSession:
         self._check_shapes()
         self._shapes = self._shapes_sent()
         self.scheduler = scheduler_from_config(options.scheduler)
-        require_deterministic(self.scheduler, f"the {options.policy} policy")
+        if options.policy == "collafuse":
+            require_reproducible(self.scheduler, generator_shared=options.generator_state is not None)
+        else:
+            require_deterministic(self.scheduler, f"the {options.policy} policy")
+        # collafuse: the device's noise stream, continued here (None: a deterministic scheduler, nothing to draw)
+        self.generator = None if options.generator_state is None else decode_generator(options.generator_state)
         self.scheduler.set_timesteps(options.steps, device=body.device)
         if options.family == "sdxl" and hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -205,17 +217,30 @@ class DiffusionSession:
         self.done = True
 
     def _collafuse(self) -> Iterator[Frame]:
-        """The first (1 - cut) of the steps, then the latent and the scheduler's state go to the device."""
+        """The first round(c·T) steps (c = ``cut_ratio``), then the latent and the scheduler's state go to the device.
+
+        With a stochastic scheduler the steps draw their noise from the device's generator stream (sent in OPEN),
+        and STATE returns the stream where these steps left it, so the device's steps draw what the unsplit
+        pipeline's would. Plainly: that stream also tells the cloud the noise the device adds in its own steps. The
+        cloud already holds the latent it hands over, so the device's U-Net is all it lacks to redo the rest: with
+        the same U-Net it can compute the final image, as it can with a deterministic scheduler.
+        """
         options = self.options
         latents = self.received.pop("latents")
         guided = options.guided and options.conditioned
         m = options.cloud_steps(len(self.scheduler.timesteps))
+        extra: dict[str, Any] = {}
+        if self.generator is not None and takes_generator(self.scheduler):
+            extra["generator"] = self.generator
         for i, t in enumerate(self.scheduler.timesteps[:m]):
             self.step = i
-            latents = self.scheduler.step(self._noise(latents, t, guided), t, latents, return_dict=False)[0]
+            noise = self._noise(latents, t, guided)
+            latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
         spec, tensors = state_after_steps(self.scheduler, self.fresh)
         self.done = True
-        state = {"step": m, "state": spec, "tensors": [list(t.shape) for t in tensors]}
+        state: dict[str, Any] = {"step": m, "state": spec, "tensors": [list(t.shape) for t in tensors]}
+        if self.generator is not None:
+            state["generator_state"] = encode_generator(self.generator)
         yield Frame.json(MessageType.STATE, state, session=self.handle)
         yield self._send(latents, m)[0]
         for t in tensors:  # exact: the state steers every later step

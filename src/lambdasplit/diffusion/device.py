@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,8 +19,23 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # not `from di
 
 from lambdasplit.diffusion.cloud import DiffusionBody
 from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input
-from lambdasplit.diffusion.protocol import FrameTraffic, Granularity, Policy, SessionOptions, layout, restore
-from lambdasplit.diffusion.schedulers import apply_state, require_deterministic
+from lambdasplit.diffusion.protocol import (
+    FrameTraffic,
+    Granularity,
+    Policy,
+    SessionOptions,
+    decode_generator,
+    encode_generator,
+    layout,
+    restore,
+)
+from lambdasplit.diffusion.schedulers import (
+    apply_state,
+    is_stochastic,
+    require_deterministic,
+    require_reproducible,
+    takes_generator,
+)
 from lambdasplit.diffusion.unet import UNetParts
 from lambdasplit.errors import ConfigError, SessionError, WireError
 from lambdasplit.wire import (
@@ -151,17 +167,34 @@ class SplitPipeline:
         input_dtype: WireDtype | str = "float16",
         granularity: Granularity = "channel",
         blocks: int = 1,
-        cut: float = 0.5,
+        cut_ratio: float = 0.5,
         conditioned: bool = True,
         on_step: Callable[[int, int], None] | None = None,
+        cut: float | None = None,
     ) -> SplitImage:
         """One image for ``prompt``. ``on_step(done, total)`` is called after every denoising step.
 
         The steps follow diffusers' ``StableDiffusionPipeline.__call__``; the session with the cloud (steps 4-6)
         stands where the pipeline calls its U-Net.
+
+        collafuse: ``cut_ratio`` is CollaFuse's cut ratio c, the cloud's share of the steps: the cloud runs the
+        first round(c·steps), this device the rest (0: the device alone, 1: the cloud alone). ``cut`` (the device's
+        share) is deprecated: ``cut_ratio = 1 - cut``. A stochastic scheduler (DDPM, ancestral) is taken there:
+        the cloud draws its steps' noise from this device's generator stream, so the image is the unsplit
+        pipeline's for the seed (and the cloud knows the noise this device adds; docs/protocol.md).
         """
         started = time.perf_counter()
         # 1. Check inputs (what can be refused before any model runs)
+        if cut is not None:
+            warnings.warn(
+                "SplitPipeline.generate(cut=...) is deprecated: cut was the device's share of the steps; pass "
+                f"cut_ratio = 1 - cut = {1 - cut:g} (CollaFuse's c, the server's share)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if cut_ratio != 0.5:
+                raise ConfigError("give cut_ratio (the cloud's share of the steps) or the old cut, not both")
+            cut_ratio = 1.0 - cut
         if policy == "collafuse" and not conditioned and guidance_scale <= 1.0:
             raise ConfigError(
                 "collafuse without conditioning sends the negative prompt's embedding only; it needs guidance_scale > 1"
@@ -171,7 +204,15 @@ class SplitPipeline:
         denoising = self.ends.start(
             prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, negative_prompt=negative_prompt
         )
-        require_deterministic(denoising.scheduler, f"the {policy} policy")
+        scheduler = denoising.scheduler
+        generator_state = None
+        if policy == "collafuse":
+            # One hand-off, no lockstep: a stochastic step is reproduced from this device's generator stream.
+            shared = is_stochastic(scheduler) and takes_generator(scheduler)
+            require_reproducible(scheduler, generator_shared=shared)
+            generator_state = encode_generator(denoising.generator) if shared else None
+        else:
+            require_deterministic(scheduler, f"the {policy} policy")
 
         # 3. Choose what the cloud receives: the conditioning (unet-lambda: the prompt embeddings alone; collafuse
         #    unconditioned: the negative prompt's row alone) and, below, the initial latent unless unet-lambda
@@ -194,8 +235,9 @@ class SplitPipeline:
             input_dtype=WireDtype.parse(input_dtype).name.lower(),
             granularity=granularity,
             blocks=blocks,
-            cut=cut,
+            cut_ratio=cut_ratio,
             conditioned=conditioned,
+            generator_state=generator_state,
         )
         options.scheduler["_class_name"] = type(denoising.scheduler).__name__
         clock = _Clock(time.perf_counter() - started, [], on_step)
@@ -310,6 +352,15 @@ class SplitPipeline:
         latents = self._tensor(link, m, tuple(denoising.latents.shape), "the handed-over latent")
         tensors = [self._tensor(link, m, tuple(s), "scheduler state") for s in state["tensors"]]
         apply_state(denoising.scheduler, state["state"], tensors)
+        if options.generator_state is not None:
+            # The stream where the cloud's steps left it: this device's steps draw what the unsplit pipeline would.
+            if "generator_state" not in state:
+                raise WireError("the cloud drew from the shared generator but did not hand its state back")
+            try:
+                returned = decode_generator(state["generator_state"], "the cloud's generator_state")
+            except ConfigError as exc:
+                raise WireError(str(exc)) from None
+            denoising.generator.set_state(returned.get_state())
         if clock.on_step:
             clock.on_step(m, len(denoising.timesteps))
         cond, unet = denoising.conditioning, self.pipe.unet

@@ -12,6 +12,8 @@ tensor's real shape and reshapes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
@@ -47,8 +49,11 @@ class SessionOptions:
     input_dtype: str = "float16"  # the conditioning and the initial latent, sent once
     granularity: Granularity = "channel"
     blocks: int = 1  # unet-lambda: outer blocks on the device
-    cut: float = 0.5  # collafuse: fraction of the steps the device runs (the last ones)
+    cut_ratio: float = 0.5  # collafuse: CollaFuse's c, the cloud's share of the steps (the first ones)
     conditioned: bool = True  # collafuse: whether the cloud gets the prompt (else the negative prompt only)
+    #: collafuse with a stochastic scheduler: the device's CPU generator state after the initial latent, base64
+    #: (`encode_generator`), so the cloud's steps draw the noise the unsplit pipeline would.
+    generator_state: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,8 +69,19 @@ class SessionOptions:
             raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         WireDtype.parse(self.wire_dtype)
         WireDtype.parse(self.input_dtype)
-        if not 0.0 <= self.cut <= 1.0:
-            raise ConfigError(f"the CollaFuse cut ratio is in [0, 1], got {self.cut!r}")
+        ratio = self.cut_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+            raise ConfigError(
+                f"cut_ratio is CollaFuse's cut ratio c, the cloud's share of the steps (t_c = (1-c)T), in [0, 1]; "
+                f"got {ratio!r}"
+            )
+        if self.generator_state is not None:
+            if self.policy != "collafuse":
+                raise ConfigError(
+                    f"generator_state is for the collafuse policy (its one hand-off); {self.policy} steps in "
+                    "lockstep and takes no stochastic scheduler"
+                )
+            decode_generator(self.generator_state)
         shapes = [self.latent_shape, *self.inputs.values()]
         if len(self.latent_shape) != 4 or self.latent_shape[0] != 1:
             raise ConfigError(f"latent_shape is (1, C, h, w), got {self.latent_shape!r}")
@@ -82,8 +98,15 @@ class SessionOptions:
         return self.guidance_scale > 1.0
 
     def cloud_steps(self, timesteps: int) -> int:
-        """CollaFuse: how many of the ``timesteps`` scheduler steps (the first ones) the cloud runs."""
-        return timesteps - round(self.cut * timesteps)
+        """CollaFuse: how many of the ``timesteps`` scheduler steps (the first ones) the cloud runs: round(c·T).
+
+        Options from an old peer's ``cut`` (the device's share) keep that peer's count, T - round(cut·T), which at
+        a tie (cut·T ending in .5) differs from round((1 - cut)·T); the device checks the count it is handed.
+        """
+        legacy: float | None = getattr(self, "_legacy_cut", None)
+        if legacy is not None:
+            return timesteps - round(legacy * timesteps)
+        return round(self.cut_ratio * timesteps)
 
     @property
     def dtype(self) -> WireDtype:
@@ -104,11 +127,54 @@ class SessionOptions:
             body["inputs"] = {str(k): tuple(v) for k, v in dict(body.get("inputs", {})).items()}
             if not isinstance(body.get("scheduler"), dict):
                 raise ConfigError("scheduler must be the scheduler's config (a JSON object)")
-            return cls(**body)
+            legacy = body.pop("cut", None)
+            if legacy is not None:
+                # An old peer's ``cut``: the device's share of the steps, 1 - CollaFuse's c.
+                if "cut_ratio" in body:
+                    raise ConfigError(
+                        "give cut_ratio (CollaFuse's c, the cloud's share of the steps) or the old cut (the "
+                        "device's share, 1 - c), not both"
+                    )
+                if isinstance(legacy, bool) or not isinstance(legacy, int | float) or not 0.0 <= legacy <= 1.0:
+                    raise ConfigError(f"the old cut (the device's share of the steps) is in [0, 1], got {legacy!r}")
+                body["cut_ratio"] = 1.0 - legacy
+            options = cls(**body)
+            if legacy is not None:
+                object.__setattr__(options, "_legacy_cut", float(legacy))
+            return options
         except (TypeError, KeyError, ValueError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"bad session options: {exc}") from exc
+
+
+#: Bytes of a CPU ``torch.Generator``'s state (``get_state()``, a uint8 tensor): 5056 on torch 2.x.
+GENERATOR_STATE_BYTES = torch.Generator().get_state().numel()
+
+
+def encode_generator(generator: torch.Generator) -> str:
+    """A CPU generator's state as base64 text, for a JSON frame."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def decode_generator(text: object, what: str = "generator_state") -> torch.Generator:
+    """A CPU generator set to the state ``encode_generator`` wrote; a ConfigError saying why when it is not one."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} is a CPU torch.Generator's state in base64 text, got {type(text).__name__}")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ConfigError(f"{what} is not base64: {exc}") from None
+    if len(raw) != GENERATOR_STATE_BYTES:
+        raise ConfigError(
+            f"{what} holds {len(raw)} bytes; a CPU torch.Generator's state is {GENERATOR_STATE_BYTES} bytes"
+        )
+    generator = torch.Generator("cpu")
+    try:
+        generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    except RuntimeError as exc:
+        raise ConfigError(f"{what} is not a CPU torch.Generator's state: {exc}") from None
+    return generator
 
 
 @dataclass

@@ -1,14 +1,21 @@
 """Schedulers that two machines step in lockstep, and the state one hands to the other.
 
 The cloud rebuilds the device's scheduler from its config (a diffusers scheduler class by name, never code), so
-both step the same algorithm on the same dequantized noise and their latents stay equal. That needs a
-deterministic step: ancestral and SDE samplers draw fresh noise from the device's generator at every step, so
-they are refused with a message naming a deterministic alternative.
+both step the same algorithm on the same dequantized noise and their latents stay equal. Lockstep (the paper and
+unet-lambda policies) needs a deterministic step: DDPM, ancestral and SDE samplers draw fresh noise from the
+device's generator at every step, so they are refused with a message naming a deterministic alternative.
+
+CollaFuse hands over once and never steps in lockstep, so it takes a stochastic scheduler whose ``step`` takes a
+``generator``: the device sends its CPU generator's state after drawing the initial latent
+(`protocol.encode_generator`), the cloud draws its steps' noise from that stream and hands the state back with the
+latent, and the device draws the rest, exactly as the unsplit pipeline's one generator would
+(`require_reproducible`).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Protocol, cast
 
 import diffusers
@@ -59,16 +66,48 @@ def scheduler_from_config(config: dict[str, Any]) -> Scheduler:
         raise ConfigError(f"bad {name} config: {exc}") from exc
 
 
-def require_deterministic(scheduler: Scheduler, why: str) -> None:
-    """Refuse a scheduler whose step draws noise: two machines could not step it in lockstep."""
+def is_stochastic(scheduler: Scheduler) -> bool:
+    """Whether ``scheduler``'s step draws fresh noise (DDPM, ancestral, SDE, DDIM with eta > 0, LCM, ...)."""
     name = type(scheduler).__name__
     algorithm = str(getattr(scheduler.config, "algorithm_type", ""))
     eta_noise = name == "DDIMScheduler" and float(getattr(scheduler.config, "eta", 0.0) or 0.0) > 0
-    if name in _STOCHASTIC or algorithm.startswith("sde") or eta_noise:
+    return name in _STOCHASTIC or algorithm.startswith("sde") or eta_noise
+
+
+def takes_generator(scheduler: Scheduler) -> bool:
+    """Whether ``scheduler.step`` takes a ``generator`` (as diffusers' ``prepare_extra_step_kwargs`` checks)."""
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def require_deterministic(scheduler: Scheduler, why: str) -> None:
+    """Refuse a scheduler whose step draws noise: two machines could not step it in lockstep."""
+    if is_stochastic(scheduler):
         raise ConfigError(
-            f"{name} draws fresh noise at every step, so {why} cannot keep device and cloud in lockstep; "
-            "use a deterministic scheduler (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, "
-            "PNDMScheduler, ...)"
+            f"{type(scheduler).__name__} draws fresh noise at every step, so {why} cannot keep device and cloud in "
+            "lockstep; use a deterministic scheduler (DDIMScheduler, EulerDiscreteScheduler, "
+            "DPMSolverMultistepScheduler, PNDMScheduler, ...) or the collafuse policy"
+        )
+
+
+def require_reproducible(scheduler: Scheduler, generator_shared: bool) -> None:
+    """CollaFuse: refuse a stochastic scheduler unless both sides draw its noise from one shared generator stream.
+
+    ``generator_shared``: the device sent its generator's state (SessionOptions.generator_state). A deterministic
+    scheduler needs none; a stochastic one needs it, and a ``step`` that takes a generator to draw from it.
+    """
+    if not is_stochastic(scheduler):
+        return
+    name = type(scheduler).__name__
+    if not takes_generator(scheduler):
+        raise ConfigError(
+            f"{name} draws fresh noise at every step but its step takes no generator, so the collafuse policy "
+            "cannot reproduce it; use one whose step does (DDPMScheduler, EulerAncestralDiscreteScheduler, ...) "
+            "or a deterministic scheduler"
+        )
+    if not generator_shared:
+        raise ConfigError(
+            f"{name} draws fresh noise at every step; the collafuse policy reproduces it only from the device "
+            "generator's state (generator_state), which this session was not given"
         )
 
 

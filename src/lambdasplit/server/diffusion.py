@@ -10,7 +10,8 @@
     unet-lambda, per step i:
       FORWARD emb @ i, sample @ i     ->
                                       <-     RESULT sample @ i
-    collafuse:                        <-     STATE {step m, state, tensors}, RESULT latent @ m, RESULT state tensors
+    collafuse:                        <-     STATE {step m, state, tensors, generator_state?}, RESULT latent @ m,
+                                             RESULT state tensors
     CLOSE                             ->
                                       <-     CLOSED {compute_seconds}
 
