@@ -11,6 +11,7 @@ from lambdasplit.cli import (
     audit,
     bench,
     chat,
+    collafuse,
     demo,
     developer,
     generate,
@@ -45,6 +46,7 @@ app.command("personalize")(personalize.personalize)
 app.add_typer(bench.app, name="bench")
 app.add_typer(trust.app, name="trust")
 app.add_typer(developer.app, name="developer")
+app.add_typer(collafuse.app, name="collafuse")
 
 
 def run() -> None:

@@ -118,6 +118,8 @@ def detect(image: torch.Tensor) -> Scene | None:
     # Soft edges: a pixel belongs to the shape when it is nearer the shape's colour than the background's.
     fg = torch.tensor(COLOURS[colour], dtype=torch.float32)[:, None, None]
     mask = ((pixels - fg) ** 2).sum(0) < ((pixels - bg) ** 2).sum(0)
+    if not bool(mask.any()):
+        return None  # no pixel is nearer the shape's colour than the background's: no shape to measure
     rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
     box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
     fill = float(mask.sum() / box)

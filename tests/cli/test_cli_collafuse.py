@@ -1,0 +1,55 @@
+"""``lambdasplit collafuse server|client`` as processes, and their option checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lambdasplit.cli.app import app
+from lambdasplit.diffusion.pipeline import load_pipeline
+from lambdasplit.server.process import lambdasplit_process
+from lambdasplit.server.run import READY
+
+
+def test_a_server_and_a_client_train_as_processes(tmp_path: Path) -> None:
+    server_args = [
+        "collafuse", "server", "--clients", "1", "--rounds", "2", "--batch", "4", "--cut-ratio", "0.5",
+        "--port", "0", "--out", str(tmp_path / "server"), "--no-progress",
+    ]  # fmt: skip
+    with lambdasplit_process(server_args, READY, timeout=120) as ready:
+        url = ready.split()[0]
+        client = [
+            sys.executable, "-c", "from lambdasplit.cli import main; main()", "collafuse", "client", "--server", url,
+            "--client", "0", "--clients", "3", "--images", "8", "--out", str(tmp_path / "client"),
+            "--report", str(tmp_path / "client.json"), "--no-progress",
+        ]  # fmt: skip
+        done = subprocess.run(client, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "client.json").read_text())
+    assert report["rounds"] == 2 and report["handoff"] == 500 and report["rows_sent"] + report["rows_local"] == 8
+    assert report["bytes_sent"] > 0 and report["cpu_seconds_per_step"] > 0
+    assert "--policy collafuse --cut-ratio 0.5" in done.stderr
+    for side in ("server", "client"):
+        assert load_pipeline(tmp_path / side / "pipeline").unet is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["server", "--clients", "1", "--rounds", "1", "--out", "x", "--host", "0.0.0.0"], "without TLS"),
+        (["server", "--clients", "1", "--rounds", "1", "--out", "x", "--tls-cert", "c.pem"], "go together"),
+        (["server", "--clients", "1", "--rounds", "1", "--out", "x", "--cut-ratio", "1.5"], "cut-ratio"),
+        (["client", "--server", "ws://127.0.0.1:1", "--client", "3", "--clients", "3", "--out", "x"], "below"),
+        (["client", "--server", "ws://10.0.0.1:1", "--client", "0", "--clients", "3", "--out", "x"], "ws://"),
+    ],
+)
+def test_bad_options_are_refused_with_a_reason(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["collafuse", *args])
+    assert result.exit_code != 0
+    text = result.output + (str(result.exception) if result.exception else "")
+    assert message in text

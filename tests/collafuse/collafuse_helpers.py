@@ -1,0 +1,110 @@
+"""Shared pieces of the CollaFuse tests: a tiny U-Net over the embedded pipeline's public parts, a deployment of a
+server and clients over loopback, and a hand-made client that misbehaves."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.sync.client import ClientConnection, connect
+
+from lambdasplit.bench.relay import CountingRelay
+from lambdasplit.collafuse.client import ClientReport, CollaFuseClient
+from lambdasplit.collafuse.data import client_images
+from lambdasplit.collafuse.model import PublicParts
+from lambdasplit.collafuse.server import CollaFuseServer, ServerReport, ServerSettings
+
+TIMEOUT = 30.0  # every wait: a failure surfaces within this, not as a hang
+
+#: The embedded U-Net's architecture at a quarter of its width: same blocks, same latent and context sizes.
+TINY_UNET = {"block_out_channels": [16, 16, 16], "norm_num_groups": 8, "attention_head_dim": 4}
+
+
+def tiny_parts() -> PublicParts:
+    base = PublicParts.load()
+    return PublicParts.load(unet_config={**base.unet_config, **TINY_UNET})
+
+
+@dataclass
+class Deployment:
+    server: ServerReport
+    clients: dict[str, ClientReport]
+    relay: CountingRelay
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    seen: list[tuple[str, Any]] = field(default_factory=list)  # (client, Batch) as the server's tap got them
+
+
+def run_deployment(
+    parts: PublicParts,
+    settings: ServerSettings,
+    *,
+    clients: int,
+    images: int = 16,
+    out: Path | None = None,
+    conditional: bool = True,
+    rogue: Callable[[str], None] | None = None,
+) -> Deployment:
+    """A server and ``clients`` `CollaFuseClient` threads over a counting relay that keeps every byte; ``rogue(url)``
+    runs in one more thread (the server must then expect ``clients + 1``)."""
+    seen: list[tuple[str, Any]] = []
+    with (
+        CollaFuseServer(parts, settings, out=out / "server" if out else None, tap=lambda n, b: seen.append((n, b)))
+        as server,
+        CountingRelay(server.address, keep=True) as relay,
+    ):  # fmt: skip
+        reports: dict[str, ClientReport] = {}
+        errors: dict[str, BaseException] = {}
+
+        def client(k: int) -> None:
+            name = f"client-{k}"
+            try:
+                learner = CollaFuseClient(
+                    parts,
+                    client_images(k, clients, images, seed=1),
+                    name=name,
+                    seed=k,
+                    conditional=conditional,
+                    out=out / name if out else None,
+                )
+                reports[name] = learner.run(relay.url(), timeout=TIMEOUT)
+            except BaseException as exc:  # the test reads it
+                errors[name] = exc
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+        if rogue is not None:
+            threads.append(threading.Thread(target=rogue, args=(relay.url(),), daemon=True))
+        for thread in threads:
+            thread.start()
+        report = server.train()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        return Deployment(report, reports, relay, errors, seen)
+
+
+def join_message(parts: PublicParts, name: str, **overrides: Any) -> str:
+    fields = {
+        "type": "join",
+        "client": name,
+        "fingerprint": parts.fingerprint,
+        "latent_shape": list(parts.latent_shape),
+        "context_shape": [16, 64],
+        **overrides,
+    }
+    return json.dumps(fields)
+
+
+@contextmanager
+def raw_client(url: str) -> Iterator[ClientConnection]:
+    with connect(url, open_timeout=TIMEOUT, max_size=1 << 26) as ws:
+        yield ws
+
+
+def next_json(ws: ClientConnection) -> dict[str, Any]:
+    raw = ws.recv(timeout=TIMEOUT)
+    assert isinstance(raw, str), f"expected a JSON message, got {len(raw)} bytes"
+    return json.loads(raw)

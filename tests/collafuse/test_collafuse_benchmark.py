@@ -1,0 +1,43 @@
+"""benchmarks/collafuse.py on a tiny configuration: the same code as the recorded run, in under a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_benchmark_trains_each_cut_ratio_and_measures_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        "--cut-ratios", "0,1", "--clients", "2", "--rounds", "2", "--images", "8", "--batch", "4",
+        "--eval-images", "8", "--steps", "4", "--feature-steps", "20", "--out", str(out),
+        "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "collafuse.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    alone, server = results
+    assert (alone["cut_ratio"], alone["handoff"], server["cut_ratio"], server["handoff"]) == (0.0, 1000, 1.0, 0)
+    assert alone["server_rows"] == 0 and server["server_rows"] == 2 * 2 * 4 - sum(
+        c["rows_local"] for c in server["clients"]
+    )
+    assert server["bytes_up_per_round"] > 10 * alone["bytes_up_per_round"]
+    for result in results:
+        assert not result["dropped"] and len(result["per_client"]) == 2
+        for client in result["per_client"]:
+            assert client["kid"] == client["kid"] and client["disclosure_mse"] > 0  # numbers, not NaN
+            assert 0 <= client["adherence"] <= 1
+    for client in server["per_client"]:  # c = 1: the server ran every step, and read its training rows back
+        assert client["client_cpu_seconds_per_image"] == 0 and client["server_cpu_seconds_per_image"] > 0
+        assert client["inverted_rows"] > 0 and client["inverted_mse"] < 0.01
+    assert all(c["inverted_rows"] == 0 for c in alone["per_client"])
+    assert "| 0 | 1000 |" in (tmp_path / "r.md").read_text() and (tmp_path / "r.png").stat().st_size > 0

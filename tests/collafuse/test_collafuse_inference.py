@@ -1,0 +1,58 @@
+"""A trained deployment generates through the split diffusion server: ``serve`` the server's exported pipeline,
+``imagine --policy collafuse`` with the client's; the image is the one the benchmark's batched sampler makes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from collafuse_helpers import run_deployment, tiny_parts
+from diffusers import UNet2DConditionModel
+
+from lambdasplit.client import CloudClient, RemoteDiffusionLink
+from lambdasplit.collafuse.data import client_images
+from lambdasplit.collafuse.model import PublicParts
+from lambdasplit.collafuse.sampling import sample
+from lambdasplit.collafuse.server import ServerSettings
+from lambdasplit.diffusion import SplitPipeline, load_pipeline
+from lambdasplit.diffusion.pipeline import unet_fingerprint
+from servers import body_server
+
+
+@pytest.fixture(scope="module")
+def parts() -> PublicParts:
+    return tiny_parts()
+
+
+def test_serve_and_imagine_run_the_trained_hand_off(parts: PublicParts, tmp_path: Path) -> None:
+    run_deployment(parts, ServerSettings(clients=2, cut_ratio=0.6, rounds=2, batch=4), clients=2, out=tmp_path)
+    server_pipeline, client_pipeline = tmp_path / "server" / "pipeline", tmp_path / "client-1" / "pipeline"
+    prompt = client_images(1, 2, 1, seed=9).captions[0]
+
+    server = UNet2DConditionModel.from_pretrained(tmp_path / "server" / "unet").eval()
+    client = UNet2DConditionModel.from_pretrained(tmp_path / "client-1" / "unet").eval()
+    generator = torch.Generator().manual_seed(5)
+    expected = sample(server, client, 0.6, parts.contexts([prompt]), parts.latent_shape, steps=10, generator=generator)
+    assert expected.server_steps == 6
+
+    pipe = load_pipeline(client_pipeline)
+    with body_server("--pipeline", str(server_pipeline)) as url:
+        with CloudClient(url, fingerprint=unet_fingerprint(pipe.unet.config)) as link:
+            out = SplitPipeline(pipe).generate(
+                prompt, RemoteDiffusionLink(link), policy="collafuse", steps=10, seed=5, guidance_scale=1.0,
+                cut_ratio=0.6, wire_dtype="float32", input_dtype="float32",
+            )  # fmt: skip
+        assert (out.image - parts.decode(expected.latents)).abs().max().item() <= 1e-5
+
+        png = tmp_path / "out.png"
+        command = [
+            sys.executable, "-c", "from lambdasplit.cli import main; main()", "imagine", prompt, "--out", str(png),
+            "--pipeline", str(client_pipeline), "--policy", "collafuse", "--cut-ratio", "0.6", "--steps", "10",
+            "--cloud", url,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert png.stat().st_size > 0
