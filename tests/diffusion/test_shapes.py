@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTokenizer
 
-from lambdasplit.diffusion.shapes import all_scenes, caption_words, detect, random_scenes, render, vocabulary_files
+from lambdasplit.diffusion.shapes import (
+    COLOURS,
+    all_scenes,
+    caption_words,
+    detect,
+    random_scenes,
+    render,
+    vocabulary_files,
+)
 
 
 def test_detector_reads_back_every_rendered_scene():
@@ -24,3 +32,11 @@ def test_every_caption_word_is_one_token(tmp_path):
     assert all(len(tokenizer.tokenize(w)) == 1 for w in caption_words())
     assert max(len(tokenizer(s.caption).input_ids) for s in all_scenes()) <= 16
     assert len(tokenizer.tokenize("zebra")) == 5  # unknown words fall back to letters
+
+
+def test_a_blob_of_the_background_colour_family_is_no_shape() -> None:
+    """A patch far from the blue background in pixels but nearest blue in the palette: nothing to measure (once an
+    IndexError on a generated image)."""
+    image = torch.tensor(COLOURS["blue"], dtype=torch.float32)[:, None, None].expand(3, 32, 32).clone()
+    image[:, 10:18, 10:18] = torch.tensor([107.0, 141.0, 243.0])[:, None, None]
+    assert detect(image / 255) is None
