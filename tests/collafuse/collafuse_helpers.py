@@ -48,13 +48,15 @@ def run_deployment(
     out: Path | None = None,
     conditional: bool = True,
     rogue: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> Deployment:
     """A server and ``clients`` `CollaFuseClient` threads over a counting relay that keeps every byte; ``rogue(url)``
     runs in one more thread (the server must then expect ``clients + 1``)."""
     seen: list[tuple[str, Any]] = []
     with (
-        CollaFuseServer(parts, settings, out=out / "server" if out else None, tap=lambda n, b: seen.append((n, b)))
-        as server,
+        CollaFuseServer(
+            parts, settings, out=out / "server" if out else None, tap=lambda n, b: seen.append((n, b)), resume=resume
+        ) as server,
         CountingRelay(server.address, keep=True) as relay,
     ):  # fmt: skip
         reports: dict[str, ClientReport] = {}
@@ -70,6 +72,7 @@ def run_deployment(
                     seed=k,
                     conditional=conditional,
                     out=out / name if out else None,
+                    resume=resume,
                 )
                 reports[name] = learner.run(relay.url(), timeout=TIMEOUT)
             except BaseException as exc:  # the test reads it

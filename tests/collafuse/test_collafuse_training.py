@@ -111,3 +111,18 @@ def test_a_conditional_clients_rows_name_their_captions(parts: PublicParts) -> N
     rows = [(b.context.flatten(1).float(), b) for _, b in run.seen]
     read = [captions[int(torch.cdist(c[None], table)[0].argmin())] for ctx, _ in rows for c in ctx]
     assert read and all(caption in sent for caption in read)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(parts: PublicParts, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    run_deployment(parts, ServerSettings(clients=2, cut_ratio=0.5, rounds=4, batch=4), clients=2, out=straight)
+    split = tmp_path / "split"
+    run_deployment(parts, ServerSettings(clients=2, cut_ratio=0.5, rounds=2, batch=4), clients=2, out=split)
+    resumed = run_deployment(
+        parts, ServerSettings(clients=2, cut_ratio=0.5, rounds=4, batch=4), clients=2, out=split, resume=True
+    )
+    assert [r.round for r in resumed.server.rounds] == [2, 3]
+    for side in ("server", "client-0", "client-1"):
+        a = UNet2DConditionModel.from_pretrained(straight / side / "unet").state_dict()
+        b = UNet2DConditionModel.from_pretrained(split / side / "unet").state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), side

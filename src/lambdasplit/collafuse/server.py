@@ -260,7 +260,7 @@ class CollaFuseServer:
                     )
                 self._joined.wait(left)
             self._started = True
-            return list(self._members.values())
+            return sorted(self._members.values(), key=lambda m: m.name)  # one order: runs and resumes repeat
 
     def _collect(self, members: list[_Member], r: int, report: ServerReport) -> Iterator[tuple[Batch, int]]:
         """Each client's checked batch and its size in bytes; a client that fails is dropped."""
