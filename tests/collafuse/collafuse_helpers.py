@@ -26,8 +26,12 @@ TINY_UNET = {"block_out_channels": [16, 16, 16], "norm_num_groups": 8, "attentio
 
 
 def tiny_parts() -> PublicParts:
+    return tiny_parts_on("cpu")
+
+
+def tiny_parts_on(device: str) -> PublicParts:
     base = PublicParts.load()
-    return PublicParts.load(unet_config={**base.unet_config, **TINY_UNET})
+    return PublicParts.load(unet_config={**base.unet_config, **TINY_UNET}, device=device)
 
 
 @dataclass
@@ -49,6 +53,7 @@ def run_deployment(
     conditional: bool = True,
     rogue: Callable[[str], None] | None = None,
     resume: bool = False,
+    client_parts: PublicParts | None = None,
 ) -> Deployment:
     """A server and ``clients`` `CollaFuseClient` threads over a counting relay that keeps every byte; ``rogue(url)``
     runs in one more thread (the server must then expect ``clients + 1``)."""
@@ -66,7 +71,7 @@ def run_deployment(
             name = f"client-{k}"
             try:
                 learner = CollaFuseClient(
-                    parts,
+                    client_parts or parts,
                     client_images(k, clients, images, seed=1),
                     name=name,
                     seed=k,

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from collafuse_helpers import run_deployment, tiny_parts
+from collafuse_helpers import run_deployment, tiny_parts, tiny_parts_on
 from diffusers import UNet2DConditionModel
 
 from lambdasplit.collafuse.data import client_images
 from lambdasplit.collafuse.evaluate import inverted
 from lambdasplit.collafuse.metrics import nearest_mse
 from lambdasplit.collafuse.model import PublicParts, handoff_timestep
+from lambdasplit.collafuse.sampling import sample
 from lambdasplit.collafuse.server import ServerSettings
 from lambdasplit.diffusion.pipeline import load_pipeline
 from lambdasplit.errors import ConfigError
@@ -126,3 +127,20 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(parts: PublicParts, 
         a = UNet2DConditionModel.from_pretrained(straight / side / "unet").state_dict()
         b = UNet2DConditionModel.from_pretrained(split / side / "unet").state_dict()
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), side
+
+
+@pytest.mark.cuda
+def test_a_cuda_server_trains_with_a_cpu_client_and_samples_on_cuda(tmp_path: Path) -> None:
+    gpu = tiny_parts_on("cuda")
+    cpu = tiny_parts_on("cpu")
+    settings = ServerSettings(clients=1, cut_ratio=0.5, rounds=2, batch=8)
+    run = run_deployment(gpu, settings, clients=1, out=tmp_path, client_parts=cpu)
+    assert not run.errors and run.server.rounds[-1].loss is not None
+    server = UNet2DConditionModel.from_pretrained(tmp_path / "server" / "unet").to("cuda")
+    client = UNet2DConditionModel.from_pretrained(tmp_path / "client-0" / "unet")
+    contexts = cpu.contexts(["a red circle in the center on a blue background"])
+    on_gpu = sample(server, client.to("cuda"), 0.5, contexts, cpu.latent_shape, steps=6,
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    on_cpu = sample(server.cpu(), client.cpu(), 0.5, contexts, cpu.latent_shape, steps=6,
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert (on_gpu.latents - on_cpu.latents).abs().max() < 1e-3

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lambdasplit.cli.cloud import device_trust
-from lambdasplit.cli.options import Insecure, TlsCa, TlsFingerprint
+from lambdasplit.cli.options import Device, Insecure, TlsCa, TlsFingerprint
 from lambdasplit.errors import ConfigError
 from lambdasplit.tls import is_loopback
 
@@ -62,6 +62,7 @@ def server(
     round_timeout: Annotated[float, typer.Option(help="Seconds a client may take for its batch.")] = 120.0,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Rounds between checkpoints (0: at the end).")] = 100,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    device: Device = None,
     progress: ShowProgress = True,
 ) -> None:
     """Train the server's U-Net (t > t_c) with CLIENTS clients, round by round."""
@@ -91,7 +92,7 @@ def server(
         round_timeout=round_timeout,
         checkpoint_every=checkpoint_every,
     )
-    parts = PublicParts.load(pipeline)
+    parts = PublicParts.load(pipeline, device=device)
     with CollaFuseServer(parts, settings, out=out, host=host, port=port, ssl=context, resume=resume) as trainer:
         announce(trainer.url, None)
         _err.print(f"c = {cut_ratio} (t_c = {trainer.handoff}): waiting for {clients} client(s) at {trainer.url}")
@@ -134,6 +135,7 @@ def client(
     tls_fingerprint: TlsFingerprint = None,
     tls_ca: TlsCa = None,
     insecure: Insecure = False,
+    device: Device = None,
     progress: ShowProgress = True,
 ) -> None:
     """Take part in training: send the noisy rows (t > t_c) of each round's batch, train the rest here."""
@@ -143,7 +145,7 @@ def client(
 
     if client >= clients:
         raise ConfigError(f"--client is an index below --clients ({clients}), got {client}")
-    parts = PublicParts.load(pipeline)
+    parts = PublicParts.load(pipeline, device=device)
     data = client_images(client, clients, images, seed=data_seed)
     learner = CollaFuseClient(
         parts,

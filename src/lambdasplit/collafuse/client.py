@@ -75,7 +75,7 @@ class CollaFuseClient:
         self.contexts = parts.contexts(captions)
         self.first_round = 0
         if resume and out is not None and (out / "state.json").is_file():
-            self.learner, state = Learner.resume(out, lr)
+            self.learner, state = Learner.resume(out, lr, parts.device)
             self.first_round = int(state["round"])
         else:
             self.learner = Learner(parts.new_unet(seed + 1), lr)

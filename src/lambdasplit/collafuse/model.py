@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +26,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from lambdasplit.config import Runtime
 from lambdasplit.diffusion.pipeline import load_pipeline, pipeline_path, unet_fingerprint
 from lambdasplit.errors import ConfigError, ModelLoadError
 
@@ -68,10 +69,18 @@ class PublicParts:
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     unet_config: dict[str, Any]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the models compute
 
     @classmethod
-    def load(cls, source: str | Path = "shapes-t2i", unet_config: dict[str, Any] | None = None) -> PublicParts:
-        pipe = load_pipeline(source, device="cpu", dtype="float32", unet=False)
+    def load(
+        cls,
+        source: str | Path = "shapes-t2i",
+        unet_config: dict[str, Any] | None = None,
+        device: str | torch.device | None = "cpu",
+    ) -> PublicParts:
+        """The public parts of ``source`` on ``device`` (None: CUDA if there is one), float32: they train."""
+        runtime = Runtime.resolve(device, "float32")
+        pipe = load_pipeline(source, device=runtime.device, dtype="float32", unet=False)
         if unet_config is None:
             try:
                 unet_config = dict(UNet2DConditionModel.load_config(pipeline_path(source), subfolder="unet"))
@@ -79,7 +88,7 @@ class PublicParts:
                 raise ModelLoadError(f"cannot read the U-Net config of {source!r}: {exc}") from exc
         for part in (pipe.text_encoder, pipe.vae):
             part.requires_grad_(False).eval()
-        return cls(str(source), pipe.tokenizer, pipe.text_encoder, pipe.vae, unet_config)
+        return cls(str(source), pipe.tokenizer, pipe.text_encoder, pipe.vae, unet_config, runtime.device)
 
     @property
     def fingerprint(self) -> str:
@@ -92,7 +101,8 @@ class PublicParts:
 
     @torch.no_grad()
     def contexts(self, captions: list[str]) -> torch.Tensor:
-        """The text encoder's (N, L, D) contexts; ``""`` for an unconditional model."""
+        """The text encoder's (N, L, D) contexts (on the CPU, as every tensor these methods return); ``""`` for an
+        unconditional model."""
         ids = self.tokenizer(
             captions,
             padding="max_length",
@@ -100,25 +110,27 @@ class PublicParts:
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(ids.to(self.device))[0].cpu()
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (the posterior's mean: deterministic)."""
         scaling = float(self.vae.config["scaling_factor"])
-        return torch.cat([self.vae.encode(x).latent_dist.mean * scaling for x in images.split(batch)])
+        latents = [self.vae.encode(x.to(self.device)).latent_dist.mean * scaling for x in images.split(batch)]
+        return torch.cat(latents).cpu()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """Scaled latents -> images in [0, 1]."""
         scaling = float(self.vae.config["scaling_factor"])
-        out = [self.vae.decode(z / scaling).sample for z in latents.split(batch)]
-        return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+        out = [self.vae.decode(z.to(self.device) / scaling).sample for z in latents.split(batch)]
+        return (torch.cat(out) / 2 + 0.5).clamp(0, 1).cpu()
 
     def new_unet(self, seed: int) -> UNet2DConditionModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return UNet2DConditionModel.from_config(self.unet_config)
+            unet = UNet2DConditionModel.from_config(self.unet_config)  # drawn on the CPU: the same on any device
+        return unet.to(self.device)
 
 
 class Learner:
@@ -137,6 +149,8 @@ class Learner:
         if len(t) == 0:
             return None
         start = time.process_time()
+        device = next(self.unet.parameters()).device
+        x_t, noise, t, context = (x.to(device) for x in (x_t, noise, t, context))
         pred = self.unet(x_t.float(), t, context.float()).sample
         loss = F.mse_loss(pred, noise.float())
         self.optimizer.zero_grad()
@@ -160,12 +174,15 @@ class Learner:
         (folder / "state.json").write_text(json.dumps({**state, **counters}, indent=1))
 
     @classmethod
-    def resume(cls, folder: Path, lr: float = 1e-3) -> tuple[Learner, dict[str, Any]]:
+    def resume(
+        cls, folder: Path, lr: float = 1e-3, device: torch.device | str = "cpu"
+    ) -> tuple[Learner, dict[str, Any]]:
         try:
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device)
             state = json.loads((folder / "state.json").read_text())
             learner = cls(unet, lr)
-            learner.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            saved = torch.load(folder / "optimizer.pt", weights_only=True, map_location=device)
+            learner.optimizer.load_state_dict(saved)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot resume from the checkpoint in {folder}: {exc}") from exc
         learner.steps, learner.samples = int(state["steps"]), int(state["samples"])

@@ -37,11 +37,16 @@ def sample(
     generator: torch.Generator,
     batch: int = 128,
 ) -> Sampled:
-    """DDPM with ``steps`` steps for each row of ``contexts``; t > t_c on ``server``, the rest on ``client``."""
+    """DDPM with ``steps`` steps for each row of ``contexts``; t > t_c on ``server``, the rest on ``client``.
+
+    The noise comes from ``generator`` (a CPU one), so a run on CUDA draws what a run on the CPU does.
+    """
     t_c = handoff_timestep(cut_ratio)
+    device = next(u for u in (server, client) if u is not None).device
     scheduler = ddpm_scheduler()
     scheduler.set_timesteps(steps)
-    x = torch.randn((len(contexts), *latent_shape), generator=generator)
+    x = torch.randn((len(contexts), *latent_shape), generator=generator).to(device)  # the CPU generator's draws
+    contexts = contexts.to(device)
     handed = x.clone()
     server_steps = 0
     cpu = {True: 0.0, False: 0.0}
@@ -58,4 +63,4 @@ def sample(
         x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]
         if on_server:
             handed, server_steps = x.clone(), server_steps + 1
-    return Sampled(x, handed, server_steps, cpu[True], cpu[False])
+    return Sampled(x.cpu(), handed.cpu(), server_steps, cpu[True], cpu[False])

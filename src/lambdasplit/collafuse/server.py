@@ -103,7 +103,7 @@ class CollaFuseServer:
         self.handoff = handoff_timestep(settings.cut_ratio)
         self.first_round = 0
         if resume and out is not None and (out / "state.json").is_file():
-            self.learner, state = Learner.resume(out, settings.lr)
+            self.learner, state = Learner.resume(out, settings.lr, parts.device)
             if state.get("cut_ratio") != settings.cut_ratio:
                 raise ConfigError(f"the checkpoint in {out} was trained at c = {state.get('cut_ratio')}")
             self.first_round = int(state["round"])
