@@ -41,3 +41,12 @@ def test_the_benchmark_trains_each_cut_ratio_and_measures_it(tmp_path: Path) -> 
         assert client["inverted_rows"] > 0 and client["inverted_mse"] < 0.01
     assert all(c["inverted_rows"] == 0 for c in alone["per_client"])
     assert "| 0 | 1000 |" in (tmp_path / "r.md").read_text() and (tmp_path / "r.png").stat().st_size > 0
+
+    # The samples figure reads the same run's saved U-Nets.
+    figure = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "collafuse_samples.py"), "--run", str(out), "--png",
+         str(tmp_path / "s.png"), "--clients", "2", "--per-client", "2", "--steps", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert figure.returncode == 0, figure.stderr[-3000:]
+    assert (tmp_path / "s.png").stat().st_size > 0
