@@ -204,7 +204,7 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     for r in summary["results"]:
         rows = r["per_client"]
-        kids = " / ".join(_f(x["kid"]) for x in rows)
+        kids = " / ".join(f"{_f(x['kid'])}±{_f(x.get('kid_std'))}" for x in rows)
         lines.append(
             f"| {r['cut_ratio']:g} | {r['handoff']} | {kids} | {_f(_mean(rows, 'kid'))} | "
             f"{_f(_mean(rows, 'adherence'), 2)} | {_f(_mean(rows, 'disclosure_kid'))} | "
@@ -227,7 +227,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     clients = len(results[0]["per_client"])
     for k in range(clients):
-        left.plot(cs, [r["per_client"][k]["kid"] for r in results], marker="o", label=f"client {k}")
+        kids = [r["per_client"][k]["kid"] for r in results]
+        errors = [r["per_client"][k].get("kid_std", 0.0) for r in results]
+        left.errorbar(cs, kids, yerr=errors, marker="o", capsize=3, label=f"client {k}")
     left.set(xlabel="cut ratio c (server's share of the steps)", ylabel="KID (lower is better)", title="Quality")
     left.legend()
     right.plot(cs, [_mean(r["per_client"], "disclosure_kid") for r in results], marker="o", label="KID at t_c")

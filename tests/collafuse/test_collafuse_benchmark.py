@@ -34,7 +34,7 @@ def test_the_benchmark_trains_each_cut_ratio_and_measures_it(tmp_path: Path) -> 
     for result in results:
         assert not result["dropped"] and len(result["per_client"]) == 2
         for client in result["per_client"]:
-            assert client["kid"] == client["kid"] and client["disclosure_mse"] > 0  # numbers, not NaN
+            assert client["kid"] == client["kid"] and client["kid_std"] >= 0 and client["disclosure_mse"] > 0  # not NaN
             assert 0 <= client["adherence"] <= 1
     for client in server["per_client"]:  # c = 1: the server ran every step, and read its training rows back
         assert client["client_cpu_seconds_per_image"] == 0 and client["server_cpu_seconds_per_image"] > 0

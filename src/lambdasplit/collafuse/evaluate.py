@@ -27,8 +27,10 @@ from lambdasplit.diffusion.shapes import detect
 class ClientFigures:
     client: int
     kid: float  # generated vs the client's held-out images
+    kid_std: float  # over KID's subsets
     adherence: float | None  # share of images whose detected scene is their caption's (conditional only)
     disclosure_kid: float  # the server's images at t_c vs the client's private images
+    disclosure_kid_std: float
     disclosure_mse: float  # median nearest-private-image pixel MSE of the server's images at t_c
     client_cpu_seconds_per_image: float
     server_cpu_seconds_per_image: float
@@ -85,11 +87,15 @@ def evaluate_client(
         adherence = sum(h is not None and h.caption == c for h, c in zip(hits, captions, strict=True)) / count
     one = sample(server, client, cut_ratio, contexts[:4], parts.latent_shape, steps=steps, generator=generator, batch=1)
     readback = inverted(parts, traffic)
+    quality, quality_std = kid(features, held01, images)
+    disclosed, disclosed_std = kid(features, private01, at_handoff)
     return ClientFigures(
         client=index,
-        kid=kid(features, held01, images),
+        kid=quality,
+        kid_std=quality_std,
         adherence=adherence,
-        disclosure_kid=kid(features, private01, at_handoff),
+        disclosure_kid=disclosed,
+        disclosure_kid_std=disclosed_std,
         disclosure_mse=float(nearest_mse(at_handoff, private01).median()),
         client_cpu_seconds_per_image=one.client_cpu_seconds / 4,
         server_cpu_seconds_per_image=one.server_cpu_seconds / 4,

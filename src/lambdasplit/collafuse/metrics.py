@@ -102,16 +102,18 @@ def cached_features(steps: int = 1500, seed: int = 0, folder: Path | None = None
     return trained
 
 
-def kid(features: ShapeFeatures, real: torch.Tensor, fake: torch.Tensor, subset_size: int = 100) -> float:
-    """Kernel Inception Distance between two image sets in [0, 1], in ``features``' space (torchmetrics)."""
+def kid(features: ShapeFeatures, real: torch.Tensor, fake: torch.Tensor, subset_size: int = 100) -> tuple[float, float]:
+    """Kernel Inception Distance between two image sets in [0, 1], in ``features``' space (torchmetrics): the mean
+    and standard deviation over 50 subsets. The estimator is unbiased, so sets from one distribution score
+    around 0, sometimes below."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, len(real), len(fake))
     metric = KernelInceptionDistance(feature=features, subsets=50, subset_size=size)
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    mean, _ = metric.compute()
-    return float(mean)
+    mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 def nearest_mse(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
