@@ -112,7 +112,9 @@ def kid(features: ShapeFeatures, real: torch.Tensor, fake: torch.Tensor, subset_
     metric = KernelInceptionDistance(feature=features, subsets=50, subset_size=size)
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    mean, std = metric.compute()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the subsets are drawn at random: the same ones on every call
+        mean, std = metric.compute()
     return float(mean), float(std)
 
 
