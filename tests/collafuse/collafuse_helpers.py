@@ -51,12 +51,12 @@ def run_deployment(
     images: int = 16,
     out: Path | None = None,
     conditional: bool = True,
-    rogue: Callable[[str], None] | None = None,
+    rogues: tuple[Callable[[str], None], ...] = (),
     resume: bool = False,
     client_parts: PublicParts | None = None,
 ) -> Deployment:
-    """A server and ``clients`` `CollaFuseClient` threads over a counting relay that keeps every byte; ``rogue(url)``
-    runs in one more thread (the server must then expect ``clients + 1``)."""
+    """A server and ``clients`` `CollaFuseClient` threads over a counting relay that keeps every byte; each of
+    ``rogues(url)`` runs in one more thread (the server must then expect ``clients + len(rogues)``)."""
     seen: list[tuple[str, Any]] = []
     with (
         CollaFuseServer(
@@ -84,8 +84,7 @@ def run_deployment(
                 errors[name] = exc
 
         threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
-        if rogue is not None:
-            threads.append(threading.Thread(target=rogue, args=(relay.url(),), daemon=True))
+        threads += [threading.Thread(target=rogue, args=(relay.url(),), daemon=True) for rogue in rogues]
         for thread in threads:
             thread.start()
         report = server.train()

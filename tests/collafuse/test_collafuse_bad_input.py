@@ -31,55 +31,62 @@ def _batch(parts: PublicParts, round: int, t: list[int], side: int = 16) -> Batc
     return Batch(round, torch.randn(latent), torch.randn(latent), torch.tensor(t), torch.randn(n, 16, 64))
 
 
-def _misbehaving(parts: PublicParts, act, outcome: dict) -> object:
-    """A rogue client that joins as 'rogue', waits for round 0 and then does ``act(ws)``."""
+def _misbehaving(parts: PublicParts, name: str, act, outcome: dict) -> object:
+    """A rogue client that joins as ``name``, waits for round 0 and then does ``act(ws)``; its reply in outcome."""
 
     def rogue(url: str) -> None:
         with raw_client(url) as ws:
-            ws.send(join_message(parts, "rogue"))
+            ws.send(join_message(parts, name))
             assert next_json(ws)["type"] == "welcome"
             assert next_json(ws) == {"type": "round", "round": 0, "loss": None}
             act(ws)
             try:
-                outcome["reply"] = next_json(ws)
+                outcome[name] = next_json(ws)
             except ConnectionClosed:
-                outcome["reply"] = None
+                outcome[name] = None
 
     return rogue
 
 
-@pytest.mark.parametrize(
-    ("name", "act", "code"),
-    [
-        ("t at t_c", lambda p, ws: ws.send(_batch(p, 0, [800, 500]).encode()), "bad_timestep"),
-        ("t below t_c", lambda p, ws: ws.send(_batch(p, 0, [3]).encode()), "bad_timestep"),
-        ("t past T", lambda p, ws: ws.send(_batch(p, 0, [1000]).encode()), "bad_timestep"),
-        ("another image size", lambda p, ws: ws.send(_batch(p, 0, [900], side=8).encode()), "bad_shape"),
-        ("too many rows", lambda p, ws: ws.send(_batch(p, 0, [900] * 9).encode()), "bad_shape"),
-        ("an old round", lambda p, ws: ws.send(_batch(p, 7, [900]).encode()), "bad_round"),
-        ("not safetensors", lambda p, ws: ws.send(b"\x00" * 40), "bad_frame"),
-        ("text instead of a batch", lambda p, ws: ws.send(json.dumps({"type": "batch"})), "bad_frame"),
-        ("NaN", lambda p, ws: ws.send(Batch(0, torch.full((1, 4, 16, 16), float("nan")), torch.zeros(1, 4, 16, 16),
-                                             torch.tensor([900]), torch.zeros(1, 16, 64)).encode()), "bad_frame"),
-        ("leaves mid-round", lambda p, ws: ws.close(), "peer_gone"),
-    ],
-)  # fmt: skip
-def test_a_bad_batch_drops_that_client_and_the_round_goes_on(parts: PublicParts, name: str, act, code: str) -> None:
+BAD = {
+    "t at t_c": (lambda p, ws: ws.send(_batch(p, 0, [800, 500]).encode()), "bad_timestep"),
+    "t below t_c": (lambda p, ws: ws.send(_batch(p, 0, [3]).encode()), "bad_timestep"),
+    "t past T": (lambda p, ws: ws.send(_batch(p, 0, [1000]).encode()), "bad_timestep"),
+    "another image size": (lambda p, ws: ws.send(_batch(p, 0, [900], side=8).encode()), "bad_shape"),
+    "too many rows": (lambda p, ws: ws.send(_batch(p, 0, [900] * 9).encode()), "bad_shape"),
+    "an old round": (lambda p, ws: ws.send(_batch(p, 7, [900]).encode()), "bad_round"),
+    "not safetensors": (lambda p, ws: ws.send(b"\x00" * 40), "bad_frame"),
+    "text instead of a batch": (lambda p, ws: ws.send(json.dumps({"type": "batch"})), "bad_frame"),
+    "NaN": (lambda p, ws: ws.send(Batch(0, torch.full((1, 4, 16, 16), float("nan")), torch.zeros(1, 4, 16, 16),
+                                       torch.tensor([900]), torch.zeros(1, 16, 64)).encode()), "bad_frame"),
+    "leaves mid-round": (lambda p, ws: ws.close(), "peer_gone"),
+}  # fmt: skip
+
+
+def test_bad_batches_drop_their_clients_and_the_rounds_go_on(parts: PublicParts) -> None:
+    """Ten clients, each bad in its own way, beside two good ones: each bad one is told its own code and dropped,
+    every round trains on the two good ones."""
     outcome: dict = {}
-    settings = ServerSettings(clients=3, cut_ratio=0.2, rounds=ROUNDS, batch=8)
-    run = run_deployment(parts, settings, clients=2, rogue=_misbehaving(parts, lambda ws: act(parts, ws), outcome))
-    assert run.server.dropped == {"rogue": code}, name
+    rogues = tuple(
+        _misbehaving(parts, name, lambda ws, act=act: act(parts, ws), outcome) for name, (act, _) in BAD.items()
+    )
+    settings = ServerSettings(clients=2 + len(BAD), cut_ratio=0.2, rounds=ROUNDS, batch=8)
+    run = run_deployment(parts, settings, clients=2, rogues=rogues)
+    assert run.server.dropped == {name: code for name, (_, code) in BAD.items()}
     assert [r.clients for r in run.server.rounds] == [2] * ROUNDS
     assert not run.errors and all(r.rounds == ROUNDS for r in run.clients.values())
-    if code != "peer_gone":
-        assert outcome["reply"]["type"] == "error" and outcome["reply"]["code"] == code
-        assert outcome["reply"]["message"]
+    for name, (_, code) in BAD.items():
+        if code != "peer_gone":
+            assert outcome[name]["type"] == "error" and outcome[name]["code"] == code, name
+            assert outcome[name]["message"]
 
 
 def test_a_silent_client_is_dropped_after_the_round_timeout(parts: PublicParts) -> None:
     outcome: dict = {}
     settings = ServerSettings(clients=3, cut_ratio=0.2, rounds=2, batch=4, round_timeout=1.0)
-    run = run_deployment(parts, settings, clients=2, rogue=_misbehaving(parts, lambda ws: time.sleep(3), outcome))
+    run = run_deployment(
+        parts, settings, clients=2, rogues=(_misbehaving(parts, "rogue", lambda ws: time.sleep(3), outcome),)
+    )
     assert run.server.dropped == {"rogue": "timeout"} and [r.clients for r in run.server.rounds] == [2, 2]
 
 

@@ -1,10 +1,9 @@
 """A trained deployment generates through the split diffusion server: ``serve`` the server's exported pipeline,
-``imagine --policy collafuse`` with the client's; the image is the one the benchmark's batched sampler makes."""
+the collafuse policy with the client's (what ``imagine --policy collafuse`` runs); the image is the one the
+benchmark's batched sampler makes."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ def parts() -> PublicParts:
     return tiny_parts()
 
 
-def test_serve_and_imagine_run_the_trained_hand_off(parts: PublicParts, tmp_path: Path) -> None:
+def test_serve_runs_the_trained_hand_off(parts: PublicParts, tmp_path: Path) -> None:
     run_deployment(parts, ServerSettings(clients=2, cut_ratio=0.6, rounds=2, batch=4), clients=2, out=tmp_path)
     server_pipeline, client_pipeline = tmp_path / "server" / "pipeline", tmp_path / "client-1" / "pipeline"
     prompt = client_images(1, 2, 1, seed=9).captions[0]
@@ -46,13 +45,3 @@ def test_serve_and_imagine_run_the_trained_hand_off(parts: PublicParts, tmp_path
                 cut_ratio=0.6, wire_dtype="float32", input_dtype="float32",
             )  # fmt: skip
         assert (out.image - parts.decode(expected.latents)).abs().max().item() <= 1e-5
-
-        png = tmp_path / "out.png"
-        command = [
-            sys.executable, "-c", "from lambdasplit.cli import main; main()", "imagine", prompt, "--out", str(png),
-            "--pipeline", str(client_pipeline), "--policy", "collafuse", "--cut-ratio", "0.6", "--steps", "10",
-            "--cloud", url,
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert png.stat().st_size > 0
