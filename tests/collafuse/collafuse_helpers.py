@@ -67,21 +67,24 @@ def run_deployment(
         reports: dict[str, ClientReport] = {}
         errors: dict[str, BaseException] = {}
 
+        learners = [  # built here, one at a time (diffusers' model building is not thread-safe)
+            CollaFuseClient(
+                client_parts or parts,
+                client_images(k, clients, images, seed=1),
+                name=f"client-{k}",
+                seed=k,
+                conditional=conditional,
+                out=out / f"client-{k}" if out else None,
+                resume=resume,
+            )
+            for k in range(clients)
+        ]
+
         def client(k: int) -> None:
-            name = f"client-{k}"
             try:
-                learner = CollaFuseClient(
-                    client_parts or parts,
-                    client_images(k, clients, images, seed=1),
-                    name=name,
-                    seed=k,
-                    conditional=conditional,
-                    out=out / name if out else None,
-                    resume=resume,
-                )
-                reports[name] = learner.run(relay.url(), timeout=TIMEOUT)
+                reports[learners[k].name] = learners[k].run(relay.url(), timeout=TIMEOUT)
             except BaseException as exc:  # the test reads it
-                errors[name] = exc
+                errors[learners[k].name] = exc
 
         threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
         threads += [threading.Thread(target=rogue, args=(relay.url(),), daemon=True) for rogue in rogues]

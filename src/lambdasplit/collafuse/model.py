@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from lambdasplit.config import Runtime
 from lambdasplit.diffusion.pipeline import load_pipeline, pipeline_path, unet_fingerprint
 from lambdasplit.errors import ConfigError, ModelLoadError
+
+#: diffusers builds and loads models inside accelerate's ``init_empty_weights``, which patches torch.nn.Module
+#: for the whole process; two threads doing it at once can leave the patch in place (every later module on the
+#: meta device). Clients and servers in one process (tests, benchmarks) build their U-Nets one at a time.
+_BUILDING = threading.Lock()
 
 #: diffusers' DDPM schedule of the embedded pipeline (its training schedule).
 TRAIN_TIMESTEPS = 1000
@@ -127,7 +133,7 @@ class PublicParts:
         return (torch.cat(out) / 2 + 0.5).clamp(0, 1).cpu()
 
     def new_unet(self, seed: int) -> UNet2DConditionModel:
-        with torch.random.fork_rng(devices=[]):
+        with _BUILDING, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel.from_config(self.unet_config)  # drawn on the CPU: the same on any device
         return unet.to(self.device)
@@ -178,7 +184,9 @@ class Learner:
         cls, folder: Path, lr: float = 1e-3, device: torch.device | str = "cpu"
     ) -> tuple[Learner, dict[str, Any]]:
         try:
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device)
+            with _BUILDING:
+                unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+            unet = unet.to(device)
             state = json.loads((folder / "state.json").read_text())
             learner = cls(unet, lr)
             saved = torch.load(folder / "optimizer.pt", weights_only=True, map_location=device)
