@@ -6,6 +6,8 @@ The device's own socket is read with ``TCP_INFO`` by the client (``CloudClient.s
   ``ss`` from outside the server process (inside its network namespace when it has one);
 - ``capture`` + ``pcap_bytes``: a tcpdump capture on the device's interface, the paper's method, summed
   as IP-level bytes (IP and TCP headers, pure ACKs and retransmissions included, link-layer header not).
+
+``tcp_segments`` reads the capture's TCP segments; ``capture_text`` renders them as what an eavesdropper reads.
 """
 
 from __future__ import annotations
