@@ -378,6 +378,9 @@ class _Meter:
         if server_after is not None and self.server_bytes is not None:
             row.server_down = server_after[0] - self.server_bytes[0]
             row.server_up = server_after[1] - self.server_bytes[1]
+
+    def cloud_seconds(self, row: Row) -> None:
+        """The server's compute for the row (an HTTP request of its own: read after the capture, not in it)."""
         row.cloud_s = self.server.compute_seconds() - self.compute
 
 
@@ -392,6 +395,7 @@ def _measured(server: _Server, client: CloudClient, row: Row) -> Iterator[_Meter
         yield meter
         # Stop the counters before the capture ends, so both cover the same exchange.
         meter.stop(row)  # waits for the last ACK, which the capture then holds too
+    meter.cloud_seconds(row)
     if pcap is not None:
         ip: IpBytes = pcap_bytes(pcap, server.port)
         row.pcap_up, row.pcap_down = ip.up, ip.down
