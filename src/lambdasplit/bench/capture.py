@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,7 +94,24 @@ def capture(iface: str, port: int, path: Path, snaplen: int = 128) -> Iterator[P
     try:
         yield path
     finally:
+        _drained(path)
         stop_process(proc)  # SIGINT: tcpdump flushes the file and exits
+
+
+def _drained(path: Path, quiet: float = 0.4, limit: float = 5.0) -> None:
+    """Wait until tcpdump has written what the kernel holds for it: the file has not grown for ``quiet`` seconds.
+
+    On SIGINT tcpdump stops reading its ring buffer, and packets it has not read yet are lost: on a loaded machine
+    a whole short exchange could be (a capture of 0 packets was seen in tests).
+    """
+    deadline, size, since = time.monotonic() + limit, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = path.stat().st_size if path.exists() else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True)
