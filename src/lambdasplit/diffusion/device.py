@@ -18,8 +18,8 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # not `from diffusers` (see pipeline.py)
 
 from lambdasplit.diffusion.cloud import DiffusionBody
-from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input
 from lambdasplit.diffusion.pictures import picture
+from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input
 from lambdasplit.diffusion.protocol import (
     FrameTraffic,
     Granularity,
