@@ -34,8 +34,8 @@ from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.wire import WireDtype
 
-A1 = "A1 exact matching through the public head"
-B3 = "B1 tail replay through the public tail, confirmed on the uplink (B3)"
+A1 = "A1 exact matching (public head)"
+B3 = "B3 tail replay, confirmed on the uplink (public tail and head)"
 
 #: What the audit measured for keyed deployments (docs/threat-model.md), said instead of a live figure.
 KEYED_PROMPT = {

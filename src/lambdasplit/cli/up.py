@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -28,8 +28,13 @@ from lambdasplit.cli.options import (
 )
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
+from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.server.process import body_server_process
+from lambdasplit.split import SplitModel
 from lambdasplit.wire import WireDtype
+
+if TYPE_CHECKING:
+    from lambdasplit.audit.live import LiveAttacker
 
 _err = Console(stderr=True)
 
@@ -58,6 +63,13 @@ def up(
     max_parallel: Annotated[int, typer.Option(min=1, help="Generations served at once; more wait.")] = 4,
     speculative: Speculative = None,
     key: Key = None,
+    attack: Annotated[
+        bool,
+        typer.Option(
+            help="After each turn, run the audit's strongest attack on the hidden states it sent and show what it "
+            "read back in the web UI (CPU time on this device, off the answer's path)."
+        ),
+    ] = True,
     cloud_timeout: CloudTimeout = 60.0,
     reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
@@ -104,10 +116,20 @@ def up(
             )
         stack.enter_context(client)
         settings = AgentSettings(wire_dtype=wire, max_parallel=max_parallel, speculative=speculative, cloud_label=label)
-        agent = DeviceAgent(split, client, settings)
+        agent = DeviceAgent(split, client, settings, attacker=_attacker(split) if attack else None)
         p = split.points
         _err.print(
             f"{split.name}: head [0, {p.head_layers}) and tail [{p.body_end}, {p.num_layers}) here, "
             f"body [{p.head_layers}, {p.body_end}) on {label}; wire {wire.name.lower()}"
         )
         run_agent(agent, host=host, port=port)
+
+
+def _attacker(split: SplitModel) -> LiveAttacker:
+    """The audit's live attack for this deployment. Its key (``--key``, or a developer bundle's) is the split's
+    wire transform; with none, the device's head and tail are the public weights the attacker holds."""
+    from lambdasplit.audit.live import LiveAttacker
+
+    key = split.wire_transform
+    kind = None if key is None else key.kind if isinstance(key, ObfuscationKey) else type(key).__name__
+    return LiveAttacker(split, key_kind=kind)
