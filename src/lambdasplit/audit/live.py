@@ -111,9 +111,9 @@ class LiveAttacker:
 
     def read(self, heard: Heard) -> list[Readback]:
         if self.key_kind is not None:
-            prompt = KEYED_PROMPT.get(self.key_kind, f"a {self.key_kind} key: no live attack is implemented for it.")
+            keyed = KEYED_PROMPT.get(self.key_kind, f"a {self.key_kind} key: no live attack is implemented for it.")
             return [
-                Readback("prompt", "A4 key recovery, then A1", None, note=prompt),
+                Readback("prompt", "A4 key recovery, then A1", None, note=keyed),
                 Readback("output", B3, None, note=KEYED_OUTPUT),
             ]
         wire = tolerance_dtype(heard.wire_dtype)
