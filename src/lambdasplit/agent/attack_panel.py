@@ -18,12 +18,13 @@ scoring. Shapes: ``T`` positions sent, ``D`` hidden size.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -148,9 +149,11 @@ class AttackPanel:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._newest = 0
-        self._prepared = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lambdasplit-attack")
-        self._executor.submit(self._prepare)  # the vocabulary tables, before the first turn needs them
+        self._prepared = self._closed = False
+        # One daemon thread: an attack still running when the agent stops must not hold its exit up.
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="lambdasplit-attack", daemon=True).start()
+        self._jobs.put(self._prepare)  # the vocabulary tables, before the first turn needs them
 
     # --- the request's life ------------------------------------------------------------------------------
     def expect(self, request: str, prompt_ids: list[int], prompt_view: Any) -> None:
@@ -178,15 +181,23 @@ class AttackPanel:
         if turn is None or result is None or heard is None:
             return
         turn.output_ids = list(result.token_ids)
-        seq = next(self._seq)
-        self._newest = seq
+        with self._lock:
+            seq = self._newest = next(self._seq)
         self._publish({"type": "attack", "request": request, "status": "running"} | self.threat())
-        self._executor.submit(self._attack, seq, request, turn, heard)
+        self._jobs.put(lambda: self._attack(seq, request, turn, heard))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop after the job in hand; queued ones are dropped."""
+        self._closed = True
+        self._jobs.put(None)
 
     # --- on the attack thread ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None and not self._closed:
+            # Only the warm-up can raise here (an attack reports its own failure): the next attack retries it.
+            with contextlib.suppress(Exception):
+                job()
+
     def _prepare(self) -> None:
         if not self._prepared:
             self.attacker.prepare()
