@@ -135,7 +135,7 @@ def test_a_keyed_deployment_is_not_attacked_live_and_the_panel_says_so(tiny_chec
 
     path, _ = tiny_checkpoint("llama")
     split = load_split(path, (1, 4), parts=["head", "tail"])
-    prompt, output = LiveAttacker(split, key_kind="permutation").read(heard())
+    prompt, output = LiveAttacker(split, key_kind="rotation").read(heard())
     assert prompt.ids is None and "Not run live" in prompt.note and "99.7-100%" in prompt.note
     assert output.ids is None and "100% of generated tokens" in output.note
     prompt, output = LiveAttacker(split).read(heard(WireDtype.QINT4))
@@ -156,3 +156,34 @@ def test_a_tls_link_rules_the_eavesdropper_out(tiny_checkpoint) -> None:
         assert cloud["sees"]
     finally:
         panel.close()
+
+
+def test_a_permutation_key_is_read_off_the_traffic_first(tiny_checkpoint, tmp_path) -> None:
+    """`up --key` against an obfuscated body: A4 sorted matching recovers the key from the turn's own rows, and
+    A1 and B3 then read the turn back as if there were no key (the attacker wired as `lambdasplit up` does)."""
+    from lambdasplit.cli.up import _attacker
+    from lambdasplit.privacy.keys import make_key
+    from lambdasplit.privacy.obfuscate import obfuscate_body, write_obfuscated_body
+    from lambdasplit.split import load_split
+    from servers import body_server
+
+    path, _ = tiny_checkpoint("llama")
+    cloud = load_split(path, "1:4", parts=("body",), quiet=True)
+    assert cloud.body is not None
+    key = make_key(cloud.config, cloud.points, cloud.fingerprint, kind="permutation", seed=3)
+    obfuscate_body(cloud.body, key, cloud.config)
+    body_dir = write_obfuscated_body(cloud.body, key, cloud.config, tmp_path / "body")
+    key_file = key.save(tmp_path / "device.key")
+    with body_server("--model", str(body_dir), "--layers", "1:4") as server:
+        split, client = connect_device(server, path, key=key_file, device="cpu", dtype="float32", quiet=True)
+        with client:
+            agent = DeviceAgent(split, client, attacker=_attacker(split, str(path), str(key_file)))
+            with serving(agent) as url:
+                body = {"model": agent.model_id, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+                call(f"{url}/v1/chat/completions", body)
+                report = attack_report(url, "r1")
+    assert report["status"] == "done" and report["keyed"] is True, report
+    prompt, output = report["results"]
+    assert prompt["attack"].startswith("A4 sorted matching") and "key fitted to" in prompt["note"]
+    assert prompt["token_accuracy"] == 1.0 and "the quick brown fox" in prompt["text"]
+    assert output["token_accuracy"] == 1.0

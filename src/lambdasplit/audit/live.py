@@ -12,11 +12,16 @@ against the truth, which only the device knows. The attacks are this package's, 
 
 With no key the eavesdropper (on a link without TLS) and the curious cloud see the same states and hold the
 same public weights, so one attack stands for both. With a key (``--key``) these attacks read nothing until
-the key is recovered; that step (A4) is not run live: the readback says so and quotes the audit's figures.
+the key is recovered. A permutation key is recovered first from the same traffic by A4 sorted matching
+(``attacks/permutation.sorted_matching``, the eavesdropper's attack: 100% of the key over float16 in the
+audit), then undone; the cloud's own, faster route (the key read off the body's weights) is quoted, not run.
+For a rotation key (the eavesdropper's invariant matching took 61-509 s per prompt in the audit) and any other
+transform, nothing runs: the readback says so and quotes the audit's figures.
 
-``public`` holds the public weights at the deployment's split points, head and tail. The device's own split
-is exactly that when no key is used, and with one too: a key transforms the body and the wire, not the
-head and tail (``privacy.obfuscate``). The attacks keep their own KV caches, so sharing it is safe.
+``public`` holds the public weights at the deployment's split points: head and tail, and under a permutation
+key the body too (A4 ranks candidates by the public model's next token). The device's own head and tail are
+the public ones, key or not: a key transforms the body and the wire (``privacy.obfuscate``). The attacks keep
+their own KV caches, so sharing the device's split is safe.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from lambdasplit.audit.attacks.exact_matching import recover
 from lambdasplit.audit.attacks.nearest_neighbour import context_free_tables
+from lambdasplit.audit.attacks.permutation import decode_with, sorted_matching
 from lambdasplit.audit.attacks.sampled_tokens import sampled_tokens
 from lambdasplit.privacy.intercept import Intercept
 from lambdasplit.split.loader import SplitModel
@@ -36,15 +42,10 @@ from lambdasplit.wire import WireDtype
 
 A1 = "A1 exact matching (public head)"
 B3 = "B3 tail replay, confirmed on the uplink (public tail and head)"
+A4 = "A4 sorted matching (the key, from this traffic), then "
 
-#: What the audit measured for keyed deployments (docs/threat-model.md), said instead of a live figure.
+#: What the audit measured where no live attack runs (docs/threat-model.md), said instead of a live figure.
 KEYED_PROMPT = {
-    "permutation": (
-        "a secret permutation stops A1 without the key (0%), but not the attackers: the curious cloud recovers "
-        "the whole key from the body's own weights in about a second (A4 weight matching), an eavesdropper from "
-        "one conversation's first rows (A4 sorted matching: 100% of the key over float16, 5-42 s), and then A1 "
-        "reads 99.7-100% of prompt tokens and every planted secret (docs/threat-model.md). Not run live here."
-    ),
     "rotation": (
         "a secret rotation stops A1 without the key (0%), but not the attackers: the curious cloud recovers the "
         "rotation from the body's own weights (100%, about a second) and then reads 99.7-100% of prompt tokens; "
@@ -55,6 +56,12 @@ KEYED_PROMPT = {
 KEYED_OUTPUT = (
     "with the key recovered (above), tail replay reads 100% of generated tokens (docs/threat-model.md). "
     "Not run live here."
+)
+#: A permutation key read back live: what the curious cloud does instead, faster.
+PERMUTATION_NOTE = (
+    "the key was recovered from this conversation's own first rows, as an eavesdropper without TLS can; the "
+    "curious cloud needs no traffic for it: it reads the key off the body's weights in about a second "
+    "(docs/threat-model.md)"
 )
 
 
@@ -93,9 +100,11 @@ def tolerance_dtype(wire: WireDtype) -> torch.dtype | None:
 
 
 class LiveAttacker:
-    """A1 on the prompt and B3 on the answer, for a deployment without a key; the audit's figures with one.
+    """A1 on the prompt and B3 on the answer; under a permutation key, A4 sorted matching first.
 
-    ``key_kind``: the deployment's key (``"permutation"`` or ``"rotation"``), None for a plain split.
+    ``key_kind``: the deployment's key (``"permutation"``, ``"rotation"``, or another name, which is said and
+    not attacked), None for a plain split. Under a permutation key ``public`` should hold the body as well:
+    A4 ranks candidates by the public model's next token, without which its search is much longer.
     ``max_candidates``: A1's budget per position (a position with no match costs that many head passes).
     """
 
@@ -105,15 +114,19 @@ class LiveAttacker:
         self.public, self.key_kind, self.max_candidates = public, key_kind, max_candidates
 
     def prepare(self) -> None:
-        """A1's candidate order: the public head run on every token alone (about a second per 10k tokens)."""
-        if self.key_kind is None:
+        """A1's candidate order: the public head run on every token alone (SmolLM2's 49k tokens through 2 layers:
+        5-30 s on 2 busy cores), so the first turn does not wait for it."""
+        if self.key_kind in (None, "permutation"):
             context_free_tables(self.public)
 
     def read(self, heard: Heard) -> list[Readback]:
-        if self.key_kind is not None:
-            keyed = KEYED_PROMPT.get(self.key_kind, f"a {self.key_kind} key: no live attack is implemented for it.")
+        prompt_attack = A1 if self.key_kind is None else A4 + A1
+        if self.key_kind not in (None, "permutation"):
+            keyed = KEYED_PROMPT.get(
+                str(self.key_kind), f"a {self.key_kind} key: no live attack is implemented for it. Not run."
+            )
             return [
-                Readback("prompt", "A4 key recovery, then A1", None, note=keyed),
+                Readback("prompt", prompt_attack, None, note=keyed),
                 Readback("output", B3, None, note=KEYED_OUTPUT),
             ]
         wire = tolerance_dtype(heard.wire_dtype)
@@ -122,19 +135,28 @@ class LiveAttacker:
                 f"not run: A1's tolerance covers float and int8 wires, not {heard.wire_dtype.name.lower()}; the audit "
                 "measured float wires (docs/threat-model.md)"
             )
-            return [Readback("prompt", A1, None, note=note), Readback("output", B3, None, note=note)]
-        p = heard.prompt_length
+            return [Readback("prompt", prompt_attack, None, note=note), Readback("output", B3, None, note=note)]
         start = time.perf_counter()
-        found = recover(self.public, heard.uplink[:p], wire_dtype=wire, max_candidates=self.max_candidates)
-        missed = f"{len(found.misses)} of {p} positions had no exact match (the closest candidate kept)"
-        prompt = Readback("prompt", A1, found.ids, time.perf_counter() - start, missed if found.misses else "")
-        return [prompt, self._output(heard, found.ids, wire)]
+        item = Intercept([], [], heard.uplink, heard.downlink)
+        notes = []
+        if self.key_kind == "permutation":
+            estimate = sorted_matching(self.public, [item], wire_dtype=wire, max_candidates=self.max_candidates)
+            item = decode_with(estimate, item)  # the traffic as if there were no key, if the key is right
+            rows = estimate.details["rows"]
+            notes.append(f"key fitted to {rows} rows in {estimate.seconds:.1f} s; {PERMUTATION_NOTE}")
+        p = heard.prompt_length
+        found = recover(self.public, item.uplink[:p], wire_dtype=wire, max_candidates=self.max_candidates)
+        if found.misses:
+            notes.append(f"{len(found.misses)} of {p} positions had no exact match (the closest candidate kept)")
+        seconds = time.perf_counter() - start
+        prompt = Readback("prompt", prompt_attack, found.ids, seconds, "; ".join(notes))
+        return [prompt, self._output(item, p, found.ids, wire)]
 
-    def _output(self, heard: Heard, prefix: list[int], wire: torch.dtype) -> Readback:
-        if self.public.tail is None or heard.downlink.shape[0] < heard.prompt_length:
+    def _output(self, item: Intercept, prompt_length: int, prefix: list[int], wire: torch.dtype) -> Readback:
+        if self.public.tail is None or item.downlink.shape[0] < prompt_length:
             return Readback("output", B3, None, note="not run: no public tail, or the downlink does not hold every row")
         # The attacker's own reading of the prompt is the prefix; nothing the device knows goes in.
-        item = Intercept(prefix, [], heard.uplink, heard.downlink)
+        item = Intercept(prefix, [], item.uplink, item.downlink)
         [result] = sampled_tokens(
             self.public, [item], prompts=[prefix], wire_dtype=wire, max_candidates=self.max_candidates
         )

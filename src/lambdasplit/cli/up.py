@@ -30,7 +30,7 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.server.process import body_server_process
-from lambdasplit.split import SplitModel
+from lambdasplit.split import SplitModel, load_split
 from lambdasplit.wire import WireDtype
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def up(
             )
         stack.enter_context(client)
         settings = AgentSettings(wire_dtype=wire, max_parallel=max_parallel, speculative=speculative, cloud_label=label)
-        agent = DeviceAgent(split, client, settings, attacker=_attacker(split) if attack else None)
+        agent = DeviceAgent(split, client, settings, attacker=_attacker(split, str(model), key) if attack else None)
         p = split.points
         _err.print(
             f"{split.name}: head [0, {p.head_layers}) and tail [{p.body_end}, {p.num_layers}) here, "
@@ -125,11 +125,21 @@ def up(
         run_agent(agent, host=host, port=port)
 
 
-def _attacker(split: SplitModel) -> LiveAttacker:
-    """The audit's live attack for this deployment. Its key (``--key``, or a developer bundle's) is the split's
-    wire transform; with none, the device's head and tail are the public weights the attacker holds."""
+def _attacker(split: SplitModel, model: str, key: str | None) -> LiveAttacker:
+    """The audit's live attack for this deployment. Without a key the device's head and tail are the public
+    weights the attacker holds. Under a permutation key (``--key``) the attacker's public split holds the body
+    too (A4 ranks its candidates by the public model's next token). A developer bundle's key is said, not
+    attacked: its head and tail are the developer's, and the public base is not at hand here."""
     from lambdasplit.audit.live import LiveAttacker
 
-    key = split.wire_transform
-    kind = None if key is None else key.kind if isinstance(key, ObfuscationKey) else type(key).__name__
-    return LiveAttacker(split, key_kind=kind)
+    transform = split.wire_transform
+    if transform is None:
+        return LiveAttacker(split)
+    kind = transform.kind if isinstance(transform, ObfuscationKey) else type(transform).__name__
+    if key is None:
+        return LiveAttacker(split, key_kind=f"developer bundle's {kind}")
+    if kind != "permutation":
+        return LiveAttacker(split, key_kind=kind)
+    runtime = split.runtime
+    public = load_split(model, split.points, device=runtime.device, dtype=runtime.dtype, quiet=True)
+    return LiveAttacker(public, key_kind=kind)
