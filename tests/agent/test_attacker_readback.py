@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import uvicorn
 
-from lambdasplit.agent import DeviceAgent
-from lambdasplit.agent.attack_panel import AttackPanel, Overheard
+from lambdasplit.agent import AgentSettings, DeviceAgent
+from lambdasplit.agent.attack_panel import AttackPanel, CapturingLink, Overheard
 from lambdasplit.audit.live import LiveAttacker
 from lambdasplit.client import connect_device
 from lambdasplit.generation.text import encode_prompt
-from lambdasplit.wire import WireDtype
+from lambdasplit.wire import FrameLimits, MessageType, WireDtype, encode_frame, tensor_frame
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox"}]
 
@@ -116,6 +116,24 @@ def test_a_streamed_turn_is_read_back_too(tiny_checkpoint, llama_server) -> None
     assert [r["token_accuracy"] for r in report["results"]] == [1.0, 1.0]
 
 
+def test_speculative_steps_are_read_back(tiny_checkpoint, llama_server) -> None:
+    """With drafted tokens per round trip (frames of several rows, rolled back where drafts were rejected)."""
+    path, _ = tiny_checkpoint("llama")
+    split, client = connect_device(llama_server, path, device="cpu", dtype="float32", quiet=True)
+    with client:
+        agent = DeviceAgent(split, client, AgentSettings(speculative="lookup"), attacker=LiveAttacker(split))
+        with serving(agent) as url:
+            text = "the quick brown fox jumps over the lazy dog the quick brown fox"
+            body = {"model": agent.model_id, "messages": [{"role": "user", "content": text}], "max_tokens": 16}
+            reply = call(f"{url}/v1/chat/completions", body | {"temperature": 0})
+            report = attack_report(url, "r1")
+    prompt, output = report["results"]
+    assert prompt["token_accuracy"] == 1.0 and output["token_accuracy"] == 1.0
+    content = reply["choices"][0]["message"]["content"]
+    assert output["tokens"] == reply["usage"]["completion_tokens"] and output["text"].startswith(content)
+    assert output["text"][len(content) :] in ("", split.tokenizer.eos_token)  # an EOS at most, no rejected draft
+
+
 def test_without_an_attacker_the_route_says_off(tiny_checkpoint, llama_server) -> None:
     path, _ = tiny_checkpoint("llama")
     split, client = connect_device(llama_server, path, device="cpu", dtype="float32", quiet=True)
@@ -187,3 +205,33 @@ def test_a_permutation_key_is_read_off_the_traffic_first(tiny_checkpoint, tmp_pa
     assert prompt["attack"].startswith("A4 sorted matching") and "key fitted to" in prompt["note"]
     assert prompt["token_accuracy"] == 1.0 and "the quick brown fox" in prompt["text"]
     assert output["token_accuracy"] == 1.0
+
+
+class _Frames:
+    """Stands in for an ``ObservedLink`` and its ``RemoteBodyLink``: real frames, the body an identity."""
+
+    def __init__(self) -> None:
+        self.link = self
+        self.client = self
+        self.limits = FrameLimits()
+        self.wire_dtype = WireDtype.FLOAT32
+        self.last_sent = self.last_received = b""
+
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        frame = encode_frame(tensor_frame(MessageType.FORWARD, hidden[0], self.wire_dtype, 1, position))
+        self.last_sent = self.last_received = frame
+        return hidden
+
+
+def test_the_capture_keeps_the_rows_the_body_kept() -> None:
+    """Rows overwritten by a later frame at their position are replaced; rows of drafts rejected at the last step
+    (no later frame) are dropped at the end, as the fed tokens say."""
+    capture = CapturingLink(_Frames())  # type: ignore[arg-type]
+    rows = torch.arange(7 * 4, dtype=torch.float32).reshape(1, 7, 4)
+    capture.forward(rows[:, :3], 0)  # the prompt: 3 positions
+    capture.forward(-rows[:, 3:6], 3)  # a token and two drafts; one draft rejected
+    capture.forward(rows[:, 4:7], 4)  # the rejected position again, a token and a draft, rejected at the end
+    heard = capture.overheard(6)  # 3 prompt tokens + 3 new: the last draft was never kept
+    assert heard is not None and heard.prompt_length == 3
+    assert torch.equal(heard.uplink, torch.cat([rows[0, :3], -rows[0, 3:4], rows[0, 4:6]]))
+    assert torch.equal(heard.downlink, heard.uplink)

@@ -111,11 +111,13 @@ class CapturingLink:
     def close(self) -> None:
         self.observed.close()
 
-    def overheard(self) -> Overheard | None:
+    def overheard(self, positions: int) -> Overheard | None:
+        """The first ``positions`` rows (what the body kept: rows past them held drafts the device rejected at the
+        last step, which no later frame overwrote)."""
         if not self.up or self.prompt_length is None:
             return None
-        up = torch.stack(self.up)
-        down = torch.stack(self.down) if self.aligned and len(self.down) == len(self.up) else up[:0]
+        up = torch.stack(self.up[:positions])
+        down = torch.stack(self.down[:positions]) if self.aligned and len(self.down) == len(self.up) else up[:0]
         return Overheard(up, down, self.prompt_length, self.observed.link.wire_dtype)
 
 
@@ -177,8 +179,11 @@ class AttackPanel:
         """The turn is over (``result`` None: it was cancelled, nothing is attacked); queue the attack."""
         with self._lock:
             turn = self._pending.pop(request, None)
-        heard = turn.link.overheard() if turn is not None and turn.link is not None else None
-        if turn is None or result is None or heard is None:
+        if turn is None or turn.link is None or result is None:
+            return
+        # Fed positions: the prompt and every new token (the last one too when an EOS followed it), no more.
+        heard = turn.link.overheard(len(turn.prompt_ids) + len(result.token_ids))
+        if heard is None:
             return
         turn.output_ids = list(result.token_ids)
         with self._lock:
