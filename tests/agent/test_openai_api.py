@@ -123,6 +123,11 @@ def test_models_lists_the_one_served_model(stack, client) -> None:
     assert [m.id for m in client.models.list()] == [model_name(stack)]
 
 
+def test_an_agent_without_an_image_model_says_how_to_start_one(client) -> None:
+    with pytest.raises(openai.NotFoundError, match="--image-cloud"):
+        client.images.generate(prompt="a red circle")
+
+
 def test_chat_completion_equals_the_unsplit_model(stack, client) -> None:
     reply = client.chat.completions.create(model=model_name(stack), messages=MESSAGES, temperature=0, max_tokens=16)
     text, n = unsplit_answer(stack, MESSAGES, 16)

@@ -10,6 +10,8 @@ go to the cloud. Routes:
     POST /v1/completions            plain text completion, same options
     GET  /v1/lambdasplit/info       split points, wire dtype, cloud URL, totals (for the UI)
     GET  /v1/lambdasplit/network    server-sent events: every step's frame sizes and transmitted state
+    GET  /images                    the image page (with an image model: ``images=``, ``up --image-cloud``)
+    POST /v1/images/generations     text-to-image, b64_json; ``stream: true`` sends partial images as it denoises
     GET  /v1/lambdasplit/attack     what an attacker read back from the latest turn (with an ``attacker``)
     GET  /health
 
@@ -20,6 +22,7 @@ requests are served at once, each with its own body session on the shared connec
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
@@ -39,9 +42,10 @@ from starlette.routing import Route
 from lambdasplit import __version__
 from lambdasplit.agent.attack_panel import Attacker, AttackPanel
 from lambdasplit.agent.feed import NetworkFeed, ObservedLink
-from lambdasplit.agent.schema import ApiError, ChatCompletionRequest, CompletionRequest, parse
+from lambdasplit.agent.images import Cancelled, ImageService, MadeImage, Preview
+from lambdasplit.agent.schema import ApiError, ChatCompletionRequest, CompletionRequest, ImageRequest, parse
 from lambdasplit.client.connection import CloudClient
-from lambdasplit.errors import LambdaSplitError, RemoteError, WireError
+from lambdasplit.errors import ConfigError, LambdaSplitError, RemoteError, SessionError, WireError
 from lambdasplit.generation import Generation, GenerationResult, SamplingParams, prompt_ids, stream
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.wire import WireDtype
@@ -67,6 +71,7 @@ class DeviceAgent:
         split: SplitModel,
         client: CloudClient,
         settings: AgentSettings | None = None,
+        images: ImageService | None = None,
         *,
         attacker: Attacker | None = None,
     ) -> None:
@@ -80,6 +85,9 @@ class DeviceAgent:
             keyed = split.wire_transform is not None
             self.attacks = AttackPanel(attacker, self.feed, split.tokenizer, cloud_url=client.url, keyed=keyed)
         self.executor = ThreadPoolExecutor(self.settings.max_parallel, thread_name_prefix="lambdasplit-agent")
+        self.images = images
+        # Images take turns on their one link: one thread, so a queued image holds no text generation's thread.
+        self.image_executor = ThreadPoolExecutor(1, thread_name_prefix="lambdasplit-image")
         self.created = int(time.time())
         limits = client.welcome.get("limits", {})
         positions = getattr(split.config, "max_position_embeddings", None) or 1 << 30
@@ -93,6 +101,8 @@ class DeviceAgent:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/lambdasplit/info", self.info),
                 Route("/v1/lambdasplit/network", self.network),
+                Route("/images", self.images_page),
+                Route("/v1/images/generations", self.images_generations, methods=["POST"]),
                 Route("/v1/lambdasplit/attack", self.attack),
             ],
             exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed},
@@ -103,6 +113,7 @@ class DeviceAgent:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         yield
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.image_executor.shutdown(wait=False, cancel_futures=True)
         if self.attacks is not None:
             self.attacks.close()
 
@@ -112,15 +123,21 @@ class DeviceAgent:
 
     # --- plain routes -------------------------------------------------------------------------------
     async def index(self, request: Request) -> HTMLResponse:
-        page = resources.files("lambdasplit.agent").joinpath("ui/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page)
+        return HTMLResponse(_page("index.html"))
+
+    async def images_page(self, request: Request) -> HTMLResponse:
+        return HTMLResponse(_page("images.html"))
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": self.model_id})
 
     async def models(self, request: Request) -> JSONResponse:
-        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lambdasplit"}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [{"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lambdasplit"}]
+        if self.images is not None:
+            cards.append(
+                {"id": self.images.name, "object": "model", "created": self.created, "owned_by": "lambdasplit"}
+            )
+        return JSONResponse({"object": "list", "data": cards})
 
     async def info(self, request: Request) -> JSONResponse:
         p = self.split.points
@@ -138,6 +155,7 @@ class DeviceAgent:
                 "cloud": self.settings.cloud_label or self.client.url,
                 "speculative": self.settings.speculative,
                 "totals": self.feed.totals(),
+                "images": self.images.info() if self.images is not None else None,
             }
         )
 
@@ -223,14 +241,7 @@ class DeviceAgent:
             self._turn_done(request_id, run)
             return run.result
 
-        async def watch() -> None:
-            while not cancelled.is_set():
-                if await request.is_disconnected():
-                    cancelled.set()
-                    return
-                await asyncio.sleep(0.5)
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(_watch_disconnect(request, cancelled))
         try:
             result = await self._run(work)
         finally:
@@ -318,6 +329,79 @@ class DeviceAgent:
             cancelled, chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
         )
 
+    # --- images -------------------------------------------------------------------------------------
+    async def images_generations(self, request: Request) -> Response:
+        if self.images is None:
+            raise ApiError(
+                404,
+                "this agent serves no image model: start it with `lambdasplit up --image-cloud URL|local`",
+                param="model",
+                code="model_not_found",
+            )
+        body = parse(ImageRequest, await _json(request))
+        body.check_supported(self.images.size)
+        if body.model not in (None, self.images.name):
+            raise ApiError(
+                404,
+                f"the model {body.model!r} does not exist here; this agent draws with {self.images.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        view = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "returned": "the finished image"}
+        request_id = self.feed.new_request(view, "image")
+        created = int(time.time())
+        loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        images = self.images
+
+        def work() -> None:
+            def preview(p: Preview) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, p)
+
+            try:
+                made = images.generate(body, request_id, self.feed, preview if body.stream else None, cancelled)
+                loop.call_soon_threadsafe(queue.put_nowait, made)
+            except BaseException as exc:  # answered as an error (or dropped, when the client has gone)
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        self.image_executor.submit(work)
+        event = _image_event(created, images.size)
+        if not body.stream:
+            watcher = asyncio.create_task(_watch_disconnect(request, cancelled))
+            try:
+                item = await queue.get()
+            finally:
+                cancelled.set()
+                watcher.cancel()
+            if isinstance(item, Cancelled):
+                return Response(status_code=499)
+            if isinstance(item, BaseException):
+                raise _image_error(item)
+            return JSONResponse(_image_response(item, created, images.size))
+
+        async def events() -> AsyncIterator[str]:
+            index = 0
+            while True:
+                item = await queue.get()
+                if isinstance(item, Preview):
+                    extra = {"lambdasplit": {"step": item.done, "total": item.total}}
+                    partial = event("image_generation.partial_image", item.png) | {"partial_image_index": index}
+                    yield _sse(partial | extra, name="image_generation.partial_image")
+                    index += 1
+                elif isinstance(item, MadeImage):
+                    done = event("image_generation.completed", item.png) | {"lambdasplit": _image_facts(item)}
+                    yield _sse(done, name="image_generation.completed")
+                    return
+                else:
+                    error = item if isinstance(item, ApiError) else _image_error(item)
+                    yield _sse(error.body(), name="error")
+                    return
+
+        return _WatchedStream(
+            cancelled, events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
 
 class _WatchedStream(StreamingResponse):
     """A streaming response that tells its producer when it ends, however it ends (a client hanging up
@@ -393,8 +477,72 @@ class _Reply:
         return self._head(obj) | {"choices": [], "usage": self.usage(result)}
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+def _sse(data: dict[str, Any], name: str | None = None) -> str:
+    line = f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return f"event: {name}\n{line}" if name else line
+
+
+def _page(name: str) -> str:
+    return resources.files("lambdasplit.agent").joinpath(f"ui/{name}").read_text(encoding="utf-8")
+
+
+async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
+    """Set ``cancelled`` when the client hangs up (polled: a plain response has no other signal)."""
+    while not cancelled.is_set():
+        if await request.is_disconnected():
+            cancelled.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+def _image_event(created: int, size: str) -> Callable[[str, bytes], dict[str, Any]]:
+    def event(kind: str, data: bytes) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "b64_json": base64.b64encode(data).decode("ascii"),
+            "created_at": created,
+            "size": size,
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": "png",
+        }
+
+    return event
+
+
+def _image_facts(made: MadeImage) -> dict[str, Any]:
+    """lambdasplit's own figures for an image: what crossed the link and where the time went."""
+    image, t = made.image, made.image.traffic
+    return {
+        "policy": image.policy,
+        "steps": image.steps,
+        "bytes_up": t.bytes_up,
+        "bytes_down": t.bytes_down,
+        "frames_up": t.frames_up,
+        "frames_down": t.frames_down,
+        "seconds": round(image.total_seconds, 3),
+        "device_seconds": round(image.device_seconds, 3),
+        "cloud_seconds": round(image.cloud_seconds, 3),
+    }
+
+
+def _image_response(made: MadeImage, created: int, size: str) -> dict[str, Any]:
+    data = {"b64_json": base64.b64encode(made.png).decode("ascii"), "revised_prompt": None}
+    return {
+        "created": created,
+        "data": [data],
+        "output_format": "png",
+        "size": size,
+        "lambdasplit": _image_facts(made),
+    }
+
+
+def _image_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ConfigError | SessionError):
+        return ApiError(400, str(exc), code="unsupported")
+    if isinstance(exc, WireError | RemoteError):
+        return _cloud_error(exc)
+    return ApiError(500, f"the image failed: {exc}", type="server_error")
 
 
 async def _json(request: Request) -> Any:

@@ -20,6 +20,8 @@ from lambdasplit.client.connection import RemoteBodyLink
 from lambdasplit.generation.session import Traffic
 from lambdasplit.wire import decode_frame, frame_tensor
 
+#: Events whose bytes count in the totals: a text step's round trip; an image's inputs, steps and close.
+_COUNTED = ("step", "image_inputs", "image_step", "image_close")
 #: Events kept for a subscriber that reads slowly; older ones are dropped (the totals stay right).
 QUEUE_SIZE = 256
 
@@ -58,10 +60,12 @@ class NetworkFeed:
     def publish(self, event: dict[str, Any]) -> None:
         """Send ``event`` (with the current totals) to every subscriber; callable from any thread."""
         with self._lock:
-            if event["type"] == "step":
+            if event["type"] in _COUNTED:
                 self.up_bytes += event["up_bytes"]
                 self.down_bytes += event["down_bytes"]
+            if event["type"] in ("step", "image_step"):
                 self.steps += 1
+            if event["type"] == "step":
                 self.last = event
             event = {**event, "totals": self.totals()}
             subscribers = list(self._subscribers)

@@ -134,7 +134,7 @@ class CompletionRequest(_Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-def parse(model: type[_Sampling], body: Any) -> Any:
+def parse(model: type[BaseModel], body: Any) -> Any:
     """Validate a JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -145,5 +145,55 @@ def parse(model: type[_Sampling], body: Any) -> Any:
         param = ".".join(str(x) for x in first["loc"]) or None
         message = first["msg"].removeprefix("Value error, ")
         raise ApiError(400, f"{param}: {message}" if param else message, param=param) from exc
-    request.check_supported()
+    if isinstance(request, _Sampling):
+        request.check_supported()
     return request
+
+
+class ImageRequest(BaseModel):
+    """``POST /v1/images/generations``: OpenAI's fields, and lambdasplit's own for the split (``extra_body``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = 1
+    size: str | None = None  # "auto" or the pipeline's own "WxH"
+    response_format: str | None = None  # only b64_json: the agent keeps no images to link to
+    output_format: str | None = None  # only png
+    stream: bool = False
+    partial_images: int | None = Field(default=None, ge=0)
+    # lambdasplit's own
+    steps: int = Field(default=20, ge=1, le=1000)
+    seed: int = 0
+    guidance_scale: float = Field(default=4.0, ge=0.0)
+    negative_prompt: str | None = None
+    policy: Literal["paper", "unet-lambda", "collafuse"] = "paper"
+    wire_dtype: Literal["float32", "float16", "bfloat16", "int8", "int6", "int4", "int2"] = "float16"
+    cut_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
+    blocks: int = Field(default=1, ge=1)
+    preview_every: int | None = Field(default=None, ge=1)
+
+    def check_supported(self, native_size: str) -> None:
+        if self.n != 1:
+            raise ApiError(400, "only n = 1 is supported", param="n", code="unsupported")
+        if self.response_format not in (None, "b64_json"):
+            raise ApiError(
+                400, "only response_format b64_json is supported: the agent keeps no images to link to",
+                param="response_format", code="unsupported",
+            )  # fmt: skip
+        if self.output_format not in (None, "png"):
+            raise ApiError(400, "only output_format png is supported", param="output_format", code="unsupported")
+        if self.size not in (None, "auto", native_size):
+            raise ApiError(
+                400, f"this pipeline draws {native_size} images; size is {native_size} or auto, got {self.size!r}",
+                param="size", code="unsupported",
+            )  # fmt: skip
+
+    def every(self) -> int:
+        """Steps between previews when streaming: ``preview_every``, else ``partial_images`` spread evenly."""
+        if self.preview_every is not None:
+            return self.preview_every
+        if self.partial_images:
+            return max(1, -(-self.steps // (self.partial_images + 1)))
+        return 0  # no previews

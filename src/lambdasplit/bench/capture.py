@@ -6,6 +6,8 @@ The device's own socket is read with ``TCP_INFO`` by the client (``CloudClient.s
   ``ss`` from outside the server process (inside its network namespace when it has one);
 - ``capture`` + ``pcap_bytes``: a tcpdump capture on the device's interface, the paper's method, summed
   as IP-level bytes (IP and TCP headers, pure ACKs and retransmissions included, link-layer header not).
+
+``tcp_segments`` reads the capture's TCP segments; ``capture_text`` renders them as what an eavesdropper reads.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
+from typing import NamedTuple
 
 from lambdasplit.errors import ConfigError
 from lambdasplit.lifetime import end_with_this_process
@@ -89,7 +94,24 @@ def capture(iface: str, port: int, path: Path, snaplen: int = 128) -> Iterator[P
     try:
         yield path
     finally:
+        _drained(path)
         stop_process(proc)  # SIGINT: tcpdump flushes the file and exits
+
+
+def _drained(path: Path, quiet: float = 0.4, limit: float = 5.0) -> None:
+    """Wait until tcpdump has written what the kernel holds for it: the file has not grown for ``quiet`` seconds.
+
+    On SIGINT tcpdump stops reading its ring buffer, and packets it has not read yet are lost: on a loaded machine
+    a whole short exchange could be (a capture of 0 packets was seen in tests).
+    """
+    deadline, size, since = time.monotonic() + limit, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = path.stat().st_size if path.exists() else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True)
@@ -113,11 +135,11 @@ def pcap_bytes(path: Path, server_port: int) -> IpBytes:
     Lengths come from the IP headers (the packets' own sizes), so a small snap length loses nothing.
     """
     up = down = packets_up = packets_down = 0
-    for size, sport, dport, _ in _tcp_packets(path):
-        if dport == server_port:
-            up, packets_up = up + size, packets_up + 1
-        elif sport == server_port:
-            down, packets_down = down + size, packets_down + 1
+    for segment in tcp_segments(path):
+        if segment.dport == server_port:
+            up, packets_up = up + segment.size, packets_up + 1
+        elif segment.sport == server_port:
+            down, packets_down = down + segment.size, packets_down + 1
     return IpBytes(up, down, packets_up, packets_down)
 
 
@@ -125,17 +147,36 @@ def pcap_payloads(path: Path, server_port: int) -> tuple[bytes, bytes]:
     """TCP payload bytes (as captured) to and from ``server_port``, each direction concatenated in order.
 
     Needs a capture with whole packets (``capture(..., snaplen=0)``); meant for searching what crossed.
+    Packets are taken in capture order, retransmissions included: ``capture_text`` reassembles streams.
     """
     up, down = bytearray(), bytearray()
-    for _, sport, dport, payload in _tcp_packets(path):
-        if dport == server_port:
-            up += payload
-        elif sport == server_port:
-            down += payload
+    for segment in tcp_segments(path):
+        if segment.dport == server_port:
+            up += segment.payload
+        elif segment.sport == server_port:
+            down += segment.payload
     return bytes(up), bytes(down)
 
 
-def _tcp_packets(path: Path) -> Iterator[tuple[int, int, int, bytes]]:
+class TcpSegment(NamedTuple):
+    """One TCP segment of a capture."""
+
+    size: int  # the IP packet's length, from its header
+    src: str  # IP addresses, as text
+    dst: str
+    sport: int
+    dport: int
+    seq: int  # sequence number of the first payload byte (of the SYN itself on a SYN)
+    flags: int  # TCP flags byte: FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10
+    payload: bytes  # as captured: shorter than ``length`` when the snap length cut the packet
+    length: int  # payload length on the wire, from the IP header
+
+
+TCP_FIN, TCP_SYN = 0x01, 0x02
+
+
+def tcp_segments(path: Path) -> Iterator[TcpSegment]:
+    """The TCP segments of a classic pcap file, in capture order (other packets are skipped)."""
     data = path.read_bytes()
     if len(data) < 24:
         raise ConfigError(f"{path} is not a pcap file (too short)")
@@ -157,8 +198,8 @@ def _tcp_packets(path: Path) -> Iterator[tuple[int, int, int, bytes]]:
             yield parsed
 
 
-def _ip_packet(packet: bytes, linktype: int) -> tuple[int, int, int, bytes] | None:
-    """(IP packet length, TCP source port, TCP destination port, captured TCP payload), or None otherwise."""
+def _ip_packet(packet: bytes, linktype: int) -> TcpSegment | None:
+    """The TCP segment in one captured frame, or None for anything else."""
     if linktype == _LINKTYPE_ETHERNET:
         if len(packet) < 14:
             return None
@@ -180,12 +221,17 @@ def _ip_packet(packet: bytes, linktype: int) -> tuple[int, int, int, bytes] | No
     ip = packet[start:]
     if ethertype == _ETHERTYPE_IPV4 and len(ip) >= 20:
         header, size, proto = (ip[0] & 0x0F) * 4, struct.unpack_from("!H", ip, 2)[0], ip[9]
+        src, dst = str(IPv4Address(ip[12:16])), str(IPv4Address(ip[16:20]))
     elif ethertype == _ETHERTYPE_IPV6 and len(ip) >= 40:
         header, size, proto = 40, 40 + struct.unpack_from("!H", ip, 4)[0], ip[6]
+        src, dst = str(IPv6Address(ip[8:24])), str(IPv6Address(ip[24:40]))
     else:
         return None
     if proto != 6 or len(ip) < header + 4:  # TCP only (IPv6 extension headers are not followed)
         return None
     sport, dport = struct.unpack_from("!HH", ip, header)
+    seq = struct.unpack_from("!I", ip, header + 4)[0] if len(ip) >= header + 8 else 0
     tcp_header = (ip[header + 12] >> 4) * 4 if len(ip) > header + 12 else 20
-    return size, sport, dport, ip[header + tcp_header : size]
+    flags = ip[header + 13] if len(ip) > header + 13 else 0
+    length = max(size - header - tcp_header, 0)
+    return TcpSegment(size, src, dst, sport, dport, seq, flags, ip[header + tcp_header : size], length)

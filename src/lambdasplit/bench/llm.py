@@ -6,7 +6,8 @@ and local-only inference, by traffic, latency split into communication / local /
 tokens/s. ``run_table`` produces the same rows for a model and a list of links, every figure measured:
 
 - traffic at the client socket (Linux TCP_INFO), at the server socket (``ss``, the kernel's count for the
-  server's end) and, with ``capture_dir``, IP-level bytes from a tcpdump pcap (the paper's method);
+  server's end) and, with ``capture_dir``, IP-level bytes from a tcpdump pcap (the paper's method), with the
+  pcap's payloads rendered as text beside it (``capture_text``: the prompt in the clear, or only numbers);
 - latency: ``total`` is the device's wall clock from the prompt to the last token; ``cloud`` is the server's
   own compute time (its /metrics); ``communication`` is the time the device waited on the link minus
   ``cloud`` (serialisation, transfer and propagation); ``local`` is the rest (head, tail, sampling).
@@ -36,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lambdasplit.bench.capture import IpBytes, capture, capture_unavailable, pcap_bytes, server_socket_bytes
+from lambdasplit.bench.capture_text import write_capture_text
 from lambdasplit.bench.cpulimit import CpuLimit
 from lambdasplit.bench.links import Link, LinkEndpoints, netns_unavailable, open_link
 from lambdasplit.client import CloudClient, SocketBytes, connect_device
@@ -82,7 +84,7 @@ class TableConfig:
     device_cpus: float | None = None
     #: CPU threads of the server process; None keeps torch's default.
     cloud_threads: int | None = None
-    #: Record a pcap per row here (needs tcpdump and root).
+    #: Record a pcap per row here, and beside it the text its payloads show (needs tcpdump and root).
     capture_dir: Path | None = None
     #: Drafters (``lookup``, ``self``): each adds a cached split row with speculative steps per ratio.
     speculative: tuple[str, ...] = ()
@@ -376,6 +378,9 @@ class _Meter:
         if server_after is not None and self.server_bytes is not None:
             row.server_down = server_after[0] - self.server_bytes[0]
             row.server_up = server_after[1] - self.server_bytes[1]
+
+    def cloud_seconds(self, row: Row) -> None:
+        """The server's compute for the row (an HTTP request of its own: read after the capture, not in it)."""
         row.cloud_s = self.server.compute_seconds() - self.compute
 
 
@@ -385,13 +390,16 @@ def _measured(server: _Server, client: CloudClient, row: Row) -> Iterator[_Meter
     pcap = server.capture_dir / name if server.capture_dir else None
     meter = _Meter(server, client, pcap)
     meter.start()
-    with capture(server.ends.device_iface, server.port, pcap) if pcap else nullcontext():
+    # Whole packets (snaplen 0): IP bytes come from the headers, the readable NAME.txt beside it from the payloads.
+    with capture(server.ends.device_iface, server.port, pcap, snaplen=0) if pcap else nullcontext():
         yield meter
         # Stop the counters before the capture ends, so both cover the same exchange.
         meter.stop(row)  # waits for the last ACK, which the capture then holds too
+    meter.cloud_seconds(row)
     if pcap is not None:
         ip: IpBytes = pcap_bytes(pcap, server.port)
         row.pcap_up, row.pcap_down = ip.up, ip.down
+        write_capture_text(pcap, server.port)  # what an eavesdropper reads: the prompt, or only numbers
 
 
 def _cloud_only(config: TableConfig, server: _Server, report: Progress) -> Row:

@@ -72,7 +72,11 @@ def llm(
         typer.Option(help="Stop at the end-of-sequence token (default: always generate --new-tokens, as the paper)."),
     ] = False,
     capture: Annotated[
-        Path | None, typer.Option(help="Record a pcap per row into this folder (tcpdump, root) and report IP bytes.")
+        Path | None,
+        typer.Option(
+            help="Record a pcap per row into this folder (tcpdump, root) and report IP bytes; beside each NAME.pcap, "
+            "NAME.txt shows what it carried as text (streams reassembled, WebSocket unmasked, frames decoded)."
+        ),
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure to this JSON file.")] = None,
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write the tables as markdown.")] = None,

@@ -82,6 +82,22 @@ def imagine(
     cloud_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server.")] = 120.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16.")] = None,
+    preview_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Also write the image so far every N steps, decoded by this device's VAE (OUT-stepNNN.png)."
+        ),
+    ] = None,
+    noise_png: Annotated[
+        int | None,
+        typer.Option(
+            "--noise-png",
+            min=1,
+            help="Also write what came down from the cloud at step STEP, clipped to +-3 (OUT-wire-stepNNN.png): "
+            "the noise prediction under the paper policy, as the Λ-Split paper's Fig. 5(b).",
+            metavar="STEP",
+        ),
+    ] = None,
 ) -> None:
     """Draw PROMPT with a split pipeline: text encoders, initial noise, scheduler and VAE here; the U-Net (or its
     middle, or the first steps) on the server.
@@ -102,9 +118,12 @@ def imagine(
         raise ConfigError(f"granularity is one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out names a .png file, got {out}")
+    if noise_png is not None and noise_png > steps:
+        raise ConfigError(f"--noise-png names a step from 1 to --steps {steps}, got {noise_png}")
     from lambdasplit.client import CloudClient, RemoteDiffusionLink
     from lambdasplit.diffusion import DiffusionBody, LocalLink, SplitPipeline, load_pipeline, load_unet_config
-    from lambdasplit.diffusion.device import Link
+    from lambdasplit.diffusion.device import DenoiseStep, Link
+    from lambdasplit.diffusion.pictures import picture, wire_picture
     from lambdasplit.diffusion.pipeline import unet_fingerprint
 
     quiet_pipeline_loading()
@@ -128,6 +147,19 @@ def imagine(
     else:
         link, where = LocalLink(DiffusionBody(pipe.unet, pipeline)), "in-process body"
     before = client.socket_bytes() if client else None
+    split = SplitPipeline(pipe, unet_config)
+    written: list[Path] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def watch(step: DenoiseStep) -> None:
+        if preview_every and step.done % preview_every == 0 and step.done < step.total:
+            written.append(out.with_name(f"{out.stem}-step{step.done:03d}.png"))
+            picture(split.preview(step.latents)).save(written[-1])
+        if step.done == noise_png and step.received is not None:
+            written.append(out.with_name(f"{out.stem}-wire-step{step.done:03d}.png"))
+            wire_picture(step.received).save(written[-1])
+            _err.print(f"step {step.done}: the cloud sent the {step.what} {tuple(step.received.shape)}")
+
     try:
         with Progress(
             TextColumn(f"[bold]{policy}[/] · {where}"),
@@ -137,7 +169,7 @@ def imagine(
             console=_err,
         ) as bar:
             task = bar.add_task("steps", total=steps)
-            result = SplitPipeline(pipe, unet_config).generate(
+            result = split.generate(
                 prompt,
                 link,
                 policy=policy,
@@ -152,14 +184,21 @@ def imagine(
                 cut_ratio=cut_ratio,
                 conditioned=conditioning,
                 on_step=lambda done, total: bar.update(task, completed=done, total=total),
+                on_denoise=watch if preview_every or noise_png else None,
             )
         after = client.socket_bytes() if client else None
         socket = after - before if after and before else None
     finally:
         if client:
             client.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
     result.pil().save(out)
+    if noise_png is not None and not any("-wire-" in p.name for p in written):
+        raise ConfigError(
+            f"nothing came down from the cloud at step {noise_png} under the {policy} policy (collafuse: only the "
+            "hand-over, at the last of the cloud's steps)"
+        )
+    for path in written:
+        _err.print(f"wrote {path}")
     t = result.traffic
     line = f"wrote {out} · up {t.bytes_up:,} B in {t.frames_up} frames · down {t.bytes_down:,} B in {t.frames_down}"
     if socket:

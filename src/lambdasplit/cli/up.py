@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from lambdasplit.agent import AgentSettings, DeviceAgent
+from lambdasplit.agent.images import ImageService
 from lambdasplit.agent.run import run_agent
 from lambdasplit.cli.cloud import connect_cloud, device_trust
 from lambdasplit.cli.options import (
@@ -25,18 +28,63 @@ from lambdasplit.cli.options import (
     TlsCa,
     TlsFingerprint,
     Token,
+    quiet_pipeline_loading,
 )
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
 from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.server.process import body_server_process
 from lambdasplit.split import SplitModel, load_split
+from lambdasplit.tls import TlsTrust
 from lambdasplit.wire import WireDtype
 
 if TYPE_CHECKING:
     from lambdasplit.audit.live import LiveAttacker
 
 _err = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def image_service(
+    cloud: str,
+    pipeline: str,
+    *,
+    token: str | None,
+    trust: TlsTrust,
+    timeout: float,
+    device: str | None,
+    dtype: str | None,
+    device_unet: bool,
+) -> Iterator[ImageService]:
+    """The agent's image model: ``pipeline``'s device ends here, its U-Net on ``cloud`` (a URL, or 'local': a
+    ``serve --pipeline`` subprocess started here)."""
+    from lambdasplit.client import CloudClient, RemoteDiffusionLink
+    from lambdasplit.diffusion import SplitPipeline, load_pipeline, load_unet_config
+    from lambdasplit.diffusion.pipeline import unet_fingerprint
+
+    with contextlib.ExitStack() as stack:
+        if cloud == "local":
+            token = secrets.token_urlsafe(16)
+            with _err.status(f"starting a local diffusion body server ({pipeline})"):
+                url = stack.enter_context(body_server_process(["--pipeline", pipeline], token=token))
+            label = f"local diffusion body server {url}"
+        elif cloud.startswith(("ws://", "wss://")):
+            url, label = cloud, cloud
+        else:
+            raise ConfigError(f"--image-cloud takes ws://HOST:PORT/v1/split, wss://... or 'local', got {cloud!r}")
+        quiet_pipeline_loading()
+        with _err.status(f"loading {pipeline}, handshake with {url}"):
+            pipe = load_pipeline(pipeline, device=device, dtype=dtype, unet=device_unet)
+            unet_config = pipe.unet.config if device_unet else load_unet_config(pipeline)
+            client = CloudClient(
+                url,
+                token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+                fingerprint=unet_fingerprint(unet_config),
+                timeout=timeout,
+                trust=trust,
+            )
+        stack.callback(client.close)
+        yield ImageService(SplitPipeline(pipe, unet_config), RemoteDiffusionLink(client), pipeline, label)
 
 
 def up(
@@ -74,6 +122,25 @@ def up(
     reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
     dtype: Dtype = None,
+    image_cloud: Annotated[
+        str | None,
+        typer.Option(
+            help="Diffusion body server for the image page and /v1/images/generations (ws://.../v1/split, "
+            "wss://...), or 'local' to start one here. Without it the agent serves text only.",
+            show_default=False,
+        ),
+    ] = None,
+    pipeline: Annotated[
+        str, typer.Option(help="With --image-cloud: the diffusers pipeline (folder, hub id or shapes-t2i).")
+    ] = "shapes-t2i",
+    device_unet: Annotated[
+        bool,
+        typer.Option(
+            "--device-unet/--no-device-unet",
+            help="With --image-cloud: load the U-Net here too, for the unet-lambda and collafuse policies "
+            "(--no-device-unet: the paper policy only, the U-Net's weights stay on disk).",
+        ),
+    ] = True,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a web UI.
 
@@ -115,13 +182,30 @@ def up(
                 quiet=True,
             )
         stack.enter_context(client)
+        images = None
+        if image_cloud is not None:
+            images = stack.enter_context(
+                image_service(
+                    image_cloud,
+                    pipeline,
+                    token=token,
+                    trust=device_trust(tls_fingerprint, tls_ca, insecure),
+                    timeout=cloud_timeout,
+                    device=device,
+                    dtype=dtype,
+                    device_unet=device_unet,
+                )
+            )
         settings = AgentSettings(wire_dtype=wire, max_parallel=max_parallel, speculative=speculative, cloud_label=label)
-        agent = DeviceAgent(split, client, settings, attacker=_attacker(split, str(model), key) if attack else None)
+        attacker = _attacker(split, str(model), key) if attack else None
+        agent = DeviceAgent(split, client, settings, images=images, attacker=attacker)
         p = split.points
         _err.print(
             f"{split.name}: head [0, {p.head_layers}) and tail [{p.body_end}, {p.num_layers}) here, "
             f"body [{p.head_layers}, {p.body_end}) on {label}; wire {wire.name.lower()}"
         )
+        if images is not None:
+            _err.print(f"{images.name}: text encoders, scheduler and VAE here, the U-Net on {images.cloud_label}")
         run_agent(agent, host=host, port=port)
 
 

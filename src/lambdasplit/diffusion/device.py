@@ -19,6 +19,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # not `from di
 
 from lambdasplit.diffusion.cloud import DiffusionBody
 from lambdasplit.diffusion.pipeline import Denoising, DeviceEnds, guide, model_input
+from lambdasplit.diffusion.pictures import picture
 from lambdasplit.diffusion.protocol import (
     FrameTraffic,
     Granularity,
@@ -80,13 +81,28 @@ class SplitImage:
         return max(0.0, self.total_seconds - self.device_seconds - self.cloud_seconds)
 
     def pil(self) -> Any:
-        from PIL import Image
-
-        array = (self.image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        return Image.fromarray(array)
+        return picture(self.image)
 
 
 Shapes = dict[str, tuple[int, ...]]
+
+
+#: A tensor the cloud sent during a step, and what it is.
+Received = tuple[torch.Tensor, str] | None
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """One finished denoising step, as ``generate(on_denoise=...)`` reports it (for previews and the wire view)."""
+
+    done: int  # steps done, 1..total
+    total: int
+    timestep: int
+    latents: torch.Tensor  # the latent after this step (decode it with `SplitPipeline.preview`)
+    received: torch.Tensor | None  # what came down from the cloud for this step, as decoded from its frame
+    what: str  # what ``received`` is: "noise prediction", "U-Net middle", "handed-over latent", or "" (none)
+    up_bytes: int  # frames sent and received during this step (LocalLink and RemoteDiffusionLink count them)
+    down_bytes: int
 
 
 @dataclass
@@ -96,6 +112,20 @@ class _Clock:
     device: float
     per_step: list[float]
     on_step: Callable[[int, int], None] | None
+    on_denoise: Callable[[DenoiseStep], None] | None = None
+    traffic: FrameTraffic | None = None  # the link's counters (None: the link keeps none)
+    seen: tuple[int, int] = (0, 0)  # bytes up and down already reported
+
+    def report(self, done: int, total: int, t: torch.Tensor, latents: torch.Tensor, received: Received) -> None:
+        if self.on_step:
+            self.on_step(done, total)
+        if self.on_denoise is None:
+            return
+        up, down = (self.traffic.bytes_up, self.traffic.bytes_down) if self.traffic else (0, 0)
+        tensor, what = received if received is not None else (None, "")
+        step = DenoiseStep(done, total, int(t), latents, tensor, what, up - self.seen[0], down - self.seen[1])
+        self.seen = (up, down)
+        self.on_denoise(step)
 
 
 class LocalLink:
@@ -171,8 +201,10 @@ class SplitPipeline:
         conditioned: bool = True,
         on_step: Callable[[int, int], None] | None = None,
         cut: float | None = None,
+        on_denoise: Callable[[DenoiseStep], None] | None = None,
     ) -> SplitImage:
-        """One image for ``prompt``. ``on_step(done, total)`` is called after every denoising step.
+        """One image for ``prompt``. ``on_step(done, total)`` is called after every denoising step, and
+        ``on_denoise`` with the step's latent, what the cloud sent for it and the bytes (for previews).
 
         The steps follow diffusers' ``StableDiffusionPipeline.__call__``; the session with the cloud (steps 4-6)
         stands where the pipeline calls its U-Net.
@@ -240,16 +272,19 @@ class SplitPipeline:
             generator_state=generator_state,
         )
         options.scheduler["_class_name"] = type(denoising.scheduler).__name__
-        clock = _Clock(time.perf_counter() - started, [], on_step)
+        traffic: FrameTraffic | None = getattr(link, "traffic", None)
+        clock = _Clock(time.perf_counter() - started, [], on_step, on_denoise, traffic)
 
         # 5. Open the session and send the inputs
-        before = dataclasses.replace(getattr(link, "traffic", FrameTraffic()))
+        before = dataclasses.replace(traffic or FrameTraffic())
         opened = link.open(options)
         shapes = {k: tuple(v) for k, v in opened.get("shapes", {}).items()}
         try:
             for tensor in sent:
                 wire = layout(tensor, options.inputs_dtype, granularity)
                 link.send(tensor_frame(MessageType.FORWARD, wire, options.inputs_dtype, link.handle, 0))
+            if traffic is not None:  # steps report their own bytes; the inputs are the image's, sent once
+                clock.seen = (traffic.bytes_up, traffic.bytes_down)
 
             # 6. Denoising loop, shared with the cloud the policy's way (`_paper`, `_unet_lambda`, `_collafuse`)
             run = {"paper": self._paper, "unet-lambda": self._unet_lambda, "collafuse": self._collafuse}[policy]
@@ -265,7 +300,7 @@ class SplitPipeline:
             image=image.float().cpu(),
             policy=policy,
             steps=steps,
-            traffic=getattr(link, "traffic", FrameTraffic()) - before,
+            traffic=(traffic or FrameTraffic()) - before,
             device_seconds=clock.device,
             cloud_seconds=float(closed.get("compute_seconds", 0.0)),
             total_seconds=time.perf_counter() - started,
@@ -278,22 +313,28 @@ class SplitPipeline:
         denoising: Denoising,
         latents: torch.Tensor,
         first: int,
-        predict: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]],
+        predict: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float, Received]],
         clock: _Clock,
     ) -> torch.Tensor:
-        """Steps ``first``.. of the schedule; ``predict(i, t, latents)`` -> (noise, device seconds inside it)."""
+        """Steps ``first``.. of the schedule; ``predict(i, t, latents)`` -> (noise, device seconds inside it, what
+        the cloud sent for the step)."""
         n = len(denoising.timesteps)
         for i in range(first, n):
             tick = time.perf_counter()
             t = denoising.timesteps[i]
-            noise, local = predict(i, t, latents)
+            noise, local, received = predict(i, t, latents)
             start = time.perf_counter()
             latents = self.ends.step(denoising, noise, t, latents)
             clock.device += local + time.perf_counter() - start
             clock.per_step.append(time.perf_counter() - tick)
-            if clock.on_step:
-                clock.on_step(i + 1, n)
+            clock.report(i + 1, n, t, latents, received)
         return latents
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's picture of an intermediate latent, (1, 3, H, W) in [0, 1]: what the image looks like so far.
+
+        It draws nothing from the image's generator, so previews leave the final image as it would be."""
+        return self.ends.decode(latents).float().cpu()
 
     def _receive(self, link: Link, step: int, what: str, kind: MessageType) -> Frame:
         frame = raise_for_error(link.receive())
@@ -311,8 +352,9 @@ class SplitPipeline:
         """The noise arrives, streamed: the device only steps its scheduler."""
         shape = tuple(denoising.latents.shape)
 
-        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
-            return self._tensor(link, i, shape, "the noise prediction"), 0.0
+        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float, Received]:
+            noise = self._tensor(link, i, shape, "the noise prediction")
+            return noise, 0.0, (noise, "noise prediction")
 
         return self._denoise(denoising, denoising.latents, 0, predict, clock)
 
@@ -322,7 +364,7 @@ class SplitPipeline:
         """Outer blocks here, the middle in the cloud, once per step."""
         parts, cond = self.parts(options.blocks), denoising.conditioning
 
-        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float, Received]:
             start = time.perf_counter()
             with torch.no_grad():
                 x = model_input(denoising.scheduler, latents, t, cond.guided)
@@ -336,7 +378,7 @@ class SplitPipeline:
             start = time.perf_counter()
             with torch.no_grad():
                 noise = guide(parts.outer_up(middle, skips, emb, cond.prompt_embeds), cond.guidance_scale)
-            return noise, local + time.perf_counter() - start
+            return noise, local + time.perf_counter() - start, (middle, "U-Net middle")
 
         return self._denoise(denoising, denoising.latents, 0, predict, clock)
 
@@ -361,18 +403,20 @@ class SplitPipeline:
             except ConfigError as exc:
                 raise WireError(str(exc)) from None
             denoising.generator.set_state(returned.get_state())
-        if clock.on_step:
-            clock.on_step(m, len(denoising.timesteps))
+        if m:
+            clock.report(
+                m, len(denoising.timesteps), denoising.timesteps[m - 1], latents, (latents, "handed-over latent")
+            )
         cond, unet = denoising.conditioning, self.pipe.unet
         if unet is None:
             raise SessionError("collafuse runs the last steps with the device's U-Net: load the pipeline with it")
 
-        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+        def predict(i: int, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, float, Received]:
             start = time.perf_counter()
             with torch.no_grad():
                 x = model_input(denoising.scheduler, latents, t, cond.guided)
                 out = unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added or None)
-            return guide(out.sample, cond.guidance_scale), time.perf_counter() - start
+            return guide(out.sample, cond.guidance_scale), time.perf_counter() - start, None
 
         return self._denoise(denoising, latents, m, predict, clock)
 
