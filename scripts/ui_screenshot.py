@@ -1,7 +1,8 @@
 """Screenshot of the device agent's web UI for the README: `python scripts/ui_screenshot.py [OUT.png]`.
 
 Starts `lambdasplit up --cloud local` on the default model (SmolLM2-135M-Instruct, layers 2:28), opens
-the UI in Debian's headless Chromium (Playwright), asks one question and saves the page.
+the UI in Debian's headless Chromium (Playwright), asks one question, waits for the attacker panel to read
+it back, and saves the page.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main(out: str = "docs/web-ui.png") -> None:
         page.get_by_test_id("input").fill("My name is Alice and my PIN is 4921. Why is the sky blue? Answer briefly.")
         page.get_by_test_id("send").click()
         expect(page.locator("[data-testid=answer]").last).to_have_attribute("data-done", "true", timeout=120_000)
+        expect(page.get_by_test_id("attack-panel")).to_have_attribute("data-state", "done", timeout=120_000)
         page.screenshot(path=out, full_page=True)
         browser.close()
     print(f"wrote {out}")

@@ -12,6 +12,7 @@ go to the cloud. Routes:
     GET  /v1/lambdasplit/network    server-sent events: every step's frame sizes and transmitted state
     GET  /images                    the image page (with an image model: ``images=``, ``up --image-cloud``)
     POST /v1/images/generations     text-to-image, b64_json; ``stream: true`` sends partial images as it denoises
+    GET  /v1/lambdasplit/attack     what an attacker read back from the latest turn (with an ``attacker``)
     GET  /health
 
 Generation runs on a thread pool (``max_parallel`` requests at once; more wait their turn), so several
@@ -39,6 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from lambdasplit import __version__
+from lambdasplit.agent.attack_panel import Attacker, AttackPanel
 from lambdasplit.agent.feed import NetworkFeed, ObservedLink
 from lambdasplit.agent.images import Cancelled, ImageService, MadeImage, Preview
 from lambdasplit.agent.schema import ApiError, ChatCompletionRequest, CompletionRequest, ImageRequest, parse
@@ -70,12 +72,18 @@ class DeviceAgent:
         client: CloudClient,
         settings: AgentSettings | None = None,
         images: ImageService | None = None,
+        *,
+        attacker: Attacker | None = None,
     ) -> None:
         if split.head is None or (split.tail is None and split.layout != "stip") or split.tokenizer is None:
             raise LambdaSplitError("the device agent needs the head, the tail (but in STIP's layout) and the tokenizer")
         self.split, self.client = split, client
         self.settings = settings or AgentSettings()
         self.feed = NetworkFeed()
+        self.attacks: AttackPanel | None = None
+        if attacker is not None:  # run on each turn's traffic, for the UI's attacker panel (agent/attack_panel.py)
+            keyed = split.wire_transform is not None
+            self.attacks = AttackPanel(attacker, self.feed, split.tokenizer, cloud_url=client.url, keyed=keyed)
         self.executor = ThreadPoolExecutor(self.settings.max_parallel, thread_name_prefix="lambdasplit-agent")
         self.images = images
         # Images take turns on their one link: one thread, so a queued image holds no text generation's thread.
@@ -95,6 +103,7 @@ class DeviceAgent:
                 Route("/v1/lambdasplit/network", self.network),
                 Route("/images", self.images_page),
                 Route("/v1/images/generations", self.images_generations, methods=["POST"]),
+                Route("/v1/lambdasplit/attack", self.attack),
             ],
             exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed},
             lifespan=self._lifespan,
@@ -105,6 +114,8 @@ class DeviceAgent:
         yield
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.image_executor.shutdown(wait=False, cancel_futures=True)
+        if self.attacks is not None:
+            self.attacks.close()
 
     @property
     def model_id(self) -> str:
@@ -166,6 +177,11 @@ class DeviceAgent:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
+    async def attack(self, request: Request) -> JSONResponse:
+        if self.attacks is None:
+            return JSONResponse({"type": "attack", "status": "off"})
+        return JSONResponse(self.attacks.report())
+
     # --- OpenAI routes ------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         body = parse(ChatCompletionRequest, await _json(request))
@@ -203,6 +219,8 @@ class DeviceAgent:
                 code="context_length_exceeded",
             )
         request_id = self.feed.new_request(prompt_view, kind)
+        if self.attacks is not None:
+            self.attacks.expect(request_id, ids, prompt_view)
         reply = _Reply(kind, self.model_id, self.split.fingerprint)
         if not body.stream:
             return await self._whole(request, ids, params, request_id, reply)
@@ -220,6 +238,7 @@ class DeviceAgent:
             for _ in run:
                 if cancelled.is_set():
                     return None  # leaving the loop closes the generation and its body session
+            self._turn_done(request_id, run)
             return run.result
 
         watcher = asyncio.create_task(_watch_disconnect(request, cancelled))
@@ -238,13 +257,19 @@ class DeviceAgent:
             link = ObservedLink(self.client.open_session(self.settings.wire_dtype), self.feed, request_id)
         except (WireError, RemoteError) as exc:
             raise _cloud_error(exc) from exc
+        body_link = link if self.attacks is None else self.attacks.capture(request_id, link)
         return stream(
             self.split,
             ids,
-            link=link,
+            link=body_link,
             params=params,
             drafter=self.settings.speculative,
         )
+
+    def _turn_done(self, request_id: str, run: Generation) -> None:
+        """After a turn (``run.result`` None when it was cancelled): the attacker panel reads what it sent."""
+        if self.attacks is not None:
+            self.attacks.finish(request_id, run.result)
 
     async def _run(self, work: Callable[[], GenerationResult | None]) -> GenerationResult | None:
         try:
@@ -266,6 +291,7 @@ class DeviceAgent:
                     if cancelled.is_set():
                         break  # the client went away: closing the generation closes its body session
                     loop.call_soon_threadsafe(queue.put_nowait, event.text)
+                self._turn_done(request_id, run)
                 loop.call_soon_threadsafe(queue.put_nowait, run.result)
             except BaseException as exc:  # surfaced to the client as an error event
                 loop.call_soon_threadsafe(queue.put_nowait, exc)

@@ -6,7 +6,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -32,9 +32,14 @@ from lambdasplit.cli.options import (
 )
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafting import check_drafter_name
+from lambdasplit.privacy.keys import ObfuscationKey
 from lambdasplit.server.process import body_server_process
+from lambdasplit.split import SplitModel, load_split
 from lambdasplit.tls import TlsTrust
 from lambdasplit.wire import WireDtype
+
+if TYPE_CHECKING:
+    from lambdasplit.audit.live import LiveAttacker
 
 _err = Console(stderr=True)
 
@@ -106,6 +111,13 @@ def up(
     max_parallel: Annotated[int, typer.Option(min=1, help="Generations served at once; more wait.")] = 4,
     speculative: Speculative = None,
     key: Key = None,
+    attack: Annotated[
+        bool,
+        typer.Option(
+            help="After each turn, run the audit's strongest attack on the hidden states it sent and show what it "
+            "read back in the web UI (CPU time on this device, off the answer's path)."
+        ),
+    ] = True,
     cloud_timeout: CloudTimeout = 60.0,
     reconnect_deadline: ReconnectDeadline = 60.0,
     device: Device = None,
@@ -185,7 +197,8 @@ def up(
                 )
             )
         settings = AgentSettings(wire_dtype=wire, max_parallel=max_parallel, speculative=speculative, cloud_label=label)
-        agent = DeviceAgent(split, client, settings, images=images)
+        attacker = _attacker(split, str(model), key) if attack else None
+        agent = DeviceAgent(split, client, settings, images=images, attacker=attacker)
         p = split.points
         _err.print(
             f"{split.name}: head [0, {p.head_layers}) and tail [{p.body_end}, {p.num_layers}) here, "
@@ -194,3 +207,23 @@ def up(
         if images is not None:
             _err.print(f"{images.name}: text encoders, scheduler and VAE here, the U-Net on {images.cloud_label}")
         run_agent(agent, host=host, port=port)
+
+
+def _attacker(split: SplitModel, model: str, key: str | None) -> LiveAttacker:
+    """The audit's live attack for this deployment. Without a key the device's head and tail are the public
+    weights the attacker holds. Under a permutation key (``--key``) the attacker's public split holds the body
+    too (A4 ranks its candidates by the public model's next token). A developer bundle's key is said, not
+    attacked: its head and tail are the developer's, and the public base is not at hand here."""
+    from lambdasplit.audit.live import LiveAttacker
+
+    transform = split.wire_transform
+    if transform is None:
+        return LiveAttacker(split)
+    kind = transform.kind if isinstance(transform, ObfuscationKey) else type(transform).__name__
+    if key is None:
+        return LiveAttacker(split, key_kind=f"developer bundle's {kind}")
+    if kind != "permutation":
+        return LiveAttacker(split, key_kind=kind)
+    runtime = split.runtime
+    public = load_split(model, split.points, device=runtime.device, dtype=runtime.dtype, quiet=True)
+    return LiveAttacker(public, key_kind=kind)
