@@ -10,6 +10,7 @@ go to the cloud. Routes:
     POST /v1/completions            plain text completion, same options
     GET  /v1/lambdasplit/info       split points, wire dtype, cloud URL, totals (for the UI)
     GET  /v1/lambdasplit/network    server-sent events: every step's frame sizes and transmitted state
+    GET  /ui/common.css, common.js  what the pages share
     GET  /images                    the image page (with an image model: ``images=``, ``up --image-cloud``)
     POST /v1/images/generations     text-to-image, b64_json; ``stream: true`` sends partial images as it denoises
     GET  /v1/lambdasplit/attack     what an attacker read back from the latest turn (with an ``attacker``)
@@ -37,7 +38,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from lambdasplit import __version__
 from lambdasplit.agent.attack_panel import Attacker, AttackPanel
@@ -102,6 +104,7 @@ class DeviceAgent:
                 Route("/v1/lambdasplit/info", self.info),
                 Route("/v1/lambdasplit/network", self.network),
                 Route("/images", self.images_page),
+                Mount("/ui", StaticFiles(packages=[("lambdasplit.agent", "ui")]), name="ui"),
                 Route("/v1/images/generations", self.images_generations, methods=["POST"]),
                 Route("/v1/lambdasplit/attack", self.attack),
             ],
