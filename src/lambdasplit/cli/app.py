@@ -18,6 +18,7 @@ from lambdasplit.cli import (
     imagine,
     obfuscate,
     personalize,
+    plan,
     serve,
     trust,
     up,
@@ -43,6 +44,7 @@ app.command("up")(up.up)
 app.command("obfuscate")(obfuscate.obfuscate)
 app.command("audit")(audit.audit)
 app.command("personalize")(personalize.personalize)
+app.command("plan")(plan.plan)
 app.add_typer(bench.app, name="bench")
 app.add_typer(trust.app, name="trust")
 app.add_typer(developer.app, name="developer")
