@@ -1,11 +1,14 @@
 """The planner's predictions against `lambdasplit bench llm` measurements, on several links, in one run.
 
     PYTHONPATH=src python benchmarks/plan_vs_bench.py [--links loopback,5g,wireless] [--local-layers 2,8,16]
-        [--new-tokens 64] [--device-threads 1] [--cloud-threads N] [--json out.json] [--markdown out.md]
+        [--new-tokens 64] [--device-threads 1] [--cloud-threads N] [--repeats 48] [--measure-once]
+        [--json out.json] [--markdown out.md]
 
 1. The planner's inputs are measured first, in this process, as `lambdasplit plan --measure-overhead` does: the
-   model's decoder layers timed with the device's and the server's thread counts (the server's as a stand-in:
-   it is this machine), then the protocol's per-token overhead against a real server on loopback (one-layer body).
+   model's decoder layers timed with the device's and the server's thread counts (the server's as a stand-in in a
+   process of its own: it is this machine), then the protocol's per-token overhead against a real server on
+   loopback (one-layer body). On a shared machine the load drifts, so the layers are timed again just before each
+   link's rows (not with --measure-once).
 2. For each link, `bench llm`'s cached split rows (`--method cache`, the product's normal mode) are measured at the
    given device layer counts (halved between head and tail, as `bench llm --local-layers` does), each against its
    own `lambdasplit serve` behind the emulated link.
@@ -31,7 +34,7 @@ from transformers import AutoTokenizer
 
 from lambdasplit.bench.links import parse_link
 from lambdasplit.bench.llm import PAPER_PROMPT, TableConfig, run_table
-from lambdasplit.bench.plan import Workload, predict
+from lambdasplit.bench.plan import Costs, Workload, predict
 from lambdasplit.bench.planner import link_spec
 from lambdasplit.bench.profile import (
     device_parameter_bytes,
@@ -56,6 +59,8 @@ def main() -> None:
     parser.add_argument("--device-threads", type=int, default=1)
     parser.add_argument("--cloud-threads", type=int, default=None, help="default: torch's (the server's default)")
     parser.add_argument("--wire-dtype", default="float16")
+    parser.add_argument("--repeats", type=int, default=48, help="decode steps timed per side (median)")
+    parser.add_argument("--measure-once", action="store_true", help="time the layers once, not again before each link")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -69,7 +74,13 @@ def main() -> None:
     server_threads = args.cloud_threads or torch.get_num_threads()  # what `serve` gets without --threads
 
     print("measuring the layers...", flush=True)
-    costs = measure_costs(path, workload, device_threads=args.device_threads, server_threads=server_threads)
+
+    def measure() -> Costs:
+        return measure_costs(
+            path, workload, device_threads=args.device_threads, server_threads=server_threads, repeats=args.repeats
+        )
+
+    costs = measure()
     print("measuring the protocol's overhead on loopback...", flush=True)
     overhead = measure_overhead(
         args.model,
@@ -94,7 +105,12 @@ def main() -> None:
     )
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    for link in links:
+    per_link: dict[str, dict[str, Any]] = {}
+    for i, link in enumerate(links):
+        if i > 0 and not args.measure_once:  # the load of a shared machine drifts: measure again, just before
+            print("measuring the layers again...", flush=True)
+            costs = dataclasses.replace(measure(), overhead_ms=overhead, overhead_source="measured here on loopback")
+        per_link[link.name] = dataclasses.asdict(costs)
         print(f"bench llm on {link.name}...", flush=True)
         measured = run_table(table, [link])
         skipped |= measured.skipped
@@ -126,6 +142,9 @@ def main() -> None:
                     "predicted_seconds": workload.new_tokens / cand.tokens_per_second,
                     "measured_seconds": row.total_s,
                     "predicted_step_ms": cand.step_ms,
+                    "predicted_device_ms": cand.device_ms,
+                    "predicted_server_ms": cand.server_ms,
+                    "predicted_link_ms": cand.link_ms,
                     "predicted_prefill_ms": cand.prefill_ms,
                     "measured_step_bytes": [row.step_client_up, row.step_client_down],
                     "predicted_step_bytes": [cand.up_bytes_per_token, cand.down_bytes_per_token],
@@ -155,7 +174,7 @@ def main() -> None:
         out = {
             "settings": vars(args) | {"json": str(args.json), "markdown": str(args.markdown)},
             "workload": dataclasses.asdict(workload),
-            "costs": dataclasses.asdict(costs),
+            "costs": per_link,
             "machine": machine,
             "skipped": skipped,
             "rows": rows,
@@ -165,14 +184,18 @@ def main() -> None:
 
 def markdown(rows: list[dict[str, Any]], skipped: dict[str, str], machine: dict[str, Any], args: Any) -> str:
     lines = [
-        "| Link | --layers | Local:Cloud | Predicted tok/s | Measured tok/s | Error | Predicted s | Measured s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Link | --layers | Local:Cloud | Predicted tok/s | Measured tok/s | Error | Predicted s | Measured s "
+        "| ms per token, predicted: device + server + link | measured: local + cloud + comm. |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    n = args.new_tokens
     for r in rows:
         lines.append(
             f"| {r['link']} | {r['layers']} | {r['local_cloud']} | {r['predicted_tokens_per_second']:.2f} | "
             f"{r['measured_tokens_per_second']:.2f} | {r['error']:+.1%} | {r['predicted_seconds']:.2f} | "
-            f"{r['measured_seconds']:.2f} |"
+            f"{r['measured_seconds']:.2f} | {r['predicted_device_ms']:.0f} + {r['predicted_server_ms']:.0f} + "
+            f"{r['predicted_link_ms']:.0f} | {1e3 * r['measured_local_s'] / n:.0f} + "
+            f"{1e3 * r['measured_cloud_s'] / n:.0f} + {1e3 * r['measured_communication_s'] / n:.0f} |"
         )
     worst = max((abs(r["error"]) for r in rows), default=0.0)
     lines.append("")
@@ -181,6 +204,10 @@ def markdown(rows: list[dict[str, Any]], skipped: dict[str, str], machine: dict[
         f"{machine['device_threads']}, server threads {machine['server_threads']}; {machine['platform']}, "
         f"{machine['cpus']} CPUs, torch {machine['torch']}; {machine['date']}, load average at the end "
         f"{', '.join(f'{x:.2f}' for x in machine['load_average'])}; {machine['seconds']:.0f} s in all."
+    )
+    lines.append(
+        "Measured ms per token are the row's totals over its tokens (the prompt's share included); predicted are one "
+        "decode step's."
     )
     for name, why in skipped.items():
         lines.append(f"skipped {name}: {why}")
