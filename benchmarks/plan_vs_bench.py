@@ -1,14 +1,15 @@
 """The planner's predictions against `lambdasplit bench llm` measurements, on several links, in one run.
 
     PYTHONPATH=src python benchmarks/plan_vs_bench.py [--links loopback,5g,wireless] [--local-layers 2,8,16]
-        [--new-tokens 64] [--device-threads 1] [--cloud-threads N] [--repeats 48] [--measure-once]
+        [--new-tokens 64] [--device-threads 1] [--cloud-threads N] [--repeats 48] [--rounds 1] [--measure-once]
         [--json out.json] [--markdown out.md]
 
 1. The planner's inputs are measured first, in this process, as `lambdasplit plan --measure-overhead` does: the
    model's decoder layers timed with the device's and the server's thread counts (the server's as a stand-in in a
    process of its own: it is this machine), then the protocol's per-token overhead against a real server on
    loopback (one-layer body). On a shared machine the load drifts, so the layers are timed again just before each
-   link's rows (not with --measure-once).
+   link's rows (not with --measure-once); with --rounds K every link is measured and predicted K times and the
+   table shows, per row, the round with the median measured speed (every round is in the JSON).
 2. For each link, `bench llm`'s cached split rows (`--method cache`, the product's normal mode) are measured at the
    given device layer counts (halved between head and tail, as `bench llm --local-layers` does), each against its
    own `lambdasplit serve` behind the emulated link.
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--cloud-threads", type=int, default=None, help="default: torch's (the server's default)")
     parser.add_argument("--wire-dtype", default="float16")
     parser.add_argument("--repeats", type=int, default=48, help="decode steps timed per side (median)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure and predict each link this often; the median")
     parser.add_argument("--measure-once", action="store_true", help="time the layers once, not again before each link")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -106,12 +108,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     per_link: dict[str, dict[str, Any]] = {}
-    for i, link in enumerate(links):
+    runs = [(link, r) for link in links for r in range(args.rounds)]
+    for i, (link, round_) in enumerate(runs):
         if i > 0 and not args.measure_once:  # the load of a shared machine drifts: measure again, just before
             print("measuring the layers again...", flush=True)
             costs = dataclasses.replace(measure(), overhead_ms=overhead, overhead_source="measured here on loopback")
-        per_link[link.name] = dataclasses.asdict(costs)
-        print(f"bench llm on {link.name}...", flush=True)
+        per_link[f"{link.name} round {round_ + 1}"] = dataclasses.asdict(costs)
+        print(f"bench llm on {link.name} (round {round_ + 1} of {args.rounds})...", flush=True)
         measured = run_table(table, [link])
         skipped |= measured.skipped
         for row in measured.rows:
@@ -134,6 +137,7 @@ def main() -> None:
             rows.append(
                 {
                     "link": link.name,
+                    "round": round_ + 1,
                     "layers": str(points),
                     "local_cloud": row.ratio,
                     "predicted_tokens_per_second": cand.tokens_per_second,
@@ -156,6 +160,7 @@ def main() -> None:
             print(f"  {rows[-1]['layers']}: predicted {cand.tokens_per_second:.2f}, measured "
                   f"{row.tokens_per_second:.2f} tokens/s ({rows[-1]['error']:+.1%})", flush=True)  # fmt: skip
 
+    summary = median_rounds(rows)
     machine = {
         "platform": platform.platform(),
         "cpus": __import__("os").cpu_count(),
@@ -166,7 +171,7 @@ def main() -> None:
         "load_average": list(__import__("os").getloadavg()),
         "seconds": round(time.time() - started, 1),
     }
-    text = markdown(rows, skipped, machine, args)
+    text = markdown(summary, skipped, machine, args)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
@@ -177,9 +182,23 @@ def main() -> None:
             "costs": per_link,
             "machine": machine,
             "skipped": skipped,
-            "rows": rows,
+            "rows": summary,
+            "all_rounds": rows,
         }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def median_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per link and split, the round whose measured tokens/s is the median (the lower one of an even count), whole:
+    a load spike on a shared machine moves one round, not the row."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["link"], r["layers"]), []).append(r)
+    picked = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["measured_tokens_per_second"])
+        picked.append(ranked[(len(ranked) - 1) // 2])
+    return picked
 
 
 def markdown(rows: list[dict[str, Any]], skipped: dict[str, str], machine: dict[str, Any], args: Any) -> str:
@@ -200,7 +219,8 @@ def markdown(rows: list[dict[str, Any]], skipped: dict[str, str], machine: dict[
     worst = max((abs(r["error"]) for r in rows), default=0.0)
     lines.append("")
     lines.append(
-        f"{len(rows)} rows, largest error {worst:.1%}; {args.new_tokens} new tokens, device threads "
+        f"{len(rows)} rows, largest error {worst:.1%}; median of {args.rounds} round(s); {args.new_tokens} new tokens, "
+        f"device threads "
         f"{machine['device_threads']}, server threads {machine['server_threads']}; {machine['platform']}, "
         f"{machine['cpus']} CPUs, torch {machine['torch']}; {machine['date']}, load average at the end "
         f"{', '.join(f'{x:.2f}' for x in machine['load_average'])}; {machine['seconds']:.0f} s in all."
