@@ -184,6 +184,6 @@ def run_plan(config: PlanConfig) -> PlanResult:
     try:
         choice: Candidate | None = recommend(found, config.constraints)
     except ConfigError as exc:
-        return PlanResult(config, n, hidden, workload, costs, found, None, [str(exc)], error=str(exc))
+        return PlanResult(config, n, hidden, workload, costs, found, None, [], error=str(exc))
     assert choice is not None
     return PlanResult(config, n, hidden, workload, costs, found, choice, recommendation_text(choice, found))

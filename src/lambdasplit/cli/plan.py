@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lambdasplit.bench.links import parse_link
+from lambdasplit.bench.links import LINKS, parse_link
 from lambdasplit.bench.plan import DEFAULT_HEADS, DEFAULT_TAILS, Constraints, LinkSpec, parse_size
 from lambdasplit.bench.planner import PlanConfig, PlanResult, link_spec, run_plan
 from lambdasplit.cli.options import DEFAULTS, Model
@@ -18,8 +18,9 @@ from lambdasplit.errors import ConfigError
 _out = Console(width=max(Console().width, 150))
 
 _LINK_HELP = (
-    "The link: loopback, gigabit (1000/1000 Mbit/s, 1 ms), 5g (60 up/100 down Mbit/s, 30 ms), wireless "
-    "(10/10 Mbit/s, 250 ms) or UP/DOWN/RTT in Mbit/s, Mbit/s, ms; --rtt-ms and --bandwidth-mbit override it."
+    "The link: "
+    + "; ".join(f"{name} ({link.description})" for name, link in LINKS.items())
+    + "; or UP/DOWN/RTT in Mbit/s, Mbit/s, ms. --rtt-ms and --bandwidth-mbit override its figures."
 )
 
 
@@ -169,5 +170,5 @@ def _print(result: PlanResult) -> None:
         "the audit's strongest attack read (docs/audit/smollm2.json, no defence; A1 exact matching, A2 nearest "
         "neighbour, A3 learned inverter, B1 tail replay, B2 logit lens, B3 sampled tokens)"
     )
-    for line in result.advice:
-        _out.print(line, style="red" if result.error else None)
+    for line in result.advice:  # none when a constraint cannot be met: the error line says which
+        _out.print(line)
