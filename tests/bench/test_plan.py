@@ -213,3 +213,12 @@ def test_plan_command_prints_json_and_refuses_impossible_constraints(tiny_checkp
     slowed = json.loads(out)
     assert slowed["costs"]["server"]["layer_ms"] == 500 and slowed["costs"]["server"]["source"].startswith("given")
     assert slowed["recommended"] is None and slowed["error"] in err
+
+
+def test_settings_are_checked_before_anything_is_measured() -> None:
+    from lambdasplit.bench.planner import PlanConfig
+
+    for bad, message in ((dict(wire_dtype="bogus"), "wire dtype"), (dict(dtype="int3"), "dtype"),
+                         (dict(new_tokens=0), "tokens")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            PlanConfig(**bad)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer
 
 from lambdasplit.bench.links import Link
@@ -34,11 +35,13 @@ from lambdasplit.bench.profile import (
     measure_overhead,
 )
 from lambdasplit.bench.recovery import recovery_for
+from lambdasplit.config import parse_dtype
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.text import encode_prompt
 from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.models.checkpoint import Checkpoint
 from lambdasplit.models.resolve import resolve_checkpoint
+from lambdasplit.wire import WireDtype
 
 #: The paper's Table I prompt, as ``bench llm`` sends it (a chat message).
 PAPER_PROMPT = "What is the difference between AI, ML and DL?"
@@ -68,6 +71,14 @@ class PlanConfig:
     measure_overhead: bool = False
     repeats: int = 16
     constraints: Constraints = field(default_factory=Constraints)
+
+    def __post_init__(self) -> None:
+        # Checked before seconds of measuring: a typo should cost nothing.
+        if not WireDtype.parse(self.wire_dtype).is_tensor:
+            raise ConfigError(f"wire dtype {self.wire_dtype!r} carries no hidden state; use e.g. float16")
+        parse_dtype(self.dtype, torch.device("cpu"))
+        if self.new_tokens < 1 or (self.prompt_tokens is not None and self.prompt_tokens < 1):
+            raise ConfigError("new and prompt tokens must be >= 1")
 
 
 @dataclass
