@@ -24,8 +24,9 @@ def test_the_benchmark_trains_each_cut_ratio_and_measures_it(tmp_path: Path, mon
         "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"),
     ]  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))  # for the clients' processes
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the script sets for them, undone after the test
+    # For the clients' processes, from tmp_path (OMP_WAIT_POLICY=PASSIVE, which the script sets for them, conftest.py
+    # has set for this whole process).
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
     in_process.script(monkeypatch, ROOT / "benchmarks" / "collafuse.py", *args)
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     alone, server = results
