@@ -90,9 +90,16 @@ def random_norm_gains(model: PreTrainedModel, seed: int) -> PreTrainedModel:
     return model
 
 
-def build_tiny(family: str, seed: int = 0) -> PreTrainedModel:
+def build_tiny(family: str, seed: int = 0, num_layers: int = NUM_LAYERS) -> PreTrainedModel:
+    """The family's tiny model; ``num_layers`` fewer for a test that only needs some model's distribution and runs it
+    thousands of times (families with per-layer types, qwen2 and qwen3, keep NUM_LAYERS)."""
+    config = FAMILIES[family]()
+    if num_layers != NUM_LAYERS:
+        if getattr(config, "layer_types", None) is not None:
+            raise ValueError(f"{family} has per-layer types: build it with {NUM_LAYERS} layers")
+        config.num_hidden_layers = num_layers
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Random init gives tiny logits; scale the LM head up so greedy choices have real margins.
     with torch.no_grad():
         for p in model.parameters():

@@ -1,5 +1,9 @@
 """`lambdasplit serve --share 0|1 --peer` as two processes and `generate --secret-shared` against them, on the
-default model (SmolLM2-135M at 2:28, the layers the fixed-point settings were measured on)."""
+default model (SmolLM2-135M at 2:28, the layers the fixed-point settings were measured on).
+
+Each start of the console script costs seconds of imports, so `generate` and all but one of the option checks go
+through the same entry point in this process (in_process.lambdasplit): the same arguments, exit code and output.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
+import pytest
+
+import in_process
 from lambdasplit.generation import generate
 from lambdasplit.server.process import body_server_process
 from lambdasplit.split import load_split
@@ -26,7 +33,9 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["lambdasplit", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_two_share_server_processes_give_the_plain_splits_tokens() -> None:
+def test_two_share_server_processes_give_the_plain_splits_tokens(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     peer = f"127.0.0.1:{free_port()}"
     servers = [
         body_server_process(["--share", str(i), "--peer", peer, "--layers", "2:28"], timeout=240) for i in (0, 1)
@@ -38,20 +47,24 @@ def test_two_share_server_processes_give_the_plain_splits_tokens() -> None:
             if future.exception() is None:
                 stack.callback(server.__exit__, None, None, None)
         urls = [future.result().split()[0] for future in started]
-        shared = run(*PROMPT, "--cloud", ",".join(urls), "--secret-shared")
-    assert shared.returncode == 0, shared.stderr
+        code, stdout, err = in_process.lambdasplit(
+            capsys, monkeypatch, *PROMPT, "--cloud", ",".join(urls), "--secret-shared"
+        )
+    assert code == 0, err
     plain = generate(load_split("smollm2-135m-instruct", "2:28", quiet=True), PROMPT[1], max_new_tokens=3)
-    out = json.loads(shared.stdout)
+    out = json.loads(stdout)
     assert out["mode"] == "secret-shared"
     cost = out["secret_shared"]
     assert cost["peer_rounds"] > 1000 and cost["peer_bytes_each_way"] > 0 and cost["dealt_bytes"] > 0
     assert out["token_ids"] == plain.token_ids
 
 
-def test_share_options_are_checked_before_loading() -> None:
-    res = run("serve", "--share", "0")
+def test_share_options_are_checked_before_loading(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = run("serve", "--share", "0")  # the console script itself
     assert res.returncode != 0 and "--peer" in res.stderr
-    res = run("serve", "--share", "2", "--peer", "127.0.0.1:1")
-    assert res.returncode == 2
-    res = run("generate", "hi", "--secret-shared")
-    assert res.returncode != 0 and "--cloud URL0,URL1" in res.stderr
+    code, _, err = in_process.lambdasplit(capsys, monkeypatch, "serve", "--share", "2", "--peer", "127.0.0.1:1")
+    assert code == 2
+    code, _, err = in_process.lambdasplit(capsys, monkeypatch, "generate", "hi", "--secret-shared")
+    assert code != 0 and "--cloud URL0,URL1" in err

@@ -26,7 +26,10 @@ from lambdasplit.split import load_split
 from lambdasplit.wire import MessageType, decode_frame
 
 LAYERS = "1:4"
-DEVICES, NEW, DRAIN = 8, 160, 20.0
+# The stop comes once every device has 8 tokens; devices move a few steps later (at tokens 9 to 13 here: the
+# server's loop handles the signal between the steps it serves), so 64 leaves every device some 50 tokens to
+# generate on the server it moved to.
+DEVICES, NEW, DRAIN = 8, 64, 20.0
 PROMPTS = [f"device {i} asks about the quick brown fox number {i}" for i in range(DEVICES)]
 
 
