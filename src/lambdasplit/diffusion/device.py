@@ -404,9 +404,10 @@ class SplitPipeline:
                 raise WireError(str(exc)) from None
             denoising.generator.set_state(returned.get_state())
         if m:
-            clock.report(
-                m, len(denoising.timesteps), denoising.timesteps[m - 1], latents, (latents, "handed-over latent")
-            )
+            hand_over = (latents, "handed-over latent")
+            clock.report(m, len(denoising.timesteps), denoising.timesteps[m - 1], latents, hand_over)
+        elif clock.on_step:
+            clock.on_step(0, len(denoising.timesteps))  # the cloud ran no step: progress starts here at 0
         cond, unet = denoising.conditioning, self.pipe.unet
         if unet is None:
             raise SessionError("collafuse runs the last steps with the device's U-Net: load the pipeline with it")
