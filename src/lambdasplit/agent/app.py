@@ -73,8 +73,8 @@ class DeviceAgent:
         split: SplitModel,
         client: CloudClient,
         settings: AgentSettings | None = None,
-        images: ImageService | None = None,
         *,
+        images: ImageService | None = None,
         attacker: Attacker | None = None,
     ) -> None:
         if split.head is None or (split.tail is None and split.layout != "stip") or split.tokenizer is None:
