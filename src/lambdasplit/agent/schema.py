@@ -12,7 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lambdasplit.diffusion.protocol import Policy
+from lambdasplit.errors import ConfigError
 from lambdasplit.generation import SamplingParams
+from lambdasplit.wire import WireDtype
 
 
 class ApiError(Exception):
@@ -168,11 +171,19 @@ class ImageRequest(BaseModel):
     seed: int = 0
     guidance_scale: float = Field(default=4.0, ge=0.0)
     negative_prompt: str | None = None
-    policy: Literal["paper", "unet-lambda", "collafuse"] = "paper"
-    wire_dtype: Literal["float32", "float16", "bfloat16", "int8", "int6", "int4", "int2"] = "float16"
+    policy: Policy = "paper"
+    wire_dtype: str = "float16"  # any name WireDtype.parse takes
     cut_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
     blocks: int = Field(default=1, ge=1)
     preview_every: int | None = Field(default=None, ge=1)
+
+    @field_validator("wire_dtype")
+    @classmethod
+    def _wire_dtype(cls, v: str) -> str:
+        try:
+            return WireDtype.parse(v).name.lower()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     def check_supported(self, native_size: str) -> None:
         if self.n != 1:
