@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -175,6 +177,30 @@ def serve_command(
     adapter_seed: Annotated[
         int, typer.Option(help="With --privatelora: the seed A and B are drawn from (devices' M is trained for it).")
     ] = 0,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve the body as replicas on Ray Serve (needs lambdasplit[ray]): 'local' starts a Ray on this "
+            "machine, 'auto' joins this machine's cluster (`ray start`), or a Ray address. Devices connect to Serve's "
+            "proxy at --host/--port exactly as to a plain server.",
+            show_default=False,
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: body replicas (each its own copy).")] = 1,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: MIN:MAX replicas, added and removed by Serve to keep --target-sessions devices on each "
+            "(a removed replica drains: its devices move to the others).",
+            show_default=False,
+        ),
+    ] = None,
+    target_sessions: Annotated[
+        float, typer.Option(help="With --autoscale: connected devices per replica that Serve aims at.")
+    ] = 8.0,
+    cpus_per_replica: Annotated[
+        float, typer.Option(help="With --ray: logical CPUs Ray reserves for each replica.")
+    ] = 1.0,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -230,6 +256,13 @@ def serve_command(
         _serve_share(model, layers, share, peer, settings, peer_timeout)
         return
     _say_how_devices_connect(settings)
+    if ray is not None:
+        if cloud_only or pipeline is not None or group is not None or is_bundle(model):
+            raise ConfigError("--ray serves a model's body: no --cloud-only, --pipeline or bundle")
+        _serve_ray(ray, model, layers, settings, replicas, autoscale, target_sessions, cpus_per_replica, device, dtype)
+        return
+    if autoscale is not None or replicas != 1:
+        raise ConfigError("--replicas and --autoscale run replicas on Ray Serve: add --ray local|auto|ADDRESS")
     if pipeline is not None:
         _serve_pipeline(pipeline, settings, device, dtype)
         return
@@ -259,6 +292,41 @@ def serve_command(
         f" · fingerprint {split.fingerprint}"
     )
     serve(groups if len(groups) > 1 else split, settings)
+
+
+def _serve_ray(
+    address: str,
+    model: str,
+    layers: str,
+    settings: ServerSettings,
+    replicas: int,
+    autoscale: str | None,
+    target_sessions: float,
+    cpus_per_replica: float,
+    device: str | None,
+    dtype: str | None,
+) -> None:
+    try:
+        from lambdasplit.rayserve import ReplicaSpec, Scaling, serve_on_ray
+    except ImportError as exc:
+        raise ConfigError(f"--ray needs Ray Serve: pip install 'lambdasplit[ray]' ({exc})") from exc
+    if autoscale is not None:
+        scaling = Scaling.autoscale(autoscale, target_sessions=target_sessions, cpus_per_replica=cpus_per_replica)
+    else:
+        scaling = Scaling(replicas=replicas, target_sessions=target_sessions, cpus_per_replica=cpus_per_replica)
+    if settings.port == 0:  # Serve's proxy needs a fixed port: take a free one now
+        settings = replace(settings, port=free_port(settings.host))
+    what = f"{replicas} replica(s)" if autoscale is None else f"{autoscale} replicas, autoscaled"
+    _err.print(f"deploying the body of {model} (layers {layers}) on Ray Serve ({address}): {what}")
+    fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
+    spec = ReplicaSpec(str(model), layers, settings, device, dtype)
+    serve_on_ray(spec, scaling, address, lambda url: announce(url, fingerprint))
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None, dtype: str | None) -> None:

@@ -122,6 +122,7 @@ class CloudClient:
         self.reconnects = 0
         self.moves = 0  # reconnections because the server said GOAWAY (draining), before it dropped us
         self.going_away: dict[str, Any] | None = None  # the GOAWAY of the current connection, if one came
+        self._next_move = 0.0  # time.monotonic() before which a move that found nowhere to go is not retried
         self.frames_sent = self.frames_received = self.bytes_sent = self.bytes_received = 0
         errors: list[LambdaSplitError] = []
         for candidate in self.urls:
@@ -265,7 +266,8 @@ class CloudClient:
         """
         with self._lock:
             self._notice_goaway(self._ws)
-            seen, move = self.epoch, self.going_away is not None and len(self.urls) > 1
+            seen, move = self.epoch, self.going_away is not None and bool(self._move_targets())
+            move = move and time.monotonic() >= self._next_move
         if move:
             self._move(seen)
         with self._lock:
@@ -280,10 +282,8 @@ class CloudClient:
         with self._reconnect_lock:
             if self.epoch != seen_epoch:
                 return
-            old, here, layers = self._ws, self.url, self.welcome.get("layers")
-            for url in self.urls:
-                if url == here:
-                    continue
+            old, layers = self._ws, self.welcome.get("layers")
+            for url in self._move_targets():
                 try:
                     ws, welcome = self._handshake_only(url)
                 except (RemoteError, UntrustedCertificate, WireError):
@@ -299,6 +299,14 @@ class CloudClient:
                 with contextlib.suppress(Exception):
                     old.close()
                 return
+            # Nowhere to go yet (the other replicas are full, or starting): try again in a second, not every step.
+            self._next_move = time.monotonic() + 1.0
+
+    def _move_targets(self) -> list[str]:
+        """Where a device told GOAWAY may go: the other URLs, and its own when it fronts several replicas (Ray
+        Serve's proxy: a new connection there reaches another replica, since a draining one takes none)."""
+        own = [self.url] if self.welcome.get("replica") is not None else []
+        return [url for url in self.urls if url != self.url] + own
 
     def _notice_goaway(self, ws: ClientConnection) -> None:
         """Take in what the server sent unasked (GOAWAY), without waiting."""

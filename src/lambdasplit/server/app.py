@@ -82,6 +82,8 @@ class BodyServer(FrameServer):
         self.kv_bytes_per_position = kv_bytes_per_position(split)
         self._reserved = 0  # positions of FORWARDs queued for the compute thread, counted against the budget
         self.compute_seconds = 0.0  # time in cloud-only generation (body forwards: the batcher counts them)
+        #: Extra WELCOME fields from whoever runs this server (a Ray Serve replica names itself: ``replica``).
+        self.announced: dict[str, Any] = {}
 
     # --- HTTP -------------------------------------------------------------------------------------
     def welcome(self) -> dict[str, Any]:
@@ -105,6 +107,7 @@ class BodyServer(FrameServer):
                 "max_frame_bytes": self.settings.max_frame_bytes,
                 "kv_budget_bytes": self.settings.kv_budget_bytes,
             },
+            **self.announced,
         }
 
     def health_body(self) -> dict[str, Any]:

@@ -1,0 +1,68 @@
+"""``lambdasplit serve --ray``: one command deploys the body on Ray Serve behind wss:// and takes it down on SIGINT;
+and what ``deploy`` refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from lambdasplit.client import connect_device
+from lambdasplit.errors import ConfigError
+from lambdasplit.generation import generate
+from lambdasplit.rayserve import ReplicaSpec, Scaling, app, deploy
+from lambdasplit.server import ServerSettings
+from lambdasplit.server.process import body_server_process
+from lambdasplit.split import load_split
+from lambdasplit.tls import TlsTrust
+from tiny_models import NUM_LAYERS
+
+LAYERS = f"1:{NUM_LAYERS - 1}"
+
+
+def test_serve_ray_local_serves_wss_with_a_pinned_certificate_and_the_token(tiny_checkpoint, tmp_path) -> None:
+    path, _ = tiny_checkpoint("llama")
+    args = ["--ray", "local", "--replicas", "1", "--cpus-per-replica", "0.5", "--model", str(path)]
+    args += ["--layers", LAYERS, "--tls", "--tls-dir", str(tmp_path / "tls")]
+    with body_server_process(args, token="t0k", timeout=240) as url:
+        assert url.startswith("wss://127.0.0.1:")
+        from lambdasplit.tls import self_signed
+
+        pin = self_signed(tmp_path / "tls", ()).fingerprint  # the certificate Serve's proxy presents
+        split, client = connect_device(url, path, token="t0k", trust=TlsTrust(fingerprint=pin))
+        with client:
+            assert client.welcome["replica"]
+            got = generate(split, [1, 5, 9, 13], max_new_tokens=12, ignore_eos=True, link=client.open_session())
+        local = load_split(path, LAYERS)
+        assert got.token_ids == generate(local, [1, 5, 9, 13], max_new_tokens=12, ignore_eos=True).token_ids
+
+
+def test_serve_ray_options_are_checked_before_anything_starts(tiny_checkpoint) -> None:
+    from typer.testing import CliRunner
+
+    from lambdasplit.cli.app import app as cli
+
+    path, _ = tiny_checkpoint("llama")
+    result = CliRunner().invoke(cli, ["serve", "--model", str(path), "--replicas", "2"])
+    assert result.exit_code != 0 and "--ray" in str(result.exception or result.output)
+    result = CliRunner().invoke(cli, ["serve", "--ray", "local", "--cloud-only", "--model", str(path)])
+    assert result.exit_code != 0 and "--cloud-only" in str(result.exception or result.output)
+
+
+def test_a_second_deploy_cannot_move_serves_proxy(ray_cluster, serve_port, tiny_checkpoint) -> None:
+    """Serve keeps its first proxy options on a cluster: deploying for another port is refused, not announced."""
+    from ray import serve
+
+    path, _ = tiny_checkpoint("llama")
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    with pytest.raises(ConfigError, match="serve shutdown"):
+        deploy(ReplicaSpec(str(path), LAYERS, ServerSettings(port=serve_port + 1)), Scaling())
+
+
+def test_the_serve_config_builder_takes_limits_and_scaling_and_refuses_the_rest() -> None:
+    application = app({"model": "smollm2-135m-instruct", "autoscale": "1:3", "target_sessions": 4, "max_sessions": 9})
+    deployment = application._bound_deployment
+    assert deployment.max_ongoing_requests == 9  # the session cap, not Serve's default of 5
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(ConfigError, match="unknown lambdasplit args port"):
+        app({"model": "x", "port": 1})
+    with pytest.raises(ConfigError, match=r"args\.model"):
+        app({})
