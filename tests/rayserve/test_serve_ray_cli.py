@@ -66,3 +66,24 @@ def test_the_serve_config_builder_takes_limits_and_scaling_and_refuses_the_rest(
         app({"model": "x", "port": 1})
     with pytest.raises(ConfigError, match=r"args\.model"):
         app({})
+
+
+def test_the_serve_config_and_the_kuberay_manifest_in_the_docs_build_the_application() -> None:
+    import importlib
+    import re
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    text = (Path(__file__).parents[2] / "docs" / "ray.md").read_text()
+    serve_file, manifest = (yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S))
+    assert manifest["kind"] == "RayService"
+    for config in (serve_file, yaml.safe_load(manifest["spec"]["serveConfigV2"])):
+        schema = ServeDeploySchema.model_validate(config)
+        assert schema.http_options.ssl_certfile and schema.http_options.ssl_keyfile  # wss:// by default
+        (application,) = schema.applications
+        module, name = application.import_path.split(":")
+        assert getattr(importlib.import_module(module), name) is app
+        built = app(application.args)
+        assert built._bound_deployment.max_ongoing_requests == application.args.get("max_sessions", 64)
