@@ -93,7 +93,8 @@ def serve_on_ray(
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         on_ready(deploy(spec, scaling, proxy_location=proxy_location))
-        stop.wait()
+        while not stop.wait(0.5):  # a timed wait, so the signal handlers run promptly
+            pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
