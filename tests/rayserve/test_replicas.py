@@ -142,6 +142,29 @@ def test_the_bearer_token_is_checked_by_each_replica(two_replicas, tiny) -> None
         CloudClient(two_replicas, token="wrong")
 
 
+@pytest.fixture
+def staged(ray_cluster, tiny, serve_port, two_replicas) -> Iterator[str]:
+    serve.delete(APP_NAME)
+    settings = ServerSettings(port=serve_port, tokens=(TOKEN,), drain_seconds=20)
+    # Each replica's body as two stage actors, one per node of the cluster.
+    url = deploy(ReplicaSpec(str(tiny), LAYERS, settings, stages=2), Scaling(cpus_per_replica=0.5))
+    try:
+        yield url
+    finally:
+        serve.delete(APP_NAME)
+
+
+def test_a_replica_can_drive_its_body_as_stage_actors_on_two_nodes(staged, tiny, expected) -> None:
+    device = Device(tiny, staged)
+    try:
+        first, last = (int(x) for x in LAYERS.split(":"))
+        (a, b), (c, d) = device.client.welcome["stages"]
+        assert (a, d) == (first, last) and b == c
+        assert device.run(PROMPTS[0])[0] == expected[0]
+    finally:
+        device.client.close()
+
+
 def running_replicas() -> int:
     status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
     return int(status.replica_states.get("RUNNING", 0))

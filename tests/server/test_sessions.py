@@ -43,3 +43,15 @@ def test_idle_sessions_are_evicted_and_counted() -> None:
     new.last_used = old.last_used + 20
     assert store.evict_idle(now=old.last_used + 15) == 1 and store.evicted == 1
     assert [held.handle for held in store] == [new.handle]
+
+
+def test_every_way_out_of_the_store_calls_on_close_once() -> None:
+    """CLOSE, a connection gone and idle eviction all tell ``on_close``: a body held elsewhere frees its caches."""
+    closed: list[int] = []
+    store: SessionStore[int] = SessionStore(max_sessions=4, idle_ttl=10, on_close=closed.append)
+    a, b, c = (store.open(1, lambda handle: handle * 10) for _ in range(3))
+    store.close(1, a.handle)
+    c.last_used = b.last_used + 20
+    assert store.evict_idle(now=b.last_used + 15) == 1
+    assert store.close_owner(1) == [c]
+    assert closed == [a.value, b.value, c.value]

@@ -7,7 +7,7 @@ import socket
 import ssl
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
@@ -24,6 +24,9 @@ from lambdasplit.server.settings import TlsMode
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.syncws import SessionServer
 from lambdasplit.tls import certificate_fingerprint, is_loopback
+
+if TYPE_CHECKING:
+    from lambdasplit.rayserve.deployment import Scaling
 
 _err = Console(stderr=True)
 _d = ServerSettings()
@@ -201,6 +204,14 @@ def serve_command(
     cpus_per_replica: Annotated[
         float, typer.Option(help="With --ray: logical CPUs Ray reserves for each replica.")
     ] = 1.0,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: run each replica's body as stage actors on different nodes: a count (even layer "
+            "ranges) or the layers where stages after the first begin (e.g. 10,20). The replica holds no weights.",
+            show_default=False,
+        ),
+    ] = None,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -259,10 +270,15 @@ def serve_command(
     if ray is not None:
         if cloud_only or pipeline is not None or group is not None or is_bundle(model):
             raise ConfigError("--ray serves a model's body: no --cloud-only, --pipeline or bundle")
-        _serve_ray(ray, model, layers, settings, replicas, autoscale, target_sessions, cpus_per_replica, device, dtype)
+        try:
+            import ray as _  # noqa: F401 - only to say what is missing before anything starts
+        except ImportError as exc:
+            raise ConfigError(f"--ray needs Ray Serve: pip install 'lambdasplit[ray]' ({exc})") from exc
+        scaling = _scaling(replicas, autoscale, target_sessions, cpus_per_replica)
+        _serve_ray(ray, model, layers, settings, scaling, _stages(stages), device, dtype)
         return
-    if autoscale is not None or replicas != 1:
-        raise ConfigError("--replicas and --autoscale run replicas on Ray Serve: add --ray local|auto|ADDRESS")
+    if autoscale is not None or replicas != 1 or stages is not None:
+        raise ConfigError("--replicas, --autoscale and --stages run on Ray: add --ray local|auto|ADDRESS")
     if pipeline is not None:
         _serve_pipeline(pipeline, settings, device, dtype)
         return
@@ -294,32 +310,46 @@ def serve_command(
     serve(groups if len(groups) > 1 else split, settings)
 
 
+def _scaling(replicas: int, autoscale: str | None, target_sessions: float, cpus_per_replica: float) -> Scaling:
+    from lambdasplit.rayserve.deployment import Scaling
+
+    if autoscale is not None:
+        return Scaling.autoscale(autoscale, target_sessions=target_sessions, cpus_per_replica=cpus_per_replica)
+    return Scaling(replicas=replicas, target_sessions=target_sessions, cpus_per_replica=cpus_per_replica)
+
+
+def _stages(text: str | None) -> int | tuple[int, ...] | None:
+    """--stages: "2" (two even ranges) or "10,20" (where the stages after the first begin)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--stages takes a count or comma-separated layer indices (e.g. 2 or 10,20), got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
 def _serve_ray(
     address: str,
     model: str,
     layers: str,
     settings: ServerSettings,
-    replicas: int,
-    autoscale: str | None,
-    target_sessions: float,
-    cpus_per_replica: float,
+    scaling: Scaling,
+    stages: int | tuple[int, ...] | None,
     device: str | None,
     dtype: str | None,
 ) -> None:
-    try:
-        from lambdasplit.rayserve import ReplicaSpec, Scaling, serve_on_ray
-    except ImportError as exc:
-        raise ConfigError(f"--ray needs Ray Serve: pip install 'lambdasplit[ray]' ({exc})") from exc
-    if autoscale is not None:
-        scaling = Scaling.autoscale(autoscale, target_sessions=target_sessions, cpus_per_replica=cpus_per_replica)
-    else:
-        scaling = Scaling(replicas=replicas, target_sessions=target_sessions, cpus_per_replica=cpus_per_replica)
+    from lambdasplit.rayserve import ReplicaSpec, serve_on_ray
+
     if settings.port == 0:  # Serve's proxy needs a fixed port: take a free one now
         settings = replace(settings, port=free_port(settings.host))
-    what = f"{replicas} replica(s)" if autoscale is None else f"{autoscale} replicas, autoscaled"
+    what = f"{scaling.replicas} replica(s)" if scaling.replicas else f"{scaling.min_replicas}:{scaling.max_replicas}"
+    what += f", each on stage actors {stages}" if stages is not None else ""
     _err.print(f"deploying the body of {model} (layers {layers}) on Ray Serve ({address}): {what}")
     fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
-    spec = ReplicaSpec(str(model), layers, settings, device, dtype)
+    spec = ReplicaSpec(str(model), layers, settings, device, dtype, stages)
     serve_on_ray(spec, scaling, address, lambda url: announce(url, fingerprint))
 
 

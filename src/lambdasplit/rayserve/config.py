@@ -8,6 +8,7 @@ This is how ``serve run``, ``serve deploy`` and a KubeRay RayService deploy what
     device: cpu                     # default: CUDA when the replica has a GPU
     dtype: float32
     replicas: 2                     # or autoscale: "1:4" with target_sessions: 8
+    stages: 2                       # each replica's body as 2 stage actors on 2 nodes (or [15]: where they begin)
     cpus_per_replica: 1
     max_sessions: 64                # any ServerSettings limit: max_context, drain_seconds, max_batch, idle_ttl, ...
 
@@ -33,7 +34,7 @@ _LIMITS = {f.name for f in dataclasses.fields(ServerSettings)} - {
     "host", "port", "tokens", "tls", "tls_cert", "tls_key", "tls_dir", "cloud_only", "wire_dtypes"
 }  # fmt: skip
 _SCALING = {"replicas", "autoscale", "target_sessions", "cpus_per_replica"}
-_SPEC = {"model", "layers", "device", "dtype"}
+_SPEC = {"model", "layers", "device", "dtype", "stages", "spread"}
 
 
 def app(args: dict[str, Any]) -> serve.Application:
@@ -54,5 +55,10 @@ def app(args: dict[str, Any]) -> serve.Application:
         scaling = Scaling.autoscale(str(args["autoscale"]), **{k: v for k, v in scale.items() if k != "replicas"})
     else:
         scaling = Scaling(**scale)
-    spec = ReplicaSpec(str(args["model"]), args.get("layers"), settings, args.get("device"), args.get("dtype"))
+    stages = args.get("stages")
+    stages = tuple(stages) if isinstance(stages, list) else stages
+    spec = ReplicaSpec(
+        str(args["model"]), args.get("layers"), settings, args.get("device"), args.get("dtype"), stages,
+        bool(args.get("spread", True)),
+    )  # fmt: skip
     return body_application(spec, scaling)

@@ -49,6 +49,10 @@ class ReplicaSpec:
     settings: ServerSettings = field(default_factory=ServerSettings)
     device: str | None = None
     dtype: str | None = None
+    #: Run each replica's body as a chain of stage actors (a count, or the layers where stages after the first
+    #: begin), one per node (``spread``; else packed): the replica then holds no body weights (``stages.py``).
+    stages: int | tuple[int, ...] | None = None
+    spread: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,14 +121,23 @@ class BodyReplica:
 
     async def __init__(self, spec: ReplicaSpec) -> None:  # type: ignore[misc]  # Serve awaits it
         # Imported here: loading pulls in transformers, which the driver that only deploys does not need.
+        from lambdasplit.rayserve.stages import StagedBodyServer, staged_server
         from lambdasplit.split import load_split
 
         self.spec = spec
         self.replica = serve.get_replica_context().replica_tag
-        split = await asyncio.to_thread(
-            load_split, spec.model, spec.layers, parts=["body"], device=spec.device, dtype=spec.dtype, quiet=True
-        )
-        self.server = BodyServer(split, spec.settings)
+        self.server: BodyServer
+        if spec.stages is not None:
+            self.server = await asyncio.to_thread(
+                staged_server, spec.model, spec.layers, spec.stages, spec.settings,
+                device=spec.device, dtype=spec.dtype, spread=spec.spread,
+            )  # fmt: skip
+        else:
+            split = await asyncio.to_thread(
+                load_split, spec.model, spec.layers, parts=["body"], device=spec.device, dtype=spec.dtype, quiet=True
+            )
+            self.server = BodyServer(split, spec.settings)
+        self._staged = self.server if isinstance(self.server, StagedBodyServer) else None
         # Devices learn they talk to one replica of several behind this URL: a GOAWAY may then move them to the
         # same URL (the proxy sends the new connection to another replica).
         self.server.announced["replica"] = self.replica
@@ -132,6 +145,12 @@ class BodyReplica:
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.server.app
+
+    async def check_health(self) -> None:
+        """Serve's health check: with stages, every stage actor answers (a lost one fails the replica, and Serve
+        replaces it with a new replica and a new chain; its devices replay there)."""
+        if self._staged is not None:
+            await asyncio.to_thread(self._staged.chain.check)
 
     async def _drain_when_stopped(self, period: float = 0.25) -> None:
         while True:

@@ -37,6 +37,7 @@ from lambdasplit.server.batching import Batcher
 from lambdasplit.server.sessions import Held, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
+from lambdasplit.split.parts import Body
 from lambdasplit.split.state import BodyState
 from lambdasplit.wire import PATH, PROTOCOL, Frame, FrameFlags, MessageType, frame_tensor, tensor_frame
 
@@ -78,7 +79,10 @@ class BodyServer(FrameServer):
         super().__init__(settings, counted, self.batcher.executor)
         self.split, self.body = split, split.body
         self.fingerprint, self.model_name = split.fingerprint, split.name
-        self.store: SessionStore[BodyState] = SessionStore(settings.max_sessions, settings.idle_ttl)
+        # A session's state is closed however it leaves (CLOSE, its connection gone, evicted when idle).
+        self.store: SessionStore[BodyState] = SessionStore(
+            settings.max_sessions, settings.idle_ttl, on_close=lambda state: state.close()
+        )
         self.kv_bytes_per_position = kv_bytes_per_position(split)
         self._reserved = 0  # positions of FORWARDs queued for the compute thread, counted against the budget
         self.compute_seconds = 0.0  # time in cloud-only generation (body forwards: the batcher counts them)
@@ -137,7 +141,7 @@ class BodyServer(FrameServer):
                 raise Refusal("wrong_mode", "this is a cloud-only server: send GENERATE with text, not body sessions")
             body = self.body if self.groups is None else self.groups[self._conn_group[conn]].body
             assert body is not None  # checked when the groups were given
-            session = self.store.open(conn, lambda handle: BodyState(body))
+            session = self.store.open(conn, lambda handle: self.new_state(body))
             self.counters["sessions_opened"] += 1
             return Frame.json(
                 MessageType.OPENED, {"session": session.handle, "id": session.token}, session=session.handle
@@ -150,6 +154,11 @@ class BodyServer(FrameServer):
         if t is MessageType.PING:
             return Frame(MessageType.PONG)
         raise Refusal("unexpected_type", f"a client does not send {t.name} frames", frame.session)
+
+    def new_state(self, body: Body) -> BodyState:
+        """A new session's state on ``body``: its own KV cache here. A server whose body runs elsewhere (a chain of
+        stage actors, ``lambdasplit.rayserve.stages``) returns a state with the same interface that drives it."""
+        return BodyState(body)
 
     def _positions(self) -> int:
         """Positions held by all sessions' KV caches together."""

@@ -2,7 +2,9 @@
 
 A session is bound to the connection that opened it (``owner``): its handle is a small number carried in
 every frame header, valid on that connection only, so another connection cannot name it. The store
-enforces the server's session cap and evicts sessions left idle longer than ``idle_ttl``.
+enforces the server's session cap and evicts sessions left idle longer than ``idle_ttl``. Whatever way a session
+leaves (closed, its connection gone, evicted), ``on_close`` is told, so what it holds elsewhere (the KV caches
+of a body's stage actors on other machines) is freed too.
 """
 
 from __future__ import annotations
@@ -37,11 +39,19 @@ class Held(Generic[S]):
 class SessionStore(Generic[S]):
     """All sessions of a server, with the max-sessions limit and idle eviction.
 
-    ``what`` names a session in refusals ("session", "image session").
+    ``what`` names a session in refusals ("session", "image session"); ``on_close`` is called with the value of
+    every session that leaves the store.
     """
 
-    def __init__(self, max_sessions: int, idle_ttl: float, what: str = "session") -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        idle_ttl: float,
+        what: str = "session",
+        on_close: Callable[[S], None] | None = None,
+    ) -> None:
         self.max_sessions, self.idle_ttl, self.what = max_sessions, idle_ttl, what
+        self.on_close = on_close
         self._held: dict[tuple[int, int], Held[S]] = {}  # (owner, handle) -> session
         self._next_handle = 1
         self.evicted = 0
@@ -80,18 +90,25 @@ class SessionStore(Generic[S]):
     def close(self, owner: int, handle: int) -> Held[S]:
         held = self.get(owner, handle)
         del self._held[(owner, handle)]
+        self._closed([held])
         return held
 
     def close_owner(self, owner: int) -> list[Held[S]]:
         """Free every session of a connection that went away; returns them."""
         keys = [k for k in self._held if k[0] == owner]
-        return [self._held.pop(k) for k in keys]
+        gone = [self._held.pop(k) for k in keys]
+        self._closed(gone)
+        return gone
 
     def evict_idle(self, now: float | None = None) -> int:
         """Free the sessions idle longer than ``idle_ttl``; how many."""
         now = time.monotonic() if now is None else now
         stale = [k for k, h in self._held.items() if now - h.last_used > self.idle_ttl]
-        for k in stale:
-            del self._held[k]
+        self._closed([self._held.pop(k) for k in stale])
         self.evicted += len(stale)
         return len(stale)
+
+    def _closed(self, gone: list[Held[S]]) -> None:
+        if self.on_close is not None:
+            for held in gone:
+                self.on_close(held.value)
