@@ -75,7 +75,7 @@ def together(clients: list[int], client: Callable[[int, threading.Barrier], None
     return time.perf_counter() - start
 
 
-def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new: int) -> dict:
+def run_clients(url: str, split: SplitModel, prompts: list[int], new: int) -> dict:
     """One client per prompt index, all at once; returns outputs by index, latencies, errors, wall time."""
     outputs: dict[int, list[int]] = {}
     gaps: list[float] = []
@@ -84,8 +84,9 @@ def run_clients(url: str, model: str, split: SplitModel, prompts: list[int], new
 
     def client(i: int, barrier: threading.Barrier) -> None:
         try:
-            _, conn = connect_device(url, model, quiet=True)
-            with conn:
+            # The head and tail are loaded once and shared by every device thread; the handshake still checks
+            # the server runs their model (the fingerprint).
+            with CloudClient(url, fingerprint=split.fingerprint) as conn:
                 link = conn.open_session("float32")
                 run = stream(split, prompt(i), chat=True, link=link, max_new_tokens=new, ignore_eos=True)
                 barrier.wait(timeout=120)
@@ -247,7 +248,7 @@ def main() -> None:
         reference: dict[int, list[int]] = {}
         single_rates = []
         for i in range(max(counts)):  # the single-client runs every output is checked against
-            r = run_clients(url, args.model, split, [i], args.new_tokens)
+            r = run_clients(url, split, [i], args.new_tokens)
             if r["errors"]:
                 raise SystemExit(f"single-client run {i} failed: {r['errors']}")
             reference[i] = r["outputs"][i]
@@ -259,7 +260,7 @@ def main() -> None:
             if args.processes:
                 r = run_processes(url, args.model, args.device, list(range(n)), args.new_tokens, args.device_threads)
             else:
-                r = run_clients(url, args.model, split, list(range(n)), args.new_tokens)
+                r = run_clients(url, split, list(range(n)), args.new_tokens)
             after = server_metrics(url)
             correct = sum(r["outputs"].get(i) == reference[i] for i in range(n))
             gaps = sorted(r["gaps"]) or [0.0]

@@ -36,37 +36,12 @@ from typing import Any
 
 import torch
 
-from lambdasplit.client import CloudClient
-from lambdasplit.generation import stream
 from lambdasplit.models import DEFAULT_MODEL
 from lambdasplit.server.process import body_server_process
 from lambdasplit.split import load_split
 
 sys.path.insert(0, str(Path(__file__).parent))  # load_test is a sibling script
-from load_test import prompt, run_synthetic, together, token_gaps
-
-
-def run_clients(url: str, split: Any, prompts: list[int], new: int) -> dict[str, Any]:
-    """``load_test.run_clients`` with one head and tail shared by every device thread (loaded once, not per device)."""
-    outputs: dict[int, list[int]] = {}
-    gaps: list[float] = []
-    errors: list[str] = []
-
-    def client(i: int, barrier: Any) -> None:
-        try:
-            with CloudClient(url, fingerprint=split.fingerprint) as conn:
-                run = stream(split, prompt(i), chat=True, link=conn.open_session("float32"), max_new_tokens=new,
-                             ignore_eos=True)  # fmt: skip
-                barrier.wait(timeout=300)
-                tokens, mine = token_gaps(run)
-                outputs[i] = tokens
-                gaps.extend(mine)
-        except Exception as exc:
-            errors.append(repr(exc))
-            barrier.abort()
-
-    wall = together(prompts, client)
-    return {"outputs": outputs, "gaps": gaps, "errors": errors, "wall": wall}
+from load_test import run_clients, run_synthetic
 
 
 def free_port() -> int:
@@ -102,7 +77,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(
-    name: str, url: str, model: str, split: Any, clients: list[int], new: int, hop_steps: int, expected: dict
+    name: str, url: str, split: Any, clients: list[int], new: int, hop_steps: int, expected: dict
 ) -> list[dict[str, Any]]:
     rows = []
     hop = run_synthetic(url, split.hidden_size, 1, 32, hop_steps)
@@ -144,8 +119,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     started = time.time()
     with plain_server(args.model, args.layers, args.cpus) as url:
-        single = {i: run_clients(url, split, [i], args.new_tokens)["outputs"][i] for i in range(max(clients))}
-        rows += measure("plain serve", url, args.model, split, clients, args.new_tokens, args.hop_steps, single)
+        runs = [run_clients(url, split, [i], args.new_tokens) for i in range(max(clients))]
+        single = {i: run["outputs"][i] for i, run in enumerate(runs)}
+        rows += measure("plain serve", url, split, clients, args.new_tokens, args.hop_steps, single)
     import ray
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
@@ -154,7 +130,7 @@ def main() -> None:
         for replicas in (1, 2):
             with ray_replicas(args.model, args.layers, replicas, args.cpus, port) as url:
                 name = f"ray {replicas} replica{'s' * (replicas > 1)}"
-                rows += measure(name, url, args.model, split, clients, args.new_tokens, args.hop_steps, single)
+                rows += measure(name, url, split, clients, args.new_tokens, args.hop_steps, single)
     finally:
         from ray import serve
 
