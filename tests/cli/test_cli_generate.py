@@ -25,7 +25,7 @@ def tiny(tiny_checkpoint):
     return str(path)
 
 
-def test_generate_json_has_the_promised_fields_and_equals_unsplit(tiny) -> None:
+def test_generate_json_has_the_promised_fields_and_equals_unsplit(tiny, capsys, monkeypatch) -> None:
     common = ["generate", "hello world", "--model", tiny, "-n", "12", "--json"]
     split = run(*common, "--layers", "1:4")
     assert split.returncode == 0, split.stderr
@@ -35,7 +35,9 @@ def test_generate_json_has_the_promised_fields_and_equals_unsplit(tiny) -> None:
     assert out["layers"] == {"head": [0, 1], "body": [1, 4], "tail": [4, 5]}
     assert out["new_tokens"] == len(out["token_ids"]) > 0
     assert out["traffic"]["up_bytes"] > 0
-    unsplit = json.loads(run(*common, "--unsplit").stdout)
+    code, stdout, err = in_process.lambdasplit(capsys, monkeypatch, *common, "--unsplit")  # split above: a process
+    assert code == 0, err
+    unsplit = json.loads(stdout)
     assert unsplit["token_ids"] == out["token_ids"]
     assert unsplit["traffic"]["up_bytes"] == 0
 
@@ -62,10 +64,13 @@ def test_generate_speculative_gives_the_same_tokens_in_fewer_steps(tiny, capsys,
     assert "Traceback" not in res.stderr
 
 
-def test_generate_streams_text_and_prints_a_summary(tiny) -> None:
-    res = run("generate", "hello", "--model", tiny, "-n", "5", "--chat", "--layers", "2:3")
-    assert res.returncode == 0, res.stderr
-    assert "layers 2:3 of 5" in res.stderr and "tok/s" in res.stderr
+def test_generate_streams_text_and_prints_a_summary(tiny, capsys, monkeypatch) -> None:
+    # In this process: the console script's generate runs as a process in the test above.
+    code, _, err = in_process.lambdasplit(
+        capsys, monkeypatch, "generate", "hello", "--model", tiny, "-n", "5", "--chat", "--layers", "2:3"
+    )
+    assert code == 0, err
+    assert "layers 2:3 of 5" in err and "tok/s" in err
 
 
 @pytest.mark.parametrize(
