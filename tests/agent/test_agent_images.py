@@ -38,7 +38,7 @@ def stack(tiny_checkpoint) -> Iterator[tuple[str, str]]:
     path, _ = tiny_checkpoint("llama")
     with body_server("--pipeline", "shapes-t2i") as diffusion:
         args = ["up", "--port", "0", "--cloud", "local", "--model", str(path), "--layers", f"1:{NUM_LAYERS - 1}",
-                "--image-cloud", diffusion]  # fmt: skip
+                "--image-cloud", diffusion, "--no-attack"]  # fmt: skip
         with lambdasplit_process(args, READY, timeout=180) as url:
             yield url, diffusion
 

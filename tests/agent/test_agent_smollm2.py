@@ -31,7 +31,7 @@ def test_greedy_chat_through_the_agent_equals_the_unsplit_model() -> None:
         tokenizer=tokenizer,
         eos_token_ids={e for e in eos if isinstance(e, int)},
     ).run()
-    args = ["up", "--cloud", "local", "--layers", "4:26", "--wire-dtype", "float32", "--port", "0"]
+    args = ["up", "--cloud", "local", "--layers", "4:26", "--wire-dtype", "float32", "--port", "0", "--no-attack"]
     with lambdasplit_process(args, READY, timeout=300) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, temperature=0, max_tokens=NEW)

@@ -75,7 +75,7 @@ class Relay:
 
 @contextmanager
 def agent(*args: str) -> Iterator[str]:
-    with lambdasplit_process(["up", "--port", "0", *args], READY, token=TOKEN, timeout=180) as url:
+    with lambdasplit_process(["up", "--port", "0", "--no-attack", *args], READY, token=TOKEN, timeout=180) as url:
         yield url
 
 

@@ -29,6 +29,7 @@ def test_chat_streams_and_the_network_panel_updates(tiny_checkpoint, tmp_path) -
 
     path, _ = tiny_checkpoint("llama")
     args = ["up", "--cloud", "local", "--model", str(path), "--layers", f"1:{NUM_LAYERS - 1}", "--port", "0"]
+    args.append("--no-attack")  # the attacker panel has its own tests; here it would only compete for the CPU
     with lambdasplit_process(args, READY, timeout=180) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
