@@ -25,6 +25,7 @@ from lambdasplit.server.app import BodyServer
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import DEFAULT_LAYERS, SplitModel
 from lambdasplit.split.parts import Body
+from lambdasplit.split.state import BodyState
 
 __all__ = ["StagedBodyServer", "staged_server", "staged_split"]
 
@@ -41,6 +42,11 @@ class StagedBodyServer(BodyServer):
     def new_state(self, body: Body) -> ChainState:
         assert isinstance(body, ChainBody)  # checked in __init__, and a staged server has no user groups
         return ChainState(body)
+
+    def release_state(self, state: BodyState) -> None:
+        # The session's caches live on the stages: tell them (a stage runs one call at a time, so a step of the
+        # session already submitted finishes first).
+        state.close()
 
     def welcome(self) -> dict[str, Any]:
         return {**super().welcome(), "stages": [list(r) for r in self.chain.ranges]}

@@ -79,9 +79,9 @@ class BodyServer(FrameServer):
         super().__init__(settings, counted, self.batcher.executor)
         self.split, self.body = split, split.body
         self.fingerprint, self.model_name = split.fingerprint, split.name
-        # A session's state is closed however it leaves (CLOSE, its connection gone, evicted when idle).
+        # However a session leaves (CLOSE, its connection gone, evicted when idle), release_state is told.
         self.store: SessionStore[BodyState] = SessionStore(
-            settings.max_sessions, settings.idle_ttl, on_close=lambda state: state.close()
+            settings.max_sessions, settings.idle_ttl, on_close=self.release_state
         )
         self.kv_bytes_per_position = kv_bytes_per_position(split)
         self._reserved = 0  # positions of FORWARDs queued for the compute thread, counted against the budget
@@ -159,6 +159,12 @@ class BodyServer(FrameServer):
         """A new session's state on ``body``: its own KV cache here. A server whose body runs elsewhere (a chain of
         stage actors, ``lambdasplit.rayserve.stages``) returns a state with the same interface that drives it."""
         return BodyState(body)
+
+    def release_state(self, state: BodyState) -> None:
+        """A session has left. Its KV cache here is freed with the state when nothing refers to it any more. Closing
+        it now could race the compute thread: a step of that session may be running in a batch with other sessions'
+        steps, and a cache gone mid-batch would fail them all. A server whose caches live elsewhere frees them here
+        (``StagedBodyServer``)."""
 
     def _positions(self) -> int:
         """Positions held by all sessions' KV caches together."""
