@@ -250,14 +250,19 @@ def main() -> None:
         prompt = torch.randn(1, 32, d, generator=gen)
         steps = [torch.randn(1, 1, d, generator=gen) for _ in range(args.steps)]
 
-        def body_steps(make_link: Callable[[], Any]) -> list[float]:
-            link = make_link()
+        def timed(link: Any) -> list[float]:
+            """The prompt, then each step timed on its own."""
             link.forward(prompt, 0)
             times = []
             for i, hidden in enumerate(steps):
                 start = time.perf_counter()
                 link.forward(hidden, 32 + i)
                 times.append(time.perf_counter() - start)
+            return times
+
+        def body_steps(make_link: Callable[[], Any]) -> list[float]:
+            link = make_link()
+            times = timed(link)
             link.close()
             return times
 
@@ -277,12 +282,7 @@ def main() -> None:
             _stamps(url)  # drop the OPEN's
             records = device_stamps(link)
             mine = next(records)
-            link.forward(prompt, 0)
-            times = []
-            for i, hidden in enumerate(steps):
-                start = time.perf_counter()
-                link.forward(hidden, 32 + i)
-                times.append(time.perf_counter() - start)
+            times = timed(link)
             next(records, None)
             if parts := segments(mine[1:], _stamps(url)[1:]):  # without the prompt
                 arm.breakdown.append(parts)
