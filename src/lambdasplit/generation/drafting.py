@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lambdasplit.errors import ConfigError
-from lambdasplit.generation.session import ModelDecoder, SplitDecoder, Traffic
+from lambdasplit.generation.session import Decoder, ModelDecoder, SplitDecoder, Traffic
 from lambdasplit.split.loader import SplitModel
 
 
@@ -89,6 +89,9 @@ class Drafter(ABC):
     def update(self, accepted: int, drafted: int) -> None:
         """Told after each verification how many of its ``drafted`` tokens were accepted."""
         self.length.update(accepted, drafted)
+
+    def attach(self, decoder: Decoder) -> None:  # noqa: B027 (a no-op unless the drafter reads the decoder)
+        """Told the decoder of a generation before it starts (the head drafter reads its hidden states)."""
 
     @abstractmethod
     def propose(self, ids: Sequence[int], k: int) -> list[int]: ...
@@ -176,7 +179,7 @@ def self_drafter(split: SplitModel, length: DraftLength | None = None) -> ModelD
     return ModelDrafter(SplitDecoder(split, _SkippedBody()), length, name="self")
 
 
-DRAFTERS = ("lookup", "self", "model:PATH")
+DRAFTERS = ("lookup", "self", "head", "head:PATH", "model:PATH")
 
 
 def model_drafter(model: str, split: SplitModel, length: DraftLength | None = None) -> ModelDrafter:
@@ -197,12 +200,18 @@ def model_drafter(model: str, split: SplitModel, length: DraftLength | None = No
 
 
 def make_drafter(kind: str, split: SplitModel, length: DraftLength | None = None) -> Drafter:
-    """A drafter by name: ``lookup`` (prompt n-grams), ``self`` (head and tail without the body) or
-    ``model:PATH`` (a small model with the same tokenizer)."""
+    """A drafter by name: ``lookup`` (prompt n-grams), ``self`` (head and tail without the body), ``head`` (the
+    trained draft head shipped for the default model; ``head:PATH`` another) or ``model:PATH`` (a small model with
+    the same tokenizer)."""
+    check_drafter_name(kind)
     if kind == "lookup":
         return PromptLookupDrafter(length)
     if kind == "self":
         return self_drafter(split, length)
+    if kind == "head" or kind.startswith("head:"):
+        from lambdasplit.generation.drafthead.drafter import head_drafter  # torch modules built only when asked
+
+        return head_drafter(split, kind.removeprefix("head:") if kind != "head" else None, length)
     if kind.startswith("model:") and len(kind) > len("model:"):
         return model_drafter(kind.removeprefix("model:"), split, length)
     raise ConfigError(f"unknown drafter {kind!r}; choose from {', '.join(DRAFTERS)}")
@@ -210,5 +219,6 @@ def make_drafter(kind: str, split: SplitModel, length: DraftLength | None = None
 
 def check_drafter_name(kind: str) -> None:
     """Refuse a drafter name ``make_drafter`` would refuse, before anything is loaded."""
-    if kind not in ("lookup", "self") and not (kind.startswith("model:") and len(kind) > len("model:")):
+    with_path = any(kind.startswith(p) and len(kind) > len(p) for p in ("model:", "head:"))
+    if kind not in ("lookup", "self", "head") and not with_path:
         raise ConfigError(f"unknown drafter {kind!r}; choose from {', '.join(DRAFTERS)}")

@@ -104,6 +104,8 @@ class Generation:
         start = time.perf_counter()
         steps = drafted = accepted = 0
         try:
+            if self.drafter is not None:
+                self.drafter.attach(self.decoder)
             if self.keep_open:  # a conversation's decoder: reuse the positions it shares with this prompt
                 logits = self.decoder.resume(self.prompt_ids)
             else:

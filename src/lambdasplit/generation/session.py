@@ -181,6 +181,12 @@ class SplitDecoder(DecoderBase):
         self.split, self.link, self.use_cache = split, link, use_cache
         self.head_cache = split.head.new_cache() if use_cache else None
         self.tail_cache = split.tail.new_cache() if use_cache and split.tail is not None else None
+        #: Set by a drafter that reads the model's last hidden states (``HeadDrafter``): ``features`` then holds
+        #: what the LM head was given at positions ``features_from ..`` (rows for positions the tail computed
+        #: logits for: a prompt's last, then every position fed one step at a time).
+        self.keep_features = False
+        self.features: torch.Tensor | None = None
+        self.features_from = 0
 
     @property
     def traffic(self) -> Traffic:
@@ -191,6 +197,8 @@ class SplitDecoder(DecoderBase):
         device = self.split.runtime.device
         position = len(self.ids)
         self.ids.extend(new_ids)
+        if self.features is not None:  # rows for positions this run recomputes (rolled back or resumed) go
+            self.features = self.features[: max(0, position - self.features_from)]
         if self.use_cache:
             rewind(self.head_cache, position)
             x = torch.tensor([new_ids], device=device)
@@ -208,8 +216,20 @@ class SplitDecoder(DecoderBase):
             return out[0, -keep:]
         if position is not None:
             rewind(self.tail_cache, position)
+            if self.keep_features:
+                logits, features = self.split.tail.forward_with_features(out, self.tail_cache, logits_to_keep=keep)
+                self._keep_features(features[0], position + out.shape[1] - keep)
+                return logits[0]
             return self.split.tail(out, self.tail_cache, logits_to_keep=keep)[0]
         return self.split.tail(out, logits_to_keep=keep)[0]  # (keep, V)
+
+    def _keep_features(self, rows: torch.Tensor, first: int) -> None:
+        """Add feature ``rows`` for positions ``first ..``; a gap or an overlap starts the record over."""
+        held = self.features
+        if held is not None and self.features_from + held.shape[0] == first:
+            self.features = torch.cat([held, rows])
+        else:
+            self.features, self.features_from = rows, first
 
     def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
         transform = self.split.wire_transform
@@ -223,6 +243,7 @@ class SplitDecoder(DecoderBase):
         """Forget the sequence (new head and tail caches); the link is kept, so only for stateless links."""
         assert self.split.head is not None
         self.ids = []
+        self.features = None
         self.head_cache = self.split.head.new_cache() if self.use_cache else None
         self.tail_cache = self.split.tail.new_cache() if self.use_cache and self.split.tail is not None else None
 

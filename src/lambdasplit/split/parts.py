@@ -172,3 +172,20 @@ class Tail(_Part):
             logits_to_keep=logits_to_keep,
         )
         return out.logits
+
+    def forward_with_features(
+        self, hidden: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``, and what the LM head was given for those K positions (B, K, D): the model's last hidden
+        state after its final norm, which a draft head reads (``generation.drafthead``)."""
+        assert self.model is not None
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise SessionError(f"{type(self.model).__name__} has no LM head to read features at")
+        seen: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+        try:
+            logits = self.forward(hidden, cache, logits_to_keep)
+        finally:
+            hook.remove()
+        return logits, seen[-1]

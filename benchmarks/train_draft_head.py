@@ -1,0 +1,153 @@
+"""Train the draft head shipped for the embedded SmolLM2-135M-Instruct (``--speculative head``), and record figures.
+
+    pip download --no-deps --no-binary :all: alpaca-eval==0.6.6 -d /tmp/ae
+    tar xzf /tmp/ae/alpaca_eval-0.6.6.tar.gz -C /tmp/ae
+    python benchmarks/train_draft_head.py --prompts /tmp/ae/alpaca_eval-0.6.6/example/outputs.json
+
+Prompts: AlpacaEval's 805 instructions (the ``instruction`` field only; the dataset mixes Self-Instruct, OASST,
+Koala, Vicuna and Anthropic helpful-base prompts); the answers and hidden states are the model's own (greedy,
+through its chat template). A fixed 5% of the prompts is held out and scored as greedy drafting would be.
+The answers are cached (``--answers``), so a second run trains without regenerating them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from lambdasplit.config import Runtime
+from lambdasplit.generation.drafthead import (
+    HEAD_FILE,
+    Answer,
+    DraftHead,
+    HeadInfo,
+    Recipe,
+    answer_prompts,
+    chat_prompts,
+    read_prompts,
+    train_head,
+)
+from lambdasplit.generation.drafthead.model import target_matrices
+from lambdasplit.generation.drafthead.train import accepted_length, tree_size, truth_ranks
+from lambdasplit.models.resolve import resolve_checkpoint
+from lambdasplit.models.unsplit import load_unsplit
+
+#: Draft shapes scored on the held-out answers: chains of k, and token trees (branches per level).
+SHAPES = {
+    "chain 4": (1, 1, 1, 1),
+    "chain 6": (1,) * 6,
+    "chain 8": (1,) * 8,
+    "tree 2-2-1-1-1-1": (2, 2, 1, 1, 1, 1),
+    "tree 3-2-1-1-1-1": (3, 2, 1, 1, 1, 1),
+    "tree 4-2-2-1-1-1": (4, 2, 2, 1, 1, 1),
+}
+
+
+def scored(head: DraftHead, heldout: list[Answer]) -> dict[str, dict[str, float]]:
+    ranks = truth_ranks(head, heldout, 8)
+    out = {}
+    for name, shape in SHAPES.items():
+        lengths = [accepted_length(r, shape) for r in ranks]
+        out[name] = {"tokens_per_step": round(1 + sum(lengths) / len(lengths), 3), "drafted": tree_size(shape)}
+    out["first_token_acceptance"] = {"rate": round(sum(1 for r in ranks if r and r[0] == 0) / len(ranks), 3)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", required=True, help="training prompts (JSON, JSON lines or text)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--limit", type=int, default=None, help="use the first N prompts (after shuffling)")
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--batch", type=int, default=32, help="prompts answered at once")
+    ap.add_argument("--answers", default="artifacts/draft-head/answers.pt", help="cache of the generated answers")
+    ap.add_argument("--out", default=str(HEAD_FILE), help="where the weights go")
+    ap.add_argument("--log", default="artifacts/draft-head/training.json")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--eval-only", action="store_true", help="score the weights at --out on the held-out answers")
+    for name, value in vars(Recipe()).items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = Recipe(**{k: getattr(args, k) for k in vars(Recipe())})
+
+    path = resolve_checkpoint(args.model, quiet=True)
+    model = load_unsplit(path, Runtime.resolve("cpu", "float32"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = read_prompts(args.prompts)
+    random.Random(0).shuffle(prompts)
+    prompts = prompts[: args.limit]
+    held = max(1, len(prompts) // 20)
+
+    cache = Path(args.answers)
+    started = time.perf_counter()
+    if cache.is_file():
+        saved = torch.load(cache)
+        if saved["prompts"] != prompts or saved["max_new_tokens"] != args.max_new_tokens:
+            sys.exit(f"{cache} was made from other prompts or lengths: delete it or pass another --answers")
+        answers = [Answer(s, f, t) for s, f, t in zip(saved["starts"], saved["features"], saved["tokens"], strict=True)]
+        gen_seconds = saved["seconds"]
+        print(f"{len(answers)} answers from {cache} (generated in {gen_seconds:.0f} s)", flush=True)
+    else:
+
+        def shown(done: int, total: int, tokens: int) -> None:
+            rate = tokens / (time.perf_counter() - started)
+            print(f"answered {done}/{total} prompts, {tokens} tokens, {rate:.0f} tokens/s", flush=True)
+
+        ids = chat_prompts(tokenizer, prompts)
+        answers = answer_prompts(
+            model,
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch,
+            pad_token_id=tokenizer.pad_token_id,
+            progress=shown,
+        )
+        gen_seconds = time.perf_counter() - started
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        columns = {"starts": [a.start for a in answers], "features": [a.features for a in answers]}
+        columns["tokens"] = [a.tokens for a in answers]
+        torch.save(
+            {"prompts": prompts, "max_new_tokens": args.max_new_tokens, "seconds": gen_seconds, **columns}, cache
+        )
+    heldout, train = answers[:held], answers[held:]
+
+    embed, lm_head = target_matrices(model)
+    if args.eval_only:
+        head, info = DraftHead.load(args.out, model.config, embed, lm_head)
+        scores = scored(head, heldout)
+        print(json.dumps(scores, indent=1))
+        return
+    eos = sorted(int(t) for t in tokenizer.all_special_ids)
+    head, log = train_head(model, train, recipe, always=eos, progress=lambda s: print(f"epoch {s}", flush=True))
+    scores = scored(head, heldout)
+    print(f"held-out greedy drafting ({len(heldout)} answers): {json.dumps(scores)}", flush=True)
+    record = {
+        "model": args.model,
+        "prompts": {"file": Path(args.prompts).name, "train": len(train), "heldout": len(heldout)},
+        "answer_tokens": sum(len(a.tokens) for a in answers),
+        "generation_seconds": round(gen_seconds, 1),
+        "training_seconds": round(log.seconds, 1),
+        "recipe": vars(recipe),
+        "log": log.to_dict(),
+        "heldout": scores,
+        "threads": torch.get_num_threads(),
+    }
+    info = HeadInfo(args.model, int(embed.shape[0]), int(embed.shape[1]), head._fingerprint, record)
+    size = head.save(args.out, info)
+    record["file_bytes"] = size
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.log).write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out} ({size / 1e6:.2f} MB) and {args.log}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Training data for a draft head: the target model's own answers, with its hidden states.
+
+Each prompt goes through the model's chat template and is answered greedily by the unsplit model (Hugging Face
+``generate``, batched, left-padded). A forward pre-hook on the LM head records what it was given at each step:
+the last prompt position's hidden state, then each generated token's. Those are exactly the features the split's
+tail holds on the device while decoding, so the head is trained on what it will see.
+
+An ``Answer`` holds, for one prompt: ``features`` (n, D) at positions ``start .. start + n - 1`` (``start`` is the
+last prompt position) and ``tokens`` (n,), the token that followed each of those positions (the answer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lambdasplit.errors import ConfigError
+from lambdasplit.generation.text import encode_prompt
+
+
+@dataclass
+class Answer:
+    start: int  # absolute position of the first feature row (the last prompt token)
+    features: torch.Tensor  # (n, D), float16
+    tokens: torch.Tensor  # (n,), int64: the token after each position
+
+
+def answer_prompts(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 192,
+    batch_size: int = 16,
+    pad_token_id: int | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> list[Answer]:
+    """Greedy answers to ``prompts`` (token ids, e.g. ``chat_prompts``), with the hidden state the LM head saw at
+    each position.
+
+    ``progress(done, total, tokens)`` is called after each batch. An answer ends at the first EOS (kept as its
+    last token: the head also learns where answers stop) or at ``max_new_tokens``.
+    """
+    head = cast(Any, model).get_output_embeddings()
+    configured = model.generation_config.eos_token_id
+    eos = {int(t) for t in ([configured] if isinstance(configured, int) else configured or [])}
+    pad = pad_token_id if pad_token_id is not None else min(eos, default=0)
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, -1].detach().to(torch.float16)))
+    answers: list[Answer] = []
+    total_tokens = 0
+    try:
+        for at in range(0, len(prompts), batch_size):
+            batch = [list(p) for p in prompts[at : at + batch_size]]
+            width = max(len(ids) for ids in batch)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
+            seen.clear()
+            with torch.inference_mode():
+                out = cast(Any, model).generate(
+                    input_ids=ids.to(model.device),
+                    attention_mask=mask.to(model.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=sorted(eos) or None,
+                    min_new_tokens=0 if eos else max_new_tokens,
+                )
+            new = out[:, width:].cpu()
+            feats = torch.stack(seen[: new.shape[1]], dim=1).cpu()  # (B, steps, D): one row per generated token
+            for b, prompt in enumerate(batch):
+                row = new[b].tolist()
+                n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+                answers.append(Answer(len(prompt) - 1, feats[b, :n].clone(), new[b, :n].clone()))
+                total_tokens += n
+            if progress is not None:
+                progress(min(at + batch_size, len(prompts)), len(prompts), total_tokens)
+    finally:
+        hook.remove()
+    return answers
+
+
+def chat_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system: str | None = None
+) -> list[list[int]]:
+    """Each prompt as one user message through the model's chat template, as the agent and ``chat`` send it."""
+    return [encode_prompt(tokenizer, p, chat=True, system=system) for p in prompts]
+
+
+def draft_vocabulary(answers: Sequence[Answer], size: int, always: Sequence[int] = ()) -> torch.Tensor:
+    """The ``size`` tokens the answers use most (and ``always``, e.g. EOS), as target ids, most frequent first."""
+    counts = torch.bincount(torch.cat([a.tokens for a in answers]))
+    for t in always:
+        if t < counts.numel():
+            counts[t] = counts.max() + 1
+    order = torch.argsort(counts, descending=True, stable=True)
+    used = int((counts > 0).sum())
+    return order[: min(size, used)].clone()
+
+
+def coverage(answers: Sequence[Answer], draft_ids: torch.Tensor) -> float:
+    """The share of answer tokens that the draft vocabulary holds."""
+    tokens = torch.cat([a.tokens for a in answers])
+    return float(torch.isin(tokens, draft_ids).float().mean())
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a JSON list (strings, or objects with ``instruction``, ``prompt`` or ``turns``), JSON
+    lines of such objects, or plain text with one prompt per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no prompts file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        records = json.loads(text)
+    elif path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = [line for line in text.splitlines() if line.strip()]
+    prompts = [_prompt_of(r, path) for r in records]
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts")
+    return prompts
+
+
+def _prompt_of(record: object, path: Path) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for key in ("instruction", "prompt"):
+            if isinstance(record.get(key), str):
+                return str(record[key])
+        turns = record.get("turns")
+        if isinstance(turns, list) and turns and isinstance(turns[0], str):
+            return turns[0]
+    raise ConfigError(f"{path}: a record must be a string or have 'instruction', 'prompt' or 'turns': {record!r:.80}")

@@ -1,0 +1,120 @@
+"""``HeadDrafter``: speculative drafts from a trained draft head, with no round trip.
+
+The split's tail runs on the device, so the model's last hidden state at every position it decodes is already
+here (``SplitDecoder.keep_features``). The head keeps its own KV cache over pairs (feature at position j, token at
+j + 1) for the generation's answer so far, starting at the prompt's last position; each step it takes in the
+pairs the last verification settled, then drafts k tokens feeding its own guesses back, and forgets those
+guesses at the next step. Drafts are greedy over the head's draft vocabulary: a point-mass draft, which the
+acceptance rule (``speculative.verify``) needs to keep the sampling distribution unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import Cache
+
+from lambdasplit.errors import ConfigError
+from lambdasplit.generation.drafthead.model import DraftHead, HeadInfo, target_matrices
+from lambdasplit.generation.drafting import Drafter, DraftLength
+from lambdasplit.generation.session import Decoder, SplitDecoder
+from lambdasplit.split.loader import SplitModel
+from lambdasplit.split.parts import rewind
+
+
+class HeadDrafter(Drafter):
+    name = "head"
+
+    def __init__(self, head: DraftHead, length: DraftLength | None = None, *, info: HeadInfo | None = None) -> None:
+        super().__init__(length or DraftLength(k=5, k_min=2, k_max=8))
+        # No back-off after a rejected draft: the head is right often enough that a step without a draft (a whole
+        # round trip for one token) costs more than a wrong draft (a few ms of compute here and in the body).
+        self.length.max_backoff = 0
+        self.head, self.info = head, info
+        self.decoder: SplitDecoder | None = None
+        self._cache: Cache | None = None
+        self._ids: list[int] = []  # ids[base + 1 .. fed] entered the head's cache, with their features
+        self._base = self._fed = 0
+
+    def attach(self, decoder: Decoder) -> None:
+        if not isinstance(decoder, SplitDecoder) or decoder.split.tail is None or not decoder.use_cache:
+            raise ConfigError(
+                "the head drafter reads the model's last hidden state on the device: it needs a cached split "
+                "decoder with the tail here (not the unsplit model, STIP's layout or --no-cache)"
+            )
+        self.decoder = decoder
+        decoder.keep_features = True
+        self._cache = None
+
+    @torch.inference_mode()
+    def propose(self, ids: Sequence[int], k: int) -> list[int]:
+        decoder = self.decoder
+        if decoder is None:
+            raise ConfigError("the head drafter was not attached to a decoder (Generation does this)")
+        feats = decoder.features
+        end = decoder.length  # positions the model holds; ids[end] is the token fed next
+        if feats is None or decoder.features_from + feats.shape[0] < end:
+            return []  # no features for the latest positions (cannot happen inside Generation)
+        ids = list(ids)
+        if self._cache is None or self._fed > end or self._ids[: self._fed + 1] != ids[: self._fed + 1]:
+            self._cache, self._base = self.head.new_cache(), decoder.features_from
+            self._fed = self._base
+        if not self._base <= self._fed or self._base < decoder.features_from:
+            return []
+        rewind(self._cache, self._fed - self._base)  # the last draft's guesses leave the head's cache
+        first = self._fed
+        rows = feats[first - decoder.features_from : end - decoder.features_from]
+        tokens = torch.tensor([ids[first + 1 : end + 1]], device=rows.device)
+        positions = torch.arange(first + 1, end + 1, device=rows.device)[None]
+        hidden = self.head(tokens, rows[None].to(self.head.embed.dtype), positions, self._cache)[:, -1:]
+        self._fed, self._ids = end, ids[: end + 1]
+        out: list[int] = []
+        for i in range(k):
+            token = int(self.head.draft_ids[self.head.logits(hidden[0, -1]).argmax()])
+            out.append(token)
+            if i + 1 == k:
+                break
+            step = torch.tensor([[token]], device=hidden.device)
+            hidden = self.head(step, hidden, torch.tensor([[end + 1 + i]], device=hidden.device), self._cache)
+        return out
+
+    def close(self) -> None:
+        self._cache, self._ids, self._fed = None, [], 0
+        if self.decoder is not None:
+            self.decoder.keep_features = False
+            self.decoder = None
+
+
+#: Heads loaded so far, shared by the drafters made for them (an agent makes one per request): a head is read-only
+#: while drafting (each drafter keeps its own KV cache), so concurrent generations can share it.
+_LOADED: dict[tuple[str, int, str, object], tuple[DraftHead, HeadInfo]] = {}
+
+
+def head_drafter(split: SplitModel, path: str | Path | None = None, length: DraftLength | None = None) -> HeadDrafter:
+    """The draft head at ``path`` (default: the one shipped for the embedded SmolLM2-135M-Instruct), for ``split``."""
+    from lambdasplit.generation.drafthead import HEAD_FILE
+
+    if split.head is None or split.tail is None or split.head.model is None or split.tail.model is None:
+        raise ConfigError(
+            "the head drafter needs the split's head and tail in this process (STIP's layout has no tail)"
+        )
+    embed, lm_head = target_matrices(split.head.model, split.tail.model)
+    file = Path(path) if path is not None else HEAD_FILE
+    key = (str(file.resolve()), file.stat().st_mtime_ns if file.is_file() else 0, split.fingerprint, split.runtime)
+    try:
+        if key not in _LOADED:
+            while len(_LOADED) >= 4:  # a few models or heads at once; each holds references to its model's weights
+                _LOADED.pop(next(iter(_LOADED)))
+            head, info = DraftHead.load(file, split.config, embed, lm_head)
+            _LOADED[key] = head.to(split.runtime.device), info
+        head, info = _LOADED[key]
+    except ConfigError as e:
+        if path is not None:
+            raise
+        raise ConfigError(
+            f"{e}. The shipped head fits the embedded smollm2-135m-instruct only: train one for this model with "
+            "benchmarks/train_draft_head.py and pass --speculative head:PATH"
+        ) from None
+    return HeadDrafter(head, length, info=info)

@@ -1,0 +1,224 @@
+"""Training a draft head on the target's own answers (``data.answer_prompts``), on a CPU in minutes to an hour.
+
+The recipe (EAGLE's losses, with one unrolled step as in HASS / EAGLE-3's "training-time test"):
+
+- input at answer position j: the token that followed it, ``x_{j+1}``, and the target's feature ``f_j`` with a
+  little uniform noise; targets: the next feature ``f_{j+1}`` (smooth L1) and the next token ``x_{j+2}``
+  (cross-entropy over the draft vocabulary; the answers are greedy, so this token is the target's argmax);
+- a second pass feeds the head its own guesses ``f^_j`` in place of ``f_j`` (the situation from the second
+  drafted token on), with the same targets, so errors do not compound as fast;
+- AdamW, cosine learning rate after a short warm-up, sequences batched with right padding.
+
+``evaluate`` replays held-out answers as greedy drafting would: at each position, draft ``k`` tokens with the head
+fed its own guesses and count how many match the target's answer. That is the accepted length of a real step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from lambdasplit.generation.drafthead.data import Answer, coverage, draft_vocabulary
+from lambdasplit.generation.drafthead.model import DraftHead, target_matrices
+from lambdasplit.split.parts import rewind
+
+
+@dataclass
+class Recipe:
+    draft_vocab: int = 8192
+    epochs: int = 6
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    noise: float = 0.05  # uniform noise on input features, in units of the features' standard deviation
+    token_weight: float = 0.5  # weight of the cross-entropy term against the feature regression
+    unroll: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainingLog:
+    seconds: float = 0.0
+    steps: int = 0
+    tokens: int = 0  # answer positions trained on, per epoch
+    coverage: float = 0.0  # share of answer tokens in the draft vocabulary
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pad(answers: Sequence[Answer], vocab_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch: inputs at positions 0..n-2 of each answer, targets at 1..n-1; right-padded (``mask``: real rows)."""
+    width = max(len(a.tokens) - 1 for a in answers)
+    d = answers[0].features.shape[1]
+    feats = torch.zeros(len(answers), width + 1, d)
+    tokens = torch.zeros(len(answers), width, dtype=torch.long)
+    labels = torch.full((len(answers), width), -100, dtype=torch.long)
+    positions = torch.zeros(len(answers), width, dtype=torch.long)
+    mask = torch.zeros(len(answers), width, dtype=torch.long)
+    for b, a in enumerate(answers):
+        n = len(a.tokens) - 1
+        feats[b, : n + 1] = a.features.float()
+        tokens[b, :n] = a.tokens[:n]
+        labels[b, :n] = vocab_index[a.tokens[1:]]
+        positions[b, :n] = a.start + 1 + torch.arange(n)
+        positions[b, n:] = a.start + 1 + n + torch.arange(width - n)
+        mask[b, :n] = 1
+    return {"feats": feats, "tokens": tokens, "labels": labels, "positions": positions, "mask": mask}
+
+
+def _losses(
+    head: DraftHead, batch: dict[str, torch.Tensor], recipe: Recipe, scale: float
+) -> tuple[torch.Tensor, float]:
+    feats, mask = batch["feats"], batch["mask"]
+    inputs, targets = feats[:, :-1], feats[:, 1:]
+    real = mask.bool()
+    noisy = inputs + (torch.rand_like(inputs) * 2 - 1) * recipe.noise * scale
+    guess = head(batch["tokens"], noisy, batch["positions"], attention_mask=mask)
+    total = torch.zeros(())
+    correct = 0.0
+    passes = [guess]
+    if recipe.unroll:
+        own = torch.cat([inputs[:, :1], guess[:, :-1]], dim=1)  # position j sees the head's guess of f_j
+        passes.append(head(batch["tokens"], own, batch["positions"], attention_mask=mask))
+    for i, h in enumerate(passes):
+        reg = F.smooth_l1_loss(h[real], targets[real])
+        logits = head.logits(h)
+        ce = F.cross_entropy(logits[real], batch["labels"][real], ignore_index=-100)
+        total = total + reg + recipe.token_weight * ce
+        if i == 0:
+            hit = (logits[real].argmax(-1) == batch["labels"][real]).float()
+            correct = float(hit.mean())
+    return total, correct
+
+
+def train_head(
+    target: PreTrainedModel,
+    answers: Sequence[Answer],
+    recipe: Recipe | None = None,
+    *,
+    always: Sequence[int] = (),
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[DraftHead, TrainingLog]:
+    """Train a draft head for ``target`` on ``answers``; ``progress`` gets a summary after each epoch."""
+    recipe = recipe or Recipe()
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    embed, lm_head = (w.detach().float() for w in target_matrices(target))
+    draft_ids = draft_vocabulary(answers, recipe.draft_vocab, always)
+    head = DraftHead(target.config, draft_ids, embed, lm_head).float().train()
+    vocab_index = torch.full((lm_head.shape[0],), -100, dtype=torch.long)
+    vocab_index[draft_ids] = torch.arange(len(draft_ids))
+    usable = [a for a in answers if len(a.tokens) >= 2]
+    scale = float(torch.cat([a.features for a in usable[:64]]).float().std())
+    steps_per_epoch = math.ceil(len(usable) / recipe.batch_size)
+    total_steps = steps_per_epoch * recipe.epochs
+    opt = torch.optim.AdamW(head.trainable(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / recipe.warmup_steps)
+            * 0.5
+            * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps)))
+        ),
+    )
+    log = TrainingLog(tokens=sum(len(a.tokens) - 1 for a in usable), coverage=coverage(usable, draft_ids))
+    start = time.perf_counter()
+    for epoch in range(recipe.epochs):
+        order = sorted(usable, key=lambda a: len(a.tokens) + rng.random() * 16)  # similar lengths together
+        batches = [order[i : i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+        rng.shuffle(batches)
+        loss_sum = acc_sum = 0.0
+        for chunk in batches:
+            loss, acc = _losses(head, _pad(chunk, vocab_index), recipe, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.trainable(), 1.0)
+            opt.step()
+            sched.step()
+            log.steps += 1
+            loss_sum, acc_sum = loss_sum + float(loss.detach()), acc_sum + acc
+        summary = {
+            "epoch": epoch + 1,
+            "loss": round(loss_sum / len(batches), 4),
+            "top1": round(acc_sum / len(batches), 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        log.epochs.append(summary)
+        if progress is not None:
+            progress(summary)
+    log.seconds = time.perf_counter() - start
+    return head.eval(), log
+
+
+@torch.inference_mode()
+def truth_ranks(head: DraftHead, answers: Sequence[Answer], depth: int = 8) -> list[list[int]]:
+    """Greedy drafting replayed on held-out answers: at each answer position, the head drafts ``depth`` levels
+    along the target's own continuation, and the rank of the true token among the head's guesses is kept at
+    each level (-1: not in the draft vocabulary). Rank 0 at every level up to i means a chain draft of i tokens
+    is accepted; rank < w_i at every level means a token tree with w_i branches at level i holds the accepted path.
+    """
+    ranks: list[list[int]] = []
+    for a in answers:
+        n = len(a.tokens)
+        cache = head.new_cache()
+        feats, toks = a.features.to(head.embed.dtype), a.tokens
+        index = torch.full((head.target_vocab,), -1, dtype=torch.long)
+        index[head.draft_ids] = torch.arange(len(head.draft_ids))
+        for j in range(n - 1):
+            # The real pair at j enters the head's cache; then its guesses along the true continuation (rolled back).
+            pos = torch.tensor([[a.start + 1 + j]])
+            h = head(toks[j : j + 1][None], feats[j : j + 1][None], pos, cache)
+            held = cache.get_seq_length()
+            row = []
+            for i in range(min(depth, n - 1 - j)):
+                truth = int(toks[j + 1 + i])
+                logits = head.logits(h[0, -1])
+                at = int(index[truth])
+                row.append(-1 if at < 0 else int((logits > logits[at]).sum()))
+                h = head(toks[j + 1 + i : j + 2 + i][None], h[:, -1:], pos + 1 + i, cache)
+            rewind(cache, held)
+            ranks.append(row)
+    return ranks
+
+
+def accepted_length(row: Sequence[int], widths: Sequence[int]) -> int:
+    """Drafted tokens accepted from a tree with ``widths[i]`` branches at level i (all 1: a chain)."""
+    for i, (rank, width) in enumerate(zip(row, widths, strict=False)):
+        if not 0 <= rank < width:
+            return i
+    return min(len(row), len(widths))
+
+
+def tree_size(widths: Sequence[int]) -> int:
+    """Drafted tokens a tree of ``widths`` sends (each level multiplies the branches)."""
+    size, nodes = 0, 1
+    for w in widths:
+        nodes *= w
+        size += nodes
+    return size
+
+
+def evaluate(
+    head: DraftHead, answers: Sequence[Answer], k: int = 6, widths: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Mean tokens per verified step (accepted drafts + the model's own token) for a chain of ``k`` (or a tree of
+    ``widths``) on held-out answers, and the acceptance of the first drafted token."""
+    shape = list(widths) if widths is not None else [1] * k
+    ranks = truth_ranks(head, answers, len(shape))
+    lengths = [accepted_length(r, shape) for r in ranks]
+    return {
+        "tokens_per_step": 1 + sum(lengths) / max(1, len(lengths)),
+        "first_token_acceptance": sum(1 for r in ranks if r and r[0] == 0) / max(1, len(ranks)),
+        "drafted_per_step": tree_size(shape),
+    }

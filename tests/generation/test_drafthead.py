@@ -1,0 +1,236 @@
+"""The trained draft head (``--speculative head``): training on a tiny model's own answers, the weights file, and
+speculative steps that leave the output unchanged (greedy: token for token, in process and over a server;
+sampling: the model's distribution, by a chi-square test).
+
+The recipe runs here exactly as ``benchmarks/train_draft_head.py`` runs it for SmolLM2, on a tiny configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from lambdasplit.client import connect_device
+from lambdasplit.errors import ConfigError
+from lambdasplit.generation import (
+    DraftLength,
+    Generation,
+    GenerationResult,
+    LocalBodyLink,
+    ModelDecoder,
+    SamplingParams,
+    SplitDecoder,
+    generate,
+    make_drafter,
+)
+from lambdasplit.generation.drafthead import DraftHead, HeadInfo, Recipe, answer_prompts, evaluate, train_head
+from lambdasplit.generation.drafthead.drafter import HeadDrafter
+from lambdasplit.generation.drafthead.model import target_matrices
+from lambdasplit.split import load_split
+from tiny_models import NUM_LAYERS, VOCAB, build_tiny
+
+N = NUM_LAYERS
+NEW = 40
+
+
+def _prompts(count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [1, *torch.randint(3, VOCAB, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()]
+        for _ in range(count)
+    ]
+
+
+#: Prompts the tiny heads are trained on. The tiny random models' answers are loops of a few tokens, and a head
+#: trained on 48 of them drafts well on these and poorly on most others: the equality tests use them, so that drafts
+#: are both accepted and rejected (the output must not depend on which).
+SEEN = _prompts(48, 0)
+
+
+def _train(model, recipe: Recipe) -> tuple[DraftHead, list, list]:
+    answers = answer_prompts(model, SEEN, max_new_tokens=32, batch_size=16)
+    heldout = answer_prompts(model, _prompts(8, 1), max_new_tokens=32, batch_size=8)
+    head, _ = train_head(model, answers, recipe)
+    return head, answers, heldout
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny llama checkpoint, a head trained for it on its own answers, saved)."""
+    path, ref = tiny_checkpoint("llama")
+    head, _, _ = _train(ref, Recipe(epochs=6, batch_size=8, draft_vocab=256, warmup_steps=4))
+    file = tmp_path_factory.mktemp("head") / "head.safetensors"
+    emb, _ = target_matrices(ref)
+    head.save(file, HeadInfo("tiny-llama", int(emb.shape[0]), int(emb.shape[1]), head._fingerprint, {}))
+    return path, file
+
+
+def test_answers_hold_the_features_the_lm_head_saw(tiny_checkpoint) -> None:
+    _, ref = tiny_checkpoint("llama")
+    prompt = _prompts(1, 3)[0]
+    (answer,) = answer_prompts(ref, [prompt], max_new_tokens=8)
+    ids = torch.tensor([prompt + answer.tokens.tolist()])
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+    assert answer.start == len(prompt) - 1
+    assert answer.tokens.tolist() == out.logits[0, answer.start : -1].argmax(-1).tolist()  # greedy
+    final = ref.model.norm(out.hidden_states[-1][0]) if len(out.hidden_states) == N + 1 else out.hidden_states[-1][0]
+    expected = final[answer.start : answer.start + len(answer.tokens)]
+    torch.testing.assert_close(answer.features.float(), expected.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_training_learns_to_draft_the_models_answers(tiny_checkpoint) -> None:
+    _, ref = tiny_checkpoint("llama")
+    untrained, _, heldout = _train(ref, Recipe(epochs=0, draft_vocab=256))
+    head, _, _ = _train(ref, Recipe(epochs=6, batch_size=8, draft_vocab=256, warmup_steps=4))
+    before, after = evaluate(untrained, heldout, k=4), evaluate(head, heldout, k=4)
+    assert after["tokens_per_step"] > before["tokens_per_step"] + 0.3, (before, after)
+    assert after["first_token_acceptance"] > 0.3
+
+
+def test_the_weights_file_round_trips_and_refuses_another_model(trained, tiny_checkpoint, tmp_path) -> None:
+    path, file = trained
+    assert file.stat().st_size < 10e6
+    _, ref = tiny_checkpoint("llama")
+    emb, lm = target_matrices(ref)
+    head, info = DraftHead.load(file, ref.config, emb, lm)
+    assert info.target == "tiny-llama"
+    assert len(head.draft_ids) <= 256
+    _, other = tiny_checkpoint("mistral")
+    with pytest.raises(ConfigError, match=r"other weights|trained for"):
+        DraftHead.load(file, other.config, *target_matrices(other))
+    with pytest.raises(ConfigError, match="no draft head"):
+        DraftHead.load(tmp_path / "missing.safetensors", ref.config, emb, lm)
+    split = load_split(path, f"1:{N - 1}")
+    with pytest.raises(ConfigError, match="head:PATH"):
+        make_drafter("head", split)  # the shipped head is SmolLM2's
+    with pytest.raises(ConfigError, match="cached split decoder"):
+        Generation(
+            ModelDecoder(ref), [1, 5, 6], SamplingParams(max_new_tokens=3), drafter=make_drafter(f"head:{file}", split)
+        ).run()
+
+
+@pytest.mark.parametrize("points", [(1, N - 1), (2, 2)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_greedy_with_the_head_equals_plain(trained, points: tuple[int, int]) -> None:
+    path, file = trained
+    split = load_split(path, points, device="cpu", dtype="float32")
+    accepted = drafted = spec_steps = plain_steps = 0
+    for prompt in SEEN[:4]:
+        plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True)
+        spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, drafter=make_drafter(f"head:{file}", split))
+        assert spec.token_ids == plain.token_ids
+        accepted, drafted = accepted + spec.accepted_tokens, drafted + spec.drafted_tokens
+        spec_steps, plain_steps = spec_steps + spec.steps, plain_steps + plain.steps
+    assert 0 < accepted < drafted  # drafts kept and rolled back
+    assert spec_steps < plain_steps
+
+
+def test_a_conversation_keeps_drafting_from_the_right_features(trained) -> None:
+    """A decoder kept open across turns: the second turn resumes, and the head starts over at its prompt."""
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}")
+    turns = _prompts(2, 9)
+    decoder = SplitDecoder(split, LocalBodyLink(split.body))
+    drafter = HeadDrafter(DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0])
+    history: list[int] = []
+    for turn in turns:
+        history += turn
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+        spec = Generation(decoder, history, params, drafter=drafter, keep_open=True).run()
+        plain = generate(split, history, max_new_tokens=20, ignore_eos=True)
+        assert spec.token_ids == plain.token_ids
+        history += spec.token_ids
+    decoder.close()
+
+
+def test_greedy_with_the_head_over_a_server_equals_plain(trained, llama_server) -> None:
+    path, file = trained
+    split, client = connect_device(llama_server, path, device="cpu", dtype="float32", quiet=True)
+    spec_messages = plain_messages = 0
+    with client:
+        for prompt in SEEN[:4]:
+            plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
+            link = client.open_session("float32")
+            spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, link=link, drafter=f"head:{file}")
+            assert spec.token_ids == plain.token_ids
+            assert spec.traffic.messages == spec.steps + 1  # one FORWARD a step, drafts included
+            spec_messages, plain_messages = (
+                spec_messages + spec.traffic.messages,
+                plain_messages + plain.traffic.messages,
+            )
+    assert spec_messages < plain_messages
+
+
+def test_sampling_with_the_head_keeps_the_distribution(one_thread, tmp_path) -> None:
+    """3 sampled tokens (top-k 3) from a one-layer tiny split, drafted by a head trained on it: the joint
+    distribution equals the model's exact one (chi-square), with drafts both accepted and rejected."""
+    ref = build_tiny("llama", num_layers=1)
+    ref.save_pretrained(tmp_path / "m")
+    split = load_split(tmp_path / "m", "0:1", device="cpu", dtype="float32")
+    head, _, _ = _train(ref, Recipe(epochs=30, batch_size=8, draft_vocab=128, warmup_steps=4))
+    k, samples = 3, 3000
+
+    def run(prompt: list[int], params: SamplingParams) -> GenerationResult:
+        drafter = HeadDrafter(head, DraftLength(k=2, adaptive=False))
+        return Generation(SplitDecoder(split, LocalBodyLink(split.body)), prompt, params, drafter=drafter).run()
+
+    # A prompt whose greedy second token the head drafts right, so that sampled drafts are both accepted and rejected.
+    greedy = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    prompt = next(p for p in SEEN if run(p, greedy).accepted_tokens > 0)
+
+    @functools.cache
+    @torch.no_grad()
+    def topk_of(ids: tuple[int, ...]) -> dict[int, float]:
+        values, index = torch.topk(ref(torch.tensor([ids])).logits[0, -1], k)
+        return dict(zip(index.tolist(), torch.softmax(values, -1).tolist(), strict=True))
+
+    exact: dict[tuple[int, ...], float] = {}
+    for a, pa in topk_of(tuple(prompt)).items():
+        for b, pb in topk_of((*prompt, a)).items():
+            for c, pc in topk_of((*prompt, a, b)).items():
+                exact[(a, b, c)] = pa * pb * pc
+    counts: Counter[tuple[int, ...]] = Counter()
+    drafted = accepted = 0
+    for seed in range(samples):
+        result = run(prompt, SamplingParams(max_new_tokens=3, temperature=1.0, top_k=k, seed=seed, ignore_eos=True))
+        counts[tuple(result.token_ids)] += 1
+        drafted, accepted = drafted + result.drafted_tokens, accepted + result.accepted_tokens
+    assert 0 < accepted < drafted
+    assert set(counts) <= set(exact)
+    keys = sorted(exact, key=exact.__getitem__)
+    observed = [float(counts[key]) for key in keys]
+    expected = [exact[key] * samples for key in keys]
+    while len(expected) > 1 and expected[0] < 5:
+        observed[1] += observed.pop(0)
+        expected[1] += expected.pop(0)
+    statistic = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2), torch.tensor(statistic / 2)))
+    assert p_value > 1e-3, (p_value, statistic)
+
+
+def test_the_agent_answers_the_same_with_the_head(trained, llama_server) -> None:
+    """``up --speculative head:PATH``: the agent's chat API (which the web UI calls) gives the plain answer."""
+    from fastapi.testclient import TestClient
+
+    from lambdasplit.agent import AgentSettings, DeviceAgent
+
+    path, file = trained
+    split, client = connect_device(llama_server, path, device="cpu", dtype="float32", quiet=True)
+    body = {"messages": [{"role": "user", "content": "the quick brown fox"}], "max_tokens": 24, "temperature": 0}
+    replies = []
+    with client:
+        for speculative in (None, f"head:{file}"):
+            agent = DeviceAgent(split, client, AgentSettings(speculative=speculative))
+            with TestClient(agent.app) as http:
+                reply = http.post("/v1/chat/completions", json=body | {"model": agent.model_id})
+                assert reply.status_code == 200, reply.text
+                streamed = http.post("/v1/chat/completions", json=body | {"model": agent.model_id, "stream": True})
+                chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+            replies.append(reply.json()["choices"][0]["message"]["content"])
+            assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == replies[-1]
+    assert replies[0] == replies[1] and replies[0]
