@@ -127,7 +127,8 @@ def main() -> None:
         print(json.dumps(scores, indent=1))
         return
     eos = sorted(int(t) for t in tokenizer.all_special_ids)
-    head, log = train_head(model, train, recipe, always=eos, progress=lambda s: print(f"epoch {s}", flush=True))
+    report = lambda s: print(f"epoch {s}", flush=True)  # noqa: E731
+    head, log = train_head(model, train, recipe, always=eos, heldout=heldout, progress=report)
     scores = scored(head, heldout)
     print(f"held-out greedy drafting ({len(heldout)} answers): {json.dumps(scores)}", flush=True)
     record = {

