@@ -71,7 +71,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(HEAD_FILE), help="where the weights go")
     ap.add_argument("--log", default="artifacts/draft-head/training.json")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--eval-only", action="store_true", help="score the weights at --out on the held-out answers")
     for name, value in vars(Recipe()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = ap.parse_args()
@@ -120,12 +119,7 @@ def main() -> None:
         )
     heldout, train = answers[:held], answers[held:]
 
-    embed, lm_head = target_matrices(model)
-    if args.eval_only:
-        head, info = DraftHead.load(args.out, model.config, embed, lm_head)
-        scores = scored(head, heldout)
-        print(json.dumps(scores, indent=1))
-        return
+    embed, _ = target_matrices(model)
     eos = sorted(int(t) for t in tokenizer.all_special_ids)
     report = lambda s: print(f"epoch {s}", flush=True)  # noqa: E731
     head, log = train_head(model, train, recipe, always=eos, heldout=heldout, progress=report)
