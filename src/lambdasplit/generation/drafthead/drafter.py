@@ -58,11 +58,11 @@ class HeadDrafter(Drafter):
         if feats is None or decoder.features_from + feats.shape[0] < end:
             return []  # no features for the latest positions (cannot happen inside Generation)
         ids = list(ids)
-        if self._cache is None or self._fed > end or self._ids[: self._fed + 1] != ids[: self._fed + 1]:
+        fresh = self._cache is None or not decoder.features_from <= self._fed <= end
+        if fresh or self._ids[: self._fed + 1] != ids[: self._fed + 1]:  # a new sequence: start at its features
             self._cache, self._base = self.head.new_cache(), decoder.features_from
             self._fed = self._base
-        if not self._base <= self._fed or self._base < decoder.features_from:
-            return []
+        assert self._cache is not None
         rewind(self._cache, self._fed - self._base)  # the last draft's guesses leave the head's cache
         first = self._fed
         rows = feats[first - decoder.features_from : end - decoder.features_from]
@@ -70,6 +70,8 @@ class HeadDrafter(Drafter):
         positions = torch.arange(first + 1, end + 1, device=rows.device)[None]
         hidden = self.head(tokens, rows[None].to(self.head.embed.dtype), positions, self._cache)[:, -1:]
         self._fed, self._ids = end, ids[: end + 1]
+        # The rows now in the head's cache are not needed again: the decoder keeps only what comes next.
+        decoder.features, decoder.features_from = feats[end - decoder.features_from :], end
         out: list[int] = []
         for i in range(k):
             token = int(self.head.draft_ids[self.head.logits(hidden[0, -1]).argmax()])
