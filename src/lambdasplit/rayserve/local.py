@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 
 from lambdasplit.errors import ConfigError
@@ -61,6 +62,9 @@ def local_cluster(
         dashboard_agent_listen_port=None,  # a free port, not 52365
     )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Cluster records the head's address in Ray's default temp folder whatever temp_dir says, and does not create
+    # that folder: on a machine where Ray never ran, the start fails with FileNotFoundError.
+    os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
     start = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
