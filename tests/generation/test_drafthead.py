@@ -25,6 +25,7 @@ from lambdasplit.generation import (
     ModelDecoder,
     SamplingParams,
     SplitDecoder,
+    StepCost,
     generate,
     make_drafter,
 )
@@ -36,6 +37,9 @@ from tiny_models import NUM_LAYERS, VOCAB, build_tiny
 
 N = NUM_LAYERS
 NEW = 40
+#: Four guesses every step: these tests check the output whatever is drafted, so drafts must be sent (in process,
+#: the cost model rightly finds that a tiny model's steps gain little from them).
+FIXED = DraftLength(k=4, adaptive=False)
 
 
 def _prompts(count: int, seed: int) -> list[list[int]]:
@@ -122,12 +126,31 @@ def test_greedy_with_the_head_equals_plain(trained, points: tuple[int, int]) -> 
     accepted = drafted = spec_steps = plain_steps = 0
     for prompt in SEEN[:4]:
         plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True)
-        spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, drafter=make_drafter(f"head:{file}", split))
+        drafter = make_drafter(f"head:{file}", split, FIXED)
+        spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
         assert spec.token_ids == plain.token_ids
         accepted, drafted = accepted + spec.accepted_tokens, drafted + spec.drafted_tokens
         spec_steps, plain_steps = spec_steps + spec.steps, plain_steps + plain.steps
     assert 0 < accepted < drafted  # drafts kept and rolled back
     assert spec_steps < plain_steps
+
+
+def test_the_head_sends_drafts_only_where_they_pay(trained) -> None:
+    """The same head and prompt, two step prices: when a drafted row costs a hundred plain steps nothing is sent;
+    when rows are as cheap as a plain step, drafts go out and are verified (the output the same either way)."""
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}")
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    plain = generate(split, SEEN[0], max_new_tokens=NEW, ignore_eos=True)
+    runs = {}
+    for price in (100.0, 1.0):
+        cost = StepCost()
+        cost.seconds.update({0: 0.01, **{j: 0.01 * price for j in range(1, 9)}})
+        drafter = HeadDrafter(head, cost=cost)
+        runs[price] = generate(split, SEEN[0], max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
+        assert runs[price].token_ids == plain.token_ids
+    assert runs[100.0].drafted_tokens == 0 and runs[100.0].steps == plain.steps
+    assert runs[1.0].accepted_tokens > 0 and runs[1.0].steps < plain.steps
 
 
 def test_a_conversation_keeps_drafting_from_the_right_features(trained) -> None:
@@ -156,7 +179,8 @@ def test_greedy_with_the_head_over_a_server_equals_plain(trained, llama_server) 
         for prompt in SEEN[:4]:
             plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
             link = client.open_session("float32")
-            spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, link=link, drafter=f"head:{file}")
+            drafter = make_drafter(f"head:{file}", split, FIXED)
+            spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, link=link, drafter=drafter)
             assert spec.token_ids == plain.token_ids
             assert spec.traffic.messages == spec.steps + 1  # one FORWARD a step, drafts included
             spec_messages, plain_messages = (

@@ -26,6 +26,7 @@ from lambdasplit.generation import (
     PromptLookupDrafter,
     SamplingParams,
     SplitDecoder,
+    StepCost,
     generate,
     make_drafter,
     self_drafter,
@@ -171,6 +172,29 @@ def test_draft_length_grows_on_success_shrinks_and_backs_off_on_misses() -> None
         DraftLength(k=0)
     with pytest.raises(ConfigError):
         make_drafter("oracle", None)  # type: ignore[arg-type]
+
+
+def test_step_cost_sends_the_count_with_the_most_expected_tokens_per_second() -> None:
+    cost = StepCost(smoothing=1.0)
+    assert cost.best_length([0.9, 1.5]) == 0  # the price of a plain step is measured first
+    cost.observe(0, 0.100)
+    assert cost.estimate(3) == 0.100 and cost.best_length([0.5]) == 1  # untried lengths look cheap: tried next
+    # A 30 ms link on a CPU: a drafted row costs 60 ms, so half a token expected does not pay ...
+    cost.observe(1, 0.160)
+    cost.observe(2, 0.165)
+    assert cost.best_length([0.5, 0.6]) == 0
+    assert cost.best_length([0.9, 1.7]) == 2  # ... a sure draft does
+    # ... and at a 250 ms round trip the same rows are cheap: the unsure draft is sent whole.
+    far = StepCost(smoothing=1.0)
+    for drafted, seconds in ((0, 0.330), (1, 0.350), (2, 0.352)):
+        far.observe(drafted, seconds)
+    assert far.best_length([0.5, 0.6]) == 2
+    smooth = StepCost(smoothing=0.5)
+    smooth.observe(0, 0.1)
+    smooth.observe(0, 0.2)
+    assert smooth.seconds[0] == pytest.approx(0.15)
+    with pytest.raises(ConfigError):
+        StepCost(smoothing=0)
 
 
 def test_speculative_sampling_keeps_the_distribution(one_thread) -> None:

@@ -7,6 +7,7 @@ from lambdasplit.generation.drafting import (
     DraftLength,
     ModelDrafter,
     PromptLookupDrafter,
+    StepCost,
     make_drafter,
     self_drafter,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "PromptLookupDrafter",
     "SamplingParams",
     "SplitDecoder",
+    "StepCost",
     "TextStream",
     "TokenEvent",
     "Traffic",

@@ -131,17 +131,17 @@ class Generation:
                 # The decoder holds the prompt and new[:-1]; this step feeds new[-1] and the draft.
                 context = self.prompt_ids + new
                 budget = self.params.max_new_tokens - len(new) - 1  # the step's own token is one more
+                step_start = time.perf_counter()
                 draft = self.drafter.draft(context, budget) if self.drafter is not None else []
                 rows = self.decoder.extend([new[-1], *draft])
                 pending = verify(self.chooser, rows, context, draft)
                 steps += 1
-                if draft:
-                    kept = len(pending) - 1
-                    drafted, accepted = drafted + len(draft), accepted + kept
-                    if kept < len(draft):
-                        self.decoder.truncate(len(context) + kept)  # rejected drafts leave every cache
-                    assert self.drafter is not None
-                    self.drafter.update(kept, len(draft))
+                kept = len(pending) - 1
+                if kept < len(draft):
+                    self.decoder.truncate(len(context) + kept)  # rejected drafts leave every cache
+                drafted, accepted = drafted + len(draft), accepted + kept
+                if self.drafter is not None:
+                    self.drafter.update(kept, len(draft), time.perf_counter() - step_start)
             if self.stream is not None and reason != "stop":
                 tail = self.stream.finish(new)
                 if tail:

@@ -3,9 +3,16 @@
 The split's tail runs on the device, so the model's last hidden state at every position it decodes is already
 here (``SplitDecoder.keep_features``). The head keeps its own KV cache over pairs (feature at position j, token at
 j + 1) for the generation's answer so far, starting at the prompt's last position; each step it takes in the
-pairs the last verification settled, then drafts k tokens feeding its own guesses back, and forgets those
-guesses at the next step. Drafts are greedy over the head's draft vocabulary: a point-mass draft, which the
-acceptance rule (``speculative.verify``) needs to keep the sampling distribution unchanged.
+pairs the last verification settled, then drafts up to ``length.k_max`` tokens feeding its own guesses back,
+and forgets those guesses at the next step. Drafts are greedy over the head's draft vocabulary: a point-mass
+draft, which the acceptance rule (``speculative.verify``) needs to keep the sampling distribution unchanged.
+
+How many of them to send is decided each step from what they are worth and what they cost. The head's
+probability of its own guess is a usable estimate of acceptance (measured on 10 MT-Bench answers, 1,200 steps:
+guesses it gave >= 0.9 were accepted 93% of the time, 0.4-0.5: 38%, < 0.1: 6%); the product along the draft
+estimates that a whole prefix is accepted. The expected count is scaled by how the estimates fared so far in this
+generation (accepted / expected), and ``StepCost`` turns it into the count with the most expected tokens per
+second: over a 30 ms link it sends only sure guesses, over 250 ms it sends most of them.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from transformers import Cache
 
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafthead.model import DraftHead, HeadInfo, target_matrices
-from lambdasplit.generation.drafting import Drafter, DraftLength
+from lambdasplit.generation.drafting import Drafter, DraftLength, StepCost
 from lambdasplit.generation.session import Decoder, SplitDecoder
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import rewind
@@ -27,12 +34,24 @@ from lambdasplit.split.parts import rewind
 class HeadDrafter(Drafter):
     name = "head"
 
-    def __init__(self, head: DraftHead, length: DraftLength | None = None, *, info: HeadInfo | None = None) -> None:
-        super().__init__(length or DraftLength(k=5, k_min=2, k_max=8))
-        # No back-off after a rejected draft: the head is right often enough that a step without a draft (a whole
-        # round trip for one token) costs more than a wrong draft (a few ms of compute here and in the body).
-        self.length.max_backoff = 0
+    #: Drafting stops once the whole draft is this unlikely to be accepted (each guess costs about 1 ms here).
+    floor = 0.02
+
+    def __init__(
+        self,
+        head: DraftHead,
+        length: DraftLength | None = None,
+        *,
+        info: HeadInfo | None = None,
+        cost: StepCost | None = None,
+    ) -> None:
+        # Adaptive (the default): up to ``length.k_max`` guesses a step, and the cost model picks how many are sent;
+        # ``adaptive=False`` sends ``length.k`` every step.
+        super().__init__(length or DraftLength(k=8, k_min=1, k_max=8))
+        self.cost = cost or StepCost()
         self.head, self.info = head, info
+        self._sure: list[float] = []  # the last draft's prefix probabilities, as the head sees them
+        self._expected = self._accepted = 0.0  # this generation's expected and accepted drafted tokens
         self.decoder: SplitDecoder | None = None
         self._cache: Cache | None = None
         self._ids: list[int] = []  # ids[base + 1 .. fed] entered the head's cache, with their features
@@ -48,11 +67,40 @@ class HeadDrafter(Drafter):
         decoder.keep_features = True
         self._cache = None
 
+    @property
+    def calibration(self) -> float:
+        """Accepted over expected drafted tokens so far (1 before any evidence; smoothed, kept in [0.25, 1.5])."""
+        return min(1.5, max(0.25, (self._accepted + 2.0) / (self._expected + 2.0)))
+
+    def draft(self, ids: Sequence[int], limit: int) -> list[int]:
+        k = min(self.length.k_max if self.length.adaptive else self.length.k, limit)
+        if k <= 0:
+            self._sure = []
+            return []
+        guesses = self.propose(ids, k)
+        if not self.length.adaptive:  # a fixed length: k guesses every step, whatever they cost
+            return guesses
+        expected, total = [], 0.0
+        for p in self._sure:
+            total += self.calibration * p
+            expected.append(total)
+        n = self.cost.best_length(expected)
+        self._sure = self._sure[:n]
+        return guesses[:n]
+
+    def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
+        if seconds is not None:
+            self.cost.observe(drafted, seconds)
+        if drafted:
+            self._expected += sum(self._sure[:drafted])
+            self._accepted += accepted
+
     @torch.inference_mode()
     def propose(self, ids: Sequence[int], k: int) -> list[int]:
         decoder = self.decoder
         if decoder is None:
             raise ConfigError("the head drafter was not attached to a decoder (Generation does this)")
+        self._sure = []
         feats = decoder.features
         end = decoder.length  # positions the model holds; ids[end] is the token fed next
         if feats is None or decoder.features_from + feats.shape[0] < end:
@@ -73,17 +121,20 @@ class HeadDrafter(Drafter):
         # The rows now in the head's cache are not needed again: the decoder keeps only what comes next.
         decoder.features, decoder.features_from = feats[end - decoder.features_from :], end
         out: list[int] = []
+        sure = 1.0
         for i in range(k):
-            token = int(self.head.draft_ids[self.head.logits(hidden[0, -1]).argmax()])
-            out.append(token)
-            if i + 1 == k:
+            p, at = torch.softmax(self.head.logits(hidden[0, -1]).float(), dim=-1).max(dim=-1)
+            out.append(int(self.head.draft_ids[at]))
+            sure *= float(p)
+            self._sure.append(sure)
+            if i + 1 == k or (self.length.adaptive and sure < self.floor):
                 break
-            step = torch.tensor([[token]], device=hidden.device)
+            step = torch.tensor([[out[-1]]], device=hidden.device)
             hidden = self.head(step, hidden, torch.tensor([[end + 1 + i]], device=hidden.device), self._cache)
         return out
 
     def close(self) -> None:
-        self._cache, self._ids, self._fed = None, [], 0
+        self._cache, self._ids, self._fed, self._sure = None, [], 0, []
         if self.decoder is not None:
             self.decoder.keep_features = False
             self.decoder = None
