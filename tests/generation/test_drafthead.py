@@ -135,22 +135,69 @@ def test_greedy_with_the_head_equals_plain(trained, points: tuple[int, int]) -> 
     assert spec_steps < plain_steps
 
 
+class FrozenCost(StepCost):
+    """Step prices set by the test, not by this machine's clock."""
+
+    def observe(self, drafted: int, seconds: float) -> None:
+        self.steps += 1
+        self.measured = dict.fromkeys(self.seconds, self.steps)
+
+
+def _priced(plain: float, row: float) -> FrozenCost:
+    cost = FrozenCost()
+    cost.seconds.update({j: plain + row * j for j in range(17)})
+    cost.measured.update(dict.fromkeys(cost.seconds, 0))
+    return cost
+
+
 def test_the_head_sends_drafts_only_where_they_pay(trained) -> None:
-    """The same head and prompt, two step prices: when a drafted row costs a hundred plain steps nothing is sent;
-    when rows are as cheap as a plain step, drafts go out and are verified (the output the same either way)."""
+    """The same head and prompt at two step prices: when drafted rows cost a hundred plain steps nothing is sent
+    after the first step (which is not timed); when they cost nothing, drafts go out and are verified. The output
+    is the same either way."""
     path, file = trained
     split = load_split(path, f"1:{N - 1}")
     head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
     plain = generate(split, SEEN[0], max_new_tokens=NEW, ignore_eos=True)
-    runs = {}
-    for price in (100.0, 1.0):
-        cost = StepCost()
-        cost.seconds.update({0: 0.01, **{j: 0.01 * price for j in range(1, 9)}})
-        drafter = HeadDrafter(head, cost=cost)
-        runs[price] = generate(split, SEEN[0], max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
-        assert runs[price].token_ids == plain.token_ids
-    assert runs[100.0].drafted_tokens == 0 and runs[100.0].steps == plain.steps
-    assert runs[1.0].accepted_tokens > 0 and runs[1.0].steps < plain.steps
+    dear = HeadDrafter(head, cost=_priced(0.01, 1.0))
+    free = HeadDrafter(head, cost=_priced(0.01, 0.0))
+    runs = [generate(split, SEEN[0], max_new_tokens=NEW, ignore_eos=True, drafter=d) for d in (dear, free)]
+    assert all(r.token_ids == plain.token_ids for r in runs)
+    assert runs[0].steps >= plain.steps - 1 - HeadDrafter(head).length.k_max  # a draft on the first step at most
+    assert runs[1].accepted_tokens > 0 and runs[1].steps < runs[0].steps
+
+
+def test_the_head_sends_the_prefix_worth_its_price() -> None:
+    """Guesses whose prefixes are accepted with probability 0.9, 0.5, 0.05: a 30 ms link on a CPU (a plain step 92
+    ms, 58 ms more a drafted row) sends the first only; a 250 ms link (330 ms, 10 more a row) sends two, not the
+    third."""
+
+    class Scripted(HeadDrafter):
+        def propose(self, ids, k):
+            self._sure = [0.9, 0.5, 0.05][:k]
+            return [7, 8, 9][:k]
+
+    near = Scripted(None, cost=_priced(0.092, 0.058))  # type: ignore[arg-type]
+    far = Scripted(None, cost=_priced(0.330, 0.010))  # type: ignore[arg-type]
+    for d in (near, far):
+        assert d.draft([1, 2], 8) == [7, 8]  # the first step is not timed: prefixes >= sure_enough are sent
+        d.update(2, 2, 0.1)
+    assert near.draft([1, 2], 8) == [7] and far.draft([1, 2], 8) == [7, 8]
+    assert near.draft([1, 2], 0) == []  # nothing left to generate
+    # Told how the estimates fared: all accepted so far, the expected counts grow (capped at 1 a token).
+    assert near.calibration > 1.0
+
+
+def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:
+    """With a seed, the drafts sent may not depend on the clock (each consumes a random draw): the head is not told
+    step times then, and the same seed gives the same tokens."""
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}")
+    runs, drafters = [], []
+    for _ in range(2):
+        drafters.append(make_drafter(f"head:{file}", split))
+        runs.append(generate(split, SEEN[1], max_new_tokens=NEW, temperature=1.0, seed=7, drafter=drafters[-1]))
+    assert runs[0].token_ids == runs[1].token_ids
+    assert all(isinstance(d, HeadDrafter) and not d.cost.seconds for d in drafters)
 
 
 def test_a_conversation_keeps_drafting_from_the_right_features(trained) -> None:
@@ -159,7 +206,8 @@ def test_a_conversation_keeps_drafting_from_the_right_features(trained) -> None:
     split = load_split(path, f"1:{N - 1}")
     turns = _prompts(2, 9)
     decoder = SplitDecoder(split, LocalBodyLink(split.body))
-    drafter = HeadDrafter(DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0])
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    drafter = HeadDrafter(head, FIXED)
     history: list[int] = []
     for turn in turns:
         history += turn
@@ -167,6 +215,7 @@ def test_a_conversation_keeps_drafting_from_the_right_features(trained) -> None:
         spec = Generation(decoder, history, params, drafter=drafter, keep_open=True).run()
         plain = generate(split, history, max_new_tokens=20, ignore_eos=True)
         assert spec.token_ids == plain.token_ids
+        assert spec.drafted_tokens > 0
         history += spec.token_ids
     decoder.close()
 

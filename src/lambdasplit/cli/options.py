@@ -40,7 +40,14 @@ Speculative = Annotated[
         "and tail without the body) or model:PATH (a small model, same tokenizer).",
     ),
 ]
-DraftTokens = Annotated[int, typer.Option(min=1, max=16, help="Tokens drafted per step at first (then adapted).")]
+DraftTokens = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=16,
+        help="Tokens drafted per step at first (then adapted; not `head`, which drafts up to 8 and sends what pays).",
+    ),
+]
 CloudTimeout = Annotated[
     float,
     typer.Option(

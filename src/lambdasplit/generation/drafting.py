@@ -80,35 +80,48 @@ class StepCost:
     draft itself. On a CPU a second row costs far more than the ones after it (one row is a matrix-vector product;
     16 ms of 36 in process for SmolLM2-135M), and at a long round trip every row is cheap: no fixed draft length
     suits both, so a drafter that knows how likely its tokens are (``HeadDrafter``) sends the count that maximises
-    expected tokens per second. Lengths not tried yet are assumed to cost what the nearest shorter one tried did,
-    so they get tried; a step with no draft is tried first, to learn the price of plain decoding.
+    expected tokens per second.
+
+    Counts not measured recently (``max_age`` steps) are assumed to cost what the nearest shorter count measured
+    recently did, so they get tried again: a slow spell while a count was measured does not rule it out for good.
+    A step without a draft is what everything is compared with: when its measure is missing or old, the next step
+    sends no draft and measures it.
     """
 
-    def __init__(self, smoothing: float = 0.3) -> None:
-        if not 0 < smoothing <= 1:
-            raise ConfigError(f"smoothing must be in (0, 1], got {smoothing}")
-        self.smoothing = smoothing
+    def __init__(self, smoothing: float = 0.3, max_age: int = 32) -> None:
+        if not 0 < smoothing <= 1 or max_age < 1:
+            raise ConfigError(f"StepCost needs 0 < smoothing <= 1 and max_age >= 1, got {smoothing}, {max_age}")
+        self.smoothing, self.max_age = smoothing, max_age
         self.seconds: dict[int, float] = {}  # drafted tokens sent -> moving average of the step's seconds
+        self.measured: dict[int, int] = {}  # drafted tokens sent -> the step that last measured it
+        self.steps = 0
 
     def observe(self, drafted: int, seconds: float) -> None:
+        if seconds < 0 or drafted < 0:
+            raise ValueError(f"a step cannot send {drafted} drafted tokens in {seconds} s")
+        self.steps += 1
         old = self.seconds.get(drafted)
         self.seconds[drafted] = seconds if old is None else old + self.smoothing * (seconds - old)
+        self.measured[drafted] = self.steps
+
+    def _fresh(self, drafted: int) -> bool:
+        return drafted in self.seconds and self.steps - self.measured[drafted] < self.max_age
 
     def estimate(self, drafted: int) -> float | None:
-        if drafted in self.seconds:
+        if self._fresh(drafted):
             return self.seconds[drafted]
-        shorter = [n for n in self.seconds if n < drafted]
+        shorter = [n for n in self.seconds if n < drafted and self._fresh(n)]
         return self.seconds[max(shorter)] if shorter else None
 
     def best_length(self, expected: Sequence[float]) -> int:
         """How many drafted tokens to send: ``expected[j - 1]`` is how many tokens are expected to be accepted
         when the first ``j`` are sent (one more comes from the model in any case)."""
-        if 0 not in self.seconds:
+        if not self._fresh(0):
             return 0
-        best, best_rate = 0, 1.0 / self.seconds[0]
+        best, best_rate = 0, 1.0 / max(self.seconds[0], 1e-9)
         for j, accepted in enumerate(expected, start=1):
             seconds = self.estimate(j)
-            assert seconds is not None  # 0 was measured: every length has a shorter one that was
+            assert seconds is not None  # 0 is fresh: every count has a fresh shorter one
             rate = (1.0 + accepted) / max(seconds, 1e-9)
             if rate > best_rate:
                 best, best_rate = j, rate

@@ -103,6 +103,9 @@ class Generation:
         reason: FinishReason | None = None
         start = time.perf_counter()
         steps = drafted = accepted = 0
+        # Seeded sampling must give the same text every time: drafts sent then may not depend on the clock (each
+        # drafted token consumes a random draw), so the drafter is not told how long steps took.
+        reproducible = not self.chooser.greedy and self.params.seed is not None
         try:
             if self.drafter is not None:
                 self.drafter.attach(self.decoder)
@@ -141,7 +144,7 @@ class Generation:
                     self.decoder.truncate(len(context) + kept)  # rejected drafts leave every cache
                 drafted, accepted = drafted + len(draft), accepted + kept
                 if self.drafter is not None:
-                    self.drafter.update(kept, len(draft), time.perf_counter() - step_start)
+                    self.drafter.update(kept, len(draft), None if reproducible else time.perf_counter() - step_start)
             if self.stream is not None and reason != "stop":
                 tail = self.stream.finish(new)
                 if tail:

@@ -10,9 +10,11 @@ draft, which the acceptance rule (``speculative.verify``) needs to keep the samp
 How many of them to send is decided each step from what they are worth and what they cost. The head's
 probability of its own guess is a usable estimate of acceptance (measured on 10 MT-Bench answers, 1,200 steps:
 guesses it gave >= 0.9 were accepted 93% of the time, 0.4-0.5: 38%, < 0.1: 6%); the product along the draft
-estimates that a whole prefix is accepted. The expected count is scaled by how the estimates fared so far in this
-generation (accepted / expected), and ``StepCost`` turns it into the count with the most expected tokens per
-second: over a 30 ms link it sends only sure guesses, over 250 ms it sends most of them.
+estimates that a whole prefix is accepted. The expected count is scaled by how the estimates fared so far with
+this drafter (accepted / expected), and ``StepCost`` turns it into the count with the most expected tokens per
+second: over a 30 ms link it sends only sure guesses, over 250 ms it sends most of them. Where steps are not timed
+(the first step, which also fills the head's cache; seeded sampling, whose output must not depend on the clock),
+the guesses whose prefix probability is at least ``sure_enough`` are sent.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from lambdasplit.split.parts import rewind
 class HeadDrafter(Drafter):
     name = "head"
 
-    #: Drafting stops once the whole draft is this unlikely to be accepted (each guess costs about 1 ms here).
+    #: Drafting stops after the first guess whose prefix is this unlikely to be accepted (a guess costs about 1 ms).
     floor = 0.02
+    #: Untimed steps send the guesses whose prefix is at least this likely to be accepted.
+    sure_enough = 0.3
 
     def __init__(
         self,
@@ -51,7 +55,9 @@ class HeadDrafter(Drafter):
         self.cost = cost or StepCost()
         self.head, self.info = head, info
         self._sure: list[float] = []  # the last draft's prefix probabilities, as the head sees them
-        self._expected = self._accepted = 0.0  # this generation's expected and accepted drafted tokens
+        self._expected = self._accepted = 0.0  # expected and accepted drafted tokens so far
+        self._timed = False  # whether steps are timed: the cost model decides (not on the first step)
+        self._steps = 0  # steps since attach
         self.decoder: SplitDecoder | None = None
         self._cache: Cache | None = None
         self._ids: list[int] = []  # ids[base + 1 .. fed] entered the head's cache, with their features
@@ -65,7 +71,7 @@ class HeadDrafter(Drafter):
             )
         self.decoder = decoder
         decoder.keep_features = True
-        self._cache = None
+        self._cache, self._timed, self._steps = None, False, 0
 
     @property
     def calibration(self) -> float:
@@ -80,17 +86,22 @@ class HeadDrafter(Drafter):
         guesses = self.propose(ids, k)
         if not self.length.adaptive:  # a fixed length: k guesses every step, whatever they cost
             return guesses
-        expected, total = [], 0.0
-        for p in self._sure:
-            total += self.calibration * p
-            expected.append(total)
-        n = self.cost.best_length(expected)
+        if self._timed:
+            expected, total = [], 0.0
+            for p in self._sure:
+                total += min(1.0, self.calibration * p)
+                expected.append(total)
+            n = self.cost.best_length(expected)
+        else:
+            n = sum(1 for p in self._sure if p >= self.sure_enough)
         self._sure = self._sure[:n]
         return guesses[:n]
 
     def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
-        if seconds is not None:
+        if seconds is not None and self._steps > 0:  # the first step also filled the head's cache: not a price
             self.cost.observe(drafted, seconds)
+        self._steps += 1
+        self._timed = seconds is not None
         if drafted:
             self._expected += sum(self._sure[:drafted])
             self._accepted += accepted
