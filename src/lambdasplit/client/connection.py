@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit import __version__
@@ -147,7 +147,15 @@ class CloudClient:
 
     def _handshake_only(self, url: str) -> tuple[ClientConnection, dict[str, Any]]:
         """A new connection to ``url`` and its WELCOME, not yet the client's."""
-        ws = self._connect(url)
+        try:
+            ws = self._connect(url)
+        except WireError as exc:
+            if not isinstance(exc.__cause__, InvalidMessage):
+                raise
+            # The server took the connection (and TLS) and closed it before answering the upgrade: seen in the test
+            # suite right after refused TLS handshakes, never twice in a row. One more try, then the error.
+            time.sleep(0.2)
+            ws = self._connect(url)
         hello = {"protocol": PROTOCOL, "client": f"lambdasplit/{__version__}"}
         if self._fingerprint:
             hello["fingerprint"] = self._fingerprint

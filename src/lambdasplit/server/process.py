@@ -65,7 +65,8 @@ def lambdasplit_process(
     )
     stderr: list[str] = []
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True).start()
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr or ()), daemon=True)
+    reader.start()
 
     def forward_lines() -> None:
         for line in proc.stdout or ():
@@ -74,6 +75,13 @@ def lambdasplit_process(
     threading.Thread(target=forward_lines, daemon=True).start()
     try:
         yield _wait_ready(proc, lines, ready, timeout, stderr, argv[0])
+    except BaseException:
+        # The caller's work with the child failed: what the child said is often why (shown with the failure).
+        stop_process(proc)
+        reader.join(timeout=2)
+        if stderr:
+            print(f"--- stderr of lambdasplit {argv[0]} (last 40 lines) ---\n", *stderr[-40:], sep="", file=sys.stderr)
+        raise
     finally:
         stop_process(proc)
 
