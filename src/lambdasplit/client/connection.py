@@ -153,7 +153,7 @@ class CloudClient:
             if not isinstance(exc.__cause__, InvalidMessage):
                 raise
             # The server took the connection (and TLS) and closed it before answering the upgrade: seen in the test
-            # suite right after refused TLS handshakes, never twice in a row. One more try, then the error.
+            # suite right after refused TLS handshakes (cause not found). One more try, then the error.
             time.sleep(0.2)
             ws = self._connect(url)
         hello = {"protocol": PROTOCOL, "client": f"lambdasplit/{__version__}"}
