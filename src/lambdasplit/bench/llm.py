@@ -434,9 +434,7 @@ def _split_row(
     step: dict[str, Any] = {}
     with _measured(server, client, row):
         link = client.open_session(config.wire_dtype)
-        # The head picks its own count each step; the other drafters start at --draft-tokens.
-        length = DraftLength(k=config.draft_tokens) if drafter and not drafter.startswith("head") else None
-        draft = make_drafter(drafter, split, length) if drafter else None
+        draft = make_drafter(drafter, split, DraftLength(k=config.draft_tokens)) if drafter else None
         run = stream(
             split,
             config.prompt,

@@ -179,9 +179,7 @@ def generate(
         with _err.status(f"loading {model} ({'unsplit' if unsplit else f'layers {layers}'})"):
             # The tokenizer and configs come from the split loader; --unsplit adds the plain HF model.
             split = load_local(model, layers, device=device, dtype=dtype, key=key, parts=_PARTS[unsplit])
-    # The head picks its own count each step; the other drafters start at --draft-tokens.
-    length = DraftLength(k=draft_tokens) if speculative and not speculative.startswith("head") else None
-    drafter = make_drafter(speculative, split, length) if speculative else None
+    drafter = make_drafter(speculative, split, DraftLength(k=draft_tokens)) if speculative else None
     # --unsplit: the same loop as the split, driving the plain model through the Decoder protocol.
     decoder = _unsplit_decoder(split) if unsplit else None
     run = stream(

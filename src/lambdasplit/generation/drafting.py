@@ -258,7 +258,8 @@ def model_drafter(model: str, split: SplitModel, length: DraftLength | None = No
 def make_drafter(kind: str, split: SplitModel, length: DraftLength | None = None) -> Drafter:
     """A drafter by name: ``lookup`` (prompt n-grams), ``self`` (head and tail without the body), ``head`` (the
     trained draft head shipped for the default model; ``head:PATH`` another) or ``model:PATH`` (a small model with
-    the same tokenizer)."""
+    the same tokenizer). ``length`` is where drafting starts; the head picks its own count each step unless
+    ``length`` is fixed (``adaptive=False``)."""
     check_drafter_name(kind)
     if kind == "lookup":
         return PromptLookupDrafter(length)
@@ -267,7 +268,9 @@ def make_drafter(kind: str, split: SplitModel, length: DraftLength | None = None
     if kind == "head" or kind.startswith("head:"):
         from lambdasplit.generation.drafthead.drafter import head_drafter  # torch modules built only when asked
 
-        return head_drafter(split, kind.removeprefix("head:") if kind != "head" else None, length)
+        # The head picks its own count each step (up to 8): only a fixed length (adaptive=False) is passed on.
+        fixed = length if length is not None and not length.adaptive else None
+        return head_drafter(split, kind.removeprefix("head:") if kind != "head" else None, fixed)
     if kind.startswith("model:") and len(kind) > len("model:"):
         return model_drafter(kind.removeprefix("model:"), split, length)
     raise ConfigError(f"unknown drafter {kind!r}; choose from {', '.join(DRAFTERS)}")

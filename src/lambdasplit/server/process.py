@@ -75,7 +75,7 @@ def lambdasplit_process(
     threading.Thread(target=forward_lines, daemon=True).start()
     try:
         yield _wait_ready(proc, lines, ready, timeout, stderr, argv[0])
-    except BaseException:
+    except Exception:
         # The caller's work with the child failed: what the child said is often why (shown with the failure).
         stop_process(proc)
         reader.join(timeout=2)
