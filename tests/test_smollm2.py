@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lambdasplit.generation import DraftLength, generate, make_drafter, prompt_ids
+from lambdasplit.generation.drafthead import synthetic_prompts
 from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
 from lambdasplit.split import load_split
 
@@ -21,11 +22,15 @@ CHAT = [{"role": "user", "content": "List ten facts about the ocean."}]
 
 
 @pytest.fixture(scope="module")
-def reference() -> Callable[[list[int]], torch.Tensor]:
+def unsplit() -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(unsplit: PreTrainedModel) -> Callable[[list[int]], torch.Tensor]:
     """``reference(ids)`` -> the unsplit model's 64 greedy tokens, generated once per prompt (every split point
     compares against the same reference)."""
-    path = resolve_checkpoint(DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = unsplit
     cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def expected(ids: list[int]) -> torch.Tensor:
@@ -75,3 +80,17 @@ def test_the_shipped_draft_head_drafts_the_same_answer_in_fewer_steps(reference)
     assert result.token_ids == reference(ids).tolist()[: len(result.token_ids)]
     assert len(result.token_ids) == 64
     assert (len(result.token_ids) - 1) / result.steps > 1.3, result  # tokens per verification step
+
+
+def test_the_model_writes_distinct_prompts_of_its_own(unsplit: PreTrainedModel) -> None:
+    """Training prompts for the draft head, written by the model (Magpie): whole user messages, no template tokens,
+    distinct, none of those excluded, the same for a seed, and the caller's random state left as it was."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(DEFAULT_MODEL))
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = synthetic_prompts(unsplit, tokenizer, 5, batch_size=8, max_new_tokens=48, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = synthetic_prompts(unsplit, tokenizer, 5, batch_size=8, max_new_tokens=48, seed=1, exclude=first[:2])
+    assert again[:3] == first[2:]  # the same samples, minus the two excluded
+    assert len(first) == 5 and len({p.lower() for p in first}) == 5
+    assert all(len(p.split()) >= 3 and "<|im_" not in p and p == p.strip() for p in first), first

@@ -29,11 +29,19 @@ from lambdasplit.generation import (
     generate,
     make_drafter,
 )
-from lambdasplit.generation.drafthead import DraftHead, HeadInfo, Recipe, answer_prompts, evaluate, train_head
+from lambdasplit.generation.drafthead import (
+    DraftHead,
+    HeadInfo,
+    Recipe,
+    answer_prompts,
+    evaluate,
+    synthetic_prompts,
+    train_head,
+)
 from lambdasplit.generation.drafthead.drafter import HeadDrafter
 from lambdasplit.generation.drafthead.model import target_matrices
 from lambdasplit.split import load_split
-from tiny_models import NUM_LAYERS, VOCAB, build_tiny
+from tiny_models import NUM_LAYERS, VOCAB, build_tiny, make_tokenizer
 
 N = NUM_LAYERS
 NEW = 40
@@ -86,6 +94,17 @@ def test_answers_hold_the_features_the_lm_head_saw(tiny_checkpoint) -> None:
     final = ref.model.norm(out.hidden_states[-1][0]) if len(out.hidden_states) == N + 1 else out.hidden_states[-1][0]
     expected = final[answer.start : answer.start + len(answer.tokens)]
     torch.testing.assert_close(answer.features.float(), expected.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_synthetic_prompts_are_refused_clearly_when_the_model_cannot_write_them(tiny_checkpoint) -> None:
+    _, ref = tiny_checkpoint("llama")
+    tokenizer = make_tokenizer()
+    # One token is never a whole message of three words: the bounded attempts end in an error, not a loop.
+    with pytest.raises(ConfigError, match="fewer than the 2 asked for"):
+        synthetic_prompts(ref, tokenizer, 2, batch_size=4, max_new_tokens=1)
+    tokenizer.chat_template = None
+    with pytest.raises(ConfigError, match="chat template"):
+        synthetic_prompts(ref, tokenizer, 2)
 
 
 def test_training_learns_to_draft_the_models_answers(tiny_checkpoint) -> None:

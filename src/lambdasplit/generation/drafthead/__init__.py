@@ -1,14 +1,21 @@
 """A trained draft head (EAGLE family) for speculative steps on open-ended text: ``--speculative head``.
 
 model.py    the head: fc + one Llama layer over the target's features; save/load with a fingerprint
-data.py     training data: the target's own greedy answers and the hidden states its LM head saw
+data.py     training data: the target's own greedy answers and the hidden states its LM head saw; prompts
+            from a file or written by the model itself
 train.py    the recipe (feature regression + next-token loss, one unrolled step) and held-out scoring
 drafter.py  ``HeadDrafter``: drafts from the features the device's tail already holds
 """
 
 from pathlib import Path
 
-from lambdasplit.generation.drafthead.data import Answer, answer_prompts, chat_prompts, read_prompts
+from lambdasplit.generation.drafthead.data import (
+    Answer,
+    answer_prompts,
+    chat_prompts,
+    read_prompts,
+    synthetic_prompts,
+)
 from lambdasplit.generation.drafthead.model import DraftHead, HeadInfo
 from lambdasplit.generation.drafthead.train import Recipe, TrainingLog, evaluate, train_head, truth_ranks
 
@@ -26,6 +33,7 @@ __all__ = [
     "chat_prompts",
     "evaluate",
     "read_prompts",
+    "synthetic_prompts",
     "train_head",
     "truth_ranks",
 ]

@@ -1,5 +1,9 @@
 """Training data for a draft head: the target model's own answers, with its hidden states.
 
+Prompts come from a file (``read_prompts``) or from the model itself (``synthetic_prompts``: the chat template up
+to the start of a user message, sampled, as in Magpie, Xu et al. 2024), so the amount of training data is bounded
+by generation time, not by a licensed prompt set.
+
 Each prompt goes through the model's chat template and is answered greedily by the unsplit model (Hugging Face
 ``generate``, batched, left-padded). A forward pre-hook on the LM head records what it was given at each step:
 the last prompt position's hidden state, then each generated token's. Those are exactly the features the split's
@@ -83,6 +87,73 @@ def answer_prompts(
     finally:
         hook.remove()
     return answers
+
+
+def synthetic_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """``count`` distinct user messages written by the model: its chat template up to where a user's text begins,
+    sampled at ``temperature`` (Magpie). A message is kept when the model closed the turn (EOS) within
+    ``max_new_tokens`` and it has at least three words; duplicates (ignoring case) and ``exclude`` are dropped.
+
+    ``progress(kept, count)`` is called after each batch. Raises ``ConfigError`` when the model has no chat
+    template, or when it cannot write enough distinct messages (at most ``4 * count / batch_size + 4`` batches).
+    """
+    if not tokenizer.chat_template:
+        raise ConfigError("synthetic prompts need a chat template")
+    if count <= 0:
+        return []
+    marker = "\x00user text\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    prefix = tokenizer(text[: text.index(marker)], add_special_tokens=False, return_tensors="pt").input_ids
+    configured = model.generation_config.eos_token_id
+    eos = sorted({int(t) for t in ([configured] if isinstance(configured, int) else configured or [])})
+    if not eos:
+        raise ConfigError("synthetic prompts need an end-of-turn token (generation_config.eos_token_id)")
+    seen = {p.strip().lower() for p in exclude}
+    kept: list[str] = []
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for _ in range(4 * count // batch_size + 4):
+            ids = prefix.repeat(batch_size, 1).to(model.device)
+            with torch.inference_mode():
+                out = cast(Any, model).generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=1.0,
+                    top_k=0,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=eos[0],
+                    eos_token_id=eos,
+                )
+            for row in out[:, prefix.shape[1] :].tolist():
+                end = next((i for i, t in enumerate(row) if t in eos), None)
+                if end is None:
+                    continue  # the model did not finish the message
+                message = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+                if len(message.split()) < 3 or message.lower() in seen:
+                    continue
+                seen.add(message.lower())
+                kept.append(message)
+            if progress is not None:
+                progress(min(len(kept), count), count)
+            if len(kept) >= count:
+                return kept[:count]
+    finally:
+        torch.random.set_rng_state(generator_state)
+    raise ConfigError(f"the model wrote {len(kept)} distinct messages, fewer than the {count} asked for")
 
 
 def chat_prompts(
