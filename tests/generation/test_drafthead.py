@@ -177,12 +177,23 @@ def test_the_head_sends_drafts_only_where_they_pay(trained) -> None:
     split = load_split(path, f"1:{N - 1}")
     head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
     plain = generate(split, SEEN[0], max_new_tokens=NEW, ignore_eos=True)
-    dear = HeadDrafter(head, cost=_priced(0.01, 1.0))
-    free = HeadDrafter(head, cost=_priced(0.01, 0.0))
+
+    class Counting(HeadDrafter):
+        guesses: list[int]
+
+        def propose(self, ids, k):
+            out = super().propose(ids, k)
+            self.guesses = [*getattr(self, "guesses", []), len(out)]
+            return out
+
+    dear = Counting(head, cost=_priced(0.01, 1.0))
+    free = Counting(head, cost=_priced(0.01, 0.0))
     runs = [generate(split, SEEN[0], max_new_tokens=NEW, ignore_eos=True, drafter=d) for d in (dear, free)]
     assert all(r.token_ids == plain.token_ids for r in runs)
     assert runs[0].steps >= plain.steps - 1 - HeadDrafter(head).length.k_max  # a draft on the first step at most
     assert runs[1].accepted_tokens > 0 and runs[1].steps < runs[0].steps
+    # Where no guess can pay, the head stops drafting after its first; where rows are free it drafts on.
+    assert set(dear.guesses[1:]) == {1} and max(free.guesses[1:]) > 1
 
 
 def test_the_head_sends_the_prefix_worth_its_price() -> None:

@@ -189,6 +189,15 @@ def test_step_cost_sends_the_count_with_the_most_expected_tokens_per_second() ->
     for drafted, seconds in ((0, 0.330), (1, 0.350), (2, 0.352)):
         far.observe(drafted, seconds)
     assert far.best_length([0.5, 0.6]) == 2
+    # Drafting stops once no longer draft can change the choice (each further token adds at most ``gain``): at 30
+    # ms (a plain step 92 ms, 58 more a row) half-sure guesses never pay, two sure ones would.
+    near = StepCost(smoothing=1.0)
+    for drafted in range(9):
+        near.observe(drafted, 0.092 + 0.058 * drafted)
+    assert not near.could_gain([0.5], 0.5, 8) and near.best_length([0.5, 0.75, 0.875]) == 0
+    assert near.could_gain([0.9], 0.9, 8) and near.best_length([0.9, 1.8]) == 2
+    assert far.could_gain([0.3], 0.3, 8) and not far.could_gain([0.3], 0.3, 1)  # nothing past the limit
+    assert not StepCost().could_gain([], 1.0, 8)  # a plain step is measured first: nothing will be sent
     smooth = StepCost(smoothing=0.5)
     smooth.observe(0, 0.1)
     smooth.observe(0, 0.2)

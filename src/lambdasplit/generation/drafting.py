@@ -127,6 +127,23 @@ class StepCost:
                 best, best_rate = j, rate
         return best
 
+    def could_gain(self, expected: Sequence[float], gain: float, limit: int) -> bool:
+        """Whether drafting more can change ``best_length``'s answer: some count past ``len(expected)``, up to
+        ``limit``, would beat the best of those drafted so far if each further token added ``gain`` expected tokens
+        (a drafter's bound: its later tokens are no likelier than the last). False: stop drafting, nothing is lost.
+        """
+        if not self._fresh(0):
+            return False  # the next step measures a plain step: it sends nothing
+        total = expected[-1] if expected else 0.0
+        best = max(
+            [1.0 / max(self.seconds[0], 1e-9)]
+            + [(1.0 + e) / max(self.estimate(j) or 0.0, 1e-9) for j, e in enumerate(expected, start=1)]
+        )
+        return any(
+            (1.0 + total + gain * (n - len(expected))) / max(self.estimate(n) or 0.0, 1e-9) > best
+            for n in range(len(expected) + 1, limit + 1)
+        )
+
 
 class Drafter(ABC):
     """Proposes up to k next tokens for a sequence; ``length`` says how many to try."""

@@ -132,17 +132,29 @@ class HeadDrafter(Drafter):
         # The rows now in the head's cache are not needed again: the decoder keeps only what comes next.
         decoder.features, decoder.features_from = feats[end - decoder.features_from :], end
         out: list[int] = []
+        expected: list[float] = []
         sure = 1.0
         for i in range(k):
             p, at = torch.softmax(self.head.logits(hidden[0, -1]).float(), dim=-1).max(dim=-1)
             out.append(int(self.head.draft_ids[at]))
             sure *= float(p)
             self._sure.append(sure)
-            if i + 1 == k or (self.length.adaptive and sure < self.floor):
+            if i + 1 == k or (self.length.adaptive and not self._worth_more(sure, expected, k)):
                 break
             step = torch.tensor([[out[-1]]], device=hidden.device)
             hidden = self.head(step, hidden, torch.tensor([[end + 1 + i]], device=hidden.device), self._cache)
         return out
+
+    def _worth_more(self, sure: float, expected: list[float], k: int) -> bool:
+        """Whether another guess could be sent (``draft``'s rule), given the latest prefix's probability: later
+        prefixes are no likelier, so once none could be sent, drafting stops (a guess costs about 1 ms here)."""
+        if sure < self.floor:
+            return False
+        if not self._timed:
+            return sure >= self.sure_enough
+        gain = min(1.0, self.calibration * sure)
+        expected.append((expected[-1] if expected else 0.0) + gain)
+        return self.cost.could_gain(expected, gain, k)
 
     def close(self) -> None:
         self._cache, self._ids, self._fed, self._sure = None, [], 0, []
