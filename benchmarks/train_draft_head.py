@@ -84,7 +84,11 @@ def main() -> None:
     ap.add_argument("--log", default="artifacts/draft-head/training.json")
     ap.add_argument("--threads", type=int, default=None)
     for name, value in vars(Recipe()).items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):  # --unroll / --no-unroll (type=bool would read "False" as true)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            ap.add_argument(flag, type=type(value), default=value)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -107,10 +107,12 @@ def test_synthetic_prompts_are_refused_clearly_when_the_model_cannot_write_them(
         synthetic_prompts(ref, tokenizer, 2)
 
 
-def test_training_learns_to_draft_the_models_answers(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("soft_labels", [False, True], ids=["target-token", "target-distribution"])
+def test_training_learns_to_draft_the_models_answers(tiny_checkpoint, soft_labels: bool) -> None:
     _, ref = tiny_checkpoint("llama")
     untrained, _, heldout = _train(ref, Recipe(epochs=0, draft_vocab=256))
-    head, _, _ = _train(ref, Recipe(epochs=6, batch_size=8, draft_vocab=256, warmup_steps=4))
+    recipe = Recipe(epochs=6, batch_size=8, draft_vocab=256, warmup_steps=4, soft_labels=soft_labels)
+    head, _, _ = _train(ref, recipe)
     before, after = evaluate(untrained, heldout, k=4), evaluate(head, heldout, k=4)
     assert after["tokens_per_step"] > before["tokens_per_step"] + 0.3, (before, after)
     assert after["first_token_acceptance"] > 0.3

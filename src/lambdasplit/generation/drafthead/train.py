@@ -4,7 +4,9 @@ The recipe (EAGLE's losses, with one unrolled step as in HASS / EAGLE-3's "train
 
 - input at answer position j: the token that followed it, ``x_{j+1}``, and the target's feature ``f_j`` with a
   little uniform noise; targets: the next feature ``f_{j+1}`` (smooth L1) and the next token ``x_{j+2}``
-  (cross-entropy over the draft vocabulary; the answers are greedy, so this token is the target's argmax);
+  (cross-entropy over the draft vocabulary; the answers are greedy, so this token is the target's argmax; or, with
+  ``soft_labels``, against the target's whole distribution there, its LM head applied to ``f_{j+1}``, as EAGLE
+  does);
 - a second pass feeds the head its own guesses ``f^_j`` in place of ``f_j`` (the situation from the second
   drafted token on), with the same targets, so errors do not compound as fast;
 - AdamW, cosine learning rate after a short warm-up, sequences batched with right padding.
@@ -41,6 +43,7 @@ class Recipe:
     warmup_steps: int = 50
     noise: float = 0.05  # uniform noise on input features, in units of the features' standard deviation
     token_weight: float = 0.5  # weight of the cross-entropy term against the feature regression
+    soft_labels: bool = False  # cross-entropy against the target's distribution (from its next feature), not its token
     unroll: bool = True
     seed: int = 0
 
@@ -92,13 +95,20 @@ def _losses(
     if recipe.unroll:
         own = torch.cat([inputs[:, :1], guess[:, :-1]], dim=1)  # position j sees the head's guess of f_j
         passes.append(head(batch["tokens"], own, batch["positions"], attention_mask=mask))
+    labels = batch["labels"][real]
+    if recipe.soft_labels:  # EAGLE's: the target's next-token distribution, over the draft vocabulary
+        with torch.no_grad():
+            taught = torch.softmax(head.logits(targets[real]), dim=-1)
     for i, h in enumerate(passes):
         reg = F.smooth_l1_loss(h[real], targets[real])
         logits = head.logits(h)
-        ce = F.cross_entropy(logits[real], batch["labels"][real], ignore_index=-100)
+        if recipe.soft_labels:
+            ce = F.cross_entropy(logits[real], taught)
+        else:
+            ce = F.cross_entropy(logits[real], labels, ignore_index=-100)
         total = total + reg + recipe.token_weight * ce
         if i == 0:
-            hit = (logits[real].argmax(-1) == batch["labels"][real]).float()
+            hit = (logits[real].argmax(-1) == labels).float()
             correct = float(hit.mean())
     return total, correct
 
