@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use the first N prompts (after shuffling)")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--batch", type=int, default=64, help="prompts answered (or written) at once")
+    ap.add_argument("--train-limit", type=int, default=None, help="train on N of the answers, chosen at random")
     ap.add_argument("--synthetic", type=int, default=0, help="also train on N prompts the model writes itself")
     ap.add_argument(
         "--generation-dtype",
@@ -158,6 +159,8 @@ def main() -> None:
         }
         torch.save({"settings": settings, "seconds": gen_seconds, "synthetic_prompts": synthetic, **rows}, cache)
     answers = heldout + train
+    if args.train_limit is not None:  # a random subset of the training answers (quick recipe comparisons)
+        train = random.Random(1).sample(train, min(args.train_limit, len(train)))
 
     embed, _ = target_matrices(model)
     eos = sorted(int(t) for t in tokenizer.all_special_ids)
@@ -175,12 +178,13 @@ def main() -> None:
         "model": args.model,
         "prompts": {
             "file": Path(args.prompts).name,
-            "train": len(train) - len(synthetic),
+            "train": len(answers) - len(heldout) - len(synthetic),
             "synthetic": len(synthetic),
             "heldout": len(heldout),
         },
         "generation_dtype": args.generation_dtype,
         "answer_tokens": sum(len(a.tokens) for a in answers),
+        "trained_on": {"answers": len(train), "tokens": sum(len(a.tokens) for a in train)},
         "generation_seconds": round(gen_seconds, 1),
         "training_seconds": round(log.seconds, 1),
         "recipe": vars(recipe),
