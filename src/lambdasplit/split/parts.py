@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -154,6 +156,21 @@ class LogitsBody(Body):
         return out.logits
 
 
+@contextmanager
+def lm_head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """While the block runs, what ``model``'s LM head is given, one (B, T, D) tensor per call: the last hidden
+    state after the final norm (the features a draft head reads and is trained on)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise SessionError(f"{type(model).__name__} has no LM head to read features at")
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
 class Tail(_Part):
     """Device side, last: hidden states (B, T, D) after layer Y-1 -> logits (B, K, V) of the last K positions.
 
@@ -179,13 +196,6 @@ class Tail(_Part):
         """``forward``, and what the LM head was given for those K positions (B, K, D): the model's last hidden
         state after its final norm, which a draft head reads (``generation.drafthead``)."""
         assert self.model is not None
-        head = self.model.get_output_embeddings()
-        if head is None:
-            raise SessionError(f"{type(self.model).__name__} has no LM head to read features at")
-        seen: list[torch.Tensor] = []
-        hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
-        try:
+        with lm_head_inputs(self.model) as seen:
             logits = self.forward(hidden, cache, logits_to_keep)
-        finally:
-            hook.remove()
         return logits, seen[-1]

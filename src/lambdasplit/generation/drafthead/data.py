@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.text import encode_prompt
+from lambdasplit.split.parts import lm_head_inputs
 
 
 @dataclass
@@ -50,15 +51,12 @@ def answer_prompts(
     ``progress(done, total, tokens)`` is called after each batch. An answer ends at the first EOS (kept as its
     last token: the head also learns where answers stop) or at ``max_new_tokens``.
     """
-    head = cast(Any, model).get_output_embeddings()
     configured = model.generation_config.eos_token_id
     eos = {int(t) for t in ([configured] if isinstance(configured, int) else configured or [])}
     pad = pad_token_id if pad_token_id is not None else min(eos, default=0)
-    seen: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, -1].detach().to(torch.float16)))
     answers: list[Answer] = []
     total_tokens = 0
-    try:
+    with lm_head_inputs(model) as seen:
         for at in range(0, len(prompts), batch_size):
             batch = [list(p) for p in prompts[at : at + batch_size]]
             width = max(len(ids) for ids in batch)
@@ -76,7 +74,8 @@ def answer_prompts(
                     min_new_tokens=0 if eos else max_new_tokens,
                 )
             new = out[:, width:].cpu()
-            feats = torch.stack(seen[: new.shape[1]], dim=1).cpu()  # (B, steps, D): one row per generated token
+            # (B, steps, D): one row per generated token (each call's last position: generate keeps one logit)
+            feats = torch.stack([x[:, -1] for x in seen[: new.shape[1]]], dim=1).to(torch.float16).cpu()
             for b, prompt in enumerate(batch):
                 row = new[b].tolist()
                 n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
@@ -84,8 +83,6 @@ def answer_prompts(
                 total_tokens += n
             if progress is not None:
                 progress(min(at + batch_size, len(prompts)), len(prompts), total_tokens)
-    finally:
-        hook.remove()
     return answers
 
 
