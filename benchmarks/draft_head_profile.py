@@ -33,6 +33,7 @@ from lambdasplit.generation import DraftLength, generate
 from lambdasplit.generation.drafthead.drafter import HeadDrafter, head_drafter
 from lambdasplit.models import DEFAULT_MODEL, resolve_checkpoint
 from lambdasplit.split import load_split
+from lambdasplit.split.parts import rewind
 
 BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)
 ROWS = (1, 2, 3, 4, 6, 9, 16)
@@ -103,7 +104,7 @@ def row_cost(repeats: int) -> list[dict[str, float]]:
             t = time.perf_counter()
             model(rows, past_key_values=cache)
             forward.append(time.perf_counter() - t)
-            cache.crop(256)
+            rewind(cache, 256)
             t = time.perf_counter()
             lm_head(hidden)
             head.append(time.perf_counter() - t)
@@ -126,7 +127,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    console = Console()
+    console = Console(width=120)
     cal = calibration(spread(args.prompts), args.new_tokens, args.head, console)
     cost = row_cost(args.repeats)
 
