@@ -110,7 +110,7 @@ def synthetic_prompts(
     if count <= 0:
         return []
     marker = "\x00user text\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    text = str(tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False))
     prefix = tokenizer(text[: text.index(marker)], add_special_tokens=False, return_tensors="pt").input_ids
     configured = model.generation_config.eos_token_id
     eos = sorted({int(t) for t in ([configured] if isinstance(configured, int) else configured or [])})
@@ -139,7 +139,7 @@ def synthetic_prompts(
                 end = next((i for i, t in enumerate(row) if t in eos), None)
                 if end is None:
                     continue  # the model did not finish the message
-                message = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+                message = str(tokenizer.decode(row[:end], skip_special_tokens=True)).strip()
                 if len(message.split()) < 3 or message.lower() in seen:
                     continue
                 seen.add(message.lower())
