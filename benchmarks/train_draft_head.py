@@ -20,7 +20,9 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -43,6 +45,35 @@ from lambdasplit.generation.drafthead.model import target_matrices
 from lambdasplit.generation.drafthead.train import accepted_length, tree_size, truth_ranks
 from lambdasplit.models.resolve import resolve_checkpoint
 from lambdasplit.models.unsplit import load_unsplit
+
+#: ``--steered``: openings of the user messages the model writes (the rest is its own), for long-form requests of
+#: the kinds chat users make: writing, role play, explanations (STEM), discussion (humanities). None is a benchmark
+#: prompt; the benchmark's prompts (``BENCH_PROMPTS``) are also excluded from all synthetic prompts.
+OPENINGS = (
+    "Write a blog post",
+    "Write a short story",
+    "Write a poem",
+    "Write an essay",
+    "Write a letter",
+    "Draft an email",
+    "Write a speech",
+    "Compose a",
+    "Describe",
+    "Imagine you are",
+    "Pretend to be",
+    "Act as",
+    "You are",
+    "Explain",
+    "How does",
+    "What is the difference between",
+    "Why do",
+    "Discuss",
+    "Analyze",
+    "Compare",
+    "What were the causes of",
+    "Summarize",
+)
+BENCH_PROMPTS = Path(__file__).with_name("prompts") / "mt-bench-open.jsonl"
 
 #: Draft shapes scored on the held-out answers: chains of k, and token trees (branches per level).
 SHAPES = {
@@ -80,7 +111,13 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="the model's dtype for the training answers (held-out answers always come from float32)",
     )
-    ap.add_argument("--answers", default="artifacts/draft-head/answers.pt", help="cache of the generated answers")
+    ap.add_argument(
+        "--steered",
+        type=int,
+        default=0,
+        help="also train on N prompts the model writes after an opening of OPENINGS (long-form requests)",
+    )
+    ap.add_argument("--answers", default="artifacts/draft-head/answers", help="folder caching the generated answers")
     ap.add_argument("--out", default=str(HEAD_FILE), help="where the weights go")
     ap.add_argument("--log", default="artifacts/draft-head/training.json")
     ap.add_argument("--threads", type=int, default=None)
@@ -102,62 +139,97 @@ def main() -> None:
     random.Random(0).shuffle(prompts)
     prompts = prompts[: args.limit]
     held = max(1, len(prompts) // 20)
-    settings = {
-        "prompts": prompts,
-        "max_new_tokens": args.max_new_tokens,
-        "synthetic": args.synthetic,
-        "generation_dtype": args.generation_dtype,
-    }
 
     cache = Path(args.answers)
-    started = time.perf_counter()
-    if cache.is_file():
-        saved = torch.load(cache)
-        if saved["settings"] != settings:
-            sys.exit(f"{cache} was made with other prompts or settings: delete it or pass another --answers")
-        heldout, train = ([Answer(*row) for row in saved[part]] for part in ("heldout", "train"))
-        synthetic, gen_seconds = saved["synthetic_prompts"], saved["seconds"]
-        print(f"{len(heldout) + len(train)} answers from {cache} (generated in {gen_seconds:.0f} s)", flush=True)
-    else:
-        tokens_before = 0
+    if cache.suffix == ".pt":  # the single-file cache of earlier versions of this script
+        sys.exit(f"--answers is now a folder (one file per part of the data): {cache} is a file")
+    part_started = time.perf_counter()
+    generators: dict[str, torch.nn.Module] = {"float32": model}
 
-        def shown(done: int, total: int, tokens: int) -> None:
-            rate = (tokens_before + tokens) / (time.perf_counter() - started)
-            print(f"answered {done}/{total} prompts, {tokens} tokens, {rate:.0f} tokens/s overall", flush=True)
+    def generator() -> torch.nn.Module:
+        if args.generation_dtype not in generators:
+            generators[args.generation_dtype] = load_unsplit(path, Runtime.resolve("cpu", args.generation_dtype))
+        return generators[args.generation_dtype]
 
-        def answers_to(texts: list[str], generator: torch.nn.Module) -> list[Answer]:
-            return answer_prompts(
-                generator,
-                chat_prompts(tokenizer, texts),
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch,
-                pad_token_id=tokenizer.pad_token_id,
-                progress=shown,
-            )
+    def shown(done: int, total: int, tokens: int) -> None:
+        rate = tokens / max(1e-9, time.perf_counter() - part_started)
+        print(f"answered {done}/{total} prompts, {tokens} tokens, {rate:.0f} tokens/s", flush=True)
 
-        # Held-out answers come from the float32 model, as a device decodes; training answers from a faster dtype.
-        heldout = answers_to(prompts[:held], model)
-        tokens_before = sum(len(a.tokens) for a in heldout)
-        generator = model
-        if args.generation_dtype != "float32":
-            generator = load_unsplit(path, Runtime.resolve("cpu", args.generation_dtype))
-        synthetic = synthetic_prompts(
-            generator,
-            tokenizer,
-            args.synthetic,
+    def answers_to(texts: list[str], by: torch.nn.Module) -> list[Answer]:
+        return answer_prompts(
+            by,
+            chat_prompts(tokenizer, texts),
+            max_new_tokens=args.max_new_tokens,
             batch_size=args.batch,
-            exclude=prompts,
+            pad_token_id=tokenizer.pad_token_id,
+            progress=shown,
+        )
+
+    def written(count: int, seed: int, openings: tuple[str, ...], exclude: list[str]) -> list[str]:
+        return synthetic_prompts(
+            generator(),
+            tokenizer,
+            count,
+            batch_size=args.batch,
+            seed=seed,
+            exclude=exclude,
+            openings=openings,
             progress=lambda kept, total: print(f"wrote {kept}/{total} synthetic prompts", flush=True),
         )
-        train = answers_to(prompts[held:] + synthetic, generator)
-        del generator
-        gen_seconds = time.perf_counter() - started
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        rows = {
-            part: [(a.start, a.features, a.tokens) for a in answers]
-            for part, answers in (("heldout", heldout), ("train", train))
-        }
-        torch.save({"settings": settings, "seconds": gen_seconds, "synthetic_prompts": synthetic, **rows}, cache)
+
+    # Each part of the data is cached on its own (``--answers`` folder), with the settings that made it: adding a
+    # part (e.g. ``--steered``) answers only its prompts. Held-out answers come from the float32 model, as a device
+    # decodes; training answers from ``--generation-dtype``.
+    common = {"prompts": prompts, "max_new_tokens": args.max_new_tokens}
+    dtype = {"generation_dtype": args.generation_dtype}
+    parts: dict[str, tuple[dict[str, object], Callable[[], tuple[list[str], list[Answer]]]]] = {
+        "heldout": (common, lambda: (prompts[:held], answers_to(prompts[:held], model))),
+        "file": (common | dtype, lambda: (prompts[held:], answers_to(prompts[held:], generator()))),
+    }
+    made: dict[str, list[str]] = {}
+
+    def synthetic_part(count: int, seed: int, openings: tuple[str, ...], after: list[str]) -> Callable[[], Any]:
+        def make() -> tuple[list[str], list[Answer]]:
+            texts = written(count, seed, openings, prompts + [t for name in after for t in made[name]] + bench)
+            return texts, answers_to(texts, generator())
+
+        return make
+
+    bench = [json.loads(line)["prompt"] for line in BENCH_PROMPTS.read_text().splitlines() if line.strip()]
+    if args.synthetic:
+        settings = common | dtype | {"count": args.synthetic}
+        parts["synthetic"] = (settings, synthetic_part(args.synthetic, 0, (), []))
+    if args.steered:
+        settings = common | dtype | {"count": args.steered, "openings": OPENINGS, "after_synthetic": args.synthetic}
+        parts["steered"] = (settings, synthetic_part(args.steered, 1, OPENINGS, ["synthetic"] * bool(args.synthetic)))
+    data: dict[str, list[Answer]] = {}
+    gen_seconds = 0.0
+    for name, (settings, make) in parts.items():
+        file = cache / f"{name}.pt"
+        saved = torch.load(file) if file.is_file() else None
+        if saved is not None and saved["settings"] != settings:
+            sys.exit(f"{file} was made with other prompts or settings: delete it or pass another --answers")
+        if saved is None:
+            print(f"generating the {name} part", flush=True)
+            part_started = time.perf_counter()
+            texts, answers = make()
+            rows = [(a.start, a.features, a.tokens) for a in answers]
+            saved = {
+                "settings": settings,
+                "seconds": time.perf_counter() - part_started,
+                "prompts": texts,
+                "rows": rows,
+            }
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.save(saved, file)
+        made[name] = saved["prompts"]
+        data[name] = [Answer(*row) for row in saved["rows"]]
+        gen_seconds += saved["seconds"]
+        tokens = sum(len(a.tokens) for a in data[name])
+        print(f"{name}: {len(data[name])} answers, {tokens} tokens (generated in {saved['seconds']:.0f} s)", flush=True)
+    generators.clear()
+    heldout = data.pop("heldout")
+    train = [a for answers in data.values() for a in answers]
     answers = heldout + train
     if args.train_limit is not None:  # a random subset of the training answers (quick recipe comparisons)
         train = random.Random(1).sample(train, min(args.train_limit, len(train)))
@@ -178,8 +250,10 @@ def main() -> None:
         "model": args.model,
         "prompts": {
             "file": Path(args.prompts).name,
-            "train": len(answers) - len(heldout) - len(synthetic),
-            "synthetic": len(synthetic),
+            "train": len(data["file"]),
+            "synthetic": len(data.get("synthetic", [])),
+            "steered": len(data.get("steered", [])),
+            "openings": list(OPENINGS) if args.steered else [],
             "heldout": len(heldout),
         },
         "generation_dtype": args.generation_dtype,

@@ -96,11 +96,15 @@ def synthetic_prompts(
     temperature: float = 1.0,
     seed: int = 0,
     exclude: Sequence[str] = (),
+    openings: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """``count`` distinct user messages written by the model: its chat template up to where a user's text begins,
     sampled at ``temperature`` (Magpie). A message is kept when the model closed the turn (EOS) within
-    ``max_new_tokens`` and it has at least three words; duplicates (ignoring case) and ``exclude`` are dropped.
+    ``max_new_tokens`` and wrote at least three words; duplicates (ignoring case) and ``exclude`` are dropped.
+
+    With ``openings`` (e.g. "Write a blog post"), batches take turns starting the message with each, and the model
+    writes the rest: this steers the messages toward a kind of request (the opening stays part of the message).
 
     ``progress(kept, count)`` is called after each batch. Raises ``ConfigError`` when the model has no chat
     template, or when it cannot write enough distinct messages (at most ``4 * count / batch_size + 4`` batches).
@@ -111,7 +115,8 @@ def synthetic_prompts(
         return []
     marker = "\x00user text\x00"
     text = str(tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False))
-    prefix = tokenizer(text[: text.index(marker)], add_special_tokens=False, return_tensors="pt").input_ids
+    before = text[: text.index(marker)]
+    starts = [o.strip() for o in openings if o.strip()] or [""]
     configured = model.generation_config.eos_token_id
     eos = sorted({int(t) for t in ([configured] if isinstance(configured, int) else configured or [])})
     if not eos:
@@ -121,7 +126,9 @@ def synthetic_prompts(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        for _ in range(4 * count // batch_size + 4):
+        for attempt in range(4 * count // batch_size + 4):
+            opening = starts[attempt % len(starts)]
+            prefix = tokenizer(before + opening, add_special_tokens=False, return_tensors="pt").input_ids
             ids = prefix.repeat(batch_size, 1).to(model.device)
             with torch.inference_mode():
                 out = cast(Any, model).generate(
@@ -139,8 +146,9 @@ def synthetic_prompts(
                 end = next((i for i, t in enumerate(row) if t in eos), None)
                 if end is None:
                     continue  # the model did not finish the message
-                message = str(tokenizer.decode(row[:end], skip_special_tokens=True)).strip()
-                if len(message.split()) < 3 or message.lower() in seen:
+                written = str(tokenizer.decode(row[:end], skip_special_tokens=True))
+                message = (opening + written if opening else written).strip()
+                if len(message.split()) < 3 + len(opening.split()) or message.lower() in seen:
                     continue
                 seen.add(message.lower())
                 kept.append(message)
