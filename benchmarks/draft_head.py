@@ -15,7 +15,9 @@ template, stopping at EOS or ``--new-tokens``) three ways: plain cached split st
 ``--speculative head``; the three answers are checked to be the same tokens. Per link and method: tokens/s (new
 tokens over the wall clock from the prompt to the last token), tokens per verification step (new tokens after
 the first over decode steps: the bonus token included, 1.0 for plain steps), and the speed-up over plain split and
-over prompt lookup (ratio of the summed times for the same tokens).
+over prompt lookup (ratio of the summed times for the same tokens). The head drafter sends, each step, its own
+guesses or a copy (prompt lookup), whichever its cost model values more: "copied" is the share of its drafts that
+were copies.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) ->
                                 "accepted": r.accepted_tokens,
                                 "seconds": r.seconds,
                                 "prefill_seconds": r.prefill_seconds,
+                                # steps whose draft was the head's guesses / a copy (the head drafter sends either)
+                                "drafts_from": getattr(drafter, "drafts_from", None),
                             }
                         )
                     same = answers["lookup"] == answers["plain"] == answers["head"]
@@ -131,6 +135,11 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "speedup_vs_lookup": seconds["lookup"] / seconds[m],
                 }
             )
+            sources = [r["drafts_from"] for r in of[m] if r["drafts_from"]]
+            if sources:  # the share of drafts sent that were copies
+                out[-1]["copied_drafts"] = sum(f["lookup"] for f in sources) / max(
+                    1, sum(f["lookup"] + f["head"] for f in sources)
+                )
     return out
 
 
@@ -149,7 +158,7 @@ def main() -> None:
     table = Table(
         title=f"Open-ended chat ({len(prompts)} MT-Bench prompts, up to {args.new_tokens} new tokens, greedy)"
     )
-    for column in ("link", "method", "tok/s", "tokens/step", "accepted/drafted", "vs plain", "vs lookup"):
+    for column in ("link", "method", "tok/s", "tokens/step", "accepted/drafted", "copied", "vs plain", "vs lookup"):
         table.add_column(column, justify="right")
     results = summary(rows)
     for s in results:
@@ -159,6 +168,7 @@ def main() -> None:
             f"{s['tokens_per_second']:.2f}",
             f"{s['tokens_per_step']:.2f}",
             f"{s['acceptance_rate']:.2f}" if s["method"] != "plain" else "",
+            f"{s['copied_drafts']:.0%}" if "copied_drafts" in s else "",
             f"{s['speedup_vs_plain']:.2f}x",
             f"{s['speedup_vs_lookup']:.2f}x",
         )

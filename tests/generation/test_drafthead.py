@@ -219,6 +219,47 @@ def test_the_head_sends_the_prefix_worth_its_price() -> None:
     assert near.calibration > 1.0
 
 
+def test_a_copy_is_sent_when_it_is_worth_more_than_the_guesses() -> None:
+    """Unsure guesses (prefixes 0.2, 0.04) and a text that repeats itself: the copy after the repeated 3 tokens is
+    sent. Once copies after such matches are rejected and the guesses accepted, the guesses go out."""
+
+    class Scripted(HeadDrafter):
+        def propose(self, ids, k):
+            self._sure = [0.2, 0.04][:k]
+            return [70, 71][:k]
+
+    ids = [5, 6, 7, 8, 9, 5, 6, 7]  # "5 6 7" came before, followed by "8 9 5 6 7"
+    d = Scripted(None, cost=_priced(0.330, 0.010))  # type: ignore[arg-type]
+    assert d.draft(ids, 8) == [8]  # untimed: the copy's first token (0.5 before evidence) is sure enough
+    d.update(1, 1, 0.3)
+    assert d.draft(ids, 8) == [8, 9, 5, 6]  # timed at 250 ms: rows are cheap, four copied tokens are worth theirs
+    assert d.drafts_from == {"head": 0, "lookup": 2}
+    d.update(0, 4, 0.3)
+    for _ in range(12):  # copies after 3-token matches are all rejected, the head's guesses all accepted
+        draft = d.draft(ids, 8)
+        d.update(len(draft) if draft[0] == 70 else 0, len(draft), 0.3)
+    assert d.draft(ids, 8) == [70, 71] and d.drafts_from["lookup"] > 2
+    alone = Scripted(None, cost=_priced(0.330, 0.010), lookup=False)  # type: ignore[arg-type]
+    assert alone.draft(ids, 8) == []  # no guess is sure enough untimed, and no copy is looked up
+
+
+def test_greedy_with_the_head_and_copies_equals_plain(trained) -> None:
+    """The default drafter (the head's guesses or a copy each step, by the cost model; rows free here so drafts go
+    out): the output is plain decoding's, and the tiny model's looping answers are copied."""
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}")
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    used = {"head": 0, "lookup": 0}
+    for prompt in SEEN[:4]:
+        plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True)
+        drafter = HeadDrafter(head, cost=_priced(0.01, 0.0))
+        spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
+        assert spec.token_ids == plain.token_ids
+        assert spec.steps < plain.steps
+        used = {k: used[k] + drafter.drafts_from[k] for k in used}
+    assert used["lookup"] > 0 and used["head"] > 0
+
+
 def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:
     """With a seed, the drafts sent may not depend on the clock (each consumes a random draw): the head is not told
     step times then, and the same seed gives the same tokens."""

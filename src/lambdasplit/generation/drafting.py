@@ -116,8 +116,12 @@ class StepCost:
     def best_length(self, expected: Sequence[float]) -> int:
         """How many drafted tokens to send: ``expected[j - 1]`` is how many tokens are expected to be accepted
         when the first ``j`` are sent (one more comes from the model in any case)."""
+        return self.best(expected)[0]
+
+    def best(self, expected: Sequence[float]) -> tuple[int, float]:
+        """``best_length`` and the tokens per second it expects (0.0 while a plain step's price is not known)."""
         if not self._fresh(0):
-            return 0
+            return 0, 0.0
         best, best_rate = 0, 1.0 / max(self.seconds[0], 1e-9)
         for j, accepted in enumerate(expected, start=1):
             seconds = self.estimate(j)
@@ -125,7 +129,7 @@ class StepCost:
             rate = (1.0 + accepted) / max(seconds, 1e-9)
             if rate > best_rate:
                 best, best_rate = j, rate
-        return best
+        return best, best_rate
 
     def could_gain(self, expected: Sequence[float], gain: float, limit: int) -> bool:
         """Whether drafting more can change ``best_length``'s answer: some count past ``len(expected)``, up to
@@ -186,6 +190,11 @@ class PromptLookupDrafter(Drafter):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def propose(self, ids: Sequence[int], k: int) -> list[int]:
+        return self.match(ids, k)[0]
+
+    def match(self, ids: Sequence[int], k: int) -> tuple[list[int], int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix found, and that
+        suffix's length in tokens (0: no match)."""
         ids = list(ids)
         end = len(ids)
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
@@ -193,8 +202,8 @@ class PromptLookupDrafter(Drafter):
             # Latest match first; the match must end before the suffix itself so something follows it.
             for start in range(end - n - 1, -1, -1):
                 if ids[start : start + n] == pattern:
-                    return ids[start + n : start + n + k]
-        return []
+                    return ids[start + n : start + n + k], n
+        return [], 0
 
 
 class ModelDrafter(Drafter):

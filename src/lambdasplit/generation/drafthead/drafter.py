@@ -15,11 +15,18 @@ this drafter (accepted / expected), and ``StepCost`` turns it into the count wit
 second: the longer the round trip, the more it sends (1.76 guesses a step over 30 ms, 2.52 over 250 ms, on
 MT-Bench). Where steps are not timed (the first step, which also fills the head's cache; seeded sampling, whose
 output must not depend on the clock), the guesses whose prefix probability is at least ``sure_enough`` are sent.
+
+The head cannot see the prompt (its cache starts at the prompt's last position), and a small head guesses a
+numbered list's next "**3." less surely than a copy would. So each step it also looks up a copy (prompt lookup:
+the tokens that followed the latest earlier occurrence of the last 1-3 tokens) and sends whichever of the two is
+worth more by the same cost model. A copy's chance of being accepted is learnt from how copies fared in this
+generation, by the length of the match (a prior of 0.5 per token, worth two copies, before any evidence). Either
+way the draft is a point mass that depends only on the ids so far, so the sampling rule is unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,7 +34,7 @@ from transformers import Cache
 
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafthead.model import DraftHead, HeadInfo, target_matrices
-from lambdasplit.generation.drafting import Drafter, DraftLength, StepCost
+from lambdasplit.generation.drafting import Drafter, DraftLength, PromptLookupDrafter, StepCost
 from lambdasplit.generation.session import Decoder, SplitDecoder
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import rewind
@@ -40,6 +47,10 @@ class HeadDrafter(Drafter):
     floor = 0.02
     #: Untimed steps send the guesses whose prefix is at least this likely to be accepted.
     sure_enough = 0.3
+    #: Before any evidence, a copy's first i tokens are accepted with probability ``copy_prior ** i``; the prior
+    #: weighs as much as ``copy_prior_weight`` copies sent.
+    copy_prior = 0.5
+    copy_prior_weight = 2.0
 
     def __init__(
         self,
@@ -48,12 +59,20 @@ class HeadDrafter(Drafter):
         *,
         info: HeadInfo | None = None,
         cost: StepCost | None = None,
+        lookup: bool = True,
     ) -> None:
-        # Adaptive (the default): up to ``length.k_max`` guesses a step, and the cost model picks how many are sent;
-        # ``adaptive=False`` sends ``length.k`` every step.
+        # Adaptive (the default): up to ``length.k_max`` guesses a step, and the cost model picks how many are sent,
+        # the head's or (``lookup``) a copy; ``adaptive=False`` sends ``length.k`` of the head's every step.
         super().__init__(length or DraftLength(k=8, k_min=1, k_max=8))
         self.cost = cost or StepCost()
         self.head, self.info = head, info
+        self.lookup = PromptLookupDrafter(max_ngram=3, min_ngram=1) if lookup else None
+        #: Steps whose draft came from the head and from a copy (in this drafter's life).
+        self.drafts_from = {"head": 0, "lookup": 0}
+        self._source = "head"  # where the last draft came from
+        self._match = 0  # the last copy's match length, in tokens
+        # match length -> (copies sent with more than i tokens, copies with more than i accepted), i < k_max
+        self._copies: dict[int, tuple[list[int], list[int]]] = {}
         self._sure: list[float] = []  # the last draft's prefix probabilities, as the head sees them
         self._expected = self._accepted = 0.0  # expected and accepted drafted tokens so far
         self._timed = False  # whether steps are timed: the cost model decides (not on the first step)
@@ -80,31 +99,62 @@ class HeadDrafter(Drafter):
 
     def draft(self, ids: Sequence[int], limit: int) -> list[int]:
         k = min(self.length.k_max if self.length.adaptive else self.length.k, limit)
+        self._source = "head"
         if k <= 0:
             self._sure = []
             return []
         guesses = self.propose(ids, k)
         if not self.length.adaptive:  # a fixed length: k guesses every step, whatever they cost
             return guesses
+        copied, self._match = self.lookup.match(ids, k) if self.lookup is not None else ([], 0)
+        copy_sure = self._copy_odds(self._match, len(copied))
         if self._timed:
-            expected, total = [], 0.0
-            for p in self._sure:
-                total += min(1.0, self.calibration * p)
-                expected.append(total)
-            n = self.cost.best_length(expected)
+            n, rate = self.cost.best(_running_sum(self._gain(p) for p in self._sure))
+            n_copy, copy_rate = self.cost.best(_running_sum(copy_sure)) if copied else (0, 0.0)
+            use_copy = n_copy > 0 and copy_rate > rate
         else:
             n = sum(1 for p in self._sure if p >= self.sure_enough)
-        self._sure = self._sure[:n]
-        return guesses[:n]
+            n_copy = sum(1 for p in copy_sure if p >= self.sure_enough)
+            use_copy = n_copy > n
+        if use_copy:
+            self._source, self._sure = "lookup", []
+            draft = copied[:n_copy]
+        else:
+            self._sure = self._sure[:n]
+            draft = guesses[:n]
+        if draft:
+            self.drafts_from[self._source] += 1
+        return draft
 
     def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
         if seconds is not None and self._steps > 0:  # the first step also filled the head's cache: not a price
             self.cost.observe(drafted, seconds)
         self._steps += 1
         self._timed = seconds is not None
-        if drafted:
+        if drafted and self._source == "lookup":
+            sent, kept = self._copies.setdefault(self._match, ([0] * self.length.k_max, [0] * self.length.k_max))
+            for i in range(min(drafted, len(sent))):
+                sent[i] += 1
+                kept[i] += i < accepted
+        elif drafted:
             self._expected += sum(self._sure[:drafted])
             self._accepted += accepted
+
+    def _gain(self, sure: float) -> float:
+        """Expected accepted tokens a guess adds, from its prefix probability as the head sees it (calibrated)."""
+        return min(1.0, self.calibration * sure)
+
+    def _copy_odds(self, match: int, length: int) -> list[float]:
+        """The chance that a copy's first 1 .. ``length`` tokens are accepted, after a ``match``-token match: from
+        the copies after such matches so far, with the prior (never rising with length)."""
+        sent, kept = self._copies.get(match, ([0] * length, [0] * length))
+        odds, last = [], 1.0
+        for i in range(length):
+            seen = (sent[i], kept[i]) if i < len(sent) else (0, 0)
+            prior = self.copy_prior ** (i + 1)
+            last = min(last, (seen[1] + self.copy_prior_weight * prior) / (seen[0] + self.copy_prior_weight))
+            odds.append(last)
+        return odds
 
     @torch.inference_mode()
     def propose(self, ids: Sequence[int], k: int) -> list[int]:
@@ -152,7 +202,7 @@ class HeadDrafter(Drafter):
             return False
         if not self._timed:
             return sure >= self.sure_enough
-        gain = min(1.0, self.calibration * sure)
+        gain = self._gain(sure)
         expected.append((expected[-1] if expected else 0.0) + gain)
         return self.cost.could_gain(expected, gain, k)
 
@@ -161,6 +211,14 @@ class HeadDrafter(Drafter):
         if self.decoder is not None:
             self.decoder.keep_features = False
             self.decoder = None
+
+
+def _running_sum(values: Iterable[float]) -> list[float]:
+    total, out = 0.0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
 
 
 #: Heads loaded so far, shared by the drafters made for them (an agent makes one per request): a head is read-only
