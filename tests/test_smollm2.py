@@ -94,3 +94,8 @@ def test_the_model_writes_distinct_prompts_of_its_own(unsplit: PreTrainedModel) 
     assert again[:3] == first[2:]  # the same samples, minus the two excluded
     assert len(first) == 5 and len({p.lower() for p in first}) == 5
     assert all(len(p.split()) >= 3 and "<|im_" not in p and p == p.strip() for p in first), first
+    # Steered: batches take turns with each opening, and the model writes at least three words after it.
+    openings = ("Write a poem", "Explain")
+    steered = synthetic_prompts(unsplit, tokenizer, 6, batch_size=4, max_new_tokens=48, seed=1, openings=openings)
+    assert {p.split()[0] for p in steered} == {"Write", "Explain"}, steered
+    assert all(any(p.startswith(o) and len(p.split()) >= len(o.split()) + 3 for o in openings) for p in steered)

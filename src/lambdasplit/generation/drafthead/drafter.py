@@ -226,8 +226,11 @@ def _running_sum(values: Iterable[float]) -> list[float]:
 _LOADED: dict[tuple[str, int, str, object], tuple[DraftHead, HeadInfo]] = {}
 
 
-def head_drafter(split: SplitModel, path: str | Path | None = None, length: DraftLength | None = None) -> HeadDrafter:
-    """The draft head at ``path`` (default: the one shipped for the embedded SmolLM2-135M-Instruct), for ``split``."""
+def head_drafter(
+    split: SplitModel, path: str | Path | None = None, length: DraftLength | None = None, *, lookup: bool = True
+) -> HeadDrafter:
+    """The draft head at ``path`` (default: the one shipped for the embedded SmolLM2-135M-Instruct), for ``split``;
+    ``lookup=False``: its guesses only, never a copy."""
     from lambdasplit.generation.drafthead import HEAD_FILE
 
     if split.head is None or split.tail is None or split.head.model is None or split.tail.model is None:
@@ -251,4 +254,4 @@ def head_drafter(split: SplitModel, path: str | Path | None = None, length: Draf
             f"{e}. The shipped head fits the embedded smollm2-135m-instruct only: train one for this model with "
             "benchmarks/train_draft_head.py and pass --speculative head:PATH"
         ) from None
-    return HeadDrafter(head, length, info=info)
+    return HeadDrafter(head, length, info=info, lookup=lookup)
