@@ -153,7 +153,7 @@ def main() -> None:
 
     def shown(done: int, total: int, tokens: int) -> None:
         rate = tokens / max(1e-9, time.perf_counter() - part_started)
-        print(f"answered {done}/{total} prompts, {tokens} tokens, {rate:.0f} tokens/s", flush=True)
+        print(f"answered {done}/{total} prompts, {tokens} tokens, {rate:.0f} tokens/s since the part began", flush=True)
 
     def answers_to(texts: list[str], by: torch.nn.Module) -> list[Answer]:
         return answer_prompts(

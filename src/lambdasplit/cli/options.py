@@ -36,7 +36,8 @@ Speculative = Annotated[
     str | None,
     typer.Option(
         help="Draft tokens and verify several per round trip, output unchanged: lookup (n-grams of the prompt and "
-        "text so far), head (the trained draft head shipped for the default model; head:PATH another), self (head "
+        "text so far), head (the trained draft head shipped for the default model, or a copy when one is worth more; "
+        "head:PATH another head), self (head "
         "and tail without the body) or model:PATH (a small model, same tokenizer).",
     ),
 ]
