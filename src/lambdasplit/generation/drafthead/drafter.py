@@ -8,11 +8,11 @@ and forgets those guesses at the next step. Drafts are greedy over the head's dr
 draft, which the acceptance rule (``speculative.verify``) needs to keep the sampling distribution unchanged.
 
 How many of them to send is decided each step from what they are worth and what they cost. The head's
-probability of its own guess is a usable estimate of acceptance (measured on 10 MT-Bench answers, 1,200 steps:
-first guesses it gave >= 0.9 were accepted 93% of the time, 0.4-0.5: 38%, < 0.1: 6%); the product along the draft
+probability of its own guess is a usable estimate of acceptance (the shipped head on 10 MT-Bench answers, 716 steps:
+first guesses it gave >= 0.9 were accepted 90% of the time, 0.4-0.5: 44%, < 0.1: 3%); the product along the draft
 estimates that a whole prefix is accepted. The expected count is scaled by how the estimates fared so far with
 this drafter (accepted / expected), and ``StepCost`` turns it into the count with the most expected tokens per
-second: the longer the round trip, the more it sends (1.76 guesses a step over 30 ms, 2.52 over 250 ms, on
+second: the longer the round trip, the more it sends (2.27 guesses a step over 30 ms, 3.05 over 250 ms, on
 MT-Bench). Where steps are not timed (the first step, which also fills the head's cache; seeded sampling, whose
 output must not depend on the clock), the guesses whose prefix probability is at least ``sure_enough`` are sent.
 
