@@ -165,18 +165,6 @@ def main() -> None:
             progress=shown,
         )
 
-    def written(count: int, seed: int, openings: tuple[str, ...], exclude: list[str]) -> list[str]:
-        return synthetic_prompts(
-            generator(),
-            tokenizer,
-            count,
-            batch_size=args.batch,
-            seed=seed,
-            exclude=exclude,
-            openings=openings,
-            progress=lambda kept, total: print(f"wrote {kept}/{total} synthetic prompts", flush=True),
-        )
-
     # Each part of the data is cached on its own (``--answers`` folder), with the settings that made it: adding a
     # part (e.g. ``--steered``) answers only its prompts. Held-out answers come from the float32 model, as a device
     # decodes; training answers from ``--generation-dtype``.
@@ -188,9 +176,20 @@ def main() -> None:
     }
     made: dict[str, list[str]] = {}
 
-    def synthetic_part(count: int, seed: int, openings: tuple[str, ...], after: list[str]) -> Callable[[], Any]:
+    def synthetic_part(count: int, seed: int, openings: tuple[str, ...] = ()) -> Callable[[], Any]:
         def make() -> tuple[list[str], list[Answer]]:
-            texts = written(count, seed, openings, prompts + [t for name in after for t in made[name]] + bench)
+            # Distinct from every prompt so far: the file's, the parts made before this one, the benchmark's.
+            exclude = prompts + [t for texts in made.values() for t in texts] + bench
+            texts = synthetic_prompts(
+                generator(),
+                tokenizer,
+                count,
+                batch_size=args.batch,
+                seed=seed,
+                exclude=exclude,
+                openings=openings,
+                progress=lambda kept, total: print(f"wrote {kept}/{total} synthetic prompts", flush=True),
+            )
             return texts, answers_to(texts, generator())
 
         return make
@@ -198,10 +197,10 @@ def main() -> None:
     bench = [json.loads(line)["prompt"] for line in BENCH_PROMPTS.read_text().splitlines() if line.strip()]
     if args.synthetic:
         settings = common | dtype | {"count": args.synthetic}
-        parts["synthetic"] = (settings, synthetic_part(args.synthetic, 0, (), []))
+        parts["synthetic"] = (settings, synthetic_part(args.synthetic, 0))
     if args.steered:
         settings = common | dtype | {"count": args.steered, "openings": OPENINGS, "after_synthetic": args.synthetic}
-        parts["steered"] = (settings, synthetic_part(args.steered, 1, OPENINGS, ["synthetic"] * bool(args.synthetic)))
+        parts["steered"] = (settings, synthetic_part(args.steered, 1, OPENINGS))
     data: dict[str, list[Answer]] = {}
     gen_seconds = 0.0
     for name, (settings, make) in parts.items():

@@ -26,7 +26,8 @@ way the draft is a point mass that depends only on the ids so far, so the sampli
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -109,8 +110,8 @@ class HeadDrafter(Drafter):
         copied, self._match = self.lookup.match(ids, k) if self.lookup is not None else ([], 0)
         copy_sure = self._copy_odds(self._match, len(copied))
         if self._timed:
-            n, rate = self.cost.best(_running_sum(self._gain(p) for p in self._sure))
-            n_copy, copy_rate = self.cost.best(_running_sum(copy_sure)) if copied else (0, 0.0)
+            n, rate = self.cost.best(list(accumulate(self._gain(p) for p in self._sure)))
+            n_copy, copy_rate = self.cost.best(list(accumulate(copy_sure))) if copied else (0, 0.0)
             use_copy = n_copy > 0 and copy_rate > rate
         else:
             n = sum(1 for p in self._sure if p >= self.sure_enough)
@@ -211,14 +212,6 @@ class HeadDrafter(Drafter):
         if self.decoder is not None:
             self.decoder.keep_features = False
             self.decoder = None
-
-
-def _running_sum(values: Iterable[float]) -> list[float]:
-    total, out = 0.0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 #: Heads loaded so far, shared by the drafters made for them (an agent makes one per request): a head is read-only
