@@ -10,7 +10,9 @@ itself (Magpie); the answers and hidden states are the model's own (greedy, thro
 answers from a bfloat16 copy of the model, about twice as fast on a CPU with bf16 instructions). A fixed 5% of the
 file's prompts is held out, answered by the float32 model, and scored as greedy drafting would be; the head this
 run replaces is scored on the same answers. The answers are cached (``--answers``), so a second run trains without
-regenerating them.
+regenerating them. With ``--head-layers N`` (default 2: the library's default split) the head also reads what the
+model's first N layers make of each token, as a split device's head computes them; they are recomputed from the
+cached answers each run (about 2 minutes for 5,400 answers).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from lambdasplit.generation.drafthead import (
     synthetic_prompts,
     train_head,
 )
+from lambdasplit.generation.drafthead.data import add_states
 from lambdasplit.generation.drafthead.model import target_matrices
 from lambdasplit.generation.drafthead.train import accepted_length, tree_size, truth_ranks
 from lambdasplit.models.resolve import resolve_checkpoint
 from lambdasplit.models.unsplit import load_unsplit
+from lambdasplit.split import load_split
 
 #: ``--steered``: openings of the user messages the model writes (the rest is its own), for long-form requests of
 #: the kinds chat users make: writing, role play, explanations (STEM), discussion (humanities). None is a benchmark
@@ -227,6 +231,15 @@ def main() -> None:
         tokens = sum(len(a.tokens) for a in data[name])
         print(f"{name}: {len(data[name])} answers, {tokens} tokens (generated in {saved['seconds']:.0f} s)", flush=True)
     generators.clear()
+    if recipe.head_layers:  # what the device's head (the first N layers) makes of every answer token
+        points = (recipe.head_layers, int(model.config.num_hidden_layers))
+        first = load_split(path, points, parts=("head",), dtype="float32", quiet=True).head
+        assert first is not None
+        started = time.perf_counter()
+        for name, answers_of in data.items():
+            add_states(first, chat_prompts(tokenizer, made[name]), answers_of)
+        seconds = time.perf_counter() - started
+        print(f"states of the first {recipe.head_layers} layers added in {seconds:.0f} s", flush=True)
     heldout = data.pop("heldout")
     train = [a for answers in data.values() for a in answers]
     answers = heldout + train
@@ -265,7 +278,9 @@ def main() -> None:
         "heldout": scores,
         "threads": torch.get_num_threads(),
     }
-    info = HeadInfo(args.model, int(embed.shape[0]), int(embed.shape[1]), head._fingerprint, record)
+    info = HeadInfo(
+        args.model, int(embed.shape[0]), int(embed.shape[1]), head._fingerprint, record, head_layers=head.head_layers
+    )
     size = head.save(args.out, info)
     record["file_bytes"] = size
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)

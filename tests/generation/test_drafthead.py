@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ from lambdasplit.generation.drafthead import (
     synthetic_prompts,
     train_head,
 )
+from lambdasplit.generation.drafthead.data import add_states
 from lambdasplit.generation.drafthead.drafter import HeadDrafter
 from lambdasplit.generation.drafthead.model import target_matrices
 from lambdasplit.split import load_split
@@ -64,22 +66,45 @@ def _prompts(count: int, seed: int) -> list[list[int]]:
 SEEN = _prompts(48, 0)
 
 
-def _train(model, recipe: Recipe) -> tuple[DraftHead, list, list]:
-    answers = answer_prompts(model, SEEN, max_new_tokens=32, batch_size=16)
-    heldout = answer_prompts(model, _prompts(8, 1), max_new_tokens=32, batch_size=8)
+def _train(path: Path, model, recipe: Recipe) -> tuple[DraftHead, list, list]:
+    """A head for the checkpoint at ``path`` (loaded as ``model``), trained on its answers to ``SEEN``; with the
+    states of its first ``recipe.head_layers`` layers, as a split device's head computes them."""
+    prompts, others = SEEN, _prompts(8, 1)
+    answers = answer_prompts(model, prompts, max_new_tokens=32, batch_size=16)
+    heldout = answer_prompts(model, others, max_new_tokens=32, batch_size=8)
+    if recipe.head_layers:
+        first = load_split(path, (recipe.head_layers, model.config.num_hidden_layers), parts=("head",)).head
+        add_states(first, prompts, answers)
+        add_states(first, others, heldout)
     head, _ = train_head(model, answers, recipe)
     return head, answers, heldout
 
 
+def _saved(head: DraftHead, model, folder: Path) -> Path:
+    file = folder / f"head-{head.head_layers}.safetensors"
+    emb, _ = target_matrices(model)
+    info = HeadInfo("tiny-llama", int(emb.shape[0]), int(emb.shape[1]), head._fingerprint, {}, head.head_layers)
+    head.save(file, info)
+    return file
+
+
+#: The tests' heads: 6 epochs on the tiny model's answers, reading its first layer (the tests' usual cut, 1:N-1).
+RECIPE = Recipe(epochs=6, batch_size=8, draft_vocab=256, warmup_steps=4, head_layers=1)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
-    """(tiny llama checkpoint, a head trained for it on its own answers, saved)."""
+    """(tiny llama checkpoint, a head trained for it on its own answers and its first layer's states, saved)."""
     path, ref = tiny_checkpoint("llama")
-    head, _, _ = _train(ref, Recipe(epochs=6, batch_size=8, draft_vocab=256, warmup_steps=4))
-    file = tmp_path_factory.mktemp("head") / "head.safetensors"
-    emb, _ = target_matrices(ref)
-    head.save(file, HeadInfo("tiny-llama", int(emb.shape[0]), int(emb.shape[1]), head._fingerprint, {}))
-    return path, file
+    return path, _saved(_train(path, ref, RECIPE)[0], ref, tmp_path_factory.mktemp("head"))
+
+
+@pytest.fixture(scope="module")
+def other_heads(tiny_checkpoint, tmp_path_factory) -> dict[int, Path]:
+    """Heads for the same model reading no layer's states (the token embedding only) and its first two layers'."""
+    path, ref = tiny_checkpoint("llama")
+    folder = tmp_path_factory.mktemp("heads")
+    return {n: _saved(_train(path, ref, replace(RECIPE, head_layers=n))[0], ref, folder) for n in (0, 2)}
 
 
 def test_answers_hold_the_features_the_lm_head_saw(tiny_checkpoint) -> None:
@@ -109,10 +134,9 @@ def test_synthetic_prompts_are_refused_clearly_when_the_model_cannot_write_them(
 
 @pytest.mark.parametrize("soft_labels", [False, True], ids=["target-token", "target-distribution"])
 def test_training_learns_to_draft_the_models_answers(tiny_checkpoint, soft_labels: bool) -> None:
-    _, ref = tiny_checkpoint("llama")
-    untrained, _, heldout = _train(ref, Recipe(epochs=0, draft_vocab=256))
-    recipe = Recipe(epochs=6, batch_size=8, draft_vocab=256, warmup_steps=4, soft_labels=soft_labels)
-    head, _, _ = _train(ref, recipe)
+    path, ref = tiny_checkpoint("llama")
+    untrained, _, heldout = _train(path, ref, replace(RECIPE, epochs=0))
+    head, _, _ = _train(path, ref, replace(RECIPE, soft_labels=soft_labels))
     before, after = evaluate(untrained, heldout, k=4), evaluate(head, heldout, k=4)
     assert after["tokens_per_step"] > before["tokens_per_step"] + 0.3, (before, after)
     assert after["first_token_acceptance"] > 0.3
@@ -140,9 +164,14 @@ def test_the_weights_file_round_trips_and_refuses_another_model(trained, tiny_ch
         ).run()
 
 
-@pytest.mark.parametrize("points", [(1, N - 1), (2, 2)], ids=lambda p: f"{p[0]}:{p[1]}")
-def test_greedy_with_the_head_equals_plain(trained, points: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    ("points", "head_layers"),
+    [((1, N - 1), 1), ((2, 2), 2), ((1, N - 1), 0)],
+    ids=["1:N-1-states-of-1", "2:2-states-of-2", "1:N-1-embedding-only"],
+)
+def test_greedy_with_the_head_equals_plain(trained, other_heads, points: tuple[int, int], head_layers: int) -> None:
     path, file = trained
+    file = file if head_layers == 1 else other_heads[head_layers]
     split = load_split(path, points, device="cpu", dtype="float32")
     accepted = drafted = spec_steps = plain_steps = 0
     for prompt in SEEN[:4]:
@@ -154,6 +183,66 @@ def test_greedy_with_the_head_equals_plain(trained, points: tuple[int, int]) -> 
         spec_steps, plain_steps = spec_steps + spec.steps, plain_steps + plain.steps
     assert 0 < accepted < drafted  # drafts kept and rolled back
     assert spec_steps < plain_steps
+
+
+def test_a_head_reading_states_refuses_another_cut(trained) -> None:
+    path, file = trained  # reads the first layer's output
+    split = load_split(path, (2, N - 1))
+    drafter = make_drafter(f"head:{file}", split, FIXED)
+    with pytest.raises(ConfigError, match=r"first 1 layers, and the device's head runs 2: cut the model at 1"):
+        generate(split, SEEN[0], max_new_tokens=4, drafter=drafter)
+
+
+def test_live_drafts_read_what_training_read(trained, tiny_checkpoint) -> None:
+    """Each step's guesses, drafted live from the decoder's features and the head's look-ahead, come with the
+    probabilities the head gives them from the answer's recorded features and states (``answer_prompts``,
+    ``add_states``), as in training: the rows line up position for position, for the first guess (the pairs the
+    last step settled) and the second (the state of the guessed token, in context)."""
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}", device="cpu", dtype="float32")
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    prompt = SEEN[2]
+
+    class Recording(HeadDrafter):
+        steps: dict[int, tuple[list[int], list[float]]]
+
+        def propose(self, ids, k):
+            out = super().propose(ids, k)
+            assert self.decoder is not None
+            self.steps = {**getattr(self, "steps", {}), self.decoder.length: (out, list(self._sure))}
+            return out
+
+    drafter = Recording(head, FIXED, lookup=False)
+    spec = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
+    _, ref = tiny_checkpoint("llama")
+    (answer,) = answer_prompts(ref, [prompt], max_new_tokens=NEW, batch_size=1)
+    assert answer.tokens.tolist() == spec.token_ids
+    add_states(load_split(path, (1, N), parts=("head",)).head, [prompt], [answer])
+    tokens, feats, states = answer.tokens[None], answer.features[None].float(), answer.states[None].float()
+    positions = torch.arange(answer.start + 1, answer.start + 1 + tokens.shape[1])[None]
+
+    def sure(h: torch.Tensor) -> float:
+        return float(torch.softmax(head.logits(h[0, -1]), dim=-1).max())
+
+    seconds = 0
+    for end, (guesses, prefix) in drafter.steps.items():  # drafted after the pair (feature at end - 1, token at end)
+        j = end - 1 - answer.start
+        with torch.no_grad():
+            cache = head.new_cache()
+            h = head(tokens[:, : j + 1], feats[:, : j + 1], positions[:, : j + 1], cache, states=states[:, : j + 1])
+            assert prefix[0] == pytest.approx(first := sure(h[:, -1:]), abs=2e-3), end
+            if j + 2 < tokens.shape[1] and guesses[0] == int(tokens[0, j + 1]):  # the guess was the answer's token
+                after = j + 1
+                h = head(
+                    tokens[:, after : after + 1],
+                    h[:, -1:],
+                    positions[:, after : after + 1],
+                    cache,
+                    states=states[:, after : after + 1],
+                )
+                assert prefix[1] == pytest.approx(first * sure(h), abs=2e-3), end
+                seconds += 1
+    assert len(drafter.steps) > 5 and seconds > 2
 
 
 class FrozenCost(StepCost):
@@ -318,7 +407,8 @@ def test_sampling_with_the_head_keeps_the_distribution(one_thread, tmp_path) -> 
     ref = build_tiny("llama", num_layers=1)
     ref.save_pretrained(tmp_path / "m")
     split = load_split(tmp_path / "m", "0:1", device="cpu", dtype="float32")
-    head, _, _ = _train(ref, Recipe(epochs=30, batch_size=8, draft_vocab=128, warmup_steps=4))
+    recipe = Recipe(epochs=30, batch_size=8, draft_vocab=128, warmup_steps=4, head_layers=0)  # the cut has no layer
+    head, _, _ = _train(tmp_path / "m", ref, recipe)
     k, samples = 3, 3000
 
     def run(prompt: list[int], params: SamplingParams) -> GenerationResult:

@@ -24,7 +24,16 @@ from lambdasplit.split.parts import Body, rewind, with_cache
 from lambdasplit.split.state import BodyState
 from lambdasplit.traffic import Traffic
 
-__all__ = ["BodyLink", "Decoder", "LocalBodyLink", "ModelDecoder", "SplitDecoder", "Traffic", "tensor_bytes"]
+__all__ = [
+    "BodyLink",
+    "Decoder",
+    "KeptRows",
+    "LocalBodyLink",
+    "ModelDecoder",
+    "SplitDecoder",
+    "Traffic",
+    "tensor_bytes",
+]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -166,6 +175,41 @@ class DecoderBase:
         del self.ids[length:]
 
 
+class KeptRows:
+    """One row per position from ``first``, kept for a drafter as a decoder computes them; a gap or an overlap
+    starts the record over."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.first = 0
+
+    @property
+    def end(self) -> int:
+        """The position after the last row held."""
+        return self.first + (0 if self.rows is None else int(self.rows.shape[0]))
+
+    def add(self, rows: torch.Tensor, first: int) -> None:
+        if self.rows is not None and self.end == first:
+            self.rows = torch.cat([self.rows, rows])
+        else:
+            self.rows, self.first = rows, first
+
+    def cut(self, position: int) -> None:
+        """Forget the rows at ``position`` and after (a run recomputes them)."""
+        if self.rows is not None:
+            self.rows = self.rows[: max(0, position - self.first)]
+
+    def span(self, start: int, stop: int) -> torch.Tensor | None:
+        """The rows for positions ``start .. stop - 1``; None unless all of them are held."""
+        if self.rows is None or not self.first <= start <= stop <= self.end:
+            return None
+        return self.rows[start - self.first : stop - self.first]
+
+    def forget_before(self, position: int) -> None:
+        if self.rows is not None and position > self.first:
+            self.rows, self.first = self.rows[position - self.first :], position
+
+
 class SplitDecoder(DecoderBase):
     """Head and tail here, the body behind ``link``; logits for the positions asked for only.
 
@@ -181,12 +225,11 @@ class SplitDecoder(DecoderBase):
         self.split, self.link, self.use_cache = split, link, use_cache
         self.head_cache = split.head.new_cache() if use_cache else None
         self.tail_cache = split.tail.new_cache() if use_cache and split.tail is not None else None
-        #: Set by a drafter that reads the model's last hidden states (``HeadDrafter``): ``features`` then holds
-        #: what the LM head was given at positions ``features_from ..`` (rows for positions the tail computed
-        #: logits for: a prompt's last, then every position fed one step at a time).
+        #: Set by a drafter that reads the model's hidden states (``HeadDrafter``): ``features`` then holds what
+        #: the LM head was given (rows for the positions the tail computed logits for: a prompt's last, then every
+        #: position fed one step at a time), ``states`` what the head computed (before the wire) at every position.
         self.keep_features = False
-        self.features: torch.Tensor | None = None
-        self.features_from = 0
+        self.features, self.states = KeptRows(), KeptRows()
 
     @property
     def traffic(self) -> Traffic:
@@ -197,12 +240,15 @@ class SplitDecoder(DecoderBase):
         device = self.split.runtime.device
         position = len(self.ids)
         self.ids.extend(new_ids)
-        if self.features is not None:  # rows for positions this run recomputes (rolled back or resumed) go
-            self.features = self.features[: max(0, position - self.features_from)]
+        self.features.cut(position)  # rows for positions this run recomputes (rolled back or resumed) go
+        self.states.cut(position)
         if self.use_cache:
             rewind(self.head_cache, position)
             x = torch.tensor([new_ids], device=device)
-            hidden = self._encode(self.split.head(x, self.head_cache))  # (1, T_new, D)
+            raw = self.split.head(x, self.head_cache)  # (1, T_new, D)
+            if self.keep_features:
+                self.states.add(raw[0], position)
+            hidden = self._encode(raw)
             return self._finish(self.link.forward(hidden, position, last=self.stip and keep == 1), keep, position)
         x = torch.tensor([self.ids], device=device)
         hidden = self._encode(self.split.head(x))  # (1, T_all, D): the whole sequence crosses again
@@ -218,18 +264,18 @@ class SplitDecoder(DecoderBase):
             rewind(self.tail_cache, position)
             if self.keep_features:
                 logits, features = self.split.tail.forward_with_features(out, self.tail_cache, logits_to_keep=keep)
-                self._keep_features(features[0], position + out.shape[1] - keep)
+                self.features.add(features[0], position + out.shape[1] - keep)
                 return logits[0]
             return self.split.tail(out, self.tail_cache, logits_to_keep=keep)[0]
         return self.split.tail(out, logits_to_keep=keep)[0]  # (keep, V)
 
-    def _keep_features(self, rows: torch.Tensor, first: int) -> None:
-        """Add feature ``rows`` for positions ``first ..``; a gap or an overlap starts the record over."""
-        held = self.features
-        if held is not None and self.features_from + held.shape[0] == first:
-            self.features = torch.cat([held, rows])
-        else:
-            self.features, self.features_from = rows, first
+    def look_ahead(self, ids: Sequence[int], position: int) -> torch.Tensor:
+        """What the head makes of ``ids`` (drafted, not yet verified) at positions ``position ..``: (T, D), before
+        the wire. The head's KV cache holds them until the next run, which rewinds it to the positions it feeds."""
+        assert self.split.head is not None and self.use_cache
+        rewind(self.head_cache, position)
+        x = torch.tensor([list(ids)], device=self.split.runtime.device)
+        return self.split.head(x, self.head_cache)[0]
 
     def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
         transform = self.split.wire_transform
@@ -243,7 +289,7 @@ class SplitDecoder(DecoderBase):
         """Forget the sequence (new head and tail caches); the link is kept, so only for stateless links."""
         assert self.split.head is not None
         self.ids = []
-        self.features = None
+        self.features, self.states = KeptRows(), KeptRows()
         self.head_cache = self.split.head.new_cache() if self.use_cache else None
         self.tail_cache = self.split.tail.new_cache() if self.use_cache and self.split.tail is not None else None
 

@@ -10,7 +10,9 @@ the last prompt position's hidden state, then each generated token's. Those are 
 tail holds on the device while decoding, so the head is trained on what it will see.
 
 An ``Answer`` holds, for one prompt: ``features`` (n, D) at positions ``start .. start + n - 1`` (``start`` is the
-last prompt position) and ``tokens`` (n,), the token that followed each of those positions (the answer).
+last prompt position) and ``tokens`` (n,), the token that followed each of those positions (the answer); and, for a
+head that reads the device's first layers, ``states`` (n, D): their output at each answer token's position
+(``add_states``, one forward of those layers over prompt and answer, as a split device's head computes them).
 """
 
 from __future__ import annotations
@@ -34,6 +36,29 @@ class Answer:
     start: int  # absolute position of the first feature row (the last prompt token)
     features: torch.Tensor  # (n, D), float16
     tokens: torch.Tensor  # (n,), int64: the token after each position
+    states: torch.Tensor | None = None  # (n, D), float16: the first layers' output at each token's position
+
+
+def add_states(
+    head: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Answer],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Set each answer's ``states``: ``head`` (a split's ``Head`` part: the target's first layers) run over its
+    prompt (token ids) and answer, kept at the answer tokens' positions. ``progress(done, total)`` every 64."""
+    if len(prompts) != len(answers):
+        raise ConfigError(f"{len(prompts)} prompts for {len(answers)} answers")
+    device = next(head.parameters()).device
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        if len(prompt) - 1 != answer.start:
+            raise ConfigError(f"answer {i} starts at position {answer.start}, its prompt has {len(prompt)} tokens")
+        ids = torch.tensor([[*prompt, *answer.tokens.tolist()]], device=device)
+        with torch.inference_mode():
+            answer.states = head(ids)[0, len(prompt) :].to(torch.float16).cpu()
+        if progress is not None and ((i + 1) % 64 == 0 or i + 1 == len(answers)):
+            progress(i + 1, len(answers))
 
 
 def answer_prompts(

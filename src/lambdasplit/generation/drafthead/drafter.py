@@ -89,6 +89,14 @@ class HeadDrafter(Drafter):
                 "the head drafter reads the model's last hidden state on the device: it needs a cached split "
                 "decoder with the tail here (not the unsplit model, STIP's layout or --no-cache)"
             )
+        layers = decoder.split.head.num_layers if decoder.split.head is not None else 0
+        if self.head is not None and self.head.head_layers and layers != self.head.head_layers:
+            raise ConfigError(
+                f"this draft head reads the output of the model's first {self.head.head_layers} layers, and the "
+                f"device's head runs {layers}: cut the model at {self.head.head_layers} (--layers "
+                f"{self.head.head_layers}:...) or train a head for this cut (benchmarks/train_draft_head.py "
+                f"--head-layers {layers})"
+            )
         self.decoder = decoder
         decoder.keep_features = True
         self._cache, self._timed, self._steps = None, False, 0
@@ -165,23 +173,32 @@ class HeadDrafter(Drafter):
         self._sure = []
         feats = decoder.features
         end = decoder.length  # positions the model holds; ids[end] is the token fed next
-        if feats is None or decoder.features_from + feats.shape[0] < end:
+        if feats.rows is None or feats.end < end:
             return []  # no features for the latest positions (cannot happen inside Generation)
         ids = list(ids)
-        fresh = self._cache is None or not decoder.features_from <= self._fed <= end
+        fresh = self._cache is None or not feats.first <= self._fed <= end
         if fresh or self._ids[: self._fed + 1] != ids[: self._fed + 1]:  # a new sequence: start at its features
-            self._cache, self._base = self.head.new_cache(), decoder.features_from
+            self._cache, self._base = self.head.new_cache(), feats.first
             self._fed = self._base
         assert self._cache is not None
         rewind(self._cache, self._fed - self._base)  # the last draft's guesses leave the head's cache
         first = self._fed
-        rows = feats[first - decoder.features_from : end - decoder.features_from]
+        rows = feats.span(first, end)
+        assert rows is not None
+        dtype = self.head.embed.dtype
+        states = None
+        if self.head.head_layers:  # the head's output at the tokens fed: kept by the decoder, then ids[end]'s
+            held = decoder.states.span(first + 1, end)
+            if held is None:
+                return []
+            states = torch.cat([held, decoder.look_ahead(ids[end : end + 1], end)])[None].to(dtype)
         tokens = torch.tensor([ids[first + 1 : end + 1]], device=rows.device)
         positions = torch.arange(first + 1, end + 1, device=rows.device)[None]
-        hidden = self.head(tokens, rows[None].to(self.head.embed.dtype), positions, self._cache)[:, -1:]
+        hidden = self.head(tokens, rows[None].to(dtype), positions, self._cache, states=states)[:, -1:]
         self._fed, self._ids = end, ids[: end + 1]
         # The rows now in the head's cache are not needed again: the decoder keeps only what comes next.
-        decoder.features, decoder.features_from = feats[end - decoder.features_from :], end
+        feats.forget_before(end)
+        decoder.states.forget_before(end)
         out: list[int] = []
         expected: list[float] = []
         sure = 1.0
@@ -193,7 +210,10 @@ class HeadDrafter(Drafter):
             if i + 1 == k or (self.length.adaptive and not self._worth_more(sure, expected, k)):
                 break
             step = torch.tensor([[out[-1]]], device=hidden.device)
-            hidden = self.head(step, hidden, torch.tensor([[end + 1 + i]], device=hidden.device), self._cache)
+            # What the device's head makes of the guess, in context (its KV cache holds the guesses before it).
+            state = decoder.look_ahead(out[-1:], end + 1 + i)[None].to(dtype) if self.head.head_layers else None
+            position = torch.tensor([[end + 1 + i]], device=hidden.device)
+            hidden = self.head(step, hidden, position, self._cache, states=state)
         return out
 
     def _worth_more(self, sure: float, expected: list[float], k: int) -> bool:

@@ -2,11 +2,11 @@
 
 The recipe (EAGLE's losses, with one unrolled step as in HASS / EAGLE-3's "training-time test"):
 
-- input at answer position j: the token that followed it, ``x_{j+1}``, and the target's feature ``f_j`` with a
-  little uniform noise; targets: the next feature ``f_{j+1}`` (smooth L1) and the next token ``x_{j+2}``
-  (cross-entropy over the draft vocabulary; the answers are greedy, so this token is the target's argmax; or, with
-  ``soft_labels``, against the target's whole distribution there, its LM head applied to ``f_{j+1}``, as EAGLE
-  does);
+- input at answer position j: the token that followed it, ``x_{j+1}`` (with ``head_layers``, also what the target's
+  first layers made of it, ``Answer.states``), and the target's feature ``f_j`` with a little uniform noise;
+  targets: the next feature ``f_{j+1}`` (smooth L1) and the next token ``x_{j+2}`` (cross-entropy over the draft
+  vocabulary; the answers are greedy, so this token is the target's argmax; or, with ``soft_labels``, against the
+  target's whole distribution there, its LM head applied to ``f_{j+1}``, as EAGLE does);
 - a second pass feeds the head its own guesses ``f^_j`` in place of ``f_j`` (the situation from the second
   drafted token on), with the same targets, so errors do not compound as fast;
 - AdamW, cosine learning rate after a short warm-up, sequences batched with right padding.
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafthead.data import Answer, coverage, draft_vocabulary
 from lambdasplit.generation.drafthead.model import DraftHead, target_matrices
 from lambdasplit.split.parts import rewind
@@ -45,6 +46,7 @@ class Recipe:
     token_weight: float = 0.5  # weight of the cross-entropy term against the feature regression
     soft_labels: bool = False  # cross-entropy against the target's distribution (from its next feature), not its token
     unroll: bool = True
+    head_layers: int = 2  # the head reads the output of the target's first N layers (0: the token embedding only)
     seed: int = 0
 
 
@@ -70,15 +72,19 @@ def _pad(answers: Sequence[Answer], vocab_index: torch.Tensor) -> dict[str, torc
     labels = torch.full((len(answers), width), -100, dtype=torch.long)
     positions = torch.zeros(len(answers), width, dtype=torch.long)
     mask = torch.zeros(len(answers), width, dtype=torch.long)
+    states = torch.zeros(len(answers), width, d) if answers[0].states is not None else None
     for b, a in enumerate(answers):
         n = len(a.tokens) - 1
         feats[b, : n + 1] = a.features.float()
+        if states is not None and a.states is not None:
+            states[b, :n] = a.states[:n].float()
         tokens[b, :n] = a.tokens[:n]
         labels[b, :n] = vocab_index[a.tokens[1:]]
         positions[b, :n] = a.start + 1 + torch.arange(n)
         positions[b, n:] = a.start + 1 + n + torch.arange(width - n)
         mask[b, :n] = 1
-    return {"feats": feats, "tokens": tokens, "labels": labels, "positions": positions, "mask": mask}
+    batch = {"feats": feats, "tokens": tokens, "labels": labels, "positions": positions, "mask": mask}
+    return batch if states is None else batch | {"states": states}
 
 
 def _losses(
@@ -88,13 +94,14 @@ def _losses(
     inputs, targets = feats[:, :-1], feats[:, 1:]
     real = mask.bool()
     noisy = inputs + (torch.rand_like(inputs) * 2 - 1) * recipe.noise * scale
-    guess = head(batch["tokens"], noisy, batch["positions"], attention_mask=mask)
+    states = batch.get("states")
+    guess = head(batch["tokens"], noisy, batch["positions"], attention_mask=mask, states=states)
     total = torch.zeros(())
     correct = 0.0
     passes = [guess]
     if recipe.unroll:
         own = torch.cat([inputs[:, :1], guess[:, :-1]], dim=1)  # position j sees the head's guess of f_j
-        passes.append(head(batch["tokens"], own, batch["positions"], attention_mask=mask))
+        passes.append(head(batch["tokens"], own, batch["positions"], attention_mask=mask, states=states))
     labels = batch["labels"][real]
     if recipe.soft_labels:  # EAGLE's: the target's next-token distribution, over the draft vocabulary
         with torch.no_grad():
@@ -131,8 +138,12 @@ def train_head(
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     embed, lm_head = (w.detach().float() for w in target_matrices(target))
+    if recipe.head_layers and any(a.states is None for a in [*answers, *heldout]):
+        raise ConfigError(
+            f"a head reading the first {recipe.head_layers} layers trains on answers with states (data.add_states)"
+        )
     draft_ids = draft_vocabulary(answers, recipe.draft_vocab, always)
-    head = DraftHead(target.config, draft_ids, embed, lm_head).float().train()
+    head = DraftHead(target.config, draft_ids, embed, lm_head, head_layers=recipe.head_layers).float().train()
     vocab_index = torch.full((lm_head.shape[0],), -100, dtype=torch.long)
     vocab_index[draft_ids] = torch.arange(len(draft_ids))
     usable = [a for a in answers if len(a.tokens) >= 2]
@@ -192,7 +203,13 @@ def _accuracy(head: DraftHead, answers: Sequence[Answer], vocab_index: torch.Ten
     head.eval()
     for i in range(0, len(answers), batch_size):
         batch = _pad([a for a in answers[i : i + batch_size] if len(a.tokens) >= 2], vocab_index)
-        guess = head(batch["tokens"], batch["feats"][:, :-1], batch["positions"], attention_mask=batch["mask"])
+        guess = head(
+            batch["tokens"],
+            batch["feats"][:, :-1],
+            batch["positions"],
+            attention_mask=batch["mask"],
+            states=batch.get("states"),
+        )
         real = batch["mask"].bool()
         hits += float((head.logits(guess[real]).argmax(-1) == batch["labels"][real]).sum())
         total += float(real.sum())
@@ -212,12 +229,17 @@ def truth_ranks(head: DraftHead, answers: Sequence[Answer], depth: int = 8) -> l
         n = len(a.tokens)
         cache = head.new_cache()
         feats, toks = a.features.to(head.embed.dtype), a.tokens
+        states = a.states.to(head.embed.dtype)[None] if a.states is not None else None
+
+        def state(i: int, states: torch.Tensor | None = states) -> torch.Tensor | None:  # at answer token i
+            return None if states is None else states[:, i : i + 1]
+
         index = torch.full((head.target_vocab,), -1, dtype=torch.long)
         index[head.draft_ids] = torch.arange(len(head.draft_ids))
         for j in range(n - 1):
             # The real pair at j enters the head's cache; then its guesses along the true continuation (rolled back).
             pos = torch.tensor([[a.start + 1 + j]])
-            h = head(toks[j : j + 1][None], feats[j : j + 1][None], pos, cache)
+            h = head(toks[j : j + 1][None], feats[j : j + 1][None], pos, cache, states=state(j))
             held = cache.get_seq_length()
             row = []
             for i in range(min(depth, n - 1 - j)):
@@ -225,7 +247,7 @@ def truth_ranks(head: DraftHead, answers: Sequence[Answer], depth: int = 8) -> l
                 logits = head.logits(h[0, -1])
                 at = int(index[truth])
                 row.append(-1 if at < 0 else int((logits > logits[at]).sum()))
-                h = head(toks[j + 1 + i : j + 2 + i][None], h[:, -1:], pos + 1 + i, cache)
+                h = head(toks[j + 1 + i : j + 2 + i][None], h[:, -1:], pos + 1 + i, cache, states=state(j + 1 + i))
             rewind(cache, held)
             ranks.append(row)
     return ranks
