@@ -188,9 +188,12 @@ def test_greedy_with_the_head_equals_plain(trained, other_heads, points: tuple[i
 def test_a_head_reading_states_refuses_another_cut(trained) -> None:
     path, file = trained  # reads the first layer's output
     split = load_split(path, (2, N - 1))
-    drafter = make_drafter(f"head:{file}", split, FIXED)
-    with pytest.raises(ConfigError, match=r"first 1 layers, and the device's head runs 2: cut the model at 1"):
-        generate(split, SEEN[0], max_new_tokens=4, drafter=drafter)
+    refused = r"first 1 layers, and the device's head runs 2: cut the model at 1"
+    with pytest.raises(ConfigError, match=refused):
+        make_drafter(f"head:{file}", split, FIXED)
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    with pytest.raises(ConfigError, match=refused):
+        generate(split, SEEN[0], max_new_tokens=4, drafter=HeadDrafter(head, FIXED))
 
 
 def test_live_drafts_read_what_training_read(trained, tiny_checkpoint) -> None:

@@ -4,8 +4,13 @@ The split's tail runs on the device, so the model's last hidden state at every p
 here (``SplitDecoder.keep_features``). The head keeps its own KV cache over pairs (feature at position j, token at
 j + 1) for the generation's answer so far, starting at the prompt's last position; each step it takes in the
 pairs the last verification settled, then drafts up to ``length.k_max`` tokens feeding its own guesses back,
-and forgets those guesses at the next step. Drafts are greedy over the head's draft vocabulary: a point-mass
-draft, which the acceptance rule (``speculative.verify``) needs to keep the sampling distribution unchanged.
+and forgets those guesses at the next step. A head trained with ``head_layers`` also reads what the device's head
+(the model's first layers, whose KV cache holds the whole context) makes of each token: the decoder kept it for
+the tokens it fed, and computes it for the next token and each guess (``SplitDecoder.look_ahead``, one row through
+those layers, MEASURE ms each on this CPU; the next run rewinds their cache).
+
+Drafts are greedy over the head's draft vocabulary: a point-mass draft, which the acceptance rule
+(``speculative.verify``) needs to keep the sampling distribution unchanged.
 
 How many of them to send is decided each step from what they are worth and what they cost. The head's
 probability of its own guess is a usable estimate of acceptance (the shipped head on 10 MT-Bench answers, 716 steps:
@@ -89,14 +94,8 @@ class HeadDrafter(Drafter):
                 "the head drafter reads the model's last hidden state on the device: it needs a cached split "
                 "decoder with the tail here (not the unsplit model, STIP's layout or --no-cache)"
             )
-        layers = decoder.split.head.num_layers if decoder.split.head is not None else 0
-        if self.head is not None and self.head.head_layers and layers != self.head.head_layers:
-            raise ConfigError(
-                f"this draft head reads the output of the model's first {self.head.head_layers} layers, and the "
-                f"device's head runs {layers}: cut the model at {self.head.head_layers} (--layers "
-                f"{self.head.head_layers}:...) or train a head for this cut (benchmarks/train_draft_head.py "
-                f"--head-layers {layers})"
-            )
+        if self.head is not None:
+            _check_cut(self.head, decoder.split)
         self.decoder = decoder
         decoder.keep_features = True
         self._cache, self._timed, self._steps = None, False, 0
@@ -234,6 +233,17 @@ class HeadDrafter(Drafter):
             self.decoder = None
 
 
+def _check_cut(head: DraftHead, split: SplitModel) -> None:
+    """A head that reads the first N layers' states needs a device head of N layers."""
+    layers = split.head.num_layers if split.head is not None else 0
+    if head.head_layers and layers != head.head_layers:
+        raise ConfigError(
+            f"this draft head reads the output of the model's first {head.head_layers} layers, and the device's "
+            f"head runs {layers}: cut the model at {head.head_layers} (--layers {head.head_layers}:...) or train a "
+            f"head for this cut (benchmarks/train_draft_head.py --head-layers {layers})"
+        )
+
+
 #: Heads loaded so far, shared by the drafters made for them (an agent makes one per request): a head is read-only
 #: while drafting (each drafter keeps its own KV cache), so concurrent generations can share it.
 _LOADED: dict[tuple[str, int, str, object], tuple[DraftHead, HeadInfo]] = {}
@@ -267,4 +277,5 @@ def head_drafter(
             f"{e}. The shipped head fits the embedded smollm2-135m-instruct only: train one for this model with "
             "benchmarks/train_draft_head.py and pass --speculative head:PATH"
         ) from None
+    _check_cut(head, split)
     return HeadDrafter(head, length, info=info, lookup=lookup)
