@@ -1,7 +1,8 @@
 """Speculative steps on open-ended chat: the trained draft head against plain split decoding and prompt lookup.
 
     PYTHONPATH=src python benchmarks/draft_head.py [--links 5g,wireless] [--prompts 20] [--new-tokens 128]
-        [--json artifacts/draft-head/bench.json]      (root: network namespaces)
+        [--methods plain,lookup,head-only,head] [--previous-head PATH] [--json artifacts/draft-head/bench.json]
+        (root: network namespaces)
 
 Prompts: the first turns of MT-Bench's open-ended categories (writing, roleplay, STEM, humanities; no code, no
 copying), ``benchmarks/prompts/mt-bench-open.jsonl``, taken from FastChat's MT-Bench as shipped in the
@@ -13,11 +14,12 @@ For each link (``bench.links``: a veth pair through the packet delay line) a bod
 benchmarks: the server has the machine's other core). Every prompt is answered greedily (through the chat
 template, stopping at EOS or ``--new-tokens``) four ways: plain cached split steps, ``--speculative lookup``,
 ``--speculative head`` (each step the head's guesses or a copy, whichever its cost model values more), and the
-head's guesses alone (``head-only``); the answers are checked to be the same tokens. Per link and method: tokens/s
-(new tokens over the wall clock from the prompt to the last token), tokens per verification step (new tokens
-after the first over decode steps: the bonus token included, 1.0 for plain steps), the share of the head's drafts
-that were copies, and the speed-up over plain split and over prompt lookup (ratio of the summed times for the
-same tokens).
+head's guesses alone (``head-only``); ``--previous-head PATH`` adds another head's file drafting the same way
+(``previous-head``), e.g. the one a retrained head replaces. The answers are checked to be the same tokens. Per
+link and method: tokens/s (new tokens over the wall clock from the prompt to the last token), tokens per
+verification step (new tokens after the first over decode steps: the bonus token included, 1.0 for plain steps),
+the share of the head's drafts that were copies, and the speed-up over plain split and over prompt lookup (ratio of
+the summed times for the same tokens).
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def spread(count: int) -> list[str]:
     return out
 
 
-def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) -> list[dict[str, Any]]:
+def measure(
+    spec: str, prompts: list[str], new_tokens: int, console: Console, methods: list[str], previous: str | None
+) -> list[dict[str, Any]]:
     link = parse_link(spec)
     token = secrets.token_urlsafe(16)
     rows = []
@@ -77,9 +81,11 @@ def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) ->
             with client:
                 for i, prompt in enumerate(prompts):
                     answers = {}
-                    for method in METHODS:
+                    for method in methods:
                         if method == "head-only":  # the head's guesses, never a copy
                             drafter: Drafter | None = head_drafter(split, lookup=False)
+                        elif method == "previous-head":
+                            drafter = head_drafter(split, previous)
                         else:
                             drafter = None if method == "plain" else make_drafter(method, split)
                         link_session = client.open_session("float32")
@@ -103,11 +109,11 @@ def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) ->
                                 "drafts_from": getattr(drafter, "drafts_from", None),
                             }
                         )
-                    same = all(answers[m] == answers["plain"] for m in METHODS)
-                    last = {r["method"]: r for r in rows[-len(METHODS) :]}
+                    same = all(answers[m] == answers["plain"] for m in methods)
+                    last = {r["method"]: r for r in rows[-len(methods) :]}
                     console.print(
                         f"{link.name} prompt {i + 1}/{len(prompts)}: {len(answers['plain'])} tokens; "
-                        + ", ".join(f"{m} {last[m]['new_tokens'] / last[m]['seconds']:.2f} tok/s" for m in METHODS)
+                        + ", ".join(f"{m} {last[m]['new_tokens'] / last[m]['seconds']:.2f} tok/s" for m in methods)
                         + ("" if same else " [red]OUTPUTS DIFFER[/red]")
                     )
                     if not same:
@@ -117,10 +123,11 @@ def measure(spec: str, prompts: list[str], new_tokens: int, console: Console) ->
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     for link in dict.fromkeys(r["link"] for r in rows):
-        of = {m: [r for r in rows if r["link"] == link and r["method"] == m] for m in METHODS}
-        seconds = {m: sum(r["seconds"] for r in of[m]) for m in METHODS}
-        for m in METHODS:
+        of = {m: [r for r in rows if r["link"] == link and r["method"] == m] for m in methods}
+        seconds = {m: sum(r["seconds"] for r in of[m]) for m in methods}
+        for m in methods:
             tokens = sum(r["new_tokens"] for r in of[m])
             steps = sum(r["steps"] for r in of[m])
             per_prompt = [(r["new_tokens"] - 1) / r["steps"] for r in of[m] if r["steps"]]
@@ -154,11 +161,23 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path, default=Path("artifacts/draft-head/bench.json"))
     parser.add_argument("--device-threads", type=int, default=1, help="torch threads of the device (this process)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="plain and lookup always run (the baselines)")
+    parser.add_argument("--previous-head", default=None, help="another head's file, run as method previous-head")
     args = parser.parse_args()
+    methods = list(dict.fromkeys(["plain", "lookup", *args.methods.split(",")]))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}: choose from {METHODS}")
+    if args.previous_head:
+        methods.append("previous-head")
     torch.set_num_threads(args.device_threads)
     console = Console(stderr=True)
     prompts = spread(args.prompts)
-    rows = [row for spec in args.links.split(",") for row in measure(spec, prompts, args.new_tokens, console)]
+    rows = [
+        row
+        for spec in args.links.split(",")
+        for row in measure(spec, prompts, args.new_tokens, console, methods, args.previous_head)
+    ]
     table = Table(
         title=f"Open-ended chat ({len(prompts)} MT-Bench prompts, up to {args.new_tokens} new tokens, greedy)"
     )
