@@ -237,7 +237,11 @@ def main() -> None:
         assert first is not None
         started = time.perf_counter()
         for name, answers_of in data.items():
-            add_states(first, chat_prompts(tokenizer, made[name]), answers_of)
+
+            def states_shown(done: int, total: int, name: str = name) -> None:
+                print(f"{name}: states of {done}/{total} answers", flush=True)
+
+            add_states(first, chat_prompts(tokenizer, made[name]), answers_of, progress=states_shown)
         seconds = time.perf_counter() - started
         print(f"states of the first {recipe.head_layers} layers added in {seconds:.0f} s", flush=True)
     heldout = data.pop("heldout")
