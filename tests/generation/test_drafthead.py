@@ -40,7 +40,7 @@ from lambdasplit.generation.drafthead import (
     train_head,
 )
 from lambdasplit.generation.drafthead.data import add_states
-from lambdasplit.generation.drafthead.drafter import HeadDrafter
+from lambdasplit.generation.drafthead.drafter import HeadDrafter, drafting_dtype, head_drafter
 from lambdasplit.generation.drafthead.model import target_matrices
 from lambdasplit.split import load_split
 from tiny_models import NUM_LAYERS, VOCAB, build_tiny, make_tokenizer
@@ -246,6 +246,58 @@ def test_live_drafts_read_what_training_read(trained, tiny_checkpoint) -> None:
                 assert prefix[1] == pytest.approx(first * sure(h), abs=2e-3), end
                 seconds += 1
     assert len(drafter.steps) > 5 and seconds > 2
+
+
+def test_a_verification_reuses_the_rows_looked_ahead(trained, monkeypatch) -> None:
+    """The device's head runs once on each drafted token: ``look_ahead`` computed the guesses' rows in context, and
+    the FORWARD verifying them reuses the rows for the ids that match at their positions (the logits are those of
+    a decoder that never looked ahead); a different id at a position runs the head again from there."""
+    path, _ = trained
+    split = load_split(path, f"1:{N - 1}", device="cpu", dtype="float32")
+    prompt, p = SEEN[0], len(SEEN[0])
+    ran: list[int] = []
+    forward = split.head.forward
+
+    def counting(ids: torch.Tensor, cache=None) -> torch.Tensor:
+        ran.append(int(ids.shape[1]))
+        return forward(ids, cache)
+
+    fresh = SplitDecoder(split, LocalBodyLink(split.body))
+    fresh.prefill(torch.tensor([prompt]))
+    expected = fresh.extend([5, 6, 9])
+    monkeypatch.setattr(split.head, "forward", counting)
+    decoder = SplitDecoder(split, LocalBodyLink(split.body))
+    decoder.prefill(torch.tensor([prompt]))
+    for i, token in enumerate([5, 6, 7]):  # as the drafter does: the next token, then each guess it continues from
+        decoder.look_ahead([token], p + i)
+    ran.clear()
+    torch.testing.assert_close(decoder.extend([5, 6, 9]), expected, atol=1e-4, rtol=1e-4)
+    assert ran == [1]  # 5 and 6 were looked ahead at these positions; 9 was not
+    for i, token in enumerate([8, 2]):
+        decoder.look_ahead([token], p + 3 + i)
+    ran.clear()
+    expected = fresh.extend([7, 2])  # another token at p + 3: nothing after it is what was looked ahead
+    torch.testing.assert_close(decoder.extend([7, 2]), expected, atol=1e-4, rtol=1e-4)
+    assert ran == [2, 2]  # the fresh decoder's run, then this one's: over both rows
+    decoder.close()
+    fresh.close()
+
+
+def test_a_head_drafts_in_its_own_dtype(trained) -> None:
+    """Drafting in bfloat16 (the default on a CPU that computes it natively) changes the guesses' cost, not the
+    output; the head reads the model's embedding (float32 here) rather than holding a copy in its dtype."""
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}", device="cpu", dtype="float32")
+    plain = generate(split, SEEN[3], max_new_tokens=NEW, ignore_eos=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        drafter = head_drafter(split, file, FIXED, dtype=dtype)
+        assert drafter.head.dtype == dtype and drafter.head.fc.weight.dtype == dtype
+        assert split.head.model is not None
+        embed = split.head.model.get_input_embeddings().weight
+        assert drafter.head.embed.dtype == embed.dtype and torch.equal(drafter.head.embed, embed)  # the model's own
+        spec = generate(split, SEEN[3], max_new_tokens=NEW, ignore_eos=True, drafter=drafter)
+        assert spec.token_ids == plain.token_ids and spec.accepted_tokens > 0
+    assert drafting_dtype(split.runtime) in (torch.bfloat16, torch.float32)
 
 
 class FrozenCost(StepCost):

@@ -230,6 +230,9 @@ class SplitDecoder(DecoderBase):
         #: position fed one step at a time), ``states`` what the head computed (before the wire) at every position.
         self.keep_features = False
         self.features, self.states = KeptRows(), KeptRows()
+        #: What ``look_ahead`` computed (rows still in the head's KV cache) and for which ids: a run that feeds the
+        #: same ids at the same positions reuses them instead of running the head over them again.
+        self.ahead, self.ahead_ids = KeptRows(), list[int]()
 
     @property
     def traffic(self) -> Traffic:
@@ -243,9 +246,7 @@ class SplitDecoder(DecoderBase):
         self.features.cut(position)  # rows for positions this run recomputes (rolled back or resumed) go
         self.states.cut(position)
         if self.use_cache:
-            rewind(self.head_cache, position)
-            x = torch.tensor([new_ids], device=device)
-            raw = self.split.head(x, self.head_cache)  # (1, T_new, D)
+            raw = self._head_rows(new_ids, position)  # (1, T_new, D)
             if self.keep_features:
                 self.states.add(raw[0], position)
             hidden = self._encode(raw)
@@ -271,11 +272,36 @@ class SplitDecoder(DecoderBase):
 
     def look_ahead(self, ids: Sequence[int], position: int) -> torch.Tensor:
         """What the head makes of ``ids`` (drafted, not yet verified) at positions ``position ..``: (T, D), before
-        the wire. The head's KV cache holds them until the next run, which rewinds it to the positions it feeds."""
+        the wire. The head's KV cache holds them until the next run, which reuses the rows for the ids it feeds
+        at the same positions (a verification feeds the drafted ids: the head runs once on each) and rewinds the
+        cache past them."""
         assert self.split.head is not None and self.use_cache
         rewind(self.head_cache, position)
         x = torch.tensor([list(ids)], device=self.split.runtime.device)
-        return self.split.head(x, self.head_cache)[0]
+        rows = self.split.head(x, self.head_cache)[0]
+        self.ahead.cut(position)
+        kept = self.ahead_ids[: max(0, position - self.ahead.first)]
+        self.ahead.add(rows, position)
+        self.ahead_ids = (kept if self.ahead.first < position else []) + list(ids)
+        return rows
+
+    def _head_rows(self, new_ids: list[int], position: int) -> torch.Tensor:
+        """The head's output (1, T, D) for ``new_ids`` at ``position ..``, its KV cache then holding exactly them:
+        the rows ``look_ahead`` computed for the leading ids that match are reused, the head runs on the rest."""
+        assert self.split.head is not None
+        reused = 0
+        if self.ahead.first <= position <= self.ahead.end:
+            for held, new in zip(self.ahead_ids[position - self.ahead.first :], new_ids, strict=False):
+                if held != new:
+                    break
+                reused += 1
+        parts = [self.ahead.span(position, position + reused)] if reused else []
+        self.ahead, self.ahead_ids = KeptRows(), []  # the cache is rewound past them next
+        rewind(self.head_cache, position + reused)
+        if reused < len(new_ids):
+            x = torch.tensor([new_ids[reused:]], device=self.split.runtime.device)
+            parts.append(self.split.head(x, self.head_cache)[0])
+        return torch.cat([p for p in parts if p is not None])[None]
 
     def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
         transform = self.split.wire_transform
@@ -290,6 +316,7 @@ class SplitDecoder(DecoderBase):
         assert self.split.head is not None
         self.ids = []
         self.features, self.states = KeptRows(), KeptRows()
+        self.ahead, self.ahead_ids = KeptRows(), []
         self.head_cache = self.split.head.new_cache() if self.use_cache else None
         self.tail_cache = self.split.tail.new_cache() if self.use_cache and self.split.tail is not None else None
 

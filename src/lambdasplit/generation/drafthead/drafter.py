@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import Cache
 
+from lambdasplit.config import Runtime
 from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafthead.model import DraftHead, HeadInfo, target_matrices
 from lambdasplit.generation.drafting import Drafter, DraftLength, PromptLookupDrafter, StepCost
@@ -186,16 +187,15 @@ class HeadDrafter(Drafter):
         first = self._fed
         rows = feats.span(first, end)
         assert rows is not None
-        dtype = self.head.embed.dtype
         states = None
         if self.head.head_layers:  # the head's output at the tokens fed: kept by the decoder, then ids[end]'s
             held = decoder.states.span(first + 1, end)
             if held is None:
                 return []
-            states = torch.cat([held, decoder.look_ahead(ids[end : end + 1], end)])[None].to(dtype)
+            states = torch.cat([held, decoder.look_ahead(ids[end : end + 1], end)])[None]
         tokens = torch.tensor([ids[first + 1 : end + 1]], device=rows.device)
         positions = torch.arange(first + 1, end + 1, device=rows.device)[None]
-        hidden = self.head(tokens, rows[None].to(dtype), positions, self._cache, states=states)[:, -1:]
+        hidden = self.head(tokens, rows[None], positions, self._cache, states=states)[:, -1:]
         self._fed, self._ids = end, ids[: end + 1]
         # The rows now in the head's cache are not needed again: the decoder keeps only what comes next.
         feats.forget_before(end)
@@ -212,7 +212,7 @@ class HeadDrafter(Drafter):
                 break
             step = torch.tensor([[out[-1]]], device=hidden.device)
             # What the device's head makes of the guess, in context (its KV cache holds the guesses before it).
-            state = decoder.look_ahead(out[-1:], end + 1 + i)[None].to(dtype) if self.head.head_layers else None
+            state = decoder.look_ahead(out[-1:], end + 1 + i)[None] if self.head.head_layers else None
             position = torch.tensor([[end + 1 + i]], device=hidden.device)
             hidden = self.head(step, hidden, position, self._cache, states=state)
         return out
@@ -248,14 +248,35 @@ def _check_cut(head: DraftHead, split: SplitModel) -> None:
 
 #: Heads loaded so far, shared by the drafters made for them (an agent makes one per request): a head is read-only
 #: while drafting (each drafter keeps its own KV cache), so concurrent generations can share it.
-_LOADED: dict[tuple[str, int, str, object], tuple[DraftHead, HeadInfo]] = {}
+_LOADED: dict[tuple[str, int, str, object, torch.dtype], tuple[DraftHead, HeadInfo]] = {}
+
+
+def drafting_dtype(runtime: Runtime) -> torch.dtype:
+    """What a draft head computes in: bfloat16 on a CPU that computes it natively (a guess cost 2.1 ms there
+    against 3.0 in float32 on this VM's avx512_bf16, with the same guesses nearly always), else the model's dtype.
+    Drafts only propose tokens: the model's verification keeps the output what it is whatever they are."""
+    if runtime.device.type == "cpu" and runtime.dtype == torch.float32 and _cpu_bfloat16():
+        return torch.bfloat16
+    return runtime.dtype
+
+
+def _cpu_bfloat16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def head_drafter(
-    split: SplitModel, path: str | Path | None = None, length: DraftLength | None = None, *, lookup: bool = True
+    split: SplitModel,
+    path: str | Path | None = None,
+    length: DraftLength | None = None,
+    *,
+    lookup: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> HeadDrafter:
-    """The draft head at ``path`` (default: the one shipped for the embedded SmolLM2-135M-Instruct), for ``split``;
-    ``lookup=False``: its guesses only, never a copy."""
+    """The draft head at ``path`` (default: the one shipped for the embedded SmolLM2-135M-Instruct), for ``split``,
+    computing in ``dtype`` (default: ``drafting_dtype``); ``lookup=False``: its guesses only, never a copy."""
     from lambdasplit.generation.drafthead import HEAD_FILE
 
     if split.head is None or split.tail is None or split.head.model is None or split.tail.model is None:
@@ -264,12 +285,14 @@ def head_drafter(
         )
     embed, lm_head = target_matrices(split.head.model, split.tail.model)
     file = Path(path) if path is not None else HEAD_FILE
-    key = (str(file.resolve()), file.stat().st_mtime_ns if file.is_file() else 0, split.fingerprint, split.runtime)
+    dtype = dtype or drafting_dtype(split.runtime)
+    stamp = file.stat().st_mtime_ns if file.is_file() else 0
+    key = (str(file.resolve()), stamp, split.fingerprint, split.runtime, dtype)
     try:
         if key not in _LOADED:
             while len(_LOADED) >= 4:  # a few models or heads at once; each holds references to its model's weights
                 _LOADED.pop(next(iter(_LOADED)))
-            head, info = DraftHead.load(file, split.config, embed, lm_head)
+            head, info = DraftHead.load(file, split.config, embed, lm_head, dtype)
             _LOADED[key] = head.to(split.runtime.device), info
         head, info = _LOADED[key]
     except ConfigError as e:

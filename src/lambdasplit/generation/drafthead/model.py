@@ -137,6 +137,11 @@ class DraftHead(nn.Module):
     def hidden_size(self) -> int:
         return int(self.fc.out_features)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the head computes in (``load``'s ``dtype``); the target's embedding keeps its own."""
+        return self.fc.weight.dtype
+
     def trainable(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("layers.embed_tokens")]
 
@@ -156,14 +161,14 @@ class DraftHead(nn.Module):
     ) -> torch.Tensor:
         """``tokens`` (B, T) are the tokens that followed the positions whose ``features`` (B, T, D) are given;
         ``states`` (B, T, D), needed with ``head_layers``: the target's first layers' output at those tokens."""
-        inputs = [self.embed[tokens].to(features.dtype)]
+        inputs = [self.embed[tokens].to(self.dtype)]
         if self.states_norm is not None:
             if states is None:
                 raise ConfigError(
                     f"this draft head reads the output of the model's first {self.head_layers} layers: pass states"
                 )
-            inputs.append(self.states_norm(states.to(features.dtype)))
-        x = self.fc(torch.cat([*inputs, features], dim=-1))
+            inputs.append(self.states_norm(states.to(self.dtype)))
+        x = self.fc(torch.cat([*inputs, features.to(self.dtype)], dim=-1))
         out = self.layers(
             inputs_embeds=x,
             position_ids=position_ids,
@@ -188,9 +193,15 @@ class DraftHead(nn.Module):
 
     @classmethod
     def load(
-        cls, path: str | Path, target: PretrainedConfig, embed: torch.Tensor, lm_head: torch.Tensor
+        cls,
+        path: str | Path,
+        target: PretrainedConfig,
+        embed: torch.Tensor,
+        lm_head: torch.Tensor,
+        dtype: torch.dtype | None = None,
     ) -> tuple[DraftHead, HeadInfo]:
-        """Load a head for ``target``; refuses one trained for another model (shapes or fingerprint)."""
+        """Load a head for ``target``, computing in ``dtype`` (default: the embedding's); refuses one trained for
+        another model (shapes or fingerprint)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -221,4 +232,6 @@ class DraftHead(nn.Module):
             raise ConfigError(
                 f"{path.name} does not match the draft head's layout: missing {missing}, extra {unexpected}"
             )
-        return head.to(embed.dtype).eval(), info
+        head = head.to(dtype or embed.dtype).eval()  # the weights and the draft vocabulary's LM-head rows
+        head.embed = embed  # the target's own, shared: the rows looked up are cast
+        return head, info

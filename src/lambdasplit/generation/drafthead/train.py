@@ -228,8 +228,8 @@ def truth_ranks(head: DraftHead, answers: Sequence[Answer], depth: int = 8) -> l
     for a in answers:
         n = len(a.tokens)
         cache = head.new_cache()
-        feats, toks = a.features.to(head.embed.dtype), a.tokens
-        states = a.states.to(head.embed.dtype)[None] if a.states is not None else None
+        feats, toks = a.features.to(head.dtype), a.tokens
+        states = a.states.to(head.dtype)[None] if a.states is not None else None
 
         def state(i: int, states: torch.Tensor | None = states) -> torch.Tensor | None:  # at answer token i
             return None if states is None else states[:, i : i + 1]
