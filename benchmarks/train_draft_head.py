@@ -6,13 +6,14 @@
 
 Prompts: AlpacaEval's 805 instructions (the ``instruction`` field only; the dataset mixes Self-Instruct, OASST,
 Koala, Vicuna and Anthropic helpful-base prompts), and with ``--synthetic N`` N user messages the model writes
-itself (Magpie); the answers and hidden states are the model's own (greedy, through its chat template; training
-answers from a bfloat16 copy of the model, about twice as fast on a CPU with bf16 instructions). A fixed 5% of the
-file's prompts is held out, answered by the float32 model, and scored as greedy drafting would be; the head this
-run replaces is scored on the same answers. The answers are cached (``--answers``), so a second run trains without
-regenerating them. With ``--head-layers N`` (default 2: the library's default split) the head also reads what the
-model's first N layers make of each token, as a split device's head computes them; they are recomputed from the
-cached answers each run (about 2 minutes for 5,400 answers).
+itself (Magpie), and with ``--steered N`` / ``--steered-2 N`` long-form requests it writes after an opening
+(``OPENINGS``, ``OPENINGS_2``); the answers and hidden states are the model's own (greedy, through its chat
+template; training answers from a bfloat16 copy of the model, about twice as fast on a CPU with bf16 instructions).
+A fixed 5% of the file's prompts is held out, answered by the float32 model, and scored as greedy drafting would be;
+the head this run replaces is scored on the same answers. The answers are cached (``--answers``), so a second run
+trains without regenerating them. With ``--head-layers N`` (default 2: the library's default split) the head also
+reads what the model's first N layers make of each token, as a split device's head computes them; they are
+recomputed from the cached answers each run (about 2 minutes for 5,400 answers).
 """
 
 from __future__ import annotations
@@ -77,6 +78,32 @@ OPENINGS = (
     "What were the causes of",
     "Summarize",
 )
+#: ``--steered-2``: other phrasings of the same four kinds, for a second steered part (its own cache file, so adding
+#: it answers only its prompts). None copies a benchmark prompt's opening.
+OPENINGS_2 = (
+    "Write a product review",
+    "Write a travel guide",
+    "Write a dialogue between",
+    "Write a cover letter",
+    "Write a news article",
+    "Write a biography of",
+    "Tell me a story about",
+    "Tell me about",
+    "Play the role of",
+    "Take on the persona of",
+    "Respond as if you were",
+    "Let's role-play:",
+    "How would you",
+    "Give me advice on",
+    "What are the pros and cons of",
+    "Describe how",
+    "Walk me through",
+    "What are the main",
+    "Evaluate",
+    "Give an overview of",
+    "What can we learn from",
+    "Outline a plan",
+)
 BENCH_PROMPTS = Path(__file__).with_name("prompts") / "mt-bench-open.jsonl"
 
 #: Draft shapes scored on the held-out answers: chains of k, and token trees (branches per level).
@@ -120,6 +147,12 @@ def main() -> None:
         type=int,
         default=0,
         help="also train on N prompts the model writes after an opening of OPENINGS (long-form requests)",
+    )
+    ap.add_argument(
+        "--steered-2",
+        type=int,
+        default=0,
+        help="also train on N prompts the model writes after an opening of OPENINGS_2 (other phrasings)",
     )
     ap.add_argument("--answers", default="artifacts/draft-head/answers", help="folder caching the generated answers")
     ap.add_argument("--out", default=str(HEAD_FILE), help="where the weights go")
@@ -205,6 +238,9 @@ def main() -> None:
     if args.steered:
         settings = common | dtype | {"count": args.steered, "openings": OPENINGS, "after_synthetic": args.synthetic}
         parts["steered"] = (settings, synthetic_part(args.steered, 1, OPENINGS))
+    if args.steered_2:
+        settings = common | dtype | {"count": args.steered_2, "openings": OPENINGS_2, "after_steered": args.steered}
+        parts["steered-2"] = (settings, synthetic_part(args.steered_2, 2, OPENINGS_2))
     data: dict[str, list[Answer]] = {}
     gen_seconds = 0.0
     for name, (settings, make) in parts.items():
@@ -270,6 +306,8 @@ def main() -> None:
             "synthetic": len(data.get("synthetic", [])),
             "steered": len(data.get("steered", [])),
             "openings": list(OPENINGS) if args.steered else [],
+            "steered_2": len(data.get("steered-2", [])),
+            "openings_2": list(OPENINGS_2) if args.steered_2 else [],
             "heldout": len(heldout),
         },
         "generation_dtype": args.generation_dtype,
