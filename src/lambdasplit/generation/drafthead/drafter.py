@@ -254,9 +254,9 @@ _LOADED: dict[tuple[str, int, str, object, torch.dtype], tuple[DraftHead, HeadIn
 
 
 def drafting_dtype(runtime: Runtime) -> torch.dtype:
-    """What a draft head computes in: bfloat16 on a CPU that computes it natively (a guess cost 2.1 ms there
-    against 3.0 in float32 on this VM's avx512_bf16, with the same guesses nearly always), else the model's dtype.
-    Drafts only propose tokens: the model's verification keeps the output what it is whatever they are."""
+    """What a draft head computes in: bfloat16 on a CPU that computes it natively (the head's step for a guess took
+    2.1 ms against 3.0 in float32 on this VM's avx512_bf16, with the same guesses nearly always), else the model's
+    dtype. Drafts only propose tokens: the model's verification keeps the output what it is whatever they are."""
     if runtime.device.type == "cpu" and runtime.dtype == torch.float32 and _cpu_bfloat16():
         return torch.bfloat16
     return runtime.dtype
