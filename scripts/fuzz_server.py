@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
-from fuzzing import KNOWN_CODES, frames  # noqa: E402
+from fuzzing import KNOWN_CODES, frames, unanswered  # noqa: E402
 from lambdasplit.client import connect_device  # noqa: E402
 from lambdasplit.generation import generate  # noqa: E402
 from lambdasplit.server.process import body_server_process  # noqa: E402
@@ -80,6 +80,8 @@ def main() -> None:
             state["tried"] += 1
             try:
                 state["ws"].send(data)
+                if unanswered(data):  # a TREE frame: the connection must still answer a PING
+                    state["ws"].send(encode_frame(Frame(MessageType.PING)))
                 reply = decode_frame(state["ws"].recv(timeout=30))
             except Exception as exc:  # no answer, or not a frame: a finding
                 findings.append(f"{data[:40].hex()}: {exc!r}")

@@ -9,14 +9,14 @@ import struct
 
 from hypothesis import strategies as st
 
-from lambdasplit.wire import MessageType, WireDtype
+from lambdasplit.wire import MessageType, WireDtype, decode_frame
 
 # The error codes docs/protocol.md documents; any other answer (or none, or a crash) is a finding.
 KNOWN_CODES = {
     "unauthorized", "hello_first", "bad_protocol", "model_mismatch", "too_many_sessions", "unknown_session",
     "bad_shape", "bad_dtype", "bad_position", "context_full", "memory_full", "unexpected_type", "wrong_mode",
     "bad_request", "text_message", "bad_magic", "bad_version", "unknown_type", "truncated", "size_mismatch",
-    "unknown_group", "group_mismatch",
+    "unknown_group", "group_mismatch", "bad_tree",
     "too_large", "non_finite", "bad_flags", "bad_json", "bad_header",
 }  # fmt: skip
 
@@ -43,3 +43,12 @@ def mutated_frames(draw: st.DrawFn, session: int = 1) -> bytes:
 
 
 frames = mutated_frames() | st.binary(max_size=200)
+
+
+def unanswered(data: bytes) -> bool:
+    """Whether ``data`` is a well-formed TREE frame: the FORWARD after it answers for it, so it has no reply of its
+    own (docs/protocol.md, "Token trees")."""
+    try:
+        return decode_frame(data).type is MessageType.TREE
+    except Exception:
+        return False

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from websockets.sync.client import connect
 
-from fuzzing import KNOWN_CODES, frames
+from fuzzing import KNOWN_CODES, frames, unanswered
 from lambdasplit.client import connect_device
 from lambdasplit.generation import generate
 from lambdasplit.split import load_split
@@ -51,8 +51,12 @@ def test_malformed_frames_get_typed_errors_and_the_server_carries_on(fuzzed) -> 
             state["ws"] = fresh()
         ws = state["ws"]
         ws.send(data)
-        reply = decode_frame(ws.recv(timeout=30))  # an answer, always, and a well-formed one
         state["tried"] += 1
+        if unanswered(data):  # nothing comes back, and the connection still answers
+            ws.send(encode_frame(Frame(MessageType.PING)))
+            assert decode_frame(ws.recv(timeout=30)).type is MessageType.PONG
+            return
+        reply = decode_frame(ws.recv(timeout=30))  # an answer, always, and a well-formed one
         if reply.type is MessageType.ERROR:
             body = reply.json_body()
             assert body["code"] in KNOWN_CODES, body

@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 from drafters import ScriptedDrafter
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.errors import RemoteError
-from lambdasplit.generation import generate
+from lambdasplit.generation import SplitDecoder, generate
 from lambdasplit.split import load_split
 from lambdasplit.wire import Frame, FrameFlags, MessageType, decode_frame, encode_frame, frame_tensor, tensor_frame
 from servers import body_server, http_url, in_threads
@@ -307,3 +307,19 @@ def test_prompt_text_and_token_ids_never_cross_the_wire(tiny, server) -> None:
             encoded = b"".join(i.to_bytes(width, order) for i in ids[:4])
             assert encoded not in wire
     assert result.text and result.text.encode() not in wire
+
+
+def test_a_body_with_sliding_window_layers_serves_no_token_trees(tiny, server) -> None:
+    """Its cache cannot keep a branch: WELCOME says so, a device then drafts chains, and a TREE frame sent anyway
+    refuses the FORWARD after it."""
+    split, client = connect_device(server, tiny, token=TOKEN)
+    with client:
+        assert client.welcome["trees"] is False
+        link = client.open_session("float32")
+        decoder = SplitDecoder(split, link)
+        assert not decoder.trees
+        link.forward(torch.randn(1, 2, split.hidden_size), 0)
+        with pytest.raises(RemoteError) as info:
+            link.forward_tree(torch.randn(1, 2, split.hidden_size), 2, [-1, 0], None)
+        assert info.value.code == "bad_tree" and "does not verify token trees" in str(info.value)
+        link.close()

@@ -155,7 +155,7 @@ def test_codes_are_the_documented_ones():
     assert {t.name: t.value for t in MessageType} == {
         "HELLO": 1, "WELCOME": 2, "OPEN": 3, "OPENED": 4, "FORWARD": 5, "RESULT": 6,
         "CLOSE": 7, "CLOSED": 8, "PING": 9, "PONG": 10,
-        "GENERATE": 11, "TEXT": 12, "STATE": 13, "GOAWAY": 14, "ERROR": 127,
+        "GENERATE": 11, "TEXT": 12, "STATE": 13, "GOAWAY": 14, "TREE": 15, "ERROR": 127,
     }  # fmt: skip
     assert {d.name: d.value for d in WireDtype} == {
         "NONE": 0, "FLOAT32": 1, "FLOAT16": 2, "BFLOAT16": 3, "QINT8": 0x10, "QINT6": 0x11, "QINT4": 0x12,
@@ -281,7 +281,7 @@ CRAFTED = [
     ("bad_version", raw_frame(version=2)),
     ("bad_version", raw_frame(version=0)),
     ("unknown_type", raw_frame(mtype=0)),
-    ("unknown_type", raw_frame(mtype=15)),  # after GOAWAY: unknown
+    ("unknown_type", raw_frame(mtype=16)),  # after TREE: unknown
     ("bad_dtype", raw_frame(dtype=0x07)),
     ("bad_dtype", raw_frame(dtype=0x14)),  # after the packed INT2 code: unknown
     ("bad_dtype", json_frame(5, {"a": 1})),  # FORWARD must carry a tensor

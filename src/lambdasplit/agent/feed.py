@@ -99,8 +99,23 @@ class ObservedLink:
     def traffic(self) -> Traffic:
         return self.link.traffic
 
+    @property
+    def trees(self) -> bool:
+        return self.link.trees
+
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
         out = self.link.forward(hidden, position, reset, last)
+        self._publish(position)
+        return out
+
+    def forward_tree(
+        self, hidden: torch.Tensor, position: int, parents: list[int] | None, keep: tuple[int, list[int]] | None
+    ) -> torch.Tensor:
+        out = self.link.forward_tree(hidden, position, parents, keep)
+        self._publish(position)
+        return out
+
+    def _publish(self, position: int) -> None:
         sent = decode_frame(self.link.last_sent, self.link.client.limits)
         transmitted = frame_tensor(sent, dtype=torch.float32)  # (rows, D) as it crossed the wire
         self.feed.publish(
@@ -111,12 +126,11 @@ class ObservedLink:
                 "rows": int(transmitted.shape[0]),
                 "hidden_size": int(transmitted.shape[1]),
                 "wire_dtype": self.link.wire_dtype.name.lower(),
-                "up_bytes": len(self.link.last_sent),
+                "up_bytes": self.link.last_sent_bytes,
                 "down_bytes": len(self.link.last_received),
                 "last_row": [round(float(x), 4) for x in transmitted[-1].tolist()],
             }
         )
-        return out
 
     def close(self) -> None:
         self.link.close()

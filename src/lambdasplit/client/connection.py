@@ -30,6 +30,7 @@ from lambdasplit.errors import (
     ConfigError,
     LambdaSplitError,
     RemoteError,
+    SessionError,
     StaleConnection,
     UntrustedCertificate,
     WireError,
@@ -265,8 +266,9 @@ class CloudClient:
             raise
 
     # --- requests ---------------------------------------------------------------------------------
-    def roundtrip(self, data: bytes, epoch: int | None = None) -> bytes:
-        """Send one encoded frame, return the raw reply.
+    def roundtrip(self, data: bytes | Sequence[bytes], epoch: int | None = None) -> bytes:
+        """Send one encoded frame (or several, of which only the last is answered: a TREE frame and its FORWARD),
+        return the raw reply.
 
         With ``epoch``, the frame goes out only on that connection: a session handle is only valid on the
         connection that opened it (after a reconnect, numbering starts again and the same number may name
@@ -358,9 +360,10 @@ class CloudClient:
         self.frames_sent += 1
         self.bytes_sent += len(data)
 
-    def _exchange(self, ws: ClientConnection, data: bytes) -> bytes:
+    def _exchange(self, ws: ClientConnection, data: bytes | Sequence[bytes]) -> bytes:
         with self._socket_errors(ws, close=True):
-            self._send(ws, data)
+            for one in [data] if isinstance(data, bytes) else data:
+                self._send(ws, one)
             while self._goaway(reply := self._recv(ws)):
                 pass  # noted; the answer follows (a draining server still serves the steps in flight)
             return reply
@@ -503,6 +506,7 @@ class RemoteBodyLink:
         # The last frames as they crossed the wire, for showing what an eavesdropper sees.
         self.last_sent: bytes = b""
         self.last_received: bytes = b""
+        self.last_sent_bytes = 0
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
         """(1, T, D) at ``position`` -> (1, T, D) (or logits (1, T, V) from a STIP body; one row with ``last``),
@@ -533,11 +537,74 @@ class RemoteBodyLink:
         self._remember(hidden, position, reset)
         return out
 
-    def _forward_once(self, hidden: torch.Tensor, position: int, reset: bool, last: bool = False) -> torch.Tensor:
+    @property
+    def trees(self) -> bool:
+        """Whether the server verifies token trees (its WELCOME says ``"trees": true``)."""
+        return bool(self.client.welcome.get("trees"))
+
+    def forward_tree(
+        self, hidden: torch.Tensor, position: int, parents: list[int] | None, keep: tuple[int, list[int]] | None
+    ) -> torch.Tensor:
+        """``forward`` of a token tree's block (``parents``; None: a chain), the server first keeping ``keep``, the
+        branch of the last tree that was accepted. A TREE frame goes just before the FORWARD, in the same round trip.
+        The history keeps the branch too, so a rebuilt session replays what the body held."""
+        if keep is not None:
+            self._keep(*keep)
+        failed_at: float | None = None
+        reason = ""
+        for attempt in range(3):
+            try:
+                if self.epoch != self.client.epoch or failed_at is not None:
+                    reason = reason or "the connection was re-established for another session"
+                    self._rebuild(position)  # the new session holds the kept branch: nothing left to keep there
+                    waited = time.monotonic() - (failed_at or time.monotonic())
+                    self.recoveries.append(Recovery(reason, waited, position))
+                    keep = None
+                tree = ({"parents": parents} if parents is not None else {}) | (
+                    {"keep": {"start": keep[0], "rows": keep[1]}} if keep is not None else {}
+                )
+                out = self._forward_once(hidden, position, False, tree=tree or None)
+                break
+            except RemoteError as exc:
+                if exc.code != "unknown_session" or not self.resume or attempt == 2:
+                    raise
+                reason, failed_at = "session unknown to the server (evicted or restarted)", time.monotonic()
+            except WireError as exc:
+                if not self.resume or attempt == 2:
+                    raise
+                reason, failed_at = f"connection lost: {exc}", time.monotonic()
+                self.client.reconnect(self.epoch)
+        self._remember(hidden, position, False)
+        return out
+
+    def _keep(self, start: int, rows: list[int]) -> None:
+        """The history holds positions [0, start) and then the branch ``rows`` of the block sent from ``start``."""
+        if not self.resume:
+            return
+        if start > self.length or start + (max(rows) if rows else -1) >= self.length:
+            raise SessionError(f"cannot keep rows {rows} after position {start}: {self.length} positions were sent")
+        after: list[torch.Tensor] = []  # the rows sent from `start` on, taken off the end of the history
+        while self.length > start:
+            block = self.history.pop()
+            cut = min(block.shape[0], self.length - start)
+            if cut < block.shape[0]:
+                self.history.append(block[: block.shape[0] - cut])
+            after.insert(0, block[block.shape[0] - cut :])
+            self.length -= cut
+        if rows:
+            self.history.append(torch.cat(after)[rows])
+        self.length = start + len(rows)
+
+    def _forward_once(
+        self, hidden: torch.Tensor, position: int, reset: bool, last: bool = False, tree: dict[str, Any] | None = None
+    ) -> torch.Tensor:
         flags = (FrameFlags.RESET if reset else FrameFlags(0)) | (FrameFlags.LAST if last else FrameFlags(0))
         start = time.perf_counter()
         frame = tensor_frame(MessageType.FORWARD, hidden[0], self.wire_dtype, self.session, position, flags=flags)
-        data = encode_frame(frame)
+        forward = encode_frame(frame)
+        data: bytes | list[bytes] = forward
+        if tree is not None:  # no reply of its own: the FORWARD's answers for both
+            data = [encode_frame(Frame.json(MessageType.TREE, tree, session=self.session)), forward]
         raw = self.client.roundtrip(data, self.epoch)
         reply = raise_for_error(decode_frame(raw, self.client.limits))
         if reply.type is not MessageType.RESULT or reply.session != self.session or reply.position != position:
@@ -547,8 +614,10 @@ class RemoteBodyLink:
             )
         out = frame_tensor(reply, dtype=hidden.dtype, device=hidden.device)
         seconds = time.perf_counter() - start  # encoding, the round trip and decoding: all of it the link's cost
-        self.traffic.add(len(data), len(raw), len(frame.payload), len(reply.payload), seconds)
-        self.last_sent, self.last_received = data, raw
+        sent = data if isinstance(data, bytes) else b"".join(data)
+        self.traffic.add(len(sent), len(raw), len(frame.payload), len(reply.payload), seconds)
+        self.last_sent, self.last_received = (data if isinstance(data, bytes) else data[-1]), raw
+        self.last_sent_bytes = len(sent)  # the FORWARD and the TREE frame before it, when there is one
         return out.unsqueeze(0)
 
     def _remember(self, hidden: torch.Tensor, position: int, reset: bool) -> None:

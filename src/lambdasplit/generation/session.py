@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from itertools import pairwise
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
@@ -22,18 +23,24 @@ from lambdasplit.errors import SessionError
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import Body, rewind, with_cache
 from lambdasplit.split.state import BodyState
+from lambdasplit.split.tree import check_tree, is_chain, keep_rows, supports_trees, tree_inputs
 from lambdasplit.traffic import Traffic
 
 __all__ = [
     "BodyLink",
     "Decoder",
+    "Keep",
     "KeptRows",
     "LocalBodyLink",
     "ModelDecoder",
     "SplitDecoder",
     "Traffic",
+    "TreeLink",
     "tensor_bytes",
 ]
+
+#: The branch of a token tree to keep: the block's first position and the rows kept (``split.tree.keep_rows``).
+Keep = tuple[int, list[int]]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -59,6 +66,21 @@ class BodyLink(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class TreeLink(Protocol):
+    """A ``BodyLink`` that can verify token trees (``split.tree``), when ``trees`` is true."""
+
+    @property
+    def trees(self) -> bool: ...
+
+    def forward_tree(
+        self, hidden: torch.Tensor, position: int, parents: list[int] | None, keep: Keep | None
+    ) -> torch.Tensor:
+        """``forward`` of a block whose rows form the tree ``parents`` (None: a chain), after keeping ``keep``, the
+        branch of the last tree that was accepted (None: nothing to keep)."""
+        ...
+
+
 class LocalBodyLink:
     """The body in this process, with its own KV cache for one session (a ``BodyState``)."""
 
@@ -79,6 +101,20 @@ class LocalBodyLink:
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
         start = time.perf_counter()
         out = self.state.forward(hidden, position, reset, last)  # (1, T, D); position < length rolls back
+        self.traffic.add(tensor_bytes(hidden), tensor_bytes(out), seconds=time.perf_counter() - start)
+        return out
+
+    @property
+    def trees(self) -> bool:
+        return self.state.supports_trees
+
+    def forward_tree(
+        self, hidden: torch.Tensor, position: int, parents: list[int] | None, keep: Keep | None
+    ) -> torch.Tensor:
+        start = time.perf_counter()
+        if keep is not None:
+            self.state.keep(*keep)
+        out = self.state.forward(hidden, position, tree=parents)
         self.traffic.add(tensor_bytes(hidden), tensor_bytes(out), seconds=time.perf_counter() - start)
         return out
 
@@ -113,6 +149,15 @@ class Decoder(Protocol):
     def extend(self, token_ids: Sequence[int]) -> torch.Tensor: ...
 
     def truncate(self, length: int) -> None: ...
+
+    @property
+    def trees(self) -> bool:
+        """Whether ``extend_tree`` can verify a token tree (``split.tree``) in one step."""
+        ...
+
+    def extend_tree(self, token_ids: Sequence[int], parents: Sequence[int]) -> torch.Tensor: ...
+
+    def accept(self, rows: Sequence[int]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -174,6 +219,50 @@ class DecoderBase:
             raise SessionError(f"cannot truncate a {len(self.ids)}-position session to {length}")
         del self.ids[length:]
 
+    #: The token tree fed by ``extend_tree`` and not yet settled by ``accept``: first position, tokens, parents.
+    _tree: tuple[int, list[int], list[int]] | None = None
+
+    @property
+    def trees(self) -> bool:
+        """Whether ``extend_tree`` can run (every part's cache can keep a branch)."""
+        return False
+
+    def extend_tree(self, token_ids: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
+        """Feed a token tree (``split.tree``): ``token_ids[0]`` is the next token, as ``extend``'s first, and row
+        ``i`` follows row ``parents[i]``. Returns one row of logits per token (T, V); ``accept`` then says which
+        branch to keep. A chain is fed with ``extend``."""
+        if not self.ids:
+            raise SessionError("step before prefill")
+        parents = list(parents)
+        check_tree(parents, len(token_ids))
+        if is_chain(parents):
+            return self.extend(token_ids)
+        if not self.trees:
+            raise SessionError("this decoder cannot verify token trees (see its ``trees``)", "bad_tree")
+        position, tokens = len(self.ids), [int(t) for t in token_ids]
+        logits = self._run_tree(tokens, parents, position)
+        self._tree = (position, tokens, parents)
+        return logits
+
+    def accept(self, rows: Sequence[int]) -> None:
+        """Keep the branch ``rows`` (row 0 first, then each row's child on the path) of the tree ``extend_tree`` fed:
+        its tokens join ``ids``, as if they had been fed as a chain."""
+        if self._tree is None or self._tree[0] != len(self.ids):
+            raise SessionError("accept follows extend_tree")
+        position, tokens, parents = self._tree
+        rows = list(rows)
+        if not rows or rows[0] != 0 or any(not 0 < r < len(tokens) or parents[r] != up for up, r in pairwise(rows)):
+            raise SessionError(f"rows {rows} are not a branch from the root of the {len(tokens)}-row tree", "bad_tree")
+        self._tree = None
+        self._keep(position, rows)
+        self.ids.extend(tokens[r] for r in rows)
+
+    def _run_tree(self, tokens: list[int], parents: list[int], position: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _keep(self, position: int, rows: list[int]) -> None:
+        raise NotImplementedError
+
 
 class KeptRows:
     """One row per position from ``first``, kept for a drafter as a decoder computes them; a gap or an overlap
@@ -233,16 +322,39 @@ class SplitDecoder(DecoderBase):
         #: What ``look_ahead`` computed (rows still in the head's KV cache) and for which ids: a run that feeds the
         #: same ids at the same positions reuses them instead of running the head over them again.
         self.ahead, self.ahead_ids = KeptRows(), list[int]()
+        #: The branch of the last token tree that the body has not been told to keep yet: it goes with the next FORWARD.
+        self._body_keep: Keep | None = None
+        self._tree_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the tree's states and features, kept
 
     @property
     def traffic(self) -> Traffic:
         return self.link.traffic
+
+    @property
+    def trees(self) -> bool:
+        return (
+            self.use_cache
+            and not self.stip
+            and isinstance(self.link, TreeLink)
+            and self.link.trees
+            and supports_trees(self.head_cache)
+            and supports_trees(self.tail_cache)
+        )
+
+    def _body(self, hidden: torch.Tensor, position: int, last: bool = False) -> torch.Tensor:
+        """The body's output for ``hidden`` at ``position``, the body first told the branch of the last tree to keep."""
+        keep, self._body_keep = self._body_keep, None
+        if keep is None:
+            return self.link.forward(hidden, position, last=last)
+        assert isinstance(self.link, TreeLink)
+        return self.link.forward_tree(hidden, position, None, keep)
 
     def _run(self, new_ids: list[int], keep: int) -> torch.Tensor:
         assert self.split.head is not None
         device = self.split.runtime.device
         position = len(self.ids)
         self.ids.extend(new_ids)
+        self._tree = None  # a tree fed and not accepted is rolled back like rejected drafts
         self.features.cut(position)  # rows for positions this run recomputes (rolled back or resumed) go
         self.states.cut(position)
         if self.use_cache:
@@ -250,7 +362,7 @@ class SplitDecoder(DecoderBase):
             if self.keep_features:
                 self.states.add(raw[0], position)
             hidden = self._encode(raw)
-            return self._finish(self.link.forward(hidden, position, last=self.stip and keep == 1), keep, position)
+            return self._finish(self._body(hidden, position, last=self.stip and keep == 1), keep, position)
         x = torch.tensor([self.ids], device=device)
         hidden = self._encode(self.split.head(x))  # (1, T_all, D): the whole sequence crosses again
         return self._finish(self.link.forward(hidden, 0, reset=True, last=self.stip and keep == 1), keep, None)
@@ -303,6 +415,42 @@ class SplitDecoder(DecoderBase):
             parts.append(self.split.head(x, self.head_cache)[0])
         return torch.cat([p for p in parts if p is not None])[None]
 
+    def _run_tree(self, tokens: list[int], parents: list[int], position: int) -> torch.Tensor:
+        """Every part runs the block under the tree's mask. The rows before the first branch are a chain: the head
+        reuses their look-ahead rows (``_head_rows``) and runs the rest under the mask."""
+        assert self.split.head is not None and self.split.tail is not None
+        self.features.cut(position)
+        self.states.cut(position)
+        rt = self.split.runtime
+        mask, positions = tree_inputs(parents, position, rt.dtype, rt.device)
+        chain = next((i for i, p in enumerate(parents) if p != i - 1), len(parents))
+        raw = self._head_rows(tokens[:chain], position)[0]  # the head's cache now holds position + chain
+        x = torch.tensor([tokens[chain:]], device=rt.device)
+        rest = self.split.head(x, self.head_cache, attention_mask=mask[:, :, chain:], position_ids=positions[:, chain:])
+        raw = torch.cat([raw, rest[0]])
+        keep, self._body_keep = self._body_keep, None
+        assert isinstance(self.link, TreeLink)
+        out = self._decode(self.link.forward_tree(self._encode(raw[None]), position, parents, keep))
+        rewind(self.tail_cache, position)
+        tree = {"attention_mask": mask, "position_ids": positions}
+        if self.keep_features:
+            logits, features = self.split.tail.forward_with_features(out, self.tail_cache, len(tokens), **tree)
+            self._tree_rows = (raw, features[0])
+        else:
+            logits, self._tree_rows = self.split.tail(out, self.tail_cache, len(tokens), **tree), None
+        return logits[0]
+
+    def _keep(self, position: int, rows: list[int]) -> None:
+        keep_rows(self.head_cache, position, rows)
+        keep_rows(self.tail_cache, position, rows)
+        self._body_keep = (position, rows)  # told with the next FORWARD: no round trip of its own
+        self.ahead, self.ahead_ids = KeptRows(), []
+        if self._tree_rows is not None:
+            raw, features = self._tree_rows
+            self.states.add(raw[rows], position)
+            self.features.add(features[rows], position)
+        self._tree_rows = None
+
     def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
         transform = self.split.wire_transform
         return hidden if transform is None else transform.encode(hidden)
@@ -317,6 +465,7 @@ class SplitDecoder(DecoderBase):
         self.ids = []
         self.features, self.states = KeptRows(), KeptRows()
         self.ahead, self.ahead_ids = KeptRows(), []
+        self._tree, self._body_keep, self._tree_rows = None, None, None
         self.head_cache = self.split.head.new_cache() if self.use_cache else None
         self.tail_cache = self.split.tail.new_cache() if self.use_cache and self.split.tail is not None else None
 
@@ -340,17 +489,41 @@ class ModelDecoder(DecoderBase):
         cache.activate_past_recording()  # sliding windows can be rolled back (see split.parts.rewind)
         return cache
 
+    @property
+    def trees(self) -> bool:
+        return supports_trees(self.cache)
+
     @torch.inference_mode()
     def _run(self, new_ids: list[int], keep: int) -> torch.Tensor:
         rewind(self.cache, len(self.ids))
+        self._tree = None
         self.ids.extend(new_ids)
         ids = torch.tensor([new_ids], device=self._device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **with_cache(self.model, self.cache))
         return out.logits[0]
 
+    @torch.inference_mode()
+    def _run_tree(self, tokens: list[int], parents: list[int], position: int) -> torch.Tensor:
+        rewind(self.cache, position)
+        mask, positions = tree_inputs(parents, position, self.model.dtype, self._device)
+        ids = torch.tensor([tokens], device=self._device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=len(tokens),
+            **with_cache(self.model, self.cache),
+        )
+        return out.logits[0]
+
+    def _keep(self, position: int, rows: list[int]) -> None:
+        keep_rows(self.cache, position, rows)
+
     def reset(self) -> None:
         """Forget the sequence: the decoder can start again with ``prefill``."""
         self.ids = []
+        self._tree = None
         self.cache = self._new_cache()
 
     def close(self) -> None:

@@ -301,10 +301,19 @@ class ChainState(BodyState):
         self.session = self.chain.new_session()
         self.closed = False
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        reset: bool = False,
+        last: bool = False,
+        tree: list[int] | None = None,
+    ) -> torch.Tensor:
         """``hidden`` (1, T, D) at ``position`` through every stage; (1, T, D), or (1, 1, D) with ``last``."""
         if self.closed:
             raise SessionError(f"session {self.session} was closed", "unknown_session")
+        if tree is not None:
+            raise SessionError("a chain of stage actors does not verify token trees", "bad_tree")
         self.check(position, reset)
         try:
             out = self.chain.run(self.session, hidden[0].cpu(), position, reset, last)

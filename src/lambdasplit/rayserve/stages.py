@@ -33,6 +33,8 @@ __all__ = ["StagedBodyServer", "staged_server", "staged_split"]
 class StagedBodyServer(BodyServer):
     """A ``BodyServer`` whose sessions run on a ``StageChain``: each session's state is a ``ChainState``."""
 
+    tree_capable = False  # the caches are on the stage actors: no token trees (yet)
+
     def __init__(self, split: SplitModel, settings: ServerSettings) -> None:
         if not isinstance(split.body, ChainBody):
             raise ConfigError("a staged body server needs the SplitModel of staged_split (its body is a ChainBody)")

@@ -10,6 +10,8 @@ Protocol (frames in docs/wire-format.md, conversation in docs/protocol.md):
     FORWARD (T, D) @ pos    ->     body forward with the session's KV cache (off the event loop)
                             <-     RESULT (T, D) @ pos, same wire dtype ((T, V) logits in STIP's layout;
                                    one row when FORWARD has the LAST flag)
+    [TREE {parents, keep}   ->     no reply: applies to the session's next FORWARD, sent right after it
+                                   (token trees, when WELCOME says "trees": true; docs/protocol.md)]
     CLOSE                   ->
                             <-     CLOSED
 
@@ -23,6 +25,7 @@ serving afterwards, except after ``unauthorized`` (refused at the handshake) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 
 from lambdasplit import __version__
-from lambdasplit.errors import ConfigError, LambdaSplitError, Refusal
+from lambdasplit.errors import CodedError, ConfigError, LambdaSplitError, Refusal, SessionError
 from lambdasplit.generation import SamplingParams, TokenEvent, stream
 from lambdasplit.server.base import FrameServer
 from lambdasplit.server.batching import Batcher
@@ -38,7 +41,8 @@ from lambdasplit.server.sessions import Held, SessionStore
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import Body
-from lambdasplit.split.state import BodyState
+from lambdasplit.split.state import BodyState, PendingTree
+from lambdasplit.split.tree import check_tree, supports_trees
 from lambdasplit.wire import PATH, PROTOCOL, Frame, FrameFlags, MessageType, frame_tensor, tensor_frame
 
 __all__ = ["PATH", "PROTOCOL", "BodyServer", "Refusal", "kv_bytes_per_position"]
@@ -88,6 +92,11 @@ class BodyServer(FrameServer):
         self.compute_seconds = 0.0  # time in cloud-only generation (body forwards: the batcher counts them)
         #: Extra WELCOME fields from whoever runs this server (a Ray Serve replica names itself: ``replica``).
         self.announced: dict[str, Any] = {}
+        #: Whether TREE frames are served: a body here whose cache can keep one branch of a token tree.
+        self.trees = self.tree_capable and supports_trees(self.body.new_cache())
+
+    #: A server whose sessions' caches live elsewhere (a chain of stage actors) serves no token trees.
+    tree_capable = True
 
     # --- HTTP -------------------------------------------------------------------------------------
     def welcome(self) -> dict[str, Any]:
@@ -104,6 +113,7 @@ class BodyServer(FrameServer):
             "output": self.body.output,  # "logits" for STIP's layout (RESULT rows of vocab_size), else "hidden"
             "vocab_size": int(self.split.config.vocab_size),
             "wire_dtypes": [d.name.lower() for d in self.settings.wire_dtypes],
+            "trees": self.trees,  # TREE frames: token trees verified in one FORWARD (docs/protocol.md)
             "limits": {
                 "max_sessions": self.settings.max_sessions,
                 "max_context": self.settings.max_context,
@@ -129,7 +139,7 @@ class BodyServer(FrameServer):
             "batched_steps": self.batcher.batched_steps,
         }
 
-    async def _dispatch(self, conn: int, frame: Frame, gone: asyncio.Event) -> Frame:
+    async def _dispatch(self, conn: int, frame: Frame, gone: asyncio.Event) -> Frame | None:
         """The reply to one frame; ``gone`` is set when the client disconnects (a long request stops early)."""
         t = frame.type
         if t is MessageType.HELLO:
@@ -148,6 +158,12 @@ class BodyServer(FrameServer):
             )
         if t is MessageType.FORWARD:
             return await self._forward(self.store.get(conn, frame.session), frame)
+        if t is MessageType.TREE:
+            # No reply of its own: the FORWARD sent right after it answers for both (for a session this connection
+            # does not hold, that FORWARD is refused as unknown too).
+            with contextlib.suppress(SessionError):
+                self._tree(self.store.get(conn, frame.session).value, frame)
+            return None
         if t is MessageType.CLOSE:
             self.store.close(conn, frame.session)
             return Frame.json(MessageType.CLOSED, {}, session=frame.session)
@@ -170,8 +186,36 @@ class BodyServer(FrameServer):
         """Positions held by all sessions' KV caches together."""
         return sum(held.value.length for held in self.store)
 
+    def _tree(self, state: BodyState, frame: Frame) -> None:
+        """Hold a TREE frame's ``parents`` (the next FORWARD's rows as a token tree) and ``keep`` (``{"start",
+        "rows"}``: the branch of the last tree to keep first) for the session's next FORWARD. A bad TREE frame is not
+        answered on its own (the device sends the FORWARD without waiting): that FORWARD is refused with its error."""
+        body = frame.json_body()
+        parents, keep = body.get("parents"), body.get("keep")
+        try:
+            if not self.trees:
+                raise Refusal("bad_tree", 'this server does not verify token trees (its WELCOME says "trees": false)')
+            if parents is None and keep is None:
+                raise Refusal("bad_tree", 'a TREE frame carries "parents", "keep" or both')
+            if parents is not None:
+                check_tree(parents)
+            kept: tuple[int, list[int]] | None = None
+            if keep is not None:
+                start, rows = (keep.get("start"), keep.get("rows")) if isinstance(keep, dict) else (None, None)
+                if not isinstance(start, int) or not isinstance(rows, list) or not all(type(r) is int for r in rows):
+                    raise Refusal("bad_tree", 'TREE\'s "keep" is {"start": int, "rows": [int, ...]}')
+                state.check_keep(start, [int(r) for r in rows])
+                kept = (start, [int(r) for r in rows])
+            state.pending_tree = PendingTree(parents, kept)
+        except CodedError as e:
+            state.pending_tree = PendingTree(None, None, refused=Refusal(e.code, str(e), frame.session))
+
     async def _forward(self, session: Held[BodyState], frame: Frame) -> Frame:
         state, sid, d = session.value, frame.session, self.split.hidden_size
+        pending, state.pending_tree = state.pending_tree, None
+        if pending is not None and pending.refused is not None:
+            raise pending.refused
+        tree, keep = (pending.parents, pending.keep) if pending is not None else (None, None)
         if frame.dtype not in self.settings.wire_dtypes:
             allowed = ", ".join(x.name.lower() for x in self.settings.wire_dtypes)
             raise Refusal(
@@ -183,14 +227,19 @@ class BodyServer(FrameServer):
             )
         rows, pos, reset = frame.shape[0], frame.position, bool(frame.flags & FrameFlags.RESET)
         last = bool(frame.flags & FrameFlags.LAST)
-        state.check(pos, reset)  # before it queues: a refusal costs nothing
+        if tree is not None:
+            check_tree(tree, rows)
+        held_now = state.length if keep is None else keep[0] + len(keep[1])  # after the kept branch
+        state.check(min(pos, held_now), reset)  # before it queues: a refusal costs nothing
+        if pos > held_now:
+            raise Refusal("bad_position", f"position {pos} skips ahead: the session's body holds {held_now}", sid)
         if pos + rows > self.settings.max_context:
             raise Refusal(
                 "context_full",
                 f"{pos} + {rows} positions exceed this server's max context {self.settings.max_context}",
                 sid,
             )
-        growth = pos + rows - state.length  # positions this step adds to the session (negative: a rollback)
+        growth = pos + rows - held_now  # positions this step adds to the session (negative: a rollback)
         # Every session's positions after this step, steps queued but not yet run included.
         held = self._positions() + self._reserved + growth
         if held * self.kv_bytes_per_position > self.settings.kv_budget_bytes:
@@ -204,7 +253,8 @@ class BodyServer(FrameServer):
         hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
         self._reserved += max(growth, 0)
         try:
-            out = await self.batcher.submit(state, hidden, pos, reset, last)  # batched with other sessions' steps
+            # Batched with other sessions' steps (a tree's block runs on its own).
+            out = await self.batcher.submit(state, hidden, pos, reset, last, tree=tree, keep=keep)
         finally:
             self._reserved -= max(growth, 0)
         self.counters["forward_frames"] += 1

@@ -47,10 +47,13 @@ class Job:
     reset: bool
     future: asyncio.Future[torch.Tensor] = field(repr=False)
     last: bool = False  # the last row of the output only (a prompt's logits)
+    tree: list[int] | None = None  # the rows' parents: a token tree's block (``split.tree``)
+    keep: tuple[int, list[int]] | None = None  # first keep this branch of the session's last tree (start, rows)
 
     @property
     def batchable(self) -> bool:
-        return not self.reset and self.hidden.shape[0] == 1 and self.position > 0 and self.state.cache is not None
+        single = self.hidden.shape[0] == 1 and self.tree is None
+        return not self.reset and single and self.position > 0 and self.state.cache is not None
 
 
 def full_attention_only(body: Body) -> bool:
@@ -118,11 +121,19 @@ class Batcher:
         self.compute_seconds = 0.0  # time in body forwards, batched or not
 
     async def submit(
-        self, state: BodyState, hidden: torch.Tensor, position: int, reset: bool, last: bool = False
+        self,
+        state: BodyState,
+        hidden: torch.Tensor,
+        position: int,
+        reset: bool,
+        last: bool = False,
+        *,
+        tree: list[int] | None = None,
+        keep: tuple[int, list[int]] | None = None,
     ) -> torch.Tensor:
         """The body's output (T, D) for ``hidden`` (T, D) at ``position`` of the session ``state`` ((T, V) from a
-        body that ends in the LM head; one row with ``last``)."""
-        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future(), last)
+        body that ends in the LM head; one row with ``last``); ``tree``, ``keep``: a token tree's (``Job``)."""
+        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future(), last, tree, keep)
         self._queue.append(job)
         if not self._draining:
             self._draining = True
@@ -154,13 +165,19 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> list[torch.Tensor | BaseException]:
         """On the compute thread: the batchable jobs together, the others one by one."""
+        results: dict[int, torch.Tensor | BaseException] = {}
+        start = time.perf_counter()
+        for job in jobs:  # the branch of a session's last token tree, kept before its next step runs
+            if job.keep is not None:
+                try:
+                    job.state.keep(*job.keep)
+                except Exception as exc:
+                    results[id(job)] = exc
         # Steps batch with steps on the same body only (a server of user groups holds one body per group).
         by_body: dict[int, list[Job]] = {}
         for job in jobs if self.enabled else []:
-            if job.batchable:
+            if job.batchable and id(job) not in results:
                 by_body.setdefault(id(job.state.body), []).append(job)
-        results: dict[int, torch.Tensor | BaseException] = {}
-        start = time.perf_counter()
         for together in (group for group in by_body.values() if len(group) >= 2):
             try:
                 outs = run_batched(together[0].state.body, together)
@@ -173,7 +190,7 @@ class Batcher:
             if id(job) not in results:
                 try:  # (T, D) -> (1, T, D) -> (T, D)
                     hidden = job.hidden.unsqueeze(0)
-                    results[id(job)] = job.state.forward(hidden, job.position, job.reset, job.last)[0]
+                    results[id(job)] = job.state.forward(hidden, job.position, job.reset, job.last, job.tree)[0]
                 except Exception as exc:
                     results[id(job)] = exc
         self.compute_seconds += time.perf_counter() - start

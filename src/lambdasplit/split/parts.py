@@ -87,12 +87,26 @@ class Head(_Part):
     """Device side, first: token ids (B, T) -> hidden states (B, T, D) after global layers [0, X)."""
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``attention_mask`` (4D) and ``position_ids`` (B, T): a token tree's rows (``split.tree``)."""
         assert self.model is not None
         # With no layers, positions and masks are unused; skipping the cache keeps it empty.
         use_cache = cache is not None and self.num_layers > 0
         kept = cache if use_cache else None
-        out = self.model(input_ids=input_ids, use_cache=use_cache, **with_cache(self.model, kept))
+        out = self.model(
+            input_ids=input_ids,
+            use_cache=use_cache,
+            **with_cache(self.model, kept),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+        )
         return out.last_hidden_state
 
 
@@ -179,7 +193,16 @@ class Tail(_Part):
     """
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 1) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: Cache | None = None,
+        logits_to_keep: int = 1,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``attention_mask`` (4D) and ``position_ids`` (B, T): a token tree's rows (``split.tree``)."""
         assert self.model is not None
         use_cache = cache is not None and self.num_layers > 0
         out = self.model(
@@ -187,15 +210,17 @@ class Tail(_Part):
             use_cache=use_cache,
             **with_cache(self.model, cache if use_cache else None),
             logits_to_keep=logits_to_keep,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
         )
         return out.logits
 
     def forward_with_features(
-        self, hidden: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 1
+        self, hidden: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 1, **tree: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``, and what the LM head was given for those K positions (B, K, D): the model's last hidden
         state after its final norm, which a draft head reads (``generation.drafthead``)."""
         assert self.model is not None
         with lm_head_inputs(self.model) as seen:
-            logits = self.forward(hidden, cache, logits_to_keep)
+            logits = self.forward(hidden, cache, logits_to_keep, **tree)
         return logits, seen[-1]

@@ -7,19 +7,22 @@ Every place that runs the body for a session goes through ``BodyState``: the dev
 - a forward at ``position`` needs the cache to hold at least ``position`` positions: ``position < length``
   is a rollback (rejected draft tokens; the cache is cut back first), ``position > length`` would skip
   positions the body never saw and is refused;
-- ``reset`` (the paper's no-cache baseline) drops the cache and must start at position 0.
+- ``reset`` (the paper's no-cache baseline) drops the cache and must start at position 0;
+- a token tree's block (``split.tree``) runs under its tree mask, and ``keep`` then keeps one of its branches.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from lambdasplit.errors import SessionError
+from lambdasplit.errors import CodedError, SessionError
 from lambdasplit.split.parts import Body, rewind
+from lambdasplit.split.tree import check_tree, keep_rows, supports_trees, tree_inputs
 
 
 def cache_layers(cache: Cache) -> list[DynamicLayer]:
@@ -33,6 +36,16 @@ def held_positions(layer: DynamicLayer) -> int:
     return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
 
 
+@dataclass
+class PendingTree:
+    """What a server was told for a session's next FORWARD (a TREE frame): its rows' ``parents`` and the branch of
+    the last tree to ``keep`` first (start, rows); or why that was refused (the FORWARD is refused with it)."""
+
+    parents: list[int] | None
+    keep: tuple[int, list[int]] | None
+    refused: CodedError | None = None
+
+
 class BodyState:
     """The body of one session: ``cache`` holds exactly ``length`` positions after every forward."""
 
@@ -41,6 +54,7 @@ class BodyState:
         self.cache: Cache | None = body.new_cache()
         self.length = 0  # positions the cache holds
         self.steps = 0  # forwards run
+        self.pending_tree: PendingTree | None = None  # a server's: the TREE frame for the next FORWARD
 
     def check(self, position: int, reset: bool = False) -> None:
         """Raise ``SessionError`` (code ``bad_position``) unless a forward may start at ``position``."""
@@ -65,12 +79,54 @@ class BodyState:
         self.length += rows
         self.steps += 1
 
-    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+    @property
+    def supports_trees(self) -> bool:
+        """Whether this session's cache can keep one branch of a token tree (full attention only)."""
+        return self.cache is not None and supports_trees(self.cache)
+
+    def check_keep(self, start: int, rows: list[int]) -> None:
+        """Raise ``SessionError`` (code ``bad_tree``) unless ``keep(start, rows)`` may run."""
+        if not self.supports_trees:
+            raise SessionError("this session's body cannot keep a branch of a token tree", "bad_tree")
+        if (
+            not 0 <= start <= self.length
+            or any(r < 0 or start + r >= self.length for r in rows)
+            or rows != sorted(set(rows))
+        ):
+            raise SessionError(
+                f"cannot keep rows {rows} after position {start}: the session's body holds {self.length} positions",
+                "bad_tree",
+            )
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Keep positions [0, start), then the rows ``rows`` of the block that started at ``start`` (the branch of a
+        token tree that was accepted): the cache then holds ``start + len(rows)`` positions."""
+        self.check_keep(start, rows)
+        keep_rows(self.cache, start, rows)
+        self.length = start + len(rows)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        reset: bool = False,
+        last: bool = False,
+        tree: list[int] | None = None,
+    ) -> torch.Tensor:
         """Run the body on ``hidden`` (B=1, T, D) whose first row is at ``position``; returns (1, T, D), or (1, T, V)
-        for a body that ends in the LM head; ``last``: the last row only."""
+        for a body that ends in the LM head; ``last``: the last row only. ``tree``: the rows' parents, a token tree
+        (``split.tree``) whose root is at ``position``."""
+        if tree is not None:
+            if reset or not self.supports_trees:
+                raise SessionError("a token tree needs a session with a full-attention cache, not reset", "bad_tree")
+            check_tree(tree, hidden.shape[1])
         self.align(position, reset)
         try:
-            out = self.body(hidden, self.cache, last=last)
+            if tree is not None:
+                mask, positions = tree_inputs(tree, position, hidden.dtype, hidden.device)
+                out = self.body(hidden, self.cache, attention_mask=mask, position_ids=positions, last=last)
+            else:
+                out = self.body(hidden, self.cache, last=last)
         except BaseException:
             self.undo(position)
             raise

@@ -66,6 +66,7 @@ class MessageType(IntEnum):
     TEXT = 12  # server -> client, JSON: the generated text, answer to GENERATE
     STATE = 13  # server -> client, JSON: a diffusion scheduler's state handed to the device (CollaFuse policy)
     GOAWAY = 14  # server -> client, unasked, JSON {"deadline_s", "reason"}: the server is draining; move elsewhere
+    TREE = 15  # client -> server, JSON {"parents"?, "keep"?}: for the session's next FORWARD (token trees); no reply
     ERROR = 127  # server -> client, JSON {"code": str, "message": str}
 
 
@@ -98,6 +99,7 @@ _ALLOWED_DTYPES = {
     MessageType.TEXT: _JSON,
     MessageType.STATE: _JSON,
     MessageType.GOAWAY: _JSON,
+    MessageType.TREE: _JSON,
     MessageType.ERROR: _JSON,
 }
 
