@@ -50,7 +50,7 @@ from lambdasplit.server.process import body_server_process
 from lambdasplit.tls import TlsTrust
 
 PROMPTS = Path(__file__).with_name("prompts") / "mt-bench-open.jsonl"
-METHODS = ("plain", "lookup", "head-only", "head")
+METHODS = ("plain", "lookup", "head-only", "head", "head-chain")
 
 
 def spread(count: int) -> list[str]:
@@ -85,6 +85,8 @@ def measure(
                     for method in methods:
                         if method == "head-only":  # the head's guesses, never a copy
                             drafter: Drafter | None = head_drafter(split, lookup=False)
+                        elif method == "head-chain":  # one guess a position: never a token tree
+                            drafter = head_drafter(split, alternatives=0)
                         elif method == "previous-head":
                             drafter = head_drafter(split, previous)
                         else:

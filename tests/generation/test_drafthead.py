@@ -405,6 +405,61 @@ def test_greedy_with_the_head_and_copies_equals_plain(trained) -> None:
     assert used["lookup"] > 0 and used["head"] > 0
 
 
+class TreeCounting(HeadDrafter):
+    """The head drafter, counting the steps it offered a token tree (several guesses at a position)."""
+
+    trees = 0
+
+    def draft_tree(self, ids, limit):
+        tokens, parents = super().draft_tree(ids, limit)
+        self.trees += parents != list(range(len(tokens)))
+        return tokens, parents
+
+
+class BranchRecording(SplitDecoder):
+    """A split decoder recording the branches of the token trees it kept."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.branches: list[list[int]] = []
+
+    def accept(self, rows) -> None:
+        self.branches.append(list(rows))
+        super().accept(rows)
+
+
+def _caches_hold(decoder: SplitDecoder, ref) -> None:
+    """The decoder's caches (device and body) hold exactly its ids: its next step gives the unsplit model's logits
+    over the whole sequence. A branch kept wrongly anywhere (a drafted row at a position instead of the accepted
+    one) would show here even where the greedy tokens happen not to change."""
+    ids = [*decoder.ids, 5]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(decoder.step(5), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_with_the_head_and_trees_equals_plain(trained, tiny_checkpoint) -> None:
+    """Rows free, so the head sends its alternatives too (a token tree): the output is plain decoding's, trees were
+    verified, some steps kept an alternative (a branch that leaves the chain of first guesses), and every cache
+    holds the tokens kept."""
+    path, file = trained
+    ref = tiny_checkpoint("llama")[1]
+    split = load_split(path, f"1:{N - 1}")
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    trees, branches = 0, []
+    for prompt in [*SEEN[:4], *_prompts(4, 5)]:  # prompts the head knows and ones it does not: alternatives matter
+        plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True)
+        drafter = TreeCounting(head, cost=_priced(0.01, 0.0), alternatives=2)
+        decoder = BranchRecording(split, LocalBodyLink(split.body))
+        params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+        spec = Generation(decoder, prompt, params, drafter=drafter, keep_open=True).run()
+        assert spec.token_ids == plain.token_ids
+        _caches_hold(decoder, ref)
+        trees, branches = trees + drafter.trees, branches + decoder.branches
+    assert trees > 0 and len(branches) == trees
+    assert any(rows != list(range(len(rows))) for rows in branches)  # an alternative was kept
+
+
 def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:
     """With a seed, the drafts sent may not depend on the clock (each consumes a random draw): the head is not told
     step times then, and the same seed gives the same tokens."""
@@ -418,14 +473,16 @@ def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:
     assert all(isinstance(d, HeadDrafter) and not d.cost.seconds for d in drafters)
 
 
-def test_a_conversation_keeps_drafting_from_the_right_features(trained) -> None:
-    """A decoder kept open across turns: the second turn resumes, and the head starts over at its prompt."""
+@pytest.mark.parametrize("trees", [False, True], ids=["chains", "trees"])
+def test_a_conversation_keeps_drafting_from_the_right_features(trained, tiny_checkpoint, trees: bool) -> None:
+    """A decoder kept open across turns: the second turn resumes, and the head starts over at its prompt. With token
+    trees the branch kept at the end of a turn reaches the body with the next turn's first FORWARD."""
     path, file = trained
     split = load_split(path, f"1:{N - 1}")
     turns = _prompts(2, 9)
     decoder = SplitDecoder(split, LocalBodyLink(split.body))
     head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
-    drafter = HeadDrafter(head, FIXED)
+    drafter = TreeCounting(head, cost=_priced(0.01, 0.0)) if trees else HeadDrafter(head, FIXED)
     history: list[int] = []
     for turn in turns:
         history += turn
@@ -435,6 +492,8 @@ def test_a_conversation_keeps_drafting_from_the_right_features(trained) -> None:
         assert spec.token_ids == plain.token_ids
         assert spec.drafted_tokens > 0
         history += spec.token_ids
+    assert not trees or drafter.trees > 0
+    _caches_hold(decoder, tiny_checkpoint("llama")[1])
     decoder.close()
 
 
@@ -455,6 +514,34 @@ def test_greedy_with_the_head_over_a_server_equals_plain(trained, llama_server) 
                 plain_messages + plain.traffic.messages,
             )
     assert spec_messages < plain_messages
+
+
+def test_greedy_with_the_head_and_trees_over_a_server_equals_plain(trained, llama_server, tiny_checkpoint) -> None:
+    """Token trees over the network: a TREE frame goes with each tree's FORWARD in the same round trip, and the
+    server keeps the accepted branch; the output is plain decoding's, every drafted row crossed once, and the body's
+    cache holds the tokens kept."""
+    path, file = trained
+    ref = tiny_checkpoint("llama")[1]
+    split, client = connect_device(llama_server, path, device="cpu", dtype="float32", quiet=True)
+    assert client.welcome["trees"] is True
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    trees, branches = 0, []
+    with client:
+        for prompt in [*SEEN[:4], *_prompts(4, 5)]:
+            plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
+            drafter = TreeCounting(head, cost=_priced(0.01, 0.0), alternatives=2)
+            decoder = BranchRecording(split, client.open_session("float32"))
+            params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+            spec = Generation(decoder, prompt, params, drafter=drafter, keep_open=True).run()
+            assert spec.token_ids == plain.token_ids
+            assert spec.traffic.messages == spec.steps + 1  # one round trip a step, trees included
+            fed = len(prompt) + spec.steps + spec.drafted_tokens
+            assert spec.traffic.up_payload_bytes == 4 * split.hidden_size * fed
+            _caches_hold(decoder, ref)
+            decoder.close()
+            trees, branches = trees + drafter.trees, branches + decoder.branches
+    assert trees > 0
+    assert any(rows != list(range(len(rows))) for rows in branches)  # the server kept an alternative's branch
 
 
 def test_sampling_with_the_head_keeps_the_distribution(one_thread, tmp_path) -> None:

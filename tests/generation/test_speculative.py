@@ -31,6 +31,8 @@ from lambdasplit.generation import (
     make_drafter,
     self_drafter,
 )
+from lambdasplit.generation.sampling import TokenChooser
+from lambdasplit.generation.speculative import verify_tree
 from lambdasplit.split import load_split
 from tiny_models import NUM_LAYERS, build_tiny
 
@@ -268,3 +270,76 @@ def test_speculative_sampling_keeps_the_distribution(one_thread) -> None:
     dof = len(expected) - 1
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(statistic / 2)))  # chi2 survival
     assert p_value > 1e-3, (p_value, statistic, dof)
+
+
+def test_a_tree_keeps_the_branch_the_model_agrees_with() -> None:
+    """Greedy: the child equal to each row's argmax is followed; where none is, the argmax is the last token."""
+    chooser = TokenChooser(SamplingParams(), torch.device("cpu"))
+    rows = torch.zeros(5, 10)
+    best = {0: 4, 1: 9, 2: 6, 3: 2, 4: 8}  # row -> the model's token after it
+    for row, token in best.items():
+        rows[row, token] = 1.0
+    tokens, parents = [0, 3, 4, 6, 7], [-1, 0, 0, 2, 2]  # the root's children 3 and 4; 4's children 6 and 7
+    assert verify_tree(chooser, rows, [1, 0], tokens, parents) == ([4, 6, 2], [0, 2, 3])
+    rows[0] = 0.0
+    rows[0, 5] = 1.0  # no child of the root is right
+    assert verify_tree(chooser, rows, [1, 0], tokens, parents) == ([5], [0])
+    with pytest.raises(ValueError, match="5-row tree"):
+        verify_tree(chooser, rows[:4], [1, 0], tokens, parents)
+
+
+def test_tree_sampling_keeps_the_distribution(one_thread) -> None:
+    """4 sampled tokens (top-k 3), the last three drafted as a tree: the likeliest token with its likeliest follower,
+    the second likeliest, and a token outside the top 3 (never accepted), all after the same token. The joint
+    distribution equals the model's exact one (chi-square), with each branch taken."""
+    ref = build_tiny("llama", num_layers=1)
+    prompt, k, samples = PROMPTS[0], 3, 3000
+
+    @functools.cache
+    @torch.no_grad()
+    def topk_of(ids: tuple[int, ...]) -> dict[int, float]:
+        values, index = torch.topk(ref(torch.tensor([ids])).logits[0, -1], k)
+        return dict(zip(index.tolist(), torch.softmax(values, -1).tolist(), strict=True))
+
+    def ranked(ids: Sequence[int]) -> list[int]:
+        probs = topk_of(tuple(ids))
+        return sorted(probs, key=lambda t: -probs[t])
+
+    exact: dict[tuple[int, ...], float] = {}
+    for a, pa in topk_of(tuple(prompt)).items():
+        for b, pb in topk_of((*prompt, a)).items():
+            for c, pc in topk_of((*prompt, a, b)).items():
+                for d, pd in topk_of((*prompt, a, b, c)).items():
+                    exact[(a, b, c, d)] = pa * pb * pc * pd
+    branches: Counter[int] = Counter()
+
+    class Tree(Drafter):
+        def propose(self, ids: Sequence[int], n: int) -> list[int]:
+            raise AssertionError("Generation asks for a tree")
+
+        def draft_tree(self, ids: Sequence[int], limit: int) -> tuple[list[int], list[int]]:
+            if limit < 2:
+                return [], []
+            first, second = ranked(ids)[:2]
+            outside = next(t for t in range(3, 300) if t not in topk_of(tuple(ids)))
+            return [first, ranked([*ids, first])[0], second, outside], [0, 1, 0, 0]
+
+        def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
+            branches[accepted] += 1
+
+    counts: Counter[tuple[int, ...]] = Counter()
+    for seed in range(samples):
+        params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=k, seed=seed, ignore_eos=True)
+        result = Generation(ModelDecoder(ref), prompt, params, drafter=Tree(DraftLength(k=2))).run()
+        counts[tuple(result.token_ids)] += 1
+    assert all(branches[n] > 0 for n in (0, 1, 2))  # nothing kept, one token (either child), both of a branch
+    assert set(counts) <= set(exact)
+    keys = sorted(exact, key=exact.__getitem__)
+    observed = [float(counts[key]) for key in keys]
+    expected = [exact[key] * samples for key in keys]
+    while len(expected) > 1 and expected[0] < 5:
+        observed[1] += observed.pop(0)
+        expected[1] += expected.pop(0)
+    statistic = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+    p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2), torch.tensor(statistic / 2)))
+    assert p_value > 1e-3, (p_value, statistic)

@@ -162,6 +162,13 @@ class Drafter(ABC):
         k = self.length.next(limit)
         return self.propose(ids, k)[:k] if k > 0 else []
 
+    def draft_tree(self, ids: Sequence[int], limit: int) -> tuple[list[int], list[int]]:
+        """Drafted tokens and what each follows (0: the last of ``ids``; ``j``: the ``j``-th drafted token), no path
+        longer than ``limit``: a token tree (``split.tree``). Here the chain ``draft`` gives; a drafter that
+        knows more than one guess per position (``HeadDrafter``) offers several where its decoder can verify them."""
+        tokens = self.draft(ids, limit)
+        return tokens, list(range(len(tokens)))
+
     def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
         """Told after each verification how many of its ``drafted`` tokens were accepted, and how long the step
         took (drafting to verification) when the caller timed it."""

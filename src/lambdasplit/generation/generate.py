@@ -13,8 +13,9 @@ from transformers import PreTrainedTokenizerBase
 from lambdasplit.generation.drafting import Drafter
 from lambdasplit.generation.sampling import SamplingParams, TokenChooser
 from lambdasplit.generation.session import Decoder, Traffic
-from lambdasplit.generation.speculative import verify
+from lambdasplit.generation.speculative import verify, verify_tree
 from lambdasplit.generation.text import TextStream
+from lambdasplit.split.tree import is_chain
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -73,7 +74,9 @@ class Generation:
 
     With a ``drafter``, each step feeds the last token plus the drafter's guesses and keeps the longest
     prefix the model agrees with (``speculative.verify``): the same tokens as without it when greedy,
-    the same distribution when sampling, in fewer round trips when the guesses are good.
+    the same distribution when sampling, in fewer round trips when the guesses are good. A drafter may offer a
+    token tree (several guesses at a position, where the decoder can verify them): the branch the model agrees
+    with is kept (``speculative.verify_tree``).
     """
 
     def __init__(
@@ -135,13 +138,20 @@ class Generation:
                 context = self.prompt_ids + new
                 budget = self.params.max_new_tokens - len(new) - 1  # the step's own token is one more
                 step_start = time.perf_counter()
-                draft = self.drafter.draft(context, budget) if self.drafter is not None else []
-                rows = self.decoder.extend([new[-1], *draft])
-                pending = verify(self.chooser, rows, context, draft)
+                draft, parents = self.drafter.draft_tree(context, budget) if self.drafter is not None else ([], [])
+                tree = [-1, *parents]  # row 0 is the last token; drafted token j is row j + 1
+                if is_chain(tree):
+                    rows = self.decoder.extend([new[-1], *draft])
+                    pending = verify(self.chooser, rows, context, draft)
+                    kept = len(pending) - 1
+                    if kept < len(draft):
+                        self.decoder.truncate(len(context) + kept)  # rejected drafts leave every cache
+                else:  # a token tree: one branch is kept in every cache
+                    rows = self.decoder.extend_tree([new[-1], *draft], tree)
+                    pending, branch = verify_tree(self.chooser, rows, context, [new[-1], *draft], tree)
+                    self.decoder.accept(branch)
+                    kept = len(branch) - 1
                 steps += 1
-                kept = len(pending) - 1
-                if kept < len(draft):
-                    self.decoder.truncate(len(context) + kept)  # rejected drafts leave every cache
                 drafted, accepted = drafted + len(draft), accepted + kept
                 if self.drafter is not None:
                     self.drafter.update(kept, len(draft), None if reproducible else time.perf_counter() - step_start)

@@ -24,6 +24,14 @@ MT-Bench, copies included). Where steps are not timed (the first step, which als
 sampling, whose output must not depend on the clock), the guesses whose prefix probability is at least
 ``sure_enough`` are sent.
 
+Where the decoder verifies token trees (``split.tree``: in process, and over a server whose WELCOME says
+``"trees": true``), the head also offers its next ``alternatives`` guesses at each position (default 2), each worth
+the chain's probability up to the position before times its own. All the guesses are ranked by that worth and the
+cost model picks how many of the best to send, as for a chain: a tree whose branches are the chain and, at some
+positions, the runners-up as leaves (no more drafting: they come from the same softmax). The model keeps the branch
+it agrees with (``speculative.verify_tree``); a tree's rows cost what a chain's rows cost, so the choice is priced
+the same way. Where trees cannot be verified the head drafts chains.
+
 The head's own cache starts at the prompt's last position (it sees the prompt only through the first layers'
 states, if it reads them), and a small head guesses a numbered list's next "**3." less surely than a copy would.
 So each step it also looks up a copy (prompt lookup: the tokens that followed the latest earlier occurrence of the
@@ -36,6 +44,7 @@ worth two copies, before any evidence). Either way the draft is a point mass tha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
@@ -49,6 +58,17 @@ from lambdasplit.generation.drafting import Drafter, DraftLength, PromptLookupDr
 from lambdasplit.generation.session import Decoder, SplitDecoder
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import rewind
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A guess the head could send: the chance it is accepted, its depth in the draft (1: right after the last
+    token), whether it is an alternative to the chain's guess there, and the token."""
+
+    sure: float
+    depth: int
+    alternative: bool
+    token: int
 
 
 class HeadDrafter(Drafter):
@@ -71,10 +91,17 @@ class HeadDrafter(Drafter):
         info: HeadInfo | None = None,
         cost: StepCost | None = None,
         lookup: bool = True,
+        alternatives: int = 2,
     ) -> None:
         # Adaptive (the default): up to ``length.k_max`` guesses a step, and the cost model picks how many are sent,
         # the head's or (``lookup``) a copy; ``adaptive=False`` sends ``length.k`` of the head's every step.
+        # ``alternatives``: up to that many of the head's next guesses at each position as well, sent as a token
+        # tree where the decoder verifies trees (adaptive drafting only).
         super().__init__(length or DraftLength(k=8, k_min=1, k_max=8))
+        if alternatives < 0:
+            raise ConfigError(f"alternatives must be >= 0, got {alternatives}")
+        self.alternatives = alternatives
+        self._alts: list[list[tuple[int, float]]] = []  # per drafted position: the head's next guesses, probability
         self.cost = cost or StepCost()
         self.head, self.info = head, info
         self.lookup = PromptLookupDrafter(max_ngram=3, min_ngram=1) if lookup else None
@@ -111,33 +138,53 @@ class HeadDrafter(Drafter):
         return min(1.5, max(0.25, (self._accepted + 2.0) / (self._expected + 2.0)))
 
     def draft(self, ids: Sequence[int], limit: int) -> list[int]:
+        return self._draft(ids, limit, trees=False)[0]
+
+    def draft_tree(self, ids: Sequence[int], limit: int) -> tuple[list[int], list[int]]:
+        return self._draft(ids, limit, trees=True)
+
+    def _draft(self, ids: Sequence[int], limit: int, trees: bool) -> tuple[list[int], list[int]]:
         k = min(self.length.k_max if self.length.adaptive else self.length.k, limit)
         self._source = "head"
         if k <= 0:
             self._sure = []
-            return []
+            return [], []
         guesses = self.propose(ids, k)
         if not self.length.adaptive:  # a fixed length: k guesses every step, whatever they cost
-            return guesses
+            return guesses, list(range(len(guesses)))
+        nodes = self._nodes(guesses, trees)
+        sure = [node.sure for node in nodes]
         copied, self._match = self.lookup.match(ids, k) if self.lookup is not None else ([], 0)
         copy_sure = self._copy_odds(self._match, len(copied))
         if self._timed:
-            n, rate = self.cost.best(list(accumulate(self._gain(p) for p in self._sure)))
+            n, rate = self.cost.best(list(accumulate(self._gain(p) for p in sure)))
             n_copy, copy_rate = self.cost.best(list(accumulate(copy_sure))) if copied else (0, 0.0)
             use_copy = n_copy > 0 and copy_rate > rate
         else:
-            n = sum(1 for p in self._sure if p >= self.sure_enough)
+            n = sum(1 for p in sure if p >= self.sure_enough)
             n_copy = sum(1 for p in copy_sure if p >= self.sure_enough)
             use_copy = n_copy > n
         if use_copy:
             self._source, self._sure = "lookup", []
-            draft = copied[:n_copy]
-        else:
-            self._sure = self._sure[:n]
-            draft = guesses[:n]
+            draft, parents = copied[:n_copy], list(range(n_copy))
+        else:  # the chain's guesses first (rows 1, 2, ...), then the alternatives: each follows a chain row
+            sent = sorted(nodes[:n], key=lambda node: (node.alternative, node.depth))
+            draft, parents, self._sure = [x.token for x in sent], [x.depth - 1 for x in sent], [x.sure for x in sent]
         if draft:
             self.drafts_from[self._source] += 1
-        return draft
+        return draft, parents
+
+    def _nodes(self, guesses: list[int], trees: bool) -> list[_Node]:
+        """Every guess the head could send, the likeliest to be accepted first: the chain (its prefix probabilities,
+        ``_sure``) and, with ``trees`` where the decoder verifies them, ``alternatives`` more at each position (the
+        chain's probability up to the position before, times the guess's own). Every prefix of the list is a tree: a
+        guess is never likelier than the chain guess it follows, which sorts first."""
+        nodes = [_Node(p, i + 1, False, g) for i, (g, p) in enumerate(zip(guesses, self._sure, strict=False))]
+        if trees and self.alternatives > 0 and self.decoder is not None and self.decoder.trees:
+            for i, options in enumerate(self._alts[: len(nodes)]):
+                before = self._sure[i - 1] if i else 1.0
+                nodes += [_Node(before * p, i + 1, True, g) for g, p in options[: self.alternatives]]
+        return sorted(nodes, key=lambda node: (-node.sure, node.depth, node.alternative))
 
     def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
         if seconds is not None and self._steps > 0:  # the first step also filled the head's cache: not a price
@@ -205,10 +252,13 @@ class HeadDrafter(Drafter):
         out: list[int] = []
         expected: list[float] = []
         sure = 1.0
+        self._alts = []
         for i in range(k):
-            p, at = torch.softmax(self.head.logits(hidden[0, -1]).float(), dim=-1).max(dim=-1)
-            out.append(int(self.head.draft_ids[at]))
-            sure *= float(p)
+            p, at = torch.softmax(self.head.logits(hidden[0, -1]).float(), dim=-1).topk(1 + self.alternatives)
+            ranked = [(int(self.head.draft_ids[a]), float(q)) for a, q in zip(at.tolist(), p, strict=True)]
+            out.append(ranked[0][0])
+            self._alts.append(ranked[1:])
+            sure *= ranked[0][1]
             self._sure.append(sure)
             if i + 1 == k or (self.length.adaptive and not self._worth_more(sure, expected, k)):
                 break
@@ -276,6 +326,7 @@ def head_drafter(
     *,
     lookup: bool = True,
     dtype: torch.dtype | None = None,
+    alternatives: int = 2,
 ) -> HeadDrafter:
     """The draft head at ``path`` (default: the one shipped for the embedded SmolLM2-135M-Instruct), for ``split``,
     computing in ``dtype`` (default: ``drafting_dtype``); ``lookup=False``: its guesses only, never a copy."""
@@ -305,4 +356,4 @@ def head_drafter(
             "benchmarks/train_draft_head.py and pass --speculative head:PATH"
         ) from None
     _check_cut(head, split)
-    return HeadDrafter(head, length, info=info, lookup=lookup)
+    return HeadDrafter(head, length, info=info, lookup=lookup, alternatives=alternatives)
