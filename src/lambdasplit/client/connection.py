@@ -511,31 +511,7 @@ class RemoteBodyLink:
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
         """(1, T, D) at ``position`` -> (1, T, D) (or logits (1, T, V) from a STIP body; one row with ``last``),
         through the server's body and its KV cache for this session."""
-        failed_at: float | None = None
-        reason = ""
-        for attempt in range(3):
-            try:
-                if self.epoch != self.client.epoch or failed_at is not None:
-                    reason = reason or "the connection was re-established for another session"
-                    self._rebuild(position if not reset else 0)
-                    self.recoveries.append(
-                        Recovery(reason, time.monotonic() - (failed_at or time.monotonic()), 0 if reset else position)
-                    )
-                out = self._forward_once(hidden, position, reset, last)
-                break
-            except RemoteError as exc:  # the server answered, with an error (RemoteError is a WireError)
-                if exc.code != "unknown_session" or not self.resume or attempt == 2:
-                    raise
-                reason, failed_at = "session unknown to the server (evicted or restarted)", time.monotonic()
-            except WireError as exc:  # the connection is gone (or was replaced: StaleConnection)
-                if not self.resume or attempt == 2:
-                    raise
-                reason, failed_at = f"connection lost: {exc}", time.monotonic()
-                if isinstance(exc, StaleConnection):
-                    reason = "the connection was re-established for another session"
-                self.client.reconnect(self.epoch)
-        self._remember(hidden, position, reset)
-        return out
+        return self._step(hidden, position, reset, last)
 
     @property
     def trees(self) -> bool:
@@ -550,31 +526,46 @@ class RemoteBodyLink:
         The history keeps the branch too, so a rebuilt session replays what the body held."""
         if keep is not None:
             self._keep(*keep)
+        return self._step(hidden, position, False, False, parents, keep)
+
+    def _step(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        reset: bool,
+        last: bool,
+        parents: list[int] | None = None,
+        keep: tuple[int, list[int]] | None = None,
+    ) -> torch.Tensor:
+        """One FORWARD (after a TREE frame for ``parents`` or ``keep``), the session rebuilt and the step resent when
+        the connection or the session was lost."""
         failed_at: float | None = None
         reason = ""
         for attempt in range(3):
             try:
                 if self.epoch != self.client.epoch or failed_at is not None:
                     reason = reason or "the connection was re-established for another session"
-                    self._rebuild(position)  # the new session holds the kept branch: nothing left to keep there
+                    self._rebuild(position if not reset else 0)
                     waited = time.monotonic() - (failed_at or time.monotonic())
-                    self.recoveries.append(Recovery(reason, waited, position))
-                    keep = None
+                    self.recoveries.append(Recovery(reason, waited, 0 if reset else position))
+                    keep = None  # the new session was fed the history, which holds the kept branch already
                 tree = ({"parents": parents} if parents is not None else {}) | (
                     {"keep": {"start": keep[0], "rows": keep[1]}} if keep is not None else {}
                 )
-                out = self._forward_once(hidden, position, False, tree=tree or None)
+                out = self._forward_once(hidden, position, reset, last, tree=tree or None)
                 break
-            except RemoteError as exc:
+            except RemoteError as exc:  # the server answered, with an error (RemoteError is a WireError)
                 if exc.code != "unknown_session" or not self.resume or attempt == 2:
                     raise
                 reason, failed_at = "session unknown to the server (evicted or restarted)", time.monotonic()
-            except WireError as exc:
+            except WireError as exc:  # the connection is gone (or was replaced: StaleConnection)
                 if not self.resume or attempt == 2:
                     raise
                 reason, failed_at = f"connection lost: {exc}", time.monotonic()
+                if isinstance(exc, StaleConnection):
+                    reason = "the connection was re-established for another session"
                 self.client.reconnect(self.epoch)
-        self._remember(hidden, position, False)
+        self._remember(hidden, position, reset)
         return out
 
     def _keep(self, start: int, rows: list[int]) -> None:
