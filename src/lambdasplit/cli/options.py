@@ -36,7 +36,8 @@ Speculative = Annotated[
     str | None,
     typer.Option(
         help="Draft tokens and verify several per round trip, output unchanged: lookup (n-grams of the prompt and "
-        "text so far), head (the trained draft head shipped for the default model, or a copy when one is worth more; "
+        "text so far), head (the trained draft head shipped for the default model, as a token tree where the server "
+        "verifies trees, or a copy when one is worth more; "
         "it reads the first 2 layers' output, so the cut must be 2:...; head:PATH another head), self (head "
         "and tail without the body) or model:PATH (a small model, same tokenizer).",
     ),
