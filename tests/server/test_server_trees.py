@@ -48,18 +48,19 @@ def test_a_tree_runs_under_its_mask_and_its_branch_is_kept(llama_server, body) -
         ws.send(encode_frame(Frame.json(MessageType.OPEN, {})))
         session = decode_frame(ws.recv(timeout=10)).session
         prompt, tree, step = (torch.randn(n, d, generator=g) for n in (4, 4, 1))
-        steps = [
-            (prompt, 0, None, None, None),
-            (tree, 4, {"parents": [-1, 0, 1, 0]}, [-1, 0, 1, 0], None),
-            (step, 6, {"keep": {"start": 4, "rows": [0, 3]}}, None, (4, [0, 3])),
-        ]
-        for rows, position, spec, parents, keep in steps:
-            reply = _forward(ws, session, rows, position, spec)
+
+        def check(reply: Frame, expected: torch.Tensor, position: int) -> None:
             assert reply.type is MessageType.RESULT and reply.position == position
-            if keep is not None:
-                local.keep(*keep)
-            expected = local.forward(rows[None], position, tree=parents)[0]
-            torch.testing.assert_close(frame_tensor(reply), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(frame_tensor(reply), expected[0], atol=1e-5, rtol=1e-5)
+
+        check(_forward(ws, session, prompt, 0), local.forward(prompt[None], 0), 0)
+        parents = [-1, 0, 1, 0]
+        check(_forward(ws, session, tree, 4, {"parents": parents}), local.forward(tree[None], 4, tree=parents), 4)
+        # The branch is kept as the TREE frame arrives: it holds even when the FORWARD after it is refused.
+        bad = _forward(ws, session, torch.randn(1, d + 1), 6, {"keep": {"start": 4, "rows": [0, 3]}})
+        assert bad.json_body()["code"] == "bad_shape"
+        local.keep(4, [0, 3])
+        check(_forward(ws, session, step, 6), local.forward(step[None], 6), 6)
         # The branch kept is what the body holds: a chain of the same rows continues the same way.
         chain = BodyState(body)
         chain.forward(prompt[None], 0)

@@ -10,7 +10,7 @@ Protocol (frames in docs/wire-format.md, conversation in docs/protocol.md):
     FORWARD (T, D) @ pos    ->     body forward with the session's KV cache (off the event loop)
                             <-     RESULT (T, D) @ pos, same wire dtype ((T, V) logits in STIP's layout;
                                    one row when FORWARD has the LAST flag)
-    [TREE {parents, keep}   ->     no reply: applies to the session's next FORWARD, sent right after it
+    [TREE {parents, keep}   ->     no reply: keeps a branch of the last tree now, parents for the next FORWARD
                                    (token trees, when WELCOME says "trees": true; docs/protocol.md)]
     CLOSE                   ->
                             <-     CLOSED
@@ -187,9 +187,12 @@ class BodyServer(FrameServer):
         return sum(held.value.length for held in self.store)
 
     def _tree(self, state: BodyState, frame: Frame) -> None:
-        """Hold a TREE frame's ``parents`` (the next FORWARD's rows as a token tree) and ``keep`` (``{"start",
-        "rows"}``: the branch of the last tree to keep first) for the session's next FORWARD. A bad TREE frame is not
-        answered on its own (the device sends the FORWARD without waiting): that FORWARD is refused with its error."""
+        """Keep the branch a TREE frame names (``keep``: ``{"start", "rows"}``, of the session's last tree) and hold its
+        ``parents`` (the next FORWARD's rows as a token tree) for the session's next FORWARD. The keep runs here, on
+        the event loop: the session's last step has answered, so nothing computes on its cache, and a refusal of the
+        FORWARD after it (``memory_full``, say) leaves the body as the device's caches are. A bad TREE frame changes
+        nothing and is not answered on its own (the device sends the FORWARD without waiting): that FORWARD is refused
+        with its error."""
         body = frame.json_body()
         parents, keep = body.get("parents"), body.get("keep")
         try:
@@ -206,16 +209,18 @@ class BodyServer(FrameServer):
                     raise Refusal("bad_tree", 'TREE\'s "keep" is {"start": int, "rows": [int, ...]}')
                 state.check_keep(start, [int(r) for r in rows])
                 kept = (start, [int(r) for r in rows])
-            state.pending_tree = PendingTree(parents, kept)
+            if kept is not None:
+                state.keep(*kept)
+            state.pending_tree = PendingTree(parents)
         except CodedError as e:
-            state.pending_tree = PendingTree(None, None, refused=Refusal(e.code, str(e), frame.session))
+            state.pending_tree = PendingTree(None, refused=Refusal(e.code, str(e), frame.session))
 
     async def _forward(self, session: Held[BodyState], frame: Frame) -> Frame:
         state, sid, d = session.value, frame.session, self.split.hidden_size
         pending, state.pending_tree = state.pending_tree, None
         if pending is not None and pending.refused is not None:
             raise pending.refused
-        tree, keep = (pending.parents, pending.keep) if pending is not None else (None, None)
+        tree = pending.parents if pending is not None else None
         if frame.dtype not in self.settings.wire_dtypes:
             allowed = ", ".join(x.name.lower() for x in self.settings.wire_dtypes)
             raise Refusal(
@@ -229,17 +234,14 @@ class BodyServer(FrameServer):
         last = bool(frame.flags & FrameFlags.LAST)
         if tree is not None:
             check_tree(tree, rows)
-        held_now = state.length if keep is None else keep[0] + len(keep[1])  # after the kept branch
-        state.check(min(pos, held_now), reset)  # before it queues: a refusal costs nothing
-        if pos > held_now:
-            raise Refusal("bad_position", f"position {pos} skips ahead: the session's body holds {held_now}", sid)
+        state.check(pos, reset)  # before it queues: a refusal costs nothing
         if pos + rows > self.settings.max_context:
             raise Refusal(
                 "context_full",
                 f"{pos} + {rows} positions exceed this server's max context {self.settings.max_context}",
                 sid,
             )
-        growth = pos + rows - held_now  # positions this step adds to the session (negative: a rollback)
+        growth = pos + rows - state.length  # positions this step adds to the session (negative: a rollback)
         # Every session's positions after this step, steps queued but not yet run included.
         held = self._positions() + self._reserved + growth
         if held * self.kv_bytes_per_position > self.settings.kv_budget_bytes:
@@ -254,7 +256,7 @@ class BodyServer(FrameServer):
         self._reserved += max(growth, 0)
         try:
             # Batched with other sessions' steps (a tree's block runs on its own).
-            out = await self.batcher.submit(state, hidden, pos, reset, last, tree=tree, keep=keep)
+            out = await self.batcher.submit(state, hidden, pos, reset, last, tree=tree)
         finally:
             self._reserved -= max(growth, 0)
         self.counters["forward_frames"] += 1

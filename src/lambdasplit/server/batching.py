@@ -48,7 +48,6 @@ class Job:
     future: asyncio.Future[torch.Tensor] = field(repr=False)
     last: bool = False  # the last row of the output only (a prompt's logits)
     tree: list[int] | None = None  # the rows' parents: a token tree's block (``split.tree``)
-    keep: tuple[int, list[int]] | None = None  # first keep this branch of the session's last tree (start, rows)
 
     @property
     def batchable(self) -> bool:
@@ -129,11 +128,10 @@ class Batcher:
         last: bool = False,
         *,
         tree: list[int] | None = None,
-        keep: tuple[int, list[int]] | None = None,
     ) -> torch.Tensor:
         """The body's output (T, D) for ``hidden`` (T, D) at ``position`` of the session ``state`` ((T, V) from a
-        body that ends in the LM head; one row with ``last``); ``tree``, ``keep``: a token tree's (``Job``)."""
-        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future(), last, tree, keep)
+        body that ends in the LM head; one row with ``last``); ``tree``: the rows' parents (a token tree's block)."""
+        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future(), last, tree)
         self._queue.append(job)
         if not self._draining:
             self._draining = True
@@ -167,16 +165,10 @@ class Batcher:
         """On the compute thread: the batchable jobs together, the others one by one."""
         results: dict[int, torch.Tensor | BaseException] = {}
         start = time.perf_counter()
-        for job in jobs:  # the branch of a session's last token tree, kept before its next step runs
-            if job.keep is not None:
-                try:
-                    job.state.keep(*job.keep)
-                except Exception as exc:
-                    results[id(job)] = exc
         # Steps batch with steps on the same body only (a server of user groups holds one body per group).
         by_body: dict[int, list[Job]] = {}
         for job in jobs if self.enabled else []:
-            if job.batchable and id(job) not in results:
+            if job.batchable:
                 by_body.setdefault(id(job.state.body), []).append(job)
         for together in (group for group in by_body.values() if len(group) >= 2):
             try:

@@ -38,11 +38,10 @@ def held_positions(layer: DynamicLayer) -> int:
 
 @dataclass
 class PendingTree:
-    """What a server was told for a session's next FORWARD (a TREE frame): its rows' ``parents`` and the branch of
-    the last tree to ``keep`` first (start, rows); or why that was refused (the FORWARD is refused with it)."""
+    """What a server was told for a session's next FORWARD (a TREE frame): its rows' ``parents``, or why the TREE
+    frame was refused (the FORWARD is refused with it)."""
 
     parents: list[int] | None
-    keep: tuple[int, list[int]] | None
     refused: CodedError | None = None
 
 
