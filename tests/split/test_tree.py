@@ -11,6 +11,7 @@ from lambdasplit.errors import SessionError
 from lambdasplit.generation import LocalBodyLink, ModelDecoder, SplitDecoder
 from lambdasplit.split import load_split
 from lambdasplit.split.parts import with_cache
+from lambdasplit.split.state import BodyState
 from lambdasplit.split.tree import MAX_TREE_ROWS, check_tree, is_chain, keep_rows, path_to, supports_trees, tree_inputs
 from tiny_models import NUM_LAYERS
 
@@ -125,3 +126,15 @@ def test_keeping_rows_of_a_cache_and_where_it_cannot(tiny_checkpoint) -> None:
     assert supports_trees(cache) and not supports_trees(window)
     with pytest.raises(SessionError, match="full-attention"):
         keep_rows(window, 0, [0])
+
+
+def test_an_empty_body_takes_trees_as_its_server_announces(tiny_checkpoint) -> None:
+    """A body with no layers (a cut X:X) has no cache: a tree passes through it and keeping a branch only counts."""
+    path, _ = tiny_checkpoint("llama")
+    state = BodyState(load_split(path, "2:2", parts=("body",), device="cpu", dtype="float32").body)
+    assert state.cache is None and state.supports_trees
+    hidden = torch.randn(1, 3, 64)
+    state.forward(hidden[:, :2], 0)
+    torch.testing.assert_close(state.forward(hidden, 2, tree=[-1, 0, 0]), hidden)
+    state.keep(2, [0, 2])
+    assert state.length == 4

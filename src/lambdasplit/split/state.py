@@ -80,8 +80,9 @@ class BodyState:
 
     @property
     def supports_trees(self) -> bool:
-        """Whether this session's cache can keep one branch of a token tree (full attention only)."""
-        return self.cache is not None and supports_trees(self.cache)
+        """Whether this session's cache can keep one branch of a token tree (full attention only; an empty body has no
+        cache, and nothing to keep), as the server's WELCOME says for its body."""
+        return supports_trees(self.cache)
 
     def check_keep(self, start: int, rows: list[int]) -> None:
         """Raise ``SessionError`` (code ``bad_tree``) unless ``keep(start, rows)`` may run."""
