@@ -202,15 +202,11 @@ class BodyServer(FrameServer):
                 raise Refusal("bad_tree", 'a TREE frame carries "parents", "keep" or both')
             if parents is not None:
                 check_tree(parents)
-            kept: tuple[int, list[int]] | None = None
             if keep is not None:
                 start, rows = (keep.get("start"), keep.get("rows")) if isinstance(keep, dict) else (None, None)
                 if not isinstance(start, int) or not isinstance(rows, list) or not all(type(r) is int for r in rows):
                     raise Refusal("bad_tree", 'TREE\'s "keep" is {"start": int, "rows": [int, ...]}')
-                state.check_keep(start, [int(r) for r in rows])
-                kept = (start, [int(r) for r in rows])
-            if kept is not None:
-                state.keep(*kept)
+                state.keep(start, rows)  # last: a bad TREE frame changes nothing
             state.pending_tree = PendingTree(parents)
         except CodedError as e:
             state.pending_tree = PendingTree(None, refused=Refusal(e.code, str(e), frame.session))

@@ -74,9 +74,10 @@ def tree_inputs(
     d = check_tree(parents)
     t = len(parents)
     allowed = torch.zeros(t, position + t, dtype=torch.bool)
-    allowed[:, :position] = True
-    for i in range(t):
-        allowed[i, [position + r for r in path_to(parents, i)]] = True
+    allowed[0, : position + 1] = True  # the root: the cache and itself
+    for i in range(1, t):  # a row sees what its parent sees, and itself
+        allowed[i] = allowed[parents[i]]
+        allowed[i, position + i] = True
     mask = torch.zeros(t, position + t, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     positions = torch.tensor([[position + x for x in d]], device=device)
