@@ -43,6 +43,7 @@ from lambdasplit.generation.drafthead import (
 from lambdasplit.generation.drafthead.data import add_states
 from lambdasplit.generation.drafthead.drafter import HeadDrafter, drafting_dtype, head_drafter
 from lambdasplit.generation.drafthead.model import target_matrices
+from lambdasplit.generation.drafthead.train import unrolled
 from lambdasplit.split import load_split
 from tiny_models import NUM_LAYERS, VOCAB, build_tiny, make_tokenizer
 
@@ -141,6 +142,34 @@ def test_training_learns_to_draft_the_models_answers(tiny_checkpoint, soft_label
     before, after = evaluate(untrained, heldout, k=4), evaluate(head, heldout, k=4)
     assert after["tokens_per_step"] > before["tokens_per_step"] + 0.3, (before, after)
     assert after["first_token_acceptance"] > 0.3
+
+
+def test_each_unrolled_pass_sees_what_drafting_sees(tiny_checkpoint) -> None:
+    """Training's pass d, row r, is the head's d-th guess when drafting starts at r - d: the true pairs up to r - d
+    in its cache, then its own guessed features (``unrolled``, EAGLE-3's training-time test), batched with padding."""
+    torch.manual_seed(0)
+    _, ref = tiny_checkpoint("llama")
+    embed, lm_head = target_matrices(ref)
+    head = DraftHead(ref.config, torch.arange(64), embed.detach(), lm_head.detach(), head_layers=1).eval()
+    b, t, d, depth = 2, 7, embed.shape[1], 3
+    tokens = torch.randint(3, VOCAB, (b, t))
+    feats, states = torch.randn(b, t, d), torch.randn(b, t, d)
+    positions = 5 + torch.arange(t).expand(b, t)
+    with torch.no_grad():
+        passes = unrolled(head, tokens, feats, positions, depth, states)
+        for row in range(t):
+            for start in range(max(0, row - depth), row + 1):
+                cache = head.new_cache()  # drafting from `start`: the true pairs up to it, then its own guesses
+                h = head(
+                    tokens[:, : start + 1],
+                    feats[:, : start + 1],
+                    positions[:, : start + 1],
+                    cache,
+                    states=states[:, : start + 1],
+                )[:, -1:]
+                for r in range(start + 1, row + 1):
+                    h = head(tokens[:, r : r + 1], h, positions[:, r : r + 1], cache, states=states[:, r : r + 1])
+                torch.testing.assert_close(passes[row - start][:, row], h[:, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_the_weights_file_round_trips_and_refuses_another_model(trained, tiny_checkpoint, tmp_path) -> None:

@@ -3,7 +3,7 @@
 model.py    the head: fc + one Llama layer over the target's features; save/load with a fingerprint
 data.py     training data: the target's own greedy answers and the hidden states its LM head saw; prompts
             from a file or written by the model itself
-train.py    the recipe (feature regression + next-token loss, one unrolled step) and held-out scoring
+train.py    the recipe (feature regression + next-token loss, unrolled steps) and held-out scoring
 drafter.py  ``HeadDrafter``: drafts from the features the device's tail already holds
 """
 

@@ -1,14 +1,15 @@
 """Training a draft head on the target's own answers (``data.answer_prompts``), on a CPU in minutes to an hour.
 
-The recipe (EAGLE's losses, with one unrolled step as in HASS / EAGLE-3's "training-time test"):
+The recipe (EAGLE's losses, with unrolled steps as in HASS / EAGLE-3's "training-time test"):
 
 - input at answer position j: the token that followed it, ``x_{j+1}`` (with ``head_layers``, also what the target's
   first layers made of it, ``Answer.states``), and the target's feature ``f_j`` with a little uniform noise;
   targets: the next feature ``f_{j+1}`` (smooth L1) and the next token ``x_{j+2}`` (cross-entropy over the draft
   vocabulary; the answers are greedy, so this token is the target's argmax; or, with ``soft_labels``, against the
   target's whole distribution there, its LM head applied to ``f_{j+1}``, as EAGLE does);
-- a second pass feeds the head its own guesses ``f^_j`` in place of ``f_j`` (the situation from the second
-  drafted token on), with the same targets, so errors do not compound as fast;
+- ``unroll`` more passes feed the head its own guesses in place of the features (the situation from the second
+  drafted token on), with the same targets, so errors do not compound as fast; as when drafting, a guess attends to
+  the true rows before its draft began and to the draft's own guesses only (``unrolled``);
 - AdamW, cosine learning rate after a short warm-up, sequences batched with right padding.
 
 ``evaluate`` replays held-out answers as greedy drafting would: at each position, draft ``k`` tokens with the head
@@ -45,7 +46,7 @@ class Recipe:
     noise: float = 0.05  # uniform noise on input features, in units of the features' standard deviation
     token_weight: float = 0.5  # weight of the cross-entropy term against the feature regression
     soft_labels: bool = False  # cross-entropy against the target's distribution (from its next feature), not its token
-    unroll: bool = True
+    unroll: int = 1  # passes fed the head's own guesses after the first (0: none)
     head_layers: int = 2  # the head reads the output of the target's first N layers (0: the token embedding only)
     seed: int = 0
 
@@ -87,6 +88,43 @@ def _pad(answers: Sequence[Answer], vocab_index: torch.Tensor) -> dict[str, torc
     return batch if states is None else batch | {"states": states}
 
 
+def _unrolled_mask(length: int, depth: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask (1, 1, T, (depth + 1) * T) of the pass that is ``depth`` guesses deep, over the
+    keys of every pass so far (the true features' pass first).
+
+    Drafting from position r - depth, the head has the true pairs up to there in its cache, then its own guesses:
+    so pass ``depth``'s row r sees pass 0's rows <= r - depth and, from each later pass m <= depth, its row
+    r - depth + m only (EAGLE-3's training-time test; HASS's aligned context). Each row sees itself, so padded rows
+    never see nothing, and real rows see only real ones (the padding is on the right)."""
+    rows = torch.arange(length)[:, None]
+    cols = torch.arange(length)[None, :]
+    blocks = [cols <= rows - depth] + [cols == rows - depth + m for m in range(1, depth + 1)]
+    allowed = torch.cat(blocks, dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def unrolled(
+    head: DraftHead,
+    tokens: torch.Tensor,
+    features: torch.Tensor,
+    position_ids: torch.Tensor,
+    depth: int,
+    states: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """The head's guesses (B, T, D) from the true ``features`` (pass 0), then ``depth`` passes each fed the pass
+    before's guesses: pass d's row r is what drafting from position r - d guesses at its d-th step, the true pairs
+    up to r - d in the cache and the head's own after (``_unrolled_mask``). Rows r < d of pass d mean nothing."""
+    cache = head.new_cache()  # every pass's keys, so that a guess attends to the true rows before its draft began
+    passes: list[torch.Tensor] = []
+    for d in range(depth + 1):
+        if passes:
+            features = torch.cat([features[:, :1], passes[-1][:, :-1]], dim=1)  # row r: the last pass's row r - 1
+        mask = _unrolled_mask(tokens.shape[1], d, head.dtype).to(tokens.device)
+        passes.append(head(tokens, features, position_ids, cache, attention_mask=mask, states=states))
+    return passes
+
+
 def _losses(
     head: DraftHead, batch: dict[str, torch.Tensor], recipe: Recipe, scale: float
 ) -> tuple[torch.Tensor, float]:
@@ -94,29 +132,24 @@ def _losses(
     inputs, targets = feats[:, :-1], feats[:, 1:]
     real = mask.bool()
     noisy = inputs + (torch.rand_like(inputs) * 2 - 1) * recipe.noise * scale
-    states = batch.get("states")
-    guess = head(batch["tokens"], noisy, batch["positions"], attention_mask=mask, states=states)
-    total = torch.zeros(())
-    correct = 0.0
-    passes = [guess]
-    if recipe.unroll:
-        own = torch.cat([inputs[:, :1], guess[:, :-1]], dim=1)  # position j sees the head's guess of f_j
-        passes.append(head(batch["tokens"], own, batch["positions"], attention_mask=mask, states=states))
-    labels = batch["labels"][real]
+    labels = batch["labels"]
     if recipe.soft_labels:  # EAGLE's: the target's next-token distribution, over the draft vocabulary
         with torch.no_grad():
-            taught = torch.softmax(head.logits(targets[real]), dim=-1)
-    for i, h in enumerate(passes):
-        reg = F.smooth_l1_loss(h[real], targets[real])
-        logits = head.logits(h)
+            taught = torch.softmax(head.logits(targets), dim=-1)
+    total = torch.zeros(())
+    correct = 0.0
+    passes = unrolled(head, batch["tokens"], noisy, batch["positions"], int(recipe.unroll), batch.get("states"))
+    for depth, guess in enumerate(passes):
+        scored = real.clone()
+        scored[:, :depth] = False  # no draft began before the answer
+        logits = head.logits(guess[scored])
         if recipe.soft_labels:
-            ce = F.cross_entropy(logits[real], taught)
+            ce = F.cross_entropy(logits, taught[scored])
         else:
-            ce = F.cross_entropy(logits[real], labels, ignore_index=-100)
-        total = total + reg + recipe.token_weight * ce
-        if i == 0:
-            hit = (logits[real].argmax(-1) == labels).float()
-            correct = float(hit.mean())
+            ce = F.cross_entropy(logits, labels[scored], ignore_index=-100)
+        total = total + F.smooth_l1_loss(guess[scored], targets[scored]) + recipe.token_weight * ce
+        if depth == 0:
+            correct = float((logits.argmax(-1) == labels[scored]).float().mean())
     return total, correct
 
 
