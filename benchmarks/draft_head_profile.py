@@ -71,10 +71,12 @@ class RecordingDrafter(HeadDrafter):
             self.drafting.append(time.perf_counter() - started)
         return out
 
-    def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
+    def update(
+        self, accepted: int, drafted: int, seconds: float | None = None, kept: Sequence[int] | None = None
+    ) -> None:
         if drafted:
             self.steps.append((list(self._sure[:drafted]), accepted))
-        super().update(accepted, drafted, seconds)
+        super().update(accepted, drafted, seconds, kept)
 
 
 class FreeRows(StepCost):
@@ -99,8 +101,7 @@ class TreeRecording(HeadDrafter):
 
     def draft_tree(self, ids: Sequence[int], limit: int) -> tuple[list[int], list[int]]:
         tokens, parents = super().draft_tree(ids, limit)
-        chain = next((i for i, p in enumerate(parents) if p != i), len(parents))
-        self.trees.append([(sure, i >= chain) for i, sure in enumerate(self._sure)])
+        self.trees.append([(node.sure or 0.0, not node.chain) for node in self._sent])
         return tokens, parents
 
 

@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -418,6 +419,35 @@ def test_a_copy_is_sent_when_it_is_worth_more_than_the_guesses() -> None:
     assert alone.draft(ids, 8) == []  # no guess is sure enough untimed, and no copy is looked up
 
 
+def test_a_tree_holds_the_guesses_and_the_copy() -> None:
+    """Where the decoder verifies trees, the copy is not an alternative to the guesses but more branches of the same
+    tree: a token both offer is one node. The branch kept tells each source how it fared."""
+
+    class Scripted(HeadDrafter):
+        def propose(self, ids, k):
+            self._sure, self._alts = [0.6, 0.35][:k], []
+            return [8, 70][:k]
+
+    ids = [5, 6, 7, 8, 9, 5, 6, 7]  # the copy after "5 6 7": 8 9 5 6 7; the head guesses 8 then 70
+    d = Scripted(None, cost=_priced(0.330, 0.010))  # type: ignore[arg-type]
+    d.decoder = SimpleNamespace(trees=True)  # type: ignore[assignment]
+    # Untimed: nodes at least 0.3 likely: "8" (head 0.6, copy 0.5: one node), "8 70" (head 0.35).
+    assert d.draft_tree(ids, 8) == ([8, 70], [0, 1])
+    assert d.drafts_from == {"head": 1, "lookup": 1}
+    d.update(1, 2, 0.3, kept=[0])
+    # Timed at 250 ms, rows cheap: the copy's "8 9 5" go in beside the head's "8 70" (its chain first).
+    tokens, parents = d.draft_tree(ids, 8)
+    assert tokens[:2] == [8, 70] and tokens[2:4] == [9, 5] and parents[:4] == [0, 1, 1, 3]
+    assert d.draft(ids, 8) in ([8, 70], [8, 9, 5, 6])  # a chain (a caller that takes no tree): one or the other
+    d.draft_tree(ids, 8)
+    before = d._copies[3][1][:3]
+    expected = d._expected
+    d.update(3, len(tokens), 0.3, kept=[0, 2, 3])  # the copy's branch: 8 9 5
+    assert d._copies[3][1][:3] == [before[0] + 1, before[1] + 1, before[2] + 1]
+    assert d._expected == pytest.approx(expected + 0.6 + 0.35)  # the head's two guesses, one of them kept
+    assert d._accepted == 2  # "8" twice
+
+
 def test_greedy_with_the_head_and_copies_equals_plain(trained) -> None:
     """The default drafter (the head's guesses or a copy each step, by the cost model; rows free here so drafts go
     out): the output is plain decoding's, and the tiny model's looping answers are copied."""
@@ -439,11 +469,16 @@ class TreeCounting(HeadDrafter):
     """The head drafter, counting the steps it offered a token tree (several guesses at a position)."""
 
     trees = 0
+    copies_kept = 0  # tokens only the copy offered, on a branch kept
 
     def draft_tree(self, ids, limit):
         tokens, parents = super().draft_tree(ids, limit)
         self.trees += parents != list(range(len(tokens)))
         return tokens, parents
+
+    def update(self, accepted, drafted, seconds=None, kept=None):
+        self.copies_kept += sum(1 for row in kept or [] if self._sent[row].sure is None)
+        super().update(accepted, drafted, seconds, kept)
 
 
 class BranchRecording(SplitDecoder):
@@ -476,7 +511,7 @@ def test_greedy_with_the_head_and_trees_equals_plain(trained, tiny_checkpoint) -
     ref = tiny_checkpoint("llama")[1]
     split = load_split(path, f"1:{N - 1}")
     head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
-    trees, branches = 0, []
+    trees, branches, copies_kept = 0, [], 0
     for prompt in [*SEEN[:4], *_prompts(4, 5)]:  # prompts the head knows and ones it does not: alternatives matter
         plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True)
         drafter = TreeCounting(head, cost=_priced(0.01, 0.0), alternatives=2)
@@ -486,8 +521,10 @@ def test_greedy_with_the_head_and_trees_equals_plain(trained, tiny_checkpoint) -
         assert spec.token_ids == plain.token_ids
         _caches_hold(decoder, ref)
         trees, branches = trees + drafter.trees, branches + decoder.branches
+        copies_kept += drafter.copies_kept
     assert trees > 0 and len(branches) == trees
     assert any(rows != list(range(len(rows))) for rows in branches)  # an alternative was kept
+    assert copies_kept > 0  # the copy's tokens went in the same trees, and some were kept
 
 
 def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:

@@ -316,7 +316,9 @@ def test_tree_sampling_keeps_the_distribution(one_thread) -> None:
             outside = next(t for t in range(3, 300) if t not in topk_of(tuple(ids)))
             return [first, ranked([*ids, first])[0], second, outside], [0, 1, 0, 0]
 
-        def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
+        def update(
+            self, accepted: int, drafted: int, seconds: float | None = None, kept: Sequence[int] | None = None
+        ) -> None:
             branches[accepted] += 1
 
     counts: Counter[tuple[int, ...]] = Counter()

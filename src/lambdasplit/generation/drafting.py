@@ -169,9 +169,12 @@ class Drafter(ABC):
         tokens = self.draft(ids, limit)
         return tokens, list(range(len(tokens)))
 
-    def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
-        """Told after each verification how many of its ``drafted`` tokens were accepted, and how long the step
-        took (drafting to verification) when the caller timed it."""
+    def update(
+        self, accepted: int, drafted: int, seconds: float | None = None, kept: Sequence[int] | None = None
+    ) -> None:
+        """Told after each verification how many of its ``drafted`` tokens were accepted, how long the step took
+        (drafting to verification) when the caller timed it, and for a token tree which drafted tokens were on the
+        branch kept (``kept``: indices into the draft; None: the first ``accepted``, as in a chain)."""
         self.length.update(accepted, drafted)
 
     def attach(self, decoder: Decoder) -> None:  # noqa: B027 (a no-op unless the drafter reads the decoder)

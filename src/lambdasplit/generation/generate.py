@@ -144,6 +144,7 @@ class Generation:
                     rows = self.decoder.extend([new[-1], *draft])
                     pending = verify(self.chooser, rows, context, draft)
                     kept = len(pending) - 1
+                    branch = list(range(kept + 1))
                     if kept < len(draft):
                         self.decoder.truncate(len(context) + kept)  # rejected drafts leave every cache
                 else:  # a token tree: one branch is kept in every cache
@@ -154,7 +155,8 @@ class Generation:
                 steps += 1
                 drafted, accepted = drafted + len(draft), accepted + kept
                 if self.drafter is not None:
-                    self.drafter.update(kept, len(draft), None if reproducible else time.perf_counter() - step_start)
+                    seconds = None if reproducible else time.perf_counter() - step_start
+                    self.drafter.update(kept, len(draft), seconds, kept=[row - 1 for row in branch[1:]])
             if self.stream is not None and reason != "stop":
                 tail = self.stream.finish(new)
                 if tail:

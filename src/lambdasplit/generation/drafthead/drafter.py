@@ -60,15 +60,16 @@ from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import rewind
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Node:
-    """A guess the head could send: the chance it is accepted, its depth in the draft (1: right after the last
-    token), whether it is an alternative to the chain's guess there, and the token."""
+    """A token the drafter could send, by its path from the last token: the head's prefix probability for it (None:
+    not the head's), the chance that a copy's tokens up to it are all accepted (None: not the copy's), and whether it
+    is on the head's chain (whose look-ahead rows the verification reuses)."""
 
-    sure: float
-    depth: int
-    alternative: bool
-    token: int
+    path: tuple[int, ...]
+    sure: float | None = None
+    copy: float | None = None
+    chain: bool = False
 
 
 class HeadDrafter(Drafter):
@@ -107,7 +108,7 @@ class HeadDrafter(Drafter):
         self.lookup = PromptLookupDrafter(max_ngram=3, min_ngram=1) if lookup else None
         #: Steps whose draft came from the head and from a copy (in this drafter's life).
         self.drafts_from = {"head": 0, "lookup": 0}
-        self._source = "head"  # where the last draft came from
+        self._sent: list[_Node] = []  # the last draft's tokens, in the order sent
         self._match = 0  # the last copy's match length, in tokens
         # match length -> (copies sent with more than i tokens, copies with more than i accepted), i < k_max
         self._copies: dict[int, tuple[list[int], list[int]]] = {}
@@ -145,60 +146,87 @@ class HeadDrafter(Drafter):
 
     def _draft(self, ids: Sequence[int], limit: int, trees: bool) -> tuple[list[int], list[int]]:
         k = min(self.length.k_max if self.length.adaptive else self.length.k, limit)
-        self._source = "head"
+        self._sent = []
         if k <= 0:
             self._sure = []
             return [], []
         guesses = self.propose(ids, k)
         if not self.length.adaptive:  # a fixed length: k guesses every step, whatever they cost
+            self._sent = [_Node(tuple(guesses[: i + 1]), p, None, True) for i, p in enumerate(self._sure)]
             return guesses, list(range(len(guesses)))
-        nodes = self._nodes(guesses, trees)
-        sure = [node.sure for node in nodes]
         copied, self._match = self.lookup.match(ids, k) if self.lookup is not None else ([], 0)
-        copy_sure = self._copy_odds(self._match, len(copied))
-        if self._timed:
-            n, rate = self.cost.best(list(accumulate(self._gain(p) for p in sure)))
-            n_copy, copy_rate = self.cost.best(list(accumulate(copy_sure))) if copied else (0, 0.0)
-            use_copy = n_copy > 0 and copy_rate > rate
-        else:
-            n = sum(1 for p in sure if p >= self.sure_enough)
-            n_copy = sum(1 for p in copy_sure if p >= self.sure_enough)
-            use_copy = n_copy > n
-        if use_copy:
-            self._source, self._sure = "lookup", []
-            draft, parents = copied[:n_copy], list(range(n_copy))
-        else:  # the chain's guesses first (rows 1, 2, ...), then the alternatives: each follows a chain row
-            sent = sorted(nodes[:n], key=lambda node: (node.alternative, node.depth))
-            draft, parents, self._sure = [x.token for x in sent], [x.depth - 1 for x in sent], [x.sure for x in sent]
-        if draft:
-            self.drafts_from[self._source] += 1
-        return draft, parents
+        copy = [_Node(tuple(copied[: i + 1]), None, p) for i, p in enumerate(self._copy_odds(self._match, len(copied)))]
+        head = self._nodes(guesses, trees)
+        if trees and self.decoder is not None and self.decoder.trees:
+            sent, _ = self._best(self._merged(head, copy))
+        else:  # a chain: the head's guesses or the copy, whichever is worth more
+            sent, score = self._best(head)
+            copied_nodes, copy_score = self._best(copy)
+            if copied_nodes and copy_score > score:
+                sent = copied_nodes
+        # Rows: the head's chain first (its look-ahead rows are reused), then by depth: parents before children.
+        self._sent = sorted(sent, key=lambda node: (not node.chain, len(node.path)))
+        row = {node.path: i + 1 for i, node in enumerate(self._sent)}
+        for source, field in (("head", "sure"), ("lookup", "copy")):
+            self.drafts_from[source] += any(getattr(node, field) is not None for node in self._sent)
+        return [node.path[-1] for node in self._sent], [row.get(node.path[:-1], 0) for node in self._sent]
 
     def _nodes(self, guesses: list[int], trees: bool) -> list[_Node]:
-        """Every guess the head could send, the likeliest to be accepted first: the chain (its prefix probabilities,
-        ``_sure``) and, with ``trees`` where the decoder verifies them, ``alternatives`` more at each position (the
-        chain's probability up to the position before, times the guess's own). Every prefix of the list is a tree: a
-        guess is never likelier than the chain guess it follows, which sorts first."""
-        nodes = [_Node(p, i + 1, False, g) for i, (g, p) in enumerate(zip(guesses, self._sure, strict=False))]
+        """Every guess the head could send: the chain (its prefix probabilities, ``_sure``) and, with ``trees``
+        where the decoder verifies them, ``alternatives`` more at each position (the chain's probability up to the
+        position before, times the guess's own). A guess is never likelier than the one it follows."""
+        nodes = [_Node(tuple(guesses[: i + 1]), p, None, True) for i, p in enumerate(self._sure[: len(guesses)])]
         if trees and self.alternatives > 0 and self.decoder is not None and self.decoder.trees:
             for i, options in enumerate(self._alts[: len(nodes)]):
                 before = self._sure[i - 1] if i else 1.0
-                nodes += [_Node(before * p, i + 1, True, g) for g, p in options[: self.alternatives]]
-        return sorted(nodes, key=lambda node: (-node.sure, node.depth, node.alternative))
+                nodes += [_Node((*guesses[:i], g), before * p) for g, p in options[: self.alternatives]]
+        return nodes
 
-    def update(self, accepted: int, drafted: int, seconds: float | None = None) -> None:
+    @staticmethod
+    def _merged(head: list[_Node], copy: list[_Node]) -> list[_Node]:
+        """The head's guesses and the copy's tokens as one tree: a token both offer at the same path is one node."""
+        nodes = {node.path: node for node in head}
+        for node in copy:
+            if node.path in nodes:
+                nodes[node.path].copy = node.copy
+            else:
+                nodes[node.path] = node
+        return list(nodes.values())
+
+    def _worth(self, node: _Node) -> float:
+        """The chance a node is accepted: the head's estimate (calibrated) or the copy's, whichever is higher."""
+        return max(self._gain(node.sure) if node.sure is not None else 0.0, node.copy or 0.0)
+
+    def _best(self, nodes: list[_Node]) -> tuple[list[_Node], float]:
+        """The nodes worth sending and what they are worth. Ranked by worth (a node is never worth more than its
+        parent, so every prefix of the ranking is a tree): the count with the most expected tokens a second (and
+        that rate), or where steps are not timed the nodes at least ``sure_enough`` likely (and their count)."""
+        ranked = sorted(nodes, key=lambda node: (-self._worth(node), len(node.path), not node.chain))
+        if self._timed:
+            n, rate = self.cost.best(list(accumulate(self._worth(node) for node in ranked)))
+            return ranked[:n], rate
+        n = sum(1 for node in ranked if self._worth(node) >= self.sure_enough)
+        return ranked[:n], float(n)
+
+    def update(
+        self, accepted: int, drafted: int, seconds: float | None = None, kept: Sequence[int] | None = None
+    ) -> None:
         if seconds is not None and self._steps > 0:  # the first step also filled the head's cache: not a price
             self.cost.observe(drafted, seconds)
         self._steps += 1
         self._timed = seconds is not None
-        if drafted and self._source == "lookup":
-            sent, kept = self._copies.setdefault(self._match, ([0] * self.length.k_max, [0] * self.length.k_max))
-            for i in range(min(drafted, len(sent))):
-                sent[i] += 1
-                kept[i] += i < accepted
-        elif drafted:
-            self._expected += sum(self._sure[:drafted])
-            self._accepted += accepted
+        sent = self._sent[:drafted]
+        held = {sent[r].path for r in (kept if kept is not None else range(accepted)) if r < len(sent)}
+        copies = [node for node in sent if node.copy is not None]  # a prefix of the copy, by construction
+        if copies:
+            tried, won = self._copies.setdefault(self._match, ([0] * self.length.k_max, [0] * self.length.k_max))
+            for node in copies:
+                if len(node.path) <= len(tried):
+                    tried[len(node.path) - 1] += 1
+                    won[len(node.path) - 1] += node.path in held
+        guesses = [node.sure for node in sent if node.sure is not None]
+        self._expected += sum(guesses)
+        self._accepted += sum(1 for node in sent if node.sure is not None and node.path in held)
 
     def _gain(self, sure: float) -> float:
         """Expected accepted tokens a guess adds, from its prefix probability as the head sees it (calibrated)."""
