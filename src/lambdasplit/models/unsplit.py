@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lambdasplit.config import Runtime
+from lambdasplit.models.packing import pack_linears
 
 
 def load_unsplit(path: str | Path, runtime: Runtime) -> PreTrainedModel:
@@ -16,4 +17,6 @@ def load_unsplit(path: str | Path, runtime: Runtime) -> PreTrainedModel:
     # transformers wraps PreTrainedModel.to with functools.wraps; type checkers then see an unbound function
     # whose first parameter is self, so the device looks like the wrong argument. It is the usual Module.to.
     model.to(runtime.device)  # type: ignore[arg-type]
+    if runtime.device.type == "cpu":
+        pack_linears(model)  # the same kernels as a split's parts (models.packing)
     return model.eval()

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from lambdasplit.config import Runtime, SplitPoints
 from lambdasplit.errors import UnsupportedModelError
 from lambdasplit.models.checkpoint import Checkpoint
+from lambdasplit.models.packing import pack_linears
 from lambdasplit.split.families import check_family
 from lambdasplit.split.parts import Body, Head, LogitsBody, Tail
 
@@ -163,6 +164,8 @@ def _build_locked(
     module.load_state_dict({name: loaded[key] for name, key in wanted.items()}, strict=True, assign=True)
     module.to(runtime.device)  # non-persistent buffers (rotary inv_freq) keep their float32 dtype
     module.eval().requires_grad_(False)
+    if runtime.device.type == "cpu":
+        pack_linears(module)  # oneDNN for few-row products on a CPU (models.packing)
     _log.debug("built %s [%d, %d) with %d tensors", role, start, stop, len(wanted))
     parts: dict[Role, type[Head] | type[Body] | type[Tail]] = {
         "head": Head,

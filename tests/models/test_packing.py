@@ -1,0 +1,58 @@
+"""``models.packing``: linear layers on oneDNN with pre-packed weights, for CPU inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lambdasplit.config import Runtime
+from lambdasplit.models.packing import ENV, PackedLinear, pack_linears
+from lambdasplit.models.unsplit import load_unsplit
+from lambdasplit.split import load_split
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+
+
+def test_a_packed_layer_computes_what_linear_computes_and_follows_its_weights() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 24)
+    x = torch.randn(2, 5, 48)
+    assert pack_linears(nn.Sequential(layer)) == 1 and type(layer) is PackedLinear
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+        first = layer._packed
+        layer(x[:, :1])  # another row count: the same packed weights
+        assert layer._packed is first
+    with torch.no_grad():  # changed in place (an adapter merged, say): packed again, never stale
+        layer.weight.mul_(2)
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+        layer.bias.add_(1)
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    layer.weight = nn.Parameter(torch.randn(24, 48))  # a new tensor
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    out = layer(x)  # gradients on: nn.Linear's own path, which trains
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (24, 48)
+    assert layer(torch.randn(0, 48)).shape == (0, 24)
+
+
+def test_split_parts_are_packed_on_a_cpu_and_can_be_left_alone(tiny_checkpoint, monkeypatch) -> None:
+    path, ref = tiny_checkpoint("llama")
+    split = load_split(path, "1:3", device="cpu", dtype="float32")
+    for part in (split.head, split.body, split.tail):
+        linears = [m for m in part.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(type(m) is PackedLinear for m in linears)
+    unsplit = load_unsplit(path, Runtime.resolve("cpu", "float32"))  # --unsplit, and ModelDrafter's draft model
+    assert all(type(m) is PackedLinear for m in unsplit.modules() if isinstance(m, nn.Linear))
+    monkeypatch.setenv(ENV, "0")
+    plain = load_split(path, "1:3", device="cpu", dtype="float32")
+    assert not any(isinstance(m, PackedLinear) for m in plain.body.modules())
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.inference_mode():
+        packed = split.tail(split.body(split.head(ids)))
+        unpacked = plain.tail(plain.body(plain.head(ids)))
+        reference = ref(ids).logits[:, -1:]  # transformers' own model, unpacked (the tail keeps the last row)
+    torch.testing.assert_close(packed, unpacked, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed, reference, atol=1e-4, rtol=1e-4)
