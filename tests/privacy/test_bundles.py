@@ -257,9 +257,11 @@ def test_smollm2_bundles_reproduce_the_model(tmp_path) -> None:
     server, user = bundles(path, tmp_path, "2:28")
     device = UserBundle.open(user).protect(load_split(user, "2:28", parts=("head", "tail")))
     got = split_logits(device, load_server_body(server))
-    assert (got - expected).abs().max() < 1e-4  # measured 6.0e-5 (permutation and every inner secret, float32)
+    # Permutation and every inner secret, float32, logits up to 33: measured 6.0e-5 with MKL's kernels, 1.3e-4 with
+    # oneDNN's (models.packing, the default on a CPU): rounding in another order, nothing more.
+    assert (got - expected).abs().max() < 3e-4
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     device, body = bundle_split(path, tmp_path / "stip", "stip")
     got = split_logits(device, body)
-    assert (got - expected).abs().max() < 1e-4  # STIP's layout: every layer, final norm and LM head transformed
+    assert (got - expected).abs().max() < 3e-4  # STIP's layout: every layer, final norm and LM head transformed
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
