@@ -20,9 +20,12 @@ def test_a_packed_layer_computes_what_linear_computes_and_follows_its_weights() 
     x = torch.randn(2, 5, 48)
     assert pack_linears(nn.Sequential(layer)) == 1 and type(layer) is PackedLinear
     with torch.inference_mode():
+        layer(x[:1, :1])  # one row: MKL's path, nothing packed
+        assert layer._packed is None
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
         first = layer._packed
-        layer(x[:, :1])  # another row count: the same packed weights
+        assert first is not None
+        layer(x[:, :2])  # another row count: the same packed weights
         assert layer._packed is first
     with torch.no_grad():  # changed in place (an adapter merged, say): packed again, never stale
         layer.weight.mul_(2)
@@ -49,7 +52,7 @@ def test_split_parts_are_packed_on_a_cpu_and_can_be_left_alone(tiny_checkpoint, 
     monkeypatch.setenv(ENV, "0")
     plain = load_split(path, "1:3", device="cpu", dtype="float32")
     assert not any(isinstance(m, PackedLinear) for m in plain.body.modules())
-    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])  # a prefill of 6 rows: oneDNN's path
     with torch.inference_mode():
         packed = split.tail(split.body(split.head(ids)))
         unpacked = plain.tail(plain.body(plain.head(ids)))

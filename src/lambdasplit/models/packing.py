@@ -1,20 +1,24 @@
-"""Linear layers on a CPU through oneDNN with pre-packed weights: the same product, a faster kernel for few rows.
+"""Linear layers on a CPU through oneDNN with pre-packed weights, for products of several rows.
 
-A decode step multiplies a handful of rows (one token, or a speculative step's drafted rows) by every weight
-matrix of the model. On a CPU in float32, ``F.linear`` goes to MKL's sgemm, whose path for 2-3 rows is slower than
-for 4 (SmolLM2-135M, whole model after a 256-token context, one thread, this VM: 42 ms for 1 row, 67-74 for 2,
-90 for 3, 68 for 4, 76 for 6, 91 for 12). oneDNN's inner product on weights reordered once into its own layout
-took 37-40, 54, 51-56, 55-57, 59 and 67-72 ms for the same forwards, with logits within 6e-5 of MKL's (float32
-rounding in another order); the LM head alone (49152 x 576) 4.7 ms a row against 7.1. So the verification of a
-speculative step's rows costs far less, and a plain step a little less.
+A decode step multiplies one row (a token) by every weight matrix of the model; a speculative step multiplies
+1 + its drafted rows, a prefill the prompt's. On a CPU in float32, ``F.linear`` goes to MKL's sgemm, whose path for
+2-3 rows is slower than for 4. SmolLM2-135M, the whole model after a 256-token context, one thread, this VM
+(``benchmarks/linear_kernels.py``), MKL against oneDNN's inner product on weights reordered once into its own
+layout: 61.0 / 44.8 ms for 2 rows, 74.9 / 45.6 for 3, 58.7 / 47.2 for 4, 67.3 / 52.2 for 6, 80.4 / 61.5 for 12,
+224 / 139 for 64, 798 / 465 for 256; logits within 1.1e-4 (float32 rounding in another order). For one row oneDNN
+gained little in process (37-40 ms against 42) and lost on a body server with two threads waiting passively (a
+plain step over loopback 60-66 ms against 40-42: it wakes the second thread for every product), so products of
+fewer than ``MIN_ROWS`` rows stay on MKL: plain decoding is unchanged; a speculative step's verification and a
+prefill cost far less.
 
 ``pack_linears(module)`` turns each ``nn.Linear`` in ``module`` into a ``PackedLinear`` (the same object, its
 class changed: parameters, ties and hooks are kept). Its forward is ``nn.Linear``'s except on a CPU, in float32,
-with gradients off (inference: the only place it pays and the only one checked): there it runs oneDNN on a copy of
-the weights in oneDNN's layout, made at the first such call and made again whenever the weight changes (a new
-tensor, or an in-place change: its version counter), so an adapter merged into the weights or a transformed
-checkpoint is never served stale. The copy costs the linear weights' size once more in memory (about 540 MB for
-SmolLM2-135M in float32; the device's head and tail alone about 170 MB). ``LAMBDASPLIT_ONEDNN=0`` turns it off.
+with gradients off (inference: the only place it pays and the only one checked), for ``MIN_ROWS`` rows or more:
+there it runs oneDNN on a copy of the weights in oneDNN's layout, made at the first such call and made again
+whenever the weight changes (a new tensor, or an in-place change: its version counter), so an adapter merged into
+the weights or a transformed checkpoint is never served stale. The copy costs the linear weights' size once more
+in memory (about 540 MB for SmolLM2-135M in float32; the device's head and tail alone about 170 MB).
+``LAMBDASPLIT_ONEDNN=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from torch import nn
 
 #: Set to "0" to keep every linear layer on ``F.linear``.
 ENV = "LAMBDASPLIT_ONEDNN"
+#: Products of fewer rows stay on ``F.linear`` (see the module's doc: one row is where MKL does well).
+MIN_ROWS = 2
 
 
 def onednn_available() -> bool:
@@ -46,7 +52,7 @@ class PackedLinear(nn.Linear):
             or x.device.type != "cpu"
             or x.dtype != torch.float32
             or w.dtype != torch.float32
-            or x.numel() == 0
+            or x.numel() < MIN_ROWS * x.shape[-1]
         ):
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version, -1 if self.bias is None else self.bias._version)
