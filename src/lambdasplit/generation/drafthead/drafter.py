@@ -35,10 +35,13 @@ the same way. Where trees cannot be verified the head drafts chains.
 The head's own cache starts at the prompt's last position (it sees the prompt only through the first layers'
 states, if it reads them), and a small head guesses a numbered list's next "**3." less surely than a copy would.
 So each step it also looks up a copy (prompt lookup: the tokens that followed the latest earlier occurrence of the
-last 1-3 tokens) and sends whichever of the two is worth more by the same cost model. A copy's chance of being
-accepted is learnt from how copies fared in this generation, by the length of the match (a prior of 0.5 per token,
-worth two copies, before any evidence). Either way the draft is a point mass that depends only on the ids so far
-(the states too are the model's own layers over those ids), so the sampling rule is unchanged.
+last 1-3 tokens). A copy's chance of being accepted is learnt from how copies fared in this generation, by the
+length of the match (a prior of 0.5 per token, worth two copies, before any evidence). In a tree, the copy's tokens
+are more branches (a token the head guessed too, at the same place, is one node worth the higher estimate), ranked
+and priced with the guesses, and the verification keeps whichever branch the model agrees with; as a chain, the
+head's guesses or the copy go, whichever the cost model values more. Either way the draft is a point mass that
+depends only on the ids so far (the states too are the model's own layers over those ids), so the sampling rule
+is unchanged.
 """
 
 from __future__ import annotations
