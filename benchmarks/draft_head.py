@@ -12,9 +12,11 @@ None of them is in the head's training data (AlpacaEval's instructions; they are
 For each link (``bench.links``: a veth pair through the packet delay line) a body server (``serve --layers 2:-2``,
 float32) runs behind it; this process is the device (1 torch thread, as in the other speculative benchmarks: the
 server has the machine's other core). Every prompt is answered greedily (through the chat template, stopping at EOS
-or ``--new-tokens``) four ways: plain cached split steps, ``--speculative lookup``, ``--speculative head`` (each
-step the head's guesses or a copy, whichever its cost model values more), and the head's guesses alone
-(``head-only``); ``--previous-head PATH`` adds another head's file drafting the same way (``previous-head``), e.g.
+or ``--new-tokens``) several ways: plain cached split steps, ``--speculative lookup``, ``--speculative head``
+(each step the head's guesses, their runners-up and a copy as one token tree where the server verifies trees, as
+many rows as the cost model finds worth sending), ``head-chain`` (the same without the runners-up: the head's
+chain, with the copy's branch beside it) and the head's guesses alone (``head-only``: no copy, runners-up where
+trees are verified); ``--previous-head PATH`` adds another head's file drafting the same way (``previous-head``), e.g.
 the one a retrained head replaces; methods run one after another on each prompt, in ``--methods`` order (name
 ``previous-head`` there to run it before ``head``). The answers are checked to be the same tokens. Per link and
 method: tokens/s (new tokens over the wall clock from the prompt to the last token), tokens per verification step
@@ -85,7 +87,7 @@ def measure(
                     for method in methods:
                         if method == "head-only":  # the head's guesses, never a copy
                             drafter: Drafter | None = head_drafter(split, lookup=False)
-                        elif method == "head-chain":  # one guess a position: never a token tree
+                        elif method == "head-chain":  # no runners-up: the head's chain (the copy a branch beside it)
                             drafter = head_drafter(split, alternatives=0)
                         elif method == "previous-head":
                             drafter = head_drafter(split, previous)
