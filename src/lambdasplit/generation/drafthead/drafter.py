@@ -169,10 +169,10 @@ class HeadDrafter(Drafter):
                 sent = copied_nodes
         # Rows: the head's chain first (its look-ahead rows are reused), then by depth: parents before children.
         self._sent = sorted(sent, key=lambda node: (not node.chain, len(node.path)))
-        row = {node.path: i + 1 for i, node in enumerate(self._sent)}
+        row = {(): 0} | {node.path: i + 1 for i, node in enumerate(self._sent)}  # every parent is sent before
         for source, field in (("head", "sure"), ("lookup", "copy")):
             self.drafts_from[source] += any(getattr(node, field) is not None for node in self._sent)
-        return [node.path[-1] for node in self._sent], [row.get(node.path[:-1], 0) for node in self._sent]
+        return [node.path[-1] for node in self._sent], [row[node.path[:-1]] for node in self._sent]
 
     def _nodes(self, guesses: list[int], trees: bool) -> list[_Node]:
         """Every guess the head could send: the chain (its prefix probabilities, ``_sure``) and, with ``trees``
