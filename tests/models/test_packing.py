@@ -32,6 +32,8 @@ def test_a_packed_layer_computes_what_linear_computes_and_follows_its_weights() 
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
         layer.bias.add_(1)
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight.data = torch.randn(24, 48)  # the same parameter, new values (no version bump)
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
     layer.weight = nn.Parameter(torch.randn(24, 48))  # a new tensor
     with torch.no_grad():
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))

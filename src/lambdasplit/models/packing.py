@@ -43,7 +43,11 @@ def onednn_available() -> bool:
 class PackedLinear(nn.Linear):
     """``nn.Linear`` that runs oneDNN on pre-packed weights for CPU float32 inference (see the module's doc)."""
 
-    _packed: tuple[tuple[int, int, int], torch.Tensor, torch.Tensor | None] | None = None
+    #: (the weight packed, what identifies its values, the packed weight, the packed bias). The values are known by
+    #: the weight's and bias's data pointers and version counters: an in-place change bumps the version, and
+    #: ``weight.data = ...`` moves the pointer; holding the weight itself means a new tensor is never mistaken for
+    #: an old one at a reused address.
+    _packed: tuple[torch.Tensor, tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -55,11 +59,13 @@ class PackedLinear(nn.Linear):
             or x.numel() < MIN_ROWS * x.shape[-1]
         ):
             return F.linear(x, w, self.bias)
-        key = (w.data_ptr(), w._version, -1 if self.bias is None else self.bias._version)
-        if self._packed is None or self._packed[0] != key:
-            packed_bias = None if self.bias is None else self.bias.detach().to_mkldnn()
-            self._packed = (key, w.detach().to_mkldnn(), packed_bias)
-        _, weight, bias = self._packed
+        b = self.bias
+        state = (w.data_ptr(), w._version) + ((-1, -1) if b is None else (b.data_ptr(), b._version))
+        held = self._packed
+        if held is None or held[0] is not w or held[1] != state:
+            packed_bias = None if b is None else b.detach().to_mkldnn()
+            held = self._packed = (w, state, w.detach().to_mkldnn(), packed_bias)
+        weight, bias = held[2], held[3]
         rows = x.reshape(-1, x.shape[-1]).to_mkldnn()
         out = torch._C._nn.mkldnn_linear(rows, weight, bias).to_dense()
         return out.reshape(*x.shape[:-1], out.shape[-1])
