@@ -165,7 +165,7 @@ def _build_locked(
     module.to(runtime.device)  # non-persistent buffers (rotary inv_freq) keep their float32 dtype
     module.eval().requires_grad_(False)
     if runtime.device.type == "cpu":
-        pack_linears(module)  # oneDNN for few-row products on a CPU (models.packing)
+        pack_linears(module)  # oneDNN for products of 2+ rows on a CPU (models.packing)
     _log.debug("built %s [%d, %d) with %d tensors", role, start, stop, len(wanted))
     parts: dict[Role, type[Head] | type[Body] | type[Tail]] = {
         "head": Head,
