@@ -46,6 +46,7 @@ from lambdasplit.generation.drafthead.drafter import HeadDrafter, drafting_dtype
 from lambdasplit.generation.drafthead.model import target_matrices
 from lambdasplit.generation.drafthead.train import unrolled
 from lambdasplit.split import load_split
+from lambdasplit.split.parts import rewind
 from tiny_models import NUM_LAYERS, VOCAB, build_tiny, make_tokenizer
 
 N = NUM_LAYERS
@@ -465,11 +466,50 @@ def test_greedy_with_the_head_and_copies_equals_plain(trained) -> None:
     assert used["lookup"] > 0 and used["head"] > 0
 
 
+def test_a_runner_up_grows_as_if_the_chain_had_guessed_it(trained) -> None:
+    """The head's step after its runners-up (``_grow``: all of them side by side in one forward, under masks) gives
+    the guesses and probabilities that drafting gives when the runner-up is the chain's guess at its position: the
+    device's head and this head each fed it after the chain's guesses before it (checked here one by one, deepest
+    first, each rewinding both caches to the runner-up's position as drafting does)."""
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}", device="cpu", dtype="float32")
+    head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
+    checked = 0
+    for prompt in _prompts(6, 7):  # prompts the head has not seen: its guesses have likely runners-up
+        decoder = SplitDecoder(split, LocalBodyLink(split.body))
+        drafter = HeadDrafter(head, cost=_priced(0.01, 0.0), alternatives=2, grow=64)  # every runner-up
+        drafter.attach(decoder)
+        ids = [*prompt, int(decoder.prefill(torch.tensor([prompt]))[-1].argmax())]
+        drafter._timed = True  # priced (rows free): the chain is drafted as far as it goes
+        chain = drafter.propose(ids, 8)
+        end, sure = decoder.length, [1.0, *drafter._sure]
+        grown: dict[tuple[int, ...], list[tuple[int, float]]] = {}
+        for node in drafter._grow([node for node in drafter._nodes(chain, trees=True) if not node.chain]):
+            grown.setdefault(node.path[:-1], []).append((node.path[-1], node.sure))
+        assert grown and all(parent[:-1] == tuple(chain[: len(parent) - 1]) for parent in grown)
+        cache = drafter._cache
+        fed = cache.get_seq_length() - (len(drafter._hiddens) - 1)  # the true pairs' entries
+        for parent in sorted(grown, key=len, reverse=True):
+            i, g = len(parent) - 1, parent[-1]
+            rewind(cache, fed + i)
+            state = decoder.look_ahead([g], end + 1 + i)[None]
+            with torch.no_grad():
+                h = head(torch.tensor([[g]]), drafter._hiddens[i], torch.tensor([[end + 1 + i]]), cache, states=state)
+            p, at = torch.softmax(head.logits(h[0, -1]).float(), dim=-1).topk(2)
+            alone = dict(drafter._alts[i])[g] * sure[i]  # the runner-up's own prefix probability
+            assert [t for t, _ in grown[parent]] == [int(head.draft_ids[a]) for a in at.tolist()]
+            assert [q for _, q in grown[parent]] == pytest.approx([alone * float(x) for x in p], rel=1e-4)
+            checked += 1
+        decoder.close()
+    assert checked >= 6
+
+
 class TreeCounting(HeadDrafter):
     """The head drafter, counting the steps it offered a token tree (several guesses at a position)."""
 
     trees = 0
     copies_kept = 0  # tokens only the copy offered, on a branch kept
+    grown_kept = 0  # tokens the head guessed after a runner-up, on a branch kept
 
     def draft_tree(self, ids, limit):
         tokens, parents = super().draft_tree(ids, limit)
@@ -478,6 +518,7 @@ class TreeCounting(HeadDrafter):
 
     def update(self, accepted, drafted, seconds=None, kept=None):
         self.copies_kept += sum(1 for row in kept or [] if self._sent[row].sure is None)
+        self.grown_kept += sum(1 for row in kept or [] if self._sent[row] in self._grown)
         super().update(accepted, drafted, seconds, kept)
 
 
@@ -511,20 +552,21 @@ def test_greedy_with_the_head_and_trees_equals_plain(trained, tiny_checkpoint) -
     ref = tiny_checkpoint("llama")[1]
     split = load_split(path, f"1:{N - 1}")
     head = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))[0]
-    trees, branches, copies_kept = 0, [], 0
+    trees, branches, copies_kept, grown_kept = 0, [], 0, 0
     for prompt in [*SEEN[:4], *_prompts(4, 5)]:  # prompts the head knows and ones it does not: alternatives matter
         plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True)
-        drafter = TreeCounting(head, cost=_priced(0.01, 0.0), alternatives=2)
+        drafter = TreeCounting(head, cost=_priced(0.01, 0.0), alternatives=2, grow=4)
         decoder = BranchRecording(split, LocalBodyLink(split.body))
         params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
         spec = Generation(decoder, prompt, params, drafter=drafter, keep_open=True).run()
         assert spec.token_ids == plain.token_ids
         _caches_hold(decoder, ref)
         trees, branches = trees + drafter.trees, branches + decoder.branches
-        copies_kept += drafter.copies_kept
+        copies_kept, grown_kept = copies_kept + drafter.copies_kept, grown_kept + drafter.grown_kept
     assert trees > 0 and len(branches) == trees
     assert any(rows != list(range(len(rows))) for rows in branches)  # an alternative was kept
     assert copies_kept > 0  # the copy's tokens went in the same trees, and some were kept
+    assert grown_kept > 0  # so were guesses after a runner-up (two levels off the chain)
 
 
 def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:
@@ -596,7 +638,7 @@ def test_greedy_with_the_head_and_trees_over_a_server_equals_plain(trained, llam
     with client:
         for prompt in [*SEEN[:4], *_prompts(4, 5)]:
             plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
-            drafter = TreeCounting(head, cost=_priced(0.01, 0.0), alternatives=2)
+            drafter = TreeCounting(head, cost=_priced(0.01, 0.0), alternatives=2, grow=4)
             decoder = BranchRecording(split, client.open_session("float32"))
             params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
             spec = Generation(decoder, prompt, params, drafter=drafter, keep_open=True).run()

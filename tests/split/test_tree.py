@@ -12,7 +12,16 @@ from lambdasplit.generation import LocalBodyLink, ModelDecoder, SplitDecoder
 from lambdasplit.split import load_split
 from lambdasplit.split.parts import with_cache
 from lambdasplit.split.state import BodyState
-from lambdasplit.split.tree import MAX_TREE_ROWS, check_tree, is_chain, keep_rows, path_to, supports_trees, tree_inputs
+from lambdasplit.split.tree import (
+    MAX_TREE_ROWS,
+    aside_mask,
+    check_tree,
+    is_chain,
+    keep_rows,
+    path_to,
+    supports_trees,
+    tree_inputs,
+)
 from tiny_models import NUM_LAYERS
 
 PROMPT = [1, 17, 42, 99, 7, 31]
@@ -47,6 +56,15 @@ def test_the_tree_mask_lets_a_row_see_the_cache_and_its_own_path() -> None:
     assert seen[:, :3].all()  # the cache, every row
     assert seen[4, 3:].tolist() == [1, 0, 0, 1, 1, 0]  # row 4: the root, row 3, itself
     assert seen[5, 3:].tolist() == [1, 1, 0, 0, 0, 1]
+
+
+def test_rows_aside_see_a_prefix_of_the_cache_and_themselves() -> None:
+    mask = aside_mask([2, 4, 0], 4, torch.bfloat16, "cpu")
+    assert mask.shape == (1, 1, 3, 7) and mask.dtype == torch.bfloat16
+    seen = (mask[0, 0] == 0).int().tolist()
+    assert seen == [[1, 1, 0, 0, 1, 0, 0], [1, 1, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0, 1]]
+    with pytest.raises(SessionError, match="cannot see"):
+        aside_mask([5], 4, torch.float32, "cpu")
 
 
 def _chain_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from lambdasplit.errors import SessionError
 from lambdasplit.split.loader import SplitModel
 from lambdasplit.split.parts import Body, rewind, with_cache
 from lambdasplit.split.state import BodyState
-from lambdasplit.split.tree import check_tree, is_chain, keep_rows, supports_trees, tree_inputs
+from lambdasplit.split.tree import aside_mask, check_tree, is_chain, keep_rows, supports_trees, tree_inputs
 from lambdasplit.traffic import Traffic
 
 __all__ = [
@@ -396,6 +396,21 @@ class SplitDecoder(DecoderBase):
         self.ahead.add(rows, position)
         self.ahead_ids = (kept if self.ahead.first < position else []) + list(ids)
         return rows
+
+    def look_aside(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """What the head makes of ``ids`` off the drafted chain, side by side: ``ids[r]`` at ``positions[r]``, after
+        the cache's first ``positions[r]`` positions (the context and ``look_ahead``'s rows before it): (R, D),
+        before the wire. The head's KV cache is left as it was (a verification computes such rows again)."""
+        assert self.split.head is not None and self.head_cache is not None
+        rt = self.split.runtime
+        held = self.head_cache.get_seq_length()
+        mask = aside_mask(positions, held, rt.dtype, rt.device)
+        x = torch.tensor([list(ids)], device=rt.device)
+        at = torch.tensor([list(positions)], device=rt.device)
+        try:
+            return self.split.head(x, self.head_cache, attention_mask=mask, position_ids=at)[0]
+        finally:
+            rewind(self.head_cache, held)
 
     def _head_rows(self, new_ids: list[int], position: int) -> torch.Tensor:
         """The head's output (1, T, D) for ``new_ids`` at ``position ..``, its KV cache then holding exactly them:

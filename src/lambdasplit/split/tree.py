@@ -27,7 +27,16 @@ from transformers.cache_utils import DynamicLayer
 
 from lambdasplit.errors import SessionError
 
-__all__ = ["MAX_TREE_ROWS", "check_tree", "is_chain", "keep_rows", "path_to", "supports_trees", "tree_inputs"]
+__all__ = [
+    "MAX_TREE_ROWS",
+    "aside_mask",
+    "check_tree",
+    "is_chain",
+    "keep_rows",
+    "path_to",
+    "supports_trees",
+    "tree_inputs",
+]
 
 #: The most rows one tree may have (a server refuses more: the mask grows with rows x context).
 MAX_TREE_ROWS = 64
@@ -82,6 +91,19 @@ def tree_inputs(
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     positions = torch.tensor([[position + x for x in d]], device=device)
     return mask[None, None].to(device), positions
+
+
+def aside_mask(seen: Sequence[int], held: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The 4D additive attention mask (1, 1, R, held + R) for R rows fed after a cache of ``held`` positions, row
+    ``r`` seeing the cache's first ``seen[r]`` positions and itself only: rows that branch off what the cache holds
+    (a drafter's runners-up, each after a prefix of its own chain), computed side by side in one forward."""
+    if any(not 0 <= n <= held for n in seen):
+        raise SessionError(f"rows after a cache of {held} positions cannot see {list(seen)} of them")
+    t = len(seen)
+    allowed = torch.arange(held + t)[None, :] < torch.tensor(seen)[:, None]
+    allowed[torch.arange(t), held + torch.arange(t)] = True
+    mask = torch.zeros(t, held + t, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(device)
 
 
 def supports_trees(cache: Cache | None) -> bool:

@@ -75,7 +75,7 @@ def target_matrices(model: nn.Module, lm_model: nn.Module | None = None) -> tupl
 def fingerprint(embed: torch.Tensor, lm_head: torch.Tensor) -> list[float]:
     """A few sums over the target's embedding and LM head: a head trained on another model is refused."""
     rows = torch.tensor([0, 1, 2, embed.shape[0] // 2, embed.shape[0] - 1])
-    return [round(float(w[rows].double().sum()), 3) for w in (embed, lm_head)]
+    return [round(float(w[rows].detach().double().sum()), 3) for w in (embed, lm_head)]
 
 
 @dataclass(frozen=True)
