@@ -30,7 +30,10 @@ the chain's probability up to the position before times its own. All the guesses
 cost model picks how many of the best to send, as for a chain: a tree whose branches are the chain and, at some
 positions, the runners-up as leaves (no more drafting: they come from the same softmax). The model keeps the branch
 it agrees with (``speculative.verify_tree``); a tree's rows cost what a chain's rows cost, so the choice is priced
-the same way. Where trees cannot be verified the head drafts chains.
+the same way. Where trees cannot be verified the head drafts chains. ``grow`` (off by default) also takes the head's
+step after the runners-up it would send, all in one forward, so their own next guesses can join the tree
+(EAGLE-2's expansion, one level): it lifts the tokens a step keeps where rows cost little (2.40 to 2.55 in process,
+rows free) and costs more than it gains at this CPU's prices.
 
 The head's own cache starts at the prompt's last position (it sees the prompt only through the first layers'
 states, if it reads them), and a small head guesses a numbered list's next "**3." less surely than a copy would.
