@@ -32,7 +32,7 @@ positions, the runners-up as leaves (no more drafting: they come from the same s
 it agrees with (``speculative.verify_tree``); a tree's rows cost what a chain's rows cost, so the choice is priced
 the same way. Where trees cannot be verified the head drafts chains. ``grow`` (off by default) also takes the head's
 step after the runners-up it would send, all in one forward, so their own next guesses can join the tree
-(EAGLE-2's expansion, one level): it lifts the tokens a step keeps where rows cost little (2.40 to 2.55 in process,
+(EAGLE-2's expansion, one level): it lifts the tokens a step keeps where rows cost little (2.40 to 2.57 in process,
 rows free) and costs more than it gains at this CPU's prices.
 
 The head's own cache starts at the prompt's last position (it sees the prompt only through the first layers'
@@ -162,7 +162,7 @@ class HeadDrafter(Drafter):
 
     def _draft(self, ids: Sequence[int], limit: int, trees: bool) -> tuple[list[int], list[int]]:
         k = min(self.length.k_max if self.length.adaptive else self.length.k, limit)
-        self._sent = []
+        self._sent, self._grown = [], []
         if k <= 0:
             self._sure = []
             return [], []
@@ -176,8 +176,9 @@ class HeadDrafter(Drafter):
         if trees and self.decoder is not None and self.decoder.trees:
             sent, rate = self._best(self._merged(head, copy))
             runners_up = sorted((n for n in sent if n.sure is not None and not n.chain), key=lambda n: -(n.sure or 0.0))
-            if self._worth_growing(runners_up[: self.grow], rate, len(sent)):
-                self._grown = self._grow(runners_up[: self.grow])
+            self._grown = (
+                self._grow(runners_up) if self._worth_growing(runners_up[: self.grow], rate, len(sent)) else []
+            )
             if self._grown:
                 sent, _ = self._best(self._merged(head + self._grown, copy))
         else:  # a chain: the head's guesses or the copy, whichever is worth more
@@ -301,7 +302,7 @@ class HeadDrafter(Drafter):
         out: list[int] = []
         expected: list[float] = []
         sure = 1.0
-        self._alts, self._grown, self._hiddens = [], [], []
+        self._alts, self._hiddens = [], []
         for i in range(k):
             self._hiddens.append(hidden)
             p, at = torch.softmax(self.head.logits(hidden[0, -1]).float(), dim=-1).topk(1 + self.alternatives)
@@ -342,10 +343,11 @@ class HeadDrafter(Drafter):
         device's head, then this head, under masks), and its next ``alternatives`` guesses are nodes worth its
         prefix probability times their own. Both caches are left as they were.
 
-        What it is worth (10 MT-Bench prompts in process, the cost model's prices frozen): with rows free, so that
-        every guess considered is sent, 2.55 tokens a step with ``grow=8`` against 2.40 without; at this CPU's
-        prices it gains 0.3-0.5% tokens a step and costs as much in time, and over the 250 ms link (3 prompts) it
-        sent 9.4 rows a step instead of 6.8 for 1.97 tokens against 1.91, 2% slower. So it is off by default."""
+        What it is worth (``benchmarks/draft_head_priced.py``: 10 MT-Bench prompts in process, the cost model's
+        prices frozen): with rows free, so that every guess considered is sent, 2.57 tokens a step with ``grow=8``
+        against 2.40 without; at this CPU's prices over 5g and wireless, 0-1.6% more tokens a step for about as much
+        time. Live over both links (``benchmarks/draft_head.py``, 20 prompts) it sent 1.2-3.0 more rows a step,
+        kept 2.22 and 2.32 tokens against 2.21 and 2.29, and was 3-4% slower. So it is off by default."""
         decoder, cache, hiddens = self.decoder, self._cache, self._hiddens
         picks = sorted(runners_up, key=lambda node: -(node.sure or 0.0))[: self.grow]
         if not picks or decoder is None or cache is None or self.alternatives == 0:
