@@ -87,10 +87,14 @@ def tree_inputs(
     for i in range(1, t):  # a row sees what its parent sees, and itself
         allowed[i] = allowed[parents[i]]
         allowed[i, position + i] = True
-    mask = torch.zeros(t, position + t, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     positions = torch.tensor([[position + x for x in d]], device=device)
-    return mask[None, None].to(device), positions
+    return _additive(allowed, dtype, device), positions
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The 4D additive attention mask (1, 1, T, K) of a (T, K) boolean one, as the models' forward takes it."""
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(device)
 
 
 def aside_mask(seen: Sequence[int], held: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -102,8 +106,7 @@ def aside_mask(seen: Sequence[int], held: int, dtype: torch.dtype, device: torch
     t = len(seen)
     allowed = torch.arange(held + t)[None, :] < torch.tensor(seen)[:, None]
     allowed[torch.arange(t), held + torch.arange(t)] = True
-    mask = torch.zeros(t, held + t, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None].to(device)
+    return _additive(allowed, dtype, device)
 
 
 def supports_trees(cache: Cache | None) -> bool:

@@ -175,10 +175,10 @@ class HeadDrafter(Drafter):
         head = self._nodes(guesses, trees)
         if trees and self.decoder is not None and self.decoder.trees:
             sent, rate = self._best(self._merged(head, copy))
-            runners_up = sorted((n for n in sent if n.sure is not None and not n.chain), key=lambda n: -(n.sure or 0.0))
-            self._grown = (
-                self._grow(runners_up) if self._worth_growing(runners_up[: self.grow], rate, len(sent)) else []
-            )
+            if self.grow:  # the likeliest runners-up about to be sent
+                picks = sorted((n for n in sent if n.sure is not None and not n.chain), key=lambda n: -(n.sure or 0.0))
+                if self._worth_growing(picks[: self.grow], rate, len(sent)):
+                    self._grown = self._grow(picks[: self.grow])
             if self._grown:
                 sent, _ = self._best(self._merged(head + self._grown, copy))
         else:  # a chain: the head's guesses or the copy, whichever is worth more
@@ -337,11 +337,11 @@ class HeadDrafter(Drafter):
 
     @torch.inference_mode()
     def _grow(self, runners_up: list[_Node]) -> list[_Node]:
-        """The head's next guesses after the likeliest ``grow`` of ``runners_up`` (EAGLE-2's expansion, one level
-        deep), right after ``propose`` drafted the chain: a runner-up at position ``end + 1 + i`` is fed as the
-        chain's guess there was, after the chain's first ``i`` guesses, all side by side in one forward (the
-        device's head, then this head, under masks), and its next ``alternatives`` guesses are nodes worth its
-        prefix probability times their own. Both caches are left as they were.
+        """The head's next guesses after ``runners_up`` (EAGLE-2's expansion, one level deep), right after
+        ``propose`` drafted the chain: a runner-up at position ``end + 1 + i`` is fed as the chain's guess there was,
+        after the chain's first ``i`` guesses, all side by side in one forward (the device's head, then this head,
+        under masks), and its next ``alternatives`` guesses are nodes worth its prefix probability times their own.
+        Both caches are left as they were.
 
         What it is worth (``benchmarks/draft_head_priced.py``: 10 MT-Bench prompts in process, the cost model's
         prices frozen): with rows free, so that every guess considered is sent, 2.57 tokens a step with ``grow=8``
@@ -349,13 +349,12 @@ class HeadDrafter(Drafter):
         time. Live over both links (``benchmarks/draft_head.py``, 20 prompts) it sent 1.2-3.0 more rows a step,
         kept 2.22 and 2.32 tokens against 2.21 and 2.29, and was 3-4% slower. So it is off by default."""
         decoder, cache, hiddens = self.decoder, self._cache, self._hiddens
-        picks = sorted(runners_up, key=lambda node: -(node.sure or 0.0))[: self.grow]
-        if not picks or decoder is None or cache is None or self.alternatives == 0:
+        if not runners_up or decoder is None or cache is None or self.alternatives == 0:
             return []
         started = time.perf_counter()
         end = decoder.length
-        depth = [len(node.path) - 1 for node in picks]
-        tokens = torch.tensor([[node.path[-1] for node in picks]], device=hiddens[0].device)
+        depth = [len(node.path) - 1 for node in runners_up]
+        tokens = torch.tensor([[node.path[-1] for node in runners_up]], device=hiddens[0].device)
         states = (
             decoder.look_aside(tokens[0].tolist(), [end + 1 + i for i in depth])[None]
             if self.head.head_layers
@@ -375,7 +374,7 @@ class HeadDrafter(Drafter):
         self._grow_seconds = took if last is None else last + self.cost.smoothing * (took - last)
         return [
             _Node((*node.path, int(self.head.draft_ids[a])), (node.sure or 0.0) * float(q))
-            for node, row_p, row_at in zip(picks, p, at, strict=True)
+            for node, row_p, row_at in zip(runners_up, p, at, strict=True)
             for q, a in zip(row_p, row_at.tolist(), strict=True)
         ]
 
