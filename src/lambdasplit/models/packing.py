@@ -2,14 +2,19 @@
 
 A decode step multiplies one row (a token) by every weight matrix of the model; a speculative step multiplies
 1 + its drafted rows, a prefill the prompt's. On a CPU in float32, ``F.linear`` goes to MKL's sgemm, whose path for
-2-3 rows is slower than for 4. SmolLM2-135M, the whole model after a 256-token context, one thread, this VM
-(``benchmarks/linear_kernels.py``), MKL against oneDNN's inner product on weights reordered once into its own
-layout: 61.0 / 44.8 ms for 2 rows, 74.9 / 45.6 for 3, 58.7 / 47.2 for 4, 67.3 / 52.2 for 6, 80.4 / 61.5 for 12,
-224 / 139 for 64, 798 / 465 for 256; logits within 1.1e-4 (float32 rounding in another order). For one row oneDNN
-gained little in process (37-40 ms against 42) and lost on a body server with two threads waiting passively (a
-plain step over loopback 60-66 ms against 40-42: it wakes the second thread for every product), so products of
-fewer than ``MIN_ROWS`` rows stay on MKL: plain decoding is unchanged; a speculative step's verification and a
-prefill cost far less.
+2-3 rows is slower than for 4. Here such products go to oneDNN's inner product (``mkldnn::_linear_pointwise``, the
+kernel PyTorch's own compiler uses on a CPU) on a copy of the weights reordered once into oneDNN's blocked layout
+(``mkldnn::_reorder_linear_weight``). SmolLM2-135M, the whole model after a 256-token context, one thread
+(``benchmarks/linear_kernels.py``), MKL against this, on an AMD EPYC VM with AVX2 only: 103.8 / 94.0 ms for 2 rows,
+127.2 / 96.8 for 3, 116.3 / 105.2 for 4, 132.4 / 118.4 for 8, 168.0 / 147.3 for 16, 391.5 / 342.7 for 64; the LM
+head alone 22.3 / 10.3 ms for 2 rows; logits within 1e-4 (float32 rounding in another order). The first version of
+this module called ``mkldnn_linear`` on weights and rows converted with ``to_mkldnn`` (a plain layout, and two
+conversions a call): on an AVX-512 VM it was still far faster than MKL (61.0 / 44.8 ms for 2 rows, 798 / 465 for
+256), but on the AVX2 one it lost to MKL (121.6 ms for 2 rows, 144.8 for 8) because each call paid 60-100 us over
+MKL on the decoder's small matrices. For one row oneDNN gained little in process (37-40 ms against 42 on the
+AVX-512 VM) and lost on a body server with two threads waiting passively (a plain step over loopback 60-66 ms
+against 40-42: it wakes the second thread for every product), so products of fewer than ``MIN_ROWS`` rows stay on
+MKL: plain decoding is unchanged; a speculative step's verification and a prefill cost less.
 
 ``pack_linears(module)`` turns each ``nn.Linear`` in ``module`` into a ``PackedLinear`` (the same object, its
 class changed: parameters, ties and hooks are kept). Its forward is ``nn.Linear``'s except on a CPU, in float32,
@@ -36,14 +41,20 @@ MIN_ROWS = 2
 
 
 def onednn_available() -> bool:
-    """Whether this PyTorch build has oneDNN (mkldnn) for CPU tensors, and it is not turned off."""
-    return os.environ.get(ENV, "1") != "0" and torch.backends.mkldnn.is_available()
+    """Whether this PyTorch build has oneDNN (mkldnn) for CPU tensors with the two operators used here, and it is
+    not turned off."""
+    if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return all(getattr(torch.ops.mkldnn, op) is not None for op in ("_reorder_linear_weight", "_linear_pointwise"))
+    except (AttributeError, RuntimeError):  # a build without them: F.linear everywhere
+        return False
 
 
 class PackedLinear(nn.Linear):
     """``nn.Linear`` that runs oneDNN on pre-packed weights for CPU float32 inference (see the module's doc)."""
 
-    #: (the weight packed, what identifies its values, the packed weight, the packed bias). The values are known by
+    #: (the weight packed, what identifies its values, the packed weight, the bias). The values are known by
     #: the weight's and bias's data pointers and version counters: an in-place change bumps the version, and
     #: ``weight.data = ...`` moves the pointer; holding the weight itself means a new tensor is never mistaken for
     #: an old one at a reused address.
@@ -63,11 +74,10 @@ class PackedLinear(nn.Linear):
         state = (w.data_ptr(), w._version) + ((-1, -1) if b is None else (b.data_ptr(), b._version))
         held = self._packed
         if held is None or held[0] is not w or held[1] != state:
-            packed_bias = None if b is None else b.detach().to_mkldnn()
-            held = self._packed = (w, state, w.detach().to_mkldnn(), packed_bias)
+            bias = None if b is None else b.detach()
+            held = self._packed = (w, state, torch.ops.mkldnn._reorder_linear_weight(w.detach()), bias)
         weight, bias = held[2], held[3]
-        rows = x.reshape(-1, x.shape[-1]).to_mkldnn()
-        out = torch._C._nn.mkldnn_linear(rows, weight, bias).to_dense()
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
