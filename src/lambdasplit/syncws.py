@@ -11,23 +11,28 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from ssl import SSLContext
 from typing import Any
 from urllib.parse import urlsplit
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.http11 import Request, Response
 from websockets.sync.client import ClientConnection, connect
 from websockets.sync.server import Server, ServerConnection, serve
 
-from lambdasplit.errors import CodedError, ConfigError, LambdaSplitError, WireError
+from lambdasplit.auth import bearer_authorized, bearer_header
+from lambdasplit.errors import CodedError, ConfigError, LambdaSplitError, RemoteError, WireError
 from lambdasplit.tls import TlsTrust, is_loopback
 
 
 class SessionServer:
     """``handler(connection)`` for every WebSocket connection to ``host:port``, each in its own thread.
 
-    ``start`` serves in a background thread (tests); the command line calls ``serve_forever``.
+    With ``tokens``, a handshake whose ``Authorization`` header names none of them is refused (HTTP 401) before
+    the handler sees it, as the body server refuses it (``auth``). ``start`` serves in a background thread
+    (tests); the command line calls ``serve_forever``.
     """
 
     def __init__(
@@ -40,9 +45,19 @@ class SessionServer:
         timeout: float,
         ssl: SSLContext | None,
         name: str,
+        tokens: Sequence[str] = (),
     ) -> None:
+        self.tokens = tuple(tokens)
+        self.refused = 0  # handshakes refused for their token
         self.server: Server = serve(
-            handler, host, port, max_size=max_size, compression=None, open_timeout=timeout, ssl=ssl
+            handler,
+            host,
+            port,
+            max_size=max_size,
+            compression=None,
+            open_timeout=timeout,
+            ssl=ssl,
+            process_request=self._check_token if self.tokens else None,
         )
         self.scheme = "ws" if ssl is None else "wss"
         self._name = name
@@ -58,6 +73,12 @@ class SessionServer:
         host, port = self.address
         host = f"[{host}]" if ":" in host else host
         return f"{self.scheme}://{host}:{port}"
+
+    def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
+        if bearer_authorized(request.headers.get("Authorization"), self.tokens):
+            return None
+        self.refused += 1
+        return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: bad or missing bearer token\n")
 
     def start(self) -> SessionServer:
         self._thread = threading.Thread(target=self.server.serve_forever, name=self._name, daemon=True)
@@ -121,10 +142,13 @@ def connect_session(
     timeout: float,
     max_size: int,
     stack: contextlib.ExitStack,
+    token: str | None = None,
 ) -> ClientConnection:
-    """A device's connection to ``what`` at ``url`` (ws:// or wss://), entered on ``stack``.
+    """A device's connection to ``what`` at ``url`` (ws:// or wss://), entered on ``stack``, with ``token`` as its
+    bearer token when given.
 
-    Plain ws:// beyond loopback is refused unless ``trust.insecure``: it would show ``exposes`` to the network.
+    Plain ws:// beyond loopback is refused unless ``trust.insecure``: it would show ``exposes`` (and the token) to
+    the network.
     """
     parsed = urlsplit(url)
     host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "wss" else 80)
@@ -137,6 +161,20 @@ def connect_session(
         )
     context = trust.context(host, port) if parsed.scheme == "wss" else None
     try:
-        return stack.enter_context(connect(url, max_size=max_size, compression=None, open_timeout=timeout, ssl=context))
+        return stack.enter_context(
+            connect(
+                url,
+                max_size=max_size,
+                compression=None,
+                open_timeout=timeout,
+                ssl=context,
+                additional_headers=bearer_header(token),
+            )
+        )
+    except InvalidStatus as e:
+        if e.response.status_code in (401, 403):
+            said = "refused the bearer token" if token else "needs a bearer token"
+            raise RemoteError(f"{what} at {url} {said} (use --token)", "unauthorized") from None
+        raise WireError(f"cannot reach {what} at {url}: {e}", code="unreachable") from None
     except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
         raise WireError(f"cannot reach {what} at {url}: {e}", code="unreachable") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +22,17 @@ def test_a_server_and_a_client_train_as_processes(tmp_path: Path) -> None:
         "collafuse", "server", "--clients", "1", "--rounds", "2", "--batch", "4", "--cut-ratio", "0.5",
         "--port", "0", "--out", str(tmp_path / "server"), "--no-progress",
     ]  # fmt: skip
-    with lambdasplit_process(server_args, READY, timeout=120) as ready:
+    with lambdasplit_process(server_args, READY, token="sekrit", timeout=120) as ready:
         url = ready.split()[0]
         client = [
             sys.executable, "-c", "from lambdasplit.cli import main; main()", "collafuse", "client", "--server", url,
             "--client", "0", "--clients", "3", "--images", "8", "--out", str(tmp_path / "client"),
             "--report", str(tmp_path / "client.json"), "--no-progress",
         ]  # fmt: skip
-        done = subprocess.run(client, capture_output=True, text=True, timeout=180)
+        env = {k: v for k, v in os.environ.items() if k != "LAMBDASPLIT_TOKEN"}
+        intruder = subprocess.run([*client, "--token", "guess"], capture_output=True, text=True, timeout=180, env=env)
+        assert intruder.returncode != 0 and "refused the bearer token" in intruder.stderr, intruder.stderr[-3000:]
+        done = subprocess.run([*client, "--token", "sekrit"], capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "client.json").read_text())
     assert report["rounds"] == 2 and report["handoff"] == 500 and report["rows_sent"] + report["rows_local"] == 8

@@ -38,20 +38,28 @@ def test_personalize_then_generate_against_a_privatelora_server(
     text.write_text(TEXT)
     out = tmp_path / "m.safetensors"
     args = ["--privatelora", "--model", str(path), "--adapter-rank", "8/4", "--adapter-seed", "3"]
-    with body_server_process(args, timeout=120) as url:
+    monkeypatch.delenv("LAMBDASPLIT_TOKEN", raising=False)
+    with body_server_process(args, token="sekrit", timeout=120) as url:
+        personalize = ["personalize", str(text), "--cloud", url, "--out", str(out), "--model", str(path)]
+        code, _, err = in_process.lambdasplit(capsys, monkeypatch, *personalize, "--token", "guess")
+        assert code != 0 and "unauthorized" in err and "refused the bearer token" in err, err
         code, _, err = in_process.lambdasplit(
-            capsys, monkeypatch, "personalize", str(text), "--cloud", url, "--out", str(out), "--model", str(path),
-            "--epochs", "3", "--seq-len", "16", "--lr", "1e-2",
-        )  # fmt: skip
+            capsys, monkeypatch, *personalize, "--epochs", "3", "--seq-len", "16", "--lr", "1e-2", "--token", "sekrit"
+        )
         assert code == 0, err
         assert "adapters written to" in err and "round trips" in err
         first, last = (float(x) for x in err.split("loss ")[-1].split(" over")[0].split(" -> "))
         assert last < first
         code, stdout, err = in_process.lambdasplit(
             capsys, monkeypatch, "generate", "the quick brown", "--model", str(path), "--cloud", url,
-            "--privatelora", str(out), "-n", "5", "--json", "--wire-dtype", "float32",
+            "--privatelora", str(out), "-n", "5", "--json", "--wire-dtype", "float32", "--token", "sekrit",
         )  # fmt: skip
-    assert code == 0, err
+        assert code == 0, err
+        code, _, err = in_process.lambdasplit(
+            capsys, monkeypatch, "generate", "the quick brown", "--model", str(path), "--cloud", url,
+            "--privatelora", str(out), "-n", "5",
+        )  # fmt: skip
+        assert code != 0 and "needs a bearer token" in err, err
     result = json.loads(stdout)
     assert result["mode"] == "privatelora" and result["privatelora"]["exchanges"] > 0
     adapters = PrivateAdapters.load(out)

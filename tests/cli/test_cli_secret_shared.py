@@ -36,9 +36,11 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_two_share_server_processes_give_the_plain_splits_tokens(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each server run by its own party, with its own bearer token: a device must present both."""
     peer = f"127.0.0.1:{free_port()}"
     servers = [
-        body_server_process(["--share", str(i), "--peer", peer, "--layers", "2:28"], timeout=240) for i in (0, 1)
+        body_server_process(["--share", str(i), "--peer", peer, "--layers", "2:28"], token=f"token-{i}", timeout=240)
+        for i in (0, 1)
     ]
     with ExitStack() as stack:
         with ThreadPoolExecutor(2) as pool:  # both load at once
@@ -47,9 +49,12 @@ def test_two_share_server_processes_give_the_plain_splits_tokens(
             if future.exception() is None:
                 stack.callback(server.__exit__, None, None, None)
         urls = [future.result().split()[0] for future in started]
-        code, stdout, err = in_process.lambdasplit(
-            capsys, monkeypatch, *PROMPT, "--cloud", ",".join(urls), "--secret-shared"
-        )
+        monkeypatch.delenv("LAMBDASPLIT_TOKEN", raising=False)
+        shared = ["--cloud", ",".join(urls), "--secret-shared"]
+        for refused, token in (("0", []), ("1", ["--token", "token-0"]), ("0", ["--token", "token-1,token-0"])):
+            code, _, err = in_process.lambdasplit(capsys, monkeypatch, *PROMPT, *shared, *token)
+            assert code != 0 and "unauthorized" in err and f"share server {refused}" in err, err
+        code, stdout, err = in_process.lambdasplit(capsys, monkeypatch, *PROMPT, *shared, "--token", "token-0,token-1")
     assert code == 0, err
     plain = generate(load_split("smollm2-135m-instruct", "2:28", quiet=True), PROMPT[1], max_new_tokens=3)
     out = json.loads(stdout)

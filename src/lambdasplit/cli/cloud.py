@@ -83,10 +83,15 @@ def load_local(
     return split
 
 
-def open_shared_link(split: SplitModel, cloud: str, timeout: float, trust: TlsTrust | None) -> SecretSharedLink:
-    """A session on the two share servers of ``cloud`` ("URL0,URL1"), checked against this device's split."""
+def open_shared_link(
+    split: SplitModel, cloud: str, timeout: float, trust: TlsTrust | None, token: str | None = None
+) -> SecretSharedLink:
+    """A session on the two share servers of ``cloud`` ("URL0,URL1"), checked against this device's split.
+    ``token`` (else $LAMBDASPLIT_TOKEN): one bearer token for both servers, or "TOKEN0,TOKEN1", one for each."""
     urls = [u.strip() for u in cloud.split(",") if u.strip()]
-    link = SecretSharedLink(urls, timeout=timeout, trust=trust)
+    given = token or os.environ.get("LAMBDASPLIT_TOKEN")
+    tokens = None if not given else given if "," not in given else [t.strip() or None for t in given.split(",")]
+    link = SecretSharedLink(urls, timeout=timeout, trust=trust, token=tokens)
     body_layers = split.points.body_end - split.points.head_layers
     if link.layers != body_layers or link.hidden_size != split.hidden_size:
         link.close()
@@ -98,16 +103,30 @@ def open_shared_link(split: SplitModel, cloud: str, timeout: float, trust: TlsTr
 
 
 def open_adapter_link(
-    model: str, adapters_path: str, cloud: str, *, wire_dtype: str, timeout: float, trust: TlsTrust | None
+    model: str,
+    adapters_path: str,
+    cloud: str,
+    *,
+    wire_dtype: str,
+    timeout: float,
+    trust: TlsTrust | None,
+    token: str | None = None,
 ) -> tuple[SplitModel, AdapterLink]:
     """A PrivateLoRA session on ``cloud`` answered by the adapters in ``adapters_path``; this device's head and tail
-    are cut where the adapted body begins and ends."""
+    are cut where the adapted body begins and ends. ``token``: the server's (else $LAMBDASPLIT_TOKEN)."""
     if wire_dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"PrivateLoRA sends float32, float16 or bfloat16, not --wire-dtype {wire_dtype}")
     adapters = PrivateAdapters.load(adapters_path)
     layers = f"{adapters.layers[0]}:{adapters.layers[-1] + 1}"
     split = load_split(model, layers, device="cpu", dtype="float32", parts=("head", "tail"))
-    link = AdapterLink(cloud, adapters, dtype=wire_dtype, timeout=timeout, trust=trust)
+    link = AdapterLink(
+        cloud,
+        adapters,
+        dtype=wire_dtype,
+        timeout=timeout,
+        trust=trust,
+        token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+    )
     try:
         link.check_model(split)
     except ConfigError:

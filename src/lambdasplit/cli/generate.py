@@ -143,7 +143,7 @@ def generate(
         with _err.status(f"loading the head and tail of {model} and opening a PrivateLoRA session"):
             trust = device_trust(tls_fingerprint, tls_ca, insecure)
             split, link = open_adapter_link(
-                model, privatelora, cloud, wire_dtype=wire_dtype, timeout=cloud_timeout, trust=trust
+                model, privatelora, cloud, wire_dtype=wire_dtype, timeout=cloud_timeout, trust=trust, token=token
             )
     elif secret_shared:
         if cloud is None or unsplit or no_cache or speculative or pad_prompt or key:
@@ -153,7 +153,8 @@ def generate(
             )
         with _err.status(f"loading the head and tail of {model} and opening a session on both share servers"):
             split = load_local(model, layers, device="cpu", dtype="float32", key=None, parts=("head", "tail"))
-            link = open_shared_link(split, cloud, cloud_timeout, device_trust(tls_fingerprint, tls_ca, insecure))
+            trust = device_trust(tls_fingerprint, tls_ca, insecure)
+            link = open_shared_link(split, cloud, cloud_timeout, trust, token)
     elif cloud is not None:
         if unsplit:
             raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")

@@ -82,7 +82,13 @@ PadPrompt = Annotated[
 ]
 
 # --- connecting to a body server: the same options in every command that takes --cloud ---------------------
-Token = Annotated[str | None, typer.Option(help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN).")]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN); with --secret-shared, T0,T1 gives each share "
+        "server its own."
+    ),
+]
 TlsFingerprint = Annotated[
     str | None,
     typer.Option(

@@ -402,6 +402,7 @@ def _serve_share(
         timeout=timeout,
         max_sessions=settings.max_sessions,
         ssl=context,
+        tokens=settings.tokens,
     )
     p = split.points
     where = "listens for share server 1" if share == 0 else "connects to share server 0"
@@ -429,6 +430,7 @@ def _serve_privatelora(
             timeout=timeout,
             max_sessions=settings.max_sessions,
             ssl=_server_context(settings),
+            tokens=settings.tokens,
         )
     p, rt = split.points, split.runtime
     down, up = layout.values_per_token(p.body_end - p.head_layers)

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 from websockets.sync.client import ClientConnection, connect
 
 from lambdasplit import __version__
+from lambdasplit.auth import bearer_header
 from lambdasplit.errors import (
     ConfigError,
     LambdaSplitError,
@@ -230,7 +231,6 @@ class CloudClient:
         except OSError as exc:
             raise WireError(f"cannot reach the body server at {url}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
             # __enter__ opens the connection without the context-manager block (closed in self.close()).
             return connect(
@@ -239,7 +239,7 @@ class CloudClient:
                 ssl=context,
                 server_hostname=host if context else None,
                 compression=None,
-                additional_headers=headers,
+                additional_headers=bearer_header(self._token),
                 user_agent_header=f"lambdasplit/{__version__}",
                 proxy=None,
                 open_timeout=self.timeout,

@@ -89,8 +89,10 @@ class CollaFuseClient:
         timeout: float = 600.0,
         checkpoint_every: int = 0,
         on_round: Callable[[int, int, float | None], None] | None = None,
+        token: str | None = None,
     ) -> ClientReport:
-        """Train with the server at ``url`` until it says done; ``timeout``: the longest wait for a round."""
+        """Train with the server at ``url`` until it says done; ``timeout``: the longest wait for a round;
+        ``token``: the server's bearer token."""
         with contextlib.ExitStack() as stack:
             ws = connect_session(
                 url,
@@ -100,6 +102,7 @@ class CollaFuseClient:
                 timeout=30.0,
                 max_size=MAX_MESSAGE,
                 stack=stack,
+                token=token,
             )
             sent = received = 0
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from ssl import SSLContext
@@ -97,8 +97,10 @@ class CollaFuseServer:
         ssl: SSLContext | None = None,
         resume: bool = False,
         tap: Callable[[str, Batch], None] | None = None,
+        tokens: Sequence[str] = (),
     ) -> None:
-        """``tap(client, batch)`` sees every checked batch: what a curious server keeps (the measurements)."""
+        """``tap(client, batch)`` sees every checked batch: what a curious server keeps (the measurements).
+        ``tokens``: the bearer tokens a client must present (none: any client may join)."""
         self.parts, self.settings, self.out, self.tap = parts, settings, out, tap
         self.handoff = handoff_timestep(settings.cut_ratio)
         self.first_round = 0
@@ -115,7 +117,14 @@ class CollaFuseServer:
         self._joined = threading.Condition(self._lock)
         self._started = False
         self._server = SessionServer(
-            self._handle, host, port, max_size=MAX_MESSAGE, timeout=30.0, ssl=ssl, name="collafuse-server"
+            self._handle,
+            host,
+            port,
+            max_size=MAX_MESSAGE,
+            timeout=30.0,
+            ssl=ssl,
+            name="collafuse-server",
+            tokens=tokens,
         )
 
     @property

@@ -42,16 +42,29 @@ class SecretSharedLink:
     """A body computed by two share servers (``urls``: share server 0's, then 1's) on the device's shares.
 
     ``timeout``: seconds to wait for either server at any point (a server waits as long for its peer).
+    ``token``: the bearer token both servers take, or a pair (server 0's, server 1's: non-colluding servers are run
+    by different parties, each with its own); None: send none.
     ``traffic`` counts both servers' messages: FORWARDs up, OUTPUTs down, and the dealer's REQUEST/CORRECTION
     traffic with server 1 (``dealt``: correction bytes, ``requests``: how many).
     """
 
-    def __init__(self, urls: Sequence[str], *, timeout: float = 60.0, trust: TlsTrust | None = None) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        trust: TlsTrust | None = None,
+        token: str | Sequence[str | None] | None = None,
+    ) -> None:
         if len(urls) != 2:
             raise ConfigError(
                 f"secret sharing needs two share servers (party 0's URL, then party 1's), got {len(urls)}"
             )
+        tokens = (token, token) if token is None or isinstance(token, str) else tuple(token)
+        if len(tokens) != 2:
+            raise ConfigError(f"one bearer token for both share servers, or one for each; got {len(tokens)}")
         self.urls, self.timeout, self.trust = tuple(urls), timeout, trust or TlsTrust()
+        self._tokens = tokens
         self.session = secrets.token_bytes(SESSION_BYTES)
         keys = new_key(), new_key()
         self.dealer = TrustedDealer(*keys)
@@ -95,6 +108,7 @@ class SecretSharedLink:
             timeout=self.timeout,
             max_size=MAX_MESSAGE,
             stack=self._stack,
+            token=self._tokens[len(self.links)],
         )
 
     def _receive(self, party: int, what: str) -> str | bytes:

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from ssl import SSLContext
 
 import torch
@@ -155,6 +156,7 @@ class ShareServer(SessionServer):
 
     ``peer``: party 0 listens there for party 1; party 1 connects there (the same address on both).
     ``timeout``: how long any party waits for its peer, its device or a dealer's correction.
+    ``tokens``: the bearer tokens a device must present (none: any device is served).
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class ShareServer(SessionServer):
         timeout: float = 60.0,
         max_sessions: int = 8,
         ssl: SSLContext | None = None,
+        tokens: Sequence[str] = (),
     ) -> None:
         if party not in (0, 1):
             raise ValueError(f"party is 0 or 1, got {party}")
@@ -183,7 +186,14 @@ class ShareServer(SessionServer):
         self.sessions = threading.BoundedSemaphore(max_sessions)
         self.listener = PeerListener(peer[0], peer[1], self.fingerprint, timeout) if party == 0 else None
         super().__init__(
-            self._session, host, port, max_size=MAX_MESSAGE, timeout=timeout, ssl=ssl, name=f"share-{party}"
+            self._session,
+            host,
+            port,
+            max_size=MAX_MESSAGE,
+            timeout=timeout,
+            ssl=ssl,
+            name=f"share-{party}",
+            tokens=tokens,
         )
 
     @property

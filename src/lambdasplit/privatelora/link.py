@@ -36,8 +36,9 @@ class AdapterLink:
     ``adapters`` None: new adapters (M = 0) of the server's layout, for a device about to fine-tune them
     (``self.adapters`` afterwards).
 
-    ``dtype``: how tensors travel (float32, float16 or bfloat16). ``traffic`` counts every message both ways
-    (``messages`` counts forwards and backwards); ``exchanges`` counts DOWN/UP and GRAD_DOWN/GRAD_UP round trips.
+    ``dtype``: how tensors travel (float32, float16 or bfloat16); ``token``: the server's bearer token. ``traffic``
+    counts every message both ways (``messages`` counts forwards and backwards); ``exchanges`` counts DOWN/UP and
+    GRAD_DOWN/GRAD_UP round trips.
     """
 
     def __init__(
@@ -48,12 +49,14 @@ class AdapterLink:
         dtype: str = "float32",
         timeout: float = 60.0,
         trust: TlsTrust | None = None,
+        token: str | None = None,
     ) -> None:
         if dtype not in M.WIRE_DTYPES:
             raise ConfigError(f"a PrivateLoRA link carries {', '.join(M.WIRE_DTYPES)}, not {dtype!r}")
         self.url, self.timeout = url, timeout
         self.dtype = M.WIRE_DTYPES[dtype]
         self.trust = trust or TlsTrust()
+        self._token = token
         self.traffic = Traffic()
         self.exchanges = 0
         self.step = 0
@@ -78,6 +81,7 @@ class AdapterLink:
             timeout=self.timeout,
             max_size=MAX_MESSAGE,
             stack=self._stack,
+            token=self._token,
         )
 
     def _ready_message(self) -> dict[str, Any]:

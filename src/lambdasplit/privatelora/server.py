@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ssl import SSLContext
 
 import torch
@@ -83,7 +83,8 @@ class AdapterServer(SessionServer):
 
     ``timeout``: how long a session waits for its device at any point (an exchange, the next message).
     ``tap``: called with every forward exchange's ``u`` and ``v`` as this server holds them: what a curious cloud
-    can keep (``benchmarks/privatelora_privacy.py`` fits M from it).
+    can keep (``benchmarks/privatelora_privacy.py`` fits M from it). ``tokens``: the bearer tokens a device must
+    present (none: any device is served).
     """
 
     def __init__(
@@ -97,13 +98,23 @@ class AdapterServer(SessionServer):
         max_sessions: int = 8,
         ssl: SSLContext | None = None,
         tap: Tap | None = None,
+        tokens: Sequence[str] = (),
     ) -> None:
         if split.body is None:
             raise ValueError("an adapter server needs the body (load_split(..., parts=('body',)))")
         self.split, self.layout, self.timeout, self.tap = split, layout, timeout, tap
         self.adapters = CloudAdapters(split.body, layout)
         self.sessions = threading.BoundedSemaphore(max_sessions)
-        super().__init__(self._session, host, port, max_size=MAX_MESSAGE, timeout=timeout, ssl=ssl, name="privatelora")
+        super().__init__(
+            self._session,
+            host,
+            port,
+            max_size=MAX_MESSAGE,
+            timeout=timeout,
+            ssl=ssl,
+            name="privatelora",
+            tokens=tokens,
+        )
         self.served = 0  # sessions that ended, however
         self.active = 0  # sessions in progress
         self._count = threading.Lock()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import time
@@ -25,6 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from lambdasplit.auth import bearer_authorized
 from lambdasplit.errors import CodedError, ConfigError, Refusal
 from lambdasplit.server.settings import ServerSettings
 from lambdasplit.wire import PATH, PROTOCOL, Frame, MessageType, decode_frame, encode_frame
@@ -161,11 +161,7 @@ class FrameServer:
 
     # --- WebSocket --------------------------------------------------------------------------------
     def _authorized(self, header: str | None) -> bool:
-        if not self.settings.tokens:
-            return True
-        given = (header or "").removeprefix("Bearer ").encode()
-        # compare_digest against every token, without short-circuiting, so timing says nothing.
-        return sum(hmac.compare_digest(given, t.encode()) for t in self.settings.tokens) > 0
+        return bearer_authorized(header, self.settings.tokens)
 
     def _over_limit(self, address: str) -> str | None:
         """Why a new connection from ``address`` is refused (the connection caps), or None."""
