@@ -7,11 +7,13 @@ import torch
 from torch import nn
 
 from lambdasplit.config import Runtime
-from lambdasplit.models.packing import ENV, PackedLinear, pack_linears
+from lambdasplit.models.packing import ENV, PackedLinear, onednn_available, pack_linears
 from lambdasplit.models.unsplit import load_unsplit
 from lambdasplit.split import load_split
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+pytestmark = pytest.mark.skipif(
+    not onednn_available(), reason="this PyTorch has no oneDNN linear operators, or LAMBDASPLIT_ONEDNN=0"
+)
 
 
 def test_a_packed_layer_computes_what_linear_computes_and_follows_its_weights() -> None:

@@ -74,10 +74,10 @@ class PackedLinear(nn.Linear):
         state = (w.data_ptr(), w._version) + ((-1, -1) if b is None else (b.data_ptr(), b._version))
         held = self._packed
         if held is None or held[0] is not w or held[1] != state:
-            bias = None if b is None else b.detach()
-            held = self._packed = (w, state, torch.ops.mkldnn._reorder_linear_weight(w.detach()), bias)
-        weight, bias = held[2], held[3]
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            held = self._packed = (w, state, packed, None if b is None else b.detach())
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(rows, held[2], held[3], "none", [], "")
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
