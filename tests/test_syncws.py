@@ -1,9 +1,12 @@
 """``syncws``: the blocking session servers (share servers, PrivateLoRA, CollaFuse) refuse a handshake without one
-of their bearer tokens, and a device's ``connect_session`` says which way it was refused (``auth``)."""
+of their bearer tokens, and a device's ``connect_session`` says which way it was refused (``auth``); a draining
+server refuses newcomers and waits, within its deadline, for the sessions in progress."""
 
 from __future__ import annotations
 
 import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from websockets.sync.server import ServerConnection
@@ -54,3 +57,37 @@ def test_the_header_must_name_a_token_exactly() -> None:
     assert not bearer_authorized("Bearer abcd", ["abc"]) and not bearer_authorized("abc ", ["abc"])
     assert not bearer_authorized(None, ["abc"]) and not bearer_authorized("Bearer ", ["abc"])
     assert bearer_authorized(None, []) and bearer_authorized("Bearer whatever", ())
+
+
+def test_draining_refuses_newcomers_and_waits_for_the_sessions_in_progress() -> None:
+    with server(()) as s, contextlib.ExitStack() as stack:
+        ws = connect_session(
+            s.url, what="the echo server", exposes="nothing", trust=TlsTrust(), timeout=5, max_size=1 << 16,
+            stack=stack,
+        )  # fmt: skip
+        waited = ThreadPoolExecutor(1).submit(s.drain, 10)
+        time.sleep(0.2)
+        assert s.draining and not waited.done()  # the session in progress holds the drain
+        with pytest.raises(RemoteError, match="draining") as refused:
+            session(s.url, None)
+        assert refused.value.code == "draining"
+        ws.send("still served")
+        assert ws.recv(timeout=5) == "still served"  # the handler answers once, then ends its session
+        assert waited.result(timeout=5) == 0
+
+
+def test_a_drain_ends_at_its_deadline_with_the_sessions_left() -> None:
+    def hold(ws: ServerConnection) -> None:
+        with contextlib.suppress(Exception):
+            ws.recv(timeout=5)
+
+    s = SessionServer(hold, "127.0.0.1", 0, max_size=1 << 16, timeout=5, ssl=None, name="hold")
+    with s, contextlib.ExitStack() as stack:
+        connect_session(
+            s.url, what="the hold server", exposes="nothing", trust=TlsTrust(), timeout=5, max_size=1 << 16,
+            stack=stack,
+        )  # fmt: skip
+        time.sleep(0.1)
+        started = time.monotonic()
+        assert s.drain(0.3) == 1
+        assert 0.25 < time.monotonic() - started < 2

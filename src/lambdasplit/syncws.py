@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from ssl import SSLContext
@@ -31,8 +32,10 @@ class SessionServer:
     """``handler(connection)`` for every WebSocket connection to ``host:port``, each in its own thread.
 
     With ``tokens``, a handshake whose ``Authorization`` header names none of them is refused (HTTP 401) before
-    the handler sees it, as the body server refuses it (``auth``). ``start`` serves in a background thread
-    (tests); the command line calls ``serve_forever``.
+    the handler sees it, as the body server refuses it (``auth``). ``drain`` refuses new connections (HTTP 503)
+    and waits, within a deadline, for the sessions in progress to end: a rolling restart loses no device's
+    generation (``serve`` calls it on SIGTERM). ``start`` serves in a background thread (tests); the command line
+    calls ``serve_forever``.
     """
 
     def __init__(
@@ -49,15 +52,19 @@ class SessionServer:
     ) -> None:
         self.tokens = tuple(tokens)
         self.refused = 0  # handshakes refused for their token
+        self.draining = False
+        self._active = 0  # handlers running
+        self._idle = threading.Condition()
+        self._handler = handler
         self.server: Server = serve(
-            handler,
+            self._run,
             host,
             port,
             max_size=max_size,
             compression=None,
             open_timeout=timeout,
             ssl=ssl,
-            process_request=self._check_token if self.tokens else None,
+            process_request=self._check_request,
         )
         self.scheme = "ws" if ssl is None else "wss"
         self._name = name
@@ -74,11 +81,33 @@ class SessionServer:
         host = f"[{host}]" if ":" in host else host
         return f"{self.scheme}://{host}:{port}"
 
-    def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self.draining:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining: this server is restarting\n")
         if bearer_authorized(request.headers.get("Authorization"), self.tokens):
             return None
         self.refused += 1
         return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: bad or missing bearer token\n")
+
+    def _run(self, connection: ServerConnection) -> None:
+        with self._idle:
+            self._active += 1
+        try:
+            self._handler(connection)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def drain(self, seconds: float) -> int:
+        """Refuse new connections from now on (HTTP 503) and wait up to ``seconds`` for the running ones to end;
+        returns how many are still running (``close`` then ends them with 1001, going away)."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        with self._idle:
+            while self._active and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            return self._active
 
     def start(self) -> SessionServer:
         self._thread = threading.Thread(target=self.server.serve_forever, name=self._name, daemon=True)
@@ -175,6 +204,8 @@ def connect_session(
         if e.response.status_code in (401, 403):
             said = "refused the bearer token" if token else "needs a bearer token"
             raise RemoteError(f"{what} at {url} {said} (use --token)", "unauthorized") from None
+        if e.response.status_code == 503:
+            raise RemoteError(f"{what} at {url} is draining (a restart): connect to another one", "draining") from None
         raise WireError(f"cannot reach {what} at {url}: {e}", code="unreachable") from None
     except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
         raise WireError(f"cannot reach {what} at {url}: {e}", code="unreachable") from None

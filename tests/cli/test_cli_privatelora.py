@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 import in_process
-from lambdasplit.privatelora import PrivateAdapters, merge_into
+from lambdasplit.errors import RemoteError
+from lambdasplit.privatelora import AdapterLink, PrivateAdapters, merge_into
 from lambdasplit.server.process import body_server_process
+from lambdasplit.server.run import READY
+from lambdasplit.split import load_split
 
 TEXT = "\n\n".join(
     f"Private note {i}: the quick brown fox {i} jumps over the lazy dog and the cat sleeps on mat {i}."
@@ -84,3 +91,45 @@ def test_privatelora_options_are_checked_before_loading(
         capsys, monkeypatch, "generate", "hi", "--privatelora", str(tmp_path / "m.safetensors")
     )
     assert code != 0 and "--cloud URL" in err
+
+
+def test_sigterm_drains_the_server_then_it_exits(tiny_checkpoint) -> None:
+    """A rolling restart of `serve --privatelora`: on SIGTERM a newcomer is refused (`draining`), the session in
+    progress is still served, and the process exits once it has ended, well before the drain's deadline."""
+    path, _ = tiny_checkpoint("llama")
+    argv = ["serve", "--privatelora", "--model", str(path), "--port", "0", "--drain-seconds", "60"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from lambdasplit.cli import main; main()", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+    try:
+        assert proc.stdout is not None
+        url = next(line for line in proc.stdout if line.startswith(READY)).removeprefix(READY).split()[0]
+        device = load_split(path, "0:5", parts=("head", "tail"), device="cpu", dtype="float32", quiet=True)
+        hidden = device.head(torch.tensor([[4, 5, 6]]))
+        with AdapterLink(url, timeout=30) as link:
+            first = link.forward(hidden, 0)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while True:  # the signal is handled between the server's own steps: wait until it refuses
+                try:
+                    AdapterLink(url, timeout=30).close()
+                except RemoteError as refused:
+                    assert refused.code == "draining"
+                    break
+                assert time.monotonic() < deadline, "the server never started draining"
+                time.sleep(0.1)
+            assert proc.poll() is None  # a session is still open: it waits
+            torch.testing.assert_close(link.forward(hidden, 0, reset=True), first)  # still served, the same
+        started = time.monotonic()
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 20
+        reader.join(10)
+        assert "drained: no session open" in "".join(err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

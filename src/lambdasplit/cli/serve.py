@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -88,7 +90,8 @@ def serve_command(
         float,
         typer.Option(
             help="On SIGTERM (or POST /admin/drain): refuse new devices, tell connected ones to move (GOAWAY), and "
-            "exit once they have left or after this many seconds. 0: exit at once."
+            "exit once they have left or after this many seconds (--share, --privatelora: once their sessions "
+            "have ended). 0: exit at once."
         ),
     ] = _d.drain_seconds,
     max_context: Annotated[int, typer.Option(help="Positions per session's KV cache.")] = _d.max_context,
@@ -444,11 +447,30 @@ def _serve_privatelora(
 
 
 def _serve_until_stopped(server: SessionServer, settings: ServerSettings) -> None:
-    """Print the ready line (with the certificate's fingerprint when there is one), serve until stopped."""
+    """Print the ready line (with the certificate's fingerprint when there is one), serve until stopped.
+
+    The first SIGTERM drains (``SessionServer.drain``: new devices refused, the sessions in progress given up to
+    ``settings.drain_seconds`` to end), then the server stops; a second SIGTERM, or Ctrl-C, stops it at once."""
+
+    def stop() -> None:
+        left = server.drain(settings.drain_seconds)
+        _err.print(f"drained: {left} session(s) still open at the deadline" if left else "drained: no session open")
+        server.server.shutdown()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if server.draining or settings.drain_seconds <= 0:
+            threading.Thread(target=server.server.shutdown, daemon=True).start()
+            return
+        _err.print(f"SIGTERM: draining for up to {settings.drain_seconds:g} s")
+        server.draining = True
+        threading.Thread(target=stop, name="drain", daemon=True).start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     announce(server.url, certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None)
     try:
         server.serve_forever()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.close()
 
 
