@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from lambdasplit.cli.options import device_token
 from lambdasplit.client import CloudClient, connect_device
 from lambdasplit.errors import ConfigError
 from lambdasplit.mpc.device import SecretSharedLink
@@ -50,7 +50,7 @@ def connect_cloud(
     return connect_device(
         cloud,
         model,
-        token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+        token=device_token(token),
         device=device,
         dtype=dtype,
         timeout=timeout,
@@ -89,7 +89,7 @@ def open_shared_link(
     """A session on the two share servers of ``cloud`` ("URL0,URL1"), checked against this device's split.
     ``token`` (else $LAMBDASPLIT_TOKEN): one bearer token for both servers, or "TOKEN0,TOKEN1", one for each."""
     urls = [u.strip() for u in cloud.split(",") if u.strip()]
-    given = token or os.environ.get("LAMBDASPLIT_TOKEN")
+    given = device_token(token)
     tokens = None if not given else given if "," not in given else [t.strip() or None for t in given.split(",")]
     link = SecretSharedLink(urls, timeout=timeout, trust=trust, token=tokens)
     body_layers = split.points.body_end - split.points.head_layers
@@ -125,7 +125,7 @@ def open_adapter_link(
         dtype=wire_dtype,
         timeout=timeout,
         trust=trust,
-        token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+        token=device_token(token),
     )
     try:
         link.check_model(split)

@@ -9,7 +9,6 @@ split ``collafuse`` policy: ``lambdasplit serve --pipeline SERVER/pipeline`` in 
 from __future__ import annotations
 
 import json
-import os
 import ssl
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lambdasplit.cli.cloud import device_trust
-from lambdasplit.cli.options import Device, Insecure, TlsCa, TlsFingerprint
+from lambdasplit.cli.options import (
+    Device,
+    Insecure,
+    ServerTokens,
+    TlsCa,
+    TlsFingerprint,
+    Token,
+    device_token,
+    server_tokens,
+)
 from lambdasplit.errors import ConfigError
 from lambdasplit.tls import is_loopback
 
@@ -59,10 +67,7 @@ def server(
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM) to serve wss://.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
     insecure: Insecure = False,
-    token: Annotated[
-        list[str] | None,
-        typer.Option(help="Accepted bearer token (repeatable). Also read from $LAMBDASPLIT_TOKEN.", show_default=False),
-    ] = None,
+    token: ServerTokens = None,
     join_timeout: Annotated[float, typer.Option(help="Seconds to wait for every client to join.")] = 600.0,
     round_timeout: Annotated[float, typer.Option(help="Seconds a client may take for its batch.")] = 120.0,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Rounds between checkpoints (0: at the end).")] = 100,
@@ -97,7 +102,7 @@ def server(
         round_timeout=round_timeout,
         checkpoint_every=checkpoint_every,
     )
-    tokens = tuple(token or ()) + ((os.environ["LAMBDASPLIT_TOKEN"],) if os.environ.get("LAMBDASPLIT_TOKEN") else ())
+    tokens = server_tokens(token)
     if not is_loopback(host) and not tokens:
         _err.print("[yellow]warning[/]: no --token: anyone who reaches this port can join the training")
     parts = PublicParts.load(pipeline, device=device)
@@ -145,7 +150,7 @@ def client(
     tls_fingerprint: TlsFingerprint = None,
     tls_ca: TlsCa = None,
     insecure: Insecure = False,
-    token: Annotated[str | None, typer.Option(help="Bearer token for the server (or $LAMBDASPLIT_TOKEN).")] = None,
+    token: Token = None,
     device: Device = None,
     progress: ShowProgress = True,
 ) -> None:
@@ -182,7 +187,7 @@ def client(
             timeout=timeout,
             checkpoint_every=checkpoint_every,
             on_round=show,
-            token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+            token=device_token(token),
         )
     figures = {**asdict(result), "cpu_seconds_per_step": result.cpu_seconds_per_step}
     if report is not None:

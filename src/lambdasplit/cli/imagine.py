@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lambdasplit.cli.cloud import device_trust
-from lambdasplit.cli.options import Insecure, TlsFingerprint, Token, quiet_pipeline_loading
+from lambdasplit.cli.options import Insecure, TlsFingerprint, Token, device_token, quiet_pipeline_loading
 from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
 from lambdasplit.errors import ConfigError
 
@@ -137,7 +136,7 @@ def imagine(
     if cloud:
         client = CloudClient(
             cloud,
-            token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+            token=device_token(token),
             fingerprint=unet_fingerprint(unet_config),
             timeout=cloud_timeout,
             trust=device_trust(tls_fingerprint, tls_ca, insecure),

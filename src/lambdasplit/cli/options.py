@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -85,10 +86,28 @@ PadPrompt = Annotated[
 Token = Annotated[
     str | None,
     typer.Option(
-        help="Bearer token for the body server (or $LAMBDASPLIT_TOKEN); with --secret-shared, T0,T1 gives each share "
+        help="Bearer token for the server (or $LAMBDASPLIT_TOKEN); with --secret-shared, T0,T1 gives each share "
         "server its own."
     ),
 ]
+#: The tokens a server accepts: ``server_tokens`` adds $LAMBDASPLIT_TOKEN.
+ServerTokens = Annotated[
+    list[str] | None,
+    typer.Option(help="Accepted bearer token (repeatable). Also read from $LAMBDASPLIT_TOKEN.", show_default=False),
+]
+
+
+def device_token(given: str | None) -> str | None:
+    """The token a device sends: ``--token``, else $LAMBDASPLIT_TOKEN, else none."""
+    return given or os.environ.get("LAMBDASPLIT_TOKEN") or None
+
+
+def server_tokens(given: list[str] | None) -> tuple[str, ...]:
+    """The tokens a server accepts: every ``--token`` and $LAMBDASPLIT_TOKEN (none: it serves anyone)."""
+    env = os.environ.get("LAMBDASPLIT_TOKEN")
+    return tuple(given or ()) + ((env,) if env else ())
+
+
 TlsFingerprint = Annotated[
     str | None,
     typer.Option(

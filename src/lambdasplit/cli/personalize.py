@@ -7,7 +7,6 @@ way); M and its checkpoints are written only to ``--out``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lambdasplit.cli.cloud import device_trust
-from lambdasplit.cli.options import DEFAULTS, CloudTimeout, Insecure, Model, TlsCa, TlsFingerprint, Token
+from lambdasplit.cli.options import (
+    DEFAULTS,
+    CloudTimeout,
+    Insecure,
+    Model,
+    TlsCa,
+    TlsFingerprint,
+    Token,
+    device_token,
+)
 from lambdasplit.developer.data import read_documents, token_blocks
 from lambdasplit.errors import ConfigError
 from lambdasplit.privatelora import AdapterLink, PrivateAdapters, SplitTrainer
@@ -56,8 +64,9 @@ def personalize(
     start = PrivateAdapters.load(adapters) if adapters is not None else None
     trust = device_trust(tls_fingerprint, tls_ca, insecure)
     with _err.status(f"connecting to {cloud}"):
-        token = token or os.environ.get("LAMBDASPLIT_TOKEN")
-        link = AdapterLink(cloud, start, dtype=wire_dtype, timeout=cloud_timeout, trust=trust, token=token)
+        link = AdapterLink(
+            cloud, start, dtype=wire_dtype, timeout=cloud_timeout, trust=trust, token=device_token(token)
+        )
     try:
         layers = link.adapters.layers
         with _err.status(f"loading the head and tail of {model} around layers [{layers[0]}, {layers[-1] + 1})"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import ssl
@@ -15,7 +14,16 @@ import torch
 import typer
 from rich.console import Console
 
-from lambdasplit.cli.options import DEFAULTS, Device, Dtype, Layers, Model, quiet_pipeline_loading
+from lambdasplit.cli.options import (
+    DEFAULTS,
+    Device,
+    Dtype,
+    Layers,
+    Model,
+    ServerTokens,
+    quiet_pipeline_loading,
+    server_tokens,
+)
 from lambdasplit.config import SplitPoints
 from lambdasplit.errors import ConfigError
 from lambdasplit.privacy.bundles import is_bundle, load_server_bodies
@@ -44,10 +52,7 @@ def serve_command(
         ),
     ] = _d.host,
     port: Annotated[int, typer.Option(help="Port (0 picks a free one; the ready line names it).")] = _d.port,
-    token: Annotated[
-        list[str] | None,
-        typer.Option(help="Accepted bearer token (repeatable). Also read from $LAMBDASPLIT_TOKEN.", show_default=False),
-    ] = None,
+    token: ServerTokens = None,
     tls_cert: Annotated[
         Path | None, typer.Option(help="Your own TLS certificate (PEM) instead of the self-signed one; serves wss://.")
     ] = None,
@@ -228,11 +233,10 @@ def serve_command(
     if tls and insecure:
         raise ConfigError("--tls and --insecure contradict each other: pass one")
     mode: TlsMode = "on" if tls else "off" if insecure else "auto"
-    tokens = tuple(token or ()) + ((os.environ["LAMBDASPLIT_TOKEN"],) if os.environ.get("LAMBDASPLIT_TOKEN") else ())
     settings = ServerSettings(
         host=host,
         port=port,
-        tokens=tokens,
+        tokens=server_tokens(token),
         max_sessions=max_sessions,
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,

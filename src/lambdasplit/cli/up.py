@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
@@ -28,6 +27,7 @@ from lambdasplit.cli.options import (
     TlsCa,
     TlsFingerprint,
     Token,
+    device_token,
     quiet_pipeline_loading,
 )
 from lambdasplit.errors import ConfigError
@@ -78,7 +78,7 @@ def image_service(
             unet_config = pipe.unet.config if device_unet else load_unet_config(pipeline)
             client = CloudClient(
                 url,
-                token=token or os.environ.get("LAMBDASPLIT_TOKEN"),
+                token=device_token(token),
                 fingerprint=unet_fingerprint(unet_config),
                 timeout=timeout,
                 trust=trust,
