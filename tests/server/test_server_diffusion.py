@@ -4,6 +4,7 @@ refused with typed errors and the connection keeps serving."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -252,3 +253,25 @@ def test_a_diffusion_server_drains_like_the_llm_server(pipeline_dir, pipe) -> No
             client.ping()  # the device still connected is still served, and has the GOAWAY noted
             assert client.going_away is not None and client.going_away["deadline_s"] == 30
         client.close()
+
+
+def test_the_next_image_reconnects_after_the_server_restarts(pipeline_dir, pipe) -> None:
+    """A diffusion server lost between two images (stopped, then started again on its port): the device's next
+    image opens on a new connection, and equals the unsplit pipeline's (the agent's image link stays usable)."""
+    reference = unsplit(pipe, PROMPT, steps=3, seed=7, guidance=4.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ("--pipeline", str(pipeline_dir), "--port", str(port))
+    split = SplitPipeline(pipe)
+
+    def image(link: RemoteDiffusionLink) -> torch.Tensor:
+        return split.generate(PROMPT, link, policy="paper", steps=3, seed=7, guidance_scale=4.0, **EXACT).image
+
+    with body_server(*args, token="s3cret") as url:
+        client = _client(url, pipe, reconnect_deadline=60)
+        link = RemoteDiffusionLink(client)
+        assert (image(link) - reference).abs().max().item() <= 1e-5
+    with client, body_server(*args, token="s3cret"):
+        assert (image(link) - reference).abs().max().item() <= 1e-5
+        assert client.reconnects == 1

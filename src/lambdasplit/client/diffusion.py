@@ -14,6 +14,9 @@ class RemoteDiffusionLink:
     """One image session at a time on a `CloudClient` connected to ``lambdasplit serve --pipeline ...``.
 
     ``traffic`` counts whole frames each way; ``client.socket_bytes()`` gives the TCP bytes at the socket.
+    A server lost between images (a restart, a crash) is reconnected to when the next image opens, within the
+    client's ``reconnect_deadline`` (any of its URLs; a draining server's GOAWAY moves it as for text). An image
+    whose connection is lost mid-way fails with ``WireError``: its session and steps were on the lost server.
     """
 
     def __init__(self, client: CloudClient) -> None:
@@ -29,7 +32,14 @@ class RemoteDiffusionLink:
 
     def open(self, options: SessionOptions) -> dict[str, Any]:
         before = (self.client.bytes_sent, self.client.bytes_received)
-        reply = self.client.request(Frame.json(MessageType.OPEN, options.to_json()))
+        frame, epoch = Frame.json(MessageType.OPEN, options.to_json()), self.client.epoch
+        try:
+            reply = self.client.request(frame)
+        except RemoteError:
+            raise
+        except WireError:  # the connection was lost since the last image: connect again, then open there
+            self.client.reconnect(epoch)
+            reply = self.client.request(frame)
         self._count(before, frames_up=1, frames_down=1)
         self._handle = reply.session
         return reply.json_body()
