@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,43 @@ def test_bad_options_are_refused_with_a_reason(args: list[str], message: str) ->
     assert result.exit_code != 0
     text = result.output + (str(result.exception) if result.exception else "")
     assert message in text
+
+
+def test_sigterm_stops_the_server_after_its_round_with_a_checkpoint_on_both_sides(tmp_path: Path) -> None:
+    """A preempted training server: SIGTERM mid-training ends both processes cleanly (exit 0), each with a
+    checkpoint at the same round and the way to resume."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from lambdasplit.cli import main; main()", "collafuse", "server", "--clients", "1",
+         "--rounds", "1000", "--batch", "4", "--cut-ratio", "0.5", "--port", "0", "--out", str(tmp_path / "server"),
+         "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    client: subprocess.Popen[str] | None = None
+    try:
+        assert server.stdout is not None
+        url = next(line for line in server.stdout if line.startswith(READY)).removeprefix(READY).split()[0]
+        client = subprocess.Popen(
+            [sys.executable, "-c", "from lambdasplit.cli import main; main()", "collafuse", "client", "--server", url,
+             "--client", "0", "--clients", "1", "--images", "8", "--out", str(tmp_path / "client"),
+             "--checkpoint-every", "2", "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "client" / "state.json").is_file():  # two rounds done
+            assert time.monotonic() < deadline and client.poll() is None, "the client never reached round 2"
+            time.sleep(0.2)
+        server.send_signal(signal.SIGTERM)
+        _, server_err = server.communicate(timeout=120)
+        _, client_err = client.communicate(timeout=120)
+    finally:
+        for proc in (server, client):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert server.returncode == 0, server_err[-3000:]
+    assert client.returncode == 0, client_err[-3000:]
+    reached = json.loads((tmp_path / "server" / "state.json").read_text())["round"]
+    assert 2 <= reached < 1000
+    assert json.loads((tmp_path / "client" / "state.json").read_text())["round"] == reached
+    assert f"stopped after {reached} of 1000 rounds" in server_err and "--resume" in server_err
+    assert f"the server stopped after {reached} rounds" in client_err

@@ -17,7 +17,7 @@ from lambdasplit.bench.relay import CountingRelay
 from lambdasplit.collafuse.client import ClientReport, CollaFuseClient
 from lambdasplit.collafuse.data import client_images
 from lambdasplit.collafuse.model import PublicParts
-from lambdasplit.collafuse.server import CollaFuseServer, ServerReport, ServerSettings
+from lambdasplit.collafuse.server import CollaFuseServer, RoundLog, ServerReport, ServerSettings
 
 TIMEOUT = 30.0  # every wait: a failure surfaces within this, not as a hang
 
@@ -54,9 +54,11 @@ def run_deployment(
     rogues: tuple[Callable[[str], None], ...] = (),
     resume: bool = False,
     client_parts: PublicParts | None = None,
+    stop_after: int | None = None,
 ) -> Deployment:
     """A server and ``clients`` `CollaFuseClient` threads over a counting relay that keeps every byte; each of
-    ``rogues(url)`` runs in one more thread (the server must then expect ``clients + len(rogues)``)."""
+    ``rogues(url)`` runs in one more thread (the server must then expect ``clients + len(rogues)``).
+    ``stop_after``: the server is told to stop (as on SIGTERM) once it has trained that many rounds."""
     seen: list[tuple[str, Any]] = []
     with (
         CollaFuseServer(
@@ -90,7 +92,12 @@ def run_deployment(
         threads += [threading.Thread(target=rogue, args=(relay.url(),), daemon=True) for rogue in rogues]
         for thread in threads:
             thread.start()
-        report = server.train()
+
+        def stop_when_due(log: RoundLog) -> None:
+            if stop_after is not None and log.round + 1 >= stop_after:
+                server.stop("told to by the test")
+
+        report = server.train(stop_when_due)
         for thread in threads:
             thread.join(TIMEOUT)
         return Deployment(report, reports, relay, errors, seen)

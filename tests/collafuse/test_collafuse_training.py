@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,9 @@ from lambdasplit.collafuse.evaluate import inverted
 from lambdasplit.collafuse.metrics import nearest_mse
 from lambdasplit.collafuse.model import PublicParts, handoff_timestep
 from lambdasplit.collafuse.sampling import sample
-from lambdasplit.collafuse.server import ServerSettings
+from lambdasplit.collafuse.server import CollaFuseServer, ServerSettings
 from lambdasplit.diffusion.pipeline import load_pipeline
-from lambdasplit.errors import ConfigError
+from lambdasplit.errors import ConfigError, SessionError
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +130,40 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(parts: PublicParts, 
         a = UNet2DConditionModel.from_pretrained(straight / side / "unet").state_dict()
         b = UNet2DConditionModel.from_pretrained(split / side / "unet").state_dict()
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), side
+
+
+def test_a_stopped_run_checkpoints_every_side_and_resumes_to_the_same_weights(
+    parts: PublicParts, tmp_path: Path
+) -> None:
+    """``stop()`` (SIGTERM on the CLI's server) mid-training: the round in progress is trained, every side saves a
+    checkpoint at the round reached, and a resumed run ends with the weights of an uninterrupted one."""
+    settings = ServerSettings(clients=2, cut_ratio=0.5, rounds=5, batch=4)
+    straight = tmp_path / "straight"
+    run_deployment(parts, settings, clients=2, out=straight)
+    split = tmp_path / "split"
+    stopped = run_deployment(parts, settings, clients=2, out=split, stop_after=1)
+    reached = stopped.server.stopped
+    assert not stopped.errors and reached is not None and 1 < reached < settings.rounds, reached
+    assert [r.round for r in stopped.server.rounds] == list(range(reached))  # every round triggered was trained
+    assert {r.stopped for r in stopped.clients.values()} == {reached} and len(stopped.clients) == 2
+    for side in ("server", "client-0", "client-1"):
+        assert json.loads((split / side / "state.json").read_text())["round"] == reached, side
+    resumed = run_deployment(parts, settings, clients=2, out=split, resume=True)
+    assert resumed.server.stopped is None and [r.round for r in resumed.server.rounds] == list(range(reached, 5))
+    for side in ("server", "client-0", "client-1"):
+        a = UNet2DConditionModel.from_pretrained(straight / side / "unet").state_dict()
+        b = UNet2DConditionModel.from_pretrained(split / side / "unet").state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), side
+
+
+def test_a_server_stopped_before_every_client_joined_says_so(parts: PublicParts) -> None:
+    settings = ServerSettings(clients=2, cut_ratio=0.5, rounds=2, batch=4, join_timeout=60)
+    with CollaFuseServer(parts, settings) as server:
+        threading.Timer(0.5, server.stop, args=("SIGTERM",)).start()
+        started = time.monotonic()
+        with pytest.raises(SessionError, match="SIGTERM before every client joined") as caught:
+            server.train()
+    assert caught.value.code == "stopped" and time.monotonic() - started < 10
 
 
 @pytest.mark.cuda

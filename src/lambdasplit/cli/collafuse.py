@@ -9,10 +9,13 @@ split ``collafuse`` policy: ``lambdasplit serve --pipeline SERVER/pipeline`` in 
 from __future__ import annotations
 
 import json
+import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -31,6 +34,9 @@ from lambdasplit.cli.options import (
 )
 from lambdasplit.errors import ConfigError
 from lambdasplit.tls import is_loopback
+
+if TYPE_CHECKING:
+    from lambdasplit.collafuse.server import CollaFuseServer, RoundLog, ServerReport
 
 app = typer.Typer(help="CollaFuse: train a split diffusion model with several clients whose images stay home.")
 _err = Console(stderr=True, highlight=False)
@@ -119,13 +125,41 @@ def server(
                 text = f"server · loss {loss:.4f}" if loss is not None else "server · no rows"
                 bar.update(task, advance=1, description=f"{text} · {getattr(log, 'clients', 0)} client(s)")
 
-            report = trainer.train(show)
+            report = _train_until_stopped(trainer, show)
     rows = sum(r.rows for r in report.rounds)
     dropped = ", ".join(f"{k} ({v})" for k, v in report.dropped.items()) or "none"
     _err.print(
         f"{len(report.rounds)} rounds, {rows:,} rows trained on (t > {trainer.handoff}), "
         f"{report.cpu_seconds:.0f} CPU s of training · dropped: {dropped}\n"
-        f"inference: lambdasplit serve --pipeline {out / 'pipeline'}"
+        + (_stopped_note(report.stopped, out, of=rounds) if report.stopped is not None else "")
+        + f"inference: lambdasplit serve --pipeline {out / 'pipeline'}"
+    )
+
+
+def _train_until_stopped(trainer: CollaFuseServer, show: Callable[[RoundLog], None]) -> ServerReport:
+    """``trainer.train(show)``; the first SIGTERM stops it after the round in progress, with a checkpoint on every
+    side (``CollaFuseServer.stop``); a second one stops at once (as Ctrl-C does), back to the last checkpoint."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if trainer.stopping and callable(previous):
+            previous(signum, frame)  # lifetime's: SystemExit in the main thread
+            return
+        _err.print("SIGTERM: stopping after the round in progress, with a checkpoint (SIGTERM again: at once)")
+        trainer.stop("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return trainer.train(show)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_note(reached: int, out: Path, of: int | None = None) -> str:
+    rounds = f"{reached} of {of}" if of is not None else f"{reached}"
+    return (
+        f"stopped after {rounds} rounds: checkpoint in {out}; the same commands with --resume on the server and "
+        "every client continue from there\n"
     )
 
 
@@ -196,6 +230,7 @@ def client(
     _err.print(
         f"{result.rounds} rounds · {result.rows_sent:,} rows sent (t > {result.handoff}), {result.rows_local:,} "
         f"trained here · {result.bytes_sent:,} B sent · {result.cpu_seconds_per_step:.3f} CPU s per round\n"
-        f"inference: lambdasplit imagine PROMPT --pipeline {out / 'pipeline'} --policy collafuse "
+        + (f"the server {_stopped_note(result.stopped, out)}" if result.stopped is not None else "")
+        + f"inference: lambdasplit imagine PROMPT --pipeline {out / 'pipeline'} --policy collafuse "
         f"--cut-ratio {result.cut_ratio} --cloud URL"
     )

@@ -40,6 +40,7 @@ class ClientReport:
     round_cpu_seconds: float  # CPU seconds of whole rounds (encode, noise, send, train)
     cut_ratio: float
     handoff: int
+    stopped: int | None = None  # the server stopped early, with this many rounds done (checkpointed here too)
 
     @property
     def cpu_seconds_per_step(self) -> float:
@@ -91,7 +92,8 @@ class CollaFuseClient:
         on_round: Callable[[int, int, float | None], None] | None = None,
         token: str | None = None,
     ) -> ClientReport:
-        """Train with the server at ``url`` until it says done; ``timeout``: the longest wait for a round;
+        """Train with the server at ``url`` until it says done, or stopped (SIGTERM on the server: this client saves
+        its checkpoint at the round reached, ``report.stopped``); ``timeout``: the longest wait for a round;
         ``token``: the server's bearer token."""
         with contextlib.ExitStack() as stack:
             ws = connect_session(
@@ -136,8 +138,8 @@ class CollaFuseClient:
             batch = int(welcome["batch"])
             report = ClientReport(self.name, 0, 0, 0, 0, 0, 0.0, 0.0, cut_ratio, handoff)
             while True:
-                message = receive("round", "done")
-                if message["type"] == "done":
+                message = receive("round", "done", "stopped")
+                if message["type"] != "round":  # done; or stopped after the round this client last sent
                     break
                 r = int(message["round"])
                 start = time.process_time()
@@ -154,7 +156,9 @@ class CollaFuseClient:
                     self.save(r + 1, cut_ratio)
             report.bytes_sent, report.bytes_received = sent, received
             report.training_cpu_seconds = self.learner.cpu_seconds
-            self.save(total, cut_ratio)
+            if message["type"] == "stopped":  # a run with --resume continues from this round
+                report.stopped = int(message["round"])
+            self.save(total if report.stopped is None else report.stopped, cut_ratio)
             return report
 
     def _round(

@@ -5,6 +5,7 @@
     server -> client  {"type": "round", "round", "loss"}            (the server triggers each round)
     client -> server  safetensors {x_t, noise, t, context}, metadata {"round": r}: its rows with t > t_c only
     server -> client  {"type": "done", "rounds"}  or  {"type": "error", "code", "message"}
+    server -> client  {"type": "stopped", "round", "reason"}   (stopped early: every side checkpoints at round)
 
 The batch is a safetensors file (no pickle; the server reads nothing but tensors and one metadata field). The
 server checks every tensor before it trains: names, dtypes, shapes, the round, and that each t > t_c.

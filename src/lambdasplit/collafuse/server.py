@@ -5,7 +5,10 @@ images and sends the rows whose timestep is above t_c (x_t, the noise, t and the
 takes one optimiser step on all clients' rows together. A client whose batch is bad (a timestep at or below t_c,
 another latent size, a malformed frame), that goes silent or that leaves is told why (when it can still hear) and
 dropped; the round goes on with the others. Checkpoints go to ``out`` every ``checkpoint_every`` rounds and at
-the end, with an exported pipeline (``out/pipeline``) for ``lambdasplit serve``.
+the end, with an exported pipeline (``out/pipeline``) for ``lambdasplit serve``. ``stop()`` (the CLI calls it on
+SIGTERM) ends training after the round in progress: the server trains on it, checkpoints, and tells every client
+``stopped`` with the round reached, where each client checkpoints too, so a run with ``--resume`` on every side
+continues from there and nothing trained is lost.
 """
 
 from __future__ import annotations
@@ -77,13 +80,15 @@ class ServerReport:
     dropped: dict[str, str]  # client -> the error code it was dropped with
     timesteps: list[int]  # every t the server trained on (the tests check t > t_c)
     cpu_seconds: float
+    stopped: int | None = None  # stopped early (``stop()``) with this many rounds done and checkpointed
 
 
 class CollaFuseServer:
     """Coordinates ``settings.clients`` clients over WebSockets and trains the server's U-Net.
 
     ``start()`` listens (tests use ``url``); ``train()`` waits for the clients, runs the rounds and returns a
-    `ServerReport`. ``on_round(log)`` is called after every round (the progress bar).
+    `ServerReport`. ``on_round(log)`` is called after every round (the progress bar). ``stop()`` ends the training
+    after the round in progress (see the module's doc).
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class CollaFuseServer:
         self._lock = threading.Lock()
         self._joined = threading.Condition(self._lock)
         self._started = False
+        self._stopping: str | None = None  # why ``stop()`` was called
         self._server = SessionServer(
             self._handle,
             host,
@@ -145,6 +151,22 @@ class CollaFuseServer:
         for member in members:
             member.gone.set()
         self._server.close()
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End ``train()`` after the round in progress, with a checkpoint on every side; before every client joined,
+        ``train()`` raises ``SessionError`` (code ``stopped``). Safe to call from a signal handler: it takes no lock
+        (a thread wakes the wait for clients)."""
+        self._stopping = reason
+
+        def wake() -> None:
+            with self._joined:
+                self._joined.notify_all()
+
+        threading.Thread(target=wake, name="collafuse-stop", daemon=True).start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None
 
     def __enter__(self) -> CollaFuseServer:
         return self.start()
@@ -217,6 +239,8 @@ class CollaFuseServer:
         # share of round r meanwhile (their batches never depend on the server's weights).
         pending: tuple[int, list[tuple[Batch, int]], float] | None = None
         for r in range(self.first_round, settings.rounds):
+            if self._stopping is not None:  # round r is not started: train on r - 1, checkpoint r, tell everyone
+                return self._stop_at(r, members, pending, report, on_round)
             started = time.perf_counter()
             last = report.rounds[-1].loss if report.rounds else None
             for member in list(members):
@@ -234,6 +258,26 @@ class CollaFuseServer:
             member.gone.set()
         report.cpu_seconds = self.learner.cpu_seconds
         self.save(settings.rounds)
+        return report
+
+    def _stop_at(
+        self,
+        r: int,
+        members: list[_Member],
+        pending: tuple[int, list[tuple[Batch, int]], float] | None,
+        report: ServerReport,
+        on_round: Callable[[RoundLog], None] | None,
+    ) -> ServerReport:
+        """``stop()`` before round ``r``: the clients have done round r - 1 and wait; the server trains on it, saves
+        its checkpoint at ``r`` and tells them (each saves its own at ``r``)."""
+        if pending is not None:
+            self._finish(*pending, report, on_round)
+        self.save(r)
+        for member in list(members):
+            self._send(members, member, control("stopped", round=r, reason=self._stopping), report)
+            member.gone.set()
+        report.cpu_seconds, report.stopped = self.learner.cpu_seconds, r
+        log.warning("stopped after %d of %d rounds (%s)", r, self.settings.rounds, self._stopping)
         return report
 
     def _finish(
@@ -260,6 +304,12 @@ class CollaFuseServer:
         deadline = time.monotonic() + self.settings.join_timeout
         with self._joined:
             while len(self._members) < self.settings.clients:
+                if self._stopping is not None:
+                    raise SessionError(
+                        f"{self._stopping} before every client joined ({len(self._members)} of "
+                        f"{self.settings.clients}): nothing trained",
+                        "stopped",
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise SessionError(
