@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lambdasplit.config import Runtime
+from lambdasplit.models import packing
 from lambdasplit.models.packing import ENV, PackedLinear, onednn_available, pack_linears
 from lambdasplit.models.unsplit import load_unsplit
 from lambdasplit.split import load_split
@@ -63,3 +64,21 @@ def test_split_parts_are_packed_on_a_cpu_and_can_be_left_alone(tiny_checkpoint, 
         reference = ref(ids).logits[:, -1:]  # transformers' own model, unpacked (the tail keeps the last row)
     torch.testing.assert_close(packed, unpacked, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_whose_packed_copy_would_not_fit_stays_on_linear(tiny_checkpoint, monkeypatch) -> None:
+    """The packed copy doubles the linear weights' memory: where it would not fit (here: a machine of 256 KB, of
+    which a quarter may hold copies; each part's linear weights take 120-330 KB in float32) the parts keep
+    ``F.linear``, unless LAMBDASPLIT_ONEDNN=1 insists."""
+    path, _ = tiny_checkpoint("llama")
+    monkeypatch.setattr(packing, "memory_bytes", lambda: (256 << 10, 256 << 10))
+    assert not packing.fits_in_memory(65 << 10) and packing.fits_in_memory(64 << 10)
+    lean = load_split(path, "1:3", device="cpu", dtype="float32")
+    assert not any(isinstance(m, PackedLinear) for part in (lean.head, lean.body, lean.tail) for m in part.modules())
+    monkeypatch.setenv(ENV, "1")
+    forced = load_split(path, "1:3", device="cpu", dtype="float32")
+    assert any(isinstance(m, PackedLinear) for m in forced.body.modules())
+    monkeypatch.setattr(packing, "memory_bytes", lambda: (None, None))  # unknown: packed, as before
+    monkeypatch.delenv(ENV)
+    unknown = load_split(path, "1:3", device="cpu", dtype="float32")
+    assert any(isinstance(m, PackedLinear) for m in unknown.body.modules())

@@ -22,22 +22,29 @@ with gradients off (inference: the only place it pays and the only one checked),
 there it runs oneDNN on a copy of the weights in oneDNN's layout, made at the first such call and made again
 whenever the weight changes (a new tensor, or an in-place change: its version counter), so an adapter merged into
 the weights or a transformed checkpoint is never served stale. The copy costs the linear weights' size once more
-in memory (about 540 MB for SmolLM2-135M in float32; the device's head and tail alone about 170 MB).
-``LAMBDASPLIT_ONEDNN=0`` turns it off.
+in memory (about 540 MB for SmolLM2-135M in float32; the device's head and tail alone about 170 MB). So a module
+is packed only where that copy fits: at most a quarter of the machine's memory and half of what is available when
+it loads (``fits_in_memory``; a 7B model in float32, 26 GB of linear weights, stays on ``F.linear`` on a 64 GB
+server instead of running out of memory at its first prefill). ``LAMBDASPLIT_ONEDNN=0`` turns packing off,
+``LAMBDASPLIT_ONEDNN=1`` packs whatever the memory.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Set to "0" to keep every linear layer on ``F.linear``.
+#: Set to "0" to keep every linear layer on ``F.linear``, "1" to pack whatever the memory.
 ENV = "LAMBDASPLIT_ONEDNN"
 #: Products of fewer rows stay on ``F.linear`` (see the module's doc: one row is where MKL does well).
 MIN_ROWS = 2
+
+_log = logging.getLogger(__name__)
 
 
 def onednn_available() -> bool:
@@ -83,12 +90,39 @@ class PackedLinear(nn.Linear):
 
 def pack_linears(module: nn.Module) -> int:
     """Make every ``nn.Linear`` in ``module`` a ``PackedLinear`` (subclasses of it are left alone: their forward
-    is their own); returns how many. A no-op where oneDNN is not available or ``LAMBDASPLIT_ONEDNN=0``."""
+    is their own); returns how many. A no-op where oneDNN is not available, ``LAMBDASPLIT_ONEDNN=0``, or the
+    packed copies would not fit in memory (``fits_in_memory``; ``LAMBDASPLIT_ONEDNN=1`` packs anyway)."""
     if not onednn_available():
         return 0
-    count = 0
-    for layer in module.modules():
-        if type(layer) is nn.Linear:
-            layer.__class__ = PackedLinear
-            count += 1
-    return count
+    layers = [layer for layer in module.modules() if type(layer) is nn.Linear]
+    copy = sum(layer.weight.numel() * 4 for layer in layers)  # the float32 packed weights, made at first use
+    if os.environ.get(ENV) != "1" and not fits_in_memory(copy):
+        _log.info("linear layers left on F.linear: their packed copy (%.1f GB) would not fit in memory", copy / 1e9)
+        return 0
+    for layer in layers:
+        layer.__class__ = PackedLinear
+    return len(layers)
+
+
+def fits_in_memory(copy_bytes: int) -> bool:
+    """Whether ``copy_bytes`` more fit: at most a quarter of this machine's memory and half of what is available
+    now (Linux's MemAvailable; elsewhere the free pages). True where neither can be read."""
+    total, available = memory_bytes()
+    if total is None:
+        return True
+    return copy_bytes <= min(total // 4, (available if available is not None else total) // 2)
+
+
+def memory_bytes() -> tuple[int | None, int | None]:
+    """(this machine's memory, what is available now) in bytes, None where unknown."""
+    try:
+        lines = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        return int(fields["MemTotal"].split()[0]) * 1024, int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None, None
