@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,3 +45,9 @@ def in_threads(work: Callable[[int], T], n: int, timeout: float = 180) -> list[T
 
 def http_url(ws_url: str, path: str) -> str:
     return ws_url.replace("ws://", "http://").replace("wss://", "https://").removesuffix("/v1/split") + path
+
+
+def proc_kill(port: int) -> None:
+    """SIGKILL the process listening on ``port`` (no clean shutdown: a crash)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    os.kill(int(out.split("pid=")[1].split(",")[0]), signal.SIGKILL)

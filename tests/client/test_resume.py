@@ -4,10 +4,7 @@ another URL. The device replays what it has sent and the output is token-identic
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +19,7 @@ from lambdasplit.generation import LocalBodyLink, SplitDecoder, generate, stream
 from lambdasplit.server.process import lambdasplit_process
 from lambdasplit.server.run import READY
 from lambdasplit.split import load_split
-from servers import body_server
+from servers import body_server, proc_kill
 from tiny_models import NUM_LAYERS
 
 LAYERS = f"1:{NUM_LAYERS - 1}"
@@ -83,12 +80,6 @@ def test_server_killed_and_restarted_mid_generation_gives_the_same_tokens(tiny_c
         restart()
         again = generate(split, PROMPT, max_new_tokens=NEW, ignore_eos=True, link=client.open_session("float32"))
         assert again.token_ids == tokens and client.reconnects == 2
-
-
-def proc_kill(port: int) -> None:
-    """SIGKILL the process listening on ``port`` (no clean shutdown: a crash)."""
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
-    os.kill(int(out.split("pid=")[1].split(",")[0]), signal.SIGKILL)
 
 
 def test_fails_over_to_the_next_url_when_the_first_server_dies(tiny_checkpoint, llama_server) -> None:

@@ -7,8 +7,10 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from lambdasplit.diffusion import SessionOptions, SplitPipeline, load_pipeline
 from lambdasplit.diffusion.pipeline import unet_fingerprint
 from lambdasplit.errors import ConfigError, RemoteError
 from lambdasplit.wire import Frame, MessageType, tensor_frame
-from servers import body_server, http_url
+from servers import body_server, http_url, proc_kill
 from tiny_pipelines import tiny_sd_pipeline, unsplit
 
 PROMPT = "a yellow triangle in the center on a black background"
@@ -275,3 +277,40 @@ def test_the_next_image_reconnects_after_the_server_restarts(pipeline_dir, pipe)
     with client, body_server(*args, token="s3cret"):
         assert (image(link) - reference).abs().max().item() <= 1e-5
         assert client.reconnects == 1
+
+
+def test_an_agent_image_lost_mid_way_starts_again_on_a_restarted_server(pipeline_dir, pipe) -> None:
+    """The diffusion server crashes (SIGKILL) at an image's third step and comes back on its port: the agent's
+    image service starts the image again on a new connection and returns the image the seed gives."""
+    from lambdasplit.agent.images import ImageService
+    from lambdasplit.agent.schema import ImageRequest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ("--pipeline", str(pipeline_dir), "--port", str(port))
+    request = ImageRequest(prompt=PROMPT, steps=6, seed=3)
+    events: list[dict] = []
+    restarted: list[threading.Thread] = []
+
+    with ExitStack() as stack:
+        url = stack.enter_context(body_server(*args, token="s3cret"))
+        client = stack.enter_context(_client(url, pipe, reconnect_deadline=120))
+        service = ImageService(SplitPipeline(pipe), RemoteDiffusionLink(client), "tiny-sd", url)
+
+        class Feed:  # the agent's NetworkFeed, as far as the service uses it: crashes the server at step 3
+            def publish(self, event: dict) -> None:
+                events.append(event)
+                if event["type"] == "image_step" and event["step"] == 3 and not restarted:
+                    proc_kill(port)
+                    restart = threading.Thread(target=lambda: stack.enter_context(body_server(*args, token="s3cret")))
+                    restarted.append(restart)
+                    restart.start()
+
+        made = service.generate(request, "req-1", Feed())  # type: ignore[arg-type]
+        restarted[0].join(120)
+        kinds = [e["type"] for e in events]
+        assert kinds.count("image_restart") == 1 and client.reconnects == 1
+        assert kinds.index("image_restart") < kinds.index("image_done")
+        again = service.generate(request, "req-2", Feed())  # type: ignore[arg-type]
+    assert torch.equal(made.image.image, again.image.image) and made.png == again.png

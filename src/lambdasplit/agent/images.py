@@ -4,7 +4,9 @@ The device holds the text encoder, the initial noise, the scheduler and the VAE 
 runs the U-Net through a `RemoteDiffusionLink`, one image at a time. While an image is made, every step goes to
 the network feed as an ``image_step`` event: its bytes each way and what came down from the cloud as a picture
 (the noise prediction under the paper's policy, clipped to +-3 as in the Λ-Split paper's Fig. 5(b)); every N
-steps the caller gets a preview decoded by the device's VAE.
+steps the caller gets a preview decoded by the device's VAE. An image whose connection to the diffusion server is
+lost mid-way starts again once on a new connection (``image_restart`` in the feed): its steps were on the lost
+server, and the seed gives the same image.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lambdasplit.agent.feed import NetworkFeed
 from lambdasplit.agent.schema import ImageRequest
 from lambdasplit.diffusion.pictures import picture, png, wire_picture
+from lambdasplit.errors import RemoteError, WireError
 
 if TYPE_CHECKING:  # diffusers loads only with an image model
     from lambdasplit.diffusion.device import DenoiseStep, Link, SplitImage, SplitPipeline
@@ -79,9 +82,9 @@ class ImageService:
     ) -> MadeImage:
         every = request.every()
         traffic = getattr(self.link, "traffic", None)
-        before = (traffic.bytes_up, traffic.bytes_down) if traffic else (0, 0)
+        before = (0, 0)  # the link's bytes when this attempt started
         inputs_reported = False
-        reported = [0, 0]  # bytes up and down published so far
+        reported = [0, 0]  # bytes up and down published so far (this attempt)
 
         def watch(step: DenoiseStep) -> None:
             nonlocal inputs_reported
@@ -111,19 +114,30 @@ class ImageService:
             if on_preview is not None and every and step.done % every == 0 and step.done < step.total:
                 on_preview(Preview(step.done, step.total, png(picture(self.pipeline.preview(step.latents)))))
 
-        image = self.pipeline.generate(
-            request.prompt,
-            self.link,
-            policy=request.policy,
-            steps=request.steps,
-            seed=request.seed,
-            guidance_scale=request.guidance_scale,
-            negative_prompt=request.negative_prompt,
-            wire_dtype=request.wire_dtype,
-            blocks=request.blocks,
-            cut_ratio=request.cut_ratio,
-            on_denoise=watch,
-        )
+        for attempt in (1, 2):
+            before = (traffic.bytes_up, traffic.bytes_down) if traffic else (0, 0)
+            inputs_reported, reported[:] = False, [0, 0]
+            try:
+                image = self.pipeline.generate(
+                    request.prompt,
+                    self.link,
+                    policy=request.policy,
+                    steps=request.steps,
+                    seed=request.seed,
+                    guidance_scale=request.guidance_scale,
+                    negative_prompt=request.negative_prompt,
+                    wire_dtype=request.wire_dtype,
+                    blocks=request.blocks,
+                    cut_ratio=request.cut_ratio,
+                    on_denoise=watch,
+                )
+                break
+            except RemoteError:
+                raise  # the server answered (a refusal): the same request would be refused again
+            except WireError as lost:  # the connection: the next attempt's OPEN reconnects (RemoteDiffusionLink)
+                if attempt == 2:
+                    raise
+                feed.publish({"type": "image_restart", "request": request_id, "reason": str(lost)})
         t = image.traffic
         if traffic is not None:  # closing the session: CLOSE up, CLOSED down
             up, down = traffic.bytes_up - before[0] - reported[0], traffic.bytes_down - before[1] - reported[1]
