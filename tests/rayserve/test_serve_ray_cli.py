@@ -3,6 +3,11 @@ and what ``deploy`` refuses."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from lambdasplit.client import connect_device
@@ -87,3 +92,14 @@ def test_the_serve_config_and_the_kuberay_manifest_in_the_docs_build_the_applica
         assert getattr(importlib.import_module(module), name) is app
         built = app(application.args)
         assert built._bound_deployment.max_ongoing_requests == application.args.get("max_sessions", 64)
+
+
+def test_a_port_in_use_is_refused_clearly_and_port_0_takes_another() -> None:
+    """Serve's proxy needs a fixed port: on one in use it says so (not Ray's traceback); with port 0 a free port
+    is picked, and another when a process takes it first (the race ``serve --ray --port 0`` had)."""
+    script = Path(__file__).with_name("proxy_ports.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert f"could not listen on 127.0.0.1:{result['taken']}: the port is in use" in result["explicit"]
+    assert result["chosen"] != result["taken"] and result["listening"] is True

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import signal
-import socket
 import ssl
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -350,20 +348,12 @@ def _serve_ray(
 ) -> None:
     from lambdasplit.rayserve import ReplicaSpec, serve_on_ray
 
-    if settings.port == 0:  # Serve's proxy needs a fixed port: take a free one now
-        settings = replace(settings, port=free_port(settings.host))
     what = f"{scaling.replicas} replica(s)" if scaling.replicas else f"{scaling.min_replicas}:{scaling.max_replicas}"
     what += f", each on stage actors {stages}" if stages is not None else ""
     _err.print(f"deploying the body of {model} (layers {layers}) on Ray Serve ({address}): {what}")
     fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
     spec = ReplicaSpec(str(model), layers, settings, device, dtype, stages)
     serve_on_ray(spec, scaling, address, lambda url: announce(url, fingerprint))
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _serve_pipeline(pipeline: str, settings: ServerSettings, device: str | None, dtype: str | None) -> None:

@@ -10,6 +10,7 @@ the replicas run the body server's app behind it.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +18,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import RayTaskError
 
 from lambdasplit.errors import ConfigError
 from lambdasplit.rayserve.deployment import APP_NAME, ReplicaSpec, Scaling, body_application
@@ -48,15 +50,47 @@ def deploy(spec: ReplicaSpec, scaling: Scaling, *, proxy_location: str = "HeadOn
     ``proxy_location``: "HeadOnly" (one proxy, on the head node) or "EveryNode" (a proxy on every node with a
     replica, for a load balancer in front; on one machine the proxies would fight over the port).
     """
-    settings = spec.settings.with_certificate()
+    settings = _start_proxy(spec.settings.with_certificate(), proxy_location)
     spec = replace(spec, settings=settings)
-    wanted = http_options(settings)
-    serve.start(proxy_location=proxy_location, http_options=wanted)
-    _check_proxy(wanted)
     serve.run(body_application(spec, scaling), name=APP_NAME, route_prefix="/", blocking=False)
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     return f"{settings.scheme}://{host}:{settings.port}{PATH}"
+
+
+#: How many free ports ``port=0`` tries: another process may take the one picked before Serve's proxy binds it.
+PORT_ATTEMPTS = 3
+
+
+def _start_proxy(settings: ServerSettings, proxy_location: str) -> ServerSettings:
+    """Start Serve's proxy on ``settings``' host and port, and return the settings with the port it listens on.
+    Port 0: a free port picked here (Serve needs a fixed one), and another if a process took it before the proxy
+    bound it. A port in use is a ``ConfigError`` that says so, not Ray's traceback."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        chosen = settings if settings.port else replace(settings, port=free_port(settings.host))
+        wanted = http_options(chosen)
+        try:
+            serve.start(proxy_location=proxy_location, http_options=wanted)
+        except RayTaskError as exc:
+            if "Failed to bind" not in str(exc):
+                raise
+            serve.shutdown()  # the controller this start made: Serve starts afresh on the next port
+            if settings.port == 0 and attempt < PORT_ATTEMPTS:
+                continue
+            raise ConfigError(
+                f"Serve's proxy could not listen on {chosen.host}:{chosen.port}: the port is in use "
+                "(pass another --port, or 0 for a free one)"
+            ) from None
+        _check_proxy(wanted)
+        return chosen
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on at ``host`` now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _check_proxy(wanted: dict[str, Any]) -> None:
