@@ -15,11 +15,11 @@ from diffusers import UNet2DConditionModel
 from lambdasplit.collafuse.data import client_images
 from lambdasplit.collafuse.evaluate import inverted
 from lambdasplit.collafuse.metrics import nearest_mse
-from lambdasplit.collafuse.model import PublicParts, handoff_timestep
+from lambdasplit.collafuse.model import Learner, PublicParts, handoff_timestep
 from lambdasplit.collafuse.sampling import sample
 from lambdasplit.collafuse.server import CollaFuseServer, ServerSettings
 from lambdasplit.diffusion.pipeline import load_pipeline
-from lambdasplit.errors import ConfigError, SessionError
+from lambdasplit.errors import ConfigError, ModelLoadError, SessionError
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +181,17 @@ def test_a_cuda_server_trains_with_a_cpu_client_and_samples_on_cuda(tmp_path: Pa
     on_cpu = sample(server.cpu(), client.cpu(), 0.5, contexts, cpu.latent_shape, steps=6,
                     generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert (on_gpu.latents - on_cpu.latents).abs().max() < 1e-3
+
+
+def test_a_checkpoint_left_half_written_is_refused_not_restarted(parts: PublicParts, tmp_path: Path) -> None:
+    """A process killed while saving leaves no state.json beside new weights: --resume refuses (it would otherwise
+    start again from round 0 and overwrite the folder), and a whole checkpoint resumes."""
+    settings = ServerSettings(clients=1, cut_ratio=0.5, rounds=2, batch=4)
+    folder = tmp_path / "server"
+    learner = Learner(parts.new_unet(0), 1e-3)
+    learner.save(folder, {"round": 1, "cut_ratio": 0.5, "side": "server"})
+    assert sorted(p.name for p in folder.iterdir()) == ["optimizer.pt", "state.json", "unet"]  # no partials left
+    assert CollaFuseServer(parts, settings, out=folder, resume=True).first_round == 1
+    (folder / "state.json").unlink()  # killed between removing the old state and writing the new one
+    with pytest.raises(ModelLoadError, match="is incomplete"):
+        CollaFuseServer(parts, settings, out=folder, resume=True)

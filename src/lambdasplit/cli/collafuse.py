@@ -142,11 +142,12 @@ def _train_until_stopped(trainer: CollaFuseServer, show: Callable[[RoundLog], No
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        if trainer.stopping and callable(previous):
+        if not trainer.stopping:
+            trainer.stop("SIGTERM")  # only a flag: nothing here may write or lock (the main thread may hold both)
+        elif callable(previous):
             previous(signum, frame)  # lifetime's: SystemExit in the main thread
-            return
-        _err.print("SIGTERM: stopping after the round in progress, with a checkpoint (SIGTERM again: at once)")
-        trainer.stop("SIGTERM")
+        else:
+            raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:

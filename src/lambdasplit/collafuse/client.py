@@ -75,7 +75,7 @@ class CollaFuseClient:
         captions = images.captions if conditional else [""] * len(images)
         self.contexts = parts.contexts(captions)
         self.first_round = 0
-        if resume and out is not None and (out / "state.json").is_file():
+        if resume and out is not None and Learner.has_checkpoint(out):
             self.learner, state = Learner.resume(out, lr, parts.device)
             self.first_round = int(state["round"])
         else:

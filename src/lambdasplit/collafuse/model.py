@@ -169,15 +169,35 @@ class Learner:
         return float(loss.detach())
 
     def save(self, folder: Path, state: dict[str, Any]) -> None:
-        """The U-Net (diffusers folder), the optimiser and ``state`` (the round reached, ...) under ``folder``."""
+        """The U-Net (diffusers folder), the optimiser and ``state`` (the round reached, ...) under ``folder``.
+
+        Everything is written beside the checkpoint first, then swapped in with ``state.json`` last, after the old
+        one was removed: a process killed while saving leaves the last checkpoint whole, or no ``state.json``
+        (``has_checkpoint`` then refuses to resume), never new weights under an old round."""
         folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / "unet.partial"
-        self.unet.save_pretrained(partial)
-        shutil.rmtree(folder / "unet", ignore_errors=True)
-        partial.rename(folder / "unet")
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        unet, optimizer, state_file = folder / "unet.partial", folder / "optimizer.pt.partial", folder / "state.partial"
+        self.unet.save_pretrained(unet)
+        torch.save(self.optimizer.state_dict(), optimizer)
         counters = {"steps": self.steps, "samples": self.samples, "cpu_seconds": self.cpu_seconds}
-        (folder / "state.json").write_text(json.dumps({**state, **counters}, indent=1))
+        state_file.write_text(json.dumps({**state, **counters}, indent=1))
+        (folder / "state.json").unlink(missing_ok=True)
+        shutil.rmtree(folder / "unet", ignore_errors=True)
+        unet.rename(folder / "unet")
+        optimizer.replace(folder / "optimizer.pt")
+        state_file.replace(folder / "state.json")
+
+    @staticmethod
+    def has_checkpoint(folder: Path) -> bool:
+        """Whether ``folder`` holds a checkpoint to resume from; one left half-written (the process was killed while
+        saving) is a ``ModelLoadError`` rather than a fresh start that would overwrite it."""
+        if (folder / "state.json").is_file():
+            return True
+        if (folder / "unet").exists() or (folder / "unet.partial").exists():
+            raise ModelLoadError(
+                f"the checkpoint in {folder} is incomplete (no state.json: the process was killed while saving it); "
+                "start without --resume in a new folder, or restore the folder from a copy"
+            )
+        return False
 
     @classmethod
     def resume(

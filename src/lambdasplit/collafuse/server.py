@@ -33,6 +33,8 @@ from lambdasplit.errors import CodedError, ConfigError, LambdaSplitError, Sessio
 from lambdasplit.syncws import SessionServer, send_error
 
 log = logging.getLogger("lambdasplit.collafuse")
+#: Seconds between looks at ``stop()``'s flag while waiting for clients to join.
+STOP_POLL = 0.5
 
 MAX_MESSAGE = 1 << 26
 
@@ -109,7 +111,7 @@ class CollaFuseServer:
         self.parts, self.settings, self.out, self.tap = parts, settings, out, tap
         self.handoff = handoff_timestep(settings.cut_ratio)
         self.first_round = 0
-        if resume and out is not None and (out / "state.json").is_file():
+        if resume and out is not None and Learner.has_checkpoint(out):
             self.learner, state = Learner.resume(out, settings.lr, parts.device)
             if state.get("cut_ratio") != settings.cut_ratio:
                 raise ConfigError(f"the checkpoint in {out} was trained at c = {state.get('cut_ratio')}")
@@ -154,15 +156,9 @@ class CollaFuseServer:
 
     def stop(self, reason: str = "stopped") -> None:
         """End ``train()`` after the round in progress, with a checkpoint on every side; before every client joined,
-        ``train()`` raises ``SessionError`` (code ``stopped``). Safe to call from a signal handler: it takes no lock
-        (a thread wakes the wait for clients)."""
+        ``train()`` raises ``SessionError`` (code ``stopped``, within ``STOP_POLL`` seconds). It only sets a flag,
+        so a signal handler may call it."""
         self._stopping = reason
-
-        def wake() -> None:
-            with self._joined:
-                self._joined.notify_all()
-
-        threading.Thread(target=wake, name="collafuse-stop", daemon=True).start()
 
     @property
     def stopping(self) -> bool:
@@ -240,6 +236,7 @@ class CollaFuseServer:
         pending: tuple[int, list[tuple[Batch, int]], float] | None = None
         for r in range(self.first_round, settings.rounds):
             if self._stopping is not None:  # round r is not started: train on r - 1, checkpoint r, tell everyone
+                log.warning("%s: stopping after round %d, with a checkpoint", self._stopping, r)
                 return self._stop_at(r, members, pending, report, on_round)
             started = time.perf_counter()
             last = report.rounds[-1].loss if report.rounds else None
@@ -317,7 +314,7 @@ class CollaFuseServer:
                         f"{self.settings.join_timeout:.0f} s",
                         "timeout",
                     )
-                self._joined.wait(left)
+                self._joined.wait(min(left, STOP_POLL))  # wakes for a client, or to look at the stop flag
             self._started = True
             return sorted(self._members.values(), key=lambda m: m.name)  # one order: runs and resumes repeat
 
