@@ -94,6 +94,11 @@ class RemoteError(WireError):
         self.remote_message = message
 
 
+class ConnectionLost(WireError):
+    """The connection closed or failed under a request (the server crashed, restarted or went away): what a device
+    reconnects after. Its code stays ``wire_error``."""
+
+
 class StaleConnection(WireError):
     """A request was made for a connection that has since been replaced by a reconnect: session handles
     are only valid on the connection that opened them."""

@@ -21,7 +21,7 @@ import in_process
 from lambdasplit.client import CloudClient, RemoteDiffusionLink
 from lambdasplit.diffusion import SessionOptions, SplitPipeline, load_pipeline
 from lambdasplit.diffusion.pipeline import unet_fingerprint
-from lambdasplit.errors import ConfigError, RemoteError
+from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.wire import Frame, MessageType, tensor_frame
 from servers import body_server, http_url, proc_kill
 from tiny_pipelines import tiny_sd_pipeline, unsplit
@@ -281,7 +281,8 @@ def test_the_next_image_reconnects_after_the_server_restarts(pipeline_dir, pipe)
 
 def test_an_agent_image_lost_mid_way_starts_again_on_a_restarted_server(pipeline_dir, pipe) -> None:
     """The diffusion server crashes (SIGKILL) at an image's third step and comes back on its port: the agent's
-    image service starts the image again on a new connection and returns the image the seed gives."""
+    image service starts the image again on a new connection and returns the image the seed gives. (unet-lambda:
+    each step waits on the device, so the kill always lands mid-image; the paper policy streams ahead.)"""
     from lambdasplit.agent.images import ImageService
     from lambdasplit.agent.schema import ImageRequest
 
@@ -289,7 +290,7 @@ def test_an_agent_image_lost_mid_way_starts_again_on_a_restarted_server(pipeline
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ("--pipeline", str(pipeline_dir), "--port", str(port))
-    request = ImageRequest(prompt=PROMPT, steps=6, seed=3)
+    request = ImageRequest(prompt=PROMPT, steps=6, seed=3, policy="unet-lambda")
     events: list[dict] = []
     restarted: list[threading.Thread] = []
 
@@ -312,5 +313,27 @@ def test_an_agent_image_lost_mid_way_starts_again_on_a_restarted_server(pipeline
         kinds = [e["type"] for e in events]
         assert kinds.count("image_restart") == 1 and client.reconnects == 1
         assert kinds.index("image_restart") < kinds.index("image_done")
+        counted = ("image_inputs", "image_step", "image_close", "image_restart")  # every byte the link counted
+        up = sum(e["up_bytes"] for e in events if e["type"] in counted)
+        assert up == service.link.traffic.bytes_up  # type: ignore[attr-defined]
         again = service.generate(request, "req-2", Feed())  # type: ignore[arg-type]
     assert torch.equal(made.image.image, again.image.image) and made.png == again.png
+
+
+def test_an_agent_image_on_a_server_that_stays_down_fails_once(pipeline_dir, pipe) -> None:
+    """Lost before the image opened, and not back within the reconnect deadline: one failure, no restart."""
+    from lambdasplit.agent.images import ImageService
+    from lambdasplit.agent.schema import ImageRequest
+
+    events: list[dict] = []
+
+    class Feed:
+        def publish(self, event: dict) -> None:
+            events.append(event)
+
+    with body_server("--pipeline", str(pipeline_dir), token="s3cret") as url:
+        client = _client(url, pipe, reconnect_deadline=2)
+        service = ImageService(SplitPipeline(pipe), RemoteDiffusionLink(client), "tiny-sd", url)
+    with client, pytest.raises(WireError, match="could not reconnect within 2 s"):
+        service.generate(ImageRequest(prompt=PROMPT, steps=3), "req-1", Feed())  # type: ignore[arg-type]
+    assert not any(e["type"] == "image_restart" for e in events) and client.reconnects == 0

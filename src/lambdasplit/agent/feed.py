@@ -20,8 +20,9 @@ from lambdasplit.client.connection import RemoteBodyLink
 from lambdasplit.generation.session import Traffic
 from lambdasplit.wire import decode_frame, frame_tensor
 
-#: Events whose bytes count in the totals: a text step's round trip; an image's inputs, steps and close.
-_COUNTED = ("step", "image_inputs", "image_step", "image_close")
+#: Events whose bytes count in the totals: a text step's round trip; an image's inputs, steps and close, and what a
+#: lost attempt sent that its steps had not reported.
+_COUNTED = ("step", "image_inputs", "image_step", "image_close", "image_restart")
 #: Events kept for a subscriber that reads slowly; older ones are dropped (the totals stay right).
 QUEUE_SIZE = 256
 

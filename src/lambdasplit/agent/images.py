@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lambdasplit.agent.feed import NetworkFeed
 from lambdasplit.agent.schema import ImageRequest
 from lambdasplit.diffusion.pictures import picture, png, wire_picture
-from lambdasplit.errors import RemoteError, WireError
+from lambdasplit.errors import ConnectionLost
 
 if TYPE_CHECKING:  # diffusers loads only with an image model
     from lambdasplit.diffusion.device import DenoiseStep, Link, SplitImage, SplitPipeline
@@ -117,6 +117,7 @@ class ImageService:
         for attempt in (1, 2):
             before = (traffic.bytes_up, traffic.bytes_down) if traffic else (0, 0)
             inputs_reported, reported[:] = False, [0, 0]
+            opened = getattr(self.link, "opened", 0)
             try:
                 image = self.pipeline.generate(
                     request.prompt,
@@ -132,12 +133,16 @@ class ImageService:
                     on_denoise=watch,
                 )
                 break
-            except RemoteError:
-                raise  # the server answered (a refusal): the same request would be refused again
-            except WireError as lost:  # the connection: the next attempt's OPEN reconnects (RemoteDiffusionLink)
-                if attempt == 2:
+            except ConnectionLost as lost:
+                # Lost mid-image (its session had opened): the next attempt's OPEN reconnects. Lost before it opened,
+                # the reconnection already failed within its deadline: once is enough.
+                if attempt == 2 or getattr(self.link, "opened", 0) == opened:
                     raise
-                feed.publish({"type": "image_restart", "request": request_id, "reason": str(lost)})
+                up, down = (traffic.bytes_up, traffic.bytes_down) if traffic else before
+                event = {"type": "image_restart", "request": request_id, "reason": str(lost)}
+                feed.publish(
+                    event | {"up_bytes": up - before[0] - reported[0], "down_bytes": down - before[1] - reported[1]}
+                )
         t = image.traffic
         if traffic is not None:  # closing the session: CLOSE up, CLOSED down
             up, down = traffic.bytes_up - before[0] - reported[0], traffic.bytes_down - before[1] - reported[1]

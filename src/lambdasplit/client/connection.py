@@ -29,6 +29,7 @@ from lambdasplit import __version__
 from lambdasplit.auth import bearer_header
 from lambdasplit.errors import (
     ConfigError,
+    ConnectionLost,
     LambdaSplitError,
     RemoteError,
     SessionError,
@@ -344,7 +345,7 @@ class CloudClient:
             if isinstance(exc, TimeoutError):
                 raise WireError(f"no answer from {self.url} within {self.timeout:g} s") from exc
             if isinstance(exc, ConnectionClosed | OSError):
-                raise WireError(f"connection to {self.url} lost: {exc}") from exc
+                raise ConnectionLost(f"connection to {self.url} lost: {exc}") from exc
             raise
 
     def _recv(self, ws: ClientConnection) -> bytes:

@@ -6,7 +6,7 @@ from typing import Any
 
 from lambdasplit.client.connection import CloudClient
 from lambdasplit.diffusion.protocol import FrameTraffic, SessionOptions
-from lambdasplit.errors import ConfigError, RemoteError, WireError
+from lambdasplit.errors import ConfigError, ConnectionLost, RemoteError, WireError
 from lambdasplit.wire import Frame, MessageType
 
 
@@ -25,23 +25,24 @@ class RemoteDiffusionLink:
         self.client = client
         self.traffic = FrameTraffic()
         self._handle = 0
+        self.opened = 0  # sessions opened on this link so far (a caller can tell whether an image got going)
 
     @property
     def handle(self) -> int:
         return self._handle
 
     def open(self, options: SessionOptions) -> dict[str, Any]:
-        before = (self.client.bytes_sent, self.client.bytes_received)
         frame, epoch = Frame.json(MessageType.OPEN, options.to_json()), self.client.epoch
+        before = (self.client.bytes_sent, self.client.bytes_received)
         try:
             reply = self.client.request(frame)
-        except RemoteError:
-            raise
-        except WireError:  # the connection was lost since the last image: connect again, then open there
+        except ConnectionLost:  # lost since the last image: connect again (its handshake is not the image's)
             self.client.reconnect(epoch)
+            before = (self.client.bytes_sent, self.client.bytes_received)
             reply = self.client.request(frame)
         self._count(before, frames_up=1, frames_down=1)
         self._handle = reply.session
+        self.opened += 1
         return reply.json_body()
 
     def send(self, frame: Frame) -> None:
