@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,19 @@ def test_a_model_whose_packed_copy_would_not_fit_stays_on_linear(tiny_checkpoint
     monkeypatch.delenv(ENV)
     unknown = load_split(path, "1:3", device="cpu", dtype="float32")
     assert any(isinstance(m, PackedLinear) for m in unknown.body.modules())
+
+
+def test_copies_promised_to_earlier_parts_count_against_the_next(tiny_checkpoint, monkeypatch) -> None:
+    """The copies are made at first use, so each part's check counts those promised before it: with room for the
+    head's and the body's copies (120 + 240 KB) but not the tail's too (+ 327 KB), the tail stays on F.linear,
+    though its copy alone would fit."""
+    path, _ = tiny_checkpoint("llama")
+    before = packing._promised  # parts other tests still hold
+    room = before + (400 << 10)
+    monkeypatch.setattr(packing, "memory_bytes", lambda: (4 * room, 4 * room))
+    split = load_split(path, "1:3", device="cpu", dtype="float32")
+    packed = [any(isinstance(m, PackedLinear) for m in part.modules()) for part in (split.head, split.body, split.tail)]
+    assert packed == [True, True, False]
+    del split, packed
+    gc.collect()
+    assert packing._promised <= before  # a part's promise ends with it

@@ -23,16 +23,18 @@ there it runs oneDNN on a copy of the weights in oneDNN's layout, made at the fi
 whenever the weight changes (a new tensor, or an in-place change: its version counter), so an adapter merged into
 the weights or a transformed checkpoint is never served stale. The copy costs the linear weights' size once more
 in memory (about 540 MB for SmolLM2-135M in float32; the device's head and tail alone about 170 MB). So a module
-is packed only where that copy fits: at most a quarter of the machine's memory and half of what is available when
-it loads (``fits_in_memory``; a 7B model in float32, 26 GB of linear weights, stays on ``F.linear`` on a 64 GB
-server instead of running out of memory at its first prefill). ``LAMBDASPLIT_ONEDNN=0`` turns packing off,
-``LAMBDASPLIT_ONEDNN=1`` packs whatever the memory.
+is packed only where that copy fits: together with the copies this process has already promised (they are made
+at first use), at most a quarter of the memory and half of what is available when it loads, the tighter of the
+machine's and its cgroup's limits (``fits_in_memory``; a 7B model in float32, 26 GB of linear weights, stays on
+``F.linear`` on a 64 GB server instead of running out of memory at its first prefill). ``LAMBDASPLIT_ONEDNN=0``
+turns packing off, ``LAMBDASPLIT_ONEDNN=1`` packs whatever the memory.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -45,6 +47,8 @@ ENV = "LAMBDASPLIT_ONEDNN"
 MIN_ROWS = 2
 
 _log = logging.getLogger(__name__)
+#: Bytes of packed copies promised by ``pack_linears`` to modules still alive in this process.
+_promised = 0
 
 
 def onednn_available() -> bool:
@@ -94,19 +98,28 @@ def pack_linears(module: nn.Module) -> int:
     packed copies would not fit in memory (``fits_in_memory``; ``LAMBDASPLIT_ONEDNN=1`` packs anyway)."""
     if not onednn_available():
         return 0
+    global _promised
     layers = [layer for layer in module.modules() if type(layer) is nn.Linear]
-    copy = sum(layer.weight.numel() * 4 for layer in layers)  # the float32 packed weights, made at first use
-    if os.environ.get(ENV) != "1" and not fits_in_memory(copy):
+    # The copies float32 weights will get at first use (other dtypes stay on F.linear).
+    copy = sum(layer.weight.numel() * 4 for layer in layers if layer.weight.dtype == torch.float32)
+    if os.environ.get(ENV) != "1" and not fits_in_memory(_promised + copy):
         _log.info("linear layers left on F.linear: their packed copy (%.1f GB) would not fit in memory", copy / 1e9)
         return 0
     for layer in layers:
         layer.__class__ = PackedLinear
+    _promised += copy
+    weakref.finalize(module, _release, copy)
     return len(layers)
 
 
+def _release(copy: int) -> None:
+    global _promised
+    _promised -= copy
+
+
 def fits_in_memory(copy_bytes: int) -> bool:
-    """Whether ``copy_bytes`` more fit: at most a quarter of this machine's memory and half of what is available
-    now (Linux's MemAvailable; elsewhere the free pages). True where neither can be read."""
+    """Whether ``copy_bytes`` more fit: at most a quarter of the memory and half of what is available now
+    (``memory_bytes``). True where neither can be read."""
     total, available = memory_bytes()
     if total is None:
         return True
@@ -114,7 +127,38 @@ def fits_in_memory(copy_bytes: int) -> bool:
 
 
 def memory_bytes() -> tuple[int | None, int | None]:
-    """(this machine's memory, what is available now) in bytes, None where unknown."""
+    """(the memory this process may use, what is available now) in bytes, None where unknown: the machine's
+    (Linux's MemTotal and MemAvailable; elsewhere the physical and free pages), or its cgroup's limit and what the
+    cgroup has left, where that is tighter (a container)."""
+    total, available = _machine_memory()
+    limit, used = _cgroup_memory()
+    if total is not None and limit is not None and limit < total:
+        left = max(0, limit - (used or 0))
+        return limit, left if available is None else min(available, left)
+    return total, available
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    """(limit, usage) of this process's memory cgroup (v2, else v1), None where there is none or no limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(limit_file).read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if not limit.isdigit():  # "max": no limit
+            return None, None
+        try:
+            used: int | None = int(Path(usage_file).read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            used = None
+        return int(limit), used
+    return None, None
+
+
+def _machine_memory() -> tuple[int | None, int | None]:
     try:
         lines = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
         fields = dict(line.split(":", 1) for line in lines if ":" in line)
