@@ -16,11 +16,16 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tiny_models import NUM_LAYERS, build_tiny, make_tokenizer, random_norm_gains
 
-#: What one worker of the suite may hold at its peak (measured: 6.9 GB resident on a 2-core VM, SmolLM2 loaded by
-#: several modules' fixtures), and the most workers ``-n auto`` starts (beyond that, servers and Ray clusters that
-#: tests start side by side would time out more than the cores gain).
-WORKER_MEMORY_BYTES = 8 << 30
+#: What one worker of the suite may hold at its peak (measured: 6.6 GiB resident on a 2-core VM, SmolLM2 loaded by
+#: several modules' fixtures; a "16 GB" machine, 15.6 GiB, runs two), and the most workers ``-n auto`` starts
+#: (beyond that, servers and Ray clusters that tests start side by side would time out more than the cores gain).
+WORKER_MEMORY_BYTES = 7 << 30
 MAX_WORKERS = 8
+
+# Each worker gets its share of the cores for torch's threads (the servers tests start choose their own): two
+# workers of two threads on two cores would wait on each other, and tests that bound a wait would feel it.
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
