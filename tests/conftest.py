@@ -21,11 +21,9 @@ from tiny_models import NUM_LAYERS, build_tiny, make_tokenizer, random_norm_gain
 #: (beyond that, servers and Ray clusters that tests start side by side would time out more than the cores gain).
 WORKER_MEMORY_BYTES = 7 << 30
 MAX_WORKERS = 8
-
-# Each worker gets its share of the cores for torch's threads (the servers tests start choose their own): two
-# workers of two threads on two cores would wait on each other, and tests that bound a wait would feel it.
-if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
-    torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
+# Each worker keeps torch's default threads, as the servers the tests start do: tests that compare an image or a
+# hidden state made here with one made by a server process bit for bit need the same thread count on both sides
+# (with one thread per worker three of them differed by 1e-6 in float32).
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
