@@ -236,7 +236,7 @@ class CollaFuseServer:
         pending: tuple[int, list[tuple[Batch, int]], float] | None = None
         for r in range(self.first_round, settings.rounds):
             if self._stopping is not None:  # round r is not started: train on r - 1, checkpoint r, tell everyone
-                log.warning("%s: stopping after round %d, with a checkpoint", self._stopping, r)
+                log.warning("%s: stopping with %d rounds done, with a checkpoint", self._stopping, r)
                 return self._stop_at(r, members, pending, report, on_round)
             started = time.perf_counter()
             last = report.rounds[-1].loss if report.rounds else None
