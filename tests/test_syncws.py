@@ -5,10 +5,13 @@ server refuses newcomers and waits, within its deadline, for the sessions in pro
 from __future__ import annotations
 
 import contextlib
+import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection
 
 from lambdasplit.auth import bearer_authorized
@@ -91,3 +94,29 @@ def test_a_drain_ends_at_its_deadline_with_the_sessions_left() -> None:
         started = time.monotonic()
         assert s.drain(0.3) == 1
         assert 0.25 < time.monotonic() - started < 2
+
+
+def test_one_session_over_the_limit_is_told_busy_and_the_next_after_is_served() -> None:
+    """``max_sessions`` (share and PrivateLoRA servers' --max-sessions): the servers count the sessions running."""
+    release = threading.Event()
+
+    def held(ws: ServerConnection) -> None:
+        ws.send("in")
+        release.wait(10)
+
+    with SessionServer(held, "127.0.0.1", 0, max_size=1 << 16, timeout=5, ssl=None, name="one", max_sessions=1) as s:
+        with connect(s.url, open_timeout=5) as first:
+            assert first.recv(timeout=5) == "in"
+            with connect(s.url, open_timeout=5) as second:
+                refused = json.loads(second.recv(timeout=5))
+            assert refused["type"] == "error" and refused["code"] == "busy"
+            assert "limit of 1 sessions" in refused["message"]
+            release.set()
+        release.clear()
+        deadline = time.monotonic() + 10
+        while s._active:  # the first handler returns once released
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with connect(s.url, open_timeout=5) as third:
+            assert third.recv(timeout=5) == "in"
+        release.set()

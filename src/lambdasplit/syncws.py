@@ -49,8 +49,10 @@ class SessionServer:
         ssl: SSLContext | None,
         name: str,
         tokens: Sequence[str] = (),
+        max_sessions: int | None = None,
     ) -> None:
-        self.tokens = tuple(tokens)
+        # ``max_sessions``: connections (one session each) served at once; one more is told ``busy`` and closed.
+        self.tokens, self.max_sessions = tuple(tokens), max_sessions
         self.refused = 0  # handshakes refused for their token
         self.draining = False
         self._active = 0  # handlers running
@@ -91,7 +93,13 @@ class SessionServer:
 
     def _run(self, connection: ServerConnection) -> None:
         with self._idle:
-            self._active += 1
+            full = self.max_sessions is not None and self._active >= self.max_sessions
+            if not full:
+                self._active += 1
+        if full:
+            message = f"this server is at its limit of {self.max_sessions} sessions; try again later"
+            send_error(connection, WireError(message, code="busy"))
+            return
         try:
             self._handler(connection)
         finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -183,7 +182,6 @@ class ShareServer(SessionServer):
         self.hidden_size = int(weights.layers[0].q.weight.shape[1]) if weights.layers else 0
         self.fingerprint = fingerprint(weights, self.ring)
         self.encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.sessions = threading.BoundedSemaphore(max_sessions)
         self.listener = PeerListener(peer[0], peer[1], self.fingerprint, timeout) if party == 0 else None
         super().__init__(
             self._session,
@@ -194,6 +192,7 @@ class ShareServer(SessionServer):
             ssl=ssl,
             name=f"share-{party}",
             tokens=tokens,
+            max_sessions=max_sessions,
         )
 
     @property
@@ -219,9 +218,6 @@ class ShareServer(SessionServer):
     # one device connection = one session
 
     def _session(self, ws: ServerConnection) -> None:
-        if not self.sessions.acquire(blocking=False):
-            send_error(ws, WireError("this share server is at its session limit; try again later", code="busy"))
-            return
         channel: PeerChannel | None = None
         try:
             session, key = self._open(ws)
@@ -243,7 +239,6 @@ class ShareServer(SessionServer):
         finally:
             if channel is not None:
                 channel.close()
-            self.sessions.release()
 
     def _open(self, ws: ServerConnection) -> tuple[bytes, bytes]:
         fields = "session, party, key"

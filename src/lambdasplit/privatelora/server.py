@@ -104,7 +104,6 @@ class AdapterServer(SessionServer):
             raise ValueError("an adapter server needs the body (load_split(..., parts=('body',)))")
         self.split, self.layout, self.timeout, self.tap = split, layout, timeout, tap
         self.adapters = CloudAdapters(split.body, layout)
-        self.sessions = threading.BoundedSemaphore(max_sessions)
         super().__init__(
             self._session,
             host,
@@ -114,6 +113,7 @@ class AdapterServer(SessionServer):
             ssl=ssl,
             name="privatelora",
             tokens=tokens,
+            max_sessions=max_sessions,
         )
         self.served = 0  # sessions that ended, however
         self.active = 0  # sessions in progress
@@ -141,9 +141,6 @@ class AdapterServer(SessionServer):
     # one device connection = one session
 
     def _session(self, ws: ServerConnection) -> None:
-        if not self.sessions.acquire(blocking=False):
-            send_error(ws, WireError("this server is at its session limit; try again later", code="busy"))
-            return
         with self._count:
             self.active += 1
         try:
@@ -162,7 +159,6 @@ class AdapterServer(SessionServer):
             with self._count:
                 self.served += 1
                 self.active -= 1
-            self.sessions.release()
 
     def _open(self, ws: ServerConnection) -> WireDtype:
         opened = receive_open(ws, self.timeout, "adapters, dtype")
