@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from lambdasplit.models.packing import memory_bytes
 from tiny_models import NUM_LAYERS, build_tiny, make_tokenizer, random_norm_gains
 
 #: What one worker of the suite may hold at its peak (measured: 6.6 GiB resident on a 2-core VM, SmolLM2 loaded by
@@ -32,8 +33,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     if env := os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    by_memory = memory // WORKER_MEMORY_BYTES if memory > 0 else cores
+    memory, _ = memory_bytes()  # the machine's, or its container's limit
+    by_memory = memory // WORKER_MEMORY_BYTES if memory else cores
     return max(1, min(cores, by_memory, MAX_WORKERS))
 
 
