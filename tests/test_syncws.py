@@ -28,6 +28,14 @@ def server(tokens: tuple[str, ...]) -> SessionServer:
     return SessionServer(echo, "127.0.0.1", 0, max_size=1 << 16, timeout=5, ssl=None, name="echo", tokens=tokens)
 
 
+def running(s: SessionServer, sessions: int) -> None:
+    """Wait (up to 10 s) until ``s`` runs ``sessions`` handlers."""
+    deadline = time.monotonic() + 10
+    while s._active != sessions:
+        assert time.monotonic() < deadline, f"{s._active} sessions running, expected {sessions}"
+        time.sleep(0.01)
+
+
 def session(url: str, token: str | None) -> str:
     with contextlib.ExitStack() as stack:
         ws = connect_session(
@@ -68,6 +76,7 @@ def test_draining_refuses_newcomers_and_waits_for_the_sessions_in_progress() -> 
             s.url, what="the echo server", exposes="nothing", trust=TlsTrust(), timeout=5, max_size=1 << 16,
             stack=stack,
         )  # fmt: skip
+        running(s, 1)  # the handshake answers before the handler's thread counts the session
         waited = ThreadPoolExecutor(1).submit(s.drain, 10)
         time.sleep(0.2)
         assert s.draining and not waited.done()  # the session in progress holds the drain
@@ -90,7 +99,7 @@ def test_a_drain_ends_at_its_deadline_with_the_sessions_left() -> None:
             s.url, what="the hold server", exposes="nothing", trust=TlsTrust(), timeout=5, max_size=1 << 16,
             stack=stack,
         )  # fmt: skip
-        time.sleep(0.1)
+        running(s, 1)
         started = time.monotonic()
         assert s.drain(0.3) == 1
         assert 0.25 < time.monotonic() - started < 2
@@ -113,10 +122,7 @@ def test_one_session_over_the_limit_is_told_busy_and_the_next_after_is_served() 
             assert "limit of 1 sessions" in refused["message"]
             release.set()
         release.clear()
-        deadline = time.monotonic() + 10
-        while s._active:  # the first handler returns once released
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        running(s, 0)  # the first handler returns once released
         with connect(s.url, open_timeout=5) as third:
             assert third.recv(timeout=5) == "in"
         release.set()
