@@ -103,7 +103,11 @@ def raw_session(servers, session: bytes, party_sessions: tuple[bytes, bytes] | N
     sessions = party_sessions or (session, session)
     links = [connect(s.url, open_timeout=TIMEOUT).__enter__() for s in servers]
     for party, ws in enumerate(links):
-        ws.send(json.dumps({"type": "open", "session": sessions[party].hex(), "party": party, "key": "00" * 16}))
+        ws.send(
+            json.dumps(
+                {"type": "open", "session": sessions[party].hex(), "party": party, "key": "00" * 16, "link": "11" * 32}
+            )
+        )
     return links
 
 
@@ -151,6 +155,13 @@ def test_sessions_that_do_not_match_fail_on_both_servers(split, servers) -> None
     assert time.monotonic() - start < 4 * TIMEOUT
     for ws in links:
         ws.close()
+
+
+def test_an_open_without_the_peer_link_key_is_refused(servers) -> None:
+    with connect(servers[1].url, open_timeout=TIMEOUT) as ws:
+        ws.send(json.dumps({"type": "open", "session": (b"k" * 16).hex(), "party": 1, "key": "00" * 16}))
+        error = error_of(ws)
+    assert error["code"] == "bad_frame" and "link" in error["message"]
 
 
 def test_a_peer_that_disappears_is_a_clear_error_for_the_device(split, weights) -> None:

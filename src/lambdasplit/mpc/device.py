@@ -30,7 +30,7 @@ from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.mpc import messages as M
 from lambdasplit.mpc.body import computed_again, reconstruct, share
 from lambdasplit.mpc.dealing import TrustedDealer, new_key
-from lambdasplit.mpc.peer import SESSION_BYTES
+from lambdasplit.mpc.peer import LINK_KEY_BYTES, SESSION_BYTES
 from lambdasplit.mpc.ring import Prg, Ring
 from lambdasplit.mpc.server import MAX_MESSAGE
 from lambdasplit.syncws import connect_session
@@ -67,6 +67,7 @@ class SecretSharedLink:
         self._tokens = tokens
         self.session = secrets.token_bytes(SESSION_BYTES)
         keys = new_key(), new_key()
+        link_key = secrets.token_bytes(LINK_KEY_BYTES)  # the servers' peer link: only they and this device hold it
         self.dealer = TrustedDealer(*keys)
         self.randomness = Prg(new_key())
         self.traffic = Traffic()
@@ -85,7 +86,13 @@ class SecretSharedLink:
             for party, ws in enumerate(self.links):
                 ws.send(
                     json.dumps(
-                        {"type": "open", "session": self.session.hex(), "party": party, "key": keys[party].hex()}
+                        {
+                            "type": "open",
+                            "session": self.session.hex(),
+                            "party": party,
+                            "key": keys[party].hex(),
+                            "link": link_key.hex(),
+                        }
                     )
                 )
             ready = [self._ready(party) for party in (0, 1)]

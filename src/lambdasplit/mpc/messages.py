@@ -3,7 +3,8 @@
 Control messages are JSON text; tensors travel in binary messages, one fixed struct header then int64 words
 (little-endian)::
 
-    device -> server   {"type": "open", "session": hex(16 B), "party": 0|1, "key": hex(16 B), "fingerprint": hex}
+    device -> server   {"type": "open", "session": hex(16 B), "party": 0|1, "key": hex(16 B), "link": hex(32 B),
+                        "fingerprint": hex}
     server -> device   {"type": "ready", "party", "layers", "hidden_size", "frac_bits", "max_context", "fingerprint"}
     device -> server   FORWARD    "LSFW" | step u32 | position u32 | rows u32 | width u32 | share (rows x width)
     device -> server1  POOL       "LSPL" | kind u32 | n u32 | n corrections of kind mul, and or bit, in stream order
@@ -17,10 +18,11 @@ Control messages are JSON text; tensors travel in binary messages, one fixed str
     either way         {"type": "error", "code": ..., "message": ...}  (then the session ends)
 
 ``key`` seeds the party's stream of correlated randomness (``dealing``): it must reach only that server, so a
-deployment runs these links over wss:// (TLS); ``open`` is the session's only secret. Party 1 sends one REQUEST
-per matrix-product triple and reads the CORRECTIONs in order; the elementwise kinds come as POOLs the device
-sends ahead (right after FORWARD, sized by what the last forward of as many rows used), and party 1 asks only
-when a pool runs short. Party 0 never hears from the dealer.
+deployment runs these links over wss:// (TLS); ``link`` (the same on both servers) keys their peer link
+(``peer``: each proves it holds it, every frame is sealed under it). ``open`` holds the session's only secrets.
+Party 1 sends one REQUEST per matrix-product triple and reads the CORRECTIONs in order; the elementwise kinds
+come as POOLs the device sends ahead (right after FORWARD, sized by what the last forward of as many rows used),
+and party 1 asks only when a pool runs short. Party 0 never hears from the dealer.
 """
 
 from __future__ import annotations

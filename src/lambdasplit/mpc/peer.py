@@ -3,7 +3,7 @@
 A computation's ~4,000 rounds per token each cost one exchange, so this link is plain TCP (``TCP_NODELAY``,
 24 us a round trip on loopback where a WebSocket round trip took 75 us), framed by hand in one struct::
 
-    frame   = magic "LSPR" | session (16 bytes) | step u32 | seq u32 | nbytes u64 | payload (nbytes, int64 LE)
+    frame   = magic "LSPR" | session (16 bytes) | step u32 | seq u32 | nbytes u64 | payload (nbytes)
 
 ``step`` counts the session's forwards and ``seq`` the rounds within one; both parties check that the peer's
 frame carries their own session, step and sequence number and the size they expect, so parties out of step,
@@ -12,14 +12,26 @@ never with wrong numbers. Each exchange sends and receives at the same time (non
 large openings cannot deadlock on full socket buffers. A peer that closes the link or stays silent past
 ``timeout`` fails the exchange (``peer_gone`` / ``peer_timeout``); the session ends, others are untouched.
 
+Keys: the device gives both servers the session's link key (``LINK_KEY_BYTES`` random bytes, in ``open``, over
+its own TLS links). Each payload is the int64 words sealed with AES-256-GCM under a key per direction derived
+from it, the frame's header as associated data and the count of frames sent so far as nonce (never reused:
+a retried forward repeats its step numbers, not its nonces); ``nbytes`` includes GCM's 16-byte tag. A frame
+forged, altered, replayed or reordered by anyone without the key fails at once (``peer_unauthenticated``).
+
 Pairing: share server 1 connects to share server 0's peer address and sends ``hello`` = magic "LSPH" |
-session | body fingerprint (32 bytes); server 0 answers one byte, 1 (joined) or 0 (refused: no such session
-or another body), and hands the socket to the session the device opened there (``PeerListener.claim``).
+session | body fingerprint (32 bytes) | proof (32 bytes: HMAC-SHA256 under the link key of "hello", the session
+and the fingerprint). Server 0 keeps the hellos of a session until the device opens it there, then takes the
+first whose proof holds under the key the device gave it, answers it 1 | its own proof (HMAC of "welcome" and
+the session), which server 1 checks, and refuses the rest with 0 (as it refuses a hello of another body or one
+not claimed within ``timeout``). A connection without the key cannot take a session's place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import logging
 import select
 import socket
 import struct
@@ -27,13 +39,33 @@ import threading
 import time
 
 import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lambdasplit.errors import WireError
 
 FRAME = struct.Struct("<4s16sIIQ")
-HELLO = struct.Struct("<4s16s32s")
+HELLO = struct.Struct("<4s16s32s32s")
 FRAME_MAGIC, HELLO_MAGIC = b"LSPR", b"LSPH"
-SESSION_BYTES, FINGERPRINT_BYTES = 16, 32
+SESSION_BYTES, FINGERPRINT_BYTES, LINK_KEY_BYTES, PROOF_BYTES = 16, 32, 32, 32
+TAG_BYTES = 16  # AES-GCM's tag, at the end of every payload
+MAX_WAITING = 8  # hellos kept per session until the device opens it (more are refused)
+
+log = logging.getLogger(__name__)
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"lambdasplit peer link\x00" + b"".join(parts), hashlib.sha256).digest()
+
+
+def hello_proof(link_key: bytes, session: bytes, fingerprint: bytes) -> bytes:
+    """What share server 1 sends to show it holds ``session``'s link key."""
+    return _mac(link_key, b"hello", session, fingerprint)
+
+
+def welcome_proof(link_key: bytes, session: bytes) -> bytes:
+    """What share server 0 answers to show it holds ``session``'s link key too."""
+    return _mac(link_key, b"welcome", session)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -62,13 +94,17 @@ def _read_exactly(sock: socket.socket, n: int, deadline: float, what: str) -> by
 class PeerChannel:
     """One session's link to the peer party: ``exchange`` one int64 tensor per round (``party.Channel``).
 
-    ``begin(step)`` before each forward; the sequence number restarts at 0.
+    ``party`` is this side's (0 or 1): it seals what it sends under its direction's key and opens the peer's
+    under the other. ``begin(step)`` before each forward; the sequence number restarts at 0.
     """
 
-    def __init__(self, sock: socket.socket, session: bytes, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, session: bytes, link_key: bytes, party: int, timeout: float) -> None:
         _tune(sock)
         sock.setblocking(False)
         self.sock, self.session, self.timeout = sock, session, timeout
+        keys = [AESGCM(_mac(link_key, b"frames", bytes([p]))) for p in (0, 1)]
+        self._seal, self._open = keys[party], keys[1 - party]
+        self._sent = self._received = 0  # frames each way: the nonces
         self.step, self.seq = 0, 0
         self.closed = False
 
@@ -77,12 +113,23 @@ class PeerChannel:
 
     def exchange(self, tensor: torch.Tensor) -> torch.Tensor:
         mine = tensor.detach().to("cpu").contiguous()
-        payload = mine.numpy().tobytes()
-        out = memoryview(FRAME.pack(FRAME_MAGIC, self.session, self.step, self.seq, len(payload)) + payload)
-        header, body = bytearray(FRAME.size), bytearray(len(payload))
-        self._send_and_receive(out, header, body)
+        words = mine.numpy().tobytes()
+        header = FRAME.pack(FRAME_MAGIC, self.session, self.step, self.seq, len(words) + TAG_BYTES)
+        sealed = self._seal.encrypt(self._sent.to_bytes(12, "little"), words, header)
+        self._sent += 1
+        peer_header, body = bytearray(FRAME.size), bytearray(len(sealed))
+        self._send_and_receive(memoryview(header + sealed), peer_header, body)
+        try:
+            opened = self._open.decrypt(self._received.to_bytes(12, "little"), body, bytes(peer_header))
+        except InvalidTag:
+            raise WireError(
+                f"the peer's frame in step {self.step}, round {self.seq} does not authenticate under this session's "
+                "link key: it was altered, or sent by someone other than the other share server",
+                code="peer_unauthenticated",
+            ) from None
+        self._received += 1
         self.seq += 1
-        peer = torch.frombuffer(body, dtype=torch.int64) if body else torch.empty(0, dtype=torch.int64)
+        peer = torch.frombuffer(bytearray(opened), dtype=torch.int64) if opened else torch.empty(0, dtype=torch.int64)
         return peer.view(mine.shape).to(tensor.device)
 
     def _send_and_receive(self, out: memoryview, header: bytearray, body: bytearray) -> None:
@@ -159,8 +206,9 @@ class PeerChannel:
                 self.sock.close()
 
 
-def join(address: tuple[str, int], session: bytes, fingerprint: bytes, timeout: float) -> PeerChannel:
-    """Party 1: connect to party 0's peer address and join ``session``. Raises ``WireError`` if refused."""
+def join(address: tuple[str, int], session: bytes, fingerprint: bytes, link_key: bytes, timeout: float) -> PeerChannel:
+    """Party 1: connect to party 0's peer address and join ``session`` with its link key. Raises ``WireError`` if
+    refused, or if party 0 does not prove it holds the key."""
     try:
         sock = socket.create_connection(address, timeout=timeout)
     except OSError as e:
@@ -168,17 +216,26 @@ def join(address: tuple[str, int], session: bytes, fingerprint: bytes, timeout: 
             f"share server 0's peer link at {address[0]}:{address[1]} is unreachable: {e}", code="peer_gone"
         ) from None
     _tune(sock)
-    sock.sendall(HELLO.pack(HELLO_MAGIC, session, fingerprint))
+    sock.sendall(HELLO.pack(HELLO_MAGIC, session, fingerprint, hello_proof(link_key, session, fingerprint)))
     # party 0 answers when the device opens the session there, or refuses after its own timeout: wait longer
-    answer = _read_exactly(sock, 1, time.monotonic() + 2 * timeout, "answer to joining the session")
+    deadline = time.monotonic() + 2 * timeout
+    answer = _read_exactly(sock, 1, deadline, "answer to joining the session")
     if answer != b"\x01":
         sock.close()
         raise WireError(
-            f"share server 0 refused session {session.hex()}: no device opened it there within {timeout:.0f} s, or "
-            "it serves another body",
+            f"share server 0 refused session {session.hex()}: no device opened it there within {timeout:.0f} s with "
+            "the same link key, or it serves another body",
             code="session_mismatch",
         )
-    return PeerChannel(sock, session, timeout)
+    proof = _read_exactly(sock, PROOF_BYTES, deadline, "proof of the link key")
+    if not hmac.compare_digest(proof, welcome_proof(link_key, session)):
+        sock.close()
+        raise WireError(
+            f"the peer at {address[0]}:{address[1]} accepted session {session.hex()} without proving it holds the "
+            "session's link key: not the share server the device opened it on",
+            code="peer_unauthenticated",
+        )
+    return PeerChannel(sock, session, link_key, 1, timeout)
 
 
 class PeerListener:
@@ -188,7 +245,7 @@ class PeerListener:
         self.fingerprint, self.timeout = fingerprint, timeout
         self.server = socket.create_server((host, port), reuse_port=False)
         self.address = self.server.getsockname()[:2]
-        self._arrived: dict[bytes, socket.socket] = {}
+        self._arrived: dict[bytes, list[tuple[socket.socket, bytes]]] = {}  # session -> (socket, proof) waiting
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._accept_loop, name="peer-listener", daemon=True)
@@ -204,65 +261,92 @@ class PeerListener:
 
     def _greet(self, sock: socket.socket) -> None:
         try:
-            magic, session, fingerprint = HELLO.unpack(
+            magic, session, fingerprint, proof = HELLO.unpack(
                 _read_exactly(sock, HELLO.size, time.monotonic() + self.timeout, "hello")
             )
         except (WireError, struct.error):
             sock.close()
             return
-        if magic != HELLO_MAGIC or fingerprint != self.fingerprint:
-            sock.sendall(b"\x00")
-            sock.close()
-            return
         with self._cond:
-            old = self._arrived.pop(session, None)
-            self._arrived[session] = sock
-            self._cond.notify_all()
-        if old is not None:
-            old.close()
+            waiting = self._arrived.setdefault(session, [])
+            kept = magic == HELLO_MAGIC and fingerprint == self.fingerprint and len(waiting) < MAX_WAITING
+            if kept:
+                waiting.append((sock, proof))
+                self._cond.notify_all()
+            elif not waiting:
+                del self._arrived[session]
+        if not kept:
+            _refuse(sock)
+            return
         # not claimed in time: refuse it (the joining party then fails with session_mismatch)
         timer = threading.Timer(self.timeout, self._expire, args=(session, sock))
         timer.daemon = True
         timer.start()
 
+    def _take(self, session: bytes, sock: socket.socket | None = None) -> list[tuple[socket.socket, bytes]]:
+        """Remove ``sock`` (or all) of ``session``'s waiting hellos; returns what was removed. Holds the lock."""
+        waiting = self._arrived.get(session, [])
+        taken = [w for w in waiting if sock is None or w[0] is sock]
+        rest = [w for w in waiting if w not in taken]
+        if rest:
+            self._arrived[session] = rest
+        else:
+            self._arrived.pop(session, None)
+        return taken
+
     def _expire(self, session: bytes, sock: socket.socket) -> None:
         with self._cond:
-            if self._arrived.get(session) is not sock:
-                return
-            del self._arrived[session]
-        with contextlib.suppress(OSError):
-            sock.sendall(b"\x00")
-        sock.close()
+            taken = self._take(session, sock)
+        for waiting, _ in taken:
+            _refuse(waiting)
 
-    def claim(self, session: bytes, timeout: float) -> PeerChannel:
-        """Wait up to ``timeout`` s for party 1 to join ``session``; answer it and return the link."""
+    def claim(self, session: bytes, link_key: bytes, timeout: float) -> PeerChannel:
+        """Wait up to ``timeout`` s for party 1 to join ``session`` with a hello proving ``link_key``; answer it
+        and return the link. Hellos of the session without that proof are refused."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while session not in self._arrived:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stopped:
-                    raise WireError(
-                        f"share server 1 did not join session {session.hex()} within {timeout:.0f} s: is it running, "
-                        "with --peer at this server's peer address, and did the device open the same session there?",
-                        code="peer_timeout",
-                    )
-                self._cond.wait(left)
-            sock = self._arrived.pop(session)
+        expected = hello_proof(link_key, session, self.fingerprint)
+        while True:
+            with self._cond:
+                while session not in self._arrived:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stopped:
+                        raise WireError(
+                            f"share server 1 did not join session {session.hex()} within {timeout:.0f} s: is it "
+                            "running, with --peer at this server's peer address, and did the device open the same "
+                            "session there?",
+                            code="peer_timeout",
+                        )
+                    self._cond.wait(left)
+                waiting = self._take(session)
+            proven = [sock for sock, proof in waiting if hmac.compare_digest(proof, expected)]
+            for sock, _ in waiting:
+                if not proven or sock is not proven[0]:
+                    log.warning("peer link: refused a hello for session %s without its link key", session.hex())
+                    _refuse(sock)
+            if proven:
+                break
+        sock = proven[0]
         try:
-            sock.sendall(b"\x01")
+            sock.sendall(b"\x01" + welcome_proof(link_key, session))
         except OSError as e:
             sock.close()
             raise WireError(
                 f"share server 1 left session {session.hex()} while joining: {e}", code="peer_gone"
             ) from None
-        return PeerChannel(sock, session, self.timeout)
+        return PeerChannel(sock, session, link_key, 0, self.timeout)
 
     def close(self) -> None:
         self._stopped = True
         with self._cond:
             self._cond.notify_all()
-            pending = list(self._arrived.values())
+            pending = [sock for waiting in self._arrived.values() for sock, _ in waiting]
             self._arrived.clear()
         for sock in pending:
             sock.close()
         self.server.close()
+
+
+def _refuse(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(b"\x00")
+    sock.close()

@@ -35,7 +35,7 @@ from lambdasplit.mpc.dealing import CorrectedSource, SeededSource, product_shape
 from lambdasplit.mpc.layer import Linear
 from lambdasplit.mpc.ops import SMOLLM2_REST, SMOLLM2_SINK, NormPlan, SharedOps
 from lambdasplit.mpc.party import Party
-from lambdasplit.mpc.peer import SESSION_BYTES, PeerChannel, PeerListener, join
+from lambdasplit.mpc.peer import LINK_KEY_BYTES, SESSION_BYTES, PeerChannel, PeerListener, join
 from lambdasplit.mpc.ring import KEY_BYTES, Ring
 from lambdasplit.syncws import SessionServer, control_type, receive_open, send_error
 
@@ -220,8 +220,8 @@ class ShareServer(SessionServer):
     def _session(self, ws: ServerConnection) -> None:
         channel: PeerChannel | None = None
         try:
-            session, key = self._open(ws)
-            channel = self._peer(session)
+            session, key, link_key = self._open(ws)
+            channel = self._peer(session, link_key)
             feed = _DeviceFeed(ws, self.timeout) if self.party == 1 else None
             source = SeededSource(key) if feed is None else CorrectedSource(key, feed)
             party = Party(self.party, self.ring, channel, source)
@@ -240,27 +240,31 @@ class ShareServer(SessionServer):
             if channel is not None:
                 channel.close()
 
-    def _open(self, ws: ServerConnection) -> tuple[bytes, bytes]:
-        fields = "session, party, key"
+    def _open(self, ws: ServerConnection) -> tuple[bytes, bytes, bytes]:
+        fields = "session, party, key, link"
         opened = receive_open(ws, self.timeout, fields)
         try:
             session, key = bytes.fromhex(opened["session"]), bytes.fromhex(opened["key"])
+            link_key = bytes.fromhex(opened["link"])
             party = opened["party"]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise WireError(f"the first message must be {{type: open, {fields}}}", code="bad_frame") from None
-        if len(session) != SESSION_BYTES or len(key) != KEY_BYTES:
-            raise WireError(f"open needs a {SESSION_BYTES}-byte session and a {KEY_BYTES}-byte key", code="bad_frame")
+        if len(session) != SESSION_BYTES or len(key) != KEY_BYTES or len(link_key) != LINK_KEY_BYTES:
+            raise WireError(
+                f"open needs a {SESSION_BYTES}-byte session, a {KEY_BYTES}-byte key and a {LINK_KEY_BYTES}-byte link",
+                code="bad_frame",
+            )
         if party != self.party:
             raise WireError(f"this is share server {self.party}; the device expected party {party}", code="wrong_party")
         expected = opened.get("fingerprint")
         if expected is not None and expected != self.fingerprint.hex():
             raise WireError("this share server runs another body than the device expects", code="wrong_body")
-        return session, key
+        return session, key, link_key
 
-    def _peer(self, session: bytes) -> PeerChannel:
+    def _peer(self, session: bytes, link_key: bytes) -> PeerChannel:
         if self.listener is not None:
-            return self.listener.claim(session, self.timeout)
-        return join(self.peer, session, self.fingerprint, self.timeout)
+            return self.listener.claim(session, link_key, self.timeout)
+        return join(self.peer, session, self.fingerprint, link_key, self.timeout)
 
     def _ready(self) -> dict[str, object]:
         return {
