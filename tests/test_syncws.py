@@ -126,3 +126,42 @@ def test_one_session_over_the_limit_is_told_busy_and_the_next_after_is_served() 
         with connect(s.url, open_timeout=5) as third:
             assert third.recv(timeout=5) == "in"
         release.set()
+
+
+def test_a_drain_waits_for_a_session_whose_handler_has_not_started_yet() -> None:
+    """The handshake is answered on the connection's thread before the handler starts there: a drain in between
+    must still wait for that session (it used to count only running handlers, and returned at once)."""
+    served = threading.Event()
+
+    def answer(ws: ServerConnection) -> None:
+        echo(ws)
+        served.set()
+
+    class LateStart(SessionServer):
+        def _run(self, connection: ServerConnection) -> None:
+            time.sleep(0.5)  # the connection's thread is slow to reach the handler (a busy machine)
+            super()._run(connection)
+
+    s = LateStart(answer, "127.0.0.1", 0, max_size=1 << 16, timeout=5, ssl=None, name="late")
+    with s, contextlib.ExitStack() as stack:
+        ws = connect_session(
+            s.url, what="the late server", exposes="nothing", trust=TlsTrust(), timeout=5, max_size=1 << 16,
+            stack=stack,
+        )  # fmt: skip
+        waited = ThreadPoolExecutor(1).submit(lambda: (s.drain(10), served.is_set()))
+        ws.send("served before the drain ends")
+        assert ws.recv(timeout=5) == "served before the drain ends"
+        assert waited.result(timeout=5) == (0, True)
+
+
+def test_a_handshake_that_fails_after_its_answer_does_not_hold_a_drain() -> None:
+    """A connection whose thread ends without reaching the handler stops counting."""
+    s = server(())
+    with s:
+        connection = object()
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+        s._accepted[connection] = thread  # type: ignore[index]
+        started = time.monotonic()
+        assert s.drain(5) == 0 and time.monotonic() - started < 1

@@ -27,6 +27,8 @@ from lambdasplit.auth import bearer_authorized, bearer_header
 from lambdasplit.errors import CodedError, ConfigError, LambdaSplitError, RemoteError, WireError
 from lambdasplit.tls import TlsTrust, is_loopback
 
+DRAINING = "draining: this server is restarting\n"
+
 
 class SessionServer:
     """``handler(connection)`` for every WebSocket connection to ``host:port``, each in its own thread.
@@ -56,6 +58,9 @@ class SessionServer:
         self.refused = 0  # handshakes refused for their token
         self.draining = False
         self._active = 0  # handlers running
+        # Handshakes answered 101 whose handler has not started yet (its connection's thread): a drain waits for
+        # them too. A thread that ends without running the handler (its handshake failed) no longer counts.
+        self._accepted: dict[ServerConnection, threading.Thread] = {}
         self._idle = threading.Condition()
         self._handler = handler
         self.server: Server = serve(
@@ -67,6 +72,7 @@ class SessionServer:
             open_timeout=timeout,
             ssl=ssl,
             process_request=self._check_request,
+            process_response=self._count_accepted,
         )
         self.scheme = "ws" if ssl is None else "wss"
         self._name = name
@@ -85,14 +91,26 @@ class SessionServer:
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if self.draining:
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining: this server is restarting\n")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, DRAINING)
         if bearer_authorized(request.headers.get("Authorization"), self.tokens):
             return None
         self.refused += 1
         return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: bad or missing bearer token\n")
 
+    def _count_accepted(self, connection: ServerConnection, request: Request, response: Response) -> Response | None:
+        """The last word on a handshake: a session counts from the moment its 101 is decided, so a drain that
+        starts before its handler's first line still waits for it (or, if the drain came first, it is refused)."""
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            return None
+        with self._idle:
+            if self.draining:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, DRAINING)
+            self._accepted[connection] = threading.current_thread()
+        return None
+
     def _run(self, connection: ServerConnection) -> None:
         with self._idle:
+            self._accepted.pop(connection, None)
             full = self.max_sessions is not None and self._active >= self.max_sessions
             if not full:
                 self._active += 1
@@ -110,12 +128,16 @@ class SessionServer:
     def drain(self, seconds: float) -> int:
         """Refuse new connections from now on (HTTP 503) and wait up to ``seconds`` for the running ones to end;
         returns how many are still running (``close`` then ends them with 1001, going away)."""
-        self.draining = True
         deadline = time.monotonic() + seconds
         with self._idle:
-            while self._active and (left := deadline - time.monotonic()) > 0:
-                self._idle.wait(left)
-            return self._active
+            self.draining = True
+            while True:
+                self._accepted = {c: t for c, t in self._accepted.items() if t.is_alive()}
+                running = self._active + len(self._accepted)
+                left = deadline - time.monotonic()
+                if not running or left <= 0:
+                    return running
+                self._idle.wait(min(left, 0.05))  # (a failed handshake's thread ends without a word)
 
     def start(self) -> SessionServer:
         self._thread = threading.Thread(target=self.server.serve_forever, name=self._name, daemon=True)
