@@ -7,13 +7,20 @@
 Prompts: AlpacaEval's 805 instructions (the ``instruction`` field only; the dataset mixes Self-Instruct, OASST,
 Koala, Vicuna and Anthropic helpful-base prompts), and with ``--synthetic N`` N user messages the model writes
 itself (Magpie), and with ``--steered N`` / ``--steered-2 N`` long-form requests it writes after an opening
-(``OPENINGS``, ``OPENINGS_2``); the answers and hidden states are the model's own (greedy, through its chat
+(``OPENINGS``, ``OPENINGS_2``), with ``--steered-3 N`` questions of knowledge (``OPENINGS_3``: science, history,
+economics, teaching); the answers and hidden states are the model's own (greedy, through its chat
 template; training answers from a bfloat16 copy of the model, about twice as fast on a CPU with bf16 instructions).
 A fixed 5% of the file's prompts is held out, answered by the float32 model, and scored as greedy drafting would be;
 the head this run replaces is scored on the same answers. The answers are cached (``--answers``), so a second run
 trains without regenerating them. With ``--head-layers N`` (default 2: the library's default split) the head also
 reads what the model's first N layers make of each token, as a split device's head computes them; they are
 recomputed from the cached answers each run (about 2 minutes for 5,400 answers).
+
+``--init HEAD`` continues training from a head (its weights and draft vocabulary) instead of starting afresh, and
+``--train-parts`` trains on some parts only (the others are neither generated nor read): together they add a part
+of data to a trained head in minutes, e.g. ``--steered-3 1200 --train-parts steered-3 --init HEAD --epochs 2
+--lr 3e-4``. Held-out scores are given per position (a draft starting at every answer position) and as live steps
+(each starting where the last ended, as a generation walks; ``train.live_steps``).
 """
 
 from __future__ import annotations
@@ -46,7 +53,13 @@ from lambdasplit.generation.drafthead import (
 )
 from lambdasplit.generation.drafthead.data import add_states
 from lambdasplit.generation.drafthead.model import target_matrices
-from lambdasplit.generation.drafthead.train import accepted_length, tree_size, truth_ranks
+from lambdasplit.generation.drafthead.train import (
+    accepted_length,
+    by_answer,
+    live_steps,
+    tree_size,
+    truth_ranks,
+)
 from lambdasplit.models.resolve import resolve_checkpoint
 from lambdasplit.models.unsplit import load_unsplit
 from lambdasplit.split import load_split
@@ -104,6 +117,33 @@ OPENINGS_2 = (
     "What can we learn from",
     "Outline a plan",
 )
+#: ``--steered-3``: questions of knowledge, where the shipped head drafts worst on the benchmark (its STEM and
+#: humanities prompts). None copies a benchmark prompt's opening; none of the messages written after them shares a
+#: run of 6 words with a benchmark prompt (checked on 1,200 of them).
+OPENINGS_3 = (
+    "Explain the concept of",
+    "What is the role of",
+    "Describe the process of",
+    "How do scientists",
+    "What happens when",
+    "Outline the main stages of",
+    "What are the key principles of",
+    "Give a detailed explanation of",
+    "What is the significance of",
+    "How has",
+    "In physics,",
+    "In biology,",
+    "In chemistry,",
+    "In economics,",
+    "In psychology,",
+    "In philosophy,",
+    "In history,",
+    "Write a lesson plan",
+    "Suggest ways to",
+    "What are the implications of",
+    "Describe the structure of",
+    "How can teachers",
+)
 BENCH_PROMPTS = Path(__file__).with_name("prompts") / "mt-bench-open.jsonl"
 
 #: Draft shapes scored on the held-out answers: chains of k, and token trees (branches per level).
@@ -122,7 +162,12 @@ def scored(head: DraftHead, heldout: list[Answer]) -> dict[str, dict[str, float]
     out = {}
     for name, shape in SHAPES.items():
         lengths = [accepted_length(r, shape) for r in ranks]
-        out[name] = {"tokens_per_step": round(1 + sum(lengths) / len(lengths), 3), "drafted": tree_size(shape)}
+        live = [n for one in by_answer(heldout, lengths) for n in live_steps(one)]
+        out[name] = {
+            "tokens_per_step": round(1 + sum(lengths) / len(lengths), 3),
+            "tokens_per_live_step": round(1 + sum(live) / len(live), 3),
+            "drafted": tree_size(shape),
+        }
     out["first_token_acceptance"] = {"rate": round(sum(1 for r in ranks if r and r[0] == 0) / len(ranks), 3)}
     return out
 
@@ -154,6 +199,18 @@ def main() -> None:
         default=0,
         help="also train on N prompts the model writes after an opening of OPENINGS_2 (other phrasings)",
     )
+    ap.add_argument(
+        "--steered-3",
+        type=int,
+        default=0,
+        help="also train on N prompts the model writes after an opening of OPENINGS_3 (questions of knowledge)",
+    )
+    ap.add_argument(
+        "--train-parts",
+        default=None,
+        help="train on these parts only, comma-separated (file, synthetic, steered, steered-2, steered-3)",
+    )
+    ap.add_argument("--init", default=None, help="continue training from this head's weights and draft vocabulary")
     ap.add_argument("--answers", default="artifacts/draft-head/answers", help="folder caching the generated answers")
     ap.add_argument("--out", default=str(HEAD_FILE), help="where the weights go")
     ap.add_argument("--log", default="artifacts/draft-head/training.json")
@@ -241,6 +298,14 @@ def main() -> None:
     if args.steered_2:
         settings = common | dtype | {"count": args.steered_2, "openings": OPENINGS_2, "after_steered": args.steered}
         parts["steered-2"] = (settings, synthetic_part(args.steered_2, 2, OPENINGS_2))
+    if args.steered_3:
+        settings = common | dtype | {"count": args.steered_3, "openings": OPENINGS_3, "after_steered_2": args.steered_2}
+        parts["steered-3"] = (settings, synthetic_part(args.steered_3, 3, OPENINGS_3))
+    if args.train_parts is not None:
+        wanted = [p.strip() for p in args.train_parts.split(",") if p.strip()]
+        if unknown := [p for p in wanted if p not in parts or p == "heldout"]:
+            sys.exit(f"--train-parts: no part {', '.join(unknown)} (this run's: {', '.join(list(parts)[1:])})")
+        parts = {name: part for name, part in parts.items() if name == "heldout" or name in wanted}
     data: dict[str, list[Answer]] = {}
     gen_seconds = 0.0
     for name, (settings, make) in parts.items():
@@ -289,8 +354,13 @@ def main() -> None:
     embed, _ = target_matrices(model)
     eos = sorted(int(t) for t in tokenizer.all_special_ids)
     report = lambda s: print(f"epoch {s}", flush=True)  # noqa: E731
-    head, log = train_head(model, train, recipe, always=eos, heldout=heldout, progress=report)
+    init = None
+    if args.init is not None:
+        init, _ = DraftHead.load(args.init, model.config, *(w.detach().float() for w in target_matrices(model)))
+    head, log = train_head(model, train, recipe, always=eos, heldout=heldout, progress=report, init=init)
     scores = scored(head, heldout)
+    if init is not None:  # where training started, on the same held-out answers
+        scores["initial_head"] = scored(init, heldout)
     if Path(args.out).is_file():  # the head this run replaces, scored on the same held-out answers
         try:
             replaced, _ = DraftHead.load(args.out, model.config, *(w.detach().float() for w in target_matrices(model)))
@@ -302,14 +372,18 @@ def main() -> None:
         "model": args.model,
         "prompts": {
             "file": Path(args.prompts).name,
-            "train": len(data["file"]),
+            "train": len(data.get("file", [])),
             "synthetic": len(data.get("synthetic", [])),
             "steered": len(data.get("steered", [])),
             "openings": list(OPENINGS) if args.steered else [],
             "steered_2": len(data.get("steered-2", [])),
             "openings_2": list(OPENINGS_2) if args.steered_2 else [],
+            "steered_3": len(data.get("steered-3", [])),
+            "openings_3": list(OPENINGS_3) if args.steered_3 else [],
+            "trained_parts": list(data),
             "heldout": len(heldout),
         },
+        "continued_from": Path(args.init).name if args.init else None,
         "generation_dtype": args.generation_dtype,
         "answer_tokens": sum(len(a.tokens) for a in answers),
         "trained_on": {"answers": len(train), "tokens": sum(len(a.tokens) for a in train)},

@@ -44,7 +44,7 @@ from lambdasplit.generation.drafthead import (
 from lambdasplit.generation.drafthead.data import add_states
 from lambdasplit.generation.drafthead.drafter import HeadDrafter, drafting_dtype, head_drafter
 from lambdasplit.generation.drafthead.model import target_matrices
-from lambdasplit.generation.drafthead.train import unrolled
+from lambdasplit.generation.drafthead.train import accepted_length, by_answer, live_steps, truth_ranks, unrolled
 from lambdasplit.split import load_split
 from lambdasplit.split.parts import rewind
 from tiny_models import NUM_LAYERS, VOCAB, build_tiny, make_tokenizer
@@ -144,6 +144,43 @@ def test_training_learns_to_draft_the_models_answers(tiny_checkpoint, soft_label
     before, after = evaluate(untrained, heldout, k=4), evaluate(head, heldout, k=4)
     assert after["tokens_per_step"] > before["tokens_per_step"] + 0.3, (before, after)
     assert after["first_token_acceptance"] > 0.3
+
+
+def test_training_continues_from_a_head(tiny_checkpoint) -> None:
+    """``init``: no epoch returns the head it started from, drafting the same; epochs on other answers keep its
+    draft vocabulary and move on from its weights; a head reading another count of layers is refused."""
+    path, ref = tiny_checkpoint("llama")
+    head, _, heldout = _train(path, ref, replace(RECIPE, epochs=2))
+    others = answer_prompts(ref, _prompts(16, 2), max_new_tokens=32, batch_size=16)
+    add_states(load_split(path, (1, NUM_LAYERS), parts=("head",)).head, _prompts(16, 2), others)
+    same, _ = train_head(ref, others, replace(RECIPE, epochs=0), init=head)
+    assert evaluate(same, heldout, k=4) == evaluate(head, heldout, k=4)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), head.state_dict().values(), strict=True))
+    more, log = train_head(ref, others, replace(RECIPE, epochs=1, lr=1e-4), init=head)
+    assert torch.equal(more.draft_ids, head.draft_ids) and log.steps == 2
+    moved = [float((a - b).abs().max()) for a, b in zip(more.trainable(), head.trainable(), strict=True)]
+    assert 0 < max(moved) < 0.05  # one small step from the head's weights, not a fresh start
+    with pytest.raises(ConfigError, match="reads 1 layers' states, the recipe 2"):
+        train_head(ref, others, replace(RECIPE, head_layers=2), init=head)
+
+
+def test_live_steps_walk_an_answer_as_a_generation_does(trained, tiny_checkpoint) -> None:
+    """A step starts where the last one ended: its accepted drafts and the model's own token later."""
+    assert live_steps([2, 0, 0, 1, 0, 3, 0, 0, 0]) == [2, 1, 3]
+    assert live_steps([0, 0, 0]) == [0, 0, 0] and live_steps([5, 1]) == [5] and live_steps([]) == []
+    # On held-out answers: a generation's steps cover each answer (the last one may end on the model's own token
+    # after the last position scored), and their mean is the live figure.
+    path, ref = tiny_checkpoint("llama")
+    head, _ = DraftHead.load(trained[1], ref.config, *(w.detach() for w in target_matrices(ref)))
+    _, _, heldout = _train(path, ref, replace(RECIPE, epochs=0))
+    lengths = [accepted_length(r, (1,) * 4) for r in truth_ranks(head, heldout, 4)]
+    walks = [live_steps(one) for one in by_answer(heldout, lengths)]
+    for walk, answer in zip(walks, heldout, strict=True):
+        assert len(answer.tokens) - 1 <= sum(1 + n for n in walk) <= len(answer.tokens)
+    live = [n for w in walks for n in w]
+    scores = evaluate(head, heldout, k=4)
+    assert scores["tokens_per_live_step"] == pytest.approx(1 + sum(live) / len(live))
+    assert scores["tokens_per_live_step"] <= scores["tokens_per_step"]
 
 
 def test_each_unrolled_pass_sees_what_drafting_sees(tiny_checkpoint) -> None:

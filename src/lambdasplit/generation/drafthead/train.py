@@ -13,7 +13,10 @@ The recipe (EAGLE's losses, with unrolled steps as in HASS / EAGLE-3's "training
 - AdamW, cosine learning rate after a short warm-up, sequences batched with right padding.
 
 ``evaluate`` replays held-out answers as greedy drafting would: at each position, draft ``k`` tokens with the head
-fed its own guesses and count how many match the target's answer. That is the accepted length of a real step.
+fed its own guesses and count how many match the target's answer: the accepted length of a step that starts
+there. Averaged over every position it overstates a generation's tokens per step (a run of easy tokens counts at
+each of its positions, where a generation takes it in one step); ``live_steps`` walks an answer as a generation
+does, each step starting where the last one ended.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,8 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.generation.drafthead.data import Answer, coverage, draft_vocabulary
 from lambdasplit.generation.drafthead.model import DraftHead, target_matrices
 from lambdasplit.split.parts import rewind
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -161,12 +166,14 @@ def train_head(
     always: Sequence[int] = (),
     heldout: Sequence[Answer] = (),
     progress: Callable[[dict[str, float]], None] | None = None,
+    init: DraftHead | None = None,
 ) -> tuple[DraftHead, TrainingLog]:
     """Train a draft head for ``target`` on ``answers``; ``progress`` gets a summary after each epoch.
 
     With ``heldout`` answers, each epoch ends by scoring them (next-token accuracy from the true features, the first
     drafted token's situation), and the head returned is the best epoch's: a few hundred answers are memorised long
-    before the last epoch."""
+    before the last epoch. With ``init``, training continues from that head (its weights and draft vocabulary; it
+    must read as many layers' states as ``recipe.head_layers``), on new answers for instance."""
     recipe = recipe or Recipe()
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
@@ -175,8 +182,14 @@ def train_head(
         raise ConfigError(
             f"a head reading the first {recipe.head_layers} layers trains on answers with states (data.add_states)"
         )
-    draft_ids = draft_vocabulary(answers, recipe.draft_vocab, always)
+    if init is not None and init.head_layers != recipe.head_layers:
+        raise ConfigError(
+            f"the head to continue from reads {init.head_layers} layers' states, the recipe {recipe.head_layers}"
+        )
+    draft_ids = init.draft_ids if init is not None else draft_vocabulary(answers, recipe.draft_vocab, always)
     head = DraftHead(target.config, draft_ids, embed, lm_head, head_layers=recipe.head_layers).float().train()
+    if init is not None:
+        head.load_state_dict(init.state_dict())
     vocab_index = torch.full((lm_head.shape[0],), -100, dtype=torch.long)
     vocab_index[draft_ids] = torch.arange(len(draft_ids))
     usable = [a for a in answers if len(a.tokens) >= 2]
@@ -286,6 +299,27 @@ def truth_ranks(head: DraftHead, answers: Sequence[Answer], depth: int = 8) -> l
     return ranks
 
 
+def live_steps(lengths: Sequence[int]) -> list[int]:
+    """The drafted tokens accepted at each step of a greedy generation along one answer, from the count a draft
+    starting at each of its positions would have accepted (``accepted_length``): each step starts where the last
+    one ended, after its accepted tokens and the model's own."""
+    steps, at = [], 0
+    while at < len(lengths):
+        steps.append(lengths[at])
+        at += 1 + lengths[at]
+    return steps
+
+
+def by_answer(answers: Sequence[Answer], rows: Sequence[T]) -> list[Sequence[T]]:
+    """``truth_ranks``'s rows (one per position, all answers in a row) split back into each answer's."""
+    out, at = [], 0
+    for a in answers:
+        n = max(0, len(a.tokens) - 1)
+        out.append(rows[at : at + n])
+        at += n
+    return out
+
+
 def accepted_length(row: Sequence[int], widths: Sequence[int]) -> int:
     """Drafted tokens accepted from a tree with ``widths[i]`` branches at level i (all 1: a chain)."""
     for i, (rank, width) in enumerate(zip(row, widths, strict=False)):
@@ -307,12 +341,15 @@ def evaluate(
     head: DraftHead, answers: Sequence[Answer], k: int = 6, widths: Sequence[int] | None = None
 ) -> dict[str, float]:
     """Mean tokens per verified step (accepted drafts + the model's own token) for a chain of ``k`` (or a tree of
-    ``widths``) on held-out answers, and the acceptance of the first drafted token."""
+    ``widths``) on held-out answers, a draft starting at every position (``tokens_per_step``) and steps walked as
+    a generation takes them (``tokens_per_live_step``), and the acceptance of the first drafted token."""
     shape = list(widths) if widths is not None else [1] * k
     ranks = truth_ranks(head, answers, len(shape))
     lengths = [accepted_length(r, shape) for r in ranks]
+    live = [n for one in by_answer(answers, lengths) for n in live_steps(one)]
     return {
         "tokens_per_step": 1 + sum(lengths) / max(1, len(lengths)),
+        "tokens_per_live_step": 1 + sum(live) / max(1, len(live)),
         "first_token_acceptance": sum(1 for r in ranks if r and r[0] == 0) / max(1, len(ranks)),
         "drafted_per_step": tree_size(shape),
     }
