@@ -23,7 +23,8 @@ session | body fingerprint (32 bytes) | proof (32 bytes: HMAC-SHA256 under the l
 and the fingerprint). Server 0 keeps the hellos of a session until the device opens it there, then takes the
 first whose proof holds under the key the device gave it, answers it 1 | its own proof (HMAC of "welcome" and
 the session), which server 1 checks, and refuses the rest with 0 (as it refuses a hello of another body or one
-not claimed within ``timeout``). A connection without the key cannot take a session's place.
+not claimed within ``timeout``). A connection without the key cannot join a session; one that replays server 1's
+hello, seen on the path, can at most end the session (its first frame fails), as dropping packets would.
 """
 
 from __future__ import annotations
@@ -319,9 +320,10 @@ class PeerListener:
                     self._cond.wait(left)
                 waiting = self._take(session)
             proven = [sock for sock, proof in waiting if hmac.compare_digest(proof, expected)]
-            for sock, _ in waiting:
+            for sock, proof in waiting:
                 if not proven or sock is not proven[0]:
-                    log.warning("peer link: refused a hello for session %s without its link key", session.hex())
+                    why = "a second one" if hmac.compare_digest(proof, expected) else "without its link key"
+                    log.warning("peer link: refused a hello for session %s (%s)", session.hex(), why)
                     _refuse(sock)
             if proven:
                 break
