@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -166,6 +167,10 @@ def test_a_hello_without_the_key_neither_takes_the_session_nor_pushes_server_1_o
             impostors.append(sock)
             if len(impostors) == 1:
                 joining, joined = in_thread(lambda: join(listener.address, SESSION, FINGERPRINT, k, TIMEOUT))
+        deadline = time.monotonic() + TIMEOUT  # all three wait for the device's open before server 0 claims
+        while len(listener._arrived.get(SESSION, [])) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         claimed = listener.claim(SESSION, k, TIMEOUT)
         server1 = finished(joining, joined)
         assert isinstance(server1, PeerChannel)
