@@ -117,9 +117,9 @@ OPENINGS_2 = (
     "What can we learn from",
     "Outline a plan",
 )
-#: ``--steered-3``: questions of knowledge, where the shipped head drafts worst on the benchmark (its STEM and
-#: humanities prompts). None copies a benchmark prompt's opening; none of the messages written after them shares a
-#: run of 6 words with a benchmark prompt (checked on 1,200 of them).
+#: ``--steered-3``: questions of knowledge, for the benchmark's STEM and humanities prompts, where the shipped head
+#: keeps fewer tokens a step than on role play (docs/benchmarks.md). None copies a benchmark prompt's opening; none
+#: of the messages written after them shares a run of 6 words with a benchmark prompt (checked on 1,200 of them).
 OPENINGS_3 = (
     "Explain the concept of",
     "What is the role of",
