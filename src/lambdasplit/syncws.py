@@ -105,8 +105,13 @@ class SessionServer:
         with self._idle:
             if self.draining:
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, DRAINING)
+            self._forget_failed()
             self._accepted[connection] = threading.current_thread()
         return None
+
+    def _forget_failed(self) -> None:
+        """Drop accepted handshakes whose thread ended without reaching the handler. Holds the lock."""
+        self._accepted = {c: t for c, t in self._accepted.items() if t.is_alive()}
 
     def _run(self, connection: ServerConnection) -> None:
         with self._idle:
@@ -132,7 +137,7 @@ class SessionServer:
         with self._idle:
             self.draining = True
             while True:
-                self._accepted = {c: t for c, t in self._accepted.items() if t.is_alive()}
+                self._forget_failed()
                 running = self._active + len(self._accepted)
                 left = deadline - time.monotonic()
                 if not running or left <= 0:
