@@ -144,6 +144,13 @@ OPENINGS_3 = (
     "Describe the structure of",
     "How can teachers",
 )
+#: The steered parts, each with ``--NAME N``: (name, its openings' name, the openings, what they ask for). Their
+#: seeds are 1, 2, 3 in turn.
+STEERED = (
+    ("steered", "OPENINGS", OPENINGS, "long-form requests"),
+    ("steered-2", "OPENINGS_2", OPENINGS_2, "other phrasings"),
+    ("steered-3", "OPENINGS_3", OPENINGS_3, "questions of knowledge"),
+)
 BENCH_PROMPTS = Path(__file__).with_name("prompts") / "mt-bench-open.jsonl"
 
 #: Draft shapes scored on the held-out answers: chains of k, and token trees (branches per level).
@@ -187,24 +194,13 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="the model's dtype for the training answers (held-out answers always come from float32)",
     )
-    ap.add_argument(
-        "--steered",
-        type=int,
-        default=0,
-        help="also train on N prompts the model writes after an opening of OPENINGS (long-form requests)",
-    )
-    ap.add_argument(
-        "--steered-2",
-        type=int,
-        default=0,
-        help="also train on N prompts the model writes after an opening of OPENINGS_2 (other phrasings)",
-    )
-    ap.add_argument(
-        "--steered-3",
-        type=int,
-        default=0,
-        help="also train on N prompts the model writes after an opening of OPENINGS_3 (questions of knowledge)",
-    )
+    for name, listed, _, what in STEERED:
+        ap.add_argument(
+            f"--{name}",
+            type=int,
+            default=0,
+            help=f"also train on N prompts the model writes after an opening of {listed} ({what})",
+        )
     ap.add_argument(
         "--train-parts",
         default=None,
@@ -292,15 +288,15 @@ def main() -> None:
     if args.synthetic:
         settings = common | dtype | {"count": args.synthetic}
         parts["synthetic"] = (settings, synthetic_part(args.synthetic, 0))
-    if args.steered:
-        settings = common | dtype | {"count": args.steered, "openings": OPENINGS, "after_synthetic": args.synthetic}
-        parts["steered"] = (settings, synthetic_part(args.steered, 1, OPENINGS))
-    if args.steered_2:
-        settings = common | dtype | {"count": args.steered_2, "openings": OPENINGS_2, "after_steered": args.steered}
-        parts["steered-2"] = (settings, synthetic_part(args.steered_2, 2, OPENINGS_2))
-    if args.steered_3:
-        settings = common | dtype | {"count": args.steered_3, "openings": OPENINGS_3, "after_steered_2": args.steered_2}
-        parts["steered-3"] = (settings, synthetic_part(args.steered_3, 3, OPENINGS_3))
+    before = ("synthetic", args.synthetic)  # each steered part's cache records the count of the part made before it
+    for seed, (name, _, openings, _) in enumerate(STEERED, start=1):
+        if count := int(getattr(args, name.replace("-", "_"))):
+            after = {f"after_{before[0].replace('-', '_')}": before[1]}
+            parts[name] = (
+                common | dtype | {"count": count, "openings": openings} | after,
+                synthetic_part(count, seed, openings),
+            )
+        before = (name, count)
     if args.train_parts is not None:
         wanted = [p.strip() for p in args.train_parts.split(",") if p.strip()]
         if unknown := [p for p in wanted if p not in parts or p == "heldout"]:
@@ -368,18 +364,18 @@ def main() -> None:
         except ConfigError as exc:  # another model's head or layout: say so, go on
             print(f"the head at {args.out} was not scored: {exc}", flush=True)
     print(f"held-out greedy drafting ({len(heldout)} answers): {json.dumps(scores)}", flush=True)
+    steered_record: dict[str, object] = {}
+    for name, _, openings, _ in STEERED:
+        suffix = name.removeprefix("steered").replace("-", "_")
+        steered_record[f"steered{suffix}"] = len(data.get(name, []))
+        steered_record[f"openings{suffix}"] = list(openings) if name in data else []
     record = {
         "model": args.model,
         "prompts": {
             "file": Path(args.prompts).name,
             "train": len(data.get("file", [])),
             "synthetic": len(data.get("synthetic", [])),
-            "steered": len(data.get("steered", [])),
-            "openings": list(OPENINGS) if args.steered else [],
-            "steered_2": len(data.get("steered-2", [])),
-            "openings_2": list(OPENINGS_2) if args.steered_2 else [],
-            "steered_3": len(data.get("steered-3", [])),
-            "openings_3": list(OPENINGS_3) if args.steered_3 else [],
+            **steered_record,
             "trained_parts": list(data),
             "heldout": len(heldout),
         },
