@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chi_square import chi_square_p
 from drafters import ScriptedDrafter
@@ -151,6 +153,37 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:
     assert PromptLookupDrafter(min_ngram=2).propose([1, 2, 3, 1, 4, 5, 1], 2) == []  # a 1-gram is not enough
     with pytest.raises(ConfigError):
         PromptLookupDrafter(max_ngram=1, min_ngram=2)
+
+
+def _scanned(ids: list[int], k: int, max_ngram: int, min_ngram: int) -> tuple[list[int], int]:
+    """What prompt lookup must return: the context scanned from the end for each n, longest first."""
+    end = len(ids)
+    for n in range(min(max_ngram, end - 1), min_ngram - 1, -1):
+        for start in range(end - n - 1, -1, -1):
+            if ids[start : start + n] == ids[end - n :]:
+                return ids[start + n : start + n + k], n
+    return [], 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=st.lists(st.integers(0, 4), max_size=40),
+    steps=st.lists(st.lists(st.integers(0, 4), max_size=5), max_size=8),
+    other=st.lists(st.integers(0, 4), max_size=30),
+    ngrams=st.sampled_from([(3, 1), (2, 2), (4, 2), (1, 1)]),
+)
+def test_prompt_lookup_index_finds_what_a_scan_finds(
+    first: list[int], steps: list[list[int]], other: list[int], ngrams: tuple[int, int]
+) -> None:
+    # A small alphabet, so that n-grams repeat and overlap; the sequence grows step by step, as in a generation,
+    # then another sequence (shorter, or not an extension) must not be answered from the old index.
+    d = PromptLookupDrafter(max_ngram=ngrams[0], min_ngram=ngrams[1])
+    ids = list(first)
+    for added in [[], *steps]:
+        ids += added
+        assert d.match(ids, 4) == _scanned(ids, 4, *ngrams)
+    for seq in (other, ids[: len(ids) // 2], [*ids[:-1], 5]):
+        assert d.match(seq, 3) == _scanned(seq, 3, *ngrams)
 
 
 def test_draft_length_grows_on_success_shrinks_and_backs_off_on_misses() -> None:

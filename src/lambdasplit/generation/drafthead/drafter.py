@@ -391,6 +391,8 @@ class HeadDrafter(Drafter):
 
     def close(self) -> None:
         self._cache, self._ids, self._fed, self._sure, self._hiddens = None, [], 0, [], []
+        if self.lookup is not None:
+            self.lookup.close()
         if self.decoder is not None:
             self.decoder.keep_features = False
             self.decoder = None
