@@ -9,6 +9,10 @@ from pathlib import Path
 # Before torch loads, as the CLI does (lambdasplit.cli.main): libgomp's idle threads otherwise spin after every
 # parallel region, and the tests' own torch and the servers they start steal each other's cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from lambdasplit.cpus import cpu_budget, thread_cap  # does not load torch
+
+# A cgroup CPU quota caps torch's threads here as in the command line's servers, which tests compare bit for bit.
+os.environ.update(thread_cap())
 
 import pytest
 import torch
@@ -28,11 +32,12 @@ MAX_WORKERS = 8
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (pyproject's addopts): one worker per core this process may use, as many as memory holds, at
-    most ``MAX_WORKERS``; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides it, as with pytest-xdist's own rule."""
+    """``-n auto`` (pyproject's addopts): one worker per CPU this process may use (``cpus.cpu_budget``: a cgroup CPU
+    quota counts), as many as memory holds, at most ``MAX_WORKERS``; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides it,
+    as with pytest-xdist's own rule."""
     if env := os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_budget()
     memory, _ = memory_bytes()  # the machine's, or its container's limit
     by_memory = memory // WORKER_MEMORY_BYTES if memory else cores
     return max(1, min(cores, by_memory, MAX_WORKERS))

@@ -16,20 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lambdasplit.cpus import own_cgroup
 from lambdasplit.errors import ConfigError
 
 _V1 = Path("/sys/fs/cgroup/cpu")
 _V2 = Path("/sys/fs/cgroup")
 _PERIOD_US = 100_000
-
-
-def _own_cgroup(controller: str | None) -> str:
-    """This process's cgroup path for the v1 ``controller`` (None: the v2 unified hierarchy)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if (controller is None and controllers == "") or (controller in controllers.split(",")):
-            return path
-    raise ConfigError(f"this process is in no {'cgroup v2' if controller is None else controller} cgroup")
 
 
 def cpu_limit_unavailable() -> str | None:
@@ -53,13 +45,13 @@ class CpuLimit:
         quota = max(1000, int(cpus * _PERIOD_US))
         name = f"lambdasplit-device-{os.getpid()}"
         if (_V1 / "cpu.cfs_quota_us").is_file():
-            self.home = _V1 / _own_cgroup("cpu").lstrip("/")
+            self.home = _V1 / own_cgroup("cpu").lstrip("/")
             self.path = _V1 / name
             self.path.mkdir(exist_ok=True)
             (self.path / "cpu.cfs_period_us").write_text(str(_PERIOD_US))
             (self.path / "cpu.cfs_quota_us").write_text(str(quota))
         else:
-            self.home = _V2 / _own_cgroup(None).lstrip("/")
+            self.home = _V2 / own_cgroup(None).lstrip("/")
             self.path = _V2 / name
             self.path.mkdir(exist_ok=True)
             (self.path / "cpu.max").write_text(f"{quota} {_PERIOD_US}")
