@@ -186,6 +186,26 @@ def test_a_hello_without_the_key_neither_takes_the_session_nor_pushes_server_1_o
         listener.close()
 
 
+def test_a_hello_for_a_session_paired_already_is_refused_at_once() -> None:
+    k = key()
+    listener = PeerListener("127.0.0.1", 0, FINGERPRINT, 30.0)  # unclaimed hellos would wait 30 s
+    try:
+        joining, joined = in_thread(lambda: join(listener.address, SESSION, FINGERPRINT, k, TIMEOUT))
+        claimed = listener.claim(SESSION, k, TIMEOUT)
+        server1 = finished(joining, joined)
+        assert isinstance(server1, PeerChannel)
+        # server 1's hello replayed (seen on the path), after the pairing: refused on arrival, not after 30 s
+        late = socket.create_connection(listener.address, timeout=TIMEOUT)
+        late.sendall(HELLO.pack(HELLO_MAGIC, SESSION, FINGERPRINT, hello_proof(k, SESSION, FINGERPRINT)))
+        assert late.recv(1) == b"\x00"
+        late.close()
+        assert SESSION not in listener._arrived
+        claimed.close()
+        server1.close()
+    finally:
+        listener.close()
+
+
 def test_server_1_refuses_a_server_0_without_the_key() -> None:
     fake = socket.create_server(("127.0.0.1", 0))
 

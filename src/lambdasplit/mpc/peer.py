@@ -18,13 +18,14 @@ from it, the frame's header as associated data and the count of frames sent so f
 a retried forward repeats its step numbers, not its nonces); ``nbytes`` includes GCM's 16-byte tag. A frame
 forged, altered, replayed or reordered by anyone without the key fails at once (``peer_unauthenticated``).
 
-Pairing: share server 1 connects to share server 0's peer address and sends ``hello`` = magic "LSPH" |
-session | body fingerprint (32 bytes) | proof (32 bytes: HMAC-SHA256 under the link key of "hello", the session
-and the fingerprint). Server 0 keeps the hellos of a session until the device opens it there, then takes the
-first whose proof holds under the key the device gave it, answers it 1 | its own proof (HMAC of "welcome" and
-the session), which server 1 checks, and refuses the rest with 0 (as it refuses a hello of another body or one
-not claimed within ``timeout``). A connection without the key cannot join a session; one that replays server 1's
-hello, seen on the path, can at most end the session (its first frame fails), as dropping packets would.
+Pairing: share server 1 connects to share server 0's peer address and sends ``hello`` = magic "LSPH" | session |
+body fingerprint (32 bytes) | proof (32 bytes: HMAC-SHA256 under the link key of "hello", the session and the
+fingerprint). Server 0 keeps the hellos of a session until the device opens it there, then takes the first whose
+proof holds under the key the device gave it, answers it 1 | its own proof (HMAC of "welcome" and the session),
+which server 1 checks, and refuses the rest with 0 (as it refuses a hello of another body, one not claimed within
+``timeout``, and one for a session it paired already: the latest ``CLAIMED_KEPT``). A connection without the key
+cannot join a session; one that replays server 1's hello, seen on the path, before the pairing can at most end the
+session (its first frame fails), as dropping packets would.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 
 import torch
 from cryptography.exceptions import InvalidTag
@@ -51,6 +53,7 @@ FRAME_MAGIC, HELLO_MAGIC = b"LSPR", b"LSPH"
 SESSION_BYTES, FINGERPRINT_BYTES, LINK_KEY_BYTES, PROOF_BYTES = 16, 32, 32, 32
 TAG_BYTES = 16  # AES-GCM's tag, at the end of every payload
 MAX_WAITING = 8  # hellos kept per session until the device opens it (more are refused)
+CLAIMED_KEPT = 4096  # sessions already paired, remembered so that a later hello for one is refused at once
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +250,7 @@ class PeerListener:
         self.server = socket.create_server((host, port), reuse_port=False)
         self.address = self.server.getsockname()[:2]
         self._arrived: dict[bytes, list[tuple[socket.socket, bytes]]] = {}  # session -> (socket, proof) waiting
+        self._claimed: OrderedDict[bytes, None] = OrderedDict()  # the latest sessions paired, oldest first
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._accept_loop, name="peer-listener", daemon=True)
@@ -270,7 +274,12 @@ class PeerListener:
             return
         with self._cond:
             waiting = self._arrived.setdefault(session, [])
-            kept = magic == HELLO_MAGIC and fingerprint == self.fingerprint and len(waiting) < MAX_WAITING
+            kept = (
+                magic == HELLO_MAGIC
+                and fingerprint == self.fingerprint
+                and len(waiting) < MAX_WAITING
+                and session not in self._claimed  # paired already: a replay or a late second server 1
+            )
             if kept:
                 waiting.append((sock, proof))
                 self._cond.notify_all()
@@ -319,7 +328,11 @@ class PeerListener:
                         )
                     self._cond.wait(left)
                 waiting = self._take(session)
-            proven = [sock for sock, proof in waiting if hmac.compare_digest(proof, expected)]
+                proven = [sock for sock, proof in waiting if hmac.compare_digest(proof, expected)]
+                if proven:  # from now on a hello for this session is refused on arrival
+                    self._claimed[session] = None
+                    while len(self._claimed) > CLAIMED_KEPT:
+                        self._claimed.popitem(last=False)
             for sock, proof in waiting:
                 if not proven or sock is not proven[0]:
                     why = "a second one" if hmac.compare_digest(proof, expected) else "without its link key"
