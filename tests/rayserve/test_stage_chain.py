@@ -12,8 +12,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 from drafters import ScriptedDrafter
 from lambdasplit.client import connect_device
 from lambdasplit.config import SplitPoints
-from lambdasplit.errors import ConfigError, SessionError
+from lambdasplit.errors import ConfigError, Refusal, RemoteError, SessionError
 from lambdasplit.generation import generate
 from lambdasplit.rayserve.chain import ChainBody, ChainState, StageChain, stage_ranges
 from lambdasplit.rayserve.stages import StagedBodyServer, staged_split
@@ -244,3 +245,62 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class KillingLink:
+    """A device's body link that runs ``kills[n]`` just before its n-th forward (mid-generation)."""
+
+    def __init__(self, link: Any, kills: dict[int, Callable[[], None]]) -> None:
+        self.link, self.kills, self.calls = link, kills, 0
+
+    def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
+        self.calls += 1
+        if self.calls in self.kills:
+            self.kills[self.calls]()
+        return self.link.forward(hidden, position, reset, last)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.link, name)
+
+
+def test_stages_killed_mid_generation_are_restarted_and_the_device_loses_nothing(tiny, staged, server_url) -> None:
+    """Ray restarts a stage's process with no sessions; the step that met the loss is refused with unknown_session
+    once the stage answers again, and the device replays its history: the same tokens. The first stage lost fails
+    the second's call as its input, the last fails its own."""
+    import ray
+
+    url, _ = server_url
+    chain = chain_of(staged)
+    local = load_split(tiny, POINTS, device="cpu", dtype="float32")
+    new = 12
+    expected = generate(local, PROMPT, max_new_tokens=new, ignore_eos=True).token_ids
+    before = [info.pid for info in chain.check()]
+    split, client = connect_device(url, tiny, device="cpu", dtype="float32", quiet=True)
+    with client:
+        kills = {i: lambda i=i: ray.kill(chain.actors[i // 6], no_restart=False) for i in (3, 6)}
+        link = KillingLink(client.open_session("float32"), kills)
+        out = generate(split, PROMPT, max_new_tokens=new, ignore_eos=True, link=link)
+        assert out.token_ids == expected
+        assert [r.reason for r in link.link.recoveries] == ["session unknown to the server (evicted or restarted)"] * 2
+    after = [info.pid for info in chain.check()]
+    assert after[0] != before[0] and after[1] != before[1] and chain.restarts == 2
+
+
+def test_a_stage_dead_for_good_is_stage_unavailable_to_the_device_and_the_health_check(
+    tiny, staged, server_url
+) -> None:
+    """No restarts left: the device gets stage_unavailable (not a hang), and the replica's health check fails, so
+    Serve would replace the replica. Runs last: the module's chain is broken after it."""
+    import ray
+
+    url, _ = server_url
+    chain = chain_of(staged)
+    split, client = connect_device(url, tiny, device="cpu", dtype="float32", quiet=True)
+    with client:
+        link = KillingLink(client.open_session("float32"), {3: lambda: ray.kill(chain.actors[0], no_restart=True)})
+        with pytest.raises(RemoteError) as info:
+            generate(split, PROMPT, max_new_tokens=8, ignore_eos=True, link=link)
+        assert info.value.code == "stage_unavailable"
+    with pytest.raises(Refusal) as refused:
+        chain.check(timeout=5)
+    assert refused.value.code == "stage_unavailable"

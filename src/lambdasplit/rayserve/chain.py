@@ -16,6 +16,12 @@ hop 2 with session B's hop 1, at the price of several steps in flight per comput
 Exactness: every stage runs the model's own layers on the float tensor the previous stage returned, unchanged
 in dtype, so the chain computes what one body [X, Y) computes (tests/rayserve/test_stage_chain.py).
 
+A stage whose process dies (killed, out of memory) is restarted by Ray in its place, up to ``STAGE_RESTARTS`` times,
+with no sessions: a step that meets the loss waits for every stage to answer again and is refused with
+``unknown_session``, so the device replays its history into a new session, as after an eviction, and its generation
+goes on with the same tokens. A stage that does not come back within the chain's load timeout is
+``stage_unavailable``: the replica's health check then fails and Serve replaces the replica.
+
 Lifetime: the stage actors and their placement group belong to the process that made the chain (the Serve
 replica). Ray kills an actor when its owner dies and removes a placement group with its creator, so a replica
 that is killed takes its stages with it: its sessions' KV caches are gone, and each device replays its history
@@ -25,13 +31,14 @@ into a session on another replica (``RemoteBodyLink``), as after any server rest
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import Cache
@@ -43,6 +50,7 @@ from lambdasplit.split.parts import Body
 from lambdasplit.split.state import BodyState
 
 DEFAULT_STEP_TIMEOUT = 300.0  # seconds one step may take through every stage (a long prompt on a CPU)
+STAGE_RESTARTS = 3  # times Ray restarts a stage whose process died (with no sessions: their devices replay)
 
 
 def stage_ranges(body: tuple[int, int], stages: int | Sequence[int]) -> list[tuple[int, int]]:
@@ -106,7 +114,8 @@ class StageChain:
             raise ConfigError("a stage chain needs a Ray cluster: call ray.init(address=...) in this process first")
         self.model, self.points = model, points
         self.ranges = stage_ranges((points.head_layers, points.body_end), stages)
-        self.step_timeout = step_timeout
+        self.step_timeout, self.load_timeout = step_timeout, timeout
+        self.restarts = 0  # stage restarts met by a step so far
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]  # session ids unique to this chain, should two chains share a stage
         k = len(self.ranges)
@@ -136,6 +145,8 @@ class StageChain:
                 num_cpus=1,
                 num_gpus=1 if gpu else 0,
                 max_concurrency=1,  # one call at a time: a stage's sessions share its layers
+                max_restarts=STAGE_RESTARTS,  # a dead stage comes back empty ...
+                max_task_retries=0,  # ... and no step is run again on it: its session's cache is gone
             ).remote(model, r, device=device, dtype=dtype, idle_ttl=idle_ttl)
             for i, r in enumerate(self.ranges)
         ]
@@ -199,19 +210,28 @@ class StageChain:
 
     def result(self, ref: ray.ObjectRef[torch.Tensor]) -> torch.Tensor:
         """Wait for a submitted step: (T, D), or (1, D) with ``last``. A stage's own refusal (an unknown session, a
-        bad position) is raised as itself; a stage that died is ``Refusal("stage_unavailable")``."""
+        bad position) is raised as itself; a stage that died and was restarted is ``unknown_session`` (the device
+        replays), once every stage answers again; one that did not come back, or a step past ``step_timeout``, is
+        ``Refusal("stage_unavailable")``."""
         try:
             out = ray.get(ref, timeout=self.step_timeout)
-        except RayTaskError as exc:
-            if isinstance(exc.cause, LambdaSplitError):
-                raise exc.cause from None
-            raise
-        except (RayActorError, GetTimeoutError) as exc:
+        except (RayActorError, GetTimeoutError) as exc:  # a lost stage before the last fails the next one's call
+            # as its input: a RayTaskError that is also the RayActorError, hence this clause first
+            if isinstance(exc, RayActorError) and self._restarted():
+                raise SessionError(
+                    f"a stage of this server's body (layers {self.ranges}) was restarted and lost this session's "
+                    "cache: open a new session and replay it",
+                    "unknown_session",
+                ) from exc
             raise Refusal(
                 "stage_unavailable",
                 f"a stage of this server's body (layers {self.ranges}) did not answer: {type(exc).__name__}; "
                 "the server is being replaced, retry on another",
             ) from exc
+        except RayTaskError as exc:
+            if isinstance(exc.cause, LambdaSplitError):
+                raise exc.cause from None
+            raise
         assert isinstance(out, torch.Tensor)
         return out
 
@@ -225,12 +245,38 @@ class StageChain:
         for stage in self.actors:
             stage.close.remote(session)
 
+    def _restarted(self) -> bool:
+        """After a stage was lost: whether every stage answers again within the load timeout (Ray restarted the
+        lost one, which reloaded its layers)."""
+        if self._answers(self.load_timeout) is None:
+            return False
+        self.restarts += 1
+        return True
+
+    def _answers(self, timeout: float) -> list[StageInfo] | None:
+        """Every stage's info, waiting up to ``timeout`` s for a stage that Ray is restarting (the infos are kept);
+        None if one is dead for good (no restarts left) or does not answer in time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                infos = [ray.get(s.info.remote(), timeout=max(0.1, deadline - time.monotonic())) for s in self.actors]
+            except ActorUnavailableError:  # restarting: its new process is still loading
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.2)
+                continue
+            except (RayActorError, GetTimeoutError):
+                return None
+            self.infos = infos
+            return infos
+
     def check(self, timeout: float = 30.0) -> list[StageInfo]:
-        """Every stage's info, fresh; ``Refusal("stage_unavailable")`` if one does not answer (a health check)."""
-        try:
-            return [ray.get(s.info.remote(), timeout=timeout) for s in self.actors]
-        except (RayActorError, GetTimeoutError) as exc:
-            raise Refusal("stage_unavailable", f"a stage of layers {self.ranges} did not answer: {exc}") from exc
+        """Every stage's info, fresh (a stage being restarted is waited for); ``Refusal("stage_unavailable")`` if one
+        does not answer within ``timeout`` (a health check)."""
+        infos = self._answers(timeout)
+        if infos is None:
+            raise Refusal("stage_unavailable", f"a stage of layers {self.ranges} did not answer within {timeout:.0f} s")
+        return infos
 
     def held_positions(self, session: str) -> list[int]:
         """Positions each stage holds for ``session`` (what a rollback must agree on across stages)."""
