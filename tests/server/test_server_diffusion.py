@@ -320,6 +320,48 @@ def test_an_agent_image_lost_mid_way_starts_again_on_a_restarted_server(pipeline
     assert torch.equal(made.image.image, again.image.image) and made.png == again.png
 
 
+def test_imagine_starts_an_image_lost_mid_way_again_on_a_restarted_server(
+    pipeline_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    """The CLI as the agent: the server is killed at the image's second step and comes back on its port; the image
+    starts again on a new connection and is the image the seed gives (the same PNG as an uninterrupted run)."""
+    from lambdasplit.diffusion import SplitPipeline as Split
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ("--pipeline", str(pipeline_dir), "--port", str(port))
+    restarted: list[threading.Thread] = []
+    generate = Split.generate
+
+    def killing(self, *a, on_step=None, **kw):  # the first image's second step kills the server, then restarts it
+        def step(done: int, total: int) -> None:
+            if done == 2 and not restarted:
+                proc_kill(port)
+                restarted.append(threading.Thread(target=lambda: stack.enter_context(body_server(*args))))
+                restarted[0].start()
+            if on_step is not None:
+                on_step(done, total)
+
+        return generate(self, *a, on_step=step, **kw)
+
+    def imagine(png: Path) -> str:
+        argv = ["imagine", PROMPT, "--pipeline", str(pipeline_dir), "--cloud", f"ws://127.0.0.1:{port}/v1/split",
+                "--steps", "4", "--policy", "unet-lambda", "--out", str(png), "--dtype", "float32"]  # fmt: skip
+        code, _, err = in_process.lambdasplit(capsys, monkeypatch, *argv)
+        assert code == 0, err
+        return err
+
+    with ExitStack() as stack:
+        stack.enter_context(body_server(*args))
+        clean = imagine(tmp_path / "clean.png")
+        monkeypatch.setattr(Split, "generate", killing)
+        err = imagine(tmp_path / "lost.png")
+        restarted[0].join(120)
+    assert "starting the image again" not in clean and err.count("starting the image again") == 1
+    assert (tmp_path / "lost.png").read_bytes() == (tmp_path / "clean.png").read_bytes()
+
+
 def test_an_agent_image_on_a_server_that_stays_down_fails_once(pipeline_dir, pipe) -> None:
     """Lost before the image opened, and not back within the reconnect deadline: one failure, no restart."""
     from lambdasplit.agent.images import ImageService

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lambdasplit.agent.feed import NetworkFeed
 from lambdasplit.agent.schema import ImageRequest
+from lambdasplit.client.diffusion import restarting
 from lambdasplit.diffusion.pictures import picture, png, wire_picture
 from lambdasplit.errors import ConnectionLost
 
@@ -114,35 +115,32 @@ class ImageService:
             if on_preview is not None and every and step.done % every == 0 and step.done < step.total:
                 on_preview(Preview(step.done, step.total, png(picture(self.pipeline.preview(step.latents)))))
 
-        for attempt in (1, 2):
+        def attempt() -> SplitImage:
+            nonlocal before, inputs_reported
             before = (traffic.bytes_up, traffic.bytes_down) if traffic else (0, 0)
             inputs_reported, reported[:] = False, [0, 0]
-            opened = getattr(self.link, "opened", 0)
-            try:
-                image = self.pipeline.generate(
-                    request.prompt,
-                    self.link,
-                    policy=request.policy,
-                    steps=request.steps,
-                    seed=request.seed,
-                    guidance_scale=request.guidance_scale,
-                    negative_prompt=request.negative_prompt,
-                    wire_dtype=request.wire_dtype,
-                    blocks=request.blocks,
-                    cut_ratio=request.cut_ratio,
-                    on_denoise=watch,
-                )
-                break
-            except ConnectionLost as lost:
-                # Lost mid-image (its session had opened): the next attempt's OPEN reconnects. Lost before it opened,
-                # the reconnection already failed within its deadline: once is enough.
-                if attempt == 2 or getattr(self.link, "opened", 0) == opened:
-                    raise
-                up, down = (traffic.bytes_up, traffic.bytes_down) if traffic else before
-                event = {"type": "image_restart", "request": request_id, "reason": str(lost)}
-                feed.publish(
-                    event | {"up_bytes": up - before[0] - reported[0], "down_bytes": down - before[1] - reported[1]}
-                )
+            return self.pipeline.generate(
+                request.prompt,
+                self.link,
+                policy=request.policy,
+                steps=request.steps,
+                seed=request.seed,
+                guidance_scale=request.guidance_scale,
+                negative_prompt=request.negative_prompt,
+                wire_dtype=request.wire_dtype,
+                blocks=request.blocks,
+                cut_ratio=request.cut_ratio,
+                on_denoise=watch,
+            )
+
+        def restart(lost: ConnectionLost) -> None:  # what the lost attempt sent and received, not yet published
+            up, down = (traffic.bytes_up, traffic.bytes_down) if traffic else before
+            event = {"type": "image_restart", "request": request_id, "reason": str(lost)}
+            feed.publish(
+                event | {"up_bytes": up - before[0] - reported[0], "down_bytes": down - before[1] - reported[1]}
+            )
+
+        image = restarting(self.link, attempt, restart)
         t = image.traffic
         if traffic is not None:  # closing the session: CLOSE up, CLOSED down
             up, down = traffic.bytes_up - before[0] - reported[0], traffic.bytes_down - before[1] - reported[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lambdasplit.cli.cloud import device_trust
 from lambdasplit.cli.options import Insecure, TlsFingerprint, Token, device_token, quiet_pipeline_loading
 from lambdasplit.diffusion.protocol import DEFAULT_PIPELINE, GRANULARITIES, POLICIES
-from lambdasplit.errors import ConfigError
+from lambdasplit.errors import ConfigError, ConnectionLost
 
 _err = Console(stderr=True)
 
@@ -119,7 +120,7 @@ def imagine(
         raise ConfigError(f"--out names a .png file, got {out}")
     if noise_png is not None and noise_png > steps:
         raise ConfigError(f"--noise-png names a step from 1 to --steps {steps}, got {noise_png}")
-    from lambdasplit.client import CloudClient, RemoteDiffusionLink
+    from lambdasplit.client import CloudClient, RemoteDiffusionLink, restarting
     from lambdasplit.diffusion import DiffusionBody, LocalLink, SplitPipeline, load_pipeline, load_unet_config
     from lambdasplit.diffusion.device import DenoiseStep, Link
     from lambdasplit.diffusion.pictures import picture, wire_picture
@@ -168,7 +169,14 @@ def imagine(
             console=_err,
         ) as bar:
             task = bar.add_task("steps", total=steps)
-            result = split.generate(
+
+            def restart(lost: ConnectionLost) -> None:
+                _err.print(f"[yellow]connection lost mid-image ({lost}): starting the image again[/]")
+                bar.reset(task, total=steps)
+                written.clear()  # the previews are made again, under the same names
+
+            make = partial(
+                split.generate,
                 prompt,
                 link,
                 policy=policy,
@@ -185,6 +193,8 @@ def imagine(
                 on_step=lambda done, total: bar.update(task, completed=done, total=total),
                 on_denoise=watch if preview_every or noise_png else None,
             )
+            # A server lost mid-image: the image starts again on a new connection (same seed, same image).
+            result = restarting(link, make, restart)
         after = client.socket_bytes() if client else None
         socket = after - before if after and before else None
     finally:

@@ -2,6 +2,14 @@
 
 from lambdasplit.client.connection import CloudClient, CloudText, RemoteBodyLink, SocketBytes
 from lambdasplit.client.device import connect_device
-from lambdasplit.client.diffusion import RemoteDiffusionLink
+from lambdasplit.client.diffusion import RemoteDiffusionLink, restarting
 
-__all__ = ["CloudClient", "CloudText", "RemoteBodyLink", "RemoteDiffusionLink", "SocketBytes", "connect_device"]
+__all__ = [
+    "CloudClient",
+    "CloudText",
+    "RemoteBodyLink",
+    "RemoteDiffusionLink",
+    "SocketBytes",
+    "connect_device",
+    "restarting",
+]

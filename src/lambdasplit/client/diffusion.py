@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lambdasplit.client.connection import CloudClient
 from lambdasplit.diffusion.protocol import FrameTraffic, SessionOptions
 from lambdasplit.errors import ConfigError, ConnectionLost, RemoteError, WireError
 from lambdasplit.wire import Frame, MessageType
+
+T = TypeVar("T")
 
 
 class RemoteDiffusionLink:
@@ -16,7 +19,8 @@ class RemoteDiffusionLink:
     ``traffic`` counts whole frames each way; ``client.socket_bytes()`` gives the TCP bytes at the socket.
     A server lost between images (a restart, a crash) is reconnected to when the next image opens, within the
     client's ``reconnect_deadline`` (any of its URLs; a draining server's GOAWAY moves it as for text). An image
-    whose connection is lost mid-way fails with ``WireError``: its session and steps were on the lost server.
+    whose connection is lost mid-way fails with ``ConnectionLost``: its session and steps were on the lost server;
+    ``restarting`` makes it again from the start.
     """
 
     def __init__(self, client: CloudClient) -> None:
@@ -76,3 +80,20 @@ class RemoteDiffusionLink:
         self.traffic.frames_down += frames_down
         self.traffic.bytes_up += self.client.bytes_sent - before[0]
         self.traffic.bytes_down += self.client.bytes_received - before[1]
+
+
+def restarting(link: Any, make: Callable[[], T], on_restart: Callable[[ConnectionLost], None] | None = None) -> T:
+    """``make()``: one image over ``link``, made once more from the start if the connection is lost after its
+    session opened (its steps were on the lost server; the next OPEN reconnects, and the seed gives the same
+    image). ``on_restart(lost)`` is called before it starts again. Lost before the session opened, the
+    reconnection already failed within the client's deadline: raised at once, as is a second loss."""
+    for attempt in (1, 2):
+        opened = getattr(link, "opened", 0)
+        try:
+            return make()
+        except ConnectionLost as lost:
+            if attempt == 2 or getattr(link, "opened", 0) == opened:
+                raise
+            if on_restart is not None:
+                on_restart(lost)
+    raise AssertionError("unreachable")
