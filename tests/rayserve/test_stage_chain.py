@@ -212,6 +212,33 @@ def test_a_device_served_by_the_stages_gets_what_it_gets_in_process(tiny, staged
     assert len(server.store) == 0
 
 
+def test_the_stages_verify_token_trees_and_keep_the_branch(tiny, staged, server_url) -> None:
+    """WELCOME says trees; a tree's FORWARD runs under its mask on every stage, the TREE frame's keep holds the
+    branch on every stage, and the next step equals the body in one process doing the same."""
+    from lambdasplit.client import CloudClient
+
+    url, server = server_url
+    body = load_split(tiny, POINTS, parts=["body"], device="cpu", dtype="float32").body
+    local = BodyState(body)
+    g = torch.Generator().manual_seed(2)
+    with CloudClient(url) as client:
+        assert client.welcome["trees"] is True
+        link = client.open_session("float32")
+        d = int(client.welcome["hidden_size"])
+        prompt, tree, step = (torch.randn(1, n, d, generator=g) for n in (5, 4, 1))
+        torch.testing.assert_close(link.forward(prompt, 0), local.forward(prompt, 0), atol=ATOL, rtol=ATOL)
+        parents = [-1, 0, 0, 2]
+        out = link.forward_tree(tree, 5, parents, None)
+        torch.testing.assert_close(out, local.forward(tree, 5, tree=parents), atol=ATOL, rtol=ATOL)
+        local.keep(5, [0, 2, 3])
+        out = link.forward_tree(step, 8, None, (5, [0, 2, 3]))
+        torch.testing.assert_close(out, local.forward(step, 8), atol=ATOL, rtol=ATOL)
+        assert not link.recoveries
+        (state,) = [held.value for held in server.store]
+        assert chain_of(staged).held_positions(state.session) == [9, 9]  # the prompt, the branch, the step
+        link.close()
+
+
 class Owner:
     """Stands in for a Serve replica: an actor that places a chain, and so owns its stage actors."""
 

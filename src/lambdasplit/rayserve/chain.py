@@ -196,25 +196,44 @@ class StageChain:
     def new_session(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
+    @property
+    def trees(self) -> bool:
+        """Whether every stage's caches can keep a branch of a token tree (full attention), so the chain verifies
+        token trees (the replica's WELCOME says ``"trees"``)."""
+        return all(info.trees for info in self.infos)
+
     def submit(
-        self, session: str, hidden: torch.Tensor, position: int, reset: bool, last: bool
+        self, session: str, hidden: torch.Tensor, position: int, reset: bool, last: bool, tree: list[int] | None = None
     ) -> ray.ObjectRef[torch.Tensor]:
         """Submit one step through every stage, each hop fed the previous hop's reference; the last hop's reference.
 
-        ``hidden`` (T, D) on the CPU; ``last`` applies to the last stage only (the others return every row).
+        ``hidden`` (T, D) on the CPU; ``last`` applies to the last stage only (the others return every row); ``tree``
+        (the rows' parents, a token tree) to every stage: each runs its layers under the same tree mask.
         """
         ref: Any = hidden
         for i, stage in enumerate(self.actors):
-            ref = stage.forward.remote(session, ref, position, reset, last and i == len(self.actors) - 1)
+            ref = stage.forward.remote(session, ref, position, reset, last and i == len(self.actors) - 1, tree)
         return ref
+
+    def keep(self, session: str, start: int, rows: list[int]) -> list[ray.ObjectRef[None]]:
+        """Submit the keeping of a token tree's branch (``BodyState.keep``) to every stage; their references, for
+        ``settle``. Not waited for here: a stage runs it before the session's next step (Ray runs one caller's calls
+        to an actor in order)."""
+        return [stage.keep.remote(session, start, rows) for stage in self.actors]
 
     def result(self, ref: ray.ObjectRef[torch.Tensor]) -> torch.Tensor:
         """Wait for a submitted step: (T, D), or (1, D) with ``last``. A stage's own refusal (an unknown session, a
         bad position) is raised as itself; a stage that died and was restarted is ``unknown_session`` (the device
         replays), once every stage answers again; one that did not come back, or a step past ``step_timeout``, is
         ``Refusal("stage_unavailable")``."""
+        out = self.settle(ref)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def settle(self, refs: Any) -> Any:
+        """``ray.get(refs)`` for calls submitted to the stages, with ``result``'s errors."""
         try:
-            out = ray.get(ref, timeout=self.step_timeout)
+            return ray.get(refs, timeout=self.step_timeout)
         except (RayActorError, GetTimeoutError) as exc:  # a lost stage before the last fails the next one's call
             # as its input: a RayTaskError that is also the RayActorError, hence this clause first
             if isinstance(exc, RayActorError) and self._restarted():
@@ -232,12 +251,12 @@ class StageChain:
             if isinstance(exc.cause, LambdaSplitError):
                 raise exc.cause from None
             raise
-        assert isinstance(out, torch.Tensor)
-        return out
 
-    def run(self, session: str, hidden: torch.Tensor, position: int, reset: bool, last: bool) -> torch.Tensor:
+    def run(
+        self, session: str, hidden: torch.Tensor, position: int, reset: bool, last: bool, tree: list[int] | None = None
+    ) -> torch.Tensor:
         """One step of ``session`` through every stage: ``hidden`` (T, D) at ``position`` -> (T, D) ((1, D): last)."""
-        return self.result(self.submit(session, hidden, position, reset, last))
+        return self.result(self.submit(session, hidden, position, reset, last, tree))
 
     def close(self, session: str) -> None:
         """Drop ``session`` on every stage. Not waited for: a stage runs it after the session's last step (Ray
@@ -346,6 +365,17 @@ class ChainState(BodyState):
         self.chain = body.chain
         self.session = self.chain.new_session()
         self.closed = False
+        self._keeps: list[ray.ObjectRef[None]] = []  # a branch kept on the stages, settled at the next step
+
+    @property
+    def supports_trees(self) -> bool:
+        return self.chain.trees
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """``BodyState.keep`` on every stage (checked here against ``length``, which every stage holds)."""
+        self.check_keep(start, rows)
+        self._keeps = self.chain.keep(self.session, start, rows)
+        self.length = start + len(rows)
 
     def forward(
         self,
@@ -359,10 +389,13 @@ class ChainState(BodyState):
         if self.closed:
             raise SessionError(f"session {self.session} was closed", "unknown_session")
         if tree is not None:
-            raise SessionError("a chain of stage actors does not verify token trees", "bad_tree")
+            self.check_tree_rows(tree, hidden.shape[1], reset)
         self.check(position, reset)
+        keeps, self._keeps = self._keeps, []
         try:
-            out = self.chain.run(self.session, hidden[0].cpu(), position, reset, last)
+            if keeps:  # the branch kept since the last step: done on every stage (or why not) before this one
+                self.chain.settle(keeps)
+            out = self.chain.run(self.session, hidden[0].cpu(), position, reset, last, tree)
         except BaseException:
             self.undo(position)
             raise

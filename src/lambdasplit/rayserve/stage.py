@@ -25,6 +25,7 @@ from transformers import PretrainedConfig
 from lambdasplit.errors import ConfigError, SessionError
 from lambdasplit.split.loader import load_split
 from lambdasplit.split.state import BodyState
+from lambdasplit.split.tree import supports_trees
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class StageInfo:
     dtype: str  # "float32", "bfloat16", ...
     sessions: int
     parameters: int  # unique parameters held by this stage
+    trees: bool  # whether its caches can keep a branch of a token tree (full attention only)
 
 
 @dataclass
@@ -96,25 +98,41 @@ class Stage:
             dtype=str(rt.dtype).removeprefix("torch."),
             sessions=len(self._sessions),
             parameters=self.split.parameter_count("body"),
+            trees=supports_trees(self.body.new_cache()),
         )
 
-    def forward(self, session: str, hidden: torch.Tensor, position: int, reset: bool, last: bool) -> torch.Tensor:
+    def forward(
+        self, session: str, hidden: torch.Tensor, position: int, reset: bool, last: bool, tree: list[int] | None = None
+    ) -> torch.Tensor:
         """Run layers [a, b) on ``hidden`` (T, D), whose first row is at ``position`` of ``session``; returns (T, D),
-        or (1, D) with ``last`` (only the chain's last stage is asked for that: the next stage needs every row)."""
+        or (1, D) with ``last`` (only the chain's last stage is asked for that: the next stage needs every row).
+        ``tree``: the rows' parents, a token tree (``split.tree``) whose root is at ``position``."""
         self.evict_idle()
         held = self._sessions.get(session)
         if held is None:
             if position != 0 and not reset:
-                raise SessionError(
-                    f"stage [{self.layers[0]}, {self.layers[1]}) holds no session {session!r} to continue at "
-                    f"position {position} (evicted after {self.idle_ttl:.0f} s idle, or the stage was restarted)",
-                    "unknown_session",
-                )
+                raise self._unknown(session, f"to continue at position {position}")
             held = self._sessions[session] = _Session(BodyState(self.body), time.monotonic())
         held.last_used = time.monotonic()
         rt = self.split.runtime
         x = hidden.to(device=rt.device, dtype=rt.dtype).unsqueeze(0)  # (1, T, D)
-        return held.state.forward(x, position, reset, last)[0].cpu()
+        return held.state.forward(x, position, reset, last, tree)[0].cpu()
+
+    def keep(self, session: str, start: int, rows: list[int]) -> None:
+        """Keep ``session``'s positions [0, start), then the rows ``rows`` of the block from ``start`` (the branch of
+        its last token tree that was accepted)."""
+        held = self._sessions.get(session)
+        if held is None:
+            raise self._unknown(session, "to keep a branch of")
+        held.last_used = time.monotonic()
+        held.state.keep(start, rows)
+
+    def _unknown(self, session: str, what: str) -> SessionError:
+        return SessionError(
+            f"stage [{self.layers[0]}, {self.layers[1]}) holds no session {session!r} {what} (evicted after "
+            f"{self.idle_ttl:.0f} s idle, or the stage was restarted)",
+            "unknown_session",
+        )
 
     def close(self, session: str) -> bool:
         """Drop ``session``'s cache; whether this stage held it (a session never forwarded here was not)."""

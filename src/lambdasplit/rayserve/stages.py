@@ -33,13 +33,12 @@ __all__ = ["StagedBodyServer", "staged_server", "staged_split"]
 class StagedBodyServer(BodyServer):
     """A ``BodyServer`` whose sessions run on a ``StageChain``: each session's state is a ``ChainState``."""
 
-    tree_capable = False  # the caches are on the stage actors: no token trees (yet)
-
     def __init__(self, split: SplitModel, settings: ServerSettings) -> None:
         if not isinstance(split.body, ChainBody):
             raise ConfigError("a staged body server needs the SplitModel of staged_split (its body is a ChainBody)")
         super().__init__(split, settings)
         self.chain = split.body.chain
+        self.trees = self.chain.trees  # the caches are on the stages: token trees where each can keep a branch
 
     def new_state(self, body: Body) -> ChainState:
         assert isinstance(body, ChainBody)  # checked in __init__, and a staged server has no user groups

@@ -93,10 +93,7 @@ class BodyServer(FrameServer):
         #: Extra WELCOME fields from whoever runs this server (a Ray Serve replica names itself: ``replica``).
         self.announced: dict[str, Any] = {}
         #: Whether TREE frames are served: a body here whose cache can keep one branch of a token tree.
-        self.trees = self.tree_capable and supports_trees(self.body.new_cache())
-
-    #: A server whose sessions' caches live elsewhere (a chain of stage actors) serves no token trees.
-    tree_capable = True
+        self.trees = supports_trees(self.body.new_cache())
 
     # --- HTTP -------------------------------------------------------------------------------------
     def welcome(self) -> dict[str, Any]:

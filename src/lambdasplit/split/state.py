@@ -84,6 +84,13 @@ class BodyState:
         cache, and nothing to keep), as the server's WELCOME says for its body."""
         return supports_trees(self.cache)
 
+    def check_tree_rows(self, tree: list[int], rows: int, reset: bool = False) -> None:
+        """Raise ``SessionError`` (code ``bad_tree``) unless a forward of ``rows`` rows may run as the token tree
+        ``tree`` (their parents)."""
+        if reset or not self.supports_trees:
+            raise SessionError("a token tree needs a session with a full-attention cache, not reset", "bad_tree")
+        check_tree(tree, rows)
+
     def check_keep(self, start: int, rows: list[int]) -> None:
         """Raise ``SessionError`` (code ``bad_tree``) unless ``keep(start, rows)`` may run."""
         if not self.supports_trees:
@@ -117,9 +124,7 @@ class BodyState:
         for a body that ends in the LM head; ``last``: the last row only. ``tree``: the rows' parents, a token tree
         (``split.tree``) whose root is at ``position``."""
         if tree is not None:
-            if reset or not self.supports_trees:
-                raise SessionError("a token tree needs a session with a full-attention cache, not reset", "bad_tree")
-            check_tree(tree, hidden.shape[1])
+            self.check_tree_rows(tree, hidden.shape[1], reset)
         self.align(position, reset)
         try:
             if tree is not None:
