@@ -117,3 +117,42 @@ def test_a_batched_step_that_fails_midway_leaves_every_cache_as_it_was(tiny_chec
     got = run_batched(body, jobs)  # the retry (the client's replay) computes what one session alone would
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_steps_run_one_by_one_all_start_before_any_is_waited_for(tiny_checkpoint) -> None:
+    """Steps that do not batch are started in turn, then waited for (a chain of stage actors overlaps sessions this
+    way); a second step of the same session starts only after the first is done, and a step that fails to start
+    or finish fails alone."""
+    from lambdasplit.server.batching import Batcher
+
+    path, _ = tiny_checkpoint("llama")
+    body = load_split(path, LAYERS, parts=["body"]).body
+    assert body is not None
+    log: list[tuple[str, str]] = []
+
+    class Recorded(BodyState):
+        def __init__(self, name: str, fail: str = "") -> None:
+            super().__init__(body)
+            self.name, self.fail = name, fail
+
+        def start(self, hidden, position, reset=False, last=False, tree=None):  # type: ignore[no-untyped-def]
+            log.append(("start", self.name))
+            if self.fail == "start":
+                raise RuntimeError(f"{self.name} failed to start")
+
+            def finish() -> torch.Tensor:
+                log.append(("finish", self.name))
+                if self.fail == "finish":
+                    raise RuntimeError(f"{self.name} failed")
+                return hidden
+
+            return finish
+
+    a, b, c, d = Recorded("a"), Recorded("b"), Recorded("c", "start"), Recorded("d", "finish")
+    rows = [torch.full((2, 8), float(i)) for i in range(5)]  # 2 rows: never batched
+    jobs = [Job(s, x, 0, False, None) for s, x in zip([a, b, c, d, a], rows, strict=True)]  # type: ignore[arg-type]
+    out = Batcher(body, max_batch=8)._run(jobs)
+    assert log == [("start", "a"), ("start", "b"), ("start", "c"), ("start", "d"), ("finish", "a"), ("finish", "b"),
+                   ("finish", "d"), ("start", "a"), ("finish", "a")]  # fmt: skip
+    assert [torch.equal(o, x) for o, x in zip(out, rows, strict=True) if isinstance(o, torch.Tensor)] == [True] * 3
+    assert [str(o) for o in out if isinstance(o, BaseException)] == ["c failed to start", "d failed"]

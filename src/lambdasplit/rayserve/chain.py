@@ -9,9 +9,9 @@
 Each step of a session goes through the stages in order, one Ray call per hop. The replica submits every hop of
 a step at once, each call taking the previous one's ``ObjectRef`` as its input, and waits once for the last: Ray
 starts stage i+1 when stage i's output exists, without a round trip through the replica's Python code. The hops
-of one step stay sequential (stage i+1 needs stage i's output for the same positions), and the server's batcher
-runs one session's step at a time, so there is no pipelining across sessions yet: that would overlap session A's
-hop 2 with session B's hop 1, at the price of several steps in flight per compute thread.
+of one step stay sequential (stage i+1 needs stage i's output for the same positions); the steps of different
+sessions overlap: the server's batcher submits every session's step it took (``ChainState.start``) before it waits
+for any, and each stage runs the calls it gets in order, so session B's hop 1 runs while session A's hop 2 does.
 
 Exactness: every stage runs the model's own layers on the float tensor the previous stage returned, unchanged
 in dtype, so the chain computes what one body [X, Y) computes (tests/rayserve/test_stage_chain.py).
@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -386,22 +386,40 @@ class ChainState(BodyState):
         tree: list[int] | None = None,
     ) -> torch.Tensor:
         """``hidden`` (1, T, D) at ``position`` through every stage; (1, T, D), or (1, 1, D) with ``last``."""
+        return self.start(hidden, position, reset, last, tree)()
+
+    def start(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        reset: bool = False,
+        last: bool = False,
+        tree: list[int] | None = None,
+    ) -> Callable[[], torch.Tensor]:
+        """Submit the step to the stages and return at once what waits for its output: the batcher submits every
+        session's step it took before waiting for any, so while one session's step is on stage 2 the next one's
+        runs on stage 1."""
         if self.closed:
             raise SessionError(f"session {self.session} was closed", "unknown_session")
         if tree is not None:
             self.check_tree_rows(tree, hidden.shape[1], reset)
         self.check(position, reset)
         keeps, self._keeps = self._keeps, []
-        try:
-            if keeps:  # the branch kept since the last step: done on every stage (or why not) before this one
-                self.chain.settle(keeps)
-            out = self.chain.run(self.session, hidden[0].cpu(), position, reset, last, tree)
-        except BaseException:
-            self.undo(position)
-            raise
-        self.length = position + hidden.shape[1]
-        self.steps += 1
-        return out.unsqueeze(0)
+        ref = self.chain.submit(self.session, hidden[0].cpu(), position, reset, last, tree)  # Ray: nothing to undo
+
+        def finish() -> torch.Tensor:
+            try:
+                if keeps:  # the branch kept since the last step: done on every stage (or why not) before this one
+                    self.chain.settle(keeps)
+                out = self.chain.result(ref)
+            except BaseException:
+                self.undo(position)
+                raise
+            self.length = position + hidden.shape[1]
+            self.steps += 1
+            return out.unsqueeze(0)
+
+        return finish
 
     def undo(self, position: int) -> None:
         self.length = position  # each stage undid its own failed forward; the next step rolls the rest back

@@ -6,7 +6,9 @@ session's keys and values are left-padded to the longest, an attention mask hide
 ``position_ids`` give each row its own position, all through the model's own forward (nothing of HF's
 attention is copied). The new position's keys and values are then appended to each session's own cache,
 so sessions stay independent. Prompts, no-cache steps and multi-position (speculative) steps run one by
-one, through ``BodyState.forward`` like any other body step.
+one, through ``BodyState.start`` like any other body step: a body whose sessions run on stage actors elsewhere
+submits there and returns, so every such step is started before any is waited for, and sessions overlap on the
+stages.
 
 On a CPU, one forward over B rows reads the weights once instead of B times: that is the gain.
 Only bodies whose layers are all full attention are batched (padding a sliding-window cache would need
@@ -178,12 +180,28 @@ class Batcher:
                 self.batched_steps += len(together)
             except Exception as exc:
                 results.update((id(j), exc) for j in together)
-        for job in jobs:
-            if id(job) not in results:
-                try:  # (T, D) -> (1, T, D) -> (T, D)
-                    hidden = job.hidden.unsqueeze(0)
-                    results[id(job)] = job.state.forward(hidden, job.position, job.reset, job.last, job.tree)[0]
+        # The rest one by one: every step started (a chain of stage actors only submits it) before any is waited for,
+        # except a second step of the same session, which starts after the first is done.
+        started: list[tuple[Job, Callable[[], torch.Tensor]]] = []
+
+        def finish_started() -> None:
+            for job, finish in started:
+                try:
+                    results[id(job)] = finish()[0]
                 except Exception as exc:
                     results[id(job)] = exc
+            started.clear()
+
+        for job in jobs:
+            if id(job) in results:
+                continue
+            if any(other.state is job.state for other, _ in started):
+                finish_started()
+            try:  # (T, D) -> (1, T, D) -> (T, D)
+                hidden = job.hidden.unsqueeze(0)
+                started.append((job, job.state.start(hidden, job.position, job.reset, job.last, job.tree)))
+            except Exception as exc:
+                results[id(job)] = exc
+        finish_started()
         self.compute_seconds += time.perf_counter() - start
         return [results[id(j)] for j in jobs]

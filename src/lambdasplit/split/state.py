@@ -13,6 +13,7 @@ Every place that runs the body for a session goes through ``BodyState``: the dev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -137,6 +138,20 @@ class BodyState:
             raise
         self.advanced(hidden.shape[1])
         return out
+
+    def start(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        reset: bool = False,
+        last: bool = False,
+        tree: list[int] | None = None,
+    ) -> Callable[[], torch.Tensor]:
+        """``forward``, as what gives its output: here the step runs now; a state whose body computes elsewhere (a
+        chain of stage actors) submits it and returns at once, so the batcher can start other sessions' steps
+        before it waits."""
+        out = self.forward(hidden, position, reset, last, tree)
+        return lambda: out
 
     def undo(self, position: int) -> None:
         """Put the cache back to ``position`` after a forward that failed part-way: the first layers may hold the
