@@ -26,9 +26,10 @@ from tiny_models import NUM_LAYERS, build_tiny, make_tokenizer, random_norm_gain
 #: (beyond that, servers and Ray clusters that tests start side by side would time out more than the cores gain).
 WORKER_MEMORY_BYTES = 7 << 30
 MAX_WORKERS = 8
-# Each worker keeps torch's default threads, as the servers the tests start do: tests that compare an image or a
-# hidden state made here with one made by a server process bit for bit need the same thread count on both sides
-# (with one thread per worker three of them differed by 1e-6 in float32).
+# Each worker keeps torch's default threads, and the servers the tests start get the same count (servers.body_server
+# passes --threads): tests that compare an image or a hidden state made here with one made by a server process bit
+# for bit need the same thread count on both sides (with one thread per worker three of them differed by 1e-6 in
+# float32).
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

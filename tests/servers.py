@@ -10,12 +10,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+import torch
+
 from lambdasplit.server.process import body_server_process
 
 
 @contextmanager
 def body_server(*args: str, token: str | None = None) -> Iterator[str]:
-    with body_server_process(args, token=token, timeout=120) as url:
+    """``lambdasplit serve ARGS`` on loopback; its URL. It computes on as many torch threads as this process (unless
+    ARGS say otherwise): tests compare its outputs with this process's bit for bit, and float32 sums differ with
+    the thread count."""
+    threads = () if "--threads" in args else ("--threads", str(torch.get_num_threads()))
+    with body_server_process((*args, *threads), token=token, timeout=120) as url:
         yield url
 
 
