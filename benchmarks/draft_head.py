@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/draft_head.py [--links 5g,wireless] [--prompts 20] [--new-tokens 128]
         [--methods plain,lookup,head-only,head] [--previous-head PATH] [--wire-dtype float32]
-        [--json artifacts/draft-head/bench.json]
+        [--server-device cpu|cuda] [--json artifacts/draft-head/bench.json]
         (root: network namespaces)
 
 Prompts: the first turns of MT-Bench's open-ended categories (writing, roleplay, STEM, humanities; no code, no
@@ -11,8 +11,9 @@ copying), ``benchmarks/prompts/mt-bench-open.jsonl``, taken from FastChat's MT-B
 None of them is in the head's training data (AlpacaEval's instructions; they are excluded from its synthetic ones).
 
 For each link (``bench.links``: a veth pair through the packet delay line) a body server (``serve --layers 2:-2``,
-float32; hidden states on the wire in ``--wire-dtype``, float32 by default) runs behind it; this process is the device
-(1 torch thread, as in the other speculative benchmarks: the server has the machine's other core). Every prompt is
+float32, on ``--server-device``: the CPU by default; hidden states on the wire in ``--wire-dtype``, float32 by default)
+runs behind it; this process is the device (CPU, 1 torch thread, as in the other speculative benchmarks: the server
+has the machine's other core). Every prompt is
 answered greedily (through the chat template, stopping at EOS or ``--new-tokens``) several ways: plain cached split
 steps, ``--speculative lookup``, ``--speculative head`` (each step the head's guesses, their runners-up and a copy as
 one token tree where the server verifies trees, as many rows as the cost model finds worth sending), ``head-chain`` (the
@@ -80,15 +81,17 @@ def measure(
     methods: list[str],
     previous: str | None,
     wire_dtype: str,
+    server_device: str = "cpu",
 ) -> list[dict[str, Any]]:
     link = parse_link(spec)
     token = secrets.token_urlsafe(16)
     rows = []
     with open_link(link) as ends:
-        argv = ["--host", ends.cloud_host, "--insecure", "--layers", "2:-2"]
+        argv = ["--host", ends.cloud_host, "--insecure", "--layers", "2:-2", "--device", server_device]
         wrap = ends.cloud_command if link.emulated else None
         with body_server_process(argv, token=token, timeout=300, env={"OMP_WAIT_POLICY": "PASSIVE"}, wrap=wrap) as url:
-            split, client = connect_device(url, token=token, quiet=True, trust=TlsTrust(insecure=True))
+            trust = TlsTrust(insecure=True)  # the device: a CPU, float32, whatever the server runs on
+            split, client = connect_device(url, token=token, quiet=True, trust=trust, device="cpu", dtype="float32")
             with client:
                 for i, prompt in enumerate(prompts):
                     answers = {}
@@ -186,6 +189,12 @@ def main() -> None:
         help="hidden states on the wire, for every method (float16 is `lambdasplit generate`'s default; over "
         "wireless it measured within 1%% of float32 on 3 prompts)",
     )
+    parser.add_argument(
+        "--server-device",
+        default="cpu",
+        help="where the body server computes (cuda: a GPU body, where a verified row costs little; the device stays "
+        "this process's CPU)",
+    )
     args = parser.parse_args()
     methods = list(dict.fromkeys(["plain", "lookup", *args.methods.split(",")]))
     unknown = set(methods) - {*METHODS, "previous-head"}
@@ -201,7 +210,9 @@ def main() -> None:
     rows = [
         row
         for spec in args.links.split(",")
-        for row in measure(spec, prompts, args.new_tokens, console, methods, args.previous_head, args.wire_dtype)
+        for row in measure(
+            spec, prompts, args.new_tokens, console, methods, args.previous_head, args.wire_dtype, args.server_device
+        )
     ]
     table = Table(
         title=f"Open-ended chat ({len(prompts)} MT-Bench prompts, up to {args.new_tokens} new tokens, greedy, "
@@ -223,7 +234,7 @@ def main() -> None:
         )
     Console(width=130).print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    machine = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "server_device": args.server_device}
     args.json.write_text(
         json.dumps({"summary": results, "rows": rows, "prompts": prompts, "machine": machine}, indent=1)
     )
