@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+import uvicorn
 
 from lambdasplit.server.process import body_server_process
 
@@ -57,3 +59,21 @@ def proc_kill(port: int) -> None:
     """SIGKILL the process listening on ``port`` (no clean shutdown: a crash)."""
     out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
     os.kill(int(out.split("pid=")[1].split(",")[0]), signal.SIGKILL)
+
+
+@contextmanager
+def app_in_thread(app: Any, timeout: float = 60, **options: Any) -> Iterator[int]:
+    """An ASGI app (a server's ``app``) served on 127.0.0.1 at a free port by uvicorn on a thread of this process (so
+    a test can reach into the server); yields the port, stops it on exit. ``options`` go to ``uvicorn.Config``."""
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **options))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not http.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield http.servers[0].sockets[0].getsockname()[1]
+    finally:
+        http.should_exit = True
+        thread.join(timeout=10)

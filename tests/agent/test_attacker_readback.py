@@ -9,7 +9,6 @@ uplink and B3 from the downlink, scored by the device against the true ids.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import uvicorn
 
 from lambdasplit.agent import AgentSettings, DeviceAgent
 from lambdasplit.agent.attack_panel import AttackPanel, CapturingLink, Overheard
@@ -25,6 +23,7 @@ from lambdasplit.audit.live import LiveAttacker
 from lambdasplit.client import connect_device
 from lambdasplit.generation.text import encode_prompt
 from lambdasplit.wire import FrameLimits, MessageType, WireDtype, encode_frame, tensor_frame
+from servers import app_in_thread
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox"}]
 
@@ -32,19 +31,8 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 @contextmanager
 def serving(agent: DeviceAgent) -> Iterator[str]:
     """The agent's app on 127.0.0.1 (a free port), in this process; its base URL."""
-    server = uvicorn.Server(uvicorn.Config(agent.app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the agent did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with app_in_thread(agent.app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def call(url: str, body: dict[str, Any] | None = None) -> Any:

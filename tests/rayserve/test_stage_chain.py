@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-import uvicorn
 from transformers import DynamicCache, PreTrainedModel
 
 from drafters import ScriptedDrafter
@@ -32,6 +30,7 @@ from lambdasplit.server.settings import ServerSettings
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.split.parts import with_cache
 from lambdasplit.split.state import BodyState
+from servers import app_in_thread
 from tiny_models import NUM_LAYERS
 
 POINTS = (1, NUM_LAYERS - 1)  # body [1, 4): stages [1, 3) and [3, 4)
@@ -172,20 +171,8 @@ def test_more_stages_than_nodes_is_refused_unless_packing_is_allowed(ray_cluster
 def server_url(staged) -> Iterator[tuple[str, StagedBodyServer]]:
     """The staged body behind an ordinary body server (uvicorn on a thread of this process) on loopback."""
     server = StagedBodyServer(staged, ServerSettings(port=0, tls="off", idle_ttl=60))
-    config = uvicorn.Config(server.app, host="127.0.0.1", port=0, ws="websockets-sansio", log_level="warning")
-    http = uvicorn.Server(config)
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not http.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the staged body server did not start"
-        time.sleep(0.05)
-    port = http.servers[0].sockets[0].getsockname()[1]
-    try:
+    with app_in_thread(server.app, ws="websockets-sansio") as port:
         yield f"ws://127.0.0.1:{port}/v1/split", server
-    finally:
-        http.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_device_served_by_the_stages_gets_what_it_gets_in_process(tiny, staged, server_url) -> None:

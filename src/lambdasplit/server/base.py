@@ -231,6 +231,10 @@ class FrameServer:
                         greeted = True
                     except (CodedError, ConfigError) as e:
                         reply = self._refused(e, 0 if frame is None else frame.session)
+                    except WebSocketDisconnect:
+                        raise
+                    except Exception as e:  # a fault here (a bug, out of memory): this request fails, saying why
+                        reply = self._internal(e, frame)
                 if gone.is_set():
                     break
                 if not await self._reply(ws, reply, gone, 0 if frame is None else frame.session):
@@ -276,6 +280,10 @@ class FrameServer:
                     return False
         except (CodedError, ConfigError) as e:
             return await self._send(ws, self._refused(e, session))
+        except WebSocketDisconnect:
+            raise
+        except Exception as e:  # a fault while streaming (an image's step, a cloud-only token)
+            return await self._send(ws, self._internal(e, None, session))
         return True
 
     async def _send(self, ws: WebSocket, frame: Frame) -> bool:
@@ -294,6 +302,13 @@ class FrameServer:
             return self._error(e)
         code = e.code if isinstance(e, CodedError) else "bad_request"
         return self._error(Refusal(code, str(e), session))
+
+    def _internal(self, e: Exception, frame: Frame | None, session: int = 0) -> Frame:
+        """The ERROR frame (``internal``) for an unexpected fault while serving ``frame`` (or its stream), logged
+        with its traceback: the device learns that the server failed and why, and the connection goes on."""
+        _log.error("%s failed", "a stream" if frame is None else frame.type.name, exc_info=e)
+        session = session if frame is None else frame.session
+        return self._error(Refusal("internal", f"the server failed: {type(e).__name__}: {e}", session))
 
     def _error(self, r: Refusal) -> Frame:
         self.errors[r.code] += 1
