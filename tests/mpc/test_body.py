@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from lambdasplit.errors import ConfigError, SessionError
 from lambdasplit.mpc.body import BodyWeights, TwoPartyBody, plain_body
+from lambdasplit.mpc.layer import attention_products
 from lambdasplit.mpc.ops import NormPlan
 from lambdasplit.split import SplitModel, load_split
 from lambdasplit.split.parts import with_cache
@@ -100,6 +101,35 @@ def test_greedy_tokens_equal_the_plain_splits(split: SplitModel) -> None:
         position += y.shape[1]
         assert token == plain_tokens[-1]
         x, y = torch.tensor([[plain_tokens[-1]]]), torch.tensor([[token]])
+
+
+def test_the_products_a_device_deals_ahead_are_the_ones_the_body_takes(split: SplitModel) -> None:
+    """``layer.attention_products`` (what the device deals before a forward) lists the matrix-product triples the
+    body takes, in order, for a prefill, decode steps and a rollback (a wrong shape would desynchronise the dealer's
+    streams: the server refuses it, tests/mpc/test_network.py)."""
+    body = shared(split)
+    assert split.body is not None and split.body.model is not None
+    weights = BodyWeights.from_hf(split.body.model)
+    heads = (weights.layers[0].heads, weights.layers[0].kv_heads, weights.layers[0].head_dim)
+    source = body.parties[1].triples
+    taken: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    take = source.take
+
+    def recording(kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        if kind == "matmul":
+            taken.append((tuple(shape_a), tuple(shape_b)))
+        return take(kind, shape_a, shape_b)
+
+    source.take = recording  # type: ignore[method-assign]
+    inputs = steps_inputs(split)
+    position = 0
+    for hidden, at in [(inputs[0], 0), (inputs[1], None), (inputs[2], None), (inputs[2], len(PROMPT))]:
+        position = position if at is None else at  # the last: step 2 again at step 1's position (a rollback)
+        taken.clear()
+        body.forward(hidden, position)
+        rows = hidden.shape[1]
+        assert taken == attention_products(rows, position + rows, *heads) * len(weights.layers)
+        position += rows
 
 
 def test_sessions_hold_their_own_kv_shares(split: SplitModel) -> None:

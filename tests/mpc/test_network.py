@@ -59,8 +59,8 @@ def link_to(servers: tuple[ShareServer, ShareServer]) -> SecretSharedLink:
 
 def test_the_networked_body_equals_the_hf_body_and_counts_its_bytes(split, servers) -> None:
     """Prefill and decode steps through both servers stay within BOUND of the HF body's own output; the device
-    sends each server one share (T x D int64 after a 20-byte header) per forward, and only server 1 asks the
-    dealer: one correction per item it takes, none for server 0."""
+    sends each server one share (T x D int64 after a 20-byte header) per forward and deals server 1 the attention
+    products' triples before it; server 1 asks for nothing once a forward of its size has been seen."""
     assert split.body is not None
     cache = split.body.new_cache()
     link = link_to(servers)
@@ -69,17 +69,17 @@ def test_the_networked_body_equals_the_hf_body_and_counts_its_bytes(split, serve
         for hidden in steps_inputs(split):
             with torch.no_grad():
                 expected = split.body(hidden, cache)
-            before, requests = link.traffic.up_payload_bytes, link.requests
+            before, requests, dealt_before = link.traffic.up_payload_bytes, link.requests, link.dealt_ahead
             seen = hidden.shape[1] in link.usage
             out = link.forward(hidden, position)
             assert out.dtype == hidden.dtype and out.shape == hidden.shape
             assert (out - expected).abs().max().item() < BOUND
             rows = hidden.shape[1]
             assert link.traffic.up_payload_bytes - before == 2 * rows * split.hidden_size * 8
-            # a forward of a size seen before was dealt ahead: server 1 asked only for its matrix products
-            # (two per layer); the first (the prefill) asked for pools too
-            asked = link.requests - requests
-            assert asked == 2 * 3 if seen else asked > 2 * 3 or position > 0
+            # the matrix products' triples (two per layer) are dealt before every forward, and a forward of a size
+            # seen before gets its pools ahead too: server 1 asks for nothing; the first of its size may ask for pools
+            asked, dealt = link.requests - requests, link.dealt_ahead - dealt_before
+            assert dealt == 2 * 3 and (asked == 0 if seen else asked > 0 or position > 0)
             position += rows
         last = link.forward(hidden, position - 1, last=True)  # a rollback of one row, the last row only
         assert last.shape == (1, 1, split.hidden_size)
@@ -96,6 +96,19 @@ def test_greedy_tokens_through_the_servers_equal_the_plain_split(split, servers)
     finally:
         link.close()
     assert shared.token_ids == plain.token_ids and len(plain.token_ids) == 6
+
+
+def test_a_product_dealt_ahead_for_other_shapes_is_refused_not_used(split, servers, monkeypatch) -> None:
+    """A device that deals a triple for shapes other than the body takes would leave the dealer's streams out of
+    step (every product after it wrong): server 1 refuses it, and the device learns why."""
+    import lambdasplit.mpc.device as device
+
+    products = device.attention_products
+    monkeypatch.setattr(device, "attention_products", lambda rows, context, *heads: products(rows, context + 1, *heads))
+    link = link_to(servers)
+    with pytest.raises(WireError) as refused:
+        link.forward(steps_inputs(split)[0], 0)
+    assert refused.value.code == "out_of_step" and "dealt a product" in str(refused.value)
 
 
 def raw_session(servers, session: bytes, party_sessions: tuple[bytes, bytes] | None = None):

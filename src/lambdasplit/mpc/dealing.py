@@ -10,13 +10,14 @@ each server its own key once, at the start of the session. From then on:
   the device replays both parties' streams, computes ``c = (a0 + a1) * (b0 + b1)`` and sends ``c1 = c - c0`` (a
   *correction*). Same for random bits: party 1 gets its additive share.
 
-Elementwise triples (``mul``, ``and``) and random bits do not depend on the shapes they are used in: element i
-of a kind's streams is element i whatever tensor it lands in. So the device deals them ahead, as a *pool* of
-corrections per kind (``TrustedDealer.pooled``), before party 1 asks: an online phase that waits for the device
-only when a pool runs short. Matrix-product triples (attention's two per layer) depend on their shapes, so party
-1 asks for each (``CorrectionFeed.request``) and reads it after its exchange with the peer: the two round trips
-overlap. ``c0`` is uniform and independent of everything party 1 sees, so the corrections are too: they tell
-party 1 nothing about ``a`` or ``b``.
+Elementwise triples (``mul``, ``and``) and random bits do not depend on the shapes they are used in: element i of a
+kind's streams is element i whatever tensor it lands in. So the device deals them ahead, as a *pool* of corrections
+per kind (``TrustedDealer.pooled``), before party 1 asks: an online phase that waits for the device only when a pool
+runs short. Matrix-product triples (attention's two per layer) depend on their shapes, which the device knows before
+a forward (``layer.attention_products``): it deals them ahead too, in the order party 1 takes them (party 1 checks
+each one's shapes); where none was dealt, party 1 asks (``CorrectionFeed.request``) and reads it after its exchange
+with the peer, the two round trips overlapping. ``c0`` is uniform and independent of everything party 1 sees, so the
+corrections are too: they tell party 1 nothing about ``a`` or ``b``.
 
 The streams are AES-128 in counter mode (the ``cryptography`` package, OpenSSL's AES), one per kind and
 component, keyed by HMAC-SHA256 of the party's key and the stream's name: a standard cipher used as a

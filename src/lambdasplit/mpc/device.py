@@ -5,8 +5,10 @@ plain split's; only the body runs on two share servers. Per forward the device
 
 1. encodes the head's hidden states in the ring and splits them: a uniform mask ``s0`` (its own AES stream)
    to share server 0, ``s1 = x - s0`` to share server 1;
-2. answers share server 1's dealer requests as they come (``dealing.TrustedDealer``: one correction each;
-   share server 0 draws its randomness from the key it got at ``open`` and asks for nothing);
+2. deals share server 1 the corrections it will need (``dealing.TrustedDealer``): the attention products'
+   triples before the forward (their shapes follow from the rows and the context), the elementwise kinds as
+   pools sized by the last forward of as many rows, and answers its requests when a pool runs short; share
+   server 0 draws its randomness from the key it got at ``open`` and asks for nothing;
 3. reconstructs the two output shares and decodes them for the tail.
 
 What each server sees: one uniformly random share of each input, the peer's masked openings, and (server 1)
@@ -30,6 +32,7 @@ from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.mpc import messages as M
 from lambdasplit.mpc.body import computed_again, reconstruct, share
 from lambdasplit.mpc.dealing import TrustedDealer, new_key
+from lambdasplit.mpc.layer import attention_products
 from lambdasplit.mpc.peer import LINK_KEY_BYTES, SESSION_BYTES
 from lambdasplit.mpc.ring import Prg, Ring
 from lambdasplit.mpc.server import MAX_MESSAGE
@@ -44,8 +47,9 @@ class SecretSharedLink:
     ``timeout``: seconds to wait for either server at any point (a server waits as long for its peer).
     ``token``: the bearer token both servers take, or a pair (server 0's, server 1's: non-colluding servers are run
     by different parties, each with its own); None: send none.
-    ``traffic`` counts both servers' messages: FORWARDs up, OUTPUTs down, and the dealer's REQUEST/CORRECTION
-    traffic with server 1 (``dealt``: correction bytes, ``requests``: how many).
+    ``traffic`` counts both servers' messages: FORWARDs up, OUTPUTs down, and the dealer's traffic with server 1
+    (``dealt``: correction bytes; ``dealt_ahead``: matrix-product corrections sent before their forward;
+    ``requests``: what server 1 still asked for).
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class SecretSharedLink:
         self.randomness = Prg(new_key())
         self.traffic = Traffic()
         self.dealt = self.requests = self.retries = 0
+        self.dealt_ahead = 0  # matrix-product corrections sent before the forward that takes them
         self.pool_dealt = dict.fromkeys(M.POOL_KINDS, 0)  # elementwise corrections sent ahead, per kind
         self.pool_used = dict.fromkeys(M.POOL_KINDS, 0)  # ... and used, as server 1 reports them
         self.usage: dict[int, dict[str, int]] = {}  # rows of a forward -> what the last one of as many rows used
@@ -105,6 +110,9 @@ class SecretSharedLink:
         numbers = {k: int(v) for k, v in ready[0].items() if isinstance(v, int)}
         self.ring = Ring(numbers["frac_bits"])
         self.hidden_size, self.max_context, self.layers = (numbers[k] for k in ("hidden_size", "max_context", "layers"))
+        # The attention products' triples are dealt ahead where the server says what their shapes follow from.
+        names = ("heads", "kv_heads", "head_dim")
+        self.attention = tuple(numbers[k] for k in names) if all(k in numbers for k in names) else None
 
     def _connect(self, url: str) -> ClientConnection:
         return connect_session(
@@ -157,7 +165,7 @@ class SecretSharedLink:
         start = time.perf_counter()
         rows = hidden.shape[1]
         shares = share(hidden.detach().to("cpu", torch.float64), self.ring, self.randomness)
-        up = 0
+        up = self._deal_products(rows, position)  # before server 1's FORWARD: there when its first product asks
         for party, s in enumerate(shares):
             frame = M.FORWARD.pack(M.FORWARD_MAGIC, self.step, position, rows, self.hidden_size) + M.words(s)
             self._send(party, frame)
@@ -192,6 +200,23 @@ class SecretSharedLink:
         for kind, used in self.usage.get(rows, {}).items():
             surplus = self.pool_dealt[kind] - self.pool_used[kind]
             sent += self._deal_pool(kind, int(used * 1.05) + 4096 - surplus)
+        return sent
+
+    def _deal_products(self, rows: int, position: int) -> int:
+        """Send server 1 the corrections of every matrix-product triple a forward of ``rows`` rows at ``position``
+        takes (two per layer: ``layer.attention_products``), in the order it takes them, so that it never waits on
+        this device mid-forward for them (a round trip each); bytes sent. Nothing where the server did not say its
+        attention heads (it then asks for each)."""
+        if self.attention is None:
+            return 0
+        sent = 0
+        for shape_a, shape_b in attention_products(rows, position + rows, *self.attention) * self.layers:
+            correction = self.dealer.correction("matmul", shape_a, shape_b)
+            frame = M.pack_dealt(shape_a, shape_b, correction)
+            self._send(1, frame)
+            self.dealt += 8 * correction.numel()
+            self.dealt_ahead += 1
+            sent += len(frame)
         return sent
 
     def _deal_pool(self, kind: str, n: int) -> int:

@@ -101,6 +101,16 @@ class Rope:
 
 KV = tuple[torch.Tensor, torch.Tensor]  # this layer's cached keys and values (B, KV, S, d), after RoPE
 
+Shape = tuple[int, ...]
+
+
+def attention_products(rows: int, context: int, heads: int, kv_heads: int, head_dim: int) -> list[tuple[Shape, Shape]]:
+    """The operands' shapes of the two matrix products ``decoder_layer`` takes Beaver triples for, in order, for
+    ``rows`` new positions after which the cache holds ``context`` (B = 1): ``q @ k^T`` then ``probs @ v``. The
+    device deals their triples ahead from these (``mpc.device``); a test checks them against the program."""
+    g, t, s, d = heads // kv_heads, rows, context, head_dim
+    return [((1, kv_heads, g * t, d), (1, kv_heads, d, s)), ((1, kv_heads, g * t, s), (1, kv_heads, s, d))]
+
 
 def decoder_layer(
     ops: Ops,

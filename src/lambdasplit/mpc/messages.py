@@ -5,12 +5,15 @@ Control messages are JSON text; tensors travel in binary messages, one fixed str
 
     device -> server   {"type": "open", "session": hex(16 B), "party": 0|1, "key": hex(16 B), "link": hex(32 B),
                         "fingerprint": hex}
-    server -> device   {"type": "ready", "party", "layers", "hidden_size", "frac_bits", "max_context", "fingerprint"}
+    server -> device   {"type": "ready", "party", "layers", "hidden_size", "frac_bits", "max_context", "fingerprint",
+                        "heads", "kv_heads", "head_dim"}
     device -> server   FORWARD    "LSFW" | step u32 | position u32 | rows u32 | width u32 | share (rows x width)
     device -> server1  POOL       "LSPL" | kind u32 | n u32 | n corrections of kind mul, and or bit, in stream order
     server1 -> device  REQUEST    "LSRQ" | seq u32 | kind u8 | rank_a u8 | rank_b u8 | dims u32 ...
                                   (matmul: one triple of those shapes; mul/and/bit: a pool short by dims[0])
     device -> server1  CORRECTION "LSCR" | seq u32 | tensor (a matmul request's c1)
+    device -> server1  DEALT      "LSDA" | rank_a u8 | rank_b u8 | dims u32 ... | tensor (a matmul triple's c1,
+                                  dealt ahead: sent before the FORWARD, one per product the forward will take)
     server -> device   OUTPUT     "LSOU" | step u32 | rows u32 | width u32 | rounds u32 | peer bytes u64 |
                                   used mul u64 | used and u64 | used bit u64 | share
                                   (rounds with the peer and bytes sent to it in this forward, for the cost report;
@@ -20,9 +23,11 @@ Control messages are JSON text; tensors travel in binary messages, one fixed str
 ``key`` seeds the party's stream of correlated randomness (``dealing``): it must reach only that server, so a
 deployment runs these links over wss:// (TLS); ``link`` (the same on both servers) keys their peer link
 (``peer``: each proves it holds it, every frame is sealed under it). ``open`` holds the session's only secrets.
-Party 1 sends one REQUEST per matrix-product triple and reads the CORRECTIONs in order; the elementwise kinds
-come as POOLs the device sends ahead (right after FORWARD, sized by what the last forward of as many rows used),
-and party 1 asks only when a pool runs short. Party 0 never hears from the dealer.
+The matrix products' corrections come as DEALTs before each FORWARD (their shapes follow from the rows, the context
+and the body's attention heads, which ``ready`` announces: ``layer.attention_products``), and party 1 takes one per
+product in order, checking its shapes; it sends a REQUEST (and reads the CORRECTION) only where none was dealt. The
+elementwise kinds come as POOLs the device sends ahead (right after FORWARD, sized by what the last forward of as
+many rows used), and party 1 asks only when a pool runs short. Party 0 never hears from the dealer.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ REQUEST = struct.Struct("<4sIBBB")
 CORRECTION = struct.Struct("<4sI")
 OUTPUT = struct.Struct("<4sIIIIQQQQ")
 POOL = struct.Struct("<4sII")
+DEALT = struct.Struct("<4sBB")
 FORWARD_MAGIC, REQUEST_MAGIC, CORRECTION_MAGIC, OUTPUT_MAGIC, POOL_MAGIC = b"LSFW", b"LSRQ", b"LSCR", b"LSOU", b"LSPL"
+DEALT_MAGIC = b"LSDA"
 REQUEST_KINDS = ("mul", "matmul", "and", "bit")
 POOL_KINDS = ("mul", "and", "bit")
 POOL_CHUNK = 1 << 19  # elements per POOL message (4 MiB)
@@ -76,6 +83,23 @@ def unpack_request(data: bytes) -> tuple[int, str, tuple[int, ...], tuple[int, .
         raise WireError("a malformed dealer request", code="bad_frame")
     dims = struct.unpack_from(f"<{rank_a + rank_b}I", data, REQUEST.size)
     return seq, REQUEST_KINDS[kind], tuple(dims[:rank_a]), tuple(dims[rank_a:])
+
+
+def pack_dealt(shape_a: tuple[int, ...], shape_b: tuple[int, ...], correction: torch.Tensor) -> bytes:
+    """A matrix-product triple's correction dealt ahead, with the operands' shapes it is for."""
+    dims = (*shape_a, *shape_b)
+    head = DEALT.pack(DEALT_MAGIC, len(shape_a), len(shape_b)) + struct.pack(f"<{len(dims)}I", *dims)
+    return head + words(correction)
+
+
+def unpack_dealt(data: bytes) -> tuple[tuple[int, ...], tuple[int, ...], memoryview]:
+    """(shape_a, shape_b, the correction's words) of a DEALT message; ``bad_frame`` if it is not one."""
+    rank_a, rank_b = header(data, DEALT, DEALT_MAGIC, "dealt correction")
+    end = DEALT.size + 4 * (rank_a + rank_b)
+    if len(data) < end:
+        raise WireError(f"a dealt correction of {len(data)} bytes is too short", code="bad_frame")
+    dims = struct.unpack_from(f"<{rank_a + rank_b}I", data, DEALT.size)
+    return tuple(dims[:rank_a]), tuple(dims[rank_a:]), memoryview(data)[end:]
 
 
 def header(data: bytes, layout: struct.Struct, magic: bytes, what: str) -> tuple[int, ...]:

@@ -59,22 +59,46 @@ def fingerprint(weights: BodyWeights, ring: Ring) -> bytes:
     return digest.digest()
 
 
+class _Slot:
+    """A matrix-product triple's correction, in the order the triples were taken: dealt ahead (``tensor`` set at
+    once) or requested (``seq``; set when the CORRECTION arrives)."""
+
+    def __init__(self, shape: tuple[int, ...], seq: int | None = None, tensor: torch.Tensor | None = None) -> None:
+        self.shape, self.seq, self.tensor = shape, seq, tensor
+
+
 class _DeviceFeed:
     """Party 1's ``CorrectionFeed`` over its device connection: POOLs of elementwise corrections the device sends
-    ahead (and on REQUEST when one runs short), and a REQUEST/CORRECTION per matrix-product triple."""
+    ahead (and on REQUEST when one runs short), and the matrix-product triples' corrections, DEALT before the
+    FORWARD that takes them (checked against the shapes the body asks for) or, where none was dealt, a REQUEST and
+    its CORRECTION."""
 
     def __init__(self, ws: ServerConnection, timeout: float) -> None:
         self.ws, self.timeout = ws, timeout
         self.sent = 0
-        self.waiting: deque[tuple[int, tuple[int, ...]]] = deque()  # matmul requests: (seq, shape of c)
-        self.corrections: deque[torch.Tensor] = deque()
+        self.ahead: deque[tuple[tuple[int, ...], tuple[int, ...], memoryview]] = deque()  # DEALT, not taken yet
+        self.slots: deque[_Slot] = deque()  # matmul triples taken, their corrections in order
+        self.requested = 0  # matmul corrections asked for (none dealt ahead)
         self.pools: dict[str, deque[torch.Tensor]] = {k: deque() for k in M.POOL_KINDS}
         self.available = dict.fromkeys(M.POOL_KINDS, 0)
         self.asked = dict.fromkeys(M.POOL_KINDS, 0)
         self.used = dict.fromkeys(M.POOL_KINDS, 0)
 
     def request(self, kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
-        self.waiting.append((self.sent, product_shape(kind, shape_a, shape_b)))
+        shape = product_shape(kind, shape_a, shape_b)
+        self._drain()
+        if self.ahead:
+            dealt_a, dealt_b, words = self.ahead.popleft()
+            if (dealt_a, dealt_b) != (tuple(shape_a), tuple(shape_b)):
+                raise WireError(
+                    f"the device dealt a product of {dealt_a} @ {dealt_b} ahead where this body takes "
+                    f"{tuple(shape_a)} @ {tuple(shape_b)}",
+                    code="out_of_step",
+                )
+            self.slots.append(_Slot(shape, tensor=M.tensor_of(words, shape, "dealt correction")))
+            return
+        self.slots.append(_Slot(shape, seq=self.sent))
+        self.requested += 1
         self._ask(kind, shape_a, shape_b)
 
     def _ask(self, kind: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
@@ -82,9 +106,11 @@ class _DeviceFeed:
         self.sent += 1
 
     def receive(self) -> torch.Tensor:
-        while not self.corrections:
+        while self.slots[0].tensor is None:
             self._read(self.timeout)
-        return self.corrections.popleft()
+        tensor = self.slots.popleft().tensor
+        assert tensor is not None
+        return tensor
 
     def pooled(self, kind: str, n: int) -> torch.Tensor:
         self._drain()
@@ -128,7 +154,11 @@ class _DeviceFeed:
         self.take_in(data)
 
     def take_in(self, data: bytes) -> None:
-        """A POOL or CORRECTION message from the device."""
+        """A POOL, DEALT or CORRECTION message from the device."""
+        if data[:4] == M.DEALT_MAGIC:
+            shape_a, shape_b, words = M.unpack_dealt(data)
+            self.ahead.append((shape_a, shape_b, words))  # its size is checked when it is taken
+            return
         if data[:4] == M.POOL_MAGIC:
             code, n = M.header(data, M.POOL, M.POOL_MAGIC, "pool")
             if code >= len(M.POOL_KINDS):
@@ -139,11 +169,11 @@ class _DeviceFeed:
             self.asked[kind] = max(0, self.asked[kind] - n)
             return
         (seq,) = M.header(data, M.CORRECTION, M.CORRECTION_MAGIC, "correction")
-        if not self.waiting or seq != self.waiting[0][0]:
-            expected = self.waiting[0][0] if self.waiting else None
+        slot = next((slot for slot in self.slots if slot.tensor is None), None)
+        if slot is None or seq != slot.seq:
+            expected = None if slot is None else slot.seq
             raise WireError(f"the device sent correction {seq}, this server expected {expected}", code="out_of_step")
-        _, shape = self.waiting.popleft()
-        self.corrections.append(M.tensor_of(memoryview(data)[M.CORRECTION.size :], shape, "correction"))
+        slot.tensor = M.tensor_of(memoryview(data)[M.CORRECTION.size :], slot.shape, "correction")
 
     def usage(self) -> tuple[int, int, int]:
         """Pooled corrections used so far, per kind (mul, and, bit)."""
@@ -275,6 +305,10 @@ class ShareServer(SessionServer):
             "frac_bits": self.ring.frac_bits,
             "max_context": MAX_CONTEXT,
             "fingerprint": self.fingerprint.hex(),
+            # what the attention products' shapes follow from (the device deals their triples ahead)
+            "heads": self.weights.layers[0].heads,
+            "kv_heads": self.weights.layers[0].kv_heads,
+            "head_dim": self.weights.layers[0].head_dim,
         }
 
     def _serve(
@@ -293,7 +327,7 @@ class ShareServer(SessionServer):
                 if kind == "close":
                     return
                 raise WireError(f"unexpected {kind!r} message in a session", code="bad_frame")
-            if feed is not None and data[:4] == M.POOL_MAGIC:  # dealt ahead, not used by the last forward
+            if feed is not None and data[:4] in (M.POOL_MAGIC, M.DEALT_MAGIC):  # dealt ahead of the next forward
                 feed.take_in(data)
                 continue
             got_step, position, rows, width = M.header(data, M.FORWARD, M.FORWARD_MAGIC, "forward")
