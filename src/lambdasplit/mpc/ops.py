@@ -35,7 +35,7 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.mpc import functions as F
 from lambdasplit.mpc.beaver import matmul, mul
 from lambdasplit.mpc.party import Party
-from lambdasplit.mpc.shares import add_public, mul_public, public_matmul, truncate
+from lambdasplit.mpc.shares import add_public, limb_matmul, limb_weight, mul_public, public_matmul, truncate
 
 
 class Ops(Protocol):
@@ -119,22 +119,26 @@ class SharedOps:
         party: Party,
         rest: NormPlan = SMOLLM2_REST,
         sink: NormPlan = SMOLLM2_SINK,
-        encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        encoded: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] | None = None,
     ) -> None:
         self.party, self.rest, self.sink = party, rest, sink
         self._encoded = {} if encoded is None else encoded
 
-    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``encode(weight).T`` (in, out), made once per weight tensor (keyed by identity; the tensor is kept)."""
+    def _weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``encode(weight).T`` (in, out), made once per weight tensor (keyed by identity; the tensor is kept): in
+        float64 for ``limb_matmul`` where its entries are small enough (True), else in int64 (False)."""
         kept = self._encoded.get(id(weight))
         if kept is None or kept[0] is not weight:
-            kept = (weight, self.party.ring.encode(weight).T.contiguous())
+            encoded = self.party.ring.encode(weight).T.contiguous()
+            limbs = limb_weight(encoded)
+            kept = (weight, encoded, False) if limbs is None else (weight, limbs, True)
             self._encoded[id(weight)] = kept
-        return kept[1]
+        return kept[1], kept[2]
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         p = self.party
-        out = truncate(p, public_matmul(x, self._weight(weight)), p.ring.frac_bits)
+        w, limbs = self._weight(weight)
+        out = truncate(p, limb_matmul(x, w) if limbs else public_matmul(x, w), p.ring.frac_bits)
         return out if bias is None else add_public(p, out, p.ring.encode(bias))
 
     def scale(self, x: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:

@@ -211,7 +211,7 @@ class ShareServer(SessionServer):
         self.rest, self.sink, self.timeout = rest, sink, timeout
         self.hidden_size = int(weights.layers[0].q.weight.shape[1]) if weights.layers else 0
         self.fingerprint = fingerprint(weights, self.ring)
-        self.encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoded: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self.listener = PeerListener(peer[0], peer[1], self.fingerprint, timeout) if party == 0 else None
         super().__init__(
             self._session,

@@ -80,6 +80,23 @@ def linear(party: Party, s: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 _LIMB = 21  # bits per limb of ``public_matmul``: three limbs (21, 21, 22 signed) cover int64
 
 
+def limb_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """An encoded public ``w`` (K, N) in float64 for ``limb_matmul``, or None where its entries are too large for
+    the limbs' products to stay exact (see ``public_matmul``)."""
+    if w.is_meta or w.numel() == 0 or w.shape[0] * int(w.abs().max().item()) > 2 ** (53 - _LIMB):
+        return None
+    return w.to(torch.float64)
+
+
+def limb_matmul(s: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+    """``s @ w`` modulo 2^64 for a share ``s`` (..., K) and ``wf = limb_weight(w)``: three float64 products."""
+    wf = wf.to(s.device)
+    mask = (1 << _LIMB) - 1
+    limbs = (s & mask, (s >> _LIMB) & mask, s >> (2 * _LIMB))
+    out = [(limb.to(torch.float64) @ wf).to(torch.int64) for limb in limbs]
+    return out[0] + out[1] * (1 << _LIMB) + out[2] * (1 << (2 * _LIMB))
+
+
 def public_matmul(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``s @ w`` modulo 2^64 for a share ``s`` (..., K) and a small encoded public ``w`` (K, N), both int64.
 
@@ -87,13 +104,9 @@ def public_matmul(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     three limbs ``s = l0 + l1 2^21 + l2 2^42`` (l0, l1 in [0, 2^21), l2 signed in [-2^21, 2^21)) and each
     ``li @ w`` runs in float64, where it is exact while ``K * max|w| * 2^21 <= 2^53``: encoded weights below
     2^32 / K (|w| < 42 for K = 1536 at f = 16). The limbs recombine with int64 wrap-around, so the result is
-    bit for bit the int64 matmul's; larger weights take the int64 path.
+    bit for bit the int64 matmul's; larger weights take the int64 path. A caller that multiplies by the same ``w``
+    again and again keeps ``limb_weight(w)`` and calls ``limb_matmul`` (this pays a pass over ``w`` and a copy).
     """
     w = w.to(s.device)
-    if s.is_meta or w.numel() == 0 or w.shape[0] * int(w.abs().max().item()) > 2 ** (53 - _LIMB):
-        return s @ w
-    mask = (1 << _LIMB) - 1
-    wf = w.to(torch.float64)
-    limbs = (s & mask, (s >> _LIMB) & mask, s >> (2 * _LIMB))
-    out = [(limb.to(torch.float64) @ wf).to(torch.int64) for limb in limbs]
-    return out[0] + out[1] * (1 << _LIMB) + out[2] * (1 << (2 * _LIMB))
+    wf = None if s.is_meta else limb_weight(w)
+    return s @ w if wf is None else limb_matmul(s, wf)
