@@ -170,14 +170,38 @@ def test_an_output_showing_a_truncation_wrap_is_computed_again() -> None:
 
     good, wrapped = torch.ones(1, 2, 4), torch.ones(1, 2, 4)
     wrapped[0, 1, 2] = 2.0**32  # what a wrapped truncation leaves: off by 2^(64 - 2f) at f = 16
-    outputs = iter([wrapped, good])
-    out, redone = computed_again(lambda: next(outputs))
+    outputs, asked = iter([wrapped, good]), []
+    out, redone = computed_again(lambda wide: asked.append(wide) or next(outputs))
     assert out is good and redone == 1
-    assert computed_again(lambda: good) == (good, 0)
+    assert asked == [False, True]  # the forward redone is wide
+    assert computed_again(lambda wide: good) == (good, 0)
     with pytest.raises(SessionError, match="out of range") as caught:
-        computed_again(lambda: torch.full((1, 1, 4), PLAUSIBLE_OUTPUT), retries=2)
+        computed_again(lambda wide: torch.full((1, 1, 4), PLAUSIBLE_OUTPUT), retries=2)
     assert caught.value.code == "implausible_output"
     nan = torch.ones(1, 1, 4)
     nan[0, 0, 0] = float("nan")
     with pytest.raises(SessionError):
-        computed_again(lambda: nan, retries=0)
+        computed_again(lambda wide: nan, retries=0)
+
+
+def test_a_row_beyond_its_norm_plan_is_computed_again_wide(split: SplitModel) -> None:
+    """A massive row after position 0 (SmolLM2 makes one of an ``<|endoftext|>`` far into a prompt) is beyond the
+    position's plan: the output blows up, and the forward is redone with ``wide`` norms, where each row takes the
+    plan its mean square fits (here TINY below 16, the sink's plan above). The output is then the plain body's."""
+    assert split.body is not None and split.body.model is not None
+    hidden = steps_inputs(split)[0].clone()
+    hidden[0, 3] *= 1000  # mean square ~1e5 at position 3: TINY's rsqrt covers [0.005, 316]
+    expected = split.body(hidden, split.body.new_cache())
+    weights = BodyWeights.from_hf(split.body.model)
+    sink = NormPlan(pre_shift=8, scale_bits=14, iterations=10)
+    narrow = TwoPartyBody(weights, seed=0, rest=TINY, sink=sink, timeout=30)
+    out = narrow.forward(hidden, 0)
+    assert narrow.retries == 1
+    assert (out - expected).abs().max().item() < BOUND
+    wide = TwoPartyBody(weights, seed=0, rest=TINY, sink=sink, timeout=30, wide=True)  # wide from the start
+    assert (wide.forward(hidden, 0) - expected).abs().max().item() < BOUND
+    assert wide.retries == 0
+    # the sink's plan on every row at position 0 misses the tiny model's ordinary first row: wide picks TINY there
+    unmodified = steps_inputs(split)[0]
+    expected = split.body(unmodified, split.body.new_cache())
+    assert (wide.forward(unmodified, 0, "other") - expected).abs().max().item() < BOUND

@@ -21,6 +21,7 @@ from lambdasplit.generation import generate
 from lambdasplit.mpc import messages as M
 from lambdasplit.mpc.body import BodyWeights
 from lambdasplit.mpc.device import SecretSharedLink
+from lambdasplit.mpc.ops import NormPlan
 from lambdasplit.mpc.server import ShareServer
 from lambdasplit.split import SplitModel, load_split
 
@@ -39,9 +40,11 @@ def weights(split: SplitModel) -> BodyWeights:
     return BodyWeights.from_hf(split.body.model)
 
 
-def start_pair(weights: BodyWeights, timeout: float = TIMEOUT) -> tuple[ShareServer, ShareServer]:
-    s0 = ShareServer(weights, 0, ("127.0.0.1", 0), rest=TINY, sink=TINY, timeout=timeout).start()
-    s1 = ShareServer(weights, 1, s0.peer_address, rest=TINY, sink=TINY, timeout=timeout).start()
+def start_pair(
+    weights: BodyWeights, timeout: float = TIMEOUT, sink: NormPlan = TINY
+) -> tuple[ShareServer, ShareServer]:
+    s0 = ShareServer(weights, 0, ("127.0.0.1", 0), rest=TINY, sink=sink, timeout=timeout).start()
+    s1 = ShareServer(weights, 1, s0.peer_address, rest=TINY, sink=sink, timeout=timeout).start()
     return s0, s1
 
 
@@ -59,7 +62,7 @@ def link_to(servers: tuple[ShareServer, ShareServer]) -> SecretSharedLink:
 
 def test_the_networked_body_equals_the_hf_body_and_counts_its_bytes(split, servers) -> None:
     """Prefill and decode steps through both servers stay within BOUND of the HF body's own output; the device
-    sends each server one share (T x D int64 after a 20-byte header) per forward and deals server 1 the attention
+    sends each server one share (T x D int64 after a 24-byte header) per forward and deals server 1 the attention
     products' triples before it; server 1 asks for nothing once a forward of its size has been seen."""
     assert split.body is not None
     cache = split.body.new_cache()
@@ -111,6 +114,40 @@ def test_a_product_dealt_ahead_for_other_shapes_is_refused_not_used(split, serve
     assert refused.value.code == "out_of_step" and "dealt a product" in str(refused.value)
 
 
+def test_a_forward_redone_after_an_implausible_output_is_wide_on_both_servers(split, weights) -> None:
+    """A massive row after position 0 blows up under the position's norm plan; the device sends the forward again
+    flagged WIDE and both servers norm each row by the plan its mean square fits: the output is the HF body's.
+    A FORWARD with a flag no server knows is refused."""
+    assert split.body is not None
+    hidden = steps_inputs(split)[0].clone()
+    hidden[0, 3] *= 1000  # as in test_body: mean square ~1e5 at position 3
+    with torch.no_grad():
+        expected = split.body(hidden, split.body.new_cache())
+    s0, s1 = start_pair(weights, sink=NormPlan(pre_shift=8, scale_bits=14, iterations=10))
+    try:
+        link = link_to((s0, s1))
+        try:
+            rounds = list(link.peer_rounds)
+            out = link.forward(hidden, 0)
+            assert link.retries == 1 and link.step == 2
+            assert (out - expected).abs().max().item() < BOUND
+            assert link.peer_rounds[0] - rounds[0] == link.peer_rounds[1] - rounds[1]  # one program, in step
+        finally:
+            link.close()
+        links = raw_session((s0, s1), b"f" * 16)
+        for ws in links:
+            assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
+        frame = M.FORWARD.pack(M.FORWARD_MAGIC, 0, 0, 1, split.hidden_size, 2) + bytes(split.hidden_size * 8)
+        links[0].send(frame)
+        error = error_of(links[0])
+        assert error["code"] == "bad_frame" and "flags 0x2" in error["message"]
+        for ws in links:
+            ws.close()
+    finally:
+        s0.close()
+        s1.close()
+
+
 def raw_session(servers, session: bytes, party_sessions: tuple[bytes, bytes] | None = None):
     """Open a session by hand (the device's first message), to send what a correct device never would."""
     sessions = party_sessions or (session, session)
@@ -142,8 +179,8 @@ def test_a_share_of_the_wrong_size_ends_that_session_on_both_servers_only(split,
         links = raw_session(servers, b"w" * 16)
         for ws in links:
             assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
-        good = M.FORWARD.pack(M.FORWARD_MAGIC, 0, 0, 2, split.hidden_size) + bytes(2 * split.hidden_size * 8)
-        bad = M.FORWARD.pack(M.FORWARD_MAGIC, 0, 0, 2, split.hidden_size) + bytes(2 * split.hidden_size * 8 - 8)
+        good = M.FORWARD.pack(M.FORWARD_MAGIC, 0, 0, 2, split.hidden_size, 0) + bytes(2 * split.hidden_size * 8)
+        bad = M.FORWARD.pack(M.FORWARD_MAGIC, 0, 0, 2, split.hidden_size, 0) + bytes(2 * split.hidden_size * 8 - 8)
         links[0].send(bad)
         links[1].send(good)
         error0, error1 = error_of(links[0]), error_of(links[1])

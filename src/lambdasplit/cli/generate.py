@@ -211,7 +211,7 @@ def generate(
             _err.print(
                 f"[dim]secret-shared: the servers ran {link.peer_rounds[0]:,} rounds, {link.peer_bytes[0]:,} B each "
                 f"way between them; this device dealt {link.dealt:,} B to share server 1 "
-                f"({link.requests} requests); forwards redone after a truncation wrap: {link.retries}[/]"
+                f"({link.requests} requests); forwards redone wide (an output out of range): {link.retries}[/]"
             )
     if isinstance(link, AdapterLink):
         mode = "privatelora"

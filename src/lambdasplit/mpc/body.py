@@ -34,22 +34,27 @@ from lambdasplit.mpc.shares import share as share_ring
 MAX_CONTEXT = 500  # softmax's reciprocal converges for row sums in [0.5, 500]: a row sums to at most S
 #: The body's output is the residual stream: at most 2.5e4 on SmolLM2 (the sink, position 0; ~600 elsewhere). A
 #: 2-party truncation that wraps (probability ~ m 2^-32 per product of magnitude m, ``shares.truncate``) is off
-#: by 2^(64 - 2f) = 2^32 before the layers amplify it: an output beyond this bound is one, and is computed again.
+#: by 2^(64 - 2f) = 2^32 before the layers amplify it; a row far beyond its RMSNorm plan (a second attention sink)
+#: sends rsqrt's Newton steps off to 1e10 and more. An output beyond this bound is one of those, and is computed
+#: again (wide).
 PLAUSIBLE_OUTPUT = 2.0**20
 RETRIES = 3
 
 
 def plausible(out: torch.Tensor, bound: float = PLAUSIBLE_OUTPUT) -> bool:
-    """Whether a reconstructed body output is free of a truncation wrap: finite and within ``bound``."""
+    """Whether a reconstructed body output is free of a truncation wrap or a blown-up norm: finite and within
+    ``bound``."""
     return bool(torch.isfinite(out).all()) and float(out.abs().max()) < bound
 
 
-def computed_again(forward: Callable[[], torch.Tensor], retries: int = RETRIES) -> tuple[torch.Tensor, int]:
-    """``forward()`` (a whole forward at one position: the parties roll their caches back to it) until its
-    output is ``plausible``; (the output, how many were redone). Fresh randomness each time, so a wrap recurs
-    with the same small probability; ``SessionError`` after ``retries`` redone in a row."""
+def computed_again(forward: Callable[[bool], torch.Tensor], retries: int = RETRIES) -> tuple[torch.Tensor, int]:
+    """``forward(wide)`` (a whole forward at one position: the parties roll their caches back to it) until its
+    output is ``plausible``; (the output, how many were redone). A forward is redone ``wide`` (``SharedOps.wide``:
+    each norm row takes the plan its mean square fits), which also draws fresh randomness: a row beyond its
+    position's plan (a second attention sink) is then in range, and a truncation wrap recurs with its small
+    probability. ``SessionError`` after ``retries`` redone in a row."""
     for attempt in range(retries + 1):
-        out = forward()
+        out = forward(attempt > 0)
         if plausible(out):
             return out, attempt
     raise SessionError(
@@ -86,7 +91,8 @@ class SharedBody:
 
     ``hidden`` is this party's share (int64, (1, T, D)) of the rows at positions ``position .. position + T - 1``;
     a session's cache holds exactly the positions before ``position`` after a forward, and a forward at an
-    earlier position rolls the cache back (as ``split.state.BodyState``).
+    earlier position rolls the cache back (as ``split.state.BodyState``). ``wide``: the forward's norms fit any
+    row (``SharedOps.wide``), not only the position's plan.
     """
 
     def __init__(self, weights: BodyWeights, ops: Ops) -> None:
@@ -97,7 +103,9 @@ class SharedBody:
         caches = self.sessions.get(session)
         return 0 if not caches else int(caches[0][0].shape[2])
 
-    def forward(self, hidden: torch.Tensor, position: int, session: str = "default") -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, position: int, session: str = "default", wide: bool = False
+    ) -> torch.Tensor:
         if hidden.dim() != 3 or hidden.shape[0] != 1:
             raise ConfigError(f"hidden must be (1, T, D), got {tuple(hidden.shape)}")
         held = self.length(session)
@@ -110,9 +118,13 @@ class SharedBody:
         positions = torch.arange(position, position + T)
         rope = self.weights.rope(positions)
         new: list[KV] = []
-        for i, layer in enumerate(self.weights.layers):
-            hidden, kv = decoder_layer(self.ops, layer, hidden, caches[i] if caches else None, rope, positions)
-            new.append(kv)
+        self.ops.wide = wide
+        try:
+            for i, layer in enumerate(self.weights.layers):
+                hidden, kv = decoder_layer(self.ops, layer, hidden, caches[i] if caches else None, rope, positions)
+                new.append(kv)
+        finally:
+            self.ops.wide = False
         self.sessions[session] = new
         return hidden
 
@@ -140,6 +152,7 @@ class TwoPartyBody:
 
     ``forward(hidden float (1, T, D), position, session)`` -> the body's output (float32), computed on shares.
     ``counters`` are the two parties' (rounds, bytes to and from the peer, bytes dealt by the device).
+    ``wide``: every forward's norms fit any row (``SharedOps.wide``), not only after an implausible output.
     """
 
     def __init__(
@@ -150,8 +163,10 @@ class TwoPartyBody:
         rest: NormPlan = SMOLLM2_REST,
         sink: NormPlan = SMOLLM2_SINK,
         timeout: float = 600.0,
+        wide: bool = False,
     ) -> None:
         self.ring = ring or Ring()
+        self.wide = wide
         keys = [new_key() if seed is None else key_from_seed(seed, label) for label in ("input", "party0", "party1")]
         self.randomness = Prg(keys[0])  # the input shares' masks
         c0, c1 = local_channels(timeout)
@@ -166,16 +181,18 @@ class TwoPartyBody:
         return self.parties[0].counter, self.parties[1].counter
 
     def forward(self, hidden: torch.Tensor, position: int, session: str = "default") -> torch.Tensor:
-        """The body's output (float32); a forward whose output shows a truncation wrap is computed again
-        (``computed_again``; counted in ``retries``)."""
-        out, redone = computed_again(lambda: self._forward(hidden, position, session))
+        """The body's output (float32); a forward whose output is implausible (a row beyond its norm plan, a
+        truncation wrap) is computed again, wide (``computed_again``; counted in ``retries``)."""
+        out, redone = computed_again(lambda wide: self._forward(hidden, position, session, wide or self.wide))
         self.retries += redone
         return out
 
-    def _forward(self, hidden: torch.Tensor, position: int, session: str) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, position: int, session: str, wide: bool) -> torch.Tensor:
         s0, s1 = share(hidden, self.ring, self.randomness)
         b0, b1 = self.bodies
         out0, out1 = run_pair(
-            lambda: b0.forward(s0, position, session), lambda: b1.forward(s1, position, session), self.timeout
+            lambda: b0.forward(s0, position, session, wide),
+            lambda: b1.forward(s1, position, session, wide),
+            self.timeout,
         )
         return reconstruct(out0, out1, self.ring)

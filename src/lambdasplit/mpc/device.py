@@ -50,6 +50,9 @@ class SecretSharedLink:
     ``traffic`` counts both servers' messages: FORWARDs up, OUTPUTs down, and the dealer's traffic with server 1
     (``dealt``: correction bytes; ``dealt_ahead``: matrix-product corrections sent before their forward;
     ``requests``: what server 1 still asked for).
+    ``wide``: every forward's norms fit any row (``SharedOps.wide``: more rounds each), so that no forward is redone
+    for a row beyond its position's plan; by default only a forward redone after an implausible output is (both
+    servers see that it was redone).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class SecretSharedLink:
         timeout: float = 60.0,
         trust: TlsTrust | None = None,
         token: str | Sequence[str | None] | None = None,
+        wide: bool = False,
     ) -> None:
         if len(urls) != 2:
             raise ConfigError(
@@ -67,7 +71,7 @@ class SecretSharedLink:
         tokens = (token, token) if token is None or isinstance(token, str) else tuple(token)
         if len(tokens) != 2:
             raise ConfigError(f"one bearer token for both share servers, or one for each; got {len(tokens)}")
-        self.urls, self.timeout, self.trust = tuple(urls), timeout, trust or TlsTrust()
+        self.urls, self.timeout, self.trust, self.wide = tuple(urls), timeout, trust or TlsTrust(), wide
         self._tokens = tokens
         self.session = secrets.token_bytes(SESSION_BYTES)
         keys = new_key(), new_key()
@@ -149,25 +153,26 @@ class SecretSharedLink:
         return dict(message)
 
     def forward(self, hidden: torch.Tensor, position: int, reset: bool = False, last: bool = False) -> torch.Tensor:
-        """The body's output for ``hidden`` at ``position``; a forward whose output shows a truncation wrap is
-        sent again at the same position (the servers roll back; ``body.computed_again``, counted in
-        ``retries``)."""
+        """The body's output for ``hidden`` at ``position``; a forward whose output is implausible (a row beyond
+        its norm plan, a truncation wrap) is sent again at the same position, wide (the servers roll back;
+        ``body.computed_again``, counted in ``retries``)."""
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
             raise ConfigError(f"hidden must be (1, T, {self.hidden_size}), got {tuple(hidden.shape)}")
         if reset and position != 0:
             raise ConfigError("reset drops the cache: it starts at position 0")
-        out, redone = computed_again(lambda: self._forward(hidden, position))
+        out, redone = computed_again(lambda wide: self._forward(hidden, position, wide or self.wide))
         self.retries += redone
         out = out.to(hidden.device, hidden.dtype)
         return out[:, -1:] if last else out
 
-    def _forward(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, position: int, wide: bool) -> torch.Tensor:
         start = time.perf_counter()
         rows = hidden.shape[1]
         shares = share(hidden.detach().to("cpu", torch.float64), self.ring, self.randomness)
         up = self._deal_products(rows, position)  # before server 1's FORWARD: there when its first product asks
+        flags = M.WIDE if wide else 0
         for party, s in enumerate(shares):
-            frame = M.FORWARD.pack(M.FORWARD_MAGIC, self.step, position, rows, self.hidden_size) + M.words(s)
+            frame = M.FORWARD.pack(M.FORWARD_MAGIC, self.step, position, rows, self.hidden_size, flags) + M.words(s)
             self._send(party, frame)
             up += len(frame)
         up += self._deal_ahead(rows)

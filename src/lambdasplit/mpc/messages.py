@@ -7,7 +7,8 @@ Control messages are JSON text; tensors travel in binary messages, one fixed str
                         "fingerprint": hex}
     server -> device   {"type": "ready", "party", "layers", "hidden_size", "frac_bits", "max_context", "fingerprint",
                         "heads", "kv_heads", "head_dim"}
-    device -> server   FORWARD    "LSFW" | step u32 | position u32 | rows u32 | width u32 | share (rows x width)
+    device -> server   FORWARD    "LSFW" | step u32 | position u32 | rows u32 | width u32 | flags u32 |
+                                  share (rows x width)   (flags: WIDE = 1, the forward's norms fit any row)
     device -> server1  POOL       "LSPL" | kind u32 | n u32 | n corrections of kind mul, and or bit, in stream order
     server1 -> device  REQUEST    "LSRQ" | seq u32 | kind u8 | rank_a u8 | rank_b u8 | dims u32 ...
                                   (matmul: one triple of those shapes; mul/and/bit: a pool short by dims[0])
@@ -39,7 +40,10 @@ import torch
 
 from lambdasplit.errors import WireError
 
-FORWARD = struct.Struct("<4sIIII")
+FORWARD = struct.Struct("<4sIIIII")
+#: FORWARD's flags: ``WIDE`` asks for norms that fit any row (``ops.SharedOps.wide``), as a forward redone after an
+#: implausible output does (``body.computed_again``); no other bit is defined.
+WIDE = 1
 REQUEST = struct.Struct("<4sIBBB")
 CORRECTION = struct.Struct("<4sI")
 OUTPUT = struct.Struct("<4sIIIIQQQQ")

@@ -18,9 +18,12 @@ silu(x)               x * sigmoid(x)                               sign-folded S
 ====================  ===========================================  ========================================
 
 RMSNorm's fixed point needs a public scale per row (``NormPlan``): the attention sink at position 0 carries a
-mean square up to 1.1e6 on SmolLM2 (at most ~1e3 elsewhere; docs/secret-sharing.md), so rows at position 0 take
-a larger pre-shift, rsqrt scale and more Newton steps. The choice depends on the (public) position only,
-never on data.
+mean square up to 1.1e6 on SmolLM2 (at most ~1e3 elsewhere in text; docs/secret-sharing.md), so rows at position 0
+take a larger pre-shift, rsqrt scale and more Newton steps. That choice depends on the (public) position only,
+never on data. Some inputs make a second sink further on (SmolLM2: an ``<|endoftext|>`` token anywhere, mean
+square 3e5; some tokens right after the first, 1.5e4), beyond the position's plan: a forward whose output shows it
+is computed again ``wide`` (``SharedOps.wide``), where every row takes both plans and keeps, by a comparison under
+MPC, the one its mean square fits.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ import torch.nn.functional as nnf
 from lambdasplit.errors import ConfigError
 from lambdasplit.mpc import functions as F
 from lambdasplit.mpc.beaver import matmul, mul
+from lambdasplit.mpc.compare import ltz, select
 from lambdasplit.mpc.party import Party
 from lambdasplit.mpc.shares import add_public, limb_matmul, limb_weight, mul_public, public_matmul, truncate
 
 
 class Ops(Protocol):
     """What a decoder layer needs beyond local tensor manipulation. ``positions`` (T,) are the rows' public
-    positions in the sequence."""
+    positions in the sequence. ``wide``: the body sets it for a forward whose norms must fit any row (shares only)."""
+
+    wide: bool
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -59,6 +65,8 @@ class Ops(Protocol):
 
 class PlainOps:
     """The layer in float64, as HF computes it (in float32): the reference the shared computation is held to."""
+
+    wide = False  # float64 has the range: nothing to widen
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return nnf.linear(x, weight, bias)
@@ -112,7 +120,11 @@ SMOLLM2_SINK = NormPlan(pre_shift=8, scale_bits=14, iterations=10)
 class SharedOps:
     """One party's side of every op: its ``Party`` (ring, peer link, dealer feed) and the public weights, encoded
     once and kept (transposed for ``public_matmul``). ``encoded``: a cache of those to share between the sessions
-    of one server (the encodings are the same for every party and session)."""
+    of one server (the encodings are the same for every party and session).
+
+    ``wide`` (set per forward, the same on both parties): every RMSNorm row takes ``rest``'s plan where its mean
+    square is below ``16 * 2^rest.scale_bits`` (256 for SmolLM2, well inside both plans' ranges) and ``sink``'s
+    above, whatever its position; which one a row took stays secret (``rms_norm``)."""
 
     def __init__(
         self,
@@ -123,6 +135,7 @@ class SharedOps:
     ) -> None:
         self.party, self.rest, self.sink = party, rest, sink
         self._encoded = {} if encoded is None else encoded
+        self.wide = False
 
     def _weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``encode(weight).T`` (in, out), made once per weight tensor (keyed by identity; the tensor is kept): in
@@ -151,7 +164,10 @@ class SharedOps:
         return matmul(self.party, x, y)
 
     def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor) -> torch.Tensor:
-        """h (..., T, D) -> h * rsqrt(mean(h^2) + eps) * weight, rows at position 0 with ``sink``'s plan."""
+        """h (..., T, D) -> h * rsqrt(mean(h^2) + eps) * weight, rows at position 0 with ``sink``'s plan (``wide``:
+        each row with the plan its mean square fits)."""
+        if self.wide:
+            return self._wide_norm(h, weight, eps)
         p = self.party
         sink = (positions == 0).unsqueeze(-1)  # (T, 1), public
         pre_shift = torch.where(sink, torch.tensor(self.sink.pre_shift), torch.tensor(self.rest.pre_shift))
@@ -162,6 +178,28 @@ class SharedOps:
         inv = F.rsqrt(p, ms, iterations, scale, apply_scale=False)  # 1 / sqrt(ms / scale), (..., T, 1)
         weighted = truncate(p, mul_public(p, h, weight), scale_bits // 2)  # h * w / sqrt(scale)
         return mul(p, weighted, inv.expand_as(h).contiguous())
+
+    def _wide_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm with both plans on every row, side by side (each with its own pre-shift, the Newton steps of
+        the plan that takes more), and each row's result picked by ``ms < threshold`` (a comparison on the mean
+        square under the sink's pre-shift, which keeps any row's sum of squares from wrapping; then a select,
+        exact: the pick is a secret bit, and the branch not picked, garbage or not, adds exactly 0).
+        Rounds: 1 + rsqrt (the larger plan's) + 1 + 8 + 1, against the position plan's 1 + rsqrt + 1."""
+        p, rest, sink = self.party, self.rest, self.sink
+        shifts = torch.tensor([rest.pre_shift, sink.pre_shift]).view(2, *([1] * h.dim()))
+        ms = add_public(p, F.mean_square(p, torch.stack([h, h]), shifts), p.ring.encode(eps))  # (2, ..., T, 1)
+        scale = torch.tensor([2.0**rest.scale_bits, 2.0**sink.scale_bits], dtype=torch.float64)
+        iterations = max(rest.iterations, sink.iterations)
+        inv = F.rsqrt(p, torch.cat([ms[0], ms[1]], -1), iterations, scale, apply_scale=False)  # (..., T, 2)
+        weighted = mul_public(p, h, weight)
+        normed = mul(
+            p,
+            torch.stack([truncate(p, weighted, rest.scale_bits // 2), truncate(p, weighted, sink.scale_bits // 2)]),
+            torch.stack([inv[..., :1].expand_as(h), inv[..., 1:].expand_as(h)]).contiguous(),
+        )
+        threshold = 16.0 * 2.0**rest.scale_bits
+        small = ltz(p, add_public(p, ms[1], p.ring.encode(-threshold)))  # bit share: the row takes rest's plan
+        return select(p, small, normed[0], normed[1])
 
     def softmax(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return F.softmax(self.party, x, mask=mask)

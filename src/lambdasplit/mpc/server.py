@@ -330,7 +330,9 @@ class ShareServer(SessionServer):
             if feed is not None and data[:4] in (M.POOL_MAGIC, M.DEALT_MAGIC):  # dealt ahead of the next forward
                 feed.take_in(data)
                 continue
-            got_step, position, rows, width = M.header(data, M.FORWARD, M.FORWARD_MAGIC, "forward")
+            got_step, position, rows, width, flags = M.header(data, M.FORWARD, M.FORWARD_MAGIC, "forward")
+            if flags & ~M.WIDE:
+                raise WireError(f"a forward with unknown flags {flags:#x}", code="bad_frame")
             if got_step != step:
                 raise WireError(f"forward for step {got_step}; this session is at step {step}", code="out_of_step")
             if width != self.hidden_size or rows < 1:
@@ -343,7 +345,7 @@ class ShareServer(SessionServer):
             channel.begin(step)
             start, before = time.perf_counter(), party.counter.snapshot()
             used_before = feed.usage() if feed is not None else (0, 0, 0)
-            out = body.forward(share, position, session.hex())
+            out = body.forward(share, position, session.hex(), wide=bool(flags & M.WIDE))
             cost = party.counter.since(before)
             used = tuple(u - b for u, b in zip(feed.usage(), used_before, strict=True)) if feed else (0, 0, 0)
             log.debug("share %d: step %d, %d rows in %.2f s", self.party, step, rows, time.perf_counter() - start)
