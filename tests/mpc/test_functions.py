@@ -29,6 +29,17 @@ def test_reciprocal_over_softmax_row_sums():
     assert counter.rounds == F.EXP_ITERATIONS + 2 * F.RECIPROCAL_ITERATIONS
 
 
+@pytest.mark.parametrize(("hi", "octaves"), [(64.0, 6), (500.0, 9), (1.9, 1)])
+def test_reciprocal_of_a_softmax_row_sum_from_its_octave(hi, octaves):
+    """Sums in [1, T] (a row's maximum contributes e^0 = 1), every octave's edges included: within 2e-3 relative,
+    or two units of f = 16 where 1/x has fewer than 1,000 of them (1/500 has 131)."""
+    x = torch.cat([grid(1, hi, log=True), torch.tensor([2.0**k for k in range(octaves + 1) if 2.0**k <= hi])])
+    x = torch.cat([x, x * 0.999, x * 1.001]).clamp(1.0, hi)
+    out, counter = compute(lambda p, s: F.reciprocal_of_sum(p, s, octaves), x)
+    assert ((out - 1 / x).abs() <= torch.maximum(2e-3 / x, torch.tensor(2.0**-15))).all()
+    assert counter.rounds == 8 + 2 * F.SUM_RECIPROCAL_ITERATIONS
+
+
 @pytest.mark.parametrize(
     ("lo", "hi", "scale", "iterations", "bound"),
     # mean square at positions > 0 (result down to 0.03: the last place is 5e-4 of it), and at position 0
@@ -59,7 +70,7 @@ def test_softmax_with_the_row_maximum_as_shift():
     top = scores.amax(-1, keepdim=True)
     out, counter = compute(lambda p, s, m: F.softmax(p, s, m), scores, top)
     assert (out - scores.softmax(-1)).abs().max().item() < 5e-3
-    assert counter.rounds == 2 * F.EXP_ITERATIONS + 2 * F.RECIPROCAL_ITERATIONS + 1
+    assert counter.rounds == F.EXP_ITERATIONS + 8 + 2 * F.SUM_RECIPROCAL_ITERATIONS + 1
 
 
 def test_silu_over_the_bulk_of_gate_values():

@@ -31,7 +31,7 @@ from lambdasplit.mpc.ring import Prg, Ring
 from lambdasplit.mpc.shares import reconstruct as reconstruct_ring
 from lambdasplit.mpc.shares import share as share_ring
 
-MAX_CONTEXT = 500  # softmax's reciprocal converges for row sums in [0.5, 500]: a row sums to at most S
+MAX_CONTEXT = 500  # the tested range: a softmax row sums to at most S, and 1/500 holds 131 units at f = 16
 #: The body's output is the residual stream: at most 2.5e4 on SmolLM2 (the sink, position 0; ~600 elsewhere). A
 #: 2-party truncation that wraps (probability ~ m 2^-32 per product of magnitude m, ``shares.truncate``) is off
 #: by 2^(64 - 2f) = 2^32 before the layers amplify it; a row far beyond its RMSNorm plan (a second attention sink)
@@ -113,7 +113,9 @@ class SharedBody:
             raise SessionError(f"position {position} skips ahead: session {session!r} holds {held}", "bad_position")
         T = hidden.shape[1]
         if position + T > MAX_CONTEXT:
-            raise ConfigError(f"context {position + T} exceeds {MAX_CONTEXT}, the softmax reciprocal's range")
+            raise ConfigError(
+                f"context {position + T} exceeds {MAX_CONTEXT}, the range the shared softmax is tested on"
+            )
         caches = [(k[:, :, :position], v[:, :, :position]) for k, v in self.sessions.get(session, [])]
         positions = torch.arange(position, position + T)
         rope = self.weights.rope(positions)

@@ -10,13 +10,15 @@ function        method                                      valid input range, d
 exp             (1 + x / 2^n)^(2^n), n = 8 squarings        [-128, 4]; softmax's x - max is [-67, 0]  8
 reciprocal      Newton y <- y (2 - x y), y0 = 3 e^(1/2-x)   [0.5, 500] / scale; rowsum is [1, 58]     8 + 2k
                 + 0.003 (CrypTen's), k = 10
+reciprocal of   Newton from (2/3) 2^-k, k = the octave of x  [1, 2^n]: a softmax row's sum is in      8 + 2k
+a sum           ([x >= 2^i], n comparisons at once), k = 4   [1, T], n = ceil(log2 T)
 rsqrt           Newton y <- y (3 - x y^2) / 2, y0 =         [0.2, 125] * scale at k = 3; mean square  8 + 3k
                 2.2 e^(-x/2 - 0.2) + 0.2 - x/1024, k = 3    is [3.6, 987] at positions > 0: scale 8;
                                                             [53, 1.1e6] at position 0: scale 2^13, k 8
 mean_square     sum of untruncated products, one truncation per row, after a public pre-shift        1
-softmax         e^(x - max) * reciprocal(sum); the row's     x - max in [-128, 0]: scores span         9 L +
-                maximum by ``compare.maximum`` (exact)      [-58.6, 28.4], x - max [-67, 0];          8+28+1
-                                                            L = ceil(log2 T) levels
+softmax         e^(x - max) * reciprocal of the sum; the      x - max in [-128, 0]: scores span         9 L +
+                row's maximum by ``compare.maximum``        [-58.6, 28.4], x - max [-67, 0];          8+16+1
+                (exact)                                     L = ceil(log2 T) levels
 sigmoid, silu   CrypTen's sign folding: c = x < 0,          |x| <= 256 (the gate spans [-31, 50])      24
                 s = 1 / (1 + e^-|x|) (reciprocal of [1, 2]:
                 chord + 3 Newton steps), silu = |x| s + c x
@@ -31,6 +33,7 @@ exp only ever sees -|x| <= 0.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -42,6 +45,7 @@ from lambdasplit.mpc.shares import add_public, mul_public, truncate
 
 EXP_ITERATIONS = 8
 RECIPROCAL_ITERATIONS = 10
+SUM_RECIPROCAL_ITERATIONS = 4  # from the octave's guess, |1 - x y0| <= 1/3: (1/3)^(2^4) = 2e-8
 RSQRT_ITERATIONS = 3
 SIGMOID_ITERATIONS = 3  # Newton steps for 1 / (1 + e^-|x|), a reciprocal of [1, 2]
 MASKED = float(2**20)  # what softmax's masked entries become (negated): below any score, far inside the ring
@@ -78,6 +82,29 @@ def reciprocal(
         xy = mul(party, x, y)
         y = mul(party, y, add_public(party, -xy, ring.encode(2.0)))
     return y if scale == 1.0 else mul_public(party, y, 1.0 / scale)
+
+
+def reciprocal_of_sum(
+    party: Party, x: torch.Tensor, octaves: int, iterations: int = SUM_RECIPROCAL_ITERATIONS
+) -> torch.Tensor:
+    """Share of ``1 / x`` for x in [1, 2^octaves] (a softmax row's sum: at least its maximum's e^0 = 1, at most
+    its length): the guess ``(2/3) 2^-k`` for x in [2^k, 2^(k+1)), from the bits ``[x < 2^i]``, i = 1..octaves
+    (one batched comparison: 8 rounds, whatever ``octaves``), then Newton's ``y <- y (2 - x y)``.
+
+    The guess leaves ``x y0`` in [2/3, 4/3), so the relative error ``1 - x y`` starts within 1/3 and squares with
+    each step: below f = 16's last place after 4. The bits are integer shares, so the guess ``1 - sum 2^-i +
+    sum [x < 2^i] 2^-i`` (times 2/3) is local and exact. Rounds: 8 + 2 per iteration (16 against ``reciprocal``'s
+    28), and the guess's product is over the sums only (n values per row), not the row.
+    """
+    ring = party.ring
+    powers = [2.0**i for i in range(1, octaves + 1)]
+    below = ltz(party, add_public(party, x.unsqueeze(-1), ring.encode(torch.tensor([-v for v in powers]))))
+    steps = ring.encode(torch.tensor([2.0 / 3.0 / v for v in powers]))  # (2/3) 2^-i, public
+    top = ring.encode(2.0 / 3.0 * (1.0 - sum(1.0 / v for v in powers)))  # (2/3) 2^-n
+    y = add_public(party, (below * steps).sum(-1), top)
+    for _ in range(iterations):
+        y = mul(party, y, add_public(party, -mul(party, x, y), ring.encode(2.0)))
+    return y
 
 
 def rsqrt(
@@ -143,8 +170,7 @@ def softmax(
     x: torch.Tensor,
     shift: torch.Tensor | float | None = None,
     exp_iterations: int = EXP_ITERATIONS,
-    reciprocal_iterations: int = RECIPROCAL_ITERATIONS,
-    scale: float = 1.0,
+    reciprocal_iterations: int = SUM_RECIPROCAL_ITERATIONS,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of ``softmax(x, -1)`` as ``e^(x - shift) / sum(e^(x - shift))``; x is (..., T).
@@ -152,8 +178,8 @@ def softmax(
     ``shift``: ``None`` (the default) computes the row's maximum under MPC (``compare.maximum``: exact,
     9 * ceil(log2 T) rounds); or this party's share of a (..., 1) tensor; or a public float that only party 0
     subtracts. The result is exact in the shift; precision needs ``x - shift`` within exp's range with the
-    row's maximum near 0, so the sum lies in [1, T] (``scale`` for reciprocal's range when T is large).
-    Rounds: the maximum's + exp + reciprocal + 1.
+    row's maximum near 0, so the sum lies in [1, T] (``reciprocal_of_sum`` over ceil(log2 T) octaves).
+    Rounds: the maximum's + exp + 8 + 2 * ``reciprocal_iterations`` + 1.
 
     ``mask`` (public bool, broadcastable to x; True = kept) leaves entries out, as attention's causal mask: they
     are set to ``-MASKED`` before the maximum (so they never win it) and their exponentials to exactly 0
@@ -168,7 +194,8 @@ def softmax(
     e = exp(party, shifted, exp_iterations)
     if keep is not None:
         e = e * keep  # masked entries' exp is garbage (far outside its range): zero it exactly
-    inv = reciprocal(party, e.sum(-1, keepdim=True), reciprocal_iterations, scale)
+    octaves = max(1, math.ceil(math.log2(x.shape[-1])))
+    inv = reciprocal_of_sum(party, e.sum(-1, keepdim=True), octaves, reciprocal_iterations)
     out = mul(party, e, inv.expand_as(e).contiguous())
     return out if keep is None else out * keep
 
