@@ -66,20 +66,33 @@ def test_select_and_relu_are_exact():
     assert counter.rounds == 9
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 256])
-def test_maximum_of_attention_rows_is_exact(n):
-    """Rows of scores over the measured span [-58.6, 28.4], lengths up to the context, with ties planted."""
+def fours_levels(n: int) -> int:
+    """Levels of the 4-ary tournament over n: each takes ceil(n / 4)."""
+    levels = 0
+    while n > 1:
+        n, levels = -(-n // 4), levels + 1
+    return levels
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 64, 65, 256])
+@pytest.mark.parametrize("arity", [2, 4])
+def test_maximum_of_attention_rows_is_exact(n, arity):
+    """Rows of scores over the measured span [-58.6, 28.4], lengths up to the context, with ties planted (the
+    maximum twice; a row of one value; for fours, a tie inside every group of a row)."""
     g = torch.Generator().manual_seed(n)
     s = torch.rand(9, 2, n, generator=g, dtype=torch.float64) * 87 - 58.6
     s[0, 0] = s[0, 0, 0]  # a row of one value
     s[1, 0, n // 2] = s[1, 0, 0] = 30.0  # the maximum twice
+    s[2, 1, 1::2] = s[2, 1, 0::2][: n // 2]  # neighbours equal: ties in every group of fours
     encoded = RING.decode(RING.encode(s), torch.float64)
-    out, counter = compute(lambda p, v: C.maximum(p, v, keepdim=True), s)
+    out, counter = compute(lambda p, v: C.maximum(p, v, keepdim=True, arity=arity), s)
     assert torch.equal(out, encoded.amax(-1, keepdim=True))
-    levels = math.ceil(math.log2(n)) if n > 1 else 0
-    assert counter.rounds == 9 * levels
-    assert counter.sent == 216 * 18 * (n - 1)  # n - 1 comparisons and selects per row, 18 rows
-    out, _ = compute(lambda p, v: C.maximum(p, v, dim=0), s)  # another dimension
+    if arity == 2:
+        assert counter.rounds == 9 * (math.ceil(math.log2(n)) if n > 1 else 0)
+        assert counter.sent == 216 * 18 * (n - 1)  # n - 1 comparisons and selects per row, 18 rows
+    else:
+        assert counter.rounds == 10 * fours_levels(n)
+    out, _ = compute(lambda p, v: C.maximum(p, v, dim=0, arity=arity), s)  # another dimension
     assert torch.equal(out, encoded.amax(0))
 
 
@@ -110,6 +123,11 @@ def test_softmax_computes_its_own_maximum(length):
     s[0, 0] = torch.randn(length, generator=g, dtype=torch.float64)  # a flat row: its sum is near the length
     out, counter = compute(F.softmax, s)
     assert (out - s.softmax(-1)).abs().max().item() < 5e-3
+    maximum = 10 * fours_levels(length)  # 18 rows: the tournament by fours
+    assert counter.rounds == maximum + F.EXP_ITERATIONS + (8 + 2 * F.SUM_RECIPROCAL_ITERATIONS) + 1
+    many = torch.cat([s] * 8)  # 144 rows: by pairs
+    out, counter = compute(F.softmax, many)
+    assert (out - many.softmax(-1)).abs().max().item() < 5e-3
     levels = math.ceil(math.log2(length))
     assert counter.rounds == 9 * levels + F.EXP_ITERATIONS + (8 + 2 * F.SUM_RECIPROCAL_ITERATIONS) + 1
 

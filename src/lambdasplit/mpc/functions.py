@@ -16,9 +16,10 @@ rsqrt           Newton y <- y (3 - x y^2) / 2, y0 =         [0.2, 125] * scale a
                 2.2 e^(-x/2 - 0.2) + 0.2 - x/1024, k = 3    is [3.6, 987] at positions > 0: scale 8;
                                                             [53, 1.1e6] at position 0: scale 2^13, k 8
 mean_square     sum of untruncated products, one truncation per row, after a public pre-shift        1
-softmax         e^(x - max) * reciprocal of the sum; the      x - max in [-128, 0]: scores span         9 L +
+softmax         e^(x - max) * reciprocal of the sum; the      x - max in [-128, 0]: scores span         M +
                 row's maximum by ``compare.maximum``        [-58.6, 28.4], x - max [-67, 0];          8+16+1
-                (exact)                                     L = ceil(log2 T) levels
+                (exact)                                     M = 10 ceil(log4 T) for up to 128 rows,
+                                                            9 ceil(log2 T) beyond
 sigmoid, silu   CrypTen's sign folding: c = x < 0,          |x| <= 256 (the gate spans [-31, 50])      24
                 s = 1 / (1 + e^-|x|) (reciprocal of [1, 2]:
                 chord + 3 Newton steps), silu = |x| s + c x
@@ -49,6 +50,9 @@ SUM_RECIPROCAL_ITERATIONS = 4  # from the octave's guess, |1 - x y0| <= 1/3: (1/
 RSQRT_ITERATIONS = 3
 SIGMOID_ITERATIONS = 3  # Newton steps for 1 / (1 + e^-|x|), a reciprocal of [1, 2]
 MASKED = float(2**20)  # what softmax's masked entries become (negated): below any score, far inside the ring
+#: softmax takes its maximum in groups of 4 (fewer rounds, about twice the comparisons' bytes) for at most this
+#: many rows: a decode step's (9 for SmolLM2), a short draft's; a prefill's hundreds keep the pairs' bytes.
+FOURS_UP_TO_ROWS = 128
 
 
 def exp(party: Party, x: torch.Tensor, iterations: int = EXP_ITERATIONS) -> torch.Tensor:
@@ -181,6 +185,9 @@ def softmax(
     row's maximum near 0, so the sum lies in [1, T] (``reciprocal_of_sum`` over ceil(log2 T) octaves).
     Rounds: the maximum's + exp + 8 + 2 * ``reciprocal_iterations`` + 1.
 
+    The maximum's tournament (``compare.maximum``) goes by fours for up to ``FOURS_UP_TO_ROWS`` rows, by pairs
+    beyond.
+
     ``mask`` (public bool, broadcastable to x; True = kept) leaves entries out, as attention's causal mask: they
     are set to ``-MASKED`` before the maximum (so they never win it) and their exponentials to exactly 0
     (a share times the public integer 0) before the sum; their output is exactly 0. A row needs one kept entry.
@@ -189,7 +196,8 @@ def softmax(
     if keep is not None:
         x = add_public(party, x * keep, (1 - keep) * party.ring.encode(-MASKED))
     if shift is None:
-        shift = maximum(party, x, keepdim=True)
+        rows = x.numel() // max(1, x.shape[-1])
+        shift = maximum(party, x, keepdim=True, arity=4 if rows <= FOURS_UP_TO_ROWS else 2)
     shifted = add_public(party, x, party.ring.encode(-shift)) if isinstance(shift, float) else x - shift
     e = exp(party, shifted, exp_iterations)
     if keep is not None:
