@@ -55,13 +55,18 @@ def test_two_share_server_processes_give_the_plain_splits_tokens(
             code, _, err = in_process.lambdasplit(capsys, monkeypatch, *PROMPT, *shared, *token)
             assert code != 0 and "unauthorized" in err and f"share server {refused}" in err, err
         code, stdout, err = in_process.lambdasplit(capsys, monkeypatch, *PROMPT, *shared, "--token", "token-0,token-1")
-    assert code == 0, err
+        assert code == 0, err
+        wide = ["-n", "1", "--wide-norms", "--token", "token-0,token-1"]  # every forward's norms fit any row
+        wide_code, wide_stdout, wide_err = in_process.lambdasplit(capsys, monkeypatch, *PROMPT, *shared, *wide)
+        assert wide_code == 0, wide_err
     plain = generate(load_split("smollm2-135m-instruct", "2:28", quiet=True), PROMPT[1], max_new_tokens=3)
     out = json.loads(stdout)
     assert out["mode"] == "secret-shared"
     cost = out["secret_shared"]
     assert cost["peer_rounds"] > 1000 and cost["peer_bytes_each_way"] > 0 and cost["dealt_bytes"] > 0
-    assert out["token_ids"] == plain.token_ids
+    assert out["token_ids"] == plain.token_ids and not cost["wide_norms"] and cost["retries"] == 0
+    wide_out = json.loads(wide_stdout)
+    assert wide_out["token_ids"] == plain.token_ids[:1] and wide_out["secret_shared"]["wide_norms"]
 
 
 def test_share_options_are_checked_before_loading(
@@ -73,3 +78,5 @@ def test_share_options_are_checked_before_loading(
     assert code == 2
     code, _, err = in_process.lambdasplit(capsys, monkeypatch, "generate", "hi", "--secret-shared")
     assert code != 0 and "--cloud URL0,URL1" in err
+    code, _, err = in_process.lambdasplit(capsys, monkeypatch, "generate", "hi", "--wide-norms")
+    assert code != 0 and "--wide-norms is a setting of --secret-shared" in err

@@ -84,14 +84,20 @@ def load_local(
 
 
 def open_shared_link(
-    split: SplitModel, cloud: str, timeout: float, trust: TlsTrust | None, token: str | None = None
+    split: SplitModel,
+    cloud: str,
+    timeout: float,
+    trust: TlsTrust | None,
+    token: str | None = None,
+    wide: bool = False,
 ) -> SecretSharedLink:
     """A session on the two share servers of ``cloud`` ("URL0,URL1"), checked against this device's split.
-    ``token`` (else $LAMBDASPLIT_TOKEN): one bearer token for both servers, or "TOKEN0,TOKEN1", one for each."""
+    ``token`` (else $LAMBDASPLIT_TOKEN): one bearer token for both servers, or "TOKEN0,TOKEN1", one for each.
+    ``wide``: every forward's norms fit any row (``SecretSharedLink``)."""
     urls = [u.strip() for u in cloud.split(",") if u.strip()]
     given = device_token(token)
     tokens = None if not given else given if "," not in given else [t.strip() or None for t in given.split(",")]
-    link = SecretSharedLink(urls, timeout=timeout, trust=trust, token=tokens)
+    link = SecretSharedLink(urls, timeout=timeout, trust=trust, token=tokens, wide=wide)
     body_layers = split.points.body_end - split.points.head_layers
     if link.layers != body_layers or link.hidden_size != split.hidden_size:
         link.close()

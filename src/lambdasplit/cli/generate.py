@@ -86,6 +86,15 @@ def generate(
             "(seconds per token).",
         ),
     ] = False,
+    wide_norms: Annotated[
+        bool,
+        typer.Option(
+            "--wide-norms",
+            help="With --secret-shared: every forward's norms fit any row, so that none is redone when the prompt "
+            "makes a second attention sink (e.g. an <|endoftext|> in it), which both servers would see; about 38% "
+            "more rounds a token (docs/secret-sharing.md).",
+        ),
+    ] = False,
     privatelora: Annotated[
         str | None,
         typer.Option(
@@ -132,6 +141,8 @@ def generate(
     )
     if speculative is not None and no_cache:
         raise ConfigError("--speculative rolls back rejected drafts in the KV caches; it cannot run with --no-cache")
+    if wide_norms and not secret_shared:
+        raise ConfigError("--wide-norms is a setting of --secret-shared")
     client = None
     link: BodyLink | None = None
     if privatelora is not None:
@@ -154,7 +165,7 @@ def generate(
         with _err.status(f"loading the head and tail of {model} and opening a session on both share servers"):
             split = load_local(model, layers, device="cpu", dtype="float32", key=None, parts=("head", "tail"))
             trust = device_trust(tls_fingerprint, tls_ca, insecure)
-            link = open_shared_link(split, cloud, cloud_timeout, trust, token)
+            link = open_shared_link(split, cloud, cloud_timeout, trust, token, wide=wide_norms)
     elif cloud is not None:
         if unsplit:
             raise ConfigError("--unsplit runs the whole model here; it cannot be combined with --cloud")
@@ -234,6 +245,7 @@ def generate(
                 "dealt_bytes": link.dealt,
                 "dealer_requests": link.requests,
                 "retries": link.retries,
+                "wide_norms": link.wide,
             }
         if isinstance(link, AdapterLink):
             out["privatelora"] = {"exchanges": link.exchanges, "adapters": privatelora}
