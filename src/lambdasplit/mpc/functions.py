@@ -42,7 +42,7 @@ import torch
 from lambdasplit.mpc.beaver import mul, square, untruncated
 from lambdasplit.mpc.compare import ltz, maximum
 from lambdasplit.mpc.party import Party
-from lambdasplit.mpc.shares import add_public, mul_public, truncate
+from lambdasplit.mpc.shares import add_public, mul_public, public, truncate
 
 EXP_ITERATIONS = 8
 RECIPROCAL_ITERATIONS = 10
@@ -103,7 +103,7 @@ def reciprocal_of_sum(
     ring = party.ring
     powers = [2.0**i for i in range(1, octaves + 1)]
     below = ltz(party, add_public(party, x.unsqueeze(-1), ring.encode(torch.tensor([-v for v in powers]))))
-    steps = ring.encode(torch.tensor([2.0 / 3.0 / v for v in powers]))  # (2/3) 2^-i, public
+    steps = public(ring.encode(torch.tensor([2.0 / 3.0 / v for v in powers])), below)  # (2/3) 2^-i
     top = ring.encode(2.0 / 3.0 * (1.0 - sum(1.0 / v for v in powers)))  # (2/3) 2^-n
     y = add_public(party, (below * steps).sum(-1), top)
     for _ in range(iterations):
