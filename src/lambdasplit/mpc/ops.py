@@ -13,7 +13,8 @@ scale(x, c)           x * c, c public (RoPE's cos/sin, 1/sqrt(d))  local, one tr
 mul(x, y)             x * y                                        Beaver (1)
 matmul(x, y)          x @ y                                        Beaver (1)
 rms_norm(h, w, eps)   h * rsqrt(mean(h^2) + eps) * w               mean_square 1 + rsqrt 8+3k + mul 1
-softmax(x, mask)      masked softmax over the last dim             maximum 9 ceil(log2 S) + 8 + 16 + 1
+softmax(x, mask)      masked softmax over the last dim             maximum + 8 + 16 + 1; maximum 10 ceil(log4 S)
+                                                                   for <= 128 rows, else 9 ceil(log2 S)
 silu(x)               x * sigmoid(x)                               sign-folded SiLU (24)
 ====================  ===========================================  ========================================
 
