@@ -96,29 +96,6 @@ def test_maximum_of_attention_rows_is_exact(n, arity):
     assert torch.equal(out, encoded.amax(0))
 
 
-@pytest.mark.parametrize("shape", ["causal", "random"])
-def test_maximum_of_kept_entries_is_exact_and_compares_only_them(shape):
-    """A prefill's causal block (9 heads x 40 rows over 40 keys) and a random mask: each row's maximum over its
-    kept entries, bit for bit, in 9 rounds a level of the most kept; k - 1 comparisons and selects per row of k."""
-    g = torch.Generator().manual_seed(7)
-    rows, n = 40, 40
-    s = torch.rand(9, rows, n, generator=g, dtype=torch.float64) * 87 - 58.6
-    if shape == "causal":
-        keep = (torch.arange(n) <= torch.arange(rows)[:, None]).expand(9, rows, n)
-    else:
-        keep = torch.rand(9, rows, n, generator=g) < 0.3
-        keep[..., 5] = True  # every row keeps one
-    s[0, 39, 20] = s[0, 39, 3] = 30.0  # the maximum twice
-    encoded = RING.decode(RING.encode(s), torch.float64)
-    out, counter = compute(lambda p, v: C.maximum_of_kept(p, v, keep), s)
-    assert torch.equal(out, encoded.masked_fill(~keep, -math.inf).amax(-1, keepdim=True))
-    kept = keep.sum(-1)
-    assert counter.rounds == 9 * math.ceil(math.log2(int(kept.max())))
-    assert counter.sent == 216 * int((kept - 1).sum())
-    with pytest.raises(ValueError, match="kept entry"):
-        compute(lambda p, v: C.maximum_of_kept(p, v, torch.zeros_like(keep)), s)
-
-
 @pytest.mark.parametrize("n", [5, 64])
 def test_argmax_marks_the_first_maximum(n):
     g = torch.Generator().manual_seed(n)
@@ -153,20 +130,6 @@ def test_softmax_computes_its_own_maximum(length):
     assert (out - many.softmax(-1)).abs().max().item() < 5e-3
     levels = math.ceil(math.log2(length))
     assert counter.rounds == 9 * levels + F.EXP_ITERATIONS + (8 + 2 * F.SUM_RECIPROCAL_ITERATIONS) + 1
-
-
-def test_a_prefills_masked_softmax_takes_the_kept_entries_maximum():
-    """144 rows of a causal block (more than FOURS_UP_TO_ROWS): masked entries come out exactly 0, the rest within
-    5e-3 of torch's masked softmax, with the maximum over kept entries only (fewer bytes than over every entry)."""
-    g = torch.Generator().manual_seed(3)
-    s = torch.rand(9, 16, 16, generator=g, dtype=torch.float64) * 87 - 58.6
-    mask = torch.arange(16) <= torch.arange(16)[:, None]
-    out, counter = compute(lambda p, v: F.softmax(p, v, mask=mask), s)
-    assert (out - s.masked_fill(~mask, -math.inf).softmax(-1)).abs().max().item() < 5e-3
-    assert torch.equal(out[..., ~mask], torch.zeros_like(out[..., ~mask]))
-    _, unmasked = compute(F.softmax, s)  # the same rows without a mask: the maximum compares all 16 entries
-    assert unmasked.rounds == counter.rounds
-    assert unmasked.sent - counter.sent == 216 * 9 * sum(15 - t for t in range(16))  # t of 15 comparisons a row
 
 
 def test_silu_and_sigmoid_over_the_whole_gate_range():

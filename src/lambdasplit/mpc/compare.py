@@ -23,8 +23,6 @@ maximum     pairwise tournament, ceil(log2 n) levels,  9 * ceil(log2 n)         
             each level all pairs at once                                        n - 1 comparisons
 maximum,    groups of 4: all 6 pairs compared at       10 * ceil(log4 n)        about 2 n comparisons
 arity 4     once, the winner's bit by two products                              (6 per group of 4)
-maximum_    the pairs' tournament over each row's      9 * ceil(log2 k)         k - 1 comparisons per
-of_kept     kept entries only (a public mask)          (k: the most kept)       row of k kept
 argmax      the same tournament on a row padded to a   9 * ceil(log2 n)         + 16 B per padded element
             power of two, one-hots selected alongside                           per level
 ==========  ========================================  =======================  ========================
@@ -106,43 +104,6 @@ def maximum(party: Party, x: torch.Tensor, dim: int = -1, keepdim: bool = False,
         a, b = values[..., 0 : 2 * pairs : 2], values[..., 1 : 2 * pairs : 2]
         values = torch.cat([select(party, ge(party, a, b), a, b), values[..., 2 * pairs :]], -1)
     return values.movedim(-1, dim) if keepdim else values.squeeze(-1)
-
-
-def maximum_of_kept(party: Party, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Share of each row's maximum over its kept entries, (..., n) -> (..., 1), exact; ``keep`` is public (bool,
-    x's shape: attention's causal mask).
-
-    ``maximum`` over a masked row compares the masked entries too (set below every score). Here rows with the
-    same count of kept entries are gathered together (their kept entries, in order: local, the mask is public)
-    and every group goes through the pairs' tournament in the same rounds, one ``ge`` and one ``select`` a level
-    for all of them: 9 * ceil(log2 k) rounds for the most kept k, and k - 1 comparisons a row of k, so a causal
-    prefill's T x T scores take about half of ``maximum``'s comparisons (and bytes)."""
-    flat, kept = x.reshape(-1, x.shape[-1]), keep.reshape(-1, x.shape[-1]).to("cpu", torch.bool)
-    counts = kept.sum(-1)
-    if bool((counts == 0).any()):
-        raise ValueError("every row needs a kept entry")
-    groups: list[torch.Tensor] = []  # rows of each count
-    values: list[torch.Tensor] = []  # their kept entries, (rows, count)
-    for count in counts.unique().tolist():
-        rows = (counts == count).nonzero().squeeze(-1)
-        where = kept[rows].nonzero()[:, 1].view(len(rows), int(count))  # row-major: each row's, in order
-        groups.append(rows)
-        values.append(flat[rows.to(flat.device)].gather(1, where.to(flat.device)))
-    while any(v.shape[-1] > 1 for v in values):
-        pairs = [v.shape[-1] // 2 for v in values]
-        a = torch.cat([v[:, 0 : 2 * p : 2].flatten() for v, p in zip(values, pairs, strict=True)])
-        b = torch.cat([v[:, 1 : 2 * p : 2].flatten() for v, p in zip(values, pairs, strict=True)])
-        won = select(party, ge(party, a, b), a, b)
-        start, level = 0, []
-        for v, p in zip(values, pairs, strict=True):
-            n = v.shape[0] * p
-            level.append(torch.cat([won[start : start + n].view(v.shape[0], p), v[:, 2 * p :]], -1))
-            start += n
-        values = level
-    out = torch.empty(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)
-    for rows, v in zip(groups, values, strict=True):
-        out[rows.to(flat.device)] = v
-    return out.view(*x.shape[:-1], 1)
 
 
 #: The 6 pairs (i < j) of a group of 4, and for each candidate the pairs it must win: (pair, True) where it is

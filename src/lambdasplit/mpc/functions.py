@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from lambdasplit.mpc.beaver import mul, square, untruncated
-from lambdasplit.mpc.compare import ltz, maximum, maximum_of_kept
+from lambdasplit.mpc.compare import ltz, maximum
 from lambdasplit.mpc.party import Party
 from lambdasplit.mpc.shares import add_public, mul_public, public, truncate
 
@@ -186,7 +186,7 @@ def softmax(
     Rounds: the maximum's + exp + 8 + 2 * ``reciprocal_iterations`` + 1.
 
     The maximum's tournament (``compare.maximum``) goes by fours for up to ``FOURS_UP_TO_ROWS`` rows, by pairs
-    beyond, over the kept entries only where a mask is given (``compare.maximum_of_kept``).
+    beyond.
 
     ``mask`` (public bool, broadcastable to x; True = kept) leaves entries out, as attention's causal mask: they
     are set to ``-MASKED`` before the maximum (so they never win it) and their exponentials to exactly 0
@@ -197,12 +197,7 @@ def softmax(
         x = add_public(party, x * keep, (1 - keep) * party.ring.encode(-MASKED))
     if shift is None:
         rows = x.numel() // max(1, x.shape[-1])
-        if rows <= FOURS_UP_TO_ROWS:
-            shift = maximum(party, x, keepdim=True, arity=4)
-        elif keep is not None:  # a prefill's causal block: the kept entries only
-            shift = maximum_of_kept(party, x, keep)
-        else:
-            shift = maximum(party, x, keepdim=True)
+        shift = maximum(party, x, keepdim=True, arity=4 if rows <= FOURS_UP_TO_ROWS else 2)
     shifted = add_public(party, x, party.ring.encode(-shift)) if isinstance(shift, float) else x - shift
     e = exp(party, shifted, exp_iterations)
     if keep is not None:
