@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from lambdasplit.errors import ConfigError, SessionError
-from lambdasplit.mpc.body import BodyWeights, TwoPartyBody, plain_body
+from lambdasplit.mpc.body import BodyOutput, BodyWeights, TwoPartyBody, norms_fit, plain_body, plausible
 from lambdasplit.mpc.layer import attention_products
 from lambdasplit.mpc.ops import NormPlan
 from lambdasplit.split import SplitModel, load_split
@@ -22,7 +22,7 @@ from lambdasplit.split.parts import with_cache
 PROMPT = [1, 17, 42, 99, 7, 250, 31, 64, 12]
 STEPS = 4
 # The tiny model's residual stream has mean squares in [0.03, 0.6] and no attention sink: rsqrt's input is
-# left unscaled, and 8 Newton steps cover [0.005, 316] (SmolLM2's plans are in ops.py).
+# left unscaled, and 8 Newton steps cover [0.005, 195] (SmolLM2's plans are in ops.py).
 TINY = NormPlan(pre_shift=0, scale_bits=0, iterations=8)
 # Outputs are O(3); exp's (1 + x/256)^256 is ~4e-3 relative off near x = -2, the rest is 2^-16 rounding.
 BOUND = 2e-2
@@ -168,20 +168,26 @@ def test_unsupported_layers_are_refused(tiny_checkpoint) -> None:
 def test_an_output_showing_a_truncation_wrap_is_computed_again() -> None:
     from lambdasplit.mpc.body import PLAUSIBLE_OUTPUT, computed_again
 
+    fits = torch.tensor([[[4.0, 0.5, 0.0]]])  # a norm's check: rsqrt(4) = 0.5
     good, wrapped = torch.ones(1, 2, 4), torch.ones(1, 2, 4)
     wrapped[0, 1, 2] = 2.0**32  # what a wrapped truncation leaves: off by 2^(64 - 2f) at f = 16
     outputs, asked = iter([wrapped, good]), []
-    out, redone = computed_again(lambda wide: asked.append(wide) or next(outputs))
+    out, redone = computed_again(lambda wide: asked.append(wide) or BodyOutput(next(outputs), fits))
     assert out is good and redone == 1
     assert asked == [False, True]  # the forward redone is wide
-    assert computed_again(lambda wide: good) == (good, 0)
+    assert computed_again(lambda wide: BodyOutput(good, fits)) == (good, 0)
     with pytest.raises(SessionError, match="out of range") as caught:
-        computed_again(lambda wide: torch.full((1, 1, 4), PLAUSIBLE_OUTPUT), retries=2)
+        computed_again(lambda wide: BodyOutput(torch.full((1, 1, 4), PLAUSIBLE_OUTPUT), fits), retries=2)
     assert caught.value.code == "implausible_output"
     nan = torch.ones(1, 1, 4)
     nan[0, 0, 0] = float("nan")
     with pytest.raises(SessionError):
-        computed_again(lambda wide: nan, retries=0)
+        computed_again(lambda wide: BodyOutput(nan, fits), retries=0)
+    # an output of ordinary size whose norm missed (rsqrt negated), or whose mean square wrapped negative
+    for missed in ([4.0, -0.5, 0.0], [4.0, 0.52, 0.0], [-4.0, 0.5, 0.0], [64.0, 0.5, 6.0]):
+        given = iter([BodyOutput(good, torch.tensor([[missed]])), BodyOutput(good, fits)])
+        assert computed_again(lambda wide, given=given: next(given)) == (good, 1), missed
+    assert computed_again(lambda wide: BodyOutput(good, torch.tensor([[[64.0, 0.5, 4.0]]]))) == (good, 0)  # 2^4
 
 
 def test_a_row_beyond_its_norm_plan_is_computed_again_wide(split: SplitModel) -> None:
@@ -190,7 +196,7 @@ def test_a_row_beyond_its_norm_plan_is_computed_again_wide(split: SplitModel) ->
     plan its mean square fits (here TINY below 16, the sink's plan above). The output is then the plain body's."""
     assert split.body is not None and split.body.model is not None
     hidden = steps_inputs(split)[0].clone()
-    hidden[0, 3] *= 1000  # mean square ~1e5 at position 3: TINY's rsqrt covers [0.005, 316]
+    hidden[0, 3] *= 1000  # mean square ~1e5 at position 3: TINY's rsqrt covers [0.005, 195]
     expected = split.body(hidden, split.body.new_cache())
     weights = BodyWeights.from_hf(split.body.model)
     sink = NormPlan(pre_shift=8, scale_bits=14, iterations=10)
@@ -205,3 +211,22 @@ def test_a_row_beyond_its_norm_plan_is_computed_again_wide(split: SplitModel) ->
     unmodified = steps_inputs(split)[0]
     expected = split.body(unmodified, split.body.new_cache())
     assert (wide.forward(unmodified, 0, "other") - expected).abs().max().item() < BOUND
+
+
+def test_a_row_whose_norm_comes_out_negated_is_caught_by_the_norms_checks(split: SplitModel) -> None:
+    """A row just beyond its plan does not always blow up: at a mean square of 250, TINY's 8 Newton steps reach
+    -1/sqrt(ms), and the forward's output is of ordinary size but wrong. The norms' checks show it, and the
+    forward is redone wide: the output is the plain body's."""
+    assert split.body is not None and split.body.model is not None
+    hidden = steps_inputs(split)[0].clone()
+    hidden[0, 3] *= (250 / hidden[0, 3].pow(2).mean()).sqrt()
+    expected = split.body(hidden, split.body.new_cache())
+    weights = BodyWeights.from_hf(split.body.model)
+    sink = NormPlan(pre_shift=8, scale_bits=14, iterations=10)
+    body = TwoPartyBody(weights, seed=0, rest=TINY, sink=sink, timeout=30)
+    silent = body._forward(hidden, 0, "silent", False)  # what the device would have taken before the checks
+    assert plausible(silent.hidden) and (silent.hidden - expected).abs().max().item() > 10 * BOUND
+    assert not norms_fit(silent.norms) and silent.norms.shape == (2 * len(weights.layers), hidden.shape[1], 3)
+    out = body.forward(hidden, 0)
+    assert body.retries == 1
+    assert (out - expected).abs().max().item() < BOUND

@@ -148,6 +148,29 @@ def test_a_forward_redone_after_an_implausible_output_is_wide_on_both_servers(sp
         s1.close()
 
 
+def test_a_norm_that_came_out_negated_is_redone_wide_over_the_servers(split, weights) -> None:
+    """A row whose norm comes out negated (mean square 250 under TINY: an output of ordinary size) shows in the
+    norm checks each server's OUTPUT carries (2 per layer, 3 words a row, after the output's share); the device
+    sends the forward again, wide, and the output is the HF body's."""
+    assert split.body is not None
+    hidden = steps_inputs(split)[0].clone()
+    hidden[0, 3] *= (250 / hidden[0, 3].pow(2).mean()).sqrt()
+    with torch.no_grad():
+        expected = split.body(hidden, split.body.new_cache())
+    s0, s1 = start_pair(weights, sink=NormPlan(pre_shift=8, scale_bits=14, iterations=10))
+    try:
+        link = link_to((s0, s1))
+        try:
+            out = link.forward(hidden, 0)
+            assert link.retries == 1 and link.step == 2
+            assert (out - expected).abs().max().item() < BOUND  # each OUTPUT's size is checked as it is read
+        finally:
+            link.close()
+    finally:
+        s0.close()
+        s1.close()
+
+
 def raw_session(servers, session: bytes, party_sessions: tuple[bytes, bytes] | None = None):
     """Open a session by hand (the device's first message), to send what a correct device never would."""
     sessions = party_sessions or (session, session)

@@ -11,6 +11,7 @@ import math
 import torch
 from mpc_helpers import compute
 
+from lambdasplit.mpc.body import NORM_TOLERANCE, norm_misses
 from lambdasplit.mpc.ops import SMOLLM2_REST, SMOLLM2_SINK, SharedOps
 
 D = 576
@@ -80,3 +81,37 @@ def test_the_position_plans_miss_rows_beyond_their_range() -> None:
     assert err[1] > 0.01  # position 0's plan on an ordinary row
     assert 1.5 < err[4] < 2.5  # -1/sqrt(ms): every entry negated
     assert err[5] > 100 or not math.isfinite(err[5])
+
+
+def checks(h: torch.Tensor, positions: torch.Tensor, wide: bool) -> torch.Tensor:
+    """The norm's checks (T, 3) the device reconstructs: mean square, rsqrt, scale exponent per row."""
+
+    def program(party, share):  # type: ignore[no-untyped-def]
+        ops = SharedOps(party, SMOLLM2_REST, SMOLLM2_SINK)
+        ops.wide = wide
+        ops.rms_norm(share, WEIGHT, EPS, positions)
+        return ops.norms[0]
+
+    out, _ = compute(program, h)
+    return out[0]
+
+
+def test_the_norms_checks_show_every_row_a_plan_missed() -> None:
+    """Each norm keeps, as shares for the device, every row's mean square, rsqrt and scale exponent: within its
+    plan ``rsqrt * sqrt(ms / 2^s)`` is 1 to 3e-3; the 4,000 the rest's plan negates (an output of ordinary size,
+    which the device could not tell from a right one), the 3e5 it blows up and the ordinary row under the sink's
+    plan are all off by more than ``NORM_TOLERANCE``. Wide, every row fits, with the plan it took (rest below 256)."""
+    mean_squares = [1e6, 4.0, 30.0, 900.0, 4000.0, 3e5]
+    positions = torch.tensor([0, 0, 1, 2, 3, 4])
+    h = rows(mean_squares)
+    narrow = torch.cat([checks(h[:, t : t + 1], positions[t : t + 1], False) for t in range(len(mean_squares))])
+    misses = norm_misses(narrow).tolist()
+    assert max(misses[0], misses[2], misses[3]) < 3e-3, misses
+    assert min(misses[1], misses[4], misses[5]) > NORM_TOLERANCE, misses
+    assert 1.9 < misses[4] < 2.1  # negated: rsqrt * sqrt(ms / 16) = -1
+    assert narrow[:, 2].tolist() == [14, 14, 4, 4, 4, 4]
+    expected = h.pow(2).mean(-1)[0] + EPS
+    assert ((narrow[[0, 2, 3], 0] - expected[[0, 2, 3]]).abs() / expected[[0, 2, 3]]).max() < 1e-3
+    wide = checks(h, positions, True)
+    assert norm_misses(wide).max() < 3e-3, norm_misses(wide)
+    assert wide[:, 2].tolist() == [14, 4, 4, 14, 14, 14]

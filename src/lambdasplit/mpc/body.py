@@ -6,6 +6,7 @@
     party 0: SharedBody(weights, SharedOps(p0)).forward(s0, position) -> o0 ┐ one program, in lock step,
     party 1: SharedBody(weights, SharedOps(p1)).forward(s1, position) -> o1 ┘ talking only through exchange
     device: reconstruct(o0, o1) -> hidden after the body (1, T, D); it deals every triple both parties take
+    device: reconstruct each party's norm checks -> norms_fit, or the forward again, wide (computed_again)
 
 ``SharedBody`` is one party's body: the public weights (``BodyWeights.from_hf``: read from the body's own HF
 model, ``split.body.model``), its ``Ops`` and its sessions' KV caches, held as shares (one list of (k, v) per
@@ -38,7 +39,21 @@ MAX_CONTEXT = 500  # the tested range: a softmax row sums to at most S, and 1/50
 #: sends rsqrt's Newton steps off to 1e10 and more. An output beyond this bound is one of those, and is computed
 #: again (wide).
 PLAUSIBLE_OUTPUT = 2.0**20
+#: A norm row's check ``rsqrt * sqrt(ms / 2^s)`` (``Ops.norms``) is within 3.2e-3 of 1 inside its plan (SmolLM2's rest
+#: plan, 3 Newton steps, is 2.9e-3 off at ms / 16 = 8.8, and 1e-4 or less across most of its range; the fixed point
+#: adds 2^-16 to rsqrt; SmolLM2's prompts measured 3.1e-3 at most); beyond its plan rsqrt is off by far more, blows
+#: up or comes out negated (-1).
+NORM_TOLERANCE = 1e-2
 RETRIES = 3
+
+
+@dataclass(frozen=True)
+class BodyOutput:
+    """A forward's reconstructed output (1, T, D) and its norms' checks (norms, T, 3): mean square, rsqrt, scale
+    exponent per row, in the layers' order (``Ops.norms``)."""
+
+    hidden: torch.Tensor
+    norms: torch.Tensor
 
 
 def plausible(out: torch.Tensor, bound: float = PLAUSIBLE_OUTPUT) -> bool:
@@ -47,18 +62,34 @@ def plausible(out: torch.Tensor, bound: float = PLAUSIBLE_OUTPUT) -> bool:
     return bool(torch.isfinite(out).all()) and float(out.abs().max()) < bound
 
 
-def computed_again(forward: Callable[[bool], torch.Tensor], retries: int = RETRIES) -> tuple[torch.Tensor, int]:
+def norm_misses(norms: torch.Tensor) -> torch.Tensor:
+    """Per norm row (``norms`` (..., 3): mean square, rsqrt, scale exponent), how far ``rsqrt * sqrt(ms / 2^s)`` is
+    from 1 (inf where it is not a number: a wrapped mean square)."""
+    ms, inv, bits = norms.to(torch.float64).unbind(-1)
+    off = (inv * torch.sqrt(ms / torch.pow(2.0, bits)) - 1).abs()
+    return torch.where(torch.isfinite(off), off, torch.full_like(off, float("inf")))
+
+
+def norms_fit(norms: torch.Tensor, tolerance: float = NORM_TOLERANCE) -> bool:
+    """Whether every norm of a forward took its row's rsqrt within ``tolerance`` (``norm_misses``): a row beyond its
+    plan (a second attention sink) can come out negated, with an output of ordinary size."""
+    return norms.numel() == 0 or float(norm_misses(norms).max()) < tolerance
+
+
+def computed_again(forward: Callable[[bool], BodyOutput], retries: int = RETRIES) -> tuple[torch.Tensor, int]:
     """``forward(wide)`` (a whole forward at one position: the parties roll their caches back to it) until its
-    output is ``plausible``; (the output, how many were redone). A forward is redone ``wide`` (``SharedOps.wide``:
-    each norm row takes the plan its mean square fits), which also draws fresh randomness: a row beyond its
-    position's plan (a second attention sink) is then in range, and a truncation wrap recurs with its small
-    probability. ``SessionError`` after ``retries`` redone in a row."""
+    output is ``plausible`` and its norms fit (``norms_fit``); (the output, how many were redone). A forward is
+    redone ``wide`` (``SharedOps.wide``: each norm row takes the plan its mean square fits), which also draws fresh
+    randomness: a row beyond its position's plan (a second attention sink) is then in range, and a truncation wrap
+    recurs with its small probability. ``SessionError`` after ``retries`` redone in a row."""
     for attempt in range(retries + 1):
         out = forward(attempt > 0)
-        if plausible(out):
-            return out, attempt
+        if plausible(out.hidden) and norms_fit(out.norms):
+            return out.hidden, attempt
+    missed = float(norm_misses(out.norms).max()) if out.norms.numel() else 0.0
     raise SessionError(
-        f"the body's output stayed out of range after {retries} retries (max |x| {float(out.abs().max()):.3g})",
+        f"the body's output stayed out of range after {retries} retries (max |x| {float(out.hidden.abs().max()):.3g},"
+        f" a norm's rsqrt off by {missed:.3g})",
         "implausible_output",
     )
 
@@ -92,12 +123,14 @@ class SharedBody:
     ``hidden`` is this party's share (int64, (1, T, D)) of the rows at positions ``position .. position + T - 1``;
     a session's cache holds exactly the positions before ``position`` after a forward, and a forward at an
     earlier position rolls the cache back (as ``split.state.BodyState``). ``wide``: the forward's norms fit any
-    row (``SharedOps.wide``), not only the position's plan.
+    row (``SharedOps.wide``), not only the position's plan. ``norms``: the last forward's norm checks (this party's
+    shares, or plain values), (norms, T, 3) (``Ops.norms``).
     """
 
     def __init__(self, weights: BodyWeights, ops: Ops) -> None:
         self.weights, self.ops = weights, ops
         self.sessions: dict[str, list[KV]] = {}
+        self.norms = torch.zeros(0, 0, 3)
 
     def length(self, session: str) -> int:
         caches = self.sessions.get(session)
@@ -120,13 +153,14 @@ class SharedBody:
         positions = torch.arange(position, position + T)
         rope = self.weights.rope(positions)
         new: list[KV] = []
-        self.ops.wide = wide
+        self.ops.wide, self.ops.norms = wide, []
         try:
             for i, layer in enumerate(self.weights.layers):
                 hidden, kv = decoder_layer(self.ops, layer, hidden, caches[i] if caches else None, rope, positions)
                 new.append(kv)
+            self.norms = torch.stack(self.ops.norms)[:, 0]  # (norms, 1, T, 3) -> (norms, T, 3)
         finally:
-            self.ops.wide = False
+            self.ops.wide, self.ops.norms = False, []
         self.sessions[session] = new
         return hidden
 
@@ -144,9 +178,9 @@ def share(hidden: torch.Tensor, ring: Ring, randomness: Prg) -> tuple[torch.Tens
     return share_ring(ring.encode(hidden), randomness)
 
 
-def reconstruct(out0: torch.Tensor, out1: torch.Tensor, ring: Ring) -> torch.Tensor:
-    """The device's side: both servers' output shares -> real hidden states (float32)."""
-    return ring.decode(reconstruct_ring(out0, out1))
+def reconstruct(out0: torch.Tensor, out1: torch.Tensor, ring: Ring, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The device's side: both servers' output shares (hidden states, or norm checks) -> real values."""
+    return ring.decode(reconstruct_ring(out0, out1), dtype)
 
 
 class TwoPartyBody:
@@ -183,13 +217,13 @@ class TwoPartyBody:
         return self.parties[0].counter, self.parties[1].counter
 
     def forward(self, hidden: torch.Tensor, position: int, session: str = "default") -> torch.Tensor:
-        """The body's output (float32); a forward whose output is implausible (a row beyond its norm plan, a
-        truncation wrap) is computed again, wide (``computed_again``; counted in ``retries``)."""
+        """The body's output (float32); a forward whose output is implausible or whose norms missed (a row beyond
+        its norm plan, a truncation wrap) is computed again, wide (``computed_again``; counted in ``retries``)."""
         out, redone = computed_again(lambda wide: self._forward(hidden, position, session, wide or self.wide))
         self.retries += redone
         return out
 
-    def _forward(self, hidden: torch.Tensor, position: int, session: str, wide: bool) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, position: int, session: str, wide: bool) -> BodyOutput:
         s0, s1 = share(hidden, self.ring, self.randomness)
         b0, b1 = self.bodies
         out0, out1 = run_pair(
@@ -197,4 +231,5 @@ class TwoPartyBody:
             lambda: b1.forward(s1, position, session, wide),
             self.timeout,
         )
-        return reconstruct(out0, out1, self.ring)
+        norms = reconstruct(b0.norms, b1.norms, self.ring, torch.float64)
+        return BodyOutput(reconstruct(out0, out1, self.ring), norms)

@@ -30,7 +30,7 @@ from websockets.sync.client import ClientConnection
 
 from lambdasplit.errors import ConfigError, RemoteError, WireError
 from lambdasplit.mpc import messages as M
-from lambdasplit.mpc.body import computed_again, reconstruct, share
+from lambdasplit.mpc.body import BodyOutput, computed_again, reconstruct, share
 from lambdasplit.mpc.dealing import TrustedDealer, new_key
 from lambdasplit.mpc.layer import attention_products
 from lambdasplit.mpc.peer import LINK_KEY_BYTES, SESSION_BYTES
@@ -165,7 +165,7 @@ class SecretSharedLink:
         out = out.to(hidden.device, hidden.dtype)
         return out[:, -1:] if last else out
 
-    def _forward(self, hidden: torch.Tensor, position: int, wide: bool) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, position: int, wide: bool) -> BodyOutput:
         start = time.perf_counter()
         rows = hidden.shape[1]
         shares = share(hidden.detach().to("cpu", torch.float64), self.ring, self.randomness)
@@ -177,12 +177,12 @@ class SecretSharedLink:
             up += len(frame)
         up += self._deal_ahead(rows)
         try:
-            out1, dealer_up, dealer_down = self._deal_until_output()
-            out0 = self._output(0, self._receive(0, "output"))
+            (out1, norms1), dealer_up, dealer_down = self._deal_until_output()
+            out0, norms0 = self._output(0, self._receive(0, "output"))
         except WireError as e:
             raise self._both_errors(e) from None
         self.step += 1
-        down = 2 * (M.OUTPUT.size + out0.numel() * 8)
+        down = 2 * (M.OUTPUT.size + (out0.numel() + norms0.numel()) * 8)
         self.traffic.add(
             up + dealer_down,
             down + dealer_up,
@@ -190,7 +190,7 @@ class SecretSharedLink:
             down_payload=2 * out0.numel() * 8,
             seconds=time.perf_counter() - start,
         )
-        return reconstruct(out0, out1, self.ring)
+        return BodyOutput(reconstruct(out0, out1, self.ring), reconstruct(norms0, norms1, self.ring, torch.float64))
 
     def _send(self, party: int, data: bytes) -> None:
         try:
@@ -235,9 +235,9 @@ class SecretSharedLink:
         self.dealt += 8 * n
         return sent
 
-    def _deal_until_output(self) -> tuple[torch.Tensor, int, int]:
-        """Answer share server 1's requests until its output arrives: (its output share, request bytes, dealt
-        bytes)."""
+    def _deal_until_output(self) -> tuple[tuple[torch.Tensor, torch.Tensor], int, int]:
+        """Answer share server 1's requests until its output arrives: (its output and norm checks' shares, request
+        bytes, dealt bytes)."""
         up = down = 0
         while True:
             data = self._receive(1, "output")
@@ -259,7 +259,9 @@ class SecretSharedLink:
             self.dealt += len(correction)
             down += len(frame)
 
-    def _output(self, party: int, data: str | bytes) -> torch.Tensor:
+    def _output(self, party: int, data: str | bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """A server's OUTPUT: its shares of the body's output (1, rows, width) and of its norms' checks (2 per
+        layer, rows, 3)."""
         if isinstance(data, str):
             raise WireError(f"share server {party} sent {data[:200]!r} where its output was due", code="bad_frame")
         step, rows, width, rounds, sent, *used = M.header(data, M.OUTPUT, M.OUTPUT_MAGIC, "output")
@@ -271,7 +273,10 @@ class SecretSharedLink:
             for kind, n in zip(M.POOL_KINDS, used, strict=True):
                 self.pool_used[kind] += n
             self.usage[rows] = dict(zip(M.POOL_KINDS, used, strict=True))
-        return M.tensor_of(memoryview(data)[M.OUTPUT.size :], (1, rows, width), f"share server {party}'s output")
+        words = M.tensor_of(
+            memoryview(data)[M.OUTPUT.size :], (rows * (width + 2 * self.layers * 3),), f"share server {party}'s output"
+        )
+        return words[: rows * width].view(1, rows, width), words[rows * width :].view(2 * self.layers, rows, 3)
 
     def _both_errors(self, first: WireError) -> WireError:
         """When one server fails, the other ends its side too: report what each said (briefly waiting for it)."""

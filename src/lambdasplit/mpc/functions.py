@@ -121,8 +121,11 @@ def rsqrt(
     """Share of ``1 / sqrt(x)`` for positive x: Newton's ``y <- y (3 - x y^2) / 2`` from CrypTen's guess
     ``2.2 e^(-x/2 - 0.2) + 0.2 - x/1024``.
 
-    ``scale`` (public): 1/sqrt(x) = (1/sqrt(x/scale)) / sqrt(scale). Relative error below 1e-4 (in floats) for
-    x / scale in [0.2, 125] at 3 iterations, [0.005, 316] at 8. Rounds: 8 (exp) + 3 per iteration.
+    ``scale`` (public): 1/sqrt(x) = (1/sqrt(x/scale)) / sqrt(scale). Relative error (in floats) below 2.9e-3 for
+    x / scale in [0.2, 125] at 3 iterations (below 1e-4 except near 1 and 9), 4e-5 in [0.005, 195] at 8. Beyond
+    the top the guess is too large: rsqrt blows up, or converges to the negative root (8 iterations: x / scale
+    ~205-300), or near it is a few % off, so a caller checks (``body.norms_fit``). Rounds: 8 (exp) + 3 per
+    iteration.
     ``apply_scale=False`` returns ``1/sqrt(x/scale)`` and leaves the factor ``1/sqrt(scale)`` to the caller: at
     the attention sink (mean square 1e6) the result 1e-3 has only 65 units at f = 16 (1.5% relative), so
     RMSNorm should fold the factor into h (pre-shifted by ``mean_square``'s bits) instead. ``scale`` may be a

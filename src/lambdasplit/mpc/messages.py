@@ -16,9 +16,12 @@ Control messages are JSON text; tensors travel in binary messages, one fixed str
     device -> server1  DEALT      "LSDA" | rank_a u8 | rank_b u8 | dims u32 ... | tensor (a matmul triple's c1,
                                   dealt ahead: sent before the FORWARD, one per product the forward will take)
     server -> device   OUTPUT     "LSOU" | step u32 | rows u32 | width u32 | rounds u32 | peer bytes u64 |
-                                  used mul u64 | used and u64 | used bit u64 | share
+                                  used mul u64 | used and u64 | used bit u64 | share (rows x width) |
+                                  norm checks (2 x layers, rows, 3: mean square, rsqrt, scale exponent)
                                   (rounds with the peer and bytes sent to it in this forward, for the cost report;
-                                  pooled corrections used, for the device's next deal ahead: server 1 only)
+                                  pooled corrections used, for the device's next deal ahead: server 1 only; the
+                                  norm checks' shares, for the device to see that every norm fit its row:
+                                  ``body.norms_fit``)
     either way         {"type": "error", "code": ..., "message": ...}  (then the session ends)
 
 ``key`` seeds the party's stream of correlated randomness (``dealing``): it must reach only that server, so a

@@ -24,7 +24,10 @@ take a larger pre-shift, rsqrt scale and more Newton steps. That choice depends 
 never on data. Some inputs make a second sink further on (SmolLM2: an ``<|endoftext|>`` token anywhere, mean
 square 3e5; some tokens right after the first, 1.5e4), beyond the position's plan: a forward whose output shows it
 is computed again ``wide`` (``SharedOps.wide``), where every row takes both plans and keeps, by a comparison under
-MPC, the one its mean square fits.
+MPC, the one its mean square fits. A row beyond its plan does not always blow up (a mean square near 4,000 after
+position 0 comes out with its norm negated), so every norm also keeps what the device checks it by (``norms``):
+each row's mean square, its rsqrt and the plan's scale exponent, as shares; the device reconstructs them
+(``body.norms_fit``) and has a forward whose rsqrt missed computed again, wide.
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ from lambdasplit.mpc.shares import add_public, limb_matmul, limb_weight, mul_pub
 
 class Ops(Protocol):
     """What a decoder layer needs beyond local tensor manipulation. ``positions`` (T,) are the rows' public
-    positions in the sequence. ``wide``: the body sets it for a forward whose norms must fit any row (shares only)."""
+    positions in the sequence. ``wide``: the body sets it for a forward whose norms must fit any row (shares only).
+    ``norms``: each ``rms_norm`` since the body emptied it appends its rows' check (..., T, 3): the mean square
+    (eps included), the rsqrt the norm took of it and the exponent ``s`` of the scale it was taken at, so that
+    ``rsqrt * sqrt(ms / 2^s)`` is 1 for a row the norm got right (``body.norms_fit``)."""
 
     wide: bool
+    norms: list[torch.Tensor]
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -69,6 +76,9 @@ class PlainOps:
 
     wide = False  # float64 has the range: nothing to widen
 
+    def __init__(self) -> None:
+        self.norms: list[torch.Tensor] = []
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return nnf.linear(x, weight, bias)
 
@@ -82,7 +92,10 @@ class PlainOps:
         return x @ y
 
     def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor) -> torch.Tensor:
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
+        ms = h.pow(2).mean(-1, keepdim=True) + eps
+        inv = torch.rsqrt(ms)
+        self.norms.append(torch.cat([ms, inv, torch.zeros_like(ms)], -1))
+        return h * inv * weight
 
     def softmax(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return (x if mask is None else x.masked_fill(~mask, float("-inf"))).softmax(-1)
@@ -97,8 +110,8 @@ class NormPlan:
 
     ``pre_shift``: bits h is divided by before its squares are summed (keeps the untruncated sum below 2^47).
     ``scale_bits`` (even): rsqrt computes 1/sqrt(ms / 2^scale_bits), valid for that in [0.2, 125] at 3
-    ``iterations`` and [0.005, 316] at 8; the factor 2^(-scale_bits / 2) is then applied to h * w by a
-    truncation, which is exact where an encoded 1/sqrt(scale) would lose 1e-3 at the sink's 2^-6.
+    ``iterations`` and [0.005, 195] at 8 (``functions.rsqrt``); the factor 2^(-scale_bits / 2) is then applied to
+    h * w by a truncation, which is exact where an encoded 1/sqrt(scale) would lose 1e-3 at the sink's 2^-6.
     """
 
     pre_shift: int
@@ -125,7 +138,9 @@ class SharedOps:
 
     ``wide`` (set per forward, the same on both parties): every RMSNorm row takes ``rest``'s plan where its mean
     square is below ``16 * 2^rest.scale_bits`` (256 for SmolLM2, well inside both plans' ranges) and ``sink``'s
-    above, whatever its position; which one a row took stays secret (``rms_norm``)."""
+    above, whatever its position; which one a row took stays secret (``rms_norm``). ``norms``: shares of each norm
+    row's check (``Ops``), for the device; the scale exponent is a public value as a share (party 0 holds it) or,
+    wide, the picked plan's, picked with the row."""
 
     def __init__(
         self,
@@ -137,6 +152,7 @@ class SharedOps:
         self.party, self.rest, self.sink = party, rest, sink
         self._encoded = {} if encoded is None else encoded
         self.wide = False
+        self.norms: list[torch.Tensor] = []
 
     def _weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``encode(weight).T`` (in, out), made once per weight tensor (keyed by identity; the tensor is kept): in
@@ -177,15 +193,23 @@ class SharedOps:
         ms = add_public(p, F.mean_square(p, h, pre_shift), p.ring.encode(eps))
         scale = torch.pow(2.0, scale_bits.to(torch.float64))
         inv = F.rsqrt(p, ms, iterations, scale, apply_scale=False)  # 1 / sqrt(ms / scale), (..., T, 1)
+        self.norms.append(torch.cat([ms, inv, self._public(scale_bits, ms)], -1))
         weighted = truncate(p, mul_public(p, h, weight), scale_bits // 2)  # h * w / sqrt(scale)
         return mul(p, weighted, inv.expand_as(h).contiguous())
+
+    def _public(self, values: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+        """This party's share of public ``values`` (broadcast to ``like``, a share): party 0 holds them, encoded;
+        party 1 holds 0."""
+        encoded = self.party.ring.encode(torch.as_tensor(values, dtype=torch.float64, device=like.device))
+        return add_public(self.party, torch.zeros_like(like), encoded.expand_as(like))
 
     def _wide_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm with both plans on every row, side by side (each with its own pre-shift, the Newton steps of
         the plan that takes more), and each row's result picked by ``ms < threshold`` (a comparison on the mean
         square under the sink's pre-shift, which keeps any row's sum of squares from wrapping; then a select,
         exact: the pick is a secret bit, and the branch not picked, garbage or not, adds exactly 0).
-        Rounds: 1 + rsqrt (the larger plan's) + 1 + 8 + 1, against the position plan's 1 + rsqrt + 1."""
+        Rounds: 1 + rsqrt (the larger plan's) + 1 + 8 + 1, against the position plan's 1 + rsqrt + 1. Each row's
+        check (``norms``) is picked with it, in the same select."""
         p, rest, sink = self.party, self.rest, self.sink
         shifts = torch.tensor([rest.pre_shift, sink.pre_shift]).view(2, *([1] * h.dim()))
         ms = add_public(p, F.mean_square(p, torch.stack([h, h]), shifts), p.ring.encode(eps))  # (2, ..., T, 1)
@@ -200,7 +224,16 @@ class SharedOps:
         )
         threshold = 16.0 * 2.0**rest.scale_bits
         small = ltz(p, add_public(p, ms[1], p.ring.encode(-threshold)))  # bit share: the row takes rest's plan
-        return select(p, small, normed[0], normed[1])
+        bits = [self._public(float(plan.scale_bits), ms[1]) for plan in (rest, sink)]
+        # each row's check is picked with it: one select over (..., T, D + 3)
+        picked = select(
+            p,
+            small,
+            torch.cat([normed[0], ms[0], inv[..., :1], bits[0]], -1),
+            torch.cat([normed[1], ms[1], inv[..., 1:], bits[1]], -1),
+        )
+        self.norms.append(picked[..., -3:])
+        return picked[..., :-3]
 
     def softmax(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return F.softmax(self.party, x, mask=mask)

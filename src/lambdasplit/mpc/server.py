@@ -350,5 +350,5 @@ class ShareServer(SessionServer):
             used = tuple(u - b for u, b in zip(feed.usage(), used_before, strict=True)) if feed else (0, 0, 0)
             log.debug("share %d: step %d, %d rows in %.2f s", self.party, step, rows, time.perf_counter() - start)
             header = M.OUTPUT.pack(M.OUTPUT_MAGIC, step, rows, width, cost.rounds, cost.sent, *used)
-            ws.send(header + M.words(out))
+            ws.send(header + M.words(out) + M.words(body.norms))  # the norms' checks: the device's, body.norms_fit
             step += 1
