@@ -115,25 +115,29 @@ def test_a_product_dealt_ahead_for_other_shapes_is_refused_not_used(split, serve
 
 
 def test_a_forward_redone_after_an_implausible_output_is_wide_on_both_servers(split, weights) -> None:
-    """A massive row after position 0 blows up under the position's norm plan; the device sends the forward again
+    """A massive row after position 0 blows up under the position's norm plan, and a row whose norm comes out
+    negated (mean square 250 under TINY: an output of ordinary size) shows in the norm checks each server's OUTPUT
+    carries (2 per layer, 3 words a row, after the output's share); either way the device sends the forward again
     flagged WIDE and both servers norm each row by the plan its mean square fits: the output is the HF body's.
     A FORWARD with a flag no server knows is refused."""
     assert split.body is not None
-    hidden = steps_inputs(split)[0].clone()
-    hidden[0, 3] *= 1000  # as in test_body: mean square ~1e5 at position 3
-    with torch.no_grad():
-        expected = split.body(hidden, split.body.new_cache())
+    massive, negated = steps_inputs(split)[0].clone(), steps_inputs(split)[0].clone()
+    massive[0, 3] *= 1000  # as in test_body: mean square ~1e5 at position 3
+    negated[0, 3] *= (250 / negated[0, 3].pow(2).mean()).sqrt()
     s0, s1 = start_pair(weights, sink=NormPlan(pre_shift=8, scale_bits=14, iterations=10))
     try:
-        link = link_to((s0, s1))
-        try:
-            rounds = list(link.peer_rounds)
-            out = link.forward(hidden, 0)
-            assert link.retries == 1 and link.step == 2
-            assert (out - expected).abs().max().item() < BOUND
-            assert link.peer_rounds[0] - rounds[0] == link.peer_rounds[1] - rounds[1]  # one program, in step
-        finally:
-            link.close()
+        for hidden in (massive, negated):
+            with torch.no_grad():
+                expected = split.body(hidden, split.body.new_cache())
+            link = link_to((s0, s1))
+            try:
+                rounds = list(link.peer_rounds)
+                out = link.forward(hidden, 0)
+                assert link.retries == 1 and link.step == 2
+                assert (out - expected).abs().max().item() < BOUND  # each OUTPUT's size is checked as it is read
+                assert link.peer_rounds[0] - rounds[0] == link.peer_rounds[1] - rounds[1]  # one program, in step
+            finally:
+                link.close()
         links = raw_session((s0, s1), b"f" * 16)
         for ws in links:
             assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
@@ -143,29 +147,6 @@ def test_a_forward_redone_after_an_implausible_output_is_wide_on_both_servers(sp
         assert error["code"] == "bad_frame" and "flags 0x2" in error["message"]
         for ws in links:
             ws.close()
-    finally:
-        s0.close()
-        s1.close()
-
-
-def test_a_norm_that_came_out_negated_is_redone_wide_over_the_servers(split, weights) -> None:
-    """A row whose norm comes out negated (mean square 250 under TINY: an output of ordinary size) shows in the
-    norm checks each server's OUTPUT carries (2 per layer, 3 words a row, after the output's share); the device
-    sends the forward again, wide, and the output is the HF body's."""
-    assert split.body is not None
-    hidden = steps_inputs(split)[0].clone()
-    hidden[0, 3] *= (250 / hidden[0, 3].pow(2).mean()).sqrt()
-    with torch.no_grad():
-        expected = split.body(hidden, split.body.new_cache())
-    s0, s1 = start_pair(weights, sink=NormPlan(pre_shift=8, scale_bits=14, iterations=10))
-    try:
-        link = link_to((s0, s1))
-        try:
-            out = link.forward(hidden, 0)
-            assert link.retries == 1 and link.step == 2
-            assert (out - expected).abs().max().item() < BOUND  # each OUTPUT's size is checked as it is read
-        finally:
-            link.close()
     finally:
         s0.close()
         s1.close()
