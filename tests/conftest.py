@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,29 +52,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, None where the C library has none (musl, macOS)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def give_back_freed_memory() -> Iterator[None]:
-    """After each test file, once its fixtures are gone, hand the heap it freed back to the system. glibc keeps freed
-    blocks mapped, so a worker's resident memory only grew over the suite (6.3 GiB at the end, next to the servers
-    the tests start; two workers share 24 GiB). Measured: a SmolLM2 split loaded, run and deleted left this process
-    1.1 GiB resident, 0.4 after ``malloc_trim``."""
-    yield
-    gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 @pytest.fixture(scope="session", autouse=True)
