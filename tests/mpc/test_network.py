@@ -121,7 +121,8 @@ def test_a_forward_redone_after_an_implausible_output_is_wide_on_both_servers(sp
     flagged WIDE and both servers norm each row by the plan its mean square fits: the output is the HF body's.
     A FORWARD with a flag no server knows is refused."""
     assert split.body is not None
-    massive, negated = steps_inputs(split)[0].clone(), steps_inputs(split)[0].clone()
+    inputs = steps_inputs(split)[0]
+    massive, negated = inputs.clone(), inputs.clone()
     massive[0, 3] *= 1000  # as in test_body: mean square ~1e5 at position 3
     negated[0, 3] *= (250 / negated[0, 3].pow(2).mean()).sqrt()
     s0, s1 = start_pair(weights, sink=NormPlan(pre_shift=8, scale_bits=14, iterations=10))
