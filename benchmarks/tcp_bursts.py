@@ -1,16 +1,17 @@
 """A split step's traffic alone: a request of N bytes, its answer of N bytes, then a pause, over an emulated link,
-with each TCP congestion control the body link could use (``lambdasplit.tcp``).
+with each TCP congestion control the body link could use (docs/benchmarks.md, "The link's congestion control").
 
     PYTHONPATH=src python benchmarks/tcp_bursts.py [--link 1000/1000/250] [--sizes 2400,12000,24000]
         [--algorithms system,cubic] [--exchanges 12] [--pause 0.1] [--json artifacts/tcp-bursts.json]
         (root: network namespaces)
 
-For each algorithm a fresh link (``bench.links``: the delay line between two namespaces) carries one connection:
-the server (a plain TCP echo of the asked size, in the cloud's namespace) asks for the algorithm on its listening
-socket, the client before connecting, as the body server and the device do (``system``: the kernel's default, as
-before ``lambdasplit.tcp``). Per size, ``--exchanges`` exchanges, each followed by ``--pause`` seconds of idle (a
-step's computing); the median of all but the first two (the connection warming up). 2.4 KB is a plain step's row
-of float32 each way, 24 KB a token tree's ten.
+For each algorithm a fresh link (``bench.links``: the delay line between two namespaces) carries one connection: the
+server (a plain TCP echo of the asked size, in the cloud's namespace) asks for the algorithm on its listening
+socket, the client before connecting (``system``: the kernel's default at both ends, as the body link uses). Per
+size, ``--exchanges`` exchanges, each followed by ``--pause`` seconds of idle (a step's computing); the median of
+all but the first two (the connection warming up). 2.4 KB is a plain step's row of float32 each way, 24 KB a token
+tree's ten. A pause longer than the retransmission timeout minus the round trip (about 0.2 s) lets a loss-based
+algorithm restart its window (``net.ipv4.tcp_slow_start_after_idle``).
 """
 
 from __future__ import annotations
@@ -29,21 +30,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from lambdasplit import tcp
 from lambdasplit.bench.links import open_link, parse_link
 
 ECHO = r"""
 import socket, sys
-from lambdasplit import tcp
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind((sys.argv[1], 0))
 listener.listen()
-tcp.prefer(listener, sys.argv[2])
+if sys.argv[2] != "system":  # accepted connections inherit it
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[2].encode())
 print(listener.getsockname()[1], flush=True)
 conn, _ = listener.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-print(tcp.algorithm(conn), flush=True)
+print(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0].decode(), flush=True)
 while True:
     head = b""
     while len(head) < 4:
@@ -56,6 +56,22 @@ while True:
         got += len(conn.recv(n - got))
     conn.sendall(b"a" * n)
 """
+
+
+def algorithm_of(sock: socket.socket) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0].decode()
+
+
+def connect(host: str, port: int, name: str) -> socket.socket:
+    """A connection with ``name`` asked for before connecting: BBR, once it has started on a connection, leaves
+    the socket paced even after a switch to another algorithm."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.settimeout(30)
+    if name != "system":
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    sock.connect(address)
+    return sock
 
 
 def exchange(sock: socket.socket, size: int) -> float:
@@ -77,7 +93,7 @@ def measure(spec: str, algorithm: str, sizes: list[int], exchanges: int, pause: 
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ) as server:
             assert server.stdout is not None
             port = int(server.stdout.readline())
-            sock = tcp.connect(ends.cloud_host, port, 30, algorithm)
+            sock = connect(ends.cloud_host, port, algorithm)
             server_side = server.stdout.readline().strip()
             with sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -90,7 +106,7 @@ def measure(spec: str, algorithm: str, sizes: list[int], exchanges: int, pause: 
                         {
                             "link": spec,
                             "asked": algorithm,
-                            "device": tcp.algorithm(sock),
+                            "device": algorithm_of(sock),
                             "server": server_side,
                             "bytes_each_way": size,
                             "median_ms": 1000 * statistics.median(times[2:]),

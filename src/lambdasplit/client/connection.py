@@ -1,8 +1,7 @@
 """The device's connection to a body server: one persistent WebSocket, request/response frames.
 
 Never a connection per token (the paper's reference code opens one per token). TCP_NODELAY is set
-because each step is one small frame waiting for its answer: Nagle's algorithm would hold it back; the
-congestion control is chosen before connecting, so that a step's burst is not paced (``lambdasplit.tcp``).
+because each step is one small frame waiting for its answer: Nagle's algorithm would hold it back.
 Compression is off: hidden states do not compress, and deflate would add latency on both ends.
 """
 
@@ -26,7 +25,7 @@ import torch
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from lambdasplit import __version__, tcp
+from lambdasplit import __version__
 from lambdasplit.auth import bearer_header
 from lambdasplit.errors import (
     ConfigError,
@@ -229,7 +228,7 @@ class CloudClient:
     def _handshake(self, url: str, host: str, port: int, context: ssl.SSLContext | None) -> ClientConnection:
         """TCP connect, TLS (with ``context``) and the WebSocket upgrade, which carries the token."""
         try:
-            sock = tcp.connect(host, port, self.timeout)  # cubic asked for before connecting (lambdasplit.tcp)
+            sock = socket.create_connection((host, port), timeout=self.timeout)
         except OSError as exc:
             raise WireError(f"cannot reach the body server at {url}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -10,7 +10,6 @@ from types import FrameType
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from lambdasplit import tcp
 from lambdasplit.server.app import PATH, BodyServer
 from lambdasplit.server.base import FrameServer
 from lambdasplit.server.settings import ServerSettings
@@ -64,9 +63,6 @@ class _AnnouncingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.should_exit:  # bind failed; uvicorn has said why
             return
-        for server in self.servers:  # before the address is announced; accepted connections inherit it
-            for sock in server.sockets:
-                tcp.prefer(sock)  # asyncio's TransportSocket forwards setsockopt
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         scheme = "wss" if self.config.ssl_certfile else "ws"
         host = f"[{host}]" if ":" in host else host
