@@ -53,7 +53,10 @@ while True:
         head += more
     n, got = int.from_bytes(head, "big"), 0
     while got < n:
-        got += len(conn.recv(n - got))
+        more = conn.recv(n - got)
+        if not more:
+            sys.exit()
+        got += len(more)
     conn.sendall(b"a" * n)
 """
 
@@ -92,28 +95,29 @@ def measure(spec: str, algorithm: str, sizes: list[int], exchanges: int, pause: 
         command = ends.cloud_command([sys.executable, "-c", ECHO, ends.cloud_host, algorithm])
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ) as server:
             assert server.stdout is not None
-            port = int(server.stdout.readline())
-            sock = connect(ends.cloud_host, port, algorithm)
-            server_side = server.stdout.readline().strip()
-            with sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                for size in sizes:
-                    times = []
-                    for _ in range(exchanges):
-                        times.append(exchange(sock, size))
-                        time.sleep(pause)
-                    rows.append(
-                        {
-                            "link": spec,
-                            "asked": algorithm,
-                            "device": algorithm_of(sock),
-                            "server": server_side,
-                            "bytes_each_way": size,
-                            "median_ms": 1000 * statistics.median(times[2:]),
-                            "ms": [round(1000 * t, 1) for t in times],
-                        }
-                    )
-            server.wait(10)
+            try:
+                port = int(server.stdout.readline())
+                with connect(ends.cloud_host, port, algorithm) as sock:
+                    server_side = server.stdout.readline().strip()
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    for size in sizes:
+                        times = []
+                        for _ in range(exchanges):
+                            times.append(exchange(sock, size))
+                            time.sleep(pause)
+                        rows.append(
+                            {
+                                "link": spec,
+                                "asked": algorithm,
+                                "device": algorithm_of(sock),
+                                "server": server_side,
+                                "bytes_each_way": size,
+                                "median_ms": 1000 * statistics.median(times[2:]),
+                                "ms": [round(1000 * t, 1) for t in times],
+                            }
+                        )
+            finally:
+                server.kill()  # it ends by itself once the connection closes; never left behind on an error
     return rows
 
 
