@@ -99,3 +99,12 @@ def test_the_model_writes_distinct_prompts_of_its_own(unsplit: PreTrainedModel) 
     steered = synthetic_prompts(unsplit, tokenizer, 6, batch_size=4, max_new_tokens=48, seed=1, openings=openings)
     assert {p.split()[0] for p in steered} == {"Write", "Explain"}, steered
     assert all(any(p.startswith(o) and len(p.split()) >= len(o.split()) + 3 for o in openings) for p in steered)
+
+
+def test_the_converted_checkpoint_loads_as_plain_floats_in_any_dtype() -> None:
+    """The GGUF conversion writes float weights; its config must not claim GGUF quantization, which made
+    transformers treat every load as quantized (not savable, a warning about packed kernels off float32)."""
+    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_MODEL), dtype=torch.bfloat16)
+    assert getattr(model, "hf_quantizer", None) is None  # transformers sets it for a quantized load only
+    assert model.dtype == torch.bfloat16
+    assert "quantization_config" not in model.config.to_dict()

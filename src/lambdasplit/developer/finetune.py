@@ -34,7 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lambdasplit.developer.data import Text, make_blocks, read_documents, split_documents
 from lambdasplit.developer.settings import FinetuneReport, FinetuneSettings
@@ -139,13 +139,9 @@ def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 def _load(path: Path) -> PreTrainedModel:
-    """The model at ``path`` in float32 on CPU, trainable."""
-    config = AutoConfig.from_pretrained(path)
-    # A folder converted from GGUF keeps a note of its origin; its weights are plain floats, and the note
-    # would make transformers treat the model as quantized (not trainable, not savable).
-    if hasattr(config, "quantization_config") and config.quantization_config.get("quant_method") == "gguf":
-        del config.quantization_config
-    lm = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+    """The model at ``path`` (``resolve_checkpoint``'s: a GGUF conversion holds plain floats) in float32 on CPU,
+    trainable."""
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return lm.to("cpu")  # type: ignore[arg-type]  # the usual Module.to (see models.unsplit)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ def _is_checkpoint_dir(path: Path) -> bool:
 def convert_gguf(gguf: Path, target: Path, *, quiet: bool = False) -> Path:
     """Dequantize a GGUF checkpoint to a float32 safetensors folder at ``target`` (atomic; idempotent)."""
     if _is_checkpoint_dir(target):
+        _drop_gguf_note(target)  # a folder converted by an earlier version
         return target
     # Imported here: transformers is heavy and nothing may happen at import time.
     import torch
@@ -75,6 +77,7 @@ def convert_gguf(gguf: Path, target: Path, *, quiet: bool = False) -> Path:
         # save_pretrained refuses GGUF-loaded models, so write the config and tokenizer directly.
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
+        _drop_gguf_note(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -85,6 +88,28 @@ def convert_gguf(gguf: Path, target: Path, *, quiet: bool = False) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _drop_gguf_note(folder: Path) -> None:
+    """Remove the GGUF ``quantization_config`` that the loaded model's config carries from ``folder``'s
+    ``config.json``: the weights written are plain floats, and the note made transformers treat every later load
+    as a GGUF-quantized model (``is_quantized``: not savable, not trainable, and a warning about packed kernels
+    for any dtype but float32). Rewritten atomically; a no-op when there is no such note."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    note = config.get("quantization_config")
+    if not isinstance(note, dict) or note.get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
