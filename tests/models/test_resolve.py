@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,19 @@ def test_other_configs_are_left_as_they_are(tmp_path: Path, config: dict[str, ob
     before = (folder / "config.json").read_text()
     convert_gguf(tmp_path / "absent.gguf", folder, quiet=True)
     assert (folder / "config.json").read_text() == before
+
+
+def test_a_folder_that_cannot_be_written_keeps_its_note_and_still_resolves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _folder(tmp_path, {"model_type": "llama", "quantization_config": GGUF_NOTE})
+    before = (folder / "config.json").read_text()
+
+    def read_only(*args: object, **kwargs: object) -> None:  # as mkstemp fails in a read-only cache
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with caplog.at_level(logging.WARNING, logger="lambdasplit.models.resolve"):
+        assert convert_gguf(tmp_path / "absent.gguf", folder, quiet=True) == folder
+    assert (folder / "config.json").read_text() == before
+    assert "keeps its GGUF quantization note" in caplog.text

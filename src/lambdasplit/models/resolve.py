@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from lambdasplit.errors import ModelLoadError
 from lambdasplit.models.registry import EMBEDDED_MODELS
 
 _console = Console(stderr=True)
+_log = logging.getLogger(__name__)
 
 
 def lambdasplit_home() -> Path:
@@ -93,15 +95,20 @@ def convert_gguf(gguf: Path, target: Path, *, quiet: bool = False) -> Path:
 def _drop_gguf_note(folder: Path) -> None:
     """Remove the GGUF ``quantization_config`` that the loaded model's config carries from ``folder``'s
     ``config.json``: the weights written are plain floats, and the note made transformers treat every later load
-    as a GGUF-quantized model (``is_quantized``: not savable, not trainable, and a warning about packed kernels
-    for any dtype but float32). Rewritten atomically; a no-op when there is no such note."""
+    as a GGUF-quantized model (``hf_quantizer`` set: not savable, not trainable, and a warning about packed kernels
+    for any dtype but float32). Rewritten atomically; a no-op when there is no such note, and left as it is (with a
+    warning) where the folder cannot be written, e.g. a read-only cache: loading still works as before."""
     path = folder / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     note = config.get("quantization_config")
     if not isinstance(note, dict) or note.get("quant_method") != "gguf":
         return
     del config["quantization_config"]
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=folder)
+    except OSError as exc:
+        _log.warning("%s keeps its GGUF quantization note (cannot rewrite it: %s)", path, exc)
+        return
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
