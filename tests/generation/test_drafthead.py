@@ -606,6 +606,32 @@ def test_greedy_with_the_head_and_trees_equals_plain(trained, tiny_checkpoint) -
     assert grown_kept > 0  # so were guesses after a runner-up (two levels off the chain)
 
 
+@pytest.mark.parametrize("trees", [True, False], ids=["trees", "chains"])
+def test_greedy_with_int8_drafting_equals_plain(trained, tiny_checkpoint, trees: bool) -> None:
+    """Drafting with int8 weights (the head's products and the look-ahead through an int8 copy of the device's head):
+    the output is plain decoding's, drafts are kept, and every cache holds the model's own states, so the rows looked
+    ahead in int8 never reached the wire nor stayed in the head's cache."""
+    path, file = trained
+    ref = tiny_checkpoint("llama")[1]
+    split = load_split(path, f"1:{N - 1}", device="cpu", dtype="float32")
+    accepted = 0
+    for prompt in [*SEEN[:3], *_prompts(3, 5)]:
+        plain = generate(split, prompt, max_new_tokens=NEW, ignore_eos=True)
+        drafter = head_drafter(split, file, None if trees else FIXED, int8=True, alternatives=2 if trees else 0)
+        drafter.cost = _priced(0.01, 0.0)  # rows free: the head sends what it guesses
+        decoder = BranchRecording(split, LocalBodyLink(split.body))
+        params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+        spec = Generation(decoder, prompt, params, drafter=drafter, keep_open=True).run()
+        assert drafter.look_ahead is not None and drafter.head.vocab_int8 is not None
+        assert spec.token_ids == plain.token_ids
+        _caches_hold(decoder, ref)
+        accepted += spec.accepted_tokens
+        assert bool(decoder.branches) == trees  # trees verified only where asked for
+        drafter.close()
+        assert decoder.look_ahead_head is None  # the decoder looks ahead through its own head again
+    assert accepted > 0
+
+
 def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:
     """With a seed, the drafts sent may not depend on the clock (each consumes a random draw): the head is not told
     step times then, and the same seed gives the same tokens."""

@@ -21,7 +21,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from lambdasplit.errors import SessionError
 from lambdasplit.split.loader import SplitModel
-from lambdasplit.split.parts import Body, rewind, with_cache
+from lambdasplit.split.parts import Body, Head, rewind, with_cache
 from lambdasplit.split.state import BodyState
 from lambdasplit.split.tree import aside_mask, check_tree, is_chain, keep_rows, supports_trees, tree_inputs
 from lambdasplit.traffic import Traffic
@@ -322,6 +322,10 @@ class SplitDecoder(DecoderBase):
         #: What ``look_ahead`` computed (rows still in the head's KV cache) and for which ids: a run that feeds the
         #: same ids at the same positions reuses them instead of running the head over them again.
         self.ahead, self.ahead_ids = KeptRows(), list[int]()
+        #: What ``look_ahead`` runs, when a drafter sets it: a cheaper copy of the head (``HeadDrafter``'s, with int8
+        #: weights) whose rows serve drafting only. They are not kept for reuse: the verification runs the head itself
+        #: on every row it sends, so what crosses the wire is the model's own.
+        self.look_ahead_head: Head | None = None
         #: The branch of the last token tree that the body has not been told to keep yet: it goes with the next FORWARD.
         self._body_keep: Keep | None = None
         self._tree_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the tree's states and features, kept
@@ -390,6 +394,9 @@ class SplitDecoder(DecoderBase):
         assert self.split.head is not None and self.use_cache
         rewind(self.head_cache, position)
         x = torch.tensor([list(ids)], device=self.split.runtime.device)
+        if self.look_ahead_head is not None:  # rows for drafting only: the verification recomputes what it sends
+            self.ahead, self.ahead_ids = KeptRows(), []
+            return self.look_ahead_head(x, self.head_cache)[0]
         rows = self.split.head(x, self.head_cache)[0]
         self.ahead.cut(position)
         kept = self.ahead_ids[: max(0, position - self.ahead.first)]
@@ -438,11 +445,20 @@ class SplitDecoder(DecoderBase):
         self.states.cut(position)
         rt = self.split.runtime
         mask, positions = tree_inputs(parents, position, rt.dtype, rt.device)
+        # With nothing looked ahead to reuse, every row runs under the mask in one pass.
         chain = next((i for i, p in enumerate(parents) if p != i - 1), len(parents))
-        raw = self._head_rows(tokens[:chain], position)[0]  # the head's cache now holds position + chain
-        x = torch.tensor([tokens[chain:]], device=rt.device)
-        rest = self.split.head(x, self.head_cache, attention_mask=mask[:, :, chain:], position_ids=positions[:, chain:])
-        raw = torch.cat([raw, rest[0]])
+        chain = chain if self.ahead.rows is not None else 0
+        parts = [self._head_rows(tokens[:chain], position)[0]] if chain else []  # the cache then holds position + chain
+        if not chain:
+            rewind(self.head_cache, position)
+            self.ahead, self.ahead_ids = KeptRows(), []
+        if chain < len(tokens):
+            x = torch.tensor([tokens[chain:]], device=rt.device)
+            rest = self.split.head(
+                x, self.head_cache, attention_mask=mask[:, :, chain:], position_ids=positions[:, chain:]
+            )
+            parts.append(rest[0])
+        raw = torch.cat(parts)
         keep, self._body_keep = self._body_keep, None
         assert isinstance(self.link, TreeLink)
         out = self._decode(self.link.forward_tree(self._encode(raw[None]), position, parents, keep))

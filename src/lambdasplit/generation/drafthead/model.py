@@ -132,6 +132,7 @@ class DraftHead(nn.Module):
         self.register_buffer("vocab_head", lm_head.detach()[draft_ids.to(lm_head.device)], persistent=False)
         self.target_vocab = int(lm_head.shape[0])
         self._fingerprint = fingerprint(embed, lm_head)
+        self.vocab_int8: nn.Module | None = None  # the draft vocabulary's LM-head rows in int8 (``quantize``)
 
     @property
     def hidden_size(self) -> int:
@@ -140,7 +141,20 @@ class DraftHead(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """What the head computes in (``load``'s ``dtype``); the target's embedding keeps its own."""
-        return self.fc.weight.dtype
+        return self.layers.norm.weight.dtype
+
+    def quantize(self) -> int:
+        """Int8 weights for drafting (``quantized``): ``fc``, the layer's linear layers and the draft vocabulary's
+        LM-head rows, where the kernel takes their sizes; returns how many products were quantized. Inference only:
+        a quantized head does not train or save."""
+        from lambdasplit.generation.drafthead.quantized import Int8Linear, quantize_linears
+
+        done = quantize_linears(self)
+        try:
+            self.vocab_int8 = Int8Linear(self.vocab_head)
+        except (ValueError, RuntimeError):  # sizes or a device the kernel does not take: the float product stays
+            return done
+        return done + 1
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("layers.embed_tokens")]
@@ -179,6 +193,8 @@ class DraftHead(nn.Module):
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.vocab_int8 is not None:
+            return self.vocab_int8(hidden)
         return hidden @ self.vocab_head.to(hidden.dtype).T
 
     def save(self, path: str | Path, info: HeadInfo) -> int:
