@@ -3,16 +3,16 @@
 A guess costs the device one row through its head's layers (the look-ahead, whose output the draft head reads) and
 one through the draft head, and each is a product of one row with every weight matrix: the time goes into reading
 the weights. Weight-only int8 (one scale per output row, activations in bfloat16) reads a quarter of float32's
-bytes, through ``torch.ops.aten._weight_int8pack_mm``, the CPU kernel behind torchao's int8 weight-only layout.
+bytes, through PyTorch's own kernel for it (``torch.ops.aten._weight_int8pack_mm``).
 SmolLM2-135M's first 2 layers after a 300-token context, one row, one thread, on an AMD EPYC VM with avx512_bf16:
 1.41 ms against 3.26 in float32, the rows within 0.8% (relative L2). Drafting only: a guess's worth is an estimate
 anyway, and the rows sent for verification are the model's own (``SplitDecoder.look_ahead``: a look-ahead through a
 copy like this one is not reused by the verification, which runs the head on every row it sends).
 
-Used where the CPU computes bfloat16 natively (``int8_drafting``): elsewhere the kernel converts every product and
-gains nothing. The kernel takes inner sizes that are multiples of 16 only (others fail or, at 8 modulo 16, return
-wrong sums in torch 2.13), so other layers stay as they are, and each quantized layer is checked against its float
-product once when it is made.
+Used where the CPU computes bfloat16 natively (``int8_drafting``); elsewhere it was not measured, and the kernel's
+bfloat16 activations would be converted in software, so drafting stays as it was there. The kernel takes inner sizes
+that are multiples of 16 only (others fail or, at 8 modulo 16, return wrong sums in torch 2.13), so other layers stay
+as they are, and each quantized layer is checked against its float product once when it is made.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ def quantize_linears(module: nn.Module) -> int:
 
 
 def drafting_copy(head: Head) -> Head:
-    """A copy of the device's head for looking ahead while drafting: its decoder layers with int8 weights, the rest
-    (embedding, rotary embedding, norms) the head's own. The head is left as it was; the copy runs on the head's KV
-    cache (what it writes there is for drafting only)."""
+    """A copy of the device's head for looking ahead while drafting: its decoder layers copied with int8 weights (their
+    norms copied as they are), the embedding and rotary embedding the head's own. The head is left as it was; the
+    copy runs on the head's KV cache (what it writes there is for drafting only)."""
     model = head.model
     if model is None:
         raise ValueError("a head without layers has nothing to quantize")
