@@ -632,6 +632,16 @@ def test_greedy_with_int8_drafting_equals_plain(trained, tiny_checkpoint, trees:
     assert accepted > 0
 
 
+def test_a_head_quantized_for_drafting_is_not_saved(trained, tmp_path) -> None:
+    path, file = trained
+    split = load_split(path, f"1:{N - 1}", device="cpu", dtype="float32")
+    head, info = DraftHead.load(file, split.config, *target_matrices(split.head.model, split.tail.model))
+    assert head.quantize() > 0
+    with pytest.raises(ConfigError, match="quantized for drafting"):
+        head.save(tmp_path / "head.safetensors", info)
+    assert not (tmp_path / "head.safetensors").exists()
+
+
 def test_seeded_sampling_with_the_head_repeats_itself(trained) -> None:
     """With a seed, the drafts sent may not depend on the clock (each consumes a random draw): the head is not told
     step times then, and the same seed gives the same tokens."""

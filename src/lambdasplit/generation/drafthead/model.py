@@ -199,6 +199,10 @@ class DraftHead(nn.Module):
 
     def save(self, path: str | Path, info: HeadInfo) -> int:
         """Write the trained weights (float16) and the draft vocabulary; returns the file's size in bytes."""
+        from lambdasplit.generation.drafthead.quantized import Int8Linear
+
+        if self.vocab_int8 is not None or any(isinstance(m, Int8Linear) for m in self.modules()):
+            raise ConfigError("this draft head was quantized for drafting (int8 weights): save the head as loaded")
         tensors = {
             n: (t.detach().to(torch.float16) if t.is_floating_point() else t.detach()).contiguous().cpu()
             for n, t in self.state_dict().items()
