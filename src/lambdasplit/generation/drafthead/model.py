@@ -201,7 +201,7 @@ class DraftHead(nn.Module):
         """Write the trained weights (float16) and the draft vocabulary; returns the file's size in bytes."""
         from lambdasplit.generation.drafthead.quantized import Int8Linear
 
-        if self.vocab_int8 is not None or any(isinstance(m, Int8Linear) for m in self.modules()):
+        if any(isinstance(m, Int8Linear) for m in self.modules()):  # the vocabulary's rows too: a submodule
             raise ConfigError("this draft head was quantized for drafting (int8 weights): save the head as loaded")
         tensors = {
             n: (t.detach().to(torch.float16) if t.is_floating_point() else t.detach()).contiguous().cpu()
