@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import threading
@@ -12,7 +13,7 @@ import torch
 
 from lambdasplit.client import connect_device
 from lambdasplit.generation import generate
-from lambdasplit.server.batching import Job, run_batched
+from lambdasplit.server.batching import Batcher, Job, run_batched
 from lambdasplit.split import load_split
 from lambdasplit.split.state import BodyState
 from servers import body_server, http_url, in_threads
@@ -123,8 +124,6 @@ def test_steps_run_one_by_one_all_start_before_any_is_waited_for(tiny_checkpoint
     """Steps that do not batch are started in turn, then waited for (a chain of stage actors overlaps sessions this
     way); a second step of the same session starts only after the first is done, and a step that fails to start
     or finish fails alone."""
-    from lambdasplit.server.batching import Batcher
-
     path, _ = tiny_checkpoint("llama")
     body = load_split(path, LAYERS, parts=["body"]).body
     assert body is not None
@@ -156,3 +155,52 @@ def test_steps_run_one_by_one_all_start_before_any_is_waited_for(tiny_checkpoint
                    ("finish", "d"), ("start", "a"), ("finish", "a")]  # fmt: skip
     assert [torch.equal(o, x) for o, x in zip(out, rows, strict=True) if isinstance(o, torch.Tensor)] == [True] * 3
     assert [str(o) for o in out if isinstance(o, BaseException)] == ["c failed to start", "d failed"]
+
+
+def test_steps_are_decoded_and_encoded_on_the_compute_thread_and_a_failure_there_is_the_steps_own(
+    tiny_checkpoint,
+) -> None:
+    """What decodes a step's hidden state and what makes its reply run on the compute thread, with the forward (a
+    server's event loop runs no torch: ``batching.compute_thread``); an exception in either fails that step alone."""
+    path, _ = tiny_checkpoint("llama")
+    body = load_split(path, LAYERS, parts=["body"]).body
+    assert body is not None
+    x = torch.randn(3, body.model.config.hidden_size)  # type: ignore[union-attr]
+    ran: list[tuple[str, int]] = []
+
+    def decode(tensor: torch.Tensor | None):  # type: ignore[no-untyped-def]
+        def run() -> torch.Tensor:
+            ran.append(("decode", threading.get_ident()))
+            if tensor is None:
+                raise ValueError("a bad frame")
+            return tensor
+
+        return run
+
+    def encode(out: torch.Tensor) -> tuple[str, torch.Tensor]:
+        ran.append(("encode", threading.get_ident()))
+        if out.shape[0] != 3:
+            raise ValueError("cannot encode")
+        return "reply", out
+
+    async def steps() -> list:
+        batcher = Batcher(body, max_batch=8)
+        try:
+            return await asyncio.gather(
+                batcher.submit(BodyState(body), decode(x), 0, False, encode=encode),
+                batcher.submit(BodyState(body), decode(None), 0, False, encode=encode),
+                batcher.submit(BodyState(body), x[:2], 0, False, encode=encode),
+                batcher.submit(BodyState(body), x, 0, False),
+                return_exceptions=True,
+            )
+        finally:
+            batcher.executor.shutdown()
+
+    encoded, bad_frame, not_encoded, plain = asyncio.run(steps())
+    expected = BodyState(body).start(x.unsqueeze(0), 0)()[0]
+    assert torch.equal(plain, expected)
+    assert encoded[0] == "reply" and torch.equal(encoded[1], expected)
+    assert isinstance(bad_frame, ValueError) and str(bad_frame) == "a bad frame"
+    assert isinstance(not_encoded, ValueError) and str(not_encoded) == "cannot encode"
+    assert sorted(what for what, _ in ran) == ["decode", "decode", "encode", "encode"]  # the bad frame's never ran
+    assert len({thread for _, thread in ran}) == 1 and threading.get_ident() not in {thread for _, thread in ran}

@@ -27,6 +27,7 @@ from lambdasplit.errors import ConfigError
 from lambdasplit.privacy.bundles import is_bundle, load_server_bodies
 from lambdasplit.privatelora.layout import DEFAULT_RANK, DEFAULT_TARGETS, AdapterLayout
 from lambdasplit.server import ServerSettings, serve
+from lambdasplit.server.batching import compute_thread
 from lambdasplit.server.run import announce
 from lambdasplit.server.settings import TlsMode
 from lambdasplit.split import SplitModel, load_split
@@ -288,13 +289,15 @@ def serve_command(
         _serve_pipeline(pipeline, settings, device, dtype)
         return
     groups: dict[str, SplitModel] = {}
+    # Every torch call of this server runs on its one compute thread, loading included: see serve's executor.
+    compute = compute_thread()
     if cloud_only:
         with _err.status(f"loading all of {model} (cloud-only: prompts arrive as text)"):
-            split = load_split(model, "0:", device=device, dtype=dtype)
+            split = compute.submit(load_split, model, "0:", device=device, dtype=dtype).result()
         what = f"whole model, {sum(split.parameter_count(r) for r in ('head', 'body', 'tail')):,} parameters"
     elif is_bundle(model):
         with _err.status(f"checking the server bundle {model} and loading its bodies"):
-            groups = load_server_bodies(model, group, device=device, dtype=dtype)
+            groups = compute.submit(load_server_bodies, model, group, device=device, dtype=dtype).result()
         split = next(iter(groups.values()))
         if layers != DEFAULTS["layers"] and SplitPoints.parse(layers, split.points.num_layers) != split.points:
             raise ConfigError(f"{model} was packaged for layers {split.points}, not {layers}: drop --layers")
@@ -302,7 +305,7 @@ def serve_command(
             _err.print(f"user groups: {', '.join(f'{g} (fingerprint {s.fingerprint})' for g, s in groups.items())}")
     else:
         with _err.status(f"loading the body of {model} (layers {layers})"):
-            split = load_split(model, layers, parts=["body"], device=device, dtype=dtype)
+            split = compute.submit(load_split, model, layers, parts=["body"], device=device, dtype=dtype).result()
     if not cloud_only:
         p = split.points
         what = f"body: layers [{p.head_layers}, {p.body_end}) of {p.num_layers}"
@@ -312,7 +315,7 @@ def serve_command(
         f"{what} · {rt.device} {str(rt.dtype).removeprefix('torch.')} · {torch.get_num_threads()} threads"
         f" · fingerprint {split.fingerprint}"
     )
-    serve(groups if len(groups) > 1 else split, settings)
+    serve(groups if len(groups) > 1 else split, settings, executor=compute)
 
 
 def _scaling(replicas: int, autoscale: str | None, target_sessions: float, cpus_per_replica: float) -> Scaling:

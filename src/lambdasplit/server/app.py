@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -64,9 +66,17 @@ class BodyServer(FrameServer):
     ``split`` may be a mapping of user groups to bodies (a model developer's server bundle: the same model
     cut at the same points, each body transformed with its group's secrets). A device's HELLO then names its
     group and presents that body's fingerprint; its sessions run on that body only.
+
+    ``executor``: the compute thread (``batching.compute_thread``; a new one by default). Pass the one the split
+    was loaded on: see ``run.serve``.
     """
 
-    def __init__(self, split: SplitModel | Mapping[str, SplitModel], settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        split: SplitModel | Mapping[str, SplitModel],
+        settings: ServerSettings,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.groups: dict[str, SplitModel] | None = None
         if isinstance(split, Mapping):
             self.groups = _check_groups(split, settings)
@@ -79,7 +89,7 @@ class BodyServer(FrameServer):
         counted: tuple[str, ...] = ("forward_frames", "positions")
         counted += ("generations", "generated_tokens", "generations_abandoned") if settings.cloud_only else ()
         # The batcher owns the compute thread; cloud-only generation and the warm-up run on it too.
-        self.batcher = Batcher(split.body, settings.max_batch)
+        self.batcher = Batcher(split.body, settings.max_batch, executor)
         super().__init__(settings, counted, self.batcher.executor)
         self.split, self.body = split, split.body
         self.fingerprint, self.model_name = split.fingerprint, split.name
@@ -159,7 +169,7 @@ class BodyServer(FrameServer):
             # No reply of its own: the FORWARD sent right after it answers for both (for a session this connection
             # does not hold, that FORWARD is refused as unknown too).
             with contextlib.suppress(SessionError):
-                self._tree(self.store.get(conn, frame.session).value, frame)
+                await self._tree(self.store.get(conn, frame.session).value, frame)
             return None
         if t is MessageType.CLOSE:
             self.store.close(conn, frame.session)
@@ -183,13 +193,13 @@ class BodyServer(FrameServer):
         """Positions held by all sessions' KV caches together."""
         return sum(held.value.length for held in self.store)
 
-    def _tree(self, state: BodyState, frame: Frame) -> None:
+    async def _tree(self, state: BodyState, frame: Frame) -> None:
         """Keep the branch a TREE frame names (``keep``: ``{"start", "rows"}``, of the session's last tree) and hold its
-        ``parents`` (the next FORWARD's rows as a token tree) for the session's next FORWARD. The keep runs here, on
-        the event loop: the session's last step has answered, so nothing computes on its cache, and a refusal of the
-        FORWARD after it (``memory_full``, say) leaves the body as the device's caches are. A bad TREE frame changes
-        nothing and is not answered on its own (the device sends the FORWARD without waiting): that FORWARD is refused
-        with its error."""
+        ``parents`` (the next FORWARD's rows as a token tree) for the session's next FORWARD. The keep runs now, before
+        this connection's next frame is read, on the compute thread (between batches; see ``batching.compute_thread``):
+        the session's last step has answered, so nothing computes on its cache, and a refusal of the FORWARD after it
+        (``memory_full``, say) leaves the body as the device's caches are. A bad TREE frame changes nothing and is not
+        answered on its own (the device sends the FORWARD without waiting): that FORWARD is refused with its error."""
         body = frame.json_body()
         parents, keep = body.get("parents"), body.get("keep")
         try:
@@ -203,7 +213,7 @@ class BodyServer(FrameServer):
                 start, rows = (keep.get("start"), keep.get("rows")) if isinstance(keep, dict) else (None, None)
                 if not isinstance(start, int) or not isinstance(rows, list) or not all(type(r) is int for r in rows):
                     raise Refusal("bad_tree", 'TREE\'s "keep" is {"start": int, "rows": [int, ...]}')
-                state.keep(start, rows)  # last: a bad TREE frame changes nothing
+                await self.batcher.call(functools.partial(state.keep, start, rows))  # last: a bad frame changes nothing
             state.pending_tree = PendingTree(parents)
         except CodedError as e:
             state.pending_tree = PendingTree(None, refused=Refusal(e.code, str(e), frame.session))
@@ -245,16 +255,18 @@ class BodyServer(FrameServer):
                 sid,
             )
         rt = self.split.runtime
-        hidden = frame_tensor(frame, dtype=rt.dtype, device=rt.device)  # (T, D); rejects NaN/Inf
+        # Decoded (rejecting NaN/Inf) and encoded on the compute thread, with the forward: see batching.compute_thread.
+        decode = functools.partial(frame_tensor, frame, dtype=rt.dtype, device=rt.device)  # (T, D)
+        encode = functools.partial(tensor_frame, MessageType.RESULT, wire_dtype=frame.dtype, session=sid, position=pos)
         self._reserved += max(growth, 0)
         try:
             # Batched with other sessions' steps (a tree's block runs on its own).
-            out = await self.batcher.submit(state, hidden, pos, reset, last, tree=tree)
+            reply = await self.batcher.submit(state, decode, pos, reset, last, tree=tree, encode=encode)
         finally:
             self._reserved -= max(growth, 0)
         self.counters["forward_frames"] += 1
         self.counters["positions"] += rows
-        return tensor_frame(MessageType.RESULT, out, frame.dtype, sid, pos)
+        return reply
 
     async def _generate(self, frame: Frame, gone: asyncio.Event) -> Frame:
         """The cloud-only baseline: the prompt arrives as text, the whole model runs here, text goes back."""

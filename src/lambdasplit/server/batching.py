@@ -14,8 +14,9 @@ On a CPU, one forward over B rows reads the weights once instead of B times: tha
 Only bodies whose layers are all full attention are batched (padding a sliding-window cache would need
 the window's own bookkeeping); others run one step at a time, as before.
 
-The batcher owns the one compute thread: torch already uses every core per forward, two at once would
-only thrash. The server runs anything else that computes (warm-up, cloud-only generation) on it too.
+The batcher owns the one compute thread (``compute_thread``): torch already uses every core per forward, two at
+once would only thrash. The server runs anything else that computes (warm-up, cloud-only generation, decoding and
+encoding tensors) on it too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from lambdasplit.split.parts import Body
 from lambdasplit.split.state import BodyState, cache_layers
 
 T = TypeVar("T")
+_UNDECODED = torch.empty(0)  # a job's hidden state until its ``decode`` runs
 
 
 @dataclass
@@ -47,9 +49,11 @@ class Job:
     hidden: torch.Tensor  # (T, D)
     position: int
     reset: bool
-    future: asyncio.Future[torch.Tensor] = field(repr=False)
+    future: asyncio.Future[Any] = field(repr=False)
     last: bool = False  # the last row of the output only (a prompt's logits)
     tree: list[int] | None = None  # the rows' parents: a token tree's block (``split.tree``)
+    decode: Callable[[], torch.Tensor] | None = None  # gives ``hidden``, on the compute thread (``Batcher.submit``)
+    encode: Callable[[torch.Tensor], Any] | None = None  # what the future gets, made from the output on that thread
 
     @property
     def batchable(self) -> bool:
@@ -108,32 +112,80 @@ def run_batched(body: Body, jobs: list[Job]) -> list[torch.Tensor]:
     return [out[i] for i in range(len(jobs))]
 
 
+def compute_thread() -> ThreadPoolExecutor:
+    """A new compute thread (an executor of one worker) for a body server.
+
+    A server runs all its torch work on it: loading (``lambdasplit serve``), the warm-up, every step's decoding,
+    forward and encoding (``Batcher.submit``), a TREE frame's keep. libgomp gives each thread that starts parallel
+    regions a team of its own, and once its teams hold more threads than there are CPUs it spins only briefly before
+    sleeping, whatever ``GOMP_SPINCOUNT`` says; then each of a forward's parallel regions wakes the sleeping thread
+    again (``cpus.openmp_waiting``). Checked on 2 cores (SmolLM2 at 2:-2, the draft head's steps over an emulated
+    wireless link, one run each): with the keep and the decoding on the event loop the server held two teams, and its
+    compute took 60.8 ms a step spinning about 1 ms, 61.0 not spinning; with all of it here, 47.9 against 64.2."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
+
+
 class Batcher:
     """Queues jobs and runs them on its compute thread in batches, as soon as that thread is free."""
 
-    def __init__(self, body: Body, max_batch: int) -> None:
+    def __init__(self, body: Body, max_batch: int, executor: ThreadPoolExecutor | None = None) -> None:
         self.body, self.max_batch = body, max_batch
         self.enabled = max_batch > 1 and full_attention_only(body)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-body")
+        self.executor = executor or compute_thread()
         self._queue: list[Job] = []
         self._draining = False
         self.batches = 0  # batched forwards run
         self.batched_steps = 0  # steps that ran inside them
         self.compute_seconds = 0.0  # time in body forwards, batched or not
 
+    @overload
     async def submit(
         self,
         state: BodyState,
-        hidden: torch.Tensor,
+        hidden: torch.Tensor | Callable[[], torch.Tensor],
         position: int,
         reset: bool,
         last: bool = False,
         *,
         tree: list[int] | None = None,
-    ) -> torch.Tensor:
+        encode: None = None,
+    ) -> torch.Tensor: ...
+
+    @overload
+    async def submit(
+        self,
+        state: BodyState,
+        hidden: torch.Tensor | Callable[[], torch.Tensor],
+        position: int,
+        reset: bool,
+        last: bool = False,
+        *,
+        tree: list[int] | None = None,
+        encode: Callable[[torch.Tensor], T],
+    ) -> T: ...
+
+    async def submit(
+        self,
+        state: BodyState,
+        hidden: torch.Tensor | Callable[[], torch.Tensor],
+        position: int,
+        reset: bool,
+        last: bool = False,
+        *,
+        tree: list[int] | None = None,
+        encode: Callable[[torch.Tensor], Any] | None = None,
+    ) -> Any:
         """The body's output (T, D) for ``hidden`` (T, D) at ``position`` of the session ``state`` ((T, V) from a
-        body that ends in the LM head; one row with ``last``); ``tree``: the rows' parents (a token tree's block)."""
-        job = Job(state, hidden, position, reset, asyncio.get_running_loop().create_future(), last, tree)
+        body that ends in the LM head; one row with ``last``); ``tree``: the rows' parents (a token tree's block).
+
+        ``hidden`` may be what decodes it, and ``encode`` what to make of the output (then the call returns what
+        ``encode`` returns): both run on the compute thread, so a server's event loop never runs torch (see
+        ``compute_thread``). An exception either raises is this call's.
+        """
+        decode = None if isinstance(hidden, torch.Tensor) else hidden
+        pending = _UNDECODED if decode is not None else hidden
+        future = asyncio.get_running_loop().create_future()
+        job = Job(state, pending, position, reset, future, last, tree, decode, encode)
         self._queue.append(job)
         if not self._draining:
             self._draining = True
@@ -148,7 +200,7 @@ class Batcher:
         try:
             while self._queue:
                 jobs, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                results: list[torch.Tensor | BaseException]
+                results: list[Any]
                 try:
                     results = await self.call(functools.partial(self._run, jobs))
                 except BaseException as exc:  # the executor itself failed: every job learns it
@@ -163,14 +215,20 @@ class Batcher:
         finally:
             self._draining = False
 
-    def _run(self, jobs: list[Job]) -> list[torch.Tensor | BaseException]:
+    def _run(self, jobs: list[Job]) -> list[Any]:
         """On the compute thread: the batchable jobs together, the others one by one."""
-        results: dict[int, torch.Tensor | BaseException] = {}
+        results: dict[int, Any] = {}
         start = time.perf_counter()
+        for job in jobs:
+            if job.decode is not None:
+                try:
+                    job.hidden, job.decode = job.decode(), None
+                except Exception as exc:
+                    results[id(job)] = exc
         # Steps batch with steps on the same body only (a server of user groups holds one body per group).
         by_body: dict[int, list[Job]] = {}
         for job in jobs if self.enabled else []:
-            if job.batchable:
+            if job.batchable and id(job) not in results:
                 by_body.setdefault(id(job.state.body), []).append(job)
         for together in (group for group in by_body.values() if len(group) >= 2):
             try:
@@ -203,5 +261,12 @@ class Batcher:
             except Exception as exc:
                 results[id(job)] = exc
         finish_started()
+        for job in jobs:
+            out = results[id(job)]
+            if job.encode is not None and isinstance(out, torch.Tensor):
+                try:
+                    results[id(job)] = job.encode(out)
+                except Exception as exc:
+                    results[id(job)] = exc
         self.compute_seconds += time.perf_counter() - start
         return [results[id(j)] for j in jobs]

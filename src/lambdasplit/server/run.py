@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 import uvicorn
@@ -99,15 +100,20 @@ def serve(
     split: SplitModel | Mapping[str, SplitModel],
     settings: ServerSettings,
     on_ready: Callable[[str], None] | None = None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> None:
     """Serve until interrupted (SIGINT/SIGTERM). ``on_ready(url)`` is called once the socket listens.
 
     ``split`` may map user groups to their bodies (``BodyServer``).
 
+    ``executor``: the compute thread the body's forwards run on (``batching.compute_thread``; a new one by default).
+    ``lambdasplit serve`` loads the split on it too (``executor.submit(load_split, ...).result()``), so that one thread
+    runs all of the process's torch work: see ``compute_thread``.
+
     Beyond loopback it serves wss:// unless ``settings.tls`` is "off" (see ``ServerSettings.tls``); call
     ``settings.with_certificate()`` first to know the certificate (and its fingerprint) it will use.
     """
-    serve_app(BodyServer(split, settings), settings, on_ready)
+    serve_app(BodyServer(split, settings, executor), settings, on_ready)
 
 
 def serve_app(server: FrameServer, settings: ServerSettings, on_ready: Callable[[str], None] | None = None) -> None:
