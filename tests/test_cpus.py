@@ -12,7 +12,7 @@ import torch
 
 from lambdasplit import cpus
 from lambdasplit.bench.cpulimit import CpuLimit, cpu_limit_unavailable
-from lambdasplit.cpus import cpu_budget, cpu_quota, thread_cap, visible_cpus
+from lambdasplit.cpus import SERVER_SPINCOUNT, cpu_budget, cpu_quota, openmp_waiting, thread_cap, visible_cpus
 
 
 def _write(path: Path, text: str) -> None:
@@ -63,6 +63,36 @@ def test_the_budget_rounds_the_quota_down_and_caps_torch_only_where_it_binds(mon
         assert thread_cap() == ({"OMP_NUM_THREADS": str(budget)} if budget < 8 else {})
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
     assert thread_cap() == {}
+
+
+def test_openmp_threads_wait_passively_and_a_body_server_spins_first_unless_the_user_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert openmp_waiting(serving=False) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_waiting(serving=True) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": SERVER_SPINCOUNT}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # a device's default, inherited by the server it starts
+    assert openmp_waiting(serving=True) == {"GOMP_SPINCOUNT": SERVER_SPINCOUNT}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stands
+    assert openmp_waiting(serving=True) == openmp_waiting(serving=False) == {}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert openmp_waiting(serving=True) == {}
+
+
+def test_the_command_line_sets_the_waiting_for_serve_only() -> None:
+    code = (
+        "import os, sys; import lambdasplit.cli.app as app; from lambdasplit.cli import main; "
+        "app.run = lambda: print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY')); "
+        "sys.argv = ['lambdasplit', *sys.argv[1:]]; main()"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    seen = []
+    for args in (["serve", "--port", "0"], ["generate", "serve"], ["--help"]):
+        run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+        seen.append(run.stdout.split())
+    assert seen == [[SERVER_SPINCOUNT, "PASSIVE"], ["None", "PASSIVE"], ["None", "PASSIVE"]]
 
 
 @pytest.mark.skipif(cpu_limit_unavailable() is not None, reason=str(cpu_limit_unavailable()))

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 
 
 def main() -> None:
     """Set process-wide defaults that must precede ``import torch``, then run the Typer app.
 
-    OMP_WAIT_POLICY=PASSIVE: by default libgomp's idle threads spin after every parallel region. A device
-    and a body server sharing cores (and any two processes taking turns, as split inference does) then
-    steal each other's CPU: measured on 2 cores with SmolLM2 at 2:28, the body's forward took 48.7 ms
-    instead of 42.8 ms. A value the user set is kept.
+    OMP_WAIT_POLICY=PASSIVE, and for ``serve`` GOMP_SPINCOUNT: how torch's idle OpenMP threads wait
+    (``cpus.openmp_waiting``: a device and a body server sharing cores steal each other's CPU when they spin long;
+    a body server's second thread should stay awake through a forward). Values the user set are kept.
 
     OMP_NUM_THREADS: where a cgroup CPU quota (a container's ``--cpus``) allows fewer CPUs than the machine shows,
     torch's threads are capped to it (``cpus.thread_cap``; ``--threads`` and a value the user set still win).
@@ -19,9 +20,9 @@ def main() -> None:
     Process lifetime (``lifetime``): this process ends with a lambdasplit parent, and ends cleanly on SIGTERM and
     SIGHUP, so no child outlives it.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from lambdasplit.cpus import thread_cap
+    from lambdasplit.cpus import openmp_waiting, thread_cap
 
+    os.environ.update(openmp_waiting(serving=_command(sys.argv[1:]) == "serve"))
     os.environ.update(thread_cap())
     from lambdasplit.lifetime import exit_on_termination, watch_parent
 
@@ -30,3 +31,8 @@ def main() -> None:
     from lambdasplit.cli.app import run
 
     run()
+
+
+def _command(args: Sequence[str]) -> str | None:
+    """The subcommand a command line runs (its first word that is not an option), before Typer parses it."""
+    return next((arg for arg in args if not arg.startswith("-")), None)
