@@ -182,10 +182,12 @@ class Batcher:
         ``encode`` returns): both run on the compute thread, so a server's event loop never runs torch (see
         ``compute_thread``). An exception either raises is this call's.
         """
-        decode = None if isinstance(hidden, torch.Tensor) else hidden
-        pending = _UNDECODED if decode is not None else hidden
+        decode: Callable[[], torch.Tensor] | None = None
+        if not isinstance(hidden, torch.Tensor):
+            decode = hidden
+            hidden = _UNDECODED
         future = asyncio.get_running_loop().create_future()
-        job = Job(state, pending, position, reset, future, last, tree, decode, encode)
+        job = Job(state, hidden, position, reset, future, last, tree, decode, encode)
         self._queue.append(job)
         if not self._draining:
             self._draining = True
