@@ -9,6 +9,9 @@ from pathlib import Path
 # Before torch loads, as the CLI does (lambdasplit.cli.main): libgomp's idle threads otherwise spin after every
 # parallel region, and the tests' own torch and the servers they start steal each other's cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The servers the tests start do not spin either (``cpus.openmp_waiting`` would have them spin about 1 ms after each
+# forward): next to the tests' tiny models that is most of a step, and tests/server took 185 s with it against 156.
+os.environ.setdefault("GOMP_SPINCOUNT", "0")
 from lambdasplit.cpus import cpu_budget, thread_cap  # does not load torch
 
 # A cgroup CPU quota caps torch's threads here as in the command line's servers, which tests compare bit for bit.
