@@ -125,6 +125,17 @@ def test_answers_hold_the_features_the_lm_head_saw(tiny_checkpoint) -> None:
     torch.testing.assert_close(answer.features.float(), expected.float(), atol=2e-2, rtol=1e-2)
 
 
+def test_answers_come_back_in_the_prompts_order_when_batched_by_length(tiny_checkpoint) -> None:
+    """Batches are formed from prompts of similar length; each answer still belongs to its prompt."""
+    _, ref = tiny_checkpoint("llama")
+    g = torch.Generator().manual_seed(5)
+    prompts = [[1, *torch.randint(3, VOCAB, (n,), generator=g).tolist()] for n in (11, 3, 8, 2, 13, 5, 9)]
+    batched = answer_prompts(ref, prompts, max_new_tokens=6, batch_size=3)
+    alone = [answer_prompts(ref, [p], max_new_tokens=6)[0] for p in prompts]
+    assert [a.start for a in batched] == [len(p) - 1 for p in prompts]
+    assert [a.tokens.tolist() for a in batched] == [a.tokens.tolist() for a in alone]
+
+
 def test_synthetic_prompts_are_refused_clearly_when_the_model_cannot_write_them(tiny_checkpoint) -> None:
     _, ref = tiny_checkpoint("llama")
     tokenizer = make_tokenizer()
