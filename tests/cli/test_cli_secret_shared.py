@@ -64,7 +64,11 @@ def test_two_share_server_processes_give_the_plain_splits_tokens(
     assert out["mode"] == "secret-shared"
     cost = out["secret_shared"]
     assert cost["peer_rounds"] > 1000 and cost["peer_bytes_each_way"] > 0 and cost["dealt_bytes"] > 0
-    assert out["token_ids"] == plain.token_ids and not cost["wide_norms"] and cost["retries"] == 0
+    assert out["token_ids"] == plain.token_ids and not cost["wide_norms"]
+    # Reported, not zero by construction: the servers draw fresh randomness, and a forward that met a truncation
+    # wrap is redone (one of the 25 forwards of the sweep in docs/secret-sharing.md; one CI run here met one). That
+    # the position plans fit this prompt, with no redo, is tests/mpc/test_body.py's seeded check.
+    assert cost["retries"] in (0, 1)
     wide_out = json.loads(wide_stdout)
     assert wide_out["token_ids"] == plain.token_ids[:1] and wide_out["secret_shared"]["wide_norms"]
 

@@ -13,7 +13,16 @@ import torch
 from transformers import DynamicCache
 
 from lambdasplit.errors import ConfigError, SessionError
-from lambdasplit.mpc.body import BodyOutput, BodyWeights, TwoPartyBody, norms_fit, plain_body, plausible
+from lambdasplit.generation import generate
+from lambdasplit.mpc.body import (
+    BodyOutput,
+    BodyWeights,
+    TwoPartyBody,
+    norm_misses,
+    norms_fit,
+    plain_body,
+    plausible,
+)
 from lambdasplit.mpc.layer import attention_products
 from lambdasplit.mpc.ops import NormPlan
 from lambdasplit.split import SplitModel, load_split
@@ -230,3 +239,26 @@ def test_a_row_whose_norm_comes_out_negated_is_caught_by_the_norms_checks(split:
     out = body.forward(hidden, 0)
     assert body.retries == 1
     assert (out - expected).abs().max().item() < BOUND
+
+
+def test_smollm2s_position_plans_fit_a_raw_prompt_and_its_decode_steps() -> None:
+    """On the default model, at the layers its plans were measured on (2:28), no forward of the CLI's raw prompt
+    or of its greedy steps needs to be redone: every norm row is inside its position's plan (the sink's at position
+    0, the rest's after it) and the tokens are the plain split's. Seeded: a truncation wrap (random, with a small
+    probability a forward; tests/cli sees the unseeded servers) can neither hide a plan that missed nor fake one."""
+    split = load_split("smollm2-135m-instruct", "2:28", device="cpu", dtype="float32", quiet=True)
+    assert split.head is not None and split.body is not None and split.tail is not None
+    assert split.body.model is not None and split.tokenizer is not None
+    body = TwoPartyBody(BodyWeights.from_hf(split.body.model), seed=0, timeout=60)
+    prompt = list(split.tokenizer("The capital of France is").input_ids)
+    head_cache, tail_cache = split.head.new_cache(), split.tail.new_cache()
+    x, position, tokens = torch.tensor([prompt]), 0, []
+    with torch.no_grad():
+        for _ in range(3):
+            hidden = split.head(x, head_cache)
+            out = body._forward(hidden, position, "default", False)  # the position plans: a device's first try
+            assert plausible(out.hidden) and norms_fit(out.norms), float(norm_misses(out.norms).max())
+            tokens.append(int(split.tail(out.hidden, tail_cache)[0, -1].argmax()))
+            position += hidden.shape[1]
+            x = torch.tensor([tokens[-1:]])
+    assert tokens == generate(split, prompt, max_new_tokens=3).token_ids
